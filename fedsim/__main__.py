@@ -1,0 +1,127 @@
+"""`fedsim` / `python -m fedsim`: Hydra over conf/config.yaml, then `fedsim.run.run`.
+
+Before Hydra starts a run (or every job of a `-m` sweep), the command line is composed and
+checked once here: a bad override, an unknown config group option or a value outside its
+range ends the command with one line on stderr and exit status 2, before any job starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fedsim.config import FedsimConfig, from_dict
+from fedsim.errors import FedsimError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line naming the problem and exit with status 2."""
+    sys.stderr.write(f"fedsim: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def config_from_hydra(dcfg: DictConfig) -> FedsimConfig:
+    raw: Any = OmegaConf.to_container(dcfg, resolve=True)
+    raw.pop("experiment", None)  # experiment configs are @package _global_; nothing is left under the key
+    return from_dict(raw)
+
+
+def _one_line(err: BaseException) -> str:
+    """Hydra's multi-line composition errors, folded into one readable line."""
+    lines = [ln.strip() for ln in str(err).split("Config search path")[0].splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type=", "reference_type="))]
+    out: list[str] = []
+    for ln in lines:
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + ln
+        elif out and out[-1].startswith("Available options"):
+            out[-1] += ", " + ln
+        else:
+            out.append(ln)
+    return "; ".join(out) or type(err).__name__
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate the config for every value a sweep would take; fail() on error."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return  # Hydra prints something and exits; nothing runs
+    if not CONF_DIR.is_dir():
+        fail(f"config directory {CONF_DIR} not found: install fedsim from its repository (pip install -e .)")
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception as err:  # Hydra's grammar errors
+        fail(f"bad override: {_one_line(err)}")
+    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    # Sweeps are checked one parameter at a time (the others at their first value), so every
+    # value of every swept parameter is composed once without the full cross product.
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    heads = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps]
+    trials = [base + heads]
+    for i, o in enumerate(sweeps):
+        for v in list(o.sweep_string_iterator())[1:]:
+            trials.append(base + heads[:i] + [f"{o.get_key_element()}={v}"] + heads[i + 1 :])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            for overrides in trials:
+                try:
+                    dcfg = compose(config_name=args.config_name or "config", overrides=overrides)
+                except Exception as err:
+                    fail(_one_line(err))
+                try:
+                    config_from_hydra(dcfg)
+                except FedsimError as err:
+                    fail(str(err))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(dcfg: DictConfig) -> float | None:
+    from fedsim.run import run
+
+    try:
+        cfg = config_from_hydra(dcfg)
+        run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
+        summary = run(cfg, run_dir)
+    except BaseException as err:
+        user_error = _find_user_error(err)
+        if user_error is None:
+            raise
+        fail(str(user_error))
+    return summary.get("final_test_accuracy")
+
+
+def _find_user_error(err: BaseException | None) -> FedsimError | None:
+    """Flower re-raises the ServerApp's exceptions, sometimes wrapped: find ours in the chain."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, FedsimError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def main() -> None:
+    precheck(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The typed run configuration: Hydra composes it, this module checks it before anything starts.
+
+Every key a user can set lives in one of the dataclasses below, with its default and a
+one-line comment. `from_dict` turns a plain (resolved) dict into a `FedsimConfig`, refusing
+unknown keys and values outside their allowed range with a `ConfigError` that names the key.
+The same function rebuilds the config inside workers from the JSON the server sends them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsim.errors import ConfigError
+
+# ----------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class SyntheticConfig:
+    """LEAF's synthetic recipe, the Synthetic(alpha, beta) family of FedProx (Li et al. 2020,
+    Sec. 5.1; Caldas et al., LEAF): device k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta),
+    a softmax model W_k, b_k ~ N(u_k, 1), features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
+    Sigma = diag(j^-1.2), and labels y = argmax(softmax(W_k x + b_k))."""
+
+    name: str = "synthetic"
+    alpha: float = 1.0  # spread of the per-device models (0 = all devices share one model)
+    beta: float = 1.0  # spread of the per-device feature means (0 = same feature distribution)
+    num_features: int = 60  # input dimension (LEAF: 60)
+    num_classes: int = 10  # output classes (LEAF: 10)
+    size_mu: float = 4.0  # device sizes: floor(lognormal(size_mu, size_sigma)) + size_min ...
+    size_sigma: float = 1.0  # ... (LEAF uses mu=4, sigma=2; 1.0 keeps the tail moderate)
+    size_min: int = 10  # ... every device has at least this many examples ...
+    size_max: int = 1000  # ... and at most this many
+    examples_per_device: int | None = None  # fixed size for every device (overrides lognormal)
+    test_fraction: float = 0.1  # share of each device's examples held out (LEAF: 10%)
+    eval_devices: int = 200  # central test set = held-out part of devices 0..eval_devices-1
+    iid: bool = False  # True: one shared model and feature mean (LEAF's synthetic_iid)
+
+
+@dataclass
+class FemnistConfig:
+    """LEAF FEMNIST: any directory of LEAF JSON files (plain or .gz), one device per writer."""
+
+    name: str = "femnist"
+    path: str = "../shared/data/femnist"  # directory holding train/ and test/ (or the JSON files)
+    max_test_examples: int | None = None  # cap on the central test set (None = all)
+
+
+@dataclass
+class FashionMnistConfig:
+    """Fashion-MNIST from Debian's dataset-fashion-mnist idx files, partitioned over devices."""
+
+    name: str = "fashion_mnist"
+    path: str = "/usr/share/datasets/fashion-mnist"  # directory with the four idx(.gz) files
+    partition: str = "iid"  # iid | dirichlet | shards
+    dirichlet_alpha: float = 0.5  # label skew for partition=dirichlet (smaller = more skewed)
+    shards_per_device: int = 2  # label-sorted shards per device for partition=shards
+    max_test_examples: int | None = None  # cap on the central test set (None = all 10,000)
+
+
+@dataclass
+class HuggingFaceConfig:
+    """Any Hugging Face dataset through flwr-datasets (online), or local files (offline)."""
+
+    name: str = "huggingface"
+    hf_name: str = "parquet"  # a Hub dataset id, or a builder (parquet, csv, json) with data_files
+    data_files: dict[str, str] | None = None  # split -> file or glob, for local builders
+    train_split: str = "train"  # split partitioned over devices
+    test_split: str | None = "test"  # central test split (None = no central evaluation)
+    partition: str = "iid"  # iid | dirichlet | natural (natural groups by partition_by)
+    partition_by: str = "label"  # label column for dirichlet, grouping column for natural
+    dirichlet_alpha: float = 0.5  # label skew for partition=dirichlet
+    feature_key: str = "image"  # column holding the input (image or vector)
+    label_key: str = "label"  # column holding the integer class
+    num_classes: int | None = None  # None = 1 + the largest label in the train split
+    max_test_examples: int | None = None  # cap on the central test set
+
+
+DATASETS: dict[str, type] = {
+    "synthetic": SyntheticConfig,
+    "femnist": FemnistConfig,
+    "fashion_mnist": FashionMnistConfig,
+    "huggingface": HuggingFaceConfig,
+}
+DatasetConfig = SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFaceConfig
+
+# ----------------------------------------------------------------------------- the rest
+
+
+@dataclass
+class ModelConfig:
+    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn
+    hidden_sizes: list[int] = field(default_factory=lambda: [64])  # mlp hidden layer widths
+    cnn_channels: list[int] = field(default_factory=lambda: [32, 64])  # the two 5x5 conv layers
+    cnn_dense: int = 256  # width of the cnn's dense layer
+    norm_groups: int = 8  # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
+
+
+@dataclass
+class AlgorithmConfig:
+    """Local training on devices and the server's update (Reddi et al. 2021, Alg. 2)."""
+
+    name: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
+    lr: float = 0.05  # device (client) SGD learning rate
+    local_epochs: int = 1  # passes over a device's data per round
+    batch_size: int = 10  # device minibatch size
+    momentum: float = 0.0  # device SGD momentum
+    weight_decay: float = 0.0  # device SGD weight decay
+    proximal_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
+    server_lr: float = 1.0  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
+    beta1: float = 0.9  # FedAdam/FedYogi first-moment decay
+    beta2: float = 0.99  # FedAdam/FedYogi second-moment decay
+    tau: float = 1e-3  # FedAdam/FedYogi adaptivity (epsilon in the denominator)
+
+
+@dataclass
+class CohortConfig:
+    size: int = 50  # devices per round: exact (fixed) or expected (poisson, rate q = size/population)
+    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement)
+
+
+@dataclass
+class SimulationConfig:
+    layout: str = "multiplexed"  # multiplexed (workers train many devices) | classic (one SuperNode per device)
+    num_workers: int | None = None  # worker SuperNodes (None = one per CPU); ignored by classic
+    cpus_per_worker: float = 1.0  # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
+    torch_threads: int = 1  # torch threads per worker (more is 10-35x slower on small models)
+    round_timeout_s: float | None = 600.0  # give up on a worker's reply after this long
+    log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
+    ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
+
+
+@dataclass
+class PrivacyConfig:
+    name: str = "none"  # filled in by the sample-level and user-level DP issues
+
+
+@dataclass
+class SecAggConfig:
+    name: str = "none"  # filled in by the secure aggregation issue
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None  # run directory (None = Hydra's run directory, or ./outputs/run)
+    save_model: bool = True  # write model.pt at the end
+    progress: bool = True  # one line per round on stderr
+
+
+@dataclass
+class FedsimConfig:
+    seed: int = 0  # seeds sampling, model init and every device's training
+    population: int = 1000  # devices in the population (femnist: at most its writers)
+    rounds: int = 20  # federated rounds
+    eval_every: int = 1  # central evaluation every k rounds (and always after the last)
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    dataset: DatasetConfig = field(default_factory=SyntheticConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def num_workers(self) -> int:
+        """Worker SuperNodes of this run (classic layout: one per device)."""
+        if self.simulation.layout == "classic":
+            return self.population
+        return self.simulation.num_workers or (os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def from_dict(raw: dict[str, Any]) -> FedsimConfig:
+    """Build and validate a FedsimConfig from a plain dict (a resolved Hydra config or JSON)."""
+    raw = dict(raw)
+    ds = raw.get("dataset", {}) or {}
+    if not isinstance(ds, dict):
+        raise ConfigError("dataset", "must be a mapping with a 'name'")
+    ds_name = ds.get("name", "synthetic")
+    if ds_name not in DATASETS:
+        raise ConfigError("dataset.name", f"unknown dataset {ds_name!r}; allowed: {', '.join(DATASETS)}")
+    raw["dataset"] = _build(DATASETS[ds_name], ds, "dataset")
+    cfg = _build(FedsimConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if dataclasses.is_dataclass(raw):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "<root>", f"must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(path, f"unknown key; allowed keys here: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        if all(dataclasses.is_dataclass(a) for a in args if a is not type(None)):
+            return value  # the dataset union, built before
+        last: ConfigError | None = None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as err:
+                last = err
+        assert last is not None
+        raise last
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(path, f"must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _positive(value: float | int | None, key: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+MODELS = ("auto", "logreg", "mlp", "cnn")
+ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+def validate(cfg: FedsimConfig) -> None:
+    """Check ranges and cross-key constraints that types alone do not express."""
+    _positive(cfg.population, "population")
+    _positive(cfg.rounds, "rounds")
+    _positive(cfg.eval_every, "eval_every")
+    _positive(cfg.cohort.size, "cohort.size")
+    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed"))
+    if cfg.cohort.size > cfg.population:
+        raise ConfigError(
+            "cohort.size", f"{cfg.cohort.size} is larger than the population ({cfg.population}); allowed: 1..{cfg.population}"
+        )
+
+    ds = cfg.dataset
+    if isinstance(ds, SyntheticConfig):
+        _positive(ds.alpha, "dataset.alpha", allow_zero=True)
+        _positive(ds.beta, "dataset.beta", allow_zero=True)
+        _positive(ds.num_features, "dataset.num_features")
+        if ds.num_classes < 2:
+            raise ConfigError("dataset.num_classes", f"must be >= 2, got {ds.num_classes}")
+        _positive(ds.size_sigma, "dataset.size_sigma", allow_zero=True)
+        _positive(ds.size_min, "dataset.size_min")
+        _positive(ds.size_max, "dataset.size_max")
+        if ds.size_max < ds.size_min:
+            raise ConfigError("dataset.size_max", f"must be >= dataset.size_min ({ds.size_min}), got {ds.size_max}")
+        _positive(ds.examples_per_device, "dataset.examples_per_device")
+        if not 0 < ds.test_fraction < 1:
+            raise ConfigError("dataset.test_fraction", f"must be in (0, 1), got {ds.test_fraction}")
+        _positive(ds.eval_devices, "dataset.eval_devices")
+    elif isinstance(ds, FashionMnistConfig):
+        _choice(ds.partition, "dataset.partition", ("iid", "dirichlet", "shards"))
+        _positive(ds.dirichlet_alpha, "dataset.dirichlet_alpha")
+        _positive(ds.shards_per_device, "dataset.shards_per_device")
+        _positive(ds.max_test_examples, "dataset.max_test_examples")
+    elif isinstance(ds, HuggingFaceConfig):
+        _choice(ds.partition, "dataset.partition", ("iid", "dirichlet", "natural"))
+        _positive(ds.dirichlet_alpha, "dataset.dirichlet_alpha")
+        _positive(ds.num_classes, "dataset.num_classes")
+        _positive(ds.max_test_examples, "dataset.max_test_examples")
+    elif isinstance(ds, FemnistConfig):
+        _positive(ds.max_test_examples, "dataset.max_test_examples")
+
+    m = cfg.model
+    _choice(m.name, "model.name", MODELS)
+    for i, h in enumerate(m.hidden_sizes):
+        _positive(h, f"model.hidden_sizes[{i}]")
+    if len(m.cnn_channels) != 2:
+        raise ConfigError("model.cnn_channels", f"must list exactly 2 conv widths, got {m.cnn_channels}")
+    for i, c in enumerate(m.cnn_channels):
+        _positive(c, f"model.cnn_channels[{i}]")
+        if c % m.norm_groups:
+            raise ConfigError("model.norm_groups", f"must divide every cnn channel count ({m.cnn_channels}), got {m.norm_groups}")
+    _positive(m.cnn_dense, "model.cnn_dense")
+    _positive(m.norm_groups, "model.norm_groups")
+
+    a = cfg.algorithm
+    _choice(a.name, "algorithm.name", ALGORITHMS)
+    _positive(a.lr, "algorithm.lr")
+    _positive(a.local_epochs, "algorithm.local_epochs")
+    _positive(a.batch_size, "algorithm.batch_size")
+    _positive(a.momentum, "algorithm.momentum", allow_zero=True)
+    _positive(a.weight_decay, "algorithm.weight_decay", allow_zero=True)
+    _positive(a.proximal_mu, "algorithm.proximal_mu", allow_zero=True)
+    _positive(a.server_lr, "algorithm.server_lr")
+    for key in ("beta1", "beta2"):
+        v = getattr(a, key)
+        if not 0 <= v < 1:
+            raise ConfigError(f"algorithm.{key}", f"must be in [0, 1), got {v}")
+    _positive(a.tau, "algorithm.tau")
+
+    s = cfg.simulation
+    _choice(s.layout, "simulation.layout", ("multiplexed", "classic"))
+    _positive(s.num_workers, "simulation.num_workers")
+    _positive(s.cpus_per_worker, "simulation.cpus_per_worker")
+    ncpu = os.cpu_count() or 1
+    if s.cpus_per_worker > ncpu:
+        raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs of this machine")
+    _positive(s.torch_threads, "simulation.torch_threads")
+    _positive(s.round_timeout_s, "simulation.round_timeout_s")
+    _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    if s.layout == "classic" and cfg.population > 100_000:
+        raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")
+
+    _choice(cfg.privacy.name, "privacy.name", ("none",))
+    _choice(cfg.secagg.name, "secagg.name", ("none",))
+
+
+def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:
+    """Make data paths absolute (workers may run with another working directory)."""
+    base = base or Path.cwd()
+    ds = cfg.dataset
+    if isinstance(ds, (FemnistConfig, FashionMnistConfig)):
+        ds.path = str((base / os.path.expanduser(ds.path)).resolve())
+    elif isinstance(ds, HuggingFaceConfig) and ds.data_files:
+        ds.data_files = {
+            k: v if "://" in v else str((base / os.path.expanduser(v)).absolute()) for k, v in ds.data_files.items()
+        }
+    return cfg

@@ -1,0 +1,45 @@
+"""The population of devices and the one interface every dataset implements.
+
+A dataset is a *population*: device ids 0..num_devices-1, each with its own local examples,
+plus a central held-out test set for the server's evaluation. Device data is produced on
+demand (`device_data`), so memory grows with the data a dataset really holds, never with
+bookkeeping per device beyond a few integers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class FederatedDataset(ABC):
+    """A population of devices with local data, and a central test set."""
+
+    name: str
+    input_shape: tuple[int, ...]  # shape of one example, e.g. (60,) or (1, 28, 28)
+    num_classes: int
+
+    @property
+    @abstractmethod
+    def num_devices(self) -> int:
+        """Number of devices in the population (ids 0..num_devices-1)."""
+
+    @abstractmethod
+    def device_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training examples of one device: x float32 [n, *input_shape], y int64 [n].
+
+        Deterministic: the same device id always gives the same tensors (for a given seed).
+        """
+
+    @abstractmethod
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The central held-out test set (x float32, y int64), for the server's evaluation."""
+
+    def num_examples(self, device_id: int) -> int:
+        """Training examples on one device (subclasses override when cheaper than loading)."""
+        return int(self.device_data(device_id)[1].shape[0])
+
+    def check_device_id(self, device_id: int) -> None:
+        if not 0 <= device_id < self.num_devices:
+            raise IndexError(f"device id {device_id} outside the population 0..{self.num_devices - 1}")

@@ -1,0 +1,77 @@
+"""Run one experiment in-process on Flower's simulation engine (Ray backend).
+
+`run(cfg, run_dir)` is what `fedsim` calls after Hydra composed and validated the config; it
+is also the entry point for notebooks and tests. It quiets Flower and Ray unless asked,
+starts `num_workers` SuperNodes (one Ray actor per `cpus_per_worker` CPUs), runs the
+ServerApp's round loop in this process and returns the run's summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import FedsimConfig, resolve_paths
+
+
+class _DropDeprecation(logging.Filter):
+    """`run_simulation` warns that `flwr run` is the new front door; fedsim knows (issue 9)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "deprecated" not in record.getMessage()
+
+
+def _quiet(level: str) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ["FLWR_LOG_LEVEL"] = level
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logger = logging.getLogger("flwr")
+    logger.setLevel(level)
+    if not any(isinstance(f, _DropDeprecation) for f in logger.filters):
+        logger.addFilter(_DropDeprecation())
+        for handler in logger.handlers:
+            handler.addFilter(_DropDeprecation())
+
+
+def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run the experiment described by `cfg`, writing its outputs to `run_dir`."""
+    resolve_paths(cfg)
+    run_dir = Path(run_dir).absolute()
+    cfg.output.dir = str(run_dir)
+    sim = cfg.simulation
+    _quiet(sim.log_level)
+
+    from fedsim.data import load_dataset
+
+    # Load the data here, before Ray starts: a missing or corrupt file fails in a second.
+    dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
+
+    from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
+
+    from fedsim.client_app import app as client_app
+    from fedsim.server_app import make_server_app
+
+    _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
+    result: dict[str, Any] = {}
+    init_args: dict[str, Any] = {
+        "log_to_driver": sim.log_level in ("DEBUG", "INFO"),
+        "include_dashboard": False,
+        "logging_level": sim.log_level,
+    }
+    if sim.ray_temp_dir:
+        Path(sim.ray_temp_dir).mkdir(parents=True, exist_ok=True)
+        init_args["_temp_dir"] = str(Path(sim.ray_temp_dir).absolute())
+    run_simulation(
+        server_app=make_server_app(cfg, run_dir, result, dataset),
+        client_app=client_app,
+        num_supernodes=cfg.num_workers,
+        backend_config={
+            "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
+            "init_args": init_args,
+        },
+        verbose_logging=sim.log_level == "DEBUG",
+    )
+    return result

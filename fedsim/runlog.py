@@ -1,0 +1,120 @@
+"""What a run leaves on disk, and the one line per round it shows on the terminal.
+
+A run directory holds:
+    config.yaml    the resolved, validated config (what actually ran)
+    metrics.jsonl  one JSON object per round (see `RoundMetrics`)
+    model.pt       the final model: {"state_dict", "flat_params", "sha256", "config"} (a plain dict)
+    summary.json   final numbers, timings and the model's sha256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+
+from fedsim.config import FedsimConfig
+
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+MODEL = "model.pt"
+CONFIG = "config.yaml"
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    cohort_size: int  # devices sampled this round
+    devices_trained: int  # devices whose update was aggregated
+    devices_failed: int  # sampled devices that raised, or whose worker did not answer
+    num_examples: int  # training examples over the trained devices
+    train_loss: float | None  # example-weighted mean device training loss
+    test_accuracy: float | None  # central evaluation (None in rounds without one)
+    test_loss: float | None
+    round_time_s: float  # wall time of this round, evaluation included
+    train_time_s: float  # slowest worker's device-training time this round
+    elapsed_s: float  # wall time since the first round started
+    bytes_sent: int  # payload bytes the server sent to workers this round
+    bytes_received: int  # payload bytes the server received from workers
+    worker_peak_rss_mb: float  # largest peak resident memory reported by a worker
+
+
+def model_sha256(flat_params: torch.Tensor) -> str:
+    """Fingerprint of the weights: equal hashes mean bit-identical models."""
+    return hashlib.sha256(flat_params.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+class RunLog:
+    """Writes the run directory and prints progress."""
+
+    def __init__(self, run_dir: Path, cfg: FedsimConfig, *, stream: TextIO = sys.stderr) -> None:
+        self.dir = run_dir
+        self.cfg = cfg
+        self.stream = stream
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
+        self.rows: list[RoundMetrics] = []
+
+    def round(self, row: RoundMetrics) -> None:
+        self.rows.append(row)
+        self._metrics.write(json.dumps(_finite(dataclasses.asdict(row))) + "\n")
+        if self.cfg.output.progress:
+            self.stream.write(self._progress_line(row) + "\n")
+            self.stream.flush()
+
+    def _progress_line(self, row: RoundMetrics) -> str:
+        rounds = self.cfg.rounds
+        per_round = row.elapsed_s / row.round
+        eta = datetime.timedelta(seconds=round(per_round * (rounds - row.round)))
+        parts = [f"round {row.round:>{len(str(rounds))}}/{rounds}", f"cohort {row.devices_trained:>3}"]
+        if row.train_loss is not None:
+            parts.append(f"train loss {row.train_loss:.4f}")
+        if row.test_accuracy is not None:
+            parts.append(f"test acc {row.test_accuracy:.4f}")
+        if row.devices_failed:
+            parts.append(f"failed {row.devices_failed}")
+        parts += [f"{row.round_time_s:.2f} s", f"ETA {eta}"]
+        return "[fedsim] " + " | ".join(parts)
+
+    def finish(self, model: torch.nn.Module, flat_params: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+        sha = model_sha256(flat_params)
+        if self.cfg.output.save_model:
+            torch.save(
+                {"state_dict": model.state_dict(), "flat_params": flat_params, "sha256": sha, "config": self.cfg.to_dict()},
+                self.dir / MODEL,
+            )
+        evaluated = [r for r in self.rows if r.test_accuracy is not None]
+        summary = {
+            "rounds": len(self.rows),
+            "final_test_accuracy": evaluated[-1].test_accuracy if evaluated else None,
+            "final_test_loss": evaluated[-1].test_loss if evaluated else None,
+            "best_test_accuracy": max((r.test_accuracy for r in evaluated), default=None),  # type: ignore[type-var]
+            "total_time_s": self.rows[-1].elapsed_s if self.rows else 0.0,
+            "mean_round_time_s": sum(r.round_time_s for r in self.rows) / max(len(self.rows), 1),
+            "devices_trained": sum(r.devices_trained for r in self.rows),
+            "devices_failed": sum(r.devices_failed for r in self.rows),
+            "model_sha256": sha,
+            "seed": self.cfg.seed,
+            **extra,
+        }
+        (self.dir / SUMMARY).write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        self._metrics.close()
+        return summary
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: write None for non-finite floats so every reader can parse the file."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -1,0 +1,189 @@
+"""fedsim's ServerApp: the round loop, readable in one screen.
+
+Per round: sample a cohort of device ids (seeded, `fedsim.sampling`), send each worker one
+message naming its devices, sum the replies in device-id order (`fedsim.aggregation`), take
+the server optimizer step, evaluate centrally every `eval_every` rounds, log the round.
+A device is not a Flower node: workers are SuperNodes that simulate many devices each
+(in the classic layout, one SuperNode per device: same cohort, same seeds, same model).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from clients import evaluate, flat_params, load_flat_params
+from fedsim import wire
+from fedsim.aggregation import RunningSum, build_server_optimizer
+from fedsim.config import FedsimConfig, from_dict
+from fedsim.data import FederatedDataset, load_dataset
+from fedsim.errors import FedsimError
+from fedsim.models import build_model
+from fedsim.runlog import RoundMetrics, RunLog
+from fedsim.sampling import sample_cohort
+
+log = logging.getLogger("fedsim")
+RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
+
+
+def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedDataset | None = None) -> dict:
+    """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
+    torch.set_num_threads(cfg.simulation.torch_threads)
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
+    test_x, test_y = dataset.test_data()
+    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    params = flat_params(model)
+    optimizer = build_server_optimizer(cfg.algorithm)
+    nodes = wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0)
+    config_json = cfg.to_json()
+    runlog = RunLog(run_dir, cfg)
+    start = time.perf_counter()
+    try:
+        for round_num in range(1, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            cohort = sample_cohort(
+                population=cfg.population,
+                cohort_size=cfg.cohort.size,
+                method=cfg.cohort.sampling,
+                seed=cfg.seed,
+                round_num=round_num,
+            )
+            messages = [
+                Message(
+                    wire.write_job(round_num=round_num, device_ids=ids, config_json=config_json, global_params=params.numpy()),
+                    dst_node_id=node,
+                    message_type="train",
+                    group_id=str(round_num),
+                )
+                for node, ids in assign_devices(cohort, nodes, cfg.simulation.layout)
+            ]
+            replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
+
+            total, stats = collect(replies, len(params))
+            stats["devices_failed"] = len(cohort) - total.count
+            if total.count:
+                params = optimizer.step(params, total.mean())
+            else:
+                log.warning("round %d: no device update arrived; the model is unchanged", round_num)
+
+            test_acc = test_loss = None
+            if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
+                load_flat_params(model, params)
+                ev = evaluate(model, (test_x, test_y))
+                test_acc, test_loss = ev["accuracy"], ev["loss"]
+            now = time.perf_counter()
+            runlog.round(
+                RoundMetrics(
+                    round=round_num,
+                    cohort_size=len(cohort),
+                    devices_trained=total.count,
+                    test_accuracy=test_acc,
+                    test_loss=test_loss,
+                    round_time_s=now - t0,
+                    elapsed_s=now - start,
+                    bytes_sent=sum(wire.payload_bytes(m.content) for m in messages),
+                    **stats,
+                )
+            )
+    except BaseException:
+        runlog.close()
+        raise
+    load_flat_params(model, params)
+    server_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return runlog.finish(
+        model, params, {"num_params": len(params), "num_workers": len(nodes), "server_peak_rss_mb": server_rss_mb}
+    )
+
+
+def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict]:
+    """Sum the device updates of all replies (device-id order) and gather round statistics."""
+    total = RunningSum(num_params)
+    loss_sum = examples = received = 0
+    train_time = peak_rss = 0.0
+    for reply in replies:
+        if reply.has_error():
+            log.warning("a worker failed: %s", (reply.error.reason or "").splitlines()[0] if reply.error.reason else reply.error.code)
+            continue
+        received += wire.payload_bytes(reply.content)
+        try:
+            report = wire.read_report(reply.content, num_params)
+        except wire.BadReply as err:
+            log.warning("skipping a worker's reply: %s", err)
+            continue
+        for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
+            log.warning("device %d failed: %s", device_id, reason)
+        total.add_all(
+            (d, torch.from_numpy(u), float(n))
+            for d, u, n in zip(report.device_ids, report.updates, report.num_examples, strict=True)
+        )
+        loss_sum += sum(loss * n for loss, n in zip(report.losses, report.num_examples, strict=True))
+        examples += sum(report.num_examples)
+        train_time = max(train_time, report.train_time_s)
+        peak_rss = max(peak_rss, report.peak_rss_mb)
+    stats = {
+        "num_examples": examples,
+        "train_loss": loss_sum / examples if examples else None,
+        "train_time_s": train_time,
+        "bytes_received": received,
+        "worker_peak_rss_mb": peak_rss,
+    }
+    return total, stats
+
+
+def assign_devices(cohort: list[int], nodes: list[int], layout: str) -> list[tuple[int, list[int]]]:
+    """(node id, device ids) per worker that has work this round.
+
+    multiplexed: the sorted cohort is cut into near-equal contiguous chunks, one per worker.
+    classic: device d is simulated by the d-th SuperNode (nodes sorted by id).
+    """
+    if layout == "classic":
+        return [(nodes[d], [d]) for d in cohort]
+    chunks = np.array_split(np.asarray(cohort, dtype=np.int64), len(nodes))
+    return [(node, chunk.tolist()) for node, chunk in zip(nodes, chunks, strict=True) if len(chunk)]
+
+
+def wait_for_workers(grid: Grid, expected: int, *, timeout_s: float) -> list[int]:
+    """Sorted ids of the worker SuperNodes, once all `expected` have registered."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes[:expected]
+        if time.monotonic() > deadline:
+            raise FedsimError(f"only {len(nodes)} of {expected} workers connected within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, dataset: FederatedDataset | None = None) -> ServerApp:
+    """A ServerApp for an in-process run; the summary lands in `result`."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        del context
+        result.update(run_rounds(cfg, grid, run_dir, dataset))
+
+    return app
+
+
+# For `flwr run`: the config arrives as one run config entry (see docs/architecture.md).
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    import json
+
+    raw = context.run_config.get(RUN_CONFIG_KEY)
+    if not isinstance(raw, str):
+        raise FedsimError(f"run config entry '{RUN_CONFIG_KEY}' is missing: start runs with `fedsim`")
+    cfg = from_dict(json.loads(raw))
+    run_rounds(cfg, grid, Path(cfg.output.dir or "outputs/flwr-run"))

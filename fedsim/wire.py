@@ -1,0 +1,111 @@
+"""The records exchanged between the ServerApp and a worker, in one place.
+
+Server -> worker ("train"):
+    arrays["global"]  = {"params": flat float32 global weights}
+    configs["job"]    = {"round": int, "device_ids": [int], "config": resolved run config (JSON)}
+Worker -> server:
+    arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
+    configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures"}
+    metrics["worker"] = {"train_time_s", "peak_rss_mb"}
+
+The global weights go once per worker, not once per device; the config JSON is a few kB.
+A reply that does not follow this format raises `BadReply`, which the server counts and
+skips rather than crash on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedsim.worker import DeviceReport
+
+
+class BadReply(ValueError):
+    """A worker's reply is missing records or has inconsistent shapes."""
+
+
+@dataclass
+class Job:
+    round_num: int
+    device_ids: list[int]
+    config_json: str
+    global_params: torch.Tensor
+
+
+def write_job(*, round_num: int, device_ids: list[int], config_json: str, global_params: np.ndarray) -> RecordDict:
+    return RecordDict(
+        {
+            "global": ArrayRecord({"params": Array(global_params)}),
+            "job": ConfigRecord({"round": round_num, "device_ids": device_ids, "config": config_json}),
+        }
+    )
+
+
+def read_job(content: RecordDict) -> Job:
+    job = content.config_records["job"]
+    params = content.array_records["global"]["params"].numpy()
+    return Job(
+        round_num=int(job["round"]),
+        device_ids=[int(i) for i in job["device_ids"]],  # type: ignore[union-attr]
+        config_json=str(job["config"]),
+        global_params=torch.from_numpy(params),
+    )
+
+
+def write_report(report: DeviceReport) -> RecordDict:
+    updates = np.stack(report.updates) if report.updates else np.zeros((0, 0), dtype=np.float32)
+    return RecordDict(
+        {
+            "updates": ArrayRecord({"updates": Array(updates)}),
+            "devices": ConfigRecord(
+                {
+                    "device_ids": report.device_ids,
+                    "num_examples": report.num_examples,
+                    "loss": report.losses,
+                    "failed_ids": report.failed_ids,
+                    "failures": report.failures,
+                }
+            ),
+            "worker": MetricRecord({"train_time_s": report.train_time_s, "peak_rss_mb": report.peak_rss_mb}),
+        }
+    )
+
+
+def read_report(content: RecordDict, num_params: int) -> DeviceReport:
+    try:
+        devices = content.config_records["devices"]
+        updates = content.array_records["updates"]["updates"].numpy()
+        worker = content.metric_records["worker"]
+        report = DeviceReport(
+            device_ids=[int(i) for i in devices["device_ids"]],  # type: ignore[union-attr]
+            num_examples=[int(n) for n in devices["num_examples"]],  # type: ignore[union-attr]
+            losses=[float(x) for x in devices["loss"]],  # type: ignore[union-attr]
+            failed_ids=[int(i) for i in devices["failed_ids"]],  # type: ignore[union-attr]
+            failures=[str(s) for s in devices["failures"]],  # type: ignore[union-attr]
+            train_time_s=float(worker["train_time_s"]),  # type: ignore[arg-type]
+            peak_rss_mb=float(worker["peak_rss_mb"]),  # type: ignore[arg-type]
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadReply(f"malformed worker reply: {err}") from err
+    n = len(report.device_ids)
+    if len(report.num_examples) != n or len(report.losses) != n:
+        raise BadReply(f"reply lists {n} devices but {len(report.num_examples)} example counts")
+    if n and updates.shape != (n, num_params):
+        raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
+    report.updates = list(updates) if n else []
+    return report
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays and strings in a message (what dominates its size on the wire)."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(arr.data) for arr in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            total += len(value) if isinstance(value, (str, bytes)) else 8 * (len(value) if isinstance(value, list) else 1)
+    return total

@@ -1,0 +1,101 @@
+"""What a worker does with one message: train the named devices one after another.
+
+A worker (one Flower SuperNode running fedsim's ClientApp) keeps one dataset handle, one
+model object and one trainer per run configuration, in this module's cache: Ray re-pickles
+anything defined in `__main__`, but an importable module's globals live as long as the actor.
+Every device starts from the global weights and trains with its own seed (run seed, round,
+device id), so the result for a device does not depend on which worker trained it or what
+the worker trained before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clients import LocalTrainer, TrainConfig
+from fedsim.config import FedsimConfig, from_dict
+from fedsim.data import FederatedDataset, load_dataset
+from fedsim.models import build_model
+
+
+def train_config(cfg: FedsimConfig) -> TrainConfig:
+    a = cfg.algorithm
+    return TrainConfig(
+        lr=a.lr,
+        local_epochs=a.local_epochs,
+        batch_size=a.batch_size,
+        momentum=a.momentum,
+        weight_decay=a.weight_decay,
+        proximal_mu=a.proximal_mu,
+    )
+
+
+@dataclass
+class DeviceReport:
+    """The outcome of one round on one worker: a row per trained device, and failures."""
+
+    device_ids: list[int] = field(default_factory=list)
+    updates: list[np.ndarray] = field(default_factory=list)
+    num_examples: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    failed_ids: list[int] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    train_time_s: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+class Worker:
+    """Dataset, model and trainer of one run, reused for every device this worker trains."""
+
+    def __init__(self, cfg: FedsimConfig) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.simulation.torch_threads)
+        self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
+        self.model = build_model(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed)
+        self.trainer = LocalTrainer(self.model, train_config(cfg))
+
+    def train(self, global_params: torch.Tensor, round_num: int, device_ids: list[int]) -> DeviceReport:
+        report = DeviceReport()
+        start = time.perf_counter()
+        for device_id in device_ids:
+            try:
+                data = self.dataset.device_data(device_id)
+                result = self.trainer.fit(global_params, data, seed=(self.cfg.seed, round_num, device_id))
+            except Exception as err:  # one device failing must not take its worker's other devices down
+                report.failed_ids.append(device_id)
+                report.failures.append(f"{type(err).__name__}: {err}".splitlines()[0][:300])
+                continue
+            report.device_ids.append(device_id)
+            report.updates.append(result.update.numpy())
+            report.num_examples.append(result.num_examples)
+            report.losses.append(float(result.metrics["loss"]))
+        report.train_time_s = time.perf_counter() - start
+        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return report
+
+
+_WORKERS: dict[str, Worker] = {}
+
+
+def get_worker(config_json: str) -> Worker:
+    """The worker for this run configuration, built on first use and cached for later rounds."""
+    key = hashlib.sha256(config_json.encode()).hexdigest()
+    worker = _WORKERS.get(key)
+    if worker is None:
+        _WORKERS.clear()  # a new run: drop the previous run's data and model
+        worker = _WORKERS[key] = Worker(from_dict(json.loads(config_json)))
+    return worker
+
+
+def format_exception(err: BaseException) -> str:
+    """One line for the server's log, the traceback after it for debugging."""
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the test suite; slow tests run with FEDSIM_SLOW=1 (pytest -m slow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export FLWR_LOG_LEVEL=WARNING FLWR_TELEMETRY_ENABLED=0
+marker="not slow"
+if [ "${FEDSIM_SLOW:-0}" = "1" ]; then marker=""; fi
+set +e
+.venv/bin/python -m pytest -m "$marker" "$@"
+status=$?
+set -e
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: failing (exit 5 must not pass silently)" >&2
+  exit 1
+fi
+exit "$status"

@@ -1,0 +1,74 @@
+"""Server-side aggregation: the weighted mean and the server optimizers of Reddi et al. 2021."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedsim.aggregation import RunningSum, build_server_optimizer
+from fedsim.config import AlgorithmConfig
+
+
+def test_weighted_mean_weights_by_examples() -> None:
+    total = RunningSum(2)
+    total.add_all([(5, torch.tensor([1.0, 0.0]), 1.0), (2, torch.tensor([0.0, 4.0]), 3.0)])
+    assert total.count == 2
+    assert torch.equal(total.mean(), torch.tensor([0.25, 3.0]))
+
+
+def test_mean_is_bitwise_independent_of_arrival_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    ups = [(i, torch.randn(1000, generator=g) * 10 ** (i % 7 - 3), float(i + 1)) for i in range(40)]
+    a, b = RunningSum(1000), RunningSum(1000)
+    a.add_all(ups)
+    b.add_all(ups[::-1][:25])  # split across two "workers" in another order
+    b.add_all(ups[::-1][25:])
+    assert torch.equal(a.mean(), b.mean())
+    # Without the fixed order, the same numbers summed in another order differ in the last bits.
+    naive_fwd = sum((u * w for _, u, w in ups), torch.zeros(1000))
+    naive_rev = sum((u * w for _, u, w in ups[::-1]), torch.zeros(1000))
+    assert not torch.equal(naive_fwd, naive_rev)
+
+
+def test_empty_sum_refuses_to_average() -> None:
+    with pytest.raises(ValueError, match="no device updates"):
+        RunningSum(3).mean()
+
+
+def test_fedavg_step_is_params_plus_server_lr_times_delta() -> None:
+    opt = build_server_optimizer(AlgorithmConfig(name="fedavg", server_lr=0.5))
+    new = opt.step(torch.tensor([1.0, 2.0]), torch.tensor([2.0, -2.0]))
+    assert torch.equal(new, torch.tensor([2.0, 1.0]))
+
+
+def test_fedadam_matches_reddi_algorithm_2_by_hand() -> None:
+    cfg = AlgorithmConfig(name="fedadam", server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    opt = build_server_optimizer(cfg)
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    d1, d2 = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    x1 = opt.step(x, d1)
+    x2 = opt.step(x1, d2)
+    m, v = torch.zeros(2, dtype=torch.float64), torch.full((2,), 1e-6, dtype=torch.float64)
+    ref = x.clone()
+    for d in (d1, d2):
+        m = 0.9 * m + 0.1 * d
+        v = 0.99 * v + 0.01 * d * d
+        ref = ref + 0.1 * m / (v.sqrt() + 1e-3)
+    assert torch.allclose(x2, ref, rtol=0, atol=1e-12)
+
+
+def test_fedyogi_second_moment_is_additive_with_sign() -> None:
+    cfg = AlgorithmConfig(name="fedyogi", server_lr=0.1, beta1=0.0, beta2=0.5, tau=1e-3)
+    opt = build_server_optimizer(cfg)
+    x = torch.zeros(1, dtype=torch.float64)
+    opt.step(x, torch.tensor([2.0], dtype=torch.float64))
+    # v0 = tau^2 < delta^2 = 4, so v1 = v0 + (1 - b2) * 4 = 1e-6 + 2
+    assert opt.v is not None and opt.v.item() == pytest.approx(1e-6 + 2.0, abs=1e-12)
+    opt.step(x, torch.tensor([0.0], dtype=torch.float64))
+    # v1 > 0 = delta^2, so v stays: v2 = v1 - 0.5 * 0 * sign(.) = v1
+    assert opt.v.item() == pytest.approx(1e-6 + 2.0, abs=1e-12)
+    state = opt.state_dict()
+    other = build_server_optimizer(cfg)
+    other.load_state_dict(state)
+    y = torch.tensor([0.3], dtype=torch.float64)
+    assert torch.equal(opt.step(y, y), other.step(y, y))

@@ -1,0 +1,89 @@
+"""Bad input on the command line: one line naming the key and what is allowed, exit status 2."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import FedsimConfig, from_dict
+from fedsim.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fedsim(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedsim", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("dataset=mnist_of_mars", ("dataset/mnist_of_mars", "femnist", "synthetic")),
+        ("model=resnet152", ("model/resnet152", "cnn", "mlp")),
+        ("algorithm=fedsgd", ("algorithm/fedsgd", "fedavg", "fedyogi")),
+        ("cohort.size=5000", ("cohort.size", "larger than the population", "1..1000")),
+        ("population=0", ("population", "> 0")),
+        ("population=-5", ("population", "> 0")),
+        ("rounds=0", ("rounds", "> 0")),
+        ("algorithm.lr=-0.1", ("algorithm.lr", "> 0")),
+        ("algorithm.batch_size=0", ("algorithm.batch_size", "> 0")),
+        ("cohort.sampling=roundrobin", ("cohort.sampling", "poisson, fixed")),
+        ("dataset.size_max=5", ("dataset.size_max", ">= dataset.size_min")),
+        ("+algorithm.learning_rate=0.1", ("algorithm.learning_rate", "unknown key", "lr")),
+        ("nonsense_key=3", ("nonsense_key",)),
+        ("population=many", ("population", "integer")),
+        ("simulation.layout=mesh", ("simulation.layout", "multiplexed, classic")),
+    ],
+)
+def test_bad_config_gives_one_line_and_exit_2(override: str, fragments: tuple[str, ...]) -> None:
+    assert_one_line_error(fedsim(override), *fragments)
+
+
+def test_bad_value_inside_a_sweep_is_caught_before_any_job(tmp_path: Path) -> None:
+    proc = fedsim("-m", "algorithm.lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_line_error(proc, "algorithm.lr", "> 0")
+    assert not (tmp_path / "sweep").exists()  # nothing started
+
+
+def test_missing_femnist_directory(tmp_path: Path) -> None:
+    proc = fedsim("dataset=femnist", f"dataset.path={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "nowhere")
+
+
+def test_truncated_femnist_file(tmp_path: Path) -> None:
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    blob = gzip.compress(b'{"users": ["a"], "num_samples": [1], "user_data": {"a": {"x": [[0.5')
+    (tmp_path / "data" / "train" / "part.json.gz").write_bytes(blob[: len(blob) // 2])
+    proc = fedsim("dataset=femnist", f"dataset.path={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "part.json.gz")
+
+
+def test_config_roundtrips_through_json() -> None:
+    cfg = from_dict({"population": 10, "cohort": {"size": 3}, "dataset": {"name": "femnist", "path": "/x"}})
+    again = from_dict(__import__("json").loads(cfg.to_json()))
+    assert again == cfg
+    assert isinstance(again, FedsimConfig)
+
+
+def test_dataset_keys_are_checked_per_dataset() -> None:
+    with pytest.raises(ConfigError, match="dataset.alpha"):
+        from_dict({"dataset": {"name": "femnist", "alpha": 1.0}})
