@@ -24,19 +24,28 @@ from fedsim.errors import ConfigError
 
 @dataclass
 class SyntheticConfig:
-    """LEAF's synthetic recipe, the Synthetic(alpha, beta) family of FedProx (Li et al. 2020,
-    Sec. 5.1; Caldas et al., LEAF): device k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta),
-    a softmax model W_k, b_k ~ N(u_k, 1), features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
-    Sigma = diag(j^-1.2), and labels y = argmax(softmax(W_k x + b_k))."""
+    """Synthetic federated data for any population, two published recipes.
+
+    recipe=leaf (Caldas et al. 2018, LEAF, data/synthetic): a shared tensor Q ~ N(0, 1) and
+    num_clusters cluster means; device k picks a cluster c, draws model_info ~ N(mu_c, 0.1),
+    gets the model w_k = Q model_info, features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1),
+    B_k ~ N(0, 1), Sigma = diag(j^-1.2), and labels y = argmax(softmax([1, x] w_k + N(0, 0.1))).
+    recipe=fedprox (Li et al. 2020, FedProx Sec. 5.1, Synthetic(alpha, beta)): u_k ~ N(0, alpha),
+    B_k ~ N(0, beta), W_k, b_k ~ N(u_k, 1), x ~ N(v_k, Sigma), y = argmax(softmax(W_k x + b_k)):
+    every device has an independent model, which no single global model fits well.
+    """
 
     name: str = "synthetic"
-    alpha: float = 1.0  # spread of the per-device models (0 = all devices share one model)
-    beta: float = 1.0  # spread of the per-device feature means (0 = same feature distribution)
+    recipe: str = "leaf"  # leaf (devices share structure through Q) | fedprox (independent models)
+    num_clusters: int = 1  # leaf: clusters of device models (LEAF's default prob_clusters is [1.0])
+    model_noise: float = 0.1  # leaf: spread of a device's model_info around its cluster mean
+    alpha: float = 1.0  # fedprox: spread of the per-device models (u_k ~ N(0, alpha))
+    beta: float = 1.0  # fedprox: spread of the per-device feature means (B_k ~ N(0, beta))
     num_features: int = 60  # input dimension (LEAF: 60)
-    num_classes: int = 10  # output classes (LEAF: 10)
-    size_mu: float = 4.0  # device sizes: floor(lognormal(size_mu, size_sigma)) + size_min ...
-    size_sigma: float = 1.0  # ... (LEAF uses mu=4, sigma=2; 1.0 keeps the tail moderate)
-    size_min: int = 10  # ... every device has at least this many examples ...
+    num_classes: int = 10  # output classes
+    size_mu: float = 3.0  # device sizes: floor(lognormal(size_mu, size_sigma)) + size_min, ...
+    size_sigma: float = 2.0  # ... (LEAF: lognormal(3, 2) + 5, at most 1000)
+    size_min: int = 5  # ... every device has at least this many examples ...
     size_max: int = 1000  # ... and at most this many
     examples_per_device: int | None = None  # fixed size for every device (overrides lognormal)
     test_fraction: float = 0.1  # share of each device's examples held out (LEAF: 10%)
@@ -297,6 +306,9 @@ def validate(cfg: FedsimConfig) -> None:
 
     ds = cfg.dataset
     if isinstance(ds, SyntheticConfig):
+        _choice(ds.recipe, "dataset.recipe", ("leaf", "fedprox"))
+        _positive(ds.num_clusters, "dataset.num_clusters")
+        _positive(ds.model_noise, "dataset.model_noise", allow_zero=True)
         _positive(ds.alpha, "dataset.alpha", allow_zero=True)
         _positive(ds.beta, "dataset.beta", allow_zero=True)
         _positive(ds.num_features, "dataset.num_features")

@@ -8,8 +8,12 @@ ServerApp's round loop in this process and returns the run's summary.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,10 @@ def _quiet(level: str) -> None:
     os.environ["FLWR_LOG_LEVEL"] = level
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Hydra sets the root logger to INFO; Flower's link state (alembic), Ray and the dataset
+    # libraries would print their INFO lines through it.
+    for name in ("alembic", "sqlalchemy", "ray", "filelock", "datasets", "fsspec", "urllib3"):
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
     logger = logging.getLogger("flwr")
     logger.setLevel(level)
     if not any(isinstance(f, _DropDeprecation) for f in logger.filters):
@@ -61,17 +69,37 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         "include_dashboard": False,
         "logging_level": sim.log_level,
     }
-    if sim.ray_temp_dir:
-        Path(sim.ray_temp_dir).mkdir(parents=True, exist_ok=True)
-        init_args["_temp_dir"] = str(Path(sim.ray_temp_dir).absolute())
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir, result, dataset),
-        client_app=client_app,
-        num_supernodes=cfg.num_workers,
-        backend_config={
-            "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
-            "init_args": init_args,
-        },
-        verbose_logging=sim.log_level == "DEBUG",
-    )
+    with _short_path(sim.ray_temp_dir) as ray_dir:
+        if ray_dir:
+            init_args["_temp_dir"] = ray_dir
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, result, dataset),
+            client_app=client_app,
+            num_supernodes=cfg.num_workers,
+            backend_config={
+                "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
+                "init_args": init_args,
+            },
+            verbose_logging=sim.log_level == "DEBUG",
+        )
     return result
+
+
+@contextlib.contextmanager
+def _short_path(path: str | None) -> Iterator[str | None]:
+    """Ray puts unix sockets under its temp dir, and AF_UNIX paths are limited to 107 bytes:
+    a long directory (a test's tmp_path) is reached through a short symlink in /tmp."""
+    if not path:
+        yield None
+        return
+    target = Path(path).absolute()
+    target.mkdir(parents=True, exist_ok=True)
+    if len(str(target)) <= 40:
+        yield str(target)
+        return
+    link = Path(tempfile.mkdtemp(prefix="fsray")) / "r"
+    link.symlink_to(target, target_is_directory=True)
+    try:
+        yield str(link)
+    finally:
+        shutil.rmtree(link.parent, ignore_errors=True)

@@ -47,7 +47,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
         ("algorithm.lr=-0.1", ("algorithm.lr", "> 0")),
         ("algorithm.batch_size=0", ("algorithm.batch_size", "> 0")),
         ("cohort.sampling=roundrobin", ("cohort.sampling", "poisson, fixed")),
-        ("dataset.size_max=5", ("dataset.size_max", ">= dataset.size_min")),
+        ("dataset.size_max=3", ("dataset.size_max", ">= dataset.size_min")),
         ("+algorithm.learning_rate=0.1", ("algorithm.learning_rate", "unknown key", "lr")),
         ("nonsense_key=3", ("nonsense_key",)),
         ("population=many", ("population", "integer")),

@@ -1,13 +1,21 @@
-"""Synthetic(alpha, beta): the synthetic federated data of LEAF and FedProx, for any population.
+"""Synthetic federated data for any population: LEAF's recipe and FedProx's Synthetic(alpha, beta).
 
-Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings", and Li et al. 2020,
-"Federated Optimization in Heterogeneous Networks" (FedProx), Sec. 5.1: device k draws
-u_k ~ N(0, alpha) and B_k ~ N(0, beta); its softmax model W_k ~ N(u_k, 1) [num_features x
-num_classes] and b_k ~ N(u_k, 1); its features x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1) and
-Sigma = diag(j^-1.2); its labels y = argmax(softmax(W_k x + b_k)). As in the FedProx reference
-code, alpha and beta are the standard deviations numpy draws with. With iid=True (LEAF's
-synthetic_iid, FedProx's Synthetic-IID) all devices share one W, b ~ N(0, 1) and the feature
-mean 0.
+recipe=leaf, Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings" (data/synthetic):
+a shared tensor Q ~ N(0, 1) of shape [num_features + 1, num_classes, num_clusters] and cluster
+means mu_c ~ N(l_c, 1), l_c ~ N(0, 1). Device k picks a cluster c uniformly, draws
+model_info_k ~ N(mu_c, model_noise) and gets the model w_k = Q model_info_k; its features are
+x ~ N(v_k, Sigma) with v_k ~ N(B_k, 1), B_k ~ N(0, 1), Sigma = diag(j^-1.2); its labels
+y = argmax(softmax([1, x] w_k + N(0, 0.1))). Devices share structure through Q, so one
+global model can fit them (with one cluster, up to the scale of w_k).
+
+recipe=fedprox, Li et al. 2020, "Federated Optimization in Heterogeneous Networks", Sec. 5.1:
+device k draws u_k ~ N(0, alpha) and B_k ~ N(0, beta); its softmax model W_k ~ N(u_k, 1)
+[num_features x num_classes] and b_k ~ N(u_k, 1); its features x ~ N(v_k, Sigma) with
+v_k ~ N(B_k, 1); its labels y = argmax(softmax(W_k x + b_k)). As in the FedProx reference
+code, alpha and beta are the standard deviations numpy draws with.
+
+With iid=True (LEAF's synthetic_iid, FedProx's Synthetic-IID) all devices share one
+W, b ~ N(0, 1) and the feature mean 0.
 
 Only the device sizes are drawn up front (one vectorized numpy call, so 100,000 devices cost
 a few hundred kB); a device's model, features and labels are generated when asked for, from
@@ -27,6 +35,7 @@ from fedsim.data.base import FederatedDataset
 _SIZES_STREAM = 0
 _SHARED_MODEL_STREAM = 1
 _DEVICE_STREAM = 2
+_LEAF_STRUCTURE_STREAM = 3
 
 
 class SyntheticDataset(FederatedDataset):
@@ -48,6 +57,7 @@ class SyntheticDataset(FederatedDataset):
         # Feature scales sqrt(j^-1.2), j = 1..num_features: the diagonal covariance of LEAF.
         self._feature_std = np.power(np.arange(1, cfg.num_features + 1, dtype=np.float64), -0.6)
         self._shared_model = self._draw_shared_model() if cfg.iid else None
+        self._leaf_q, self._leaf_means = self._draw_leaf_structure() if cfg.recipe == "leaf" else (None, None)
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -86,6 +96,15 @@ class SyntheticDataset(FederatedDataset):
         bias = rng.normal(0.0, 1.0, self._cfg.num_classes)
         return weights, bias
 
+    def _draw_leaf_structure(self) -> tuple[np.ndarray, np.ndarray]:
+        """LEAF's shared Q [F + 1, C, K] and the K cluster means (side information of size K)."""
+        cfg = self._cfg
+        rng = np.random.default_rng([self._seed, _LEAF_STRUCTURE_STREAM])
+        k = cfg.num_clusters
+        q = rng.normal(0.0, 1.0, (cfg.num_features + 1, cfg.num_classes, k))
+        means = np.stack([rng.normal(rng.normal(0.0, 1.0), 1.0, k) for _ in range(k)])
+        return q, means
+
     def _generate(self, device_id: int) -> tuple[np.ndarray, np.ndarray]:
         """All examples of one device (train part first, then the held-out part)."""
         cfg = self._cfg
@@ -94,6 +113,14 @@ class SyntheticDataset(FederatedDataset):
         if self._shared_model is not None:
             weights, bias = self._shared_model
             feature_mean = np.zeros(cfg.num_features)
+        elif self._leaf_q is not None and self._leaf_means is not None:
+            cluster = int(rng.integers(cfg.num_clusters))
+            model_info = rng.normal(self._leaf_means[cluster], cfg.model_noise)
+            w = self._leaf_q @ model_info  # [F + 1, C]: row 0 is the bias of the [1, x] input
+            feature_mean = rng.normal(rng.normal(0.0, 1.0), 1.0, cfg.num_features)  # v_k ~ N(B_k, 1)
+            x = (feature_mean + rng.standard_normal((n, cfg.num_features)) * self._feature_std).astype(np.float32)
+            logits = x.astype(np.float64) @ w[1:] + w[0] + rng.normal(0.0, 0.1, (n, cfg.num_classes))
+            return x, np.argmax(logits, axis=1).astype(np.int64)
         else:
             model_mean = rng.normal(0.0, cfg.alpha)  # u_k
             feature_center = rng.normal(0.0, cfg.beta)  # B_k
