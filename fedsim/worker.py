@@ -14,7 +14,6 @@ import hashlib
 import json
 import resource
 import time
-import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,9 +92,4 @@ def get_worker(config_json: str) -> Worker:
         _WORKERS.clear()  # a new run: drop the previous run's data and model
         worker = _WORKERS[key] = Worker(from_dict(json.loads(config_json)))
     return worker
-
-
-def format_exception(err: BaseException) -> str:
-    """One line for the server's log, the traceback after it for debugging."""
-    return f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
 

@@ -106,3 +106,28 @@ def test_cli_run_learns_on_the_default_dataset(tmp_path: Path) -> None:
     _, y = load_dataset(cfg.dataset, population=200, seed=0).test_data()
     majority = torch.bincount(y).max().item() / len(y)
     assert rows[-1]["test_accuracy"] > majority + 0.1, (rows[-1]["test_accuracy"], majority)
+
+
+def test_population_of_100k_runs_with_a_fixed_cohort(tmp_path: Path) -> None:
+    raw = tiny(tmp_path, population=100_000, rounds=2, cohort={"size": 20, "sampling": "fixed"})
+    raw["dataset"]["eval_devices"] = 20
+    summary = run(from_dict(raw), tmp_path / "big")
+    rows = [json.loads(line) for line in (tmp_path / "big" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["devices_trained"] for r in rows] == [20, 20]
+    assert summary["devices_failed"] == 0
+
+
+@pytest.mark.slow
+def test_femnist_cnn_fedavg_reaches_75_percent(tmp_path: Path, femnist_dir: Path) -> None:
+    """The README's FEMNIST row: `fedsim experiment=femnist_fedavg` (100 rounds, ~2.5 min)."""
+    out = tmp_path / "femnist"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "fedsim", "experiment=femnist_fedavg", f"dataset.path={femnist_dir}",
+            f"hydra.run.dir={out}", f"simulation.ray_temp_dir={tmp_path / 'ray'}", "output.progress=false",
+        ],  # fmt: skip
+        cwd=REPO, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_accuracy"] >= 0.75, summary

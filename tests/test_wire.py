@@ -1,0 +1,67 @@
+"""The worker <-> server records: round trip, and malformed replies rejected, not fatal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fedsim import wire
+from fedsim.server_app import collect
+from fedsim.worker import DeviceReport
+
+
+def report(ids: list[int], num_params: int = 4) -> DeviceReport:
+    return DeviceReport(
+        device_ids=ids,
+        updates=[np.full(num_params, float(i), dtype=np.float32) for i in ids],
+        num_examples=[10 * (i + 1) for i in ids],
+        losses=[0.5 for _ in ids],
+        failed_ids=[99],
+        failures=["ValueError: device has no training examples"],
+        train_time_s=0.25,
+        peak_rss_mb=100.0,
+    )
+
+
+def test_job_and_report_round_trip() -> None:
+    params = np.arange(4, dtype=np.float32)
+    job = wire.read_job(wire.write_job(round_num=3, device_ids=[5, 7], config_json='{"seed": 1}', global_params=params))
+    assert job.round_num == 3 and job.device_ids == [5, 7] and job.config_json == '{"seed": 1}'
+    assert torch.equal(job.global_params, torch.from_numpy(params))
+    back = wire.read_report(wire.write_report(report([1, 2])), num_params=4)
+    assert back.device_ids == [1, 2] and back.num_examples == [20, 30] and back.failed_ids == [99]
+    assert np.array_equal(back.updates[1], np.full(4, 2.0, dtype=np.float32))
+
+
+def test_wrong_shape_or_missing_record_is_a_bad_reply() -> None:
+    content = wire.write_report(report([1, 2], num_params=5))
+    with pytest.raises(wire.BadReply, match=r"shape \(2, 5\), expected \(2, 4\)"):
+        wire.read_report(content, num_params=4)
+    with pytest.raises(wire.BadReply, match="malformed"):
+        wire.read_report(RecordDict({"updates": ArrayRecord({"updates": Array(np.zeros((1, 4), np.float32))})}), 4)
+    lying = wire.write_report(report([1]))
+    lying["devices"] = ConfigRecord({**dict(lying.config_records["devices"]), "num_examples": [1, 2, 3]})
+    with pytest.raises(wire.BadReply, match="1 devices but 3"):
+        wire.read_report(lying, num_params=4)
+
+
+class _Reply:
+    """What `collect` reads of a reply Message (building real ones needs a running Flower task)."""
+
+    def __init__(self, content: RecordDict) -> None:
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
+
+
+def test_collect_sums_good_replies_and_skips_bad_ones() -> None:
+    good = _Reply(wire.write_report(report([2, 0])))
+    bad = _Reply(wire.write_report(report([5], num_params=3)))
+    total, stats = collect([bad, good], num_params=4)  # type: ignore[list-item]
+    assert total.count == 2  # the malformed reply's device is not aggregated
+    # weights 10 (device 0, update 0) and 30 (device 2, update 2): mean = 60 / 40 = 1.5
+    assert torch.equal(total.mean(), torch.full((4,), 1.5))
+    assert stats["num_examples"] == 40 and stats["train_loss"] == pytest.approx(0.5)
