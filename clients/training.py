@@ -24,6 +24,7 @@ import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
+
+if TYPE_CHECKING:  # only for the annotation: clients.dp imports this module (and Opacus)
+    from clients.dp import DPSGDEvent
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Data = tuple[torch.Tensor, torch.Tensor] | Dataset
@@ -71,6 +75,7 @@ class TrainResult:
     update: torch.Tensor  # flat float32: local weights minus the global weights the device started from
     num_examples: int  # training examples on the device (the FedAvg weight), not examples processed
     metrics: dict[str, float]  # "loss": mean data loss over steps (without the proximal term); "steps"
+    privacy: DPSGDEvent | None = None  # set by DP-SGD training: the privacy event this fit spent
 
 
 class LocalTrainer:
