@@ -1,0 +1,174 @@
+"""Sample-level DP on the server side of a run: calibration, budgets, the ledger, the metrics.
+
+Devices run DP-SGD (clients/dp.py) and report the event they spent; the server records it
+in the ledger *before* the round's update is applied, and accounts every device's epsilon
+itself (devices never compute epsilon). A device's event is a function of its size n:
+with batch size B, Opacus's Poisson sampling uses rate q = 1 / ceil(n / B) for
+local_epochs * ceil(n / B) steps, so the server knows each device's next event before
+sampling it, and can leave out a device whose next participation would exceed its budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import FedsimConfig
+from fedsim.data import FederatedDataset
+from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.accountants import create_accountant
+from fedsim.privacy.calibration import calibrate_noise_multiplier
+from fedsim.privacy.events import DPSGDEvent
+from fedsim.privacy.ledger import PrivacyLedger
+from fedsim.worker import DeviceReport
+
+LEDGER_FILE = "ledger.json"
+
+
+def dpsgd_event(*, num_examples: int, batch_size: int, local_epochs: int, noise_multiplier: float) -> DPSGDEvent:
+    """The event of one participation of a device with `num_examples` (Opacus DPDataLoader semantics)."""
+    batches = math.ceil(num_examples / batch_size)
+    return DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches, steps=local_epochs * batches)
+
+
+class SampleLevelDP:
+    """The run's sample-level DP state: one ledger, one accountant, one budget per device."""
+
+    def __init__(self, cfg: FedsimConfig, dataset: FederatedDataset) -> None:
+        dp = cfg.privacy.dpsgd
+        assert dp is not None
+        self.cfg, self.dataset = cfg, dataset
+        self.delta, self.target = dp.delta, dp.target_epsilon
+        self.accountant = create_accountant(dp.accountant)
+        sizes = Counter(dataset.num_examples(d) for d in range(dataset.num_devices))
+        self.calibration: dict[str, Any] | None = None
+        if dp.noise_multiplier is None:
+            dp.noise_multiplier = self._calibrate(sizes)
+        self.noise_multiplier = dp.noise_multiplier
+        self.ledger = PrivacyLedger(self.accountant, delta=self.delta, target_epsilon=self.target)
+        # Devices that cannot take part even once (e.g. a device smaller than one batch has
+        # q = 1: no amplification by sampling) are counted once, here.
+        self.never_eligible = 0
+        if self.target is not None:
+            for n, count in sizes.items():
+                if self.accountant.epsilon(((self.event_of_size(n), 1),), self.delta) > self.target:
+                    self.never_eligible += count
+        self.last_clip_fraction: float | None = None
+
+    def event_of_size(self, n: int) -> DPSGDEvent:
+        a = self.cfg.algorithm
+        z = self.cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
+        return dpsgd_event(num_examples=n, batch_size=a.batch_size, local_epochs=a.local_epochs, noise_multiplier=z)
+
+    def _calibrate(self, sizes: Counter[int]) -> float:
+        """Solve sigma for target_epsilon at the median device size and the expected participations."""
+        dp, a = self.cfg.privacy.dpsgd, self.cfg.algorithm
+        assert dp is not None and dp.target_epsilon is not None
+        median_n = int(statistics.median_low(sorted(sizes.elements())))
+        batches = math.ceil(median_n / a.batch_size)
+        participations = dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
+        try:
+            z = calibrate_noise_multiplier(
+                target_epsilon=dp.target_epsilon,
+                delta=dp.delta,
+                sample_rate=1.0 / batches,
+                steps_per_participation=a.local_epochs * batches,
+                participations=participations,
+                accountant=self.accountant,
+            )
+        except ValueError as err:
+            raise ConfigError("privacy.dpsgd.target_epsilon", str(err)) from None
+        self.calibration = {
+            "noise_multiplier": z,
+            "target_epsilon": dp.target_epsilon,
+            "delta": dp.delta,
+            "accountant": dp.accountant,
+            "assumed_participations": participations,
+            "assumed_device_examples": median_n,
+            "assumed_sample_rate": 1.0 / batches,
+            "assumed_steps_per_participation": a.local_epochs * batches,
+        }
+        return z
+
+    def describe(self) -> str:
+        dp = self.cfg.privacy.dpsgd
+        assert dp is not None
+        text = (
+            f"DP-SGD on every device: noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={dp.max_grad_norm}, "
+            f"accountant={dp.accountant}, delta={dp.delta:g}"
+        )
+        if self.calibration:
+            c = self.calibration
+            text += (
+                f"; sigma calibrated for epsilon={c['target_epsilon']:g} assuming {c['assumed_participations']} "
+                f"participations x {c['assumed_steps_per_participation']} steps at sample rate "
+                f"{c['assumed_sample_rate']:.4g} (median device: {c['assumed_device_examples']} examples)"
+            )
+        if self.target is not None:
+            text += f"; budget epsilon={self.target:g} per device ({self.never_eligible} devices too small to join)"
+        return text
+
+    def admit(self, cohort: list[int]) -> list[int]:
+        """The sampled devices whose next participation keeps them within budget."""
+        if self.target is None:
+            return cohort
+        return [d for d in cohort if self.ledger.can_participate(d, self.event_of_size(self.dataset.num_examples(d)))]
+
+    def eligible(self) -> int:
+        return self.dataset.num_devices - self.never_eligible - self.ledger.exhausted_count()
+
+    def check_enough_left(self, cohort_size: int) -> None:
+        left = self.eligible()
+        if self.target is not None and left < cohort_size:
+            raise FedsimError(
+                f"privacy budget exhausted: only {left} of {self.dataset.num_devices} devices can train again without "
+                f"exceeding epsilon={self.target:g} (delta={self.delta:g}); cohort.size is {cohort_size}"
+            )
+
+    def account(self, reports: list[DeviceReport]) -> dict[str, Any]:
+        """Record every trained device's event in the ledger; return the round's privacy metrics."""
+        trained: list[int] = []
+        clip_fractions: list[float] = []
+        for report in reports:
+            for device_id, (z, q, steps) in zip(report.device_ids, report.dp_events, strict=True):
+                self.ledger.record(device_id, DPSGDEvent(noise_multiplier=z, sample_rate=q, steps=steps))
+                trained.append(device_id)
+            clip_fractions += [c for c in report.clip_fractions if not math.isnan(c)]  # NaN: no example drawn
+        return self.round_metrics(trained, clip_fractions)
+
+    def round_metrics(self, trained: list[int], clip_fractions: list[float]) -> dict[str, Any]:
+        everyone = self.ledger.epsilon_stats()
+        cohort = self.ledger.epsilon_stats(trained) if trained else {"max": None, "median": None}
+        return {
+            "sample_epsilon_max": everyone["max"],
+            "sample_epsilon_median": everyone["median"],
+            "sample_epsilon_cohort_max": cohort["max"],
+            "sample_epsilon_cohort_median": cohort["median"],
+            "sample_delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clip_fraction": sum(clip_fractions) / len(clip_fractions) if clip_fractions else None,
+            "devices_exhausted": self.ledger.exhausted_count() + self.never_eligible,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        stats = self.ledger.epsilon_stats() if self.ledger.num_devices() else {"max": 0.0, "median": 0.0}
+        return {
+            "sample_level": {
+                "mechanism": "DP-SGD (Abadi et al. 2016) via Opacus, per device",
+                "accountant": self.accountant.name,
+                "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier,
+                "target_epsilon": self.target,
+                "epsilon_max": stats["max"],
+                "epsilon_median": stats["median"],
+                "devices_accounted": self.ledger.num_devices(),
+                "calibration": self.calibration,
+            }
+        }
+
+    def save(self, run_dir: Path) -> None:
+        (run_dir / LEDGER_FILE).write_text(json.dumps(self.ledger.to_json()) + "\n")
