@@ -105,11 +105,12 @@ DatasetConfig = SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFa
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn
+    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | custom
     hidden_sizes: list[int] = field(default_factory=lambda: [64])  # mlp hidden layer widths
     cnn_channels: list[int] = field(default_factory=lambda: [32, 64])  # the two 5x5 conv layers
     cnn_dense: int = 256  # width of the cnn's dense layer
     norm_groups: int = 8  # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
+    target: str | None = None  # name=custom: "package.module:factory", called as factory(input_shape, num_classes)
 
 
 @dataclass
@@ -147,8 +148,24 @@ class SimulationConfig:
 
 
 @dataclass
+class DPSGDPrivacyConfig:
+    """Sample-level DP: every device trains with DP-SGD (Abadi et al. 2016) through Opacus."""
+
+    noise_multiplier: float | None = 1.0  # sigma; null: calibrate it from target_epsilon before training
+    max_grad_norm: float = 1.0  # C, the per-example L2 clipping bound
+    target_epsilon: float | None = None  # per-device budget; devices that would exceed it are not sampled
+    delta: float = 1e-5  # the delta of every reported (epsilon, delta)
+    accountant: str = "rdp"  # rdp (Opacus) | prv (Opacus) | pld (dp-accounting)
+    grad_sample_mode: str = "hooks"  # Opacus per-example gradients: hooks | ew | functorch
+    fix_model: bool = False  # let Opacus's ModuleValidator replace incompatible layers (BatchNorm -> GroupNorm)
+    assumed_participations: int | None = None  # calibration: rounds a device joins (null: ceil(rounds * q))
+
+
+@dataclass
 class PrivacyConfig:
-    name: str = "none"  # filled in by the sample-level and user-level DP issues
+    """Privacy mechanisms, each optional and composable: privacy=dpsgd, privacy=[dpsgd,...]."""
+
+    dpsgd: DPSGDPrivacyConfig | None = None  # sample-level DP-SGD on every device
 
 
 @dataclass
@@ -232,8 +249,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        if all(dataclasses.is_dataclass(a) for a in args if a is not type(None)):
-            return value  # the dataset union, built before
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        if any(isinstance(value, c) for c in classes):
+            return value  # the dataset union, built by from_dict
+        if len(classes) == 1:
+            return _build(classes[0], value, path)
         last: ConfigError | None = None
         for a in args:
             if a is type(None):
@@ -288,7 +308,7 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-MODELS = ("auto", "logreg", "mlp", "cnn")
+MODELS = ("auto", "logreg", "mlp", "cnn", "custom")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 
@@ -347,6 +367,8 @@ def validate(cfg: FedsimConfig) -> None:
         if c % m.norm_groups:
             raise ConfigError("model.norm_groups", f"must divide every cnn channel count ({m.cnn_channels}), got {m.norm_groups}")
     _positive(m.cnn_dense, "model.cnn_dense")
+    if m.name == "custom" and (not m.target or ":" not in m.target):
+        raise ConfigError("model.target", f"model.name=custom needs model.target='package.module:factory', got {m.target!r}")
     _positive(m.norm_groups, "model.norm_groups")
 
     a = cfg.algorithm
@@ -377,7 +399,20 @@ def validate(cfg: FedsimConfig) -> None:
     if s.layout == "classic" and cfg.population > 100_000:
         raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")
 
-    _choice(cfg.privacy.name, "privacy.name", ("none",))
+    dp = cfg.privacy.dpsgd
+    if dp is not None:
+        _positive(dp.noise_multiplier, "privacy.dpsgd.noise_multiplier", allow_zero=True)
+        _positive(dp.max_grad_norm, "privacy.dpsgd.max_grad_norm")
+        _positive(dp.target_epsilon, "privacy.dpsgd.target_epsilon")
+        if not 0 < dp.delta < 1:
+            raise ConfigError("privacy.dpsgd.delta", f"must be in (0, 1), got {dp.delta}")
+        _choice(dp.accountant, "privacy.dpsgd.accountant", ("rdp", "prv", "pld"))
+        _choice(dp.grad_sample_mode, "privacy.dpsgd.grad_sample_mode", ("hooks", "ew", "functorch"))
+        _positive(dp.assumed_participations, "privacy.dpsgd.assumed_participations")
+        if dp.noise_multiplier is None and dp.target_epsilon is None:
+            raise ConfigError(
+                "privacy.dpsgd.noise_multiplier", "is null, so privacy.dpsgd.target_epsilon must be set to calibrate it"
+            )
     _choice(cfg.secagg.name, "secagg.name", ("none",))
 
 

@@ -8,6 +8,7 @@ updates travel in) is the layer order below.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -37,7 +38,26 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
             return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes)
         if name == "cnn":
             return _cnn(cfg, input_shape, num_classes)
-    raise ConfigError("model.name", f"unknown model {cfg.name!r}; allowed: auto, logreg, mlp, cnn")
+        if name == "custom":
+            return _custom(cfg.target or "", input_shape, num_classes)
+    raise ConfigError("model.name", f"unknown model {cfg.name!r}; allowed: auto, logreg, mlp, cnn, custom")
+
+
+def _custom(target: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A user's model: `package.module:factory`, called as factory(input_shape, num_classes).
+
+    Its parameters travel as one flat vector like the built-in models'; buffers (BatchNorm
+    running statistics, for example) are not aggregated, so prefer models without them.
+    """
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError("model.target", f"cannot import {target!r} ({err}); expected 'package.module:factory'") from None
+    model = factory(tuple(input_shape), num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model.target", f"{target} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _mlp(in_features: int, hidden_sizes: list[int], num_classes: int) -> nn.Sequential:
@@ -87,3 +107,16 @@ def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
         nn.ReLU(),
         nn.Linear(cfg.cnn_dense, num_classes),
     )
+
+
+def checked_model(model: nn.Module, *, fix: bool) -> nn.Module:
+    """The model, checked for DP-SGD by Opacus's ModuleValidator (and fixed if `fix`).
+
+    An incompatible model is bad input: ConfigError naming what to change.
+    """
+    from clients import check_model
+
+    try:
+        return check_model(model, fix=fix)
+    except ValueError as err:
+        raise ConfigError("model", str(err)) from None

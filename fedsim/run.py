@@ -52,10 +52,10 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     sim = cfg.simulation
     _quiet(sim.log_level)
 
-    from fedsim.data import load_dataset
+    from fedsim.server_app import prepare
 
-    # Load the data here, before Ray starts: a missing or corrupt file fails in a second.
-    dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
+    # Data, model checks and privacy calibration here, before Ray starts: bad input fails in a second.
+    setup = prepare(cfg)
 
     from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
 
@@ -73,7 +73,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         run_simulation(
-            server_app=make_server_app(cfg, run_dir, result, dataset),
+            server_app=make_server_app(cfg, run_dir, result, setup),
             client_app=client_app,
             num_supernodes=cfg.num_workers,
             backend_config={

@@ -65,9 +65,16 @@ class RunLog:
         self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
         self.rows: list[RoundMetrics] = []
 
-    def round(self, row: RoundMetrics) -> None:
+    def note(self, text: str) -> None:
+        """A line about the run's set-up (calibration, budgets) on the terminal."""
+        if self.cfg.output.progress:
+            self.stream.write(f"[fedsim] {text}\n")
+            self.stream.flush()
+
+    def round(self, row: RoundMetrics, extra: dict[str, Any] | None = None) -> None:
+        """Log one round; `extra` holds the privacy metrics of the mechanisms that are on."""
         self.rows.append(row)
-        self._metrics.write(json.dumps(_finite(dataclasses.asdict(row))) + "\n")
+        self._metrics.write(json.dumps(_finite({**dataclasses.asdict(row), **(extra or {})})) + "\n")
         if self.cfg.output.progress:
             self.stream.write(self._progress_line(row) + "\n")
             self.stream.flush()

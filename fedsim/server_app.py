@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from fedsim.aggregation import RunningSum, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError
-from fedsim.models import build_model
+from fedsim.models import build_model, checked_model
+from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 
@@ -33,13 +35,34 @@ log = logging.getLogger("fedsim")
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
 
 
-def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedDataset | None = None) -> dict:
-    """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
-    torch.set_num_threads(cfg.simulation.torch_threads)
+@dataclass
+class RunSetup:
+    """Everything a run needs before its first round; built once, before Ray starts, so that
+    bad data, an incompatible model or an unreachable privacy target fail in a second."""
+
+    dataset: FederatedDataset
+    model: torch.nn.Module
+    sample_dp: SampleLevelDP | None  # sample-level DP-SGD: ledger, accountant, budgets
+
+
+def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSetup:
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
-    test_x, test_y = dataset.test_data()
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    sample_dp = None
+    if cfg.privacy.dpsgd is not None:
+        # The workers apply the same check (and fix), so their flat parameters match ours.
+        model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
+        sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
+    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp)
+
+
+def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
+    """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
+    torch.set_num_threads(cfg.simulation.torch_threads)
+    setup = setup or prepare(cfg)
+    model, sample_dp = setup.model, setup.sample_dp
+    test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
     optimizer = build_server_optimizer(cfg.algorithm)
     if hasattr(grid, "pull_interval"):  # in-process grid: poll replies every 10 ms, not 100 ms
@@ -47,17 +70,27 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedD
     nodes = wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0)
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
+    if sample_dp:
+        runlog.note(sample_dp.describe())
+    stopped: FedsimError | None = None
     start = time.perf_counter()
     try:
         for round_num in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            cohort = sample_cohort(
+            if sample_dp:
+                try:
+                    sample_dp.check_enough_left(cfg.cohort.size)
+                except FedsimError as err:
+                    stopped = err
+                    break
+            sampled = sample_cohort(
                 population=cfg.population,
                 cohort_size=cfg.cohort.size,
                 method=cfg.cohort.sampling,
                 seed=cfg.seed,
                 round_num=round_num,
             )
+            cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
             messages = [
                 Message(
                     wire.write_job(round_num=round_num, device_ids=ids, config_json=config_json, global_params=params.numpy()),
@@ -69,8 +102,10 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedD
             ]
             replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
 
-            total, stats = collect(replies, len(params))
+            total, stats, reports = collect(replies, len(params))
             stats["devices_failed"] = len(cohort) - total.count
+            # Privacy spent is recorded before the update that spent it is applied.
+            privacy = sample_dp.account(reports) if sample_dp else {}
             if total.count:
                 params = optimizer.step(params, total.mean())
             else:
@@ -85,7 +120,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedD
             runlog.round(
                 RoundMetrics(
                     round=round_num,
-                    cohort_size=len(cohort),
+                    cohort_size=len(sampled),
                     devices_trained=total.count,
                     test_accuracy=test_acc,
                     test_loss=test_loss,
@@ -93,21 +128,32 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, dataset: FederatedD
                     elapsed_s=now - start,
                     bytes_sent=sum(wire.payload_bytes(m.content) for m in messages),
                     **stats,
-                )
+                ),
+                privacy,
             )
     except BaseException:
         runlog.close()
         raise
     load_flat_params(model, params)
-    server_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return runlog.finish(
-        model, params, {"num_params": len(params), "num_workers": len(nodes), "server_peak_rss_mb": server_rss_mb}
-    )
+    extra = {
+        "num_params": len(params),
+        "num_workers": len(nodes),
+        "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "stopped_early": str(stopped) if stopped else None,
+    }
+    if sample_dp:
+        sample_dp.save(run_dir)
+        extra["privacy"] = sample_dp.summary()
+    summary = runlog.finish(model, params, extra)
+    if stopped:
+        raise stopped  # after the outputs are written: nothing is lost
+    return summary
 
 
-def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict]:
+def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict, list[wire.DeviceReport]]:
     """Sum the device updates of all replies (device-id order) and gather round statistics."""
     total = RunningSum(num_params)
+    reports: list[wire.DeviceReport] = []
     loss_sum = examples = received = 0
     train_time = peak_rss = 0.0
     for reply in replies:
@@ -120,6 +166,7 @@ def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict]:
         except wire.BadReply as err:
             log.warning("skipping a worker's reply: %s", err)
             continue
+        reports.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
         total.add_all(
@@ -137,7 +184,7 @@ def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict]:
         "bytes_received": received,
         "worker_peak_rss_mb": peak_rss,
     }
-    return total, stats
+    return total, stats, reports
 
 
 def assign_devices(cohort: list[int], nodes: list[int], layout: str) -> list[tuple[int, list[int]]]:
@@ -164,14 +211,14 @@ def wait_for_workers(grid: Grid, expected: int, *, timeout_s: float) -> list[int
         time.sleep(0.1)
 
 
-def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, dataset: FederatedDataset | None = None) -> ServerApp:
+def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:
     """A ServerApp for an in-process run; the summary lands in `result`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         del context
-        result.update(run_rounds(cfg, grid, run_dir, dataset))
+        result.update(run_rounds(cfg, grid, run_dir, setup))
 
     return app
 

@@ -5,7 +5,9 @@ Server -> worker ("train"):
     configs["job"]    = {"round": int, "device_ids": [int], "config": resolved run config (JSON)}
 Worker -> server:
     arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
-    configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures"}
+    configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
+                          "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction"}
+                          (the dp_* lists are empty without sample-level DP)
     metrics["worker"] = {"train_time_s", "peak_rss_mb"}
 
 The global weights go once per worker, not once per device; the config JSON is a few kB.
@@ -22,6 +24,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.worker import DeviceReport
+
+__all__ = ["BadReply", "DeviceReport", "Job", "read_job", "read_report", "write_job", "write_report"]
 
 
 class BadReply(ValueError):
@@ -66,6 +70,10 @@ def write_report(report: DeviceReport) -> RecordDict:
                     "device_ids": report.device_ids,
                     "num_examples": report.num_examples,
                     "loss": report.losses,
+                    "dp_noise_multiplier": [e[0] for e in report.dp_events],
+                    "dp_sample_rate": [e[1] for e in report.dp_events],
+                    "dp_steps": [e[2] for e in report.dp_events],
+                    "clip_fraction": report.clip_fractions,
                     "failed_ids": report.failed_ids,
                     "failures": report.failures,
                 }
@@ -86,14 +94,23 @@ def read_report(content: RecordDict, num_params: int) -> DeviceReport:
             losses=[float(x) for x in devices["loss"]],  # type: ignore[union-attr]
             failed_ids=[int(i) for i in devices["failed_ids"]],  # type: ignore[union-attr]
             failures=[str(s) for s in devices["failures"]],  # type: ignore[union-attr]
+            dp_events=[
+                (float(z), float(q), int(k))
+                for z, q, k in zip(
+                    devices["dp_noise_multiplier"], devices["dp_sample_rate"], devices["dp_steps"], strict=True  # type: ignore[arg-type]
+                )
+            ],
+            clip_fractions=[float(c) for c in devices["clip_fraction"]],  # type: ignore[union-attr]
             train_time_s=float(worker["train_time_s"]),  # type: ignore[arg-type]
             peak_rss_mb=float(worker["peak_rss_mb"]),  # type: ignore[arg-type]
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:  # ValueError: zip(strict=True) on unequal lists
         raise BadReply(f"malformed worker reply: {err}") from err
     n = len(report.device_ids)
     if len(report.num_examples) != n or len(report.losses) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.num_examples)} example counts")
+    if report.dp_events and len(report.dp_events) != n:
+        raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
     if n and updates.shape != (n, num_params):
         raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
     report.updates = list(updates) if n else []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from clients import LocalTrainer, TrainConfig
+from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.models import build_model
@@ -37,6 +37,19 @@ def train_config(cfg: FedsimConfig) -> TrainConfig:
     )
 
 
+def build_trainer(cfg: FedsimConfig, model: torch.nn.Module) -> LocalTrainer | DPSGDTrainer:
+    """The plain trainer, or DP-SGD through Opacus when privacy.dpsgd is on."""
+    dp = cfg.privacy.dpsgd
+    if dp is None:
+        return LocalTrainer(model, train_config(cfg))
+    if dp.noise_multiplier is None:
+        raise ValueError("privacy.dpsgd.noise_multiplier must be resolved (calibrated) before workers start")
+    dp_config = DPSGDConfig(
+        noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, grad_sample_mode=dp.grad_sample_mode
+    )
+    return DPSGDTrainer(model, train_config(cfg), dp_config)
+
+
 @dataclass
 class DeviceReport:
     """The outcome of one round on one worker: a row per trained device, and failures."""
@@ -45,6 +58,9 @@ class DeviceReport:
     updates: list[np.ndarray] = field(default_factory=list)
     num_examples: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    # Sample-level DP (empty without it): the event each device spent, its clipped fraction.
+    dp_events: list[tuple[float, float, int]] = field(default_factory=list)  # (noise_multiplier, sample_rate, steps)
+    clip_fractions: list[float] = field(default_factory=list)
     failed_ids: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     train_time_s: float = 0.0
@@ -59,7 +75,7 @@ class Worker:
         torch.set_num_threads(cfg.simulation.torch_threads)
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
         self.model = build_model(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed)
-        self.trainer = LocalTrainer(self.model, train_config(cfg))
+        self.trainer = build_trainer(cfg, self.model)
 
     def train(self, global_params: torch.Tensor, round_num: int, device_ids: list[int]) -> DeviceReport:
         report = DeviceReport()
@@ -76,6 +92,10 @@ class Worker:
             report.updates.append(result.update.numpy())
             report.num_examples.append(result.num_examples)
             report.losses.append(float(result.metrics["loss"]))
+            if result.privacy is not None:
+                ev = result.privacy
+                report.dp_events.append((ev.noise_multiplier, ev.sample_rate, ev.steps))
+                report.clip_fractions.append(float(result.metrics["clip_fraction"]))
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return report
