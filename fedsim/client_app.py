@@ -21,5 +21,5 @@ def train(msg: Message, context: Context) -> Message:
     del context  # everything a worker needs travels in the message
     job = wire.read_job(msg.content)
     worker = get_worker(job.config_json)
-    report = worker.train(job.global_params, job.round_num, job.device_ids)
+    report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm)
     return Message(content=wire.write_report(report), reply_to=msg)

@@ -162,10 +162,33 @@ class DPSGDPrivacyConfig:
 
 
 @dataclass
+class DPFedAvgPrivacyConfig:
+    """User-level DP: DP-FedAvg (McMahan et al. 2018), each device's whole update clipped to C,
+    Gaussian noise z*C on the sum, divided by the expected cohort size."""
+
+    noise_multiplier: float | None = 1.0  # z; null: calibrate it from target_epsilon over the planned rounds
+    clip_norm: float = 1.0  # C (the initial C with adaptive clipping)
+    target_epsilon: float | None = None  # user-level budget of the run; the run stops before exceeding it
+    delta: float = 1e-5  # should be below 1 / population
+    accountant: str = "pld"  # pld (dp-accounting, Poisson cohorts) | rdp (dp-accounting; also fixed-size cohorts)
+    adaptive_clipping: bool = False  # track a quantile of update norms (Andrew et al. 2021)
+    target_quantile: float = 0.5  # adaptive: fraction of updates that should fall within C
+    clip_learning_rate: float = 0.2  # adaptive: eta_C of the geometric update
+    count_noise_multiplier: float | None = None  # adaptive: sigma_b of the noisy count (null: cohort / 20)
+    noise_cohort_size: int | None = None  # add noise as if the cohort had this many devices (a labelled simulation)
+
+
+@dataclass
+class FaultsConfig:
+    device_failure_rate: float = 0.0  # each sampled device raises instead of training, seeded per (round, device)
+
+
+@dataclass
 class PrivacyConfig:
-    """Privacy mechanisms, each optional and composable: privacy=dpsgd, privacy=[dpsgd,...]."""
+    """Privacy mechanisms, each optional and composable: privacy=dpsgd, privacy=[dpsgd,dpfedavg]."""
 
     dpsgd: DPSGDPrivacyConfig | None = None  # sample-level DP-SGD on every device
+    dpfedavg: DPFedAvgPrivacyConfig | None = None  # user-level DP-FedAvg
 
 
 @dataclass
@@ -194,6 +217,7 @@ class FedsimConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -413,6 +437,31 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpsgd.noise_multiplier", "is null, so privacy.dpsgd.target_epsilon must be set to calibrate it"
             )
+    user = cfg.privacy.dpfedavg
+    if user is not None:
+        _positive(user.noise_multiplier, "privacy.dpfedavg.noise_multiplier", allow_zero=True)
+        _positive(user.clip_norm, "privacy.dpfedavg.clip_norm")
+        _positive(user.target_epsilon, "privacy.dpfedavg.target_epsilon")
+        if not 0 < user.delta < 1:
+            raise ConfigError("privacy.dpfedavg.delta", f"must be in (0, 1), got {user.delta}")
+        _choice(user.accountant, "privacy.dpfedavg.accountant", ("pld", "rdp"))
+        if not 0 < user.target_quantile < 1:
+            raise ConfigError("privacy.dpfedavg.target_quantile", f"must be in (0, 1), got {user.target_quantile}")
+        _positive(user.clip_learning_rate, "privacy.dpfedavg.clip_learning_rate")
+        _positive(user.count_noise_multiplier, "privacy.dpfedavg.count_noise_multiplier")
+        _positive(user.noise_cohort_size, "privacy.dpfedavg.noise_cohort_size")
+        if user.noise_multiplier is None and user.target_epsilon is None:
+            raise ConfigError(
+                "privacy.dpfedavg.noise_multiplier", "is null, so privacy.dpfedavg.target_epsilon must be set to calibrate it"
+            )
+        if cfg.cohort.sampling == "fixed" and user.accountant == "pld":
+            raise ConfigError(
+                "privacy.dpfedavg.accountant",
+                "fixed-size cohorts have no PLD accountant in dp-accounting; allowed: cohort.sampling=poisson, "
+                "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)",
+            )
+    if not 0 <= cfg.faults.device_failure_rate < 1:
+        raise ConfigError("faults.device_failure_rate", f"must be in [0, 1), got {cfg.faults.device_failure_rate}")
     _choice(cfg.secagg.name, "secagg.name", ("none",))
 
 

@@ -27,6 +27,7 @@ from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError
 from fedsim.models import build_model, checked_model
+from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
@@ -43,6 +44,7 @@ class RunSetup:
     dataset: FederatedDataset
     model: torch.nn.Module
     sample_dp: SampleLevelDP | None  # sample-level DP-SGD: ledger, accountant, budgets
+    user_dp: UserLevelDP | None  # user-level DP-FedAvg: clipping, central noise, accounting
 
 
 def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSetup:
@@ -54,14 +56,15 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSe
         # The workers apply the same check (and fix), so their flat parameters match ours.
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
-    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp)
+    user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
+    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp)
 
 
 def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
     """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
-    model, sample_dp = setup.model, setup.sample_dp
+    model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
     optimizer = build_server_optimizer(cfg.algorithm)
@@ -70,19 +73,22 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     nodes = wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0)
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
-    if sample_dp:
-        runlog.note(sample_dp.describe())
+    for mechanism in (sample_dp, user_dp):
+        if mechanism:
+            runlog.note(mechanism.describe())
     stopped: FedsimError | None = None
     start = time.perf_counter()
     try:
         for round_num in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            if sample_dp:
-                try:
+            try:
+                if sample_dp:
                     sample_dp.check_enough_left(cfg.cohort.size)
-                except FedsimError as err:
-                    stopped = err
-                    break
+                if user_dp:
+                    user_dp.check_budget(round_num)
+            except FedsimError as err:
+                stopped = err
+                break
             sampled = sample_cohort(
                 population=cfg.population,
                 cohort_size=cfg.cohort.size,
@@ -93,7 +99,13 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
             messages = [
                 Message(
-                    wire.write_job(round_num=round_num, device_ids=ids, config_json=config_json, global_params=params.numpy()),
+                    wire.write_job(
+                        round_num=round_num,
+                        device_ids=ids,
+                        config_json=config_json,
+                        global_params=params.numpy(),
+                        clip_norm=user_dp.clip_norm if user_dp else None,
+                    ),
                     dst_node_id=node,
                     message_type="train",
                     group_id=str(round_num),
@@ -102,11 +114,15 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
             ]
             replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
 
-            total, stats, reports = collect(replies, len(params))
+            # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
+            total, stats, reports = collect(replies, len(params), weighted=user_dp is None)
             stats["devices_failed"] = len(cohort) - total.count
             # Privacy spent is recorded before the update that spent it is applied.
             privacy = sample_dp.account(reports) if sample_dp else {}
-            if total.count:
+            if user_dp:
+                params = optimizer.step(params, user_dp.aggregate(total, reports, round_num))
+                privacy |= user_dp.round_metrics(round_num)
+            elif total.count:
                 params = optimizer.step(params, total.mean())
             else:
                 log.warning("round %d: no device update arrived; the model is unchanged", round_num)
@@ -141,17 +157,23 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
     }
+    extra["privacy"] = {}
     if sample_dp:
         sample_dp.save(run_dir)
-        extra["privacy"] = sample_dp.summary()
+        extra["privacy"] |= sample_dp.summary()
+    if user_dp:
+        extra["privacy"] |= user_dp.summary(len(runlog.rows))
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
     return summary
 
 
-def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict, list[wire.DeviceReport]]:
-    """Sum the device updates of all replies (device-id order) and gather round statistics."""
+def collect(
+    replies: list[Message], num_params: int, *, weighted: bool = True
+) -> tuple[RunningSum, dict, list[wire.DeviceReport]]:
+    """Sum the device updates of all replies (device-id order, weighted by examples or by 1)
+    and gather round statistics."""
     total = RunningSum(num_params)
     reports: list[wire.DeviceReport] = []
     loss_sum = examples = received = 0
@@ -170,7 +192,7 @@ def collect(replies: list[Message], num_params: int) -> tuple[RunningSum, dict, 
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
         total.add_all(
-            (d, torch.from_numpy(u), float(n))
+            (d, torch.from_numpy(u), float(n) if weighted else 1.0)
             for d, u, n in zip(report.device_ids, report.updates, report.num_examples, strict=True)
         )
         loss_sum += sum(loss * n for loss, n in zip(report.losses, report.num_examples, strict=True))

@@ -2,12 +2,13 @@
 
 Server -> worker ("train"):
     arrays["global"]  = {"params": flat float32 global weights}
-    configs["job"]    = {"round": int, "device_ids": [int], "config": resolved run config (JSON)}
+    configs["job"]    = {"round": int, "device_ids": [int], "config": resolved run config (JSON),
+                         "clip_norm": float (user-level DP only)}
 Worker -> server:
     arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
     configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
-                          "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction"}
-                          (the dp_* lists are empty without sample-level DP)
+                          "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction", "within_bound"}
+                          (dp_* and clip_fraction: sample-level DP; within_bound: user-level DP)
     metrics["worker"] = {"train_time_s", "peak_rss_mb"}
 
 The global weights go once per worker, not once per device; the config JSON is a few kB.
@@ -38,15 +39,16 @@ class Job:
     device_ids: list[int]
     config_json: str
     global_params: torch.Tensor
+    clip_norm: float | None = None  # user-level DP: clip each device's update to this L2 norm
 
 
-def write_job(*, round_num: int, device_ids: list[int], config_json: str, global_params: np.ndarray) -> RecordDict:
-    return RecordDict(
-        {
-            "global": ArrayRecord({"params": Array(global_params)}),
-            "job": ConfigRecord({"round": round_num, "device_ids": device_ids, "config": config_json}),
-        }
-    )
+def write_job(
+    *, round_num: int, device_ids: list[int], config_json: str, global_params: np.ndarray, clip_norm: float | None = None
+) -> RecordDict:
+    job: dict = {"round": round_num, "device_ids": device_ids, "config": config_json}
+    if clip_norm is not None:
+        job["clip_norm"] = float(clip_norm)
+    return RecordDict({"global": ArrayRecord({"params": Array(global_params)}), "job": ConfigRecord(job)})
 
 
 def read_job(content: RecordDict) -> Job:
@@ -57,6 +59,7 @@ def read_job(content: RecordDict) -> Job:
         device_ids=[int(i) for i in job["device_ids"]],  # type: ignore[union-attr]
         config_json=str(job["config"]),
         global_params=torch.from_numpy(params),
+        clip_norm=float(job["clip_norm"]) if "clip_norm" in job else None,  # type: ignore[arg-type]
     )
 
 
@@ -74,6 +77,7 @@ def write_report(report: DeviceReport) -> RecordDict:
                     "dp_sample_rate": [e[1] for e in report.dp_events],
                     "dp_steps": [e[2] for e in report.dp_events],
                     "clip_fraction": report.clip_fractions,
+                    "within_bound": report.within_bound,
                     "failed_ids": report.failed_ids,
                     "failures": report.failures,
                 }
@@ -101,6 +105,7 @@ def read_report(content: RecordDict, num_params: int) -> DeviceReport:
                 )
             ],
             clip_fractions=[float(c) for c in devices["clip_fraction"]],  # type: ignore[union-attr]
+            within_bound=[bool(b) for b in devices["within_bound"]],  # type: ignore[union-attr]
             train_time_s=float(worker["train_time_s"]),  # type: ignore[arg-type]
             peak_rss_mb=float(worker["peak_rss_mb"]),  # type: ignore[arg-type]
         )
@@ -109,6 +114,8 @@ def read_report(content: RecordDict, num_params: int) -> DeviceReport:
     n = len(report.device_ids)
     if len(report.num_examples) != n or len(report.losses) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.num_examples)} example counts")
+    if report.within_bound and len(report.within_bound) != n:
+        raise BadReply(f"reply lists {n} devices but {len(report.within_bound)} clipping bits")
     if report.dp_events and len(report.dp_events) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
     if n and updates.shape != (n, num_params):

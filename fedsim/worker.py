@@ -23,6 +23,7 @@ from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.models import build_model
+from fedsim.privacy.user_level import clip_update
 
 
 def train_config(cfg: FedsimConfig) -> TrainConfig:
@@ -61,6 +62,8 @@ class DeviceReport:
     # Sample-level DP (empty without it): the event each device spent, its clipped fraction.
     dp_events: list[tuple[float, float, int]] = field(default_factory=list)  # (noise_multiplier, sample_rate, steps)
     clip_fractions: list[float] = field(default_factory=list)
+    # User-level DP (empty without it): was the device's update norm within the clip norm C?
+    within_bound: list[bool] = field(default_factory=list)
     failed_ids: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     train_time_s: float = 0.0
@@ -77,19 +80,30 @@ class Worker:
         self.model = build_model(cfg.model, self.dataset.input_shape, self.dataset.num_classes, seed=cfg.seed)
         self.trainer = build_trainer(cfg, self.model)
 
-    def train(self, global_params: torch.Tensor, round_num: int, device_ids: list[int]) -> DeviceReport:
+    def train(
+        self, global_params: torch.Tensor, round_num: int, device_ids: list[int], *, clip_norm: float | None = None
+    ) -> DeviceReport:
+        """Train each device from the global weights; with `clip_norm` (user-level DP), clip each
+        update to that L2 norm before it leaves the device (McMahan et al. 2018)."""
         report = DeviceReport()
         start = time.perf_counter()
         for device_id in device_ids:
             try:
+                if injected_failure(self.cfg, round_num, device_id):
+                    raise RuntimeError("injected failure (faults.device_failure_rate)")
                 data = self.dataset.device_data(device_id)
                 result = self.trainer.fit(global_params, data, seed=(self.cfg.seed, round_num, device_id))
+                update = result.update
+                if clip_norm is not None:
+                    update, _, within = clip_update(update, clip_norm)  # raises on NaN/inf
             except Exception as err:  # one device failing must not take its worker's other devices down
                 report.failed_ids.append(device_id)
                 report.failures.append(f"{type(err).__name__}: {err}".splitlines()[0][:300])
                 continue
+            if clip_norm is not None:
+                report.within_bound.append(within)
             report.device_ids.append(device_id)
-            report.updates.append(result.update.numpy())
+            report.updates.append(update.numpy())
             report.num_examples.append(result.num_examples)
             report.losses.append(float(result.metrics["loss"]))
             if result.privacy is not None:
@@ -99,6 +113,15 @@ class Worker:
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return report
+
+
+_FAULT_STREAM = 0xFA17
+
+
+def injected_failure(cfg: FedsimConfig, round_num: int, device_id: int) -> bool:
+    """Seeded per (run seed, round, device): the same devices fail whatever worker trains them."""
+    rate = cfg.faults.device_failure_rate
+    return rate > 0 and np.random.default_rng([cfg.seed, _FAULT_STREAM, round_num, device_id]).random() < rate
 
 
 _WORKERS: dict[str, Worker] = {}

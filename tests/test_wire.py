@@ -60,7 +60,8 @@ class _Reply:
 def test_collect_sums_good_replies_and_skips_bad_ones() -> None:
     good = _Reply(wire.write_report(report([2, 0])))
     bad = _Reply(wire.write_report(report([5], num_params=3)))
-    total, stats = collect([bad, good], num_params=4)  # type: ignore[list-item]
+    total, stats, reports = collect([bad, good], num_params=4)  # type: ignore[list-item]
+    assert [r.device_ids for r in reports] == [[2, 0]]
     assert total.count == 2  # the malformed reply's device is not aggregated
     # weights 10 (device 0, update 0) and 30 (device 2, update 2): mean = 60 / 40 = 1.5
     assert torch.equal(total.mean(), torch.full((4,), 1.5))
