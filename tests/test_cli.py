@@ -87,3 +87,8 @@ def test_config_roundtrips_through_json() -> None:
 def test_dataset_keys_are_checked_per_dataset() -> None:
     with pytest.raises(ConfigError, match="dataset.alpha"):
         from_dict({"dataset": {"name": "femnist", "alpha": 1.0}})
+
+
+def test_fixed_cohorts_with_pld_user_level_accounting_are_refused() -> None:
+    proc = fedsim("privacy=dpfedavg", "cohort.sampling=fixed")
+    assert_one_line_error(proc, "privacy.dpfedavg.accountant", "fixed-size cohorts", "rdp")

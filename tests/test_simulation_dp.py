@@ -96,3 +96,65 @@ def test_incompatible_model_is_refused_or_fixed_on_request(tmp_path: Path) -> No
     assert "BatchNorm" in line and "privacy.dpsgd.fix_model" in line
     fixed = fedsim_cli(tmp_path, "model=custom", "model.target=bn_model:make", "privacy=dpsgd", "privacy.dpsgd.fix_model=true", "rounds=1")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
+
+
+def user_config(tmp: Path, **over: object) -> dict:
+    raw = dp_config(tmp)
+    raw["cohort"] = {"size": 8, "sampling": "poisson"}
+    raw["rounds"] = 4
+    raw["privacy"]["dpfedavg"] = {"noise_multiplier": 0.8, "clip_norm": 0.5, "delta": 1e-5}
+    raw.update(over)
+    return raw
+
+
+def reference_user_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
+    """dp-accounting used directly: Poisson-subsampled Gaussian, self-composed."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return acc.get_epsilon(delta)
+
+
+@pytest.fixture(scope="module")
+def both_levels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("both")
+    run(from_dict(user_config(tmp)), tmp / "run")
+    return tmp / "run"
+
+
+def test_run_with_both_levels_reports_both_guarantees(both_levels: Path) -> None:
+    rows = [json.loads(line) for line in (both_levels / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["sample_epsilon_max"] > 0 and r["clip_fraction"] is not None
+        assert r["user_epsilon"] == pytest.approx(reference_user_epsilon(8 / 30, 0.8, r["round"], 1e-5), rel=1e-6)
+        assert r["clip_norm"] == 0.5 and r["user_noise_std"] == pytest.approx(0.4)
+    summary = json.loads((both_levels / "summary.json").read_text())
+    assert set(summary["privacy"]) == {"sample_level", "user_level"}
+    assert "add/remove" in summary["privacy"]["user_level"]["accounting"]
+
+
+def test_failing_devices_neither_abort_rounds_nor_change_user_accounting(both_levels: Path, tmp_path: Path) -> None:
+    raw = user_config(tmp_path)
+    raw["faults"] = {"device_failure_rate": 0.1}
+    run(from_dict(raw), tmp_path / "faulty")
+    clean = [json.loads(line) for line in (both_levels / "metrics.jsonl").read_text().splitlines()]
+    faulty = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    assert len(faulty) == len(clean) == 4
+    assert sum(r["devices_failed"] for r in faulty) > 0
+    assert [r["user_epsilon"] for r in faulty] == [r["user_epsilon"] for r in clean]
+    assert all(r["devices_trained"] + r["devices_failed"] == r["cohort_size"] for r in faulty)
+
+
+def test_user_level_budget_stop_is_one_line_and_keeps_the_outputs(tmp_path: Path) -> None:
+    proc = fedsim_cli(
+        tmp_path, "rounds=50", "cohort.sampling=poisson", "privacy=dpfedavg",
+        "privacy.dpfedavg.noise_multiplier=2.0", "privacy.dpfedavg.target_epsilon=2",
+    )  # fmt: skip
+    line = one_line(proc)
+    assert "user-level privacy budget reached" in line
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 8  # epsilon(8 rounds) = 1.95 <= 2 < epsilon(9 rounds) = 2.05 at q = 8/30, z = 2
+    assert summary["privacy"]["user_level"]["epsilon"] <= 2.0
