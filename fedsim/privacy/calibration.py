@@ -19,6 +19,8 @@ accountant (cached), and a clear error when the target is unreachable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 
 from fedsim.privacy.accountants import Accountant
@@ -67,14 +69,34 @@ def calibrate_noise_multiplier(
         event = make_event(noise_multiplier=z, sample_rate=sample_rate, steps=steps_per_participation)
         return accountant.epsilon(((event, participations),), delta)
 
+    return solve_noise_multiplier(
+        epsilon,
+        target_epsilon=target,
+        tolerance=tolerance,
+        setting=(
+            f"delta={delta:g}, sample_rate={sample_rate:g}, {participations} participations x "
+            f"{steps_per_participation} steps, {accountant.name} accountant"
+        ),
+    )
+
+
+def solve_noise_multiplier(
+    epsilon: Callable[[float], float], *, target_epsilon: float, tolerance: float, setting: str
+) -> float:
+    """The smallest z found with epsilon(z) <= target, within `tolerance` below the target.
+
+    epsilon is non-increasing in z. Invariant: epsilon(lo) > target >= epsilon(hi), from
+    lo = 0, hi = 1 doubled up to MAX_NOISE_MULTIPLIER; the answer is hi, so it always meets
+    the target. `setting` describes the assumptions for the error message.
+    """
+    target = target_epsilon
     lo, hi = 0.0, 1.0
     eps_hi = epsilon(hi)
     while eps_hi > target:
         if hi >= MAX_NOISE_MULTIPLIER:
             raise ValueError(
                 f"target_epsilon={target:g} cannot be reached: even noise_multiplier={hi:g} gives "
-                f"epsilon={eps_hi:.4g} (delta={delta:g}, sample_rate={sample_rate:g}, "
-                f"{participations} participations x {steps_per_participation} steps, {accountant.name} accountant)"
+                f"epsilon={eps_hi:.4g} ({setting})"
             )
         lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
         eps_hi = epsilon(hi)

@@ -66,7 +66,7 @@ import torch
 from dp_accounting.pld import privacy_loss_distribution as _pld
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp
 
-from fedsim.privacy.calibration import MAX_NOISE_MULTIPLIER
+from fedsim.privacy.calibration import solve_noise_multiplier
 
 __all__ = [
     "ACCOUNTANTS",
@@ -89,7 +89,6 @@ _FIXED_PLD_MESSAGE = (
     "fixed-size cohorts have no PLD accountant in dp-accounting: use cohort.sampling=poisson, "
     "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)"
 )
-_MAX_BISECTIONS = 60
 #: dp_accounting's default orders, as the array its RdpAccountant holds them in.
 _RDP_ORDERS = np.array(_rdp.DEFAULT_RDP_ORDERS)
 
@@ -520,26 +519,12 @@ def calibrate_user_noise(
     def epsilon(z: float) -> float:
         return dataclasses.replace(accounting, noise_multiplier=z).epsilon(rounds=r, delta=d)
 
-    lo, hi = 0.0, 1.0
-    eps_hi = epsilon(hi)
-    while eps_hi > target:
-        if hi >= MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"target_epsilon={target:g} cannot be reached: even noise_multiplier={hi:g} gives "
-                f"epsilon={eps_hi:.4g} after {r} rounds (delta={d:g}, {accounting.sampling} cohorts of "
-                f"{accounting.cohort_size}/{accounting.population}, {accounting.accountant} accountant)"
-            )
-        lo, hi = hi, min(2.0 * hi, MAX_NOISE_MULTIPLIER)
-        eps_hi = epsilon(hi)
-
-    floor = target * (1.0 - tolerance)
-    for _ in range(_MAX_BISECTIONS):
-        if eps_hi >= floor:
-            break
-        mid = 0.5 * (lo + hi)
-        eps_mid = epsilon(mid)
-        if eps_mid <= target:
-            hi, eps_hi = mid, eps_mid
-        else:
-            lo = mid
-    return hi
+    return solve_noise_multiplier(
+        epsilon,
+        target_epsilon=target,
+        tolerance=tolerance,
+        setting=(
+            f"after {r} rounds, delta={d:g}, {accounting.sampling} cohorts of "
+            f"{accounting.cohort_size}/{accounting.population}, {accounting.accountant} accountant"
+        ),
+    )
