@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedsim import wire
+from fedsim import secure_rounds, wire
 from fedsim.worker import get_worker
 
 app = ClientApp()
@@ -23,3 +23,9 @@ def train(msg: Message, context: Context) -> Message:
     worker = get_worker(job.config_json)
     report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm)
     return Message(content=wire.write_report(report), reply_to=msg)
+
+
+@app.train("secagg")
+def secagg_stage(msg: Message, context: Context) -> Message:
+    """One SecAgg+ stage for this worker's devices (see fedsim.secure_rounds)."""
+    return secure_rounds.handle(msg, context, get_worker)

@@ -193,7 +193,18 @@ class PrivacyConfig:
 
 @dataclass
 class SecAggConfig:
-    name: str = "none"  # filled in by the secure aggregation issue
+    """Secure aggregation: SecAgg+ (Bell et al. 2020) over the round's cohort."""
+
+    name: str = "none"  # none | secaggplus
+    bits: int = 16  # fixed-point bits per coordinate
+    clip_range: float | None = None  # per-coordinate range [-r, r] (null: the DP-FedAvg clip norm, else 1.0)
+    modulus_bits: int | None = None  # sums live mod 2^m (null: the smallest m that cannot overflow)
+    neighbours: int | None = None  # k of the neighbour graph (null: Bell et al.-style default for the cohort)
+    threshold: int | None = None  # Shamir threshold t (null: floor(k/2) + 1)
+    drop_advertise_keys: float = 0.0  # fault model: each device drops at this stage with this probability
+    drop_share_keys: float = 0.0
+    drop_masked_input: float = 0.0
+    drop_unmask: float = 0.0
 
 
 @dataclass
@@ -462,7 +473,21 @@ def validate(cfg: FedsimConfig) -> None:
             )
     if not 0 <= cfg.faults.device_failure_rate < 1:
         raise ConfigError("faults.device_failure_rate", f"must be in [0, 1), got {cfg.faults.device_failure_rate}")
-    _choice(cfg.secagg.name, "secagg.name", ("none",))
+    sa = cfg.secagg
+    _choice(sa.name, "secagg.name", ("none", "secaggplus"))
+    if not 1 <= sa.bits <= 32:
+        raise ConfigError("secagg.bits", f"must be in 1..32, got {sa.bits}")
+    _positive(sa.clip_range, "secagg.clip_range")
+    if sa.modulus_bits is not None and not sa.bits <= sa.modulus_bits <= 64:
+        raise ConfigError("secagg.modulus_bits", f"must be in {sa.bits}..64 (secagg.bits..64), got {sa.modulus_bits}")
+    _positive(sa.neighbours, "secagg.neighbours")
+    _positive(sa.threshold, "secagg.threshold")
+    for stage in ("advertise_keys", "share_keys", "masked_input", "unmask"):
+        rate = getattr(sa, f"drop_{stage}")
+        if not 0 <= rate < 1:
+            raise ConfigError(f"secagg.drop_{stage}", f"must be in [0, 1), got {rate}")
+    if sa.name != "none" and cfg.cohort.size < 2:
+        raise ConfigError("cohort.size", "secure aggregation needs cohorts of at least 2 devices")
 
 
 def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:

@@ -48,6 +48,9 @@ class RoundMetrics:
     worker_peak_rss_mb: float  # largest peak resident memory reported by a worker
 
 
+ROUND_FIELDS = frozenset(f.name for f in dataclasses.fields(RoundMetrics))
+
+
 def model_sha256(flat_params: torch.Tensor) -> str:
     """Fingerprint of the weights: equal hashes mean bit-identical models."""
     return hashlib.sha256(flat_params.detach().contiguous().numpy().tobytes()).hexdigest()

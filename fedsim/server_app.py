@@ -29,8 +29,9 @@ from fedsim.errors import FedsimError
 from fedsim.models import build_model, checked_model
 from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
-from fedsim.runlog import RoundMetrics, RunLog
+from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
+from fedsim.secure_rounds import secure_round
 
 log = logging.getLogger("fedsim")
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
@@ -97,35 +98,55 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 round_num=round_num,
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
-            messages = [
-                Message(
-                    wire.write_job(
-                        round_num=round_num,
-                        device_ids=ids,
-                        config_json=config_json,
-                        global_params=params.numpy(),
-                        clip_norm=user_dp.clip_norm if user_dp else None,
-                    ),
-                    dst_node_id=node,
-                    message_type="train",
-                    group_id=str(round_num),
-                )
-                for node, ids in assign_devices(cohort, nodes, cfg.simulation.layout)
-            ]
-            replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
-
-            # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-            total, stats, reports = collect(replies, len(params), weighted=user_dp is None)
-            stats["devices_failed"] = len(cohort) - total.count
-            # Privacy spent is recorded before the update that spent it is applied.
-            privacy = sample_dp.account(reports) if sample_dp else {}
-            if user_dp:
-                params = optimizer.step(params, user_dp.aggregate(total, reports, round_num))
-                privacy |= user_dp.round_metrics(round_num)
-            elif total.count:
-                params = optimizer.step(params, total.mean())
+            plan = assign_devices(cohort, nodes, cfg.simulation.layout)
+            clip_norm = user_dp.clip_norm if user_dp else None
+            if cfg.secagg.name == "secaggplus":
+                # SecAgg+: the server only ever holds the sum of the survivors' updates.
+                secure = secure_round(
+                    cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
+                    config_json=config_json, clip_norm=clip_norm,
+                )  # fmt: skip
+                total, count, reports, stats = secure.total, secure.count, secure.reports, round_stats(secure.reports)
+                weight = float(count)  # under SecAgg+ devices are weighted equally (the sum is all there is)
+                stats |= {"bytes_sent": 0, "bytes_received": 0, **secure.metrics}
+                if secure.aborted:
+                    log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
+                    stats["secagg_aborted"] = secure.aborted
             else:
-                log.warning("round %d: no device update arrived; the model is unchanged", round_num)
+                messages = [
+                    Message(
+                        wire.write_job(
+                            round_num=round_num,
+                            device_ids=ids,
+                            config_json=config_json,
+                            global_params=params.numpy(),
+                            clip_norm=clip_norm,
+                        ),
+                        dst_node_id=node,
+                        message_type="train",
+                        group_id=str(round_num),
+                    )
+                    for node, ids in plan
+                ]
+                replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
+                # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
+                running, stats, reports = collect(replies, len(params), weighted=user_dp is None)
+                stats["bytes_sent"] = sum(wire.payload_bytes(m.content) for m in messages)
+                total, count, weight = running.total, running.count, running.weight
+            stats["devices_failed"] = len(cohort) - count
+
+            privacy: dict = {}
+            if total is not None:
+                # Privacy spent is recorded before the update that spent it is applied.
+                if sample_dp:
+                    privacy |= sample_dp.account(reports)
+                if user_dp:
+                    params = optimizer.step(params, user_dp.aggregate(total, reports, round_num))
+                    privacy |= user_dp.round_metrics()
+                elif count:
+                    params = optimizer.step(params, (total / weight).to(torch.float32))
+            if total is None or (count == 0 and not user_dp):
+                log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
             test_acc = test_loss = None
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
@@ -137,15 +158,14 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 RoundMetrics(
                     round=round_num,
                     cohort_size=len(sampled),
-                    devices_trained=total.count,
+                    devices_trained=count,
                     test_accuracy=test_acc,
                     test_loss=test_loss,
                     round_time_s=now - t0,
                     elapsed_s=now - start,
-                    bytes_sent=sum(wire.payload_bytes(m.content) for m in messages),
-                    **stats,
+                    **{k: v for k, v in stats.items() if k in ROUND_FIELDS},
                 ),
-                privacy,
+                privacy | {k: v for k, v in stats.items() if k not in ROUND_FIELDS},
             )
     except BaseException:
         runlog.close()
@@ -162,11 +182,23 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         sample_dp.save(run_dir)
         extra["privacy"] |= sample_dp.summary()
     if user_dp:
-        extra["privacy"] |= user_dp.summary(len(runlog.rows))
+        extra["privacy"] |= user_dp.summary()
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
     return summary
+
+
+def round_stats(reports: list[wire.DeviceReport]) -> dict:
+    """Loss, examples, time and memory of a round, from the workers' reports."""
+    examples = sum(sum(r.num_examples) for r in reports)
+    loss_sum = sum(loss * n for r in reports for loss, n in zip(r.losses, r.num_examples, strict=True))
+    return {
+        "num_examples": examples,
+        "train_loss": loss_sum / examples if examples else None,
+        "train_time_s": max((r.train_time_s for r in reports), default=0.0),
+        "worker_peak_rss_mb": max((r.peak_rss_mb for r in reports), default=0.0),
+    }
 
 
 def collect(
@@ -176,8 +208,7 @@ def collect(
     and gather round statistics."""
     total = RunningSum(num_params)
     reports: list[wire.DeviceReport] = []
-    loss_sum = examples = received = 0
-    train_time = peak_rss = 0.0
+    received = 0
     for reply in replies:
         if reply.has_error():
             log.warning("a worker failed: %s", (reply.error.reason or "").splitlines()[0] if reply.error.reason else reply.error.code)
@@ -195,17 +226,7 @@ def collect(
             (d, torch.from_numpy(u), float(n) if weighted else 1.0)
             for d, u, n in zip(report.device_ids, report.updates, report.num_examples, strict=True)
         )
-        loss_sum += sum(loss * n for loss, n in zip(report.losses, report.num_examples, strict=True))
-        examples += sum(report.num_examples)
-        train_time = max(train_time, report.train_time_s)
-        peak_rss = max(peak_rss, report.peak_rss_mb)
-    stats = {
-        "num_examples": examples,
-        "train_loss": loss_sum / examples if examples else None,
-        "train_time_s": train_time,
-        "bytes_received": received,
-        "worker_peak_rss_mb": peak_rss,
-    }
+    stats = round_stats(reports) | {"bytes_received": received}
     return total, stats, reports
 
 

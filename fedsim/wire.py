@@ -87,7 +87,8 @@ def write_report(report: DeviceReport) -> RecordDict:
     )
 
 
-def read_report(content: RecordDict, num_params: int) -> DeviceReport:
+def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
+    """The worker's report; `num_params` None: the reply carries no plain updates (secure aggregation)."""
     try:
         devices = content.config_records["devices"]
         updates = content.array_records["updates"]["updates"].numpy()
@@ -118,6 +119,10 @@ def read_report(content: RecordDict, num_params: int) -> DeviceReport:
         raise BadReply(f"reply lists {n} devices but {len(report.within_bound)} clipping bits")
     if report.dp_events and len(report.dp_events) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
+    if num_params is None:
+        if updates.size:
+            raise BadReply("a secure-aggregation reply carries plain updates")
+        return report
     if n and updates.shape != (n, num_params):
         raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
     report.updates = list(updates) if n else []

@@ -24,7 +24,7 @@ def user_dp(**dpfedavg: object) -> UserLevelDP:
 
 def test_server_noise_on_the_sum_has_std_z_times_c() -> None:
     dp = user_dp()
-    total = RunningSum(200_000)  # no device contributed: what comes out is noise / denominator
+    total = torch.zeros(200_000, dtype=torch.float64)  # no device contributed: out comes noise / denominator
     noise_sum = dp.aggregate(total, [], round_num=1).double() * 50
     assert abs(noise_sum.std().item() / (1.3 * 0.7) - 1) < 0.01
     assert abs(noise_sum.mean().item()) < 5 * 1.3 * 0.7 / 200_000**0.5
@@ -37,22 +37,22 @@ def test_denominator_is_the_expected_cohort_not_the_number_of_replies() -> None:
     dp = user_dp(noise_multiplier=0.0)
     total = RunningSum(3)
     total.add_all([(i, torch.tensor([0.5, 0.0, -0.5]), 1.0) for i in range(10)])  # 10 of 50 expected devices replied
-    mean = dp.aggregate(total, [DeviceReport(device_ids=list(range(10)), within_bound=[True] * 10)], round_num=1)
+    mean = dp.aggregate(total.total, [DeviceReport(device_ids=list(range(10)), within_bound=[True] * 10)], round_num=1)
     assert torch.allclose(mean, torch.tensor([0.1, 0.0, -0.1]))  # 5.0 / 50, not 5.0 / 10
 
 
 def test_simulated_cohort_scales_noise_and_is_labelled() -> None:
     dp = user_dp(noise_cohort_size=500)
-    noise_sum = dp.aggregate(RunningSum(100_000), [], round_num=1).double() * 50
+    noise_sum = dp.aggregate(torch.zeros(100_000, dtype=torch.float64), [], round_num=1).double() * 50
     assert abs(noise_sum.std().item() / (1.3 * 0.7 * 50 / 500) - 1) < 0.02
     assert "SIMULATED" in dp.describe()
-    assert dp.summary(1)["user_level"]["simulated_cohort_size"] == 500
+    assert dp.summary()["user_level"]["simulated_cohort_size"] == 500
 
 
 def test_adaptive_clipping_moves_c_toward_the_norms_devices_report() -> None:
     dp = user_dp(adaptive_clipping=True, target_quantile=0.5, clip_norm=1.0)
     start = dp.clip_norm
     # Every update was within C: C is too large, so it shrinks.
-    dp.aggregate(RunningSum(4), [DeviceReport(device_ids=list(range(50)), within_bound=[True] * 50)], round_num=1)
+    dp.aggregate(torch.zeros(4, dtype=torch.float64), [DeviceReport(device_ids=list(range(50)), within_bound=[True] * 50)], round_num=1)
     assert dp.clip_norm < start
     assert dp.update_noise > dp.noise_multiplier  # the count release costs some of the noise budget

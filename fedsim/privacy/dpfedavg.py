@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from clients import mix_seed
-from fedsim.aggregation import RunningSum
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.user_level import (
@@ -84,6 +83,7 @@ class UserLevelDP:
         # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
         self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self._last: dict[str, Any] = {}
+        self.rounds_released = 0  # rounds whose noised sum was released (aborted rounds release nothing)
 
     def _accounting(self, z: float) -> UserLevelAccounting:
         return UserLevelAccounting(
@@ -104,11 +104,11 @@ class UserLevelDP:
 
     def check_budget(self, round_num: int) -> None:
         """Stop before the round that would take the run past its user-level budget."""
-        target = self.user.target_epsilon
-        if target is not None and self.epsilon(round_num) > target * (1 + 1e-9):
+        target, released = self.user.target_epsilon, self.rounds_released + 1
+        if target is not None and self.epsilon(released) > target * (1 + 1e-9):
             raise FedsimError(
                 f"user-level privacy budget reached: round {round_num} would make epsilon "
-                f"{self.epsilon(round_num):.4g} > target {target:g} (delta={self.user.delta:g}); "
+                f"{self.epsilon(released):.4g} > target {target:g} (delta={self.user.delta:g}); "
                 f"stopped after round {round_num - 1}"
             )
 
@@ -128,19 +128,23 @@ class UserLevelDP:
             )
         return text
 
-    def aggregate(self, total: RunningSum, reports: list[DeviceReport], round_num: int) -> torch.Tensor:
-        """The noised mean update of the round: (sum of clipped updates + noise) / expected cohort."""
+    def aggregate(self, total: torch.Tensor, reports: list[DeviceReport], round_num: int) -> torch.Tensor:
+        """The noised mean update of the round: (sum of clipped updates + noise) / expected cohort.
+
+        `total` is the float64 sum of the clipped updates (in the clear, or from secure aggregation).
+        """
         clip = self.clip_norm
         std = self.update_noise * clip * self.noise_scale
         generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
-        noise = gaussian_sum_noise(total.total.numel(), std=std, generator=generator)
-        mean = ((total.total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
+        noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
+        mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
+        self.rounds_released += 1
         within = [b for r in reports for b in r.within_bound]
         if self.clipping is not None:
             count_gen = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _COUNT_STREAM, round_num)))
             self.clipping.update(within, generator=count_gen)
         self._last = {
-            "user_epsilon": self.epsilon(round_num),
+            "user_epsilon": self.epsilon(self.rounds_released),
             "user_delta": self.user.delta,
             "user_noise_multiplier": self.noise_multiplier,
             "clip_norm": clip,
@@ -150,10 +154,11 @@ class UserLevelDP:
         }
         return mean
 
-    def round_metrics(self, round_num: int) -> dict[str, Any]:
-        return self._last or {"user_epsilon": self.epsilon(round_num), "user_delta": self.user.delta}
+    def round_metrics(self) -> dict[str, Any]:
+        return self._last or {"user_epsilon": self.epsilon(self.rounds_released), "user_delta": self.user.delta}
 
-    def summary(self, rounds_done: int) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        rounds_done = self.rounds_released
         return {
             "user_level": {
                 "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, central Gaussian noise",

@@ -1,0 +1,128 @@
+"""Privacy numbers of saved runs: per-device epsilon from ledger.json, recomputed with any accountant and delta.
+
+No re-training: a sample-level ledger holds every device's DP-SGD history, so epsilon at
+another delta, or by another accountant, is `accountant.epsilon(history, delta)` per device.
+The user-level epsilon after R rounds is a function of (sampling, population, cohort size,
+z, R), all in config.yaml, and is recomputed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsim.privacy import ACCOUNTANTS, Accountant, History, PrivacyLedger, create_accountant
+
+from analysis.runs import Run
+
+
+@dataclass
+class DeviceEpsilons:
+    """Per-device sample-level epsilon of one run's ledger, by `accountant` at `delta`."""
+
+    accountant: str
+    delta: float
+    epsilons: dict[int, float]  # device id -> epsilon, devices that trained at least once
+    target_epsilon: float | None  # the run's per-device budget, if any
+
+    @property
+    def max(self) -> float:
+        return max(self.epsilons.values()) if self.epsilons else 0.0
+
+    @property
+    def median(self) -> float:
+        """Median over devices (mean of the two middle ones when even), as PrivacyLedger.epsilon_stats."""
+        return float(np.median(list(self.epsilons.values()))) if self.epsilons else 0.0
+
+
+def check_accountant(name: str) -> str:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; allowed: {', '.join(ACCOUNTANTS)}")
+    return name
+
+
+def check_delta(delta: Any) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (0.0 < delta < 1.0):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def ledger_histories(data: Any) -> dict[int, History]:
+    """Device histories of a ledger.json, validated by PrivacyLedger.from_json; ValueError if broken.
+
+    from_json requires the ledger's own accountant and, with a budget, computes every
+    device's next-participation check. Only the histories are wanted here, so it reads a
+    copy without the budget (no accountant call at all), whatever accountant will be used.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"ledger must be a JSON object, got {type(data).__name__}")
+    name = data.get("accountant")
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"ledger accountant {name!r} is not one of {', '.join(ACCOUNTANTS)}")
+    ledger = PrivacyLedger.from_json({**data, "target_epsilon": None}, create_accountant(name))
+    return {int(key): ledger.history(int(key)) for key in data["devices"]}
+
+
+def device_epsilons(
+    data: dict[str, Any], accountant: Accountant | None = None, delta: float | None = None
+) -> DeviceEpsilons:
+    """Per-device epsilon of a ledger.json; by default with the ledger's own accountant and delta.
+
+    One accountant call per distinct history (the accountant caches by (history, delta), so
+    pass one accountant for many runs to share the work).
+    """
+    histories = ledger_histories(data)
+    if accountant is None:
+        accountant = create_accountant(data["accountant"])
+    delta = check_delta(data["delta"] if delta is None else delta)
+    target = data.get("target_epsilon")
+    return DeviceEpsilons(
+        accountant=accountant.name,
+        delta=delta,
+        epsilons={d: accountant.epsilon(h, delta) for d, h in sorted(histories.items())},
+        target_epsilon=float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None,
+    )
+
+
+def user_level_epsilon(run: Run, rounds: int, accountant: str | None = None, delta: float | None = None) -> float:
+    """User-level epsilon after `rounds` rounds of a DP-FedAvg run, from its config.yaml.
+
+    Same accounting as the run (fedsim.privacy.dpfedavg): Poisson or fixed-size cohorts of
+    cohort.size out of population devices, noise multiplier privacy.dpfedavg.noise_multiplier
+    (as calibrated; config.yaml is written after calibration). ValueError if the config
+    lacks what is needed or the combination is not accountable (PLD with fixed-size cohorts).
+    """
+    from fedsim.privacy.user_level import UserLevelAccounting  # imports torch; only when needed
+
+    cfg = run.config or {}
+    user = (cfg.get("privacy") or {}).get("dpfedavg")
+    if not isinstance(user, dict):
+        raise ValueError("no privacy.dpfedavg in config.yaml")
+    summary_user = (((run.summary or {}).get("privacy") or {}).get("user_level")) or {}
+    # With adaptive clipping the accounted z is the combined one the summary records.
+    z = summary_user.get("noise_multiplier", user.get("noise_multiplier"))
+    if z is None:
+        raise ValueError("the noise multiplier is not recorded")
+    try:
+        accounting = UserLevelAccounting(
+            accountant=accountant or user.get("accountant", "pld"),
+            sampling=cfg["cohort"]["sampling"],
+            population=cfg["population"],
+            cohort_size=cfg["cohort"]["size"],
+            noise_multiplier=z,
+        )
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"config.yaml lacks {err}") from None
+    delta = check_delta(user.get("delta") if delta is None else delta)
+    # dp_accounting's RDP logs a warning per fractional order it drops at small z; the bound stays valid.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        eps = accounting.epsilon(rounds=rounds, delta=delta)
+    finally:
+        logging.disable(previous)
+    return eps if math.isfinite(eps) else math.inf

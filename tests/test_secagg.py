@@ -1,0 +1,355 @@
+"""SecAgg+ (fedsim.secagg): exactness under dropouts, aborts, security checks, Shamir,
+fixed-point quantization and Skellam noise. Small sizes: the whole file runs in a few seconds."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedsim.secagg import crypto, shamir
+from fedsim.secagg.ddp import (
+    grid_variance,
+    per_device_variance,
+    realized_total_variance,
+    skellam,
+    skellam_tail_bound,
+)
+from fedsim.secagg.protocol import (
+    ProtocolViolation,
+    SecAggAborted,
+    SecAggDevice,
+    SecAggParams,
+    SecAggServer,
+    default_params,
+    simulate_round,
+)
+from fedsim.secagg.quantize import FixedPoint, check_modulus_bits, required_modulus_bits, to_ring
+
+N, K, T, L, M = 10, 4, 3, 1000, 20
+
+
+def _params(session: bytes = b"test-round-1", **overrides) -> SecAggParams:
+    kw = dict(num_devices=N, threshold=T, neighbours=K, modulus_bits=M, vector_length=L, session_id=session)
+    kw.update(overrides)
+    return SecAggParams(**kw)
+
+
+def _inputs(params: SecAggParams, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i: rng.integers(0, 2**12, params.vector_length) for i in range(params.num_devices)}
+
+
+def _plain_sum(inputs: dict[int, np.ndarray], ids, m: int) -> np.ndarray:
+    return sum(inputs[i].astype(np.uint64) for i in ids) % np.uint64(2**m)
+
+
+def _far_pair(params: SecAggParams) -> tuple[int, int]:
+    """Two devices that are not neighbours and share no neighbour (so nobody loses two)."""
+    g = params.graph
+    for a, b in itertools.combinations(range(params.num_devices), 2):
+        if b not in g[a] and not set(g[a]) & set(g[b]):
+            return a, b
+    raise AssertionError("no far pair")
+
+
+def _run_to_stage3(params: SecAggParams, seed: int = 1):
+    """Drive stages 1-2 by hand: (devices, server, stage-3 requests)."""
+    rng = np.random.default_rng(seed)
+    devices = {i: SecAggDevice(i, params, np.random.default_rng(rng.integers(2**63))) for i in range(params.num_devices)}
+    server = SecAggServer(params)
+    req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
+    return devices, server, req3
+
+
+# --- protocol exactness -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [None, "share_keys", "masked_input", "unmask"])
+def test_aggregate_is_exact_sum_under_dropouts(stage):
+    params = _params()
+    inputs = _inputs(params)
+    dropped = set(_far_pair(params)) if stage else set()
+    result = simulate_round(params, inputs, drop_before={stage: dropped} if stage else None,
+                            rng=np.random.default_rng(7))
+    # Dropping during unmask (after sending y) keeps the device's input in the sum.
+    expected_ids = set(range(N)) - (dropped if stage in ("share_keys", "masked_input") else set())
+    assert result.survivors == expected_ids
+    assert result.dropped_after_sharing == (dropped if stage == "masked_input" else set())
+    assert result.aggregate.dtype == np.uint64
+    np.testing.assert_array_equal(result.aggregate, _plain_sum(inputs, expected_ids, M))
+
+
+def test_complete_graph_classic_secagg_with_mixed_dropouts():
+    params = _params(neighbours=N - 1, threshold=5, modulus_bits=64)
+    inputs = _inputs(params, seed=3)
+    inputs[0] = -inputs[0]  # negative integers are reduced mod 2^m
+    drops = {"advertise_keys": [9], "share_keys": [8], "masked_input": [7], "unmask": [5]}
+    result = simulate_round(params, inputs, drop_before=drops)
+    # Shares go to the other devices only, so each secret needs t=5 of the 5 other responders.
+    assert result.survivors == {0, 1, 2, 3, 4, 5, 6}
+    assert result.dropped_after_sharing == {7}
+    expected = sum(inputs[i] for i in result.survivors).astype(np.uint64)  # int64 wraps like 2^64
+    np.testing.assert_array_equal(result.aggregate, expected)
+
+
+def test_byte_counts_per_stage():
+    params = _params()
+    result = simulate_round(params, _inputs(params))
+    sent = result.bytes_sent[0]
+    assert sent["advertise_keys"] == 64
+    # per neighbour: 4-byte id + 12 nonce + 2 x 50-byte shares + 16 tag
+    assert sent["share_keys"] == K * (4 + 12 + 2 * shamir.share_size(32) + 16)
+    assert sent["masked_input"] == L * 4  # m=20 -> uint32
+    assert sent["unmask"] == K * (4 + shamir.share_size(32))
+    assert result.bytes_received[0]["masked_input"] == sent["share_keys"]
+
+
+def test_too_few_survivors_aborts():
+    params = _params()
+    inputs = _inputs(params)
+    with pytest.raises(SecAggAborted, match="aborted"):
+        simulate_round(params, inputs, drop_before={"share_keys": range(2, N)})
+    with pytest.raises(SecAggAborted):  # y sent, but too few answer the unmask request
+        simulate_round(params, inputs, drop_before={"unmask": range(3, N)})
+    with pytest.raises(SecAggAborted):  # nobody left at all
+        simulate_round(params, {})
+
+
+def test_device_with_too_few_live_neighbours_aborts_cleanly():
+    # Device 0 keeps 2 < t=3 live neighbours: its secrets could not be rebuilt, so it is
+    # excluded; on a k=4 ring that exclusion cascades to its neighbours and the round aborts.
+    params = _params()
+    drop = set(params.graph[0][:2])
+    with pytest.raises(SecAggAborted, match="live neighbours"):
+        simulate_round(params, _inputs(params), drop_before={"share_keys": drop})
+
+
+# --- security properties ------------------------------------------------------------------------
+
+
+def test_masked_vector_of_zeros_looks_uniform():
+    params = _params(vector_length=4096)
+    devices, server, req3 = _run_to_stage3(params)
+    y = devices[0].masked_input(req3[0], np.zeros(params.vector_length, dtype=np.int64))["masked"]
+    assert y.max() < 2**M
+    top_bits = (y >> (M - 4)).astype(np.int64)  # 16 bins of the top 4 bits
+    counts = np.bincount(top_bits, minlength=16)
+    assert stats.chisquare(counts).pvalue > 0.001
+    low = (y & 0xF).astype(np.int64)
+    assert stats.chisquare(np.bincount(low, minlength=16)).pvalue > 0.001
+
+
+def test_tampered_or_misrouted_ciphertext_raises():
+    params = _params()
+    devices, server, req3 = _run_to_stage3(params)
+    x = np.zeros(L, dtype=np.int64)
+    r = req3[0]
+    bad = list(r["ciphertexts"])
+    flipped = bytearray(bad[0])
+    flipped[20] ^= 0x01
+    bad[0] = bytes(flipped)
+    with pytest.raises(crypto.TamperedShare):
+        devices[0].masked_input({"ids": r["ids"], "ciphertexts": bad}, x)
+    # Swap two senders' ciphertexts: the associated data (sender id) no longer matches.
+    r1 = req3[1]
+    swapped = [r1["ciphertexts"][1], r1["ciphertexts"][0]] + list(r1["ciphertexts"][2:])
+    with pytest.raises(crypto.TamperedShare):
+        devices[1].masked_input({"ids": r1["ids"], "ciphertexts": swapped}, x)
+
+
+def test_device_refuses_to_reveal_both_secrets_of_a_neighbour():
+    params = _params()
+    devices, server, req3 = _run_to_stage3(params)
+    d = devices[0]
+    d.masked_input(req3[0], np.zeros(L, dtype=np.int64))
+    nbrs = list(req3[0]["ids"])
+    with pytest.raises(ProtocolViolation, match="both"):
+        d.unmask({"survivors": nbrs, "dropped": [nbrs[0]]})
+    # A fresh device answering once refuses any second request (e.g. the other secret).
+    d = devices[1]
+    d.masked_input(req3[1], np.zeros(L, dtype=np.int64))
+    nbrs = list(req3[1]["ids"])
+    reply = d.unmask({"survivors": nbrs, "dropped": []})
+    assert reply["b_ids"] == sorted(nbrs) and reply["s_ids"] == []
+    with pytest.raises(ProtocolViolation):
+        d.unmask({"survivors": nbrs[1:], "dropped": nbrs[:1]})
+
+
+def test_server_never_sees_plaintext_shares():
+    params = _params()
+    devices, server, req3 = _run_to_stage3(params)
+    secret_b = devices[0]._b
+    b_shares = shamir.share(secret_b, T, [1, 2, 3])  # any share of b is 50 bytes of field elements
+    for request in req3.values():
+        for ct in request["ciphertexts"]:
+            assert secret_b not in ct and len(ct) == 12 + 2 * len(b_shares[1]) + 16
+
+
+# --- parameters and graph -----------------------------------------------------------------------
+
+
+def test_params_validation_and_graph():
+    with pytest.raises(ValueError, match="even"):
+        _params(neighbours=3)
+    with pytest.raises(ValueError, match="k/2"):
+        _params(threshold=2)  # t must exceed k/2
+    params = _params()
+    g = params.graph
+    assert all(len(nbrs) == K and i not in nbrs for i, nbrs in enumerate(g))
+    assert all(i in g[j] for i, nbrs in enumerate(g) for j in nbrs)  # symmetric
+    assert g == _params().graph and g != _params(session=b"another round").graph
+    p = default_params(100, 10, 23, b"s")
+    assert (p.neighbours, p.threshold) == (20, 11)
+    p = default_params(10, 10, 23, b"s")
+    assert (p.neighbours, p.threshold) == (9, 5)  # small cohort: complete graph
+
+
+# --- crypto primitives --------------------------------------------------------------------------
+
+
+def test_key_agreement_and_prg():
+    a, b = crypto.generate_keypair(), crypto.generate_keypair()
+    kab = crypto.agree(a.private, b.public, info=crypto.INFO_MASK, salt=b"r1")
+    assert kab == crypto.agree(b.private, a.public, info=crypto.INFO_MASK, salt=b"r1")
+    assert kab != crypto.agree(a.private, b.public, info=crypto.INFO_ENC, salt=b"r1")
+    assert kab != crypto.agree(a.private, b.public, info=crypto.INFO_MASK, salt=b"r2")
+    m1 = crypto.prg_mask(kab, 100_000, 20)
+    assert m1.dtype == np.uint32 and m1.max() < 2**20 and m1.shape == (100_000,)
+    np.testing.assert_array_equal(m1, crypto.prg_mask(kab, 100_000, 20))
+    assert not np.array_equal(m1, crypto.prg_mask(kab, 100_000, 20, crypto.NONCE_SELF_MASK))
+    assert crypto.prg_mask(kab, 10, 64).dtype == np.uint64
+    ct = crypto.encrypt_share(kab, b"payload", sender=1, receiver=2, session_id=b"r1")
+    assert crypto.decrypt_share(kab, ct, sender=1, receiver=2, session_id=b"r1") == b"payload"
+    with pytest.raises(crypto.TamperedShare):
+        crypto.decrypt_share(kab, ct, sender=1, receiver=3, session_id=b"r1")
+    with pytest.raises(crypto.TamperedShare):
+        crypto.decrypt_share(kab, ct, sender=1, receiver=2, session_id=b"r2")
+
+
+# --- Shamir -------------------------------------------------------------------------------------
+
+
+def test_shamir_any_t_reconstruct_and_t_minus_1_do_not():
+    secret = os.urandom(32)
+    ids = [0, 3, 4, 7, 8, 11]
+    t = 4
+    shares = shamir.share(secret, t, ids)
+    for subset in itertools.combinations(ids, t):
+        assert shamir.reconstruct({i: shares[i] for i in subset}, t) == secret
+    assert shamir.reconstruct(shares, t) == secret  # more than t is fine
+    for subset in itertools.combinations(ids, t - 1):
+        part = {i: shares[i] for i in subset}
+        with pytest.raises(shamir.NotEnoughShares):
+            shamir.reconstruct(part, t)
+        try:
+            assert shamir.reconstruct(part, t - 1) != secret
+        except shamir.ShamirError:
+            pass  # the interpolated value does not even fit 32 bytes: also not the secret
+    for secret in (b"", b"x", os.urandom(15), os.urandom(16), os.urandom(45)):
+        sh = shamir.share(secret, 2, [1, 2, 3])
+        assert shamir.reconstruct({1: sh[1], 3: sh[3]}, 2) == secret
+
+
+# --- quantization -------------------------------------------------------------------------------
+
+
+def test_stochastic_rounding_is_unbiased():
+    fp = FixedPoint(clip=1.0, bits=4, modulus_bits=16)
+    rng = np.random.default_rng(0)
+    draws = 200_000
+    for value in (-0.93, -0.1, 0.0, 0.3337, 0.71):
+        decoded = fp.decode(fp.encode(np.full(draws, value), rng))
+        # each rounding error lies within one step, so its sd is <= step/2
+        assert abs(decoded.mean() - value) < 5 * (fp.step / 2) / np.sqrt(draws)
+    clipped = fp.decode(fp.encode(np.array([5.0, -5.0]), rng))
+    np.testing.assert_allclose(clipped, [1.0, -1.0])
+
+
+def test_to_ring_reduces_any_integer_dtype():
+    for dtype in (np.int8, np.int32, np.int64, np.uint16, np.uint64):
+        values = np.array([0, 1, 5, -1 if np.issubdtype(dtype, np.signedinteger) else 7], dtype=dtype)
+        for m in (3, 20, 32, 40, 64):
+            got = to_ring(values, m)
+            assert got.dtype == (np.uint32 if m <= 32 else np.uint64)
+            assert got.tolist() == [int(v) % 2**m for v in values.tolist()]
+    with pytest.raises(ValueError, match="integers"):
+        to_ring(np.array([1.5]), 20)
+
+
+def test_modulus_overflow_checks():
+    assert required_modulus_bits(16, 100) == 23  # 100 * 65535 < 2^23
+    assert required_modulus_bits(1, 1) == 1
+    with pytest.raises(ValueError, match=r"65-bit.*2147483648 devices x 34-bit"):
+        required_modulus_bits(34, 2**31)
+    with pytest.raises(ValueError, match=r"modulus_bits=20 is too small.*100 devices x 16-bit.*at least 23"):
+        check_modulus_bits(20, 16, 100)
+    with pytest.raises(ValueError, match="too small"):
+        FixedPoint.for_sum(clip=1.0, bits=16, n_devices=100, modulus_bits=22)
+    assert FixedPoint.for_sum(clip=1.0, bits=16, n_devices=100, noise_bound=2**22).modulus_bits == 24
+    with pytest.raises(ValueError, match="non-finite"):
+        FixedPoint(1.0, 8, 16).encode(np.array([np.nan]), np.random.default_rng(0))
+
+
+def test_decode_of_summed_encodings():
+    n, d = 10, 500
+    fp = FixedPoint.for_sum(clip=0.5, bits=8, n_devices=n)
+    rng = np.random.default_rng(1)
+    xs = rng.uniform(-0.5, 0.5, (n, d))
+    total = sum(fp.encode(x, rng).astype(np.uint64) for x in xs) % np.uint64(2**fp.modulus_bits)
+    assert np.abs(fp.decode_sum(total, n) - xs.sum(0)).max() <= n * fp.step
+
+
+def test_decode_with_noise_that_wraps_below_zero():
+    n, d, mu = 5, 2000, 40.0
+    rng = np.random.default_rng(2)
+    bound = skellam_tail_bound(n * mu, 1e-6, dimension=d)
+    fp = FixedPoint.for_sum(clip=1.0, bits=6, n_devices=n, noise_bound=bound)
+    xs = np.full((n, d), -1.0)  # grid index 0: any negative noise wraps mod 2^m
+    noises = [skellam(mu, d, rng) for _ in range(n)]
+    total = sum(fp.encode(x, rng, z).astype(np.uint64) for x, z in zip(xs, noises)) % np.uint64(2**fp.modulus_bits)
+    decoded = fp.decode_sum(total, n, noise_bound=bound)
+    np.testing.assert_allclose(decoded, -n + sum(noises) * fp.step, atol=1e-9)
+
+
+def test_secure_sum_of_quantized_noisy_updates_end_to_end():
+    n, d = 10, 300
+    rng = np.random.default_rng(3)
+    mu_dev = per_device_variance(100.0, n)
+    bound = skellam_tail_bound(realized_total_variance(mu_dev, n), 1e-6, dimension=d)
+    fp = FixedPoint.for_sum(clip=0.1, bits=10, n_devices=n, noise_bound=bound)
+    xs = rng.normal(0, 0.05, (n, d))
+    noises = [skellam(mu_dev, d, rng) for _ in range(n)]
+    inputs = {i: fp.encode(xs[i], rng, noises[i]) for i in range(n)}
+    params = _params(vector_length=d, modulus_bits=fp.modulus_bits)
+    result = simulate_round(params, inputs)
+    decoded = fp.decode_sum(result.aggregate, n, noise_bound=bound)
+    noise = sum(noises) * fp.step
+    assert np.abs(decoded - noise - np.clip(xs, -0.1, 0.1).sum(0)).max() <= n * fp.step
+
+
+# --- Skellam ------------------------------------------------------------------------------------
+
+
+def test_skellam_variance_and_sum_over_devices():
+    rng = np.random.default_rng(4)
+    z = skellam(50.0, 200_000, rng)
+    assert z.dtype == np.int64
+    assert abs(z.mean()) < 0.1 and abs(z.var() / 50.0 - 1) < 0.03
+    n_expected, target = 10, 100.0
+    mu_dev = per_device_variance(target, n_expected)
+    assert mu_dev == 10.0
+    total = sum(skellam(mu_dev, 100_000, rng) for _ in range(n_expected))
+    assert abs(total.var() / target - 1) < 0.03
+    survivors = 7
+    assert realized_total_variance(mu_dev, survivors) == 70.0
+    partial = sum(skellam(mu_dev, 100_000, rng) for _ in range(survivors))
+    assert abs(partial.var() / 70.0 - 1) < 0.03
+    assert grid_variance(0.5, 0.01) == pytest.approx(2500.0)
+    bound = skellam_tail_bound(70.0, 1e-3, dimension=partial.size)
+    assert np.abs(partial).max() <= bound < 100  # ~ 5.6 standard deviations
+    assert skellam(0.0, 3, rng).tolist() == [0, 0, 0]
