@@ -125,6 +125,7 @@ def secure_round(
                 content[f"req.{position[d]}"] = ConfigRecord(requests[position[d]])
             for key, record in (extra or {}).items():
                 content[key] = record
+            bytes_out[stage] = bytes_out.get(stage, 0) + wire.payload_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num)))
         received = []
         for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -146,6 +147,7 @@ def secure_round(
 
     survivors: dict[str, int] = {}
     bytes_in: dict[str, int] = {}
+    bytes_out: dict[str, int] = {}
     try:
         everyone = {i: {} for i in range(len(cohort))}
         replies = exchange("advertise_keys", everyone)
@@ -176,7 +178,9 @@ def secure_round(
     in_sum = {cohort[i] for i in server.survivors}
     kept = [_only(report, in_sum) for report in reports]
     total = torch.from_numpy(fp.decode_sum(aggregate, len(in_sum)))
-    return SecureRoundResult(total, len(in_sum), kept, metrics=_metrics(survivors, bytes_in, t0, len(cohort)))
+    metrics = _metrics(survivors, bytes_in, t0, len(cohort))
+    metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
+    return SecureRoundResult(total, len(in_sum), kept, metrics=metrics)
 
 
 def _only(report: DeviceReport, keep: set[int]) -> DeviceReport:

@@ -108,7 +108,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 )  # fmt: skip
                 total, count, reports, stats = secure.total, secure.count, secure.reports, round_stats(secure.reports)
                 weight = float(count)  # under SecAgg+ devices are weighted equally (the sum is all there is)
-                stats |= {"bytes_sent": 0, "bytes_received": 0, **secure.metrics}
+                stats |= {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
                 if secure.aborted:
                     log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
                     stats["secagg_aborted"] = secure.aborted

@@ -130,11 +130,19 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
 
 
 def payload_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays and strings in a message (what dominates its size on the wire)."""
+    """Bytes of the arrays, strings and byte strings in a message (what dominates its size on
+    the wire); numbers count 8 bytes each."""
+
+    def size(value: object) -> int:
+        if isinstance(value, (str, bytes)):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        return 8
+
     total = 0
     for record in content.array_records.values():
         total += sum(len(arr.data) for arr in record.values())
     for record in content.config_records.values():
-        for value in record.values():
-            total += len(value) if isinstance(value, (str, bytes)) else 8 * (len(value) if isinstance(value, list) else 1)
+        total += sum(size(v) for v in record.values())
     return total

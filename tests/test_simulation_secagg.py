@@ -1,0 +1,120 @@
+"""SecAgg+ over Flower: exact sums, what the server receives, dropouts at every stage, aborts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from clients import flat_params
+from fedsim import secure_rounds
+from fedsim.config import from_dict
+from fedsim.run import run
+from fedsim.sampling import sample_cohort
+from fedsim.worker import Worker
+
+pytestmark = pytest.mark.ray
+
+
+def secure_config(tmp: Path, **over: object) -> dict:
+    raw: dict = {
+        "seed": 5,
+        "population": 30,
+        "rounds": 2,
+        "cohort": {"size": 8, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 60},
+        "model": {"name": "mlp", "hidden_sizes": [8]},
+        "privacy": {"dpfedavg": {"noise_multiplier": 0.0, "clip_norm": 0.5, "accountant": "rdp"}},
+        "secagg": {"name": "secaggplus", "bits": 20},
+        "simulation": {"num_workers": 2, "ray_temp_dir": str(tmp / "ray")},
+        "output": {"progress": False},
+    }
+    for key, value in over.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return raw
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "model.pt", weights_only=False)["flat_params"]
+
+
+def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> None:
+    received: list[tuple[str, object]] = []
+    secure_rounds.RECEIVED.append(lambda stage, content: received.append((stage, content)))
+    try:
+        run(from_dict(secure_config(tmp_path)), tmp_path / "secure")
+    finally:
+        secure_rounds.RECEIVED.clear()
+    run(from_dict(secure_config(tmp_path, **{"secagg.name": "none"})), tmp_path / "plain")
+    # Same devices, same clipping, no noise: only 20-bit stochastic rounding separates the two.
+    step = 2 * 0.5 / (2**20 - 1)
+    diff = (final(tmp_path / "secure") - final(tmp_path / "plain")).abs().max().item()
+    assert diff < 2 * 8 * step, diff
+    assert all(r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "secure"))
+
+    # Everything the server received: no device's quantized update is among it, and every
+    # masked vector looks uniform modulo 2^m.
+    cfg = from_dict(secure_config(tmp_path))
+    worker = Worker(cfg)
+    cohort = sample_cohort(population=30, cohort_size=8, method="fixed", seed=5, round_num=1)
+    report = worker.train(flat_params(worker.model), 1, cohort, clip_norm=0.5)
+    fp = secure_rounds.fixed_point(cfg, len(cohort))
+    plain = [
+        fp.encode(u, np.random.default_rng([5, secure_rounds._QUANT_STREAM, 1, d]))
+        for d, u in zip(report.device_ids, report.updates, strict=True)
+    ]
+    masked = [arr.numpy() for stage, content in received if stage == "masked_input"
+              for arr in content.array_records["masked"].values()]  # fmt: skip
+    assert len(masked) == 16  # 8 devices x 2 rounds, each seen only masked
+    for vector in masked:
+        assert not any(np.array_equal(vector, x) for x in plain)
+        top = (vector.astype(np.uint64) >> np.uint64(fp.modulus_bits - 4)).astype(np.int64)
+        counts = np.bincount(top, minlength=16)
+        assert stats.chisquare(counts).pvalue > 1e-4
+    for stage, content in received:
+        for record in content.array_records.values():
+            for arr in record.values():
+                values = arr.numpy()
+                assert not any(values.shape == x.shape and np.array_equal(values, x) for x in plain), stage
+
+
+def test_dropouts_at_every_stage_still_give_a_round(tmp_path: Path) -> None:
+    raw = secure_config(
+        tmp_path, rounds=3, cohort={"size": 12, "sampling": "fixed"}, population=40,
+        **{"secagg.drop_advertise_keys": 0.08, "secagg.drop_share_keys": 0.08,
+           "secagg.drop_masked_input": 0.08, "secagg.drop_unmask": 0.08},
+    )  # fmt: skip
+    run(from_dict(raw), tmp_path / "drops")
+    rs = rows(tmp_path / "drops")
+    assert len(rs) == 3
+    trained = [r for r in rs if "secagg_aborted" not in r]
+    assert trained, rs
+    assert any(r["secagg_survivors_masked_input"] < 12 for r in rs)
+    for r in trained:
+        assert r["devices_trained"] == r["secagg_survivors_masked_input"]
+        assert r["secagg_survivors_unmask"] <= r["secagg_survivors_masked_input"]
+
+
+def test_too_few_survivors_abort_the_round_and_the_next_one_trains(tmp_path: Path) -> None:
+    raw = secure_config(tmp_path, rounds=6, **{"secagg.drop_masked_input": 0.4})
+    summary = run(from_dict(raw), tmp_path / "abort")
+    rs = rows(tmp_path / "abort")
+    aborted = [r for r in rs if "secagg_aborted" in r]
+    trained = [r for r in rs if "secagg_aborted" not in r]
+    assert aborted and trained, [(r["round"], r.get("secagg_aborted")) for r in rs]
+    for r in aborted:
+        assert r["devices_trained"] == 0
+    # Aborted rounds release nothing: user-level accounting counts only the released rounds.
+    assert summary["privacy"]["user_level"]["rounds"] == len(trained)
