@@ -176,6 +176,7 @@ class DPFedAvgPrivacyConfig:
     clip_learning_rate: float = 0.2  # adaptive: eta_C of the geometric update
     count_noise_multiplier: float | None = None  # adaptive: sigma_b of the noisy count (null: cohort / 20)
     noise_cohort_size: int | None = None  # add noise as if the cohort had this many devices (a labelled simulation)
+    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+)
 
 
 @dataclass
@@ -470,6 +471,12 @@ def validate(cfg: FedsimConfig) -> None:
                 "privacy.dpfedavg.accountant",
                 "fixed-size cohorts have no PLD accountant in dp-accounting; allowed: cohort.sampling=poisson, "
                 "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)",
+            )
+    if user is not None:
+        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed"))
+        if user.noise == "distributed" and cfg.secagg.name == "none":
+            raise ConfigError(
+                "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
     if not 0 <= cfg.faults.device_failure_rate < 1:
         raise ConfigError("faults.device_failure_rate", f"must be in [0, 1), got {cfg.faults.device_failure_rate}")

@@ -18,6 +18,7 @@ the model, the ledger and the accounting stay as they were.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +32,17 @@ from flwr.serverapp import Grid
 from fedsim import wire
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError
-from fedsim.secagg import FixedPoint, SecAggAborted, SecAggDevice, SecAggParams, SecAggServer, default_params
+from fedsim.secagg import (
+    FixedPoint,
+    SecAggAborted,
+    SecAggDevice,
+    SecAggParams,
+    SecAggServer,
+    default_params,
+    realized_total_variance,
+    skellam,
+    skellam_tail_bound,
+)
 from fedsim.worker import DeviceReport, Worker
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
@@ -50,15 +61,26 @@ class SecureRoundResult:
     reports: list[DeviceReport]  # metadata of the devices in the sum (no updates)
     aborted: str | None = None
     metrics: dict = field(default_factory=dict)
+    noise_std: float = 0.0  # std of the distributed noise the survivors added to `total` (float units)
 
 
-def fixed_point(cfg: FedsimConfig, num_devices: int) -> FixedPoint:
+def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0) -> FixedPoint:
+    """The round's encoding: m chosen (or the configured m checked) so the cohort's sum, noise
+    included, cannot wrap around."""
     sa, user = cfg.secagg, cfg.privacy.dpfedavg
     clip = sa.clip_range or (user.clip_norm if user is not None and not user.adaptive_clipping else 1.0)
     try:
-        return FixedPoint.for_sum(clip, sa.bits, num_devices, modulus_bits=sa.modulus_bits)
+        return FixedPoint.for_sum(clip, sa.bits, num_devices, noise_bound, modulus_bits=sa.modulus_bits)
     except ValueError as err:
         raise ConfigError("secagg.modulus_bits", str(err)) from None
+
+
+def noise_plan(fp_clip: FixedPoint, device_noise: Callable[[float], float] | None, n: int, length: int) -> tuple[float, int]:
+    """Per-device Skellam variance on the grid and the bound B its sum stays within (w.p. 1 - 1e-9)."""
+    if device_noise is None:
+        return 0.0, 0
+    mu = device_noise(fp_clip.step)
+    return mu, skellam_tail_bound(mu * n, 1e-9, length) if mu > 0 else 0
 
 
 def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus_bits: int) -> SecAggParams:
@@ -87,14 +109,20 @@ def secure_round(
     round_num: int,
     config_json: str,
     clip_norm: float | None,
+    device_noise: Callable[[float], float] | None = None,
 ) -> SecureRoundResult:
-    """Run the four stages over the workers in `plan` (node id, device ids)."""
+    """Run the four stages over the workers in `plan` (node id, device ids).
+
+    `device_noise(step)`: distributed DP, the Skellam variance each device adds on a grid of
+    spacing `step`; the result's `noise_std` is the noise the survivors actually added.
+    """
     t0 = time.perf_counter()
     cohort = sorted(d for _, ids in plan for d in ids)
     position = {d: i for i, d in enumerate(cohort)}
     if len(cohort) < 2:
         return SecureRoundResult(None, 0, [], aborted=f"only {len(cohort)} device(s) sampled; SecAgg+ needs 2")
-    fp = fixed_point(cfg, len(cohort))
+    mu, bound = noise_plan(fixed_point(cfg, len(cohort)), device_noise, len(cohort), len(params_vec))
+    fp = fixed_point(cfg, len(cohort), bound)
     params = session_params(cfg, len(cohort), len(params_vec), fp.modulus_bits)
     server = SecAggServer(params)
     timeout = cfg.simulation.round_timeout_s
@@ -109,6 +137,7 @@ def secure_round(
         "session": params.session_id,
         "clip": fp.clip,
         "bits": fp.bits,
+        "skellam_mu": mu,
     }
     if clip_norm is not None:
         base["clip_norm"] = float(clip_norm)
@@ -177,10 +206,12 @@ def secure_round(
         return SecureRoundResult(None, 0, [], aborted=err.reason, metrics=_metrics(survivors, bytes_in, t0, len(cohort)))
     in_sum = {cohort[i] for i in server.survivors}
     kept = [_only(report, in_sum) for report in reports]
-    total = torch.from_numpy(fp.decode_sum(aggregate, len(in_sum)))
+    total = torch.from_numpy(fp.decode_sum(aggregate, len(in_sum), bound))
+    # Each survivor added Skellam(mu) on the grid: the sum carries variance mu * survivors.
+    noise_std = math.sqrt(realized_total_variance(mu, len(in_sum))) * fp.step
     metrics = _metrics(survivors, bytes_in, t0, len(cohort))
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
-    return SecureRoundResult(total, len(in_sum), kept, metrics=metrics)
+    return SecureRoundResult(total, len(in_sum), kept, metrics=metrics, noise_std=noise_std)
 
 
 def _only(report: DeviceReport, keep: set[int]) -> DeviceReport:
@@ -243,6 +274,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
 
     if stage == "masked_input":
         fp = FixedPoint(float(job["clip"]), int(job["bits"]), params.modulus_bits)  # type: ignore[arg-type]
+        mu = float(job["skellam_mu"])  # type: ignore[arg-type]
         global_params = torch.from_numpy(msg.content.array_records["global"]["params"].numpy())
         clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
         report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm)
@@ -252,7 +284,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
             p = pos_of[d]
             device = SecAggDevice.restore(params, secrets.pop(str(p)))
             rng = np.random.default_rng([cfg.seed, _QUANT_STREAM, round_num, d])
-            x = fp.encode(update, rng)
+            # Distributed DP: the device's noise share, added on the grid before masking. Seeded
+            # for reproducible simulation; a deployment draws it from the OS.
+            noise = skellam(mu, update.shape, rng) if mu > 0 else None
+            x = fp.encode(update, rng, noise)
             request = dict(msg.content.config_records[f"req.{p}"])
             masked[str(p)] = Array(device.masked_input(request, x)["masked"])
             secrets[str(p)] = device.export_state()

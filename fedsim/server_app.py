@@ -105,6 +105,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 secure = secure_round(
                     cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
                     config_json=config_json, clip_norm=clip_norm,
+                    device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
                 )  # fmt: skip
                 total, count, reports, stats = secure.total, secure.count, secure.reports, round_stats(secure.reports)
                 weight = float(count)  # under SecAgg+ devices are weighted equally (the sum is all there is)
@@ -141,7 +142,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 if sample_dp:
                     privacy |= sample_dp.account(reports)
                 if user_dp:
-                    params = optimizer.step(params, user_dp.aggregate(total, reports, round_num))
+                    realized = secure.noise_std if cfg.secagg.name == "secaggplus" else None
+                    params = optimizer.step(params, user_dp.aggregate(total, reports, round_num, realized_noise_std=realized))
                     privacy |= user_dp.round_metrics()
                 elif count:
                     params = optimizer.step(params, (total / weight).to(torch.float32))

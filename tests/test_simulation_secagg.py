@@ -118,3 +118,28 @@ def test_too_few_survivors_abort_the_round_and_the_next_one_trains(tmp_path: Pat
         assert r["devices_trained"] == 0
     # Aborted rounds release nothing: user-level accounting counts only the released rounds.
     assert summary["privacy"]["user_level"]["rounds"] == len(trained)
+
+
+def test_distributed_noise_is_accounted_as_the_survivors_actually_added(tmp_path: Path) -> None:
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    raw = secure_config(
+        tmp_path, rounds=3, population=40, cohort={"size": 12, "sampling": "fixed"},
+        **{"privacy.dpfedavg.noise_multiplier": 1.5, "privacy.dpfedavg.noise": "distributed",
+           "secagg.drop_masked_input": 0.1},
+    )  # fmt: skip
+    summary = run(from_dict(raw), tmp_path / "ddp")
+    rs = [r for r in rows(tmp_path / "ddp") if "secagg_aborted" not in r]
+    assert rs and any(r["devices_trained"] < 12 for r in rs)
+    zs = []
+    for r in rs:
+        # Each survivor adds 1/12 of the planned variance: z_realized = z * sqrt(survivors / 12).
+        expected = 1.5 * (r["devices_trained"] / 12) ** 0.5
+        assert r["user_realized_noise_multiplier"] == pytest.approx(expected, rel=1e-9)
+        zs.append(expected)
+        acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        for z in zs:
+            acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(40, 12, dp_accounting.GaussianDpEvent(z / 2)))
+        assert r["user_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert "realized noise" in summary["privacy"]["user_level"]["distributed_noise"]

@@ -18,9 +18,14 @@ simulation, and every output says so.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
+import dp_accounting
 import torch
+from dp_accounting.pld import pld_privacy_accountant as pld
+from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
 from clients import mix_seed
 from fedsim.config import FedsimConfig
@@ -84,6 +89,11 @@ class UserLevelDP:
         self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self._last: dict[str, Any] = {}
         self.rounds_released = 0  # rounds whose noised sum was released (aborted rounds release nothing)
+        # Distributed noise: devices add Skellam shares on the SecAgg+ grid; the realized noise
+        # depends on how many devices survive, so each round is accounted with its own z.
+        self.distributed = user.noise == "distributed"
+        self.realized_z: list[float] = []
+        self._composed = _RoundByRound(self.accounting) if self.distributed else None
 
     def _accounting(self, z: float) -> UserLevelAccounting:
         return UserLevelAccounting(
@@ -100,7 +110,24 @@ class UserLevelDP:
         return self.clipping.clip_norm if self.clipping else self.fixed_clip
 
     def epsilon(self, rounds: int) -> float:
-        return self.accounting.epsilon(rounds=rounds, delta=self.user.delta) if rounds else 0.0
+        """Epsilon after `rounds` released rounds (distributed noise: of the realized noise so far)."""
+        if not rounds:
+            return 0.0
+        if self._composed is not None and rounds == len(self.realized_z):
+            return self._composed.epsilon(self.user.delta)
+        if self._composed is not None and rounds == len(self.realized_z) + 1:
+            return self._composed.epsilon_with(self.noise_multiplier, self.user.delta)  # planned z for the next round
+        return self.accounting.epsilon(rounds=rounds, delta=self.user.delta)
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on the sum of clipped updates (float units)."""
+        return self.update_noise * self.clip_norm * self.noise_scale
+
+    def device_noise_variance(self, step: float) -> float:
+        """Per-device Skellam variance on a grid of spacing `step` so that the expected cohort's
+        shares sum to the planned noise (Agarwal, Kairouz, Liu 2021)."""
+        return (self.noise_std / step) ** 2 / self.expected_cohort
 
     def check_budget(self, round_num: int) -> None:
         """Stop before the round that would take the run past its user-level budget."""
@@ -128,16 +155,27 @@ class UserLevelDP:
             )
         return text
 
-    def aggregate(self, total: torch.Tensor, reports: list[DeviceReport], round_num: int) -> torch.Tensor:
+    def aggregate(
+        self, total: torch.Tensor, reports: list[DeviceReport], round_num: int, *, realized_noise_std: float | None = None
+    ) -> torch.Tensor:
         """The noised mean update of the round: (sum of clipped updates + noise) / expected cohort.
 
         `total` is the float64 sum of the clipped updates (in the clear, or from secure aggregation).
         """
         clip = self.clip_norm
-        std = self.update_noise * clip * self.noise_scale
-        generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
-        noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
-        mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
+        std = self.noise_std
+        if self.distributed:
+            # The devices' shares are already in `total`; account for what the survivors added.
+            assert realized_noise_std is not None, "distributed noise needs the realized noise of the round"
+            std = realized_noise_std
+            self.realized_z.append(realized_noise_std / (clip * self.noise_scale) if clip else 0.0)
+            assert self._composed is not None
+            self._composed.add(self.realized_z[-1])
+            mean = (total / self.expected_cohort).to(torch.float32)
+        else:
+            generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
+            noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
+            mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
         within = [b for r in reports for b in r.within_bound]
         if self.clipping is not None:
@@ -150,6 +188,8 @@ class UserLevelDP:
             "clip_norm": clip,
             "update_clipped_fraction": (1 - sum(within) / len(within)) if within else None,
             "user_noise_std": std,
+            "user_noise": "distributed" if self.distributed else "central",
+            "user_realized_noise_multiplier": self.realized_z[-1] if self.distributed else None,
             "simulated_cohort_size": self.user.noise_cohort_size,
         }
         return mean
@@ -174,6 +214,14 @@ class UserLevelDP:
                 "target_epsilon": self.user.target_epsilon,
                 "calibrated": self.calibrated,
                 "simulated_cohort_size": self.user.noise_cohort_size,
+                "noise": self.user.noise,
+                "distributed_noise": (
+                    "devices add Skellam shares (Agarwal, Kairouz, Liu 2021) before masking; epsilon composes each "
+                    "round's realized noise (fewer survivors, less noise), each accounted as a Gaussian of the same "
+                    "variance with sensitivity C (stochastic rounding's norm growth is not included)"
+                )
+                if self.distributed
+                else None,
                 "note": (
                     f"noise simulates a cohort of {self.user.noise_cohort_size}: epsilon holds for that deployment, "
                     "not for this simulation"
@@ -186,3 +234,59 @@ class UserLevelDP:
     def state_dict(self) -> dict[str, Any]:
         return {"clipping": self.clipping.state_dict() if self.clipping else None}
 
+
+
+class _RoundByRound:
+    """Composition of per-round events with different noise multipliers (distributed noise).
+
+    The same events and adjacency as `UserLevelAccounting` (Poisson: add/remove, PLD or RDP;
+    fixed size: replace-one, RDP, z/2), composed one round at a time with dp-accounting.
+    """
+
+    def __init__(self, accounting: UserLevelAccounting) -> None:
+        self.accounting = accounting
+        self.zs: list[float] = []
+
+    def _event(self, z: float) -> dp_accounting.DpEvent:
+        a = self.accounting
+        if a.sampling == "fixed":
+            return dp_accounting.SampledWithoutReplacementDpEvent(a.population, a.cohort_size, dp_accounting.GaussianDpEvent(z / 2))
+        return dp_accounting.PoissonSampledDpEvent(a.cohort_size / a.population, dp_accounting.GaussianDpEvent(z))
+
+    def add(self, z: float) -> None:
+        self.zs.append(z)
+
+    def epsilon_with(self, next_z: float, delta: float) -> float:
+        return self._epsilon([*self.zs, next_z], delta)
+
+    def epsilon(self, delta: float) -> float:
+        return self._epsilon(self.zs, delta)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one accountant per run, few distinct calls per round
+    def _cached(self, zs: tuple[float, ...], delta: float) -> float:
+        if any(z <= 0 for z in zs):
+            return math.inf
+        a = self.accounting
+        if a.sampling == "fixed":
+            acc: dp_accounting.PrivacyAccountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        elif a.accountant == "rdp":
+            acc = rdp.RdpAccountant()
+        else:
+            acc = pld.PLDAccountant(value_discretization_interval=1e-3)
+        for z, count in _runs(zs):
+            acc.compose(self._event(z), count)
+        return acc.get_epsilon(delta)
+
+    def _epsilon(self, zs: list[float], delta: float) -> float:
+        return self._cached(tuple(zs), delta) if zs else 0.0
+
+
+def _runs(zs: tuple[float, ...]) -> list[tuple[float, int]]:
+    """Consecutive equal values grouped: (z, count) pairs (compose(event, count) is cheaper)."""
+    out: list[tuple[float, int]] = []
+    for z in zs:
+        if out and out[-1][0] == z:
+            out[-1] = (z, out[-1][1] + 1)
+        else:
+            out.append((z, 1))
+    return out
