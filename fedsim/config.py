@@ -213,6 +213,7 @@ class OutputConfig:
     dir: str | None = None  # run directory (None = Hydra's run directory, or ./outputs/run)
     save_model: bool = True  # write model.pt at the end
     progress: bool = True  # one line per round on stderr
+    report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
 
 
 @dataclass

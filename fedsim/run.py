@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,20 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
             },
             verbose_logging=sim.log_level == "DEBUG",
         )
+    if cfg.output.report and result:
+        _write_report(run_dir)
     return result
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's own report; a failure here must not fail a run whose outputs are written."""
+    from analysis import write_report
+
+    try:
+        path = write_report(run_dir)
+        sys.stderr.write(f"[fedsim] report: {path}\n")
+    except Exception as err:  # noqa: BLE001 - report problems are reported, the run stands
+        logging.getLogger("fedsim").warning("could not write the report for %s: %s", run_dir, err)
 
 
 @contextlib.contextmanager
