@@ -58,6 +58,8 @@ def precheck(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args, _ = get_args_parser().parse_known_args(argv)
+    if args.multirun and (args.cfg or args.info or args.shell_completion):
+        fail("only one of --multirun (-m), --cfg, --info and --shell-completion can be given")
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return  # Hydra prints something and exits; nothing runs
     if not CONF_DIR.is_dir():
