@@ -31,7 +31,7 @@ from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim.secure_rounds import secure_round
+from fedsim.secure_rounds import fixed_point, secure_round
 
 log = logging.getLogger("fedsim")
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
@@ -58,6 +58,8 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSe
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
     user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
+    if cfg.secagg.name == "secaggplus":
+        fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
     return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp)
 
 

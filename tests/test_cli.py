@@ -92,3 +92,14 @@ def test_dataset_keys_are_checked_per_dataset() -> None:
 def test_fixed_cohorts_with_pld_user_level_accounting_are_refused() -> None:
     proc = fedsim("privacy=dpfedavg", "cohort.sampling=fixed")
     assert_one_line_error(proc, "privacy.dpfedavg.accountant", "fixed-size cohorts", "rdp")
+
+
+def test_secagg_modulus_too_small_for_the_cohort_is_refused(tmp_path: Path) -> None:
+    proc = fedsim("secagg=secaggplus", "secagg.bits=16", "secagg.modulus_bits=18", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "secagg.modulus_bits", "18")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_distributed_noise_without_secure_aggregation_is_refused() -> None:
+    proc = fedsim("privacy=dpfedavg", "privacy.dpfedavg.noise=distributed")
+    assert_one_line_error(proc, "privacy.dpfedavg.noise", "secagg=secaggplus")

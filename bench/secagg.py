@@ -1,0 +1,281 @@
+"""Round time with and without secure aggregation: fedsim's SecAgg+ against Flower's own.
+
+Workload: 100 devices per round (fixed cohort), 50 synthetic examples each (60 features,
+10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of SGD with batch 10,
+one torch thread per worker, 2 Ray workers (one per core), no evaluation between rounds.
+
+1. fedsim, population 1,000, each setup in its own `python -m fedsim` process: plain,
+   `secagg=secaggplus` (k=20 neighbours, t=11 for n=100), and SecAgg+ with distributed DP
+   (devices add Skellam noise, DP-FedAvg z=1). Seconds per round = median of metrics.jsonl's
+   round_time_s over the rounds after the first two; also the median secagg_time_s and the
+   upload bytes per device per SecAgg+ stage.
+2. Flower 1.42's own SecAgg+ (legacy API: `SecAggPlusWorkflow` + `secaggplus_mod` around a
+   NumPyClient), 100 SuperNodes (one per device, Flower's layout), all sampled every round,
+   each device training the same MLP with `clients.LocalTrainer` on 50 random examples;
+   num_shares=21 (Flower counts the device itself, so 20 neighbours) and threshold 11, like
+   fedsim. Also Flower's plain DefaultWorkflow on the same setup. Each configuration runs in
+   a child process (Ray restarts cleanly) with a timeout; the fit workflow is timed per round
+   from the server side, and s/round is the median over the rounds after the first.
+   A failed or timed-out configuration is reported in the table instead of a time.
+
+    python bench/secagg.py                       # fedsim 8 rounds, Flower 4 rounds
+    python bench/secagg.py --rounds 6 --skip-flower
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COHORT = 100
+EXAMPLES = 50
+FEATURES, CLASSES, HIDDEN = 60, 10, 1600
+NUM_SHARES, THRESHOLD = 21, 11  # Flower: 21 shares = the device + 20 neighbours (fedsim's k=20, t=11)
+FLOWER_MARKER = "FLOWER_ROUNDS "
+
+
+@dataclass
+class Row:
+    """One line of the table: a setup and its steady-state seconds per round (None: failed)."""
+
+    setup: str
+    family: str  # "fedsim" | "flower": the plain row of the same family is the first ratio's base
+    s_per_round: float | None = None
+    note: str = ""
+    command: str = ""
+    secagg: dict[str, float] = field(default_factory=dict)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def build_mlp():
+    from fedsim.config import ModelConfig
+    from fedsim.models import build_model
+
+    return build_model(ModelConfig(name="mlp", hidden_sizes=[HIDDEN]), (FEATURES,), CLASSES, seed=0)
+
+
+def model_params() -> int:
+    from clients import num_params
+
+    return num_params(build_mlp())
+
+
+# -- fedsim ------------------------------------------------------------------------------------
+
+
+FEDSIM_SETUPS: dict[str, list[str]] = {
+    "fedsim plain": ["secagg=none"],
+    "fedsim SecAgg+": ["secagg=secaggplus"],
+    "fedsim SecAgg+ + distributed DP": [
+        "secagg=secaggplus", "privacy=dpfedavg", "privacy.dpfedavg.noise=distributed",
+        "privacy.dpfedavg.noise_multiplier=1.0", "privacy.dpfedavg.accountant=rdp",  # rdp: fixed cohorts
+    ],
+}  # fmt: skip
+
+
+def fedsim_command(overrides: list[str], rounds: int, out: Path, ray_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "fedsim",
+        "population=1000", f"rounds={rounds}", f"cohort.size={COHORT}", "cohort.sampling=fixed",
+        "dataset=synthetic", f"dataset.examples_per_device={EXAMPLES}", "model=mlp", f"model.hidden_sizes=[{HIDDEN}]",
+        "eval_every=1000", "output.progress=false", "output.save_model=false",
+        f"output.dir={out}", f"hydra.run.dir={out}", f"simulation.ray_temp_dir={ray_dir}", *overrides,
+    ]  # fmt: skip
+
+
+def run_fedsim(setup: str, overrides: list[str], rounds: int, workdir: Path) -> Row:
+    out = workdir / setup.replace(" ", "_").replace("+", "p")
+    cmd = fedsim_command(overrides, rounds, out, workdir / "ray")
+    row = Row(setup, "fedsim", command=shlex.join(cmd))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        row.note = f"failed (exit {proc.returncode}): {last_line(proc.stderr)}"
+        return row
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[2:] or rows
+    row.s_per_round = statistics.median(r["round_time_s"] for r in steady)
+    row.secagg = secagg_metrics(steady)
+    return row
+
+
+def secagg_metrics(rows: list[dict]) -> dict[str, float]:
+    """Median protocol time and upload bytes per device per stage, where the run has them."""
+    out: dict[str, float] = {}
+    for key in ["secagg_time_s", *(k for k in rows[0] if k.startswith("secagg_bytes_per_device_"))]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    return out
+
+
+# -- Flower's own SecAgg+ (child process) ------------------------------------------------------
+
+
+def flower_child(mode: str, rounds: int) -> None:
+    """Run Flower's legacy FedAvg with `mode` = plain | secaggplus; print per-round times."""
+    import numpy as np
+    import torch
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+    from flwr.server.workflow.default_workflows import default_fit_workflow
+    from flwr.simulation import run_simulation
+
+    from clients import LocalTrainer, TrainConfig
+
+    train_cfg = TrainConfig(lr=0.05, local_epochs=1, batch_size=10)  # conf/algorithm/fedavg.yaml
+
+    class Device(NumPyClient):
+        def __init__(self, device_id: int) -> None:
+            g = torch.Generator().manual_seed(device_id)
+            self.device_id = device_id
+            self.data = (torch.randn(EXAMPLES, FEATURES, generator=g), torch.randint(0, CLASSES, (EXAMPLES,), generator=g))
+
+        def fit(self, parameters, config):
+            torch.set_num_threads(1)
+            model = build_mlp()  # per message, as Flower builds its clients (about 1 ms here)
+            global_flat = torch.from_numpy(np.concatenate([a.ravel() for a in parameters]).astype(np.float32))
+            LocalTrainer(model, train_cfg).fit(global_flat, self.data, seed=(0, self.device_id))
+            return [p.detach().numpy().copy() for p in model.parameters()], EXAMPLES, {}
+
+    def client_fn(context):
+        return Device(int(context.node_config["partition-id"])).to_client()
+
+    times: list[tuple[float, bool]] = []
+
+    def timed(fit_workflow):
+        def run(grid, context) -> None:
+            before = context.state.array_records[MAIN_PARAMS_RECORD]
+            t0 = time.perf_counter()
+            fit_workflow(grid, context)
+            # Both workflows store a new parameter record only when the round aggregated.
+            times.append((time.perf_counter() - t0, context.state.array_records[MAIN_PARAMS_RECORD] is not before))
+
+        return run
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context) -> None:
+        initial = ndarrays_to_parameters([p.detach().numpy() for p in build_mlp().parameters()])
+        strategy = FedAvg(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=COHORT,
+            min_available_clients=COHORT, initial_parameters=initial,
+        )  # fmt: skip
+        legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+        fit = SecAggPlusWorkflow(NUM_SHARES, THRESHOLD) if mode == "secaggplus" else default_fit_workflow
+        DefaultWorkflow(fit_workflow=timed(fit))(grid, legacy)
+
+    mods = [secaggplus_mod] if mode == "secaggplus" else []
+    client_app = ClientApp(client_fn=client_fn, mods=mods)
+    with tempfile.TemporaryDirectory(prefix="ray", dir="/tmp") as ray_dir:  # short: Ray's socket paths
+        run_simulation(
+            server_app, client_app, num_supernodes=COHORT,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"log_to_driver": False, "_temp_dir": ray_dir}},
+        )  # fmt: skip
+    print(FLOWER_MARKER + json.dumps(times), flush=True)
+
+
+def run_flower(setup: str, mode: str, rounds: int, timeout_s: float) -> Row:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--flower-child", mode, "--flower-rounds", str(rounds)]
+    row = Row(setup, "flower", command=shlex.join(cmd))
+    env = os.environ | {"FLWR_LOG_LEVEL": "WARNING", "FLWR_TELEMETRY_ENABLED": "0"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and the Ray processes it started
+        proc.communicate()
+        row.note = f"timed out after {timeout_s:.0f} s"
+        return row
+    marked = [line for line in stdout.splitlines() if line.startswith(FLOWER_MARKER)]
+    if proc.returncode != 0 or not marked:
+        row.note = f"failed (exit {proc.returncode}): {last_line(stderr)}"
+        return row
+    times = json.loads(marked[-1][len(FLOWER_MARKER) :])
+    failed = [i + 1 for i, (_, ok) in enumerate(times) if not ok]
+    if failed or len(times) < rounds:
+        row.note = f"rounds not aggregated: {failed}; {len(times)}/{rounds} ran; {last_line(stderr)}"
+    steady = times[1:] or times
+    row.s_per_round = statistics.median(t for t, _ in steady) if steady else None
+    return row
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(no output)"
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "-"
+
+
+def print_table(rows: list[Row], params: int, rounds: int, flower_rounds: int) -> None:
+    plain = {r.family: r.s_per_round for r in rows if r.setup.endswith(" plain")}
+    print(f"\nMLP {FEATURES}-{HIDDEN}-{CLASSES}: {params:,} parameters; {COHORT} devices/round, {EXAMPLES} examples each")
+    print(f"fedsim: {rounds} rounds, median of rounds 3..{rounds}; Flower: {flower_rounds} rounds, median of rounds 2..{flower_rounds}")
+    width = max(len(r.setup) for r in rows)
+    print(f"{'setup':<{width}} | {'s/round':>8} | {'vs its own plain':>16} | {'vs fedsim plain':>15}")
+    for r in rows:
+        s = f"{r.s_per_round:8.3f}" if r.s_per_round is not None else f"{'-':>8}"
+        print(f"{r.setup:<{width}} | {s} | {ratio(r.s_per_round, plain.get(r.family)):>16} | {ratio(r.s_per_round, plain.get('fedsim')):>15}")
+        if r.note:
+            print(f"{'':<{width}}   ^ {r.note}")
+    for r in rows:
+        if r.secagg:
+            print(f"\n{r.setup}: " + ", ".join(f"{k.removeprefix('secagg_')} {v:,.3f}" for k, v in r.secagg.items()))
+    print("\ncommands:")
+    for r in rows:
+        print(f"  [{r.setup}] {r.command}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=8, help="fedsim rounds per setup")
+    ap.add_argument("--flower-rounds", type=int, default=4, help="Flower rounds per setup (its SecAgg+ is slow)")
+    ap.add_argument("--flower-timeout", type=float, default=600.0, help="seconds per Flower configuration")
+    ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--flower-child", choices=["plain", "secaggplus"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.flower_child:
+        flower_child(args.flower_child, args.flower_rounds)
+        return
+    params = model_params()
+    print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="fsb", dir="/tmp") as tmp:
+        for setup, overrides in FEDSIM_SETUPS.items():
+            print(f"running {setup} ...", flush=True)
+            rows.append(run_fedsim(setup, overrides, args.rounds, Path(tmp)))
+    if not args.skip_flower:
+        for setup, mode in [("Flower plain", "plain"), ("Flower SecAgg+", "secaggplus")]:
+            print(f"running {setup} ...", flush=True)
+            rows.append(run_flower(setup, mode, args.flower_rounds, args.flower_timeout))
+    print_table(rows, params, args.rounds, args.flower_rounds)
+
+
+if __name__ == "__main__":
+    main()
