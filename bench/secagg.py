@@ -124,10 +124,33 @@ def secagg_metrics(rows: list[dict]) -> dict[str, float]:
 # -- Flower's own SecAgg+ (child process) ------------------------------------------------------
 
 
-def flower_child(mode: str, rounds: int) -> None:
-    """Run Flower's legacy FedAvg with `mode` = plain | secaggplus; print per-round times."""
+_device_trainer = None  # per Ray worker: this module is imported there by reference (not __main__)
+
+
+def train_device(device_id: int, parameters: list) -> list:
+    """One device's fit for Flower: the cached MLP and `clients.LocalTrainer`, as fedsim's workers.
+
+    50 random examples seeded by the device id, lr 0.05, 1 epoch, batch 10 (conf/algorithm/fedavg.yaml).
+    Building the model per call would cost 40 ms against a 1.4 ms fit, so it is built once per worker.
+    """
+    global _device_trainer
     import numpy as np
     import torch
+
+    from clients import LocalTrainer, TrainConfig
+
+    if _device_trainer is None:
+        torch.set_num_threads(1)
+        _device_trainer = LocalTrainer(build_mlp(), TrainConfig(lr=0.05, local_epochs=1, batch_size=10))
+    g = torch.Generator().manual_seed(device_id)
+    data = (torch.randn(EXAMPLES, FEATURES, generator=g), torch.randint(0, CLASSES, (EXAMPLES,), generator=g))
+    global_flat = torch.from_numpy(np.concatenate([a.ravel() for a in parameters]).astype(np.float32))
+    _device_trainer.fit(global_flat, data, seed=(0, device_id))
+    return [p.detach().numpy().copy() for p in _device_trainer.model.parameters()]
+
+
+def flower_child(mode: str, rounds: int) -> None:
+    """Run Flower's legacy FedAvg with `mode` = plain | secaggplus; print per-round times."""
     from flwr.client import ClientApp, NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
@@ -138,22 +161,12 @@ def flower_child(mode: str, rounds: int) -> None:
     from flwr.server.workflow.default_workflows import default_fit_workflow
     from flwr.simulation import run_simulation
 
-    from clients import LocalTrainer, TrainConfig
-
-    train_cfg = TrainConfig(lr=0.05, local_epochs=1, batch_size=10)  # conf/algorithm/fedavg.yaml
-
     class Device(NumPyClient):
         def __init__(self, device_id: int) -> None:
-            g = torch.Generator().manual_seed(device_id)
             self.device_id = device_id
-            self.data = (torch.randn(EXAMPLES, FEATURES, generator=g), torch.randint(0, CLASSES, (EXAMPLES,), generator=g))
 
         def fit(self, parameters, config):
-            torch.set_num_threads(1)
-            model = build_mlp()  # per message, as Flower builds its clients (about 1 ms here)
-            global_flat = torch.from_numpy(np.concatenate([a.ravel() for a in parameters]).astype(np.float32))
-            LocalTrainer(model, train_cfg).fit(global_flat, self.data, seed=(0, self.device_id))
-            return [p.detach().numpy().copy() for p in model.parameters()], EXAMPLES, {}
+            return train_device(self.device_id, parameters), EXAMPLES, {}
 
     def client_fn(context):
         return Device(int(context.node_config["partition-id"])).to_client()
@@ -195,9 +208,12 @@ def flower_child(mode: str, rounds: int) -> None:
 
 
 def run_flower(setup: str, mode: str, rounds: int, timeout_s: float) -> Row:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--flower-child", mode, "--flower-rounds", str(rounds)]
-    row = Row(setup, "flower", command=shlex.join(cmd))
-    env = os.environ | {"FLWR_LOG_LEVEL": "WARNING", "FLWR_TELEMETRY_ENABLED": "0"}
+    # Imported as bench.secagg (PYTHONPATH=repo, also for the Ray workers) so train_device's cache
+    # is a module global there; from __main__ Ray would re-pickle it with every message.
+    cmd = [sys.executable, "-c", f'from bench.secagg import flower_child; flower_child("{mode}", {rounds})']
+    row = Row(setup, "flower", command="PYTHONPATH=. " + shlex.join(cmd))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"PYTHONPATH": pythonpath, "FLWR_LOG_LEVEL": "WARNING", "FLWR_TELEMETRY_ENABLED": "0"}
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -258,11 +274,7 @@ def main() -> None:
     ap.add_argument("--flower-rounds", type=int, default=4, help="Flower rounds per setup (its SecAgg+ is slow)")
     ap.add_argument("--flower-timeout", type=float, default=600.0, help="seconds per Flower configuration")
     ap.add_argument("--skip-flower", action="store_true")
-    ap.add_argument("--flower-child", choices=["plain", "secaggplus"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.flower_child:
-        flower_child(args.flower_child, args.flower_rounds)
-        return
     params = model_params()
     print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
     rows: list[Row] = []
