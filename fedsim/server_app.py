@@ -223,6 +223,7 @@ def collect(
         except wire.BadReply as err:
             log.warning("skipping a worker's reply: %s", err)
             continue
+        reject_non_finite(report)  # device replies are input: a NaN must not reach the model
         reports.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
@@ -232,6 +233,25 @@ def collect(
         )
     stats = round_stats(reports) | {"bytes_received": received}
     return total, stats, reports
+
+
+def reject_non_finite(report: wire.DeviceReport) -> None:
+    """Move devices whose update has NaN/inf values (or a non-positive example count) to the
+    report's failures, in place."""
+    keep = [
+        i
+        for i, (u, n) in enumerate(zip(report.updates, report.num_examples, strict=True))
+        if n > 0 and np.isfinite(u).all()
+    ]
+    if len(keep) == len(report.device_ids):
+        return
+    for i in sorted(set(range(len(report.device_ids))) - set(keep)):
+        report.failed_ids.append(report.device_ids[i])
+        report.failures.append("rejected by the server: update has NaN/inf values or no examples")
+    for name in ("device_ids", "updates", "num_examples", "losses", "dp_events", "clip_fractions", "within_bound"):
+        values = getattr(report, name)
+        if values:
+            setattr(report, name, [values[i] for i in keep])
 
 
 def assign_devices(cohort: list[int], nodes: list[int], layout: str) -> list[tuple[int, list[int]]]:

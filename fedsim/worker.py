@@ -94,6 +94,8 @@ class Worker:
                 data = self.dataset.device_data(device_id)
                 result = self.trainer.fit(global_params, data, seed=(self.cfg.seed, round_num, device_id))
                 update = result.update
+                if not torch.isfinite(update).all():
+                    raise ValueError("update has NaN or inf values")  # rejected here, never aggregated
                 if clip_norm is not None:
                     update, _, within = clip_update(update, clip_norm)  # raises on NaN/inf
             except Exception as err:  # one device failing must not take its worker's other devices down

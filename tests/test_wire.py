@@ -66,3 +66,12 @@ def test_collect_sums_good_replies_and_skips_bad_ones() -> None:
     # weights 10 (device 0, update 0) and 30 (device 2, update 2): mean = 60 / 40 = 1.5
     assert torch.equal(total.mean(), torch.full((4,), 1.5))
     assert stats["num_examples"] == 40 and stats["train_loss"] == pytest.approx(0.5)
+
+
+def test_collect_rejects_non_finite_updates_per_device() -> None:
+    bad = report([0, 1, 2])
+    bad.updates[1] = np.full(4, np.nan, dtype=np.float32)
+    total, stats, reports = collect([_Reply(wire.write_report(bad))], num_params=4)  # type: ignore[list-item]
+    assert total.count == 2 and torch.isfinite(total.mean()).all()
+    assert reports[0].device_ids == [0, 2]
+    assert 1 in reports[0].failed_ids
