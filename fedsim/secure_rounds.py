@@ -143,6 +143,7 @@ def secure_round(
         base["clip_norm"] = float(clip_norm)
 
     def exchange(stage: str, requests: dict[int, dict], extra: dict[str, ArrayRecord] | None = None) -> list[RecordDict]:
+        started = time.perf_counter()
         messages = []
         for node, ids in plan:
             mine = [d for d in ids if position[d] in requests]
@@ -164,6 +165,7 @@ def secure_round(
                 hook(stage, reply.content)
             bytes_in[stage] = bytes_in.get(stage, 0) + wire.payload_bytes(reply.content)
             received.append(reply.content)
+        stage_time[stage] = time.perf_counter() - started
         return received
 
     def device_payloads(replies: list[RecordDict]) -> dict[int, dict]:
@@ -177,6 +179,7 @@ def secure_round(
     survivors: dict[str, int] = {}
     bytes_in: dict[str, int] = {}
     bytes_out: dict[str, int] = {}
+    stage_time: dict[str, float] = {}
     try:
         everyone = {i: {} for i in range(len(cohort))}
         replies = exchange("advertise_keys", everyone)
@@ -211,6 +214,7 @@ def secure_round(
     noise_std = math.sqrt(realized_total_variance(mu, len(in_sum))) * fp.step
     metrics = _metrics(survivors, bytes_in, t0, len(cohort))
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
+    metrics |= {f"secagg_stage_time_s_{stage}": t for stage, t in stage_time.items()}
     return SecureRoundResult(total, len(in_sum), kept, metrics=metrics, noise_std=noise_std)
 
 
