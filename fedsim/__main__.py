@@ -22,11 +22,11 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
 
 
-def fail(message: str) -> NoReturn:
-    """Print one line naming the problem and exit with status 2."""
-    sys.stderr.write(f"fedsim: error: {message}\n")
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print one line naming the problem and exit with status 2 (130 for Ctrl-C)."""
+    sys.stderr.write(f"fedsim: {'error: ' if code == EXIT_BAD_INPUT else ''}{message}\n")
     sys.stderr.flush()
-    raise SystemExit(EXIT_BAD_INPUT)
+    raise SystemExit(code)
 
 
 def config_from_hydra(dcfg: DictConfig) -> FedsimConfig:
@@ -105,7 +105,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         user_error = _find_user_error(err)
         if user_error is None:
             raise
-        fail(str(user_error))
+        fail(str(user_error), user_error.exit_code)
     return summary.get("final_test_accuracy")
 
 

@@ -180,8 +180,15 @@ class DPFedAvgPrivacyConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0  # write a checkpoint every k rounds, at the end and on Ctrl-C (0: never)
+    keep: int = 2  # newest checkpoints kept in <run dir>/checkpoints/
+
+
+@dataclass
 class FaultsConfig:
     device_failure_rate: float = 0.0  # each sampled device raises instead of training, seeded per (round, device)
+    nan_update_rate: float = 0.0  # each sampled device sends an all-NaN update (a faulty device), seeded likewise
 
 
 @dataclass
@@ -231,6 +238,8 @@ class FedsimConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str | None = None  # a checkpoint file or run directory: continue that run (its config wins)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -479,8 +488,12 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
-    if not 0 <= cfg.faults.device_failure_rate < 1:
-        raise ConfigError("faults.device_failure_rate", f"must be in [0, 1), got {cfg.faults.device_failure_rate}")
+    _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
+    _positive(cfg.checkpoint.keep, "checkpoint.keep")
+    for key in ("device_failure_rate", "nan_update_rate"):
+        rate = getattr(cfg.faults, key)
+        if not 0 <= rate < 1:
+            raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")
     sa = cfg.secagg
     _choice(sa.name, "secagg.name", ("none", "secaggplus"))
     if not 1 <= sa.bits <= 32:

@@ -4,6 +4,14 @@
 class FedsimError(Exception):
     """Bad input (config, data files, device replies) a user can fix; never a bug."""
 
+    exit_code = 2
+
+
+class RunInterrupted(FedsimError):
+    """Ctrl-C: the run stopped at a round boundary, its outputs (and checkpoint) written."""
+
+    exit_code = 130
+
 
 class ConfigError(FedsimError):
     """A config key holds a value that is not allowed."""

@@ -46,7 +46,14 @@ def _quiet(level: str) -> None:
 
 
 def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run the experiment described by `cfg`, writing its outputs to `run_dir`."""
+    """Run the experiment described by `cfg`, writing its outputs to `run_dir`.
+
+    With `cfg.resume`, continue the checkpointed run instead: its own config (only the
+    simulation, output and checkpoint settings of `cfg` apply) and its run directory.
+    """
+    resume_state = None
+    if cfg.resume:
+        cfg, run_dir, resume_state = _resumed(cfg)
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     cfg.output.dir = str(run_dir)
@@ -56,7 +63,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     from fedsim.server_app import prepare
 
     # Data, model checks and privacy calibration here, before Ray starts: bad input fails in a second.
-    setup = prepare(cfg)
+    setup = prepare(cfg, resume=resume_state)
 
     from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
 
@@ -70,7 +77,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         "include_dashboard": False,
         "logging_level": sim.log_level,
     }
-    with _short_path(sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers):
+    with _short_path(sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         run_simulation(
@@ -97,6 +104,48 @@ def _write_report(run_dir: Path) -> None:
         sys.stderr.write(f"[fedsim] report: {path}\n")
     except Exception as err:  # noqa: BLE001 - report problems are reported, the run stands
         logging.getLogger("fedsim").warning("could not write the report for %s: %s", run_dir, err)
+
+
+def _resumed(cfg: FedsimConfig) -> tuple[FedsimConfig, Path, dict[str, Any]]:
+    """The checkpointed run's config, run directory and state (fedsim.checkpoint.load checks it)."""
+    from fedsim import checkpoint
+    from fedsim.config import from_dict
+
+    path = checkpoint.latest(Path(cfg.resume or "").expanduser())
+    state = checkpoint.load(path)
+    saved = from_dict(state["config"])
+    saved.simulation, saved.output.progress, saved.output.report = cfg.simulation, cfg.output.progress, cfg.output.report
+    if cfg.checkpoint.every:
+        saved.checkpoint = cfg.checkpoint
+    saved.resume = str(path)
+    # Continue in the run's own directory (where its metrics and ledger live).
+    return saved, Path(saved.output.dir) if saved.output.dir else path.parent.parent, state
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c() -> Iterator[None]:
+    """First Ctrl-C: finish the round, checkpoint (if on), write the outputs, stop. Second: abort."""
+    import signal
+    import threading
+
+    from fedsim.server_app import STOP
+
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        sys.stderr.write("\n[fedsim] Ctrl-C: stopping after this round (Ctrl-C again to abort now)\n")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -67,6 +67,23 @@ class RunLog:
         (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
         self.rows: list[RoundMetrics] = []
+        self._lines: list[str] = []  # what metrics.jsonl holds, line by line
+
+    def row_dicts(self) -> list[dict[str, Any]]:
+        """The metrics.jsonl lines so far, as dicts (for checkpoints)."""
+        return [json.loads(line) for line in self._lines]
+
+    def restore_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Start from a checkpoint's rounds: rewrite metrics.jsonl with them."""
+        self._metrics.seek(0)
+        self._metrics.truncate()
+        self._lines = []
+        self.rows = []
+        for row in rows:
+            line = json.dumps(row)
+            self._lines.append(line)
+            self._metrics.write(line + "\n")
+            self.rows.append(RoundMetrics(**{k: row[k] for k in ROUND_FIELDS}))
 
     def note(self, text: str) -> None:
         """A line about the run's set-up (calibration, budgets) on the terminal."""
@@ -77,7 +94,9 @@ class RunLog:
     def round(self, row: RoundMetrics, extra: dict[str, Any] | None = None) -> None:
         """Log one round; `extra` holds the privacy metrics of the mechanisms that are on."""
         self.rows.append(row)
-        self._metrics.write(json.dumps(_finite({**dataclasses.asdict(row), **(extra or {})})) + "\n")
+        line = json.dumps(_finite({**dataclasses.asdict(row), **(extra or {})}))
+        self._lines.append(line)
+        self._metrics.write(line + "\n")
         if self.cfg.output.progress:
             self.stream.write(self._progress_line(row) + "\n")
             self.stream.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import wire
-from fedsim.aggregation import RunningSum, build_server_optimizer
+from fedsim import checkpoint, wire
+from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
@@ -46,9 +47,10 @@ class RunSetup:
     model: torch.nn.Module
     sample_dp: SampleLevelDP | None  # sample-level DP-SGD: ledger, accountant, budgets
     user_dp: UserLevelDP | None  # user-level DP-FedAvg: clipping, central noise, accounting
+    resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
 
 
-def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSetup:
+def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: dict | None = None) -> RunSetup:
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
@@ -60,7 +62,22 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None) -> RunSe
     user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
     if cfg.secagg.name == "secaggplus":
         fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
-    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp)
+    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume)
+
+
+STOP = threading.Event()  # set by Ctrl-C (fedsim.run): the loop stops at the next round boundary
+
+
+@dataclass
+class RoundOutcome:
+    """What came back from the devices in one round, before the server's update."""
+
+    total: torch.Tensor | None  # float64 (weighted) sum of the updates; None: nothing released
+    count: int  # devices in the sum
+    weight: float  # the sum's denominator for FedAvg (examples, or devices under SecAgg+)
+    reports: list[wire.DeviceReport]
+    stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
+    noise_std: float | None = None  # distributed DP: noise the devices actually added
 
 
 def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
@@ -76,15 +93,20 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     nodes = wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0)
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
+    first_round, elapsed_before = 1, 0.0
+    if setup.resume is not None:
+        params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
     for mechanism in (sample_dp, user_dp):
         if mechanism:
             runlog.note(mechanism.describe())
     stopped: FedsimError | None = None
-    start = time.perf_counter()
+    start = time.perf_counter() - elapsed_before
     try:
-        for round_num in range(1, cfg.rounds + 1):
+        for round_num in range(first_round, cfg.rounds + 1):
             t0 = time.perf_counter()
             try:
+                if STOP.is_set():
+                    raise RunInterrupted(f"interrupted after round {round_num - 1}; continue with: fedsim resume={run_dir}")
                 if sample_dp:
                     sample_dp.check_enough_left(cfg.cohort.size)
                 if user_dp:
@@ -100,56 +122,24 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 round_num=round_num,
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
-            plan = assign_devices(cohort, nodes, cfg.simulation.layout)
-            clip_norm = user_dp.clip_norm if user_dp else None
-            if cfg.secagg.name == "secaggplus":
-                # SecAgg+: the server only ever holds the sum of the survivors' updates.
-                secure = secure_round(
-                    cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
-                    config_json=config_json, clip_norm=clip_norm,
-                    device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
-                )  # fmt: skip
-                total, count, reports, stats = secure.total, secure.count, secure.reports, round_stats(secure.reports)
-                weight = float(count)  # under SecAgg+ devices are weighted equally (the sum is all there is)
-                stats |= {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
-                if secure.aborted:
-                    log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
-                    stats["secagg_aborted"] = secure.aborted
-            else:
-                messages = [
-                    Message(
-                        wire.write_job(
-                            round_num=round_num,
-                            device_ids=ids,
-                            config_json=config_json,
-                            global_params=params.numpy(),
-                            clip_norm=clip_norm,
-                        ),
-                        dst_node_id=node,
-                        message_type="train",
-                        group_id=str(round_num),
-                    )
-                    for node, ids in plan
-                ]
-                replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
-                # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-                running, stats, reports = collect(replies, len(params), weighted=user_dp is None)
-                stats["bytes_sent"] = sum(wire.payload_bytes(m.content) for m in messages)
-                total, count, weight = running.total, running.count, running.weight
-            stats["devices_failed"] = len(cohort) - count
+            out = exchange(cfg, grid, assign_devices(cohort, nodes, cfg.simulation.layout), params, round_num,
+                           config_json, user_dp)  # fmt: skip
+            out.stats["devices_failed"] = len(cohort) - out.count
 
             privacy: dict = {}
-            if total is not None:
-                # Privacy spent is recorded before the update that spent it is applied.
+            if out.total is not None:
+                # Privacy spent is recorded (and, with checkpoints, saved) before the update that spent it.
                 if sample_dp:
-                    privacy |= sample_dp.account(reports)
+                    privacy |= sample_dp.account(out.reports)
+                    if cfg.checkpoint.every:
+                        sample_dp.save(run_dir)
                 if user_dp:
-                    realized = secure.noise_std if cfg.secagg.name == "secaggplus" else None
-                    params = optimizer.step(params, user_dp.aggregate(total, reports, round_num, realized_noise_std=realized))
+                    noised = user_dp.aggregate(out.total, out.reports, round_num, realized_noise_std=out.noise_std)
+                    params = optimizer.step(params, noised)
                     privacy |= user_dp.round_metrics()
-                elif count:
-                    params = optimizer.step(params, (total / weight).to(torch.float32))
-            if total is None or (count == 0 and not user_dp):
+                elif out.count:
+                    params = optimizer.step(params, (out.total / out.weight).to(torch.float32))
+            if out.total is None or (out.count == 0 and not user_dp):
                 log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
             test_acc = test_loss = None
@@ -162,15 +152,18 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 RoundMetrics(
                     round=round_num,
                     cohort_size=len(sampled),
-                    devices_trained=count,
+                    devices_trained=out.count,
                     test_accuracy=test_acc,
                     test_loss=test_loss,
                     round_time_s=now - t0,
                     elapsed_s=now - start,
-                    **{k: v for k, v in stats.items() if k in ROUND_FIELDS},
+                    **{k: v for k, v in out.stats.items() if k in ROUND_FIELDS},
                 ),
-                privacy | {k: v for k, v in stats.items() if k not in ROUND_FIELDS},
+                privacy | {k: v for k, v in out.stats.items() if k not in ROUND_FIELDS},
             )
+            every = cfg.checkpoint.every
+            if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
+                save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start)
     except BaseException:
         runlog.close()
         raise
@@ -180,6 +173,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         "num_workers": len(nodes),
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
+        "resumed_from_round": first_round - 1 if setup.resume is not None else None,
     }
     extra["privacy"] = {}
     if sample_dp:
@@ -191,6 +185,93 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
     return summary
+
+
+def exchange(
+    cfg: FedsimConfig,
+    grid: Grid,
+    plan: list[tuple[int, list[int]]],
+    params: torch.Tensor,
+    round_num: int,
+    config_json: str,
+    user_dp: UserLevelDP | None,
+) -> RoundOutcome:
+    """Send the round to the workers and bring back the (sum of the) device updates."""
+    clip_norm = user_dp.clip_norm if user_dp else None
+    if cfg.secagg.name == "secaggplus":
+        # SecAgg+: the server only ever holds the sum of the survivors' updates.
+        secure = secure_round(
+            cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
+            config_json=config_json, clip_norm=clip_norm,
+            device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
+        )  # fmt: skip
+        stats = round_stats(secure.reports) | {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
+        if secure.aborted:
+            log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
+            stats["secagg_aborted"] = secure.aborted
+        # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
+        return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats, secure.noise_std)
+    messages = [
+        Message(
+            wire.write_job(
+                round_num=round_num, device_ids=ids, config_json=config_json,
+                global_params=params.numpy(), clip_norm=clip_norm,
+            ),  # fmt: skip
+            dst_node_id=node,
+            message_type="train",
+            group_id=str(round_num),
+        )
+        for node, ids in plan
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
+    # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
+    running, stats, reports = collect(replies, len(params), weighted=user_dp is None)
+    stats["bytes_sent"] = sum(wire.payload_bytes(m.content) for m in messages)
+    return RoundOutcome(running.total, running.count, running.weight, reports, stats)
+
+
+def save_checkpoint(
+    cfg: FedsimConfig,
+    run_dir: Path,
+    round_num: int,
+    params: torch.Tensor,
+    optimizer: ServerOptimizer,
+    sample_dp: SampleLevelDP | None,
+    user_dp: UserLevelDP | None,
+    runlog: RunLog,
+    elapsed_s: float,
+) -> None:
+    checkpoint.save(
+        checkpoint.checkpoint_path(run_dir, round_num),
+        {
+            "round": round_num,
+            "config": cfg.to_dict(),
+            "params": params.clone(),
+            "server_optimizer": optimizer.state_dict(),
+            "sample_ledger": sample_dp.ledger.to_json() if sample_dp else None,
+            "user_level": user_dp.state_dict() if user_dp else None,
+            "rows": runlog.row_dicts(),
+            "elapsed_s": elapsed_s,
+        },
+        keep=cfg.checkpoint.keep,
+    )
+
+
+def restore(
+    state: dict,
+    optimizer: ServerOptimizer,
+    sample_dp: SampleLevelDP | None,
+    user_dp: UserLevelDP | None,
+    runlog: RunLog,
+) -> tuple[torch.Tensor, int, float]:
+    """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
+    optimizer.load_state_dict(state["server_optimizer"])
+    if sample_dp:
+        sample_dp.load_ledger(state["sample_ledger"])
+    if user_dp:
+        user_dp.load_state_dict(state["user_level"])
+    runlog.restore_rows(state["rows"])
+    return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 
 
 def round_stats(reports: list[wire.DeviceReport]) -> dict:

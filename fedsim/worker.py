@@ -98,6 +98,8 @@ class Worker:
                     raise ValueError("update has NaN or inf values")  # rejected here, never aggregated
                 if clip_norm is not None:
                     update, _, within = clip_update(update, clip_norm)  # raises on NaN/inf
+                if injected_failure(self.cfg, round_num, device_id, kind="nan"):
+                    update = torch.full_like(update, float("nan"))  # a faulty device: the server must catch it
             except Exception as err:  # one device failing must not take its worker's other devices down
                 report.failed_ids.append(device_id)
                 report.failures.append(f"{type(err).__name__}: {err}".splitlines()[0][:300])
@@ -120,10 +122,11 @@ class Worker:
 _FAULT_STREAM = 0xFA17
 
 
-def injected_failure(cfg: FedsimConfig, round_num: int, device_id: int) -> bool:
-    """Seeded per (run seed, round, device): the same devices fail whatever worker trains them."""
-    rate = cfg.faults.device_failure_rate
-    return rate > 0 and np.random.default_rng([cfg.seed, _FAULT_STREAM, round_num, device_id]).random() < rate
+def injected_failure(cfg: FedsimConfig, round_num: int, device_id: int, *, kind: str = "fail") -> bool:
+    """Seeded per (run seed, round, device, kind): the same devices fail whatever worker trains them."""
+    rate = cfg.faults.device_failure_rate if kind == "fail" else cfg.faults.nan_update_rate
+    stream = _FAULT_STREAM if kind == "fail" else _FAULT_STREAM + 1
+    return rate > 0 and np.random.default_rng([cfg.seed, stream, round_num, device_id]).random() < rate
 
 
 _WORKERS: dict[str, Worker] = {}

@@ -232,7 +232,20 @@ class UserLevelDP:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"clipping": self.clipping.state_dict() if self.clipping else None}
+        """What a checkpoint needs to continue the accounting and the clipping exactly."""
+        return {
+            "rounds_released": self.rounds_released,
+            "realized_z": list(self.realized_z),
+            "clipping": self.clipping.state_dict() if self.clipping else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds_released = int(state["rounds_released"])
+        self.realized_z = [float(z) for z in state.get("realized_z", [])]
+        if self._composed is not None:
+            self._composed.zs = list(self.realized_z)
+        if self.clipping is not None and state.get("clipping"):
+            self.clipping.load_state_dict(state["clipping"])
 
 
 

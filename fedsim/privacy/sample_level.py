@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -171,4 +172,14 @@ class SampleLevelDP:
         }
 
     def save(self, run_dir: Path) -> None:
-        (run_dir / LEDGER_FILE).write_text(json.dumps(self.ledger.to_json()) + "\n")
+        """Write ledger.json atomically (a crash mid-write leaves the previous ledger)."""
+        tmp = run_dir / f".{LEDGER_FILE}.tmp"
+        tmp.write_text(json.dumps(self.ledger.to_json()) + "\n")
+        os.replace(tmp, run_dir / LEDGER_FILE)
+
+    def load_ledger(self, data: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ledger (every device's history so far)."""
+        try:
+            self.ledger = PrivacyLedger.from_json(data, self.accountant)
+        except ValueError as err:
+            raise FedsimError(f"resume: the checkpoint's privacy ledger is unusable: {err}") from None

@@ -1,0 +1,97 @@
+"""Checkpoints: everything a run needs to continue at round r+1 as if it had never stopped.
+
+A checkpoint is a plain dict saved with torch.save (open it with torch.load):
+    version, round (last completed), config (the resolved run config), params (flat float32),
+    server_optimizer (its state_dict), sample_ledger (ledger.json content or None),
+    user_level (released rounds, realized noise, adaptive-clipping state or None),
+    rows (metrics.jsonl so far), elapsed_s.
+Nothing random is stored because nothing random is carried between rounds: cohorts, device
+training and server noise are seeded by (seed, round, ...), so a run resumed at round r ends
+with the same model, bit for bit, as the uninterrupted run.
+
+Writes are atomic (a temporary file in the same directory, fsync, os.replace): a crash while
+writing leaves the previous checkpoint as it was. Reading checks everything it restores and
+refuses, with one line naming the problem, a file that is truncated, not a checkpoint, or
+whose privacy ledger is missing or disagrees with its metrics (resuming with a fresh ledger
+would silently overspend every device's budget).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsim.errors import FedsimError
+
+VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, round_num: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"round_{round_num:06d}.pt"
+
+
+def save(path: Path, state: dict[str, Any], *, keep: int) -> None:
+    """Write `state` to `path` atomically, then keep only the newest `keep` checkpoints there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"version": VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def latest(path: Path) -> Path:
+    """`path` itself if it is a file; the newest checkpoint of a run (or checkpoints) directory."""
+    if path.is_file():
+        return path
+    for folder in (path / CHECKPOINT_DIR, path):
+        found = sorted(folder.glob("round_*.pt")) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    raise FedsimError(f"resume: no checkpoint (round_*.pt) at {path}")
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read and check a checkpoint; FedsimError (one line, exit 2) when it cannot be used."""
+    path = latest(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise FedsimError(f"resume: {path} is not a readable checkpoint (truncated or corrupt: {reason})") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise FedsimError(f"resume: {path} is not a fedsim checkpoint (version {VERSION})")
+    missing = [k for k in ("round", "config", "params", "server_optimizer", "rows") if k not in state]
+    if missing:
+        raise FedsimError(f"resume: {path} lacks {', '.join(missing)}")
+    if len(state["rows"]) != state["round"]:
+        raise FedsimError(f"resume: {path} holds {len(state['rows'])} rounds of metrics for round {state['round']}")
+    privacy = state["config"].get("privacy") or {}
+    if privacy.get("dpsgd") is not None:
+        ledger = state.get("sample_ledger")
+        if not isinstance(ledger, dict) or "devices" not in ledger:
+            raise FedsimError(f"resume: {path} has no privacy ledger although DP-SGD is on: refusing to reset budgets")
+        participations = sum(int(e[3]) for entries in ledger["devices"].values() for e in entries)
+        trained = sum(int(r.get("devices_trained") or 0) for r in state["rows"])
+        if participations != trained:
+            raise FedsimError(
+                f"resume: {path} ledger records {participations} device participations but the metrics "
+                f"{trained}: the ledger is inconsistent, refusing to resume"
+            )
+    if privacy.get("dpfedavg") is not None and not isinstance(state.get("user_level"), dict):
+        raise FedsimError(f"resume: {path} has no user-level privacy state although DP-FedAvg is on")
+    return state

@@ -1,0 +1,114 @@
+"""Checkpoints and faults: resume after SIGKILL bit-identically, refuse bad checkpoints, survive NaN devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim import checkpoint
+from fedsim.config import from_dict
+from fedsim.errors import FedsimError
+from fedsim.run import run
+
+REPO = Path(__file__).resolve().parent.parent
+ARGS = [
+    "population=60", "cohort.size=10", "cohort.sampling=fixed", "dataset.size_max=200", "model=mlp",
+    "privacy=[dpsgd,dpfedavg]", "privacy.dpfedavg.accountant=rdp", "output.progress=false", "simulation.num_workers=1",
+]  # fmt: skip
+
+
+def fedsim(tmp: Path, *args: str, **popen: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsim", *args, f"simulation.ray_temp_dir={tmp / 'ray'}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.ray
+def test_sigkill_mid_run_then_resume_gives_the_same_model_and_epsilon(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    ref = fedsim(tmp_path, *ARGS, "rounds=8", f"hydra.run.dir={whole}")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:] if ref.stderr else ""
+
+    proc = fedsim(tmp_path, *ARGS, "rounds=8", "checkpoint.every=1", f"hydra.run.dir={killed}", start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "round_000003.pt").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray processes, mid-round
+    proc.wait(timeout=60)
+    assert not (killed / "summary.json").exists()
+
+    again = fedsim(tmp_path, f"resume={killed}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    a, b = summary(whole), summary(killed)
+    assert b["resumed_from_round"] >= 3
+    assert b["model_sha256"] == a["model_sha256"]
+    assert b["privacy"]["sample_level"]["epsilon_max"] == a["privacy"]["sample_level"]["epsilon_max"]
+    assert b["privacy"]["user_level"]["epsilon"] == a["privacy"]["user_level"]["epsilon"]
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, 9))
+
+
+def test_truncated_checkpoint_is_refused_with_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "run" / "checkpoints" / "round_000002.pt"
+    checkpoint.save(good, {"round": 0, "config": {}, "params": torch.zeros(3), "server_optimizer": {}, "rows": []}, keep=2)
+    good.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", f"resume={good}"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "truncated or corrupt" in lines[0] and "round_000002.pt" in lines[0], proc.stderr
+
+
+def test_checkpoint_without_a_consistent_ledger_is_refused(tmp_path: Path) -> None:
+    cfg = from_dict({"privacy": {"dpsgd": {"noise_multiplier": 1.0}}}).to_dict()
+    base = {"round": 1, "config": cfg, "params": torch.zeros(3), "server_optimizer": {}, "rows": [{"devices_trained": 5}]}
+    path = tmp_path / "round_000001.pt"
+    checkpoint.save(path, base, keep=2)
+    with pytest.raises(FedsimError, match="no privacy ledger"):
+        checkpoint.load(path)
+    ledger = {"accountant": "rdp", "delta": 1e-5, "target_epsilon": None, "devices": {"3": [[1.0, 0.1, 10, 4]]}}
+    checkpoint.save(path, base | {"sample_ledger": ledger}, keep=2)
+    with pytest.raises(FedsimError, match="inconsistent"):
+        checkpoint.load(path)  # 4 participations in the ledger, 5 in the metrics
+
+
+def test_atomic_save_keeps_the_newest_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    for r in range(1, 5):
+        checkpoint.save(checkpoint.checkpoint_path(tmp_path, r), {"round": r}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["round_000003.pt", "round_000004.pt"]
+
+
+@pytest.mark.ray
+def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path: Path) -> None:
+    def config(rate: float) -> dict:
+        return {
+            "seed": 2, "population": 100, "rounds": 6, "cohort": {"size": 20, "sampling": "fixed"},
+            "dataset": {"name": "synthetic", "size_max": 100}, "model": {"name": "mlp", "hidden_sizes": [16]},
+            "faults": {"nan_update_rate": rate},
+            "simulation": {"num_workers": 1, "ray_temp_dir": str(tmp_path / "ray")}, "output": {"progress": False},
+        }  # fmt: skip
+
+    clean = run(from_dict(config(0.0)), tmp_path / "clean")
+    faulty = run(from_dict(config(0.1)), tmp_path / "faulty")
+    params = torch.load(tmp_path / "faulty" / "model.pt", weights_only=False)["flat_params"]
+    assert torch.isfinite(params).all()
+    assert faulty["devices_failed"] > 0  # the NaN devices were rejected, counted, and the rounds went on
+    assert abs(faulty["final_test_accuracy"] - clean["final_test_accuracy"]) < 0.1
