@@ -143,6 +143,7 @@ class SimulationConfig:
     cpus_per_worker: float = 1.0  # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
     torch_threads: int = 1  # torch threads per worker (more is 10-35x slower on small models)
     round_timeout_s: float | None = 600.0  # give up on a worker's reply after this long
+    retries: int = 2  # resend a failed (or silent) worker's job this many times per round
     log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
     ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
 
@@ -441,6 +442,7 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs of this machine")
     _positive(s.torch_threads, "simulation.torch_threads")
     _positive(s.round_timeout_s, "simulation.round_timeout_s")
+    _positive(s.retries, "simulation.retries", allow_zero=True)
     _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     if s.layout == "classic" and cfg.population > 100_000:
         raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
@@ -211,23 +211,48 @@ def exchange(
             stats["secagg_aborted"] = secure.aborted
         # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
         return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats, secure.noise_std)
-    messages = [
-        Message(
-            wire.write_job(
-                round_num=round_num, device_ids=ids, config_json=config_json,
-                global_params=params.numpy(), clip_norm=clip_norm,
-            ),  # fmt: skip
-            dst_node_id=node,
-            message_type="train",
-            group_id=str(round_num),
+    jobs = {
+        node: wire.write_job(
+            round_num=round_num, device_ids=ids, config_json=config_json, global_params=params.numpy(), clip_norm=clip_norm
         )
         for node, ids in plan
-    ]
-    replies = list(grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s))
+    }
+    replies, workers_failed, retried = send_with_retries(cfg, grid, jobs, round_num)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
     running, stats, reports = collect(replies, len(params), weighted=user_dp is None)
-    stats["bytes_sent"] = sum(wire.payload_bytes(m.content) for m in messages)
+    stats["bytes_sent"] = sum(wire.payload_bytes(content) for content in jobs.values()) * (1 + retried)
+    stats |= {"workers_failed": workers_failed, "worker_retries": retried}
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
+
+
+def send_with_retries(
+    cfg: FedsimConfig, grid: Grid, jobs: dict[int, RecordDict], round_num: int
+) -> tuple[list[Message], int, int]:
+    """Send each worker its job; resend the jobs of workers that failed or did not answer.
+
+    A worker process can die mid-round (Ray then answers with an error). Device training is
+    a function of (seed, round, device) only, so a resent job gives the same updates and the
+    run stays bit-identical. Returns (good replies, workers that failed at least once, resends).
+    """
+    pending, good, failed, resent = dict(jobs), [], set(), 0
+    for attempt in range(1 + cfg.simulation.retries):
+        messages = [
+            Message(content, dst_node_id=node, message_type="train", group_id=str(round_num))
+            for node, content in pending.items()
+        ]
+        resent += len(messages) if attempt else 0
+        for reply in grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = (reply.error.reason or str(reply.error.code)).splitlines()[0][:200]
+                log.warning("round %d: worker %d failed (attempt %d): %s", round_num, node, attempt + 1, reason)
+                continue
+            good.append(reply)
+            pending.pop(node, None)
+        failed |= set(pending)
+        if not pending:
+            break
+    return good, len(failed), resent
 
 
 def save_checkpoint(

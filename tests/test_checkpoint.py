@@ -112,3 +112,27 @@ def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path
     assert torch.isfinite(params).all()
     assert faulty["devices_failed"] > 0  # the NaN devices were rejected, counted, and the rounds went on
     assert abs(faulty["final_test_accuracy"] - clean["final_test_accuracy"]) < 0.1
+
+
+@pytest.mark.ray
+def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path: Path) -> None:
+    args = ["population=100", "cohort.size=30", "cohort.sampling=fixed", "rounds=14", "privacy=dpsgd",
+            "output.progress=false", "simulation.num_workers=2"]  # fmt: skip
+    ref = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'ref'}")
+    assert ref.wait(timeout=300) == 0
+    proc = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'hit'}")
+    metrics = tmp_path / "hit" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    actors = subprocess.run(["pgrep", "-f", "ray::ClientAppActor"], capture_output=True, text=True).stdout.split()
+    assert actors, "no Ray ClientApp actor to kill"
+    os.kill(int(actors[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) == 14
+    assert sum(r["workers_failed"] for r in rows) >= 1, "the kill did not hit a round"
+    assert all(r["devices_failed"] == 0 for r in rows)  # every failed job was resent and trained
+    assert summary(tmp_path / "hit")["model_sha256"] == summary(tmp_path / "ref")["model_sha256"]
