@@ -190,6 +190,10 @@ class CheckpointConfig:
 class FaultsConfig:
     device_failure_rate: float = 0.0  # each sampled device raises instead of training, seeded per (round, device)
     nan_update_rate: float = 0.0  # each sampled device sends an all-NaN update (a faulty device), seeded likewise
+    straggler_rate: float = 0.0  # each sampled device is a straggler this round with this probability
+    straggler_slowdown: float = 10.0  # a straggler computes this many times slower
+    seconds_per_example: float = 0.001  # simulated device compute time per example and epoch
+    round_deadline_s: float | None = None  # simulated seconds: devices that would finish later drop out
 
 
 @dataclass
@@ -492,7 +496,10 @@ def validate(cfg: FedsimConfig) -> None:
             )
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
-    for key in ("device_failure_rate", "nan_update_rate"):
+    _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
+    _positive(cfg.faults.seconds_per_example, "faults.seconds_per_example")
+    _positive(cfg.faults.round_deadline_s, "faults.round_deadline_s")
+    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate"):
         rate = getattr(cfg.faults, key)
         if not 0 <= rate < 1:
             raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")

@@ -305,6 +305,7 @@ def round_stats(reports: list[wire.DeviceReport]) -> dict:
     loss_sum = sum(loss * n for r in reports for loss, n in zip(r.losses, r.num_examples, strict=True))
     return {
         "num_examples": examples,
+        "devices_late": sum(f.startswith("DeadlineMissed") for r in reports for f in r.failures),
         "train_loss": loss_sum / examples if examples else None,
         "train_time_s": max((r.train_time_s for r in reports), default=0.0),
         "worker_peak_rss_mb": max((r.peak_rss_mb for r in reports), default=0.0),

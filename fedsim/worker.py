@@ -91,6 +91,7 @@ class Worker:
             try:
                 if injected_failure(self.cfg, round_num, device_id):
                     raise RuntimeError("injected failure (faults.device_failure_rate)")
+                check_deadline(self.cfg, round_num, device_id, self.dataset.num_examples(device_id))
                 data = self.dataset.device_data(device_id)
                 result = self.trainer.fit(global_params, data, seed=(self.cfg.seed, round_num, device_id))
                 update = result.update
@@ -120,6 +121,23 @@ class Worker:
 
 
 _FAULT_STREAM = 0xFA17
+
+
+class DeadlineMissed(Exception):
+    """A device would finish after the round's (simulated) deadline: it drops out of the round."""
+
+
+def check_deadline(cfg: FedsimConfig, round_num: int, device_id: int, num_examples: int) -> None:
+    """Simulated device time (examples x epochs x seconds_per_example, x slowdown for stragglers)
+    against faults.round_deadline_s; a simulated clock keeps runs reproducible."""
+    f = cfg.faults
+    if f.round_deadline_s is None:
+        return
+    seconds = num_examples * cfg.algorithm.local_epochs * f.seconds_per_example
+    if f.straggler_rate > 0 and np.random.default_rng([cfg.seed, _FAULT_STREAM + 2, round_num, device_id]).random() < f.straggler_rate:
+        seconds *= f.straggler_slowdown
+    if seconds > f.round_deadline_s:
+        raise DeadlineMissed(f"would finish after {seconds:.3g} s, past the round deadline of {f.round_deadline_s:g} s")
 
 
 def injected_failure(cfg: FedsimConfig, round_num: int, device_id: int, *, kind: str = "fail") -> bool:
