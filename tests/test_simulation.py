@@ -15,6 +15,7 @@ import torch
 
 from fedsim.config import from_dict
 from fedsim.run import run
+from helpers import set_keys
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -31,13 +32,7 @@ def tiny(tmp: Path, **over: object) -> dict:
         "simulation": {"num_workers": 1, "ray_temp_dir": str(tmp / "ray")},
         "output": {"progress": False},
     }
-    for key, value in over.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return raw
+    return set_keys(raw, over)
 
 
 def final_params(run_dir: Path) -> torch.Tensor:

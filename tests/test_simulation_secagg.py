@@ -16,6 +16,7 @@ from fedsim.config import from_dict
 from fedsim.run import run
 from fedsim.sampling import sample_cohort
 from fedsim.worker import Worker
+from helpers import set_keys
 
 pytestmark = pytest.mark.ray
 
@@ -33,13 +34,7 @@ def secure_config(tmp: Path, **over: object) -> dict:
         "simulation": {"num_workers": 2, "ray_temp_dir": str(tmp / "ray")},
         "output": {"progress": False},
     }
-    for key, value in over.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return raw
+    return set_keys(raw, over)
 
 
 def rows(run_dir: Path) -> list[dict]:
