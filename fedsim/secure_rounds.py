@@ -208,32 +208,15 @@ def secure_round(
     except SecAggAborted as err:
         return SecureRoundResult(None, 0, [], aborted=err.reason, metrics=_metrics(survivors, bytes_in, t0, len(cohort)))
     in_sum = {cohort[i] for i in server.survivors}
-    kept = [_only(report, in_sum) for report in reports]
+    for report in reports:  # only devices whose masked input made it into the sum
+        report.keep_rows([i for i, d in enumerate(report.device_ids) if d in in_sum])
     total = torch.from_numpy(fp.decode_sum(aggregate, len(in_sum), bound))
     # Each survivor added Skellam(mu) on the grid: the sum carries variance mu * survivors.
     noise_std = math.sqrt(realized_total_variance(mu, len(in_sum))) * fp.step
     metrics = _metrics(survivors, bytes_in, t0, len(cohort))
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
     metrics |= {f"secagg_stage_time_s_{stage}": t for stage, t in stage_time.items()}
-    return SecureRoundResult(total, len(in_sum), kept, metrics=metrics, noise_std=noise_std)
-
-
-def _only(report: DeviceReport, keep: set[int]) -> DeviceReport:
-    """The report restricted to devices whose masked input made it into the sum."""
-    rows = [i for i, d in enumerate(report.device_ids) if d in keep]
-    pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
-    return DeviceReport(
-        device_ids=pick(report.device_ids),
-        num_examples=pick(report.num_examples),
-        losses=pick(report.losses),
-        dp_events=pick(report.dp_events),
-        clip_fractions=pick(report.clip_fractions),
-        within_bound=pick(report.within_bound),
-        failed_ids=report.failed_ids,
-        failures=report.failures,
-        train_time_s=report.train_time_s,
-        peak_rss_mb=report.peak_rss_mb,
-    )
+    return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, noise_std=noise_std)
 
 
 def _metrics(survivors: dict[str, int], bytes_in: dict[str, int], t0: float, n: int) -> dict:

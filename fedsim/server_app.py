@@ -355,10 +355,7 @@ def reject_non_finite(report: wire.DeviceReport) -> None:
     for i in sorted(set(range(len(report.device_ids))) - set(keep)):
         report.failed_ids.append(report.device_ids[i])
         report.failures.append("rejected by the server: update has NaN/inf values or no examples")
-    for name in ("device_ids", "updates", "num_examples", "losses", "dp_events", "clip_fractions", "within_bound"):
-        values = getattr(report, name)
-        if values:
-            setattr(report, name, [values[i] for i in keep])
+    report.keep_rows(keep)
 
 
 def assign_devices(cohort: list[int], nodes: list[int], layout: str) -> list[tuple[int, list[int]]]:

@@ -69,6 +69,15 @@ class DeviceReport:
     train_time_s: float = 0.0
     peak_rss_mb: float = 0.0
 
+    PER_DEVICE = ("device_ids", "updates", "num_examples", "losses", "dp_events", "clip_fractions", "within_bound")
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows of every per-device list (lists left empty stay empty)."""
+        for name in self.PER_DEVICE:
+            values = getattr(self, name)
+            if values:
+                setattr(self, name, [values[i] for i in rows])
+
 
 class Worker:
     """Dataset, model and trainer of one run, reused for every device this worker trains."""
