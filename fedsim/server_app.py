@@ -9,6 +9,7 @@ A device is not a Flower node: workers are SuperNodes that simulate many devices
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import threading
@@ -400,10 +401,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import json
-
     raw = context.run_config.get(RUN_CONFIG_KEY)
-    if not isinstance(raw, str):
-        raise FedsimError(f"run config entry '{RUN_CONFIG_KEY}' is missing: start runs with `fedsim`")
-    cfg = from_dict(json.loads(raw))
+    if not isinstance(raw, str) or not raw.strip():
+        raise FedsimError(
+            f"run config entry '{RUN_CONFIG_KEY}' is empty: pass the resolved config as JSON, "
+            f"e.g. flwr run . <superlink> --run-config \"{RUN_CONFIG_KEY}='<json>'\""
+        )
+    try:
+        cfg = from_dict(json.loads(raw))
+    except json.JSONDecodeError as err:
+        raise FedsimError(f"run config entry '{RUN_CONFIG_KEY}' is not JSON: {err}") from None
     run_rounds(cfg, grid, Path(cfg.output.dir or "outputs/flwr-run"))

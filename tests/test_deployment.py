@@ -1,0 +1,75 @@
+"""The same fedsim app on Flower's deployment engine: a SuperLink and two SuperNodes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import from_dict, resolve_paths
+from fedsim.run import run
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_superlink_and_two_supernodes_train_the_in_process_model(tmp_path: Path) -> None:
+    raw = {
+        "seed": 4, "population": 40, "rounds": 2, "cohort": {"size": 8},
+        "dataset": {"name": "synthetic", "size_max": 60}, "model": {"name": "mlp", "hidden_sizes": [16]},
+        "simulation": {"num_workers": 2, "round_timeout_s": 120, "ray_temp_dir": str(tmp_path / "ray")},
+        "output": {"progress": False, "dir": str(tmp_path / "deployed")},
+    }  # fmt: skip
+    link = free_port()
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_LOG_LEVEL": "WARNING"}
+    procs = []
+    try:
+        procs.append(subprocess.Popen(
+            [BIN / "flower-superlink", "--insecure", "--port", str(link), "--disable-runtime-dependency-installation"],
+            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))  # fmt: skip
+        for _ in range(2):
+            procs.append(subprocess.Popen(
+                [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port())],
+                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))  # fmt: skip
+        cfg_json = resolve_paths(from_dict(raw)).to_json()
+        flwr = subprocess.run(
+            [BIN / "flwr", "run", str(REPO), "local", "--run-config", f"fedsim-config='{cfg_json}'", "--stream"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert flwr.returncode == 0, (flwr.stdout + flwr.stderr)[-3000:]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    deployed = json.loads((tmp_path / "deployed" / "summary.json").read_text())
+    assert deployed["num_workers"] == 2 and deployed["rounds"] == 2
+    raw["output"]["dir"] = None
+    local = run(from_dict(raw), tmp_path / "in_process")
+    assert deployed["model_sha256"] == local["model_sha256"]
