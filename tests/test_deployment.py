@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout_s: float = 120.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port (the SuperLink is up)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s:.0f} s")
 
 
 def test_superlink_and_two_supernodes_train_the_in_process_model(tmp_path: Path) -> None:
@@ -46,6 +58,7 @@ def test_superlink_and_two_supernodes_train_the_in_process_model(tmp_path: Path)
             [BIN / "flower-superlink", "--insecure", "--port", str(link), "--disable-runtime-dependency-installation"],
             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         ))  # fmt: skip
+        wait_for_port(link)
         for _ in range(2):
             procs.append(subprocess.Popen(
                 [BIN / "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(free_port())],
