@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+import torch
+from torch.utils.data import Dataset
+
+
+class PairDataset(Dataset):
+    """A map-style dataset of (x, int label) pairs, as most user datasets give them."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
 
 def set_keys(raw: dict, over: dict[str, object]) -> dict:
     """Set dotted keys ("simulation.num_workers") in a nested config dict, in place; return it."""

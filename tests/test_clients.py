@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from clients import (
     LocalTrainer,
@@ -26,6 +25,7 @@ from clients import (
     num_params,
     train_local,
 )
+from helpers import PairDataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,19 +51,6 @@ def blobs(n: int, seed: int, d: int = 10, classes: int = 3) -> tuple[torch.Tenso
     y = torch.randint(0, classes, (n,), generator=g)
     x = centers[y] + 0.5 * torch.randn(n, d, generator=g)
     return x, y
-
-
-class PairDataset(Dataset):
-    """The general path: items are (x, int label) pairs, as most user datasets give them."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], int(self.y[i])
 
 
 # ----------------------------------------------------------------------------- params

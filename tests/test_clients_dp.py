@@ -17,10 +17,10 @@ from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import Dataset
 
 from clients import DPSGDConfig, DPSGDEvent, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult, check_model
 from clients.params import flat_params
+from helpers import PairDataset
 
 # clients.dp silences this harmless torch warning at import; pytest restores the filters per
 # test, so it is repeated here.
@@ -281,20 +281,10 @@ def test_a_fit_that_raised_mid_step_leaves_nothing_behind() -> None:
 
 
 def test_dataset_items_give_the_same_update_as_tensors() -> None:
-    class Pairs(Dataset):
-        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-            self.x, self.y = x, y
-
-        def __len__(self) -> int:
-            return len(self.y)
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            return self.x[i], int(self.y[i])
-
     x, y = blobs(23, seed=11)
     cfg, dp = TrainConfig(lr=0.1, batch_size=5), DPSGDConfig(1.0, 1.0)
     trainer = DPSGDTrainer(mlp(5), cfg, dp)
-    assert torch.equal(fit(trainer, (x, y), seed=3).update, fit(trainer, Pairs(x, y), seed=3).update)
+    assert torch.equal(fit(trainer, (x, y), seed=3).update, fit(trainer, PairDataset(x, y), seed=3).update)
 
 
 # ----------------------------------------------------------------------------- accounting event
