@@ -7,25 +7,49 @@ config as JSON), one message out (a row per trained device). The wire format liv
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+import json
+import socket
+
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsim import secure_rounds, wire
 from fedsim.worker import get_worker
 
 app = ClientApp()
+WORKER_SETUP_FAILED = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+NODE_DATA_KEY = "fedsim-data"  # flower-supernode --node-config "fedsim-data='/data/femnist'"
+
+
+def local_config(config_json: str, context: Context) -> str:
+    """The run's config as this worker uses it: a SuperNode started with the node config entry
+    `fedsim-data` reads the dataset from that path (its copy of the data) instead of
+    dataset.path, for machines that keep the data at different places."""
+    path = context.node_config.get(NODE_DATA_KEY)
+    if not path:
+        return config_json
+    raw = json.loads(config_json)
+    if "path" not in raw.get("dataset", {}):
+        return config_json  # a dataset without files (synthetic, a hub name): nothing to relocate
+    raw["dataset"]["path"] = str(path)
+    return json.dumps(raw, sort_keys=True)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    del context  # everything a worker needs travels in the message
-    job = wire.read_job(msg.content)
-    worker = get_worker(job.config_json)
-    report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm)
+    job = wire.read_job(msg.content)  # everything a worker needs travels in the message
+    try:
+        worker = get_worker(local_config(job.config_json, context))
+    except Exception as err:  # noqa: BLE001 - reported to the server in the worker's own words
+        # A worker that cannot load its data (or build its model) says so, with its host, in
+        # one line: the server logs it and puts it in the round's metrics (worker_errors).
+        reason = f"{type(err).__name__} on {socket.gethostname()}: {err}".splitlines()[0][:300]
+        return Message(Error(code=WORKER_SETUP_FAILED, reason=f"worker setup failed: {reason}"), reply_to=msg)
+    report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm, groups=job.groups)
     return Message(content=wire.write_report(report), reply_to=msg)
 
 
 @app.train("secagg")
 def secagg_stage(msg: Message, context: Context) -> Message:
     """One SecAgg+ stage for this worker's devices (see fedsim.secure_rounds)."""
-    return secure_rounds.handle(msg, context, get_worker)
+    return secure_rounds.handle(msg, context, lambda config_json: get_worker(local_config(config_json, context)))

@@ -146,6 +146,9 @@ class SimulationConfig:
     retries: int = 2  # resend a failed (or silent) worker's job this many times per round
     log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
     ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
+    ray_address: str | None = None  # attach to a running Ray cluster ("auto" or HOST:PORT); None = start Ray here
+    vectorize: str = "auto"  # train a worker's devices as one batched computation: auto | on | off
+    device_group: int = 32  # at most this many devices per batched computation (groups depend on the cohort only)
 
 
 @dataclass
@@ -245,6 +248,9 @@ class FedsimConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str | None = None  # a checkpoint file or run directory: continue that run (its config wins)
+    engine: str = "simulation"  # simulation (Flower's simulation engine, Ray) | deployment (a running SuperLink)
+    superlink: str | None = None  # deployment: the SuperLink's HOST:PORT, or a connection name in $FLWR_HOME/config.toml
+    superlink_ca: str | None = None  # deployment: CA certificate (PEM) to reach the SuperLink over TLS; None = insecure
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -442,12 +448,26 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(s.num_workers, "simulation.num_workers")
     _positive(s.cpus_per_worker, "simulation.cpus_per_worker")
     ncpu = os.cpu_count() or 1
-    if s.cpus_per_worker > ncpu:
+    if s.cpus_per_worker > ncpu and not s.ray_address:
         raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs of this machine")
     _positive(s.torch_threads, "simulation.torch_threads")
     _positive(s.round_timeout_s, "simulation.round_timeout_s")
     _positive(s.retries, "simulation.retries", allow_zero=True)
     _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
+    _choice(s.vectorize, "simulation.vectorize", ("auto", "on", "off"))
+    _positive(s.device_group, "simulation.device_group")
+    if s.ray_address is not None and not s.ray_address.strip():
+        raise ConfigError("simulation.ray_address", "must be 'auto', HOST:PORT or null")
+    _choice(cfg.engine, "engine", ("simulation", "deployment"))
+    if cfg.engine == "deployment":
+        if not cfg.superlink:
+            raise ConfigError("superlink", "engine=deployment needs the SuperLink: superlink=HOST:PORT (or a connection name)")
+        if s.layout == "classic":
+            raise ConfigError("simulation.layout", "the deployment engine runs the multiplexed layout only")
+        if s.ray_address:
+            raise ConfigError("simulation.ray_address", "applies to engine=simulation only")
+    if cfg.superlink_ca is not None and not Path(cfg.superlink_ca).expanduser().is_file():
+        raise ConfigError("superlink_ca", f"no such file: {cfg.superlink_ca}")
     if s.layout == "classic" and cfg.population > 100_000:
         raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import FedsimConfig, resolve_paths
+from fedsim.errors import ConfigError
 
 
 class _DropDeprecation(logging.Filter):
@@ -51,6 +52,16 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     With `cfg.resume`, continue the checkpointed run instead: its own config (only the
     simulation, output and checkpoint settings of `cfg` apply) and its run directory.
     """
+    if cfg.engine == "deployment":  # a running SuperLink does the work (fedsim.deploy)
+        from fedsim.deploy import run_deployment
+
+        if cfg.resume:
+            raise ConfigError("resume", "resuming runs on engine=simulation only")
+        _quiet(cfg.simulation.log_level)
+        summary = run_deployment(cfg, run_dir)
+        if cfg.output.report:
+            _write_report(Path(run_dir).absolute())
+        return summary
     resume_state = None
     if cfg.resume:
         cfg, run_dir, resume_state = _resumed(cfg)
@@ -77,7 +88,9 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         "include_dashboard": False,
         "logging_level": sim.log_level,
     }
-    with _short_path(sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
+    if sim.ray_address:
+        cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
+    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         run_simulation(
@@ -93,6 +106,37 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
+
+
+def _attach_ray(address: str, num_workers: int | None, cpus_per_worker: float) -> int:
+    """Connect to a running Ray cluster (`ray start --head`, more nodes with `ray start --address`)
+    before Flower's simulation engine starts: Flower then uses this connection (it calls
+    ray.init only when Ray is not initialized) and spreads its worker actors over the cluster.
+    Returns the number of workers: as configured, or one per `cpus_per_worker` cluster CPUs."""
+    import ray
+
+    from fedsim.errors import FedsimError
+
+    # What Flower's RayBackend.init_ray passes, so workers import fedsim like this process does
+    # (on other machines fedsim must be installed at the same path, see docs/distributed.md).
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level=logging.WARNING,
+                 log_to_driver=False)  # fmt: skip
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise FedsimError(f"simulation.ray_address={address}: cannot attach to a Ray cluster: {str(err).splitlines()[0]}") from None
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    workers = num_workers or max(1, int(cpus // cpus_per_worker))
+    if workers * cpus_per_worker > cpus:
+        ray.shutdown()
+        raise FedsimError(
+            f"simulation.num_workers={workers} x cpus_per_worker={cpus_per_worker:g} needs more than the "
+            f"{cpus:g} CPUs of the Ray cluster at {address}"
+        )
+    sys.stderr.write(f"[fedsim] attached to the Ray cluster at {address}: {nodes} node(s), {cpus:g} CPUs, {workers} workers\n")
+    return workers
 
 
 def _write_report(run_dir: Path) -> None:

@@ -43,7 +43,7 @@ from fedsim.secagg import (
     skellam,
     skellam_tail_bound,
 )
-from fedsim.worker import DeviceReport, Worker
+from fedsim.worker import DeviceReport, Worker, keep_in_groups
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 MESSAGE_TYPE = "train.secagg"
@@ -142,15 +142,20 @@ def secure_round(
     if clip_norm is not None:
         base["clip_norm"] = float(clip_norm)
 
+    from fedsim.server_app import send_and_receive  # the server's polling (it imports this module)
+
     def exchange(stage: str, requests: dict[int, dict], extra: dict[str, ArrayRecord] | None = None) -> list[RecordDict]:
         started = time.perf_counter()
         messages = []
-        for node, ids in plan:
+        for part in plan:
+            node, ids = part
             mine = [d for d in ids if position[d] in requests]
             if not mine:
                 continue
-            content = RecordDict({"job": ConfigRecord({**base, "stage": stage, "device_ids": mine,
-                                                       "positions": [position[d] for d in mine]})})  # fmt: skip
+            job = {**base, "stage": stage, "device_ids": mine, "positions": [position[d] for d in mine]}
+            if stage == "masked_input" and wire.groups_of(part) is not None:  # vectorized training
+                job["groups"] = keep_in_groups(ids, wire.groups_of(part), set(mine))
+            content = RecordDict({"job": ConfigRecord(job)})
             for d in mine:
                 content[f"req.{position[d]}"] = ConfigRecord(requests[position[d]])
             for key, record in (extra or {}).items():
@@ -158,7 +163,7 @@ def secure_round(
             bytes_out[stage] = bytes_out.get(stage, 0) + wire.payload_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num)))
         received = []
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        for reply in send_and_receive(grid, messages, timeout=timeout).values():
             if reply.has_error():
                 continue  # the worker's devices count as dropped at this stage
             for hook in RECEIVED:
@@ -264,7 +269,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         mu = float(job["skellam_mu"])  # type: ignore[arg-type]
         global_params = torch.from_numpy(msg.content.array_records["global"]["params"].numpy())
         clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
-        report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm)
+        # The plan's groups (vectorized training) without the devices that dropped here.
+        sizes = [int(g) for g in job["groups"]] if "groups" in job else None  # type: ignore[union-attr]
+        groups = keep_in_groups(device_ids, sizes, {d for d, _ in live})
+        report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
         masked: dict[str, Array] = {}
         pos_of = dict(live)
         for d, update in zip(report.device_ids, report.updates, strict=True):

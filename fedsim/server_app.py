@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import fixed_point, secure_round
+from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
@@ -49,6 +51,8 @@ class RunSetup:
     sample_dp: SampleLevelDP | None  # sample-level DP-SGD: ledger, accountant, budgets
     user_dp: UserLevelDP | None  # user-level DP-FedAvg: clipping, central noise, accounting
     resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
+    device_group: int | None = None  # vectorized training: devices per batched group (None: one by one)
+    vectorized_why: str = ""  # why the run trains vectorized or not (fedsim.worker.use_vectorized)
 
 
 def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: dict | None = None) -> RunSetup:
@@ -63,7 +67,10 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
     if cfg.secagg.name == "secaggplus":
         fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
-    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume)
+    # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
+    vectorized, why = use_vectorized(cfg, model, dataset)
+    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
+                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why)  # fmt: skip
 
 
 STOP = threading.Event()  # set by Ctrl-C (fedsim.run): the loop stops at the next round boundary
@@ -89,9 +96,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
     optimizer = build_server_optimizer(cfg.algorithm)
-    if hasattr(grid, "pull_interval"):  # in-process grid: poll replies every 10 ms, not 100 ms
-        grid.pull_interval = 0.01
-    nodes = wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0)
+    workers = Workers(wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0))
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
     first_round, elapsed_before = 1, 0.0
@@ -123,9 +128,20 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 round_num=round_num,
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
-            out = exchange(cfg, grid, assign_devices(cohort, nodes, cfg.simulation.layout), params, round_num,
-                           config_json, user_dp)  # fmt: skip
+            alive = workers.alive(grid)
+            if not alive:
+                stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
+                    f"worker {n}: {why}" for n, why in workers.lost.items()))  # fmt: skip
+                break
+            plan = assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else alive,
+                                  cfg.simulation.layout, setup.device_group)  # fmt: skip
+            out = exchange(cfg, grid, plan, params, round_num, config_json, user_dp, workers)
             out.stats["devices_failed"] = len(cohort) - out.count
+            out.stats["workers_lost"] = len(workers.lost)
+            if out.stats.pop("all_workers_failed", False):
+                # Every worker answered with an error (after the retries): a setup problem such
+                # as missing data. Stop with the workers' own words rather than train nothing.
+                stopped = FedsimError(f"round {round_num}: every worker failed: {out.stats['worker_errors'][0]}")
 
             privacy: dict = {}
             if out.total is not None:
@@ -165,13 +181,16 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
                 save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start)
+            if stopped:
+                break
     except BaseException:
         runlog.close()
         raise
     load_flat_params(model, params)
     extra = {
         "num_params": len(params),
-        "num_workers": len(nodes),
+        "num_workers": len(workers.nodes),
+        "workers_lost": {str(node): why for node, why in workers.lost.items()},
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
@@ -196,6 +215,7 @@ def exchange(
     round_num: int,
     config_json: str,
     user_dp: UserLevelDP | None,
+    workers: Workers,
 ) -> RoundOutcome:
     """Send the round to the workers and bring back the (sum of the) device updates."""
     clip_norm = user_dp.clip_norm if user_dp else None
@@ -212,48 +232,136 @@ def exchange(
             stats["secagg_aborted"] = secure.aborted
         # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
         return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats, secure.noise_std)
-    jobs = {
-        node: wire.write_job(
-            round_num=round_num, device_ids=ids, config_json=config_json, global_params=params.numpy(), clip_norm=clip_norm
-        )
-        for node, ids in plan
-    }
-    replies, workers_failed, retried = send_with_retries(cfg, grid, jobs, round_num)
+    jobs = [
+        (part[0], wire.write_job(
+            round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
+            clip_norm=clip_norm, groups=wire.groups_of(part),
+        ))
+        for part in plan
+    ]  # fmt: skip
+    sent = send_with_retries(cfg, grid, jobs, round_num, workers)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-    running, stats, reports = collect(replies, len(params), weighted=user_dp is None)
-    stats["bytes_sent"] = sum(wire.payload_bytes(content) for content in jobs.values()) * (1 + retried)
-    stats |= {"workers_failed": workers_failed, "worker_retries": retried}
+    running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
+    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent}
+    if sent.errors:
+        stats["worker_errors"] = sorted(set(sent.errors))
+        stats["all_workers_failed"] = not sent.replies
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
 
 
-def send_with_retries(
-    cfg: FedsimConfig, grid: Grid, jobs: dict[int, RecordDict], round_num: int
-) -> tuple[list[Message], int, int]:
-    """Send each worker its job; resend the jobs of workers that failed or did not answer.
+@dataclass
+class Delivery:
+    """What `send_with_retries` got back for a round's jobs."""
 
-    A worker process can die mid-round (Ray then answers with an error). Device training is
-    a function of (seed, round, device) only, so a resent job gives the same updates and the
-    run stays bit-identical. Returns (good replies, workers that failed at least once, resends).
+    replies: list[Message]  # the good replies
+    jobs_failed: int  # jobs that failed (or got no answer) at least once
+    resent: int  # messages sent again
+    errors: list[str]  # the workers' error reasons, "worker <node>: <reason>"
+    bytes_sent: int  # payload bytes of every message sent, resends included
+
+
+def send_with_retries(
+    cfg: FedsimConfig, grid: Grid, jobs: list[tuple[int, RecordDict]], round_num: int, workers: Workers
+) -> Delivery:
+    """Send each job to its worker; resend the jobs that failed or got no answer.
+
+    A worker process can die mid-round (Ray then answers with an error) and a SuperNode can
+    vanish (no answer within simulation.round_timeout_s: it is dropped from the run, see
+    `Workers`). Device training is a function of (seed, round, device) only, so a job resent
+    to another worker gives the same updates and the run stays bit-identical.
     """
-    pending, good, failed, resent = dict(jobs), [], set(), 0
+    timeout = cfg.simulation.round_timeout_s
+    targets = [node for node, _ in jobs]
+    sizes = [wire.payload_bytes(content) for _, content in jobs]
+    pending, good, ever_failed, errors, resent, sent_bytes = list(range(len(jobs))), [], set(), [], 0, 0
     for attempt in range(1 + cfg.simulation.retries):
+        if attempt:
+            alive = workers.alive(grid)
+            if not alive:
+                break
+            for i, job in enumerate(pending):  # move the job when its worker failed: the next live one
+                if targets[job] not in alive or len(alive) > 1:
+                    others = [n for n in alive if n != targets[job]] or alive
+                    targets[job] = others[i % len(others)]
+            resent += len(pending)
         messages = [
-            Message(content, dst_node_id=node, message_type="train", group_id=str(round_num))
-            for node, content in pending.items()
+            Message(jobs[job][1], dst_node_id=targets[job], message_type="train", group_id=str(round_num))
+            for job in pending
         ]
-        resent += len(messages) if attempt else 0
-        for reply in grid.send_and_receive(messages, timeout=cfg.simulation.round_timeout_s):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                reason = (reply.error.reason or str(reply.error.code)).splitlines()[0][:200]
-                log.warning("round %d: worker %d failed (attempt %d): %s", round_num, node, attempt + 1, reason)
+        sent_bytes += sum(sizes[job] for job in pending)
+        replies = send_and_receive(grid, messages, timeout=timeout)
+        still = []
+        for k, job in enumerate(pending):
+            reply = replies.get(k)
+            if reply is None:
+                workers.lose(targets[job], f"no answer within {timeout:g} s in round {round_num}")
+            elif reply.has_error():
+                reason = (reply.error.reason or str(reply.error.code)).strip().splitlines()[0][:300]
+                log.warning("round %d: worker %d failed (attempt %d): %s", round_num, targets[job], attempt + 1, reason)
+                errors.append(f"worker {targets[job]}: {reason}")
+            else:
+                good.append(reply)
                 continue
-            good.append(reply)
-            pending.pop(node, None)
-        failed |= set(pending)
+            still.append(job)
+        ever_failed |= set(still)
+        pending = still
         if not pending:
             break
-    return good, len(failed), resent
+    return Delivery(good, len(ever_failed), resent, errors, sent_bytes)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
+    """Push `messages`, then pull their replies until all are in or `timeout` passed; returns
+    {index of the message: its reply}.
+
+    Grid.send_and_receive does the same but sleeps between pulls: 100 ms in-process and 3 s
+    on the deployment engine (flwr/superlink/grid/http_grid.py), most of a small round.
+    Here the pause grows from 5 ms to 10 ms (in-process) or 200 ms (over the network).
+    """
+    if not messages:
+        return {}
+    ids = list(grid.push_messages(messages))
+    index = {mid: i for i, mid in enumerate(ids)}
+    waiting = set(ids)
+    replies: dict[int, Message] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pause, longest = 0.005, (0.01 if hasattr(grid, "pull_interval") else 0.2)
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            mid = reply.metadata.reply_to_message_id
+            if mid in waiting:
+                waiting.discard(mid)
+                replies[index[mid]] = reply
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, longest)
+    return replies
+
+
+class Workers:
+    """The worker SuperNodes of a run, and the ones it lost.
+
+    A worker is lost when it gives no answer within simulation.round_timeout_s, or when the
+    SuperLink stops listing it (a SuperNode that stopped, or missed its heartbeats). Lost
+    workers get no more jobs; their devices go to the others (multiplexed layout).
+    """
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = list(nodes)
+        self.lost: dict[int, str] = {}
+
+    def lose(self, node: int, reason: str) -> None:
+        if node in self.nodes and node not in self.lost:
+            log.warning("worker %d lost (%s); its jobs go to the other workers", node, reason)
+            self.lost[node] = reason
+
+    def alive(self, grid: Grid) -> list[int]:
+        listed = set(grid.get_node_ids())
+        for node in self.nodes:
+            if node not in listed:
+                self.lose(node, "no longer connected to the SuperLink")
+        return [n for n in self.nodes if n not in self.lost]
 
 
 def save_checkpoint(
@@ -359,16 +467,33 @@ def reject_non_finite(report: wire.DeviceReport) -> None:
     report.keep_rows(keep)
 
 
-def assign_devices(cohort: list[int], nodes: list[int], layout: str) -> list[tuple[int, list[int]]]:
-    """(node id, device ids) per worker that has work this round.
+def assign_devices(
+    cohort: list[int], nodes: list[int], layout: str, device_group: int | None = None
+) -> list[wire.Assignment]:
+    """(node id, device ids) per worker that has work this round; `.groups` the group sizes.
 
     multiplexed: the sorted cohort is cut into near-equal contiguous chunks, one per worker.
-    classic: device d is simulated by the d-th SuperNode (nodes sorted by id).
+    With `device_group` (vectorized training, RunSetup.device_group), the sorted cohort is
+    first cut into ceil(len / device_group) near-equal groups, which depend on the cohort
+    alone, never on the workers: a device's batched update depends on its group, so this
+    keeps runs bit-identical whatever the number of workers. Whole groups then go to the
+    workers, contiguously, near-equal group counts per worker.
+    classic: device d is simulated by the d-th SuperNode (nodes sorted by id), alone.
     """
     if layout == "classic":
-        return [(nodes[d], [d]) for d in cohort]
-    chunks = np.array_split(np.asarray(cohort, dtype=np.int64), len(nodes))
-    return [(node, chunk.tolist()) for node, chunk in zip(nodes, chunks, strict=True) if len(chunk)]
+        return [wire.Assignment(nodes[d], [d]) for d in cohort]
+    if device_group is None:
+        chunks = np.array_split(np.asarray(cohort, dtype=np.int64), len(nodes))
+        return [wire.Assignment(node, chunk.tolist()) for node, chunk in zip(nodes, chunks, strict=True) if len(chunk)]
+    if not cohort:
+        return []
+    ordered = np.sort(np.asarray(cohort, dtype=np.int64))
+    groups = np.array_split(ordered, -(-len(ordered) // device_group))
+    per_worker = np.array_split(np.arange(len(groups)), min(len(nodes), len(groups)))  # nodes idle past the groups
+    return [
+        wire.Assignment(node, [int(d) for g in mine for d in groups[g]], [len(groups[g]) for g in mine])
+        for node, mine in zip(nodes, per_worker, strict=False)
+    ]
 
 
 def wait_for_workers(grid: Grid, expected: int, *, timeout_s: float) -> list[int]:
@@ -401,14 +526,31 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedsim import deploy
+
     raw = context.run_config.get(RUN_CONFIG_KEY)
     if not isinstance(raw, str) or not raw.strip():
-        raise FedsimError(
+        message = (
             f"run config entry '{RUN_CONFIG_KEY}' is empty: pass the resolved config as JSON, "
-            f"e.g. flwr run . <superlink> --run-config \"{RUN_CONFIG_KEY}='<json>'\""
+            f"e.g. flwr run . <superlink> --run-config \"{RUN_CONFIG_KEY}='<json>'\" (or use fedsim engine=deployment)"
         )
+        deploy.ship_error(message)
+        raise FedsimError(message)
     try:
         cfg = from_dict(json.loads(raw))
-    except json.JSONDecodeError as err:
-        raise FedsimError(f"run config entry '{RUN_CONFIG_KEY}' is not JSON: {err}") from None
-    run_rounds(cfg, grid, Path(cfg.output.dir or "outputs/flwr-run"))
+    except (json.JSONDecodeError, FedsimError) as err:
+        deploy.ship_error(f"run config entry '{RUN_CONFIG_KEY}': {err}")
+        raise FedsimError(f"run config entry '{RUN_CONFIG_KEY}': {err}") from None
+    run_dir = Path(cfg.output.dir or "outputs/flwr-run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:  # the launcher's path does not exist here (another machine): a local one
+        run_dir = Path(tempfile.mkdtemp(prefix="fedsim-run-"))
+    cfg.output.progress = True  # the progress lines are the run's log on the launcher's terminal
+    try:
+        run_rounds(cfg, grid, run_dir)
+    except FedsimError as err:
+        deploy.ship_outputs(run_dir)  # what was written before the error (nothing is lost)
+        deploy.ship_error(str(err))
+        raise
+    deploy.ship_outputs(run_dir)

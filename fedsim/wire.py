@@ -3,7 +3,9 @@
 Server -> worker ("train"):
     arrays["global"]  = {"params": flat float32 global weights}
     configs["job"]    = {"round": int, "device_ids": [int], "config": resolved run config (JSON),
-                         "clip_norm": float (user-level DP only)}
+                         "clip_norm": float (user-level DP only),
+                         "groups": [int] (vectorized training only: sizes of consecutive runs of
+                                   device_ids trained as one batch; absent = each device alone)}
 Worker -> server:
     arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
     configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
@@ -19,6 +21,7 @@ skips rather than crash on.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,11 +29,47 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.worker import DeviceReport
 
-__all__ = ["BadReply", "DeviceReport", "Job", "read_job", "read_report", "write_job", "write_report"]
+if TYPE_CHECKING:
+    from fedsim.config import FedsimConfig
+    from fedsim.data import FederatedDataset
+
+__all__ = [
+    "Assignment",
+    "BadReply",
+    "DeviceReport",
+    "Job",
+    "read_job",
+    "read_report",
+    "write_job",
+    "write_report",
+]
 
 
 class BadReply(ValueError):
     """A worker's reply is missing records or has inconsistent shapes."""
+
+
+class Assignment(tuple):
+    """One worker's part of a round: unpacks as `(node id, device ids)`; `.groups` holds the
+    sizes of the consecutive device groups trained as one batch (None: each device alone).
+
+    A tuple, so a plan still reads `for node, ids in plan` and compares equal to plain pairs.
+    """
+
+    groups: list[int] | None
+
+    def __new__(cls, node: int, device_ids: list[int], groups: list[int] | None = None) -> Assignment:
+        obj = super().__new__(cls, (node, device_ids))
+        obj.groups = groups
+        return obj
+
+    def __getnewargs__(self) -> tuple:  # type: ignore[override]  # copy/pickle: rebuild with the groups
+        return (self[0], self[1], self.groups)
+
+
+def groups_of(part: tuple[int, list[int]]) -> list[int] | None:
+    """The group sizes of a plan entry (a plain (node, ids) pair: None, each device alone)."""
+    return getattr(part, "groups", None)
 
 
 @dataclass
@@ -40,14 +79,25 @@ class Job:
     config_json: str
     global_params: torch.Tensor
     clip_norm: float | None = None  # user-level DP: clip each device's update to this L2 norm
+    groups: list[int] | None = None  # vectorized training: sizes of consecutive device groups
 
 
 def write_job(
-    *, round_num: int, device_ids: list[int], config_json: str, global_params: np.ndarray, clip_norm: float | None = None
+    *,
+    round_num: int,
+    device_ids: list[int],
+    config_json: str,
+    global_params: np.ndarray,
+    clip_norm: float | None = None,
+    groups: list[int] | None = None,
 ) -> RecordDict:
     job: dict = {"round": round_num, "device_ids": device_ids, "config": config_json}
     if clip_norm is not None:
         job["clip_norm"] = float(clip_norm)
+    if groups is not None:
+        if any(g < 1 for g in groups) or sum(groups) != len(device_ids):
+            raise ValueError(f"group sizes {groups} do not partition the job's {len(device_ids)} devices")
+        job["groups"] = [int(g) for g in groups]
     return RecordDict({"global": ArrayRecord({"params": Array(global_params)}), "job": ConfigRecord(job)})
 
 
@@ -60,6 +110,7 @@ def read_job(content: RecordDict) -> Job:
         config_json=str(job["config"]),
         global_params=torch.from_numpy(params),
         clip_norm=float(job["clip_norm"]) if "clip_norm" in job else None,  # type: ignore[arg-type]
+        groups=[int(g) for g in job["groups"]] if "groups" in job else None,  # type: ignore[union-attr]
     )
 
 

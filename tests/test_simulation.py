@@ -71,11 +71,19 @@ def test_same_seed_gives_bit_identical_model_with_one_or_two_workers(base_run: P
     assert torch.equal(final_params(tmp_path / "two"), ref)
     run(from_dict(tiny(tmp_path, seed=4)), tmp_path / "other")
     assert not torch.equal(final_params(tmp_path / "other"), ref)
+    # Vectorized groups of 3 spread over both workers: still the same model with 1 or 2 workers.
+    for workers in (1, 2):
+        run(from_dict(tiny(tmp_path, **{"simulation.num_workers": workers, "simulation.device_group": 3})),
+            tmp_path / f"groups{workers}")  # fmt: skip
+    assert torch.equal(final_params(tmp_path / "groups1"), final_params(tmp_path / "groups2"))
 
 
-def test_classic_layout_one_supernode_per_device_gives_the_same_model(base_run: Path, tmp_path: Path) -> None:
+def test_classic_layout_one_supernode_per_device_gives_the_same_model(tmp_path: Path) -> None:
+    # Classic trains one device per SuperNode: the same model as multiplexed one-by-one training
+    # (the vectorized path agrees with both to float rounding, tests/test_worker_vectorized.py).
     run(from_dict(tiny(tmp_path, **{"simulation.layout": "classic"})), tmp_path / "classic")
-    assert torch.equal(final_params(tmp_path / "classic"), final_params(base_run))
+    run(from_dict(tiny(tmp_path, **{"simulation.vectorize": "off", "simulation.num_workers": 2})), tmp_path / "off")
+    assert torch.equal(final_params(tmp_path / "classic"), final_params(tmp_path / "off"))
     summary = json.loads((tmp_path / "classic" / "summary.json").read_text())
     assert summary["num_workers"] == 40
 

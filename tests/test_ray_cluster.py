@@ -1,0 +1,72 @@
+"""The simulation engine attached to a running Ray cluster (`ray start --head` on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsim.config import from_dict
+from fedsim.run import run
+
+pytestmark = pytest.mark.ray
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(tmp: Path, **simulation: object) -> dict:
+    return {
+        "seed": 6, "population": 40, "rounds": 2, "cohort": {"size": 8},
+        "dataset": {"name": "synthetic", "size_max": 60}, "model": {"name": "mlp", "hidden_sizes": [16]},
+        "simulation": {"num_workers": 2, "ray_temp_dir": str(tmp / "ray"), **simulation},
+        "output": {"progress": False},
+    }  # fmt: skip
+
+
+def test_simulation_attached_to_a_ray_head_trains_the_same_model(tmp_path: Path) -> None:
+    port = free_port()
+    # Ray's unix sockets live under its temp dir: keep the path short (AF_UNIX limit of 107 bytes).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fsrh", dir="/tmp"))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    head = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not start within 120 s"
+            time.sleep(0.5)
+        attached = run(from_dict(config(tmp_path, ray_address=f"127.0.0.1:{port}")), tmp_path / "attached")
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: stopping `ray start` stops the head's processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    assert attached["num_workers"] == 2
+    local = run(from_dict(config(tmp_path)), tmp_path / "local")
+    assert attached["model_sha256"] == local["model_sha256"]
+    rows = [json.loads(line) for line in (tmp_path / "attached" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["devices_failed"] for r in rows] == [0, 0]
+    # Nothing of the head is left running (its processes name its temp dir on their command lines).
+    time.sleep(1)
+    leftovers = subprocess.run(["pgrep", "-af", str(ray_tmp)], capture_output=True, text=True).stdout
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leftovers.strip(), leftovers[:500]
