@@ -4,7 +4,9 @@
    `clients.DPSGDTrainer` (Opacus hooks and ew), one torch thread, median of many fits;
    prints microseconds per update and the DP/plain ratio. Workloads: the tiny MLP (60-32-10,
    50 examples, batch 10) and the FEMNIST DP CNN of conf/experiment/femnist_dpsgd.yaml on one
-   140-example device (batch 20).
+   140-example device (batch 20). Then the same updates through `clients.VectorizedTrainer`
+   (25 devices per batched fit, what workers do with simulation.vectorize): per device,
+   plain and DP-SGD, and DP-SGD against the one-by-one plain update.
 2. Server ledger: a population of 100,000 synthetic devices (their real sizes), 50 devices per
    round; per round the budget check of the sampled cohort, recording the events, and the
    epsilon max/median over everyone and over the cohort, as the ServerApp does. Prints
@@ -21,6 +23,7 @@ import time
 import torch
 
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, flat_params
+from clients.vectorized import VectorizedTrainer
 from fedsim.config import ModelConfig, SyntheticConfig
 from fedsim.data import load_dataset
 from fedsim.models import build_model
@@ -60,6 +63,37 @@ def device_updates() -> None:
             dp = DPSGDTrainer(model, cfg, DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode))
             row.append(time_fits(dp, flat_params(build_model(mcfg, shape, classes, seed=0)), data, reps))
         print(f"{name:<38} | {row[0]:>9.0f} | {row[1]:>11.0f} | {row[1] / row[0]:>4.1f}x | {row[2]:>9.0f} | {row[2] / row[0]:>4.1f}x")
+    vectorized_updates(workloads)
+
+
+def time_groups(trainer: VectorizedTrainer, params: torch.Tensor, datas: list, reps: int) -> float:
+    """Median microseconds per device update when `trainer` fits the whole group at once."""
+    for i in range(2):  # warm-up
+        trainer.fit_many(params, datas, [(0, 0, i, d) for d in range(len(datas))])
+    times = []
+    for i in range(reps):
+        t = time.perf_counter()
+        trainer.fit_many(params, datas, [(0, 1, i, d) for d in range(len(datas))])
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) / len(datas) * 1e6
+
+
+def vectorized_updates(workloads: list, group: int = 25) -> None:
+    """The same updates through clients.VectorizedTrainer, `group` devices per batched fit
+    (what fedsim's workers do with simulation.vectorize on: 50 devices / 2 workers)."""
+    print(f"\nvectorized device update ({group} devices per batched fit, 1 torch thread, median per device)")
+    print(f"{'workload':<38} | {'plain us':>9} | {'dp us':>9} | {'dp/plain':>8} | {'dp / one-by-one plain':>21}")
+    for name, mcfg, shape, classes, data, batch, reps in workloads:
+        cfg = TrainConfig(lr=0.1, local_epochs=1, batch_size=batch)
+        params = flat_params(build_model(mcfg, shape, classes, seed=0))
+        g = torch.Generator().manual_seed(1)
+        # Different data per device (same shapes as the one-by-one workload).
+        datas = [(data[0][torch.randperm(len(data[1]), generator=g)], data[1]) for _ in range(group)]
+        one_by_one = time_fits(LocalTrainer(build_model(mcfg, shape, classes, seed=0), cfg), params, datas[0], max(reps // 5, 5))
+        plain = time_groups(VectorizedTrainer(build_model(mcfg, shape, classes, seed=0), cfg), params, datas, max(reps // 20, 3))
+        dp_cfg = DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+        dp = time_groups(VectorizedTrainer(build_model(mcfg, shape, classes, seed=0), cfg, dp_cfg), params, datas, max(reps // 20, 3))
+        print(f"{name:<38} | {plain:>9.0f} | {dp:>9.0f} | {dp / plain:>7.1f}x | {dp / one_by_one:>20.1f}x")
 
 
 def ledger_rounds(population: int = 100_000, cohort: int = 50, rounds: int = 30) -> None:

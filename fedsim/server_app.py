@@ -474,10 +474,12 @@ def assign_devices(
 
     multiplexed: the sorted cohort is cut into near-equal contiguous chunks, one per worker.
     With `device_group` (vectorized training, RunSetup.device_group), the sorted cohort is
-    first cut into ceil(len / device_group) near-equal groups, which depend on the cohort
-    alone, never on the workers: a device's batched update depends on its group, so this
-    keeps runs bit-identical whatever the number of workers. Whole groups then go to the
-    workers, contiguously, near-equal group counts per worker.
+    first cut into near-equal groups, which depend on the cohort alone, never on the workers:
+    a device's batched update depends on its group, so this keeps runs bit-identical whatever
+    the number of workers. The number of groups is ceil(len / device_group) rounded up to an
+    even number (machines have an even number of cores: a cohort of 50 in groups of at most
+    32 is 2 x 25, so 2 workers share it evenly). Whole groups then go to the workers,
+    contiguously, near-equal group counts per worker.
     classic: device d is simulated by the d-th SuperNode (nodes sorted by id), alone.
     """
     if layout == "classic":
@@ -488,7 +490,9 @@ def assign_devices(
     if not cohort:
         return []
     ordered = np.sort(np.asarray(cohort, dtype=np.int64))
-    groups = np.array_split(ordered, -(-len(ordered) // device_group))
+    count = -(-len(ordered) // device_group)
+    count = min(count + count % 2, len(ordered))
+    groups = np.array_split(ordered, count)
     per_worker = np.array_split(np.arange(len(groups)), min(len(nodes), len(groups)))  # nodes idle past the groups
     return [
         wire.Assignment(node, [int(d) for g in mine for d in groups[g]], [len(groups[g]) for g in mine])

@@ -14,3 +14,8 @@ pip_install() {
 pip_install --upgrade pip
 pip_install torch==2.13.0
 pip_install -e ".[test]"
+if [ "${1:-}" = "--bench" ]; then
+  # pfl-research for bench/speed.py. pfl 0.6.0 pins dp-accounting<0.6, which would downgrade
+  # fedsim's PLD accounting; it runs with 0.6.0, so its two packages go in without the resolver.
+  pip_install --no-deps "pfl==0.6.0" "prv-accountant==0.2.0"
+fi

@@ -120,8 +120,9 @@ def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path
 
 @pytest.mark.ray
 def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path: Path) -> None:
+    # device_group=10: four vectorized groups, so both workers have a job every round.
     args = ["population=100", "cohort.size=30", "cohort.sampling=fixed", "rounds=14", "privacy=dpsgd",
-            "output.progress=false", "simulation.num_workers=2"]  # fmt: skip
+            "output.progress=false", "simulation.num_workers=2", "simulation.device_group=10"]  # fmt: skip
     ref = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'ref'}")
     assert ref.wait(timeout=300) == 0
     proc = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'hit'}")

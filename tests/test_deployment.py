@@ -189,7 +189,7 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     nodes = [cluster.add_node() for _ in range(3)]
     out = tmp_path / "deployed"
     raw = synthetic(tmp_path, rounds=4, engine="deployment", superlink=cluster.address)
-    # Groups of at most 3 devices (8 devices: 3 + 3 + 2): every worker has a job each round.
+    # Groups of at most 3 devices (8 devices: 4 groups of 2): every worker has a job each round.
     raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 10, "device_group": 3}
     raw["output"]["dir"] = str(out)
     cfg_file = tmp_path / "cfg.json"
@@ -226,7 +226,7 @@ def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(cluster: C
     raw = synthetic(tmp_path, engine="deployment", superlink=cluster.address, population=20,
                     dataset={"name": "femnist", "path": str(FEMNIST)})  # fmt: skip
     raw["cohort"]["size"] = 6
-    raw["simulation"]["device_group"] = 2  # 3 groups: both workers get a job every round
+    raw["simulation"]["device_group"] = 2  # 4 groups: both workers get a job every round
     summary = run(from_dict(raw), tmp_path / "deployed")
     rows = [json.loads(line) for line in (tmp_path / "deployed" / "metrics.jsonl").read_text().splitlines()]
     errors = [e for r in rows for e in r.get("worker_errors", [])]
