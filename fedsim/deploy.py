@@ -121,7 +121,9 @@ class Collector:
             if at >= 0:
                 self.error = line[at + len(ERROR) :].strip()
                 continue
-            if echo is not None and not _flower_chatter(line):
+            # After a fedsim error only Flower's report of the ServerApp's exception follows
+            # (a traceback): the error's one line is what the user gets (exit status 2).
+            if echo is not None and self.error is None and not _flower_chatter(line):
                 echo.write(line)
                 echo.flush()
             tail = [*tail[-9:], line]

@@ -194,18 +194,18 @@ def _stop_on_ctrl_c() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _fast_dispatch(num_nodes: int) -> Iterator[None]:
-    """Poll for new messages every 5 ms instead of Flower's 100 ms when there are few workers.
+    """Poll for new messages every 2 ms instead of Flower's 100 ms when there are few workers.
 
     Flower's simulation engine moves server messages to its workers in a loop that sleeps
     100 ms between passes over all nodes (flwr/server/superlink/fleet/vce/vce_api.py,
     add_messages_to_queue). fedsim sends one message per worker per stage, so that sleep is
     most of a small round (and four times that under SecAgg+). With few nodes a pass is
-    cheap, so fedsim polls every 5 ms; with many (the classic layout) it keeps Flower's 100 ms.
+    cheap, so fedsim polls every 2 ms; with many (the classic layout) it keeps Flower's 100 ms.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
     original = vce_api.add_messages_to_queue
-    interval = 0.005 if num_nodes <= 64 else 0.1
+    interval = 0.002 if num_nodes <= 64 else 0.1
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
         while not f_stop.is_set():

@@ -234,3 +234,22 @@ def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(cluster: C
     # The job went to the worker that has the data: no device was lost.
     assert sum(r["devices_failed"] for r in rows) == 0 and summary["rounds"] == 2
     assert "/nonexistent/femnist" in (tmp_path / "superlink.log").read_text() or errors
+
+
+@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"LEAF FEMNIST not found at {FEMNIST}")
+def test_when_no_worker_has_the_data_the_run_stops_with_one_line(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.add_node(node_config="fedsim-data='/nonexistent/femnist'")
+    out = tmp_path / "deployed"
+    cmd = [
+        sys.executable, "-m", "fedsim", "engine=deployment", f"superlink={cluster.address}", "dataset=femnist",
+        f"dataset.path={FEMNIST}", "population=20", "rounds=3", "cohort.size=4", "model=mlp", "model.hidden_sizes=[8]",
+        "simulation.num_workers=1", "simulation.retries=0", f"output.dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedsim: error: round 1: every worker failed: worker ") and "/nonexistent/femnist" in last, last
+    assert "Traceback" not in proc.stderr
+    # Nothing lost: the run directory holds what the run did before it stopped.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["devices_trained"] == 0 and "/nonexistent/femnist" in rows[0]["worker_errors"][0]

@@ -75,3 +75,17 @@ def test_collect_rejects_non_finite_updates_per_device() -> None:
     assert total.count == 2 and torch.isfinite(total.mean()).all()
     assert reports[0].device_ids == [0, 2]
     assert 1 in reports[0].failed_ids
+
+
+def test_collect_sums_in_device_id_order_whatever_order_replies_arrive_in() -> None:
+    """float64 addition is not associative: the sum must not depend on which worker answered first."""
+    rng = np.random.default_rng(0)
+
+    def reply(ids: list[int]) -> _Reply:
+        r = report(ids, num_params=1000)
+        r.updates = [rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-6, 6) for _ in ids]
+        return _Reply(wire.write_report(r))
+
+    replies = [reply([3, 9]), reply([1, 7]), reply([4, 0, 8])]
+    totals = [collect(order, num_params=1000)[0].total for order in (replies, replies[::-1], replies[1:] + replies[:1])]  # type: ignore[arg-type]
+    assert all(torch.equal(t, totals[0]) for t in totals[1:])
