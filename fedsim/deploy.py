@@ -113,9 +113,12 @@ class Collector:
         for line in lines:
             at = line.find(FRAME)
             if at >= 0:
-                _, rel, index, total, data = line[at:].split()
-                self.chunks.setdefault(rel, {})[int(index)] = data
-                self.totals[rel] = int(total)
+                try:
+                    _, rel, index, total, data = line[at:].split()
+                    self.chunks.setdefault(rel, {})[int(index)] = data
+                    self.totals[rel] = int(total)
+                except ValueError:  # a frame mangled on the way: its file stays incomplete
+                    pass
                 continue
             at = line.find(ERROR)
             if at >= 0:
@@ -130,16 +133,21 @@ class Collector:
         return tail
 
     def write(self, run_dir: Path) -> list[str]:
-        """Write every complete file into `run_dir` (relative paths only); returns their names."""
+        """Write every complete file that `run_dir` lacks (relative paths only); returns their names.
+
+        Files already there are left alone: on the same file system the ServerApp wrote them
+        itself, and this command's own files (Hydra's log) are newer than the shipped copies.
+        """
         written = []
         for rel, parts in self.chunks.items():
             if len(parts) != self.totals[rel] or Path(rel).is_absolute() or ".." in Path(rel).parts:
                 continue
-            data = gzip.decompress(base64.b64decode("".join(parts[i] for i in range(self.totals[rel]))))
             target = run_dir / rel
+            if target.exists():
+                continue
+            data = gzip.decompress(base64.b64decode("".join(parts[i] for i in range(self.totals[rel]))))
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not (target.is_file() and target.read_bytes() == data):  # same file system: already there
-                target.write_bytes(data)
+            target.write_bytes(data)
             written.append(rel)
         return written
 
