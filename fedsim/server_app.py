@@ -194,6 +194,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
+        # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...
+        "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
     extra["privacy"] = {}
     if sample_dp:

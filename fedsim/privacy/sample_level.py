@@ -159,7 +159,7 @@ class SampleLevelDP:
         stats = self.ledger.epsilon_stats() if self.ledger.num_devices() else {"max": 0.0, "median": 0.0}
         return {
             "sample_level": {
-                "mechanism": "DP-SGD (Abadi et al. 2016) via Opacus, per device",
+                "mechanism": "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups",
                 "accountant": self.accountant.name,
                 "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier,
