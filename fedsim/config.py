@@ -466,8 +466,6 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError("simulation.layout", "the deployment engine runs the multiplexed layout only")
         if s.ray_address:
             raise ConfigError("simulation.ray_address", "applies to engine=simulation only")
-    if cfg.superlink_ca is not None and not Path(cfg.superlink_ca).expanduser().is_file():
-        raise ConfigError("superlink_ca", f"no such file: {cfg.superlink_ca}")
     if s.layout == "classic" and cfg.population > 100_000:
         raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import FedsimConfig, resolve_paths
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config (pyproject.toml)
 FRAME = "@fedsim-output"  # FRAME <relative path> <chunk index> <chunks> <base64 of gzip chunk>
@@ -50,6 +50,9 @@ def project_dir() -> Path:
 def run_deployment(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     """Start `cfg` on the SuperLink `cfg.superlink`, stream its log, collect its outputs into
     `run_dir`; returns the run's summary."""
+    if cfg.superlink_ca is not None and not Path(cfg.superlink_ca).expanduser().is_file():
+        # Checked here, on the launcher's machine: the ServerApp and workers never read it.
+        raise ConfigError("superlink_ca", f"no such file: {cfg.superlink_ca}")
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +167,11 @@ def _flower_chatter(line: str) -> bool:
 def ship_outputs(run_dir: Path, *, out: Any = None) -> None:
     """ServerApp side: print every file of the run directory as framed lines (see `Collector`)."""
     out = out or sys.stdout
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+    # Smallest first (summary.json, metrics.jsonl before model.pt): Flower gives the log upload
+    # a few seconds after the ServerApp returns, so whatever is cut off is the least needed.
+    # Checkpoints stay on the SuperLink's machine (resume is for the simulation engine).
+    files = [p for p in run_dir.rglob("*") if p.is_file() and "checkpoints" not in p.relative_to(run_dir).parts]
+    for path in sorted(files, key=lambda p: (p.stat().st_size, p.as_posix())):
         if path.stat().st_size > MAX_SHIPPED_BYTES:
             out.write(f"[fedsim] {path} is larger than {MAX_SHIPPED_BYTES >> 20} MB: it stays on the SuperLink's machine\n")
             continue

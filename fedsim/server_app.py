@@ -96,7 +96,9 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
     optimizer = build_server_optimizer(cfg.algorithm)
-    workers = Workers(wait_for_workers(grid, cfg.num_workers, timeout_s=cfg.simulation.round_timeout_s or 600.0))
+    # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
+    expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
+    workers = Workers(wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0))
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
     first_round, elapsed_before = 1, 0.0
@@ -248,6 +250,8 @@ def exchange(
     if sent.errors:
         stats["worker_errors"] = sorted(set(sent.errors))
         stats["all_workers_failed"] = not sent.replies
+    if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
+        return RoundOutcome(None, 0, 0.0, reports, stats)
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
 
 
@@ -273,6 +277,7 @@ def send_with_retries(
     to another worker gives the same updates and the run stays bit-identical.
     """
     timeout = cfg.simulation.round_timeout_s
+    in_process = hasattr(grid, "pull_interval")  # Flower's InMemoryGrid (simulation engine)
     targets = [node for node, _ in jobs]
     sizes = [wire.payload_bytes(content) for _, content in jobs]
     pending, good, ever_failed, errors, resent, sent_bytes = list(range(len(jobs))), [], set(), [], 0, 0
@@ -296,7 +301,12 @@ def send_with_retries(
         for k, job in enumerate(pending):
             reply = replies.get(k)
             if reply is None:
-                workers.lose(targets[job], f"no answer within {timeout:g} s in round {round_num}")
+                silence = f"no answer within {timeout:g} s in round {round_num}"
+                if in_process:  # a Ray worker cannot vanish (a crash answers with an error): slow, not lost
+                    log.warning("round %d: worker %d: %s (attempt %d)", round_num, targets[job], silence, attempt + 1)
+                    errors.append(f"worker {targets[job]}: {silence}")
+                else:
+                    workers.lose(targets[job], silence)
             elif reply.has_error():
                 reason = (reply.error.reason or str(reply.error.code)).strip().splitlines()[0][:300]
                 log.warning("round %d: worker %d failed (attempt %d): %s", round_num, targets[job], attempt + 1, reason)
@@ -323,9 +333,10 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | No
     """
     if not messages:
         return {}
-    ids = list(grid.push_messages(messages))
-    index = {mid: i for i, mid in enumerate(ids)}
-    waiting = set(ids)
+    pushed = {mid for mid in grid.push_messages(messages) if mid}
+    # Each message carries the id its grid gave it; a message the grid refused gets no reply.
+    index = {m.metadata.message_id: i for i, m in enumerate(messages) if m.metadata.message_id in pushed}
+    waiting = set(index)
     replies: dict[int, Message] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
     in_process = hasattr(grid, "pull_interval")
@@ -508,15 +519,21 @@ def assign_devices(
     ]
 
 
-def wait_for_workers(grid: Grid, expected: int, *, timeout_s: float) -> list[int]:
-    """Sorted ids of the worker SuperNodes, once all `expected` have registered."""
+def wait_for_workers(grid: Grid, expected: int | None, *, timeout_s: float) -> list[int]:
+    """Sorted ids of the worker SuperNodes, once all `expected` have registered (None: all
+    that are connected 5 s after the first one is)."""
     deadline = time.monotonic() + timeout_s
+    first_seen = None
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= expected:
+        if expected is None and nodes:
+            first_seen = first_seen or time.monotonic()
+            if time.monotonic() - first_seen >= 5.0:
+                return nodes
+        elif expected is not None and len(nodes) >= expected:
             return nodes[:expected]
         if time.monotonic() > deadline:
-            raise FedsimError(f"only {len(nodes)} of {expected} workers connected within {timeout_s:.0f} s")
+            raise FedsimError(f"only {len(nodes)} of {expected or 'at least 1'} workers connected within {timeout_s:.0f} s")
         time.sleep(0.1)
 
 

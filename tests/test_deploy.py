@@ -13,8 +13,10 @@ from fedsim import deploy
 def test_outputs_shipped_on_the_log_stream_arrive_byte_for_byte(tmp_path: Path) -> None:
     src = tmp_path / "server_side"
     (src / "checkpoints").mkdir(parents=True)
+    (src / "report").mkdir()
     (src / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
-    (src / "checkpoints" / "round_000002.pt").write_bytes(os.urandom(200_000))  # several frames
+    (src / "report" / "figure.png").write_bytes(os.urandom(200_000))  # several frames
+    (src / "checkpoints" / "round_000002.pt").write_bytes(b"resume is for the simulation engine")
     (src / "empty.txt").write_bytes(b"")
     stream = io.StringIO()
     stream.write("[fedsim] round 1/2 | ...\n")
@@ -22,6 +24,8 @@ def test_outputs_shipped_on_the_log_stream_arrive_byte_for_byte(tmp_path: Path) 
     stream.write("11/29/2026 12:00:00:DEBUG:ServerApp finished running.\n")
     lines = stream.getvalue().splitlines(keepends=True)
     assert sum(deploy.FRAME in line for line in lines) > 3
+    framed = [line.split()[1] for line in lines if line.startswith(deploy.FRAME)]
+    assert framed.index("metrics.jsonl") < framed.index("report/figure.png")  # small files first
 
     dst = tmp_path / "launcher_side"
     dst.mkdir()
@@ -29,8 +33,8 @@ def test_outputs_shipped_on_the_log_stream_arrive_byte_for_byte(tmp_path: Path) 
     echo = io.StringIO()
     collector = deploy.Collector()
     collector.feed(lines, echo=echo)
-    assert sorted(collector.write(dst)) == ["checkpoints/round_000002.pt", "empty.txt"]
-    assert (dst / "checkpoints" / "round_000002.pt").read_bytes() == (src / "checkpoints" / "round_000002.pt").read_bytes()
+    assert sorted(collector.write(dst)) == ["empty.txt", "report/figure.png"]  # no checkpoints
+    assert (dst / "report" / "figure.png").read_bytes() == (src / "report" / "figure.png").read_bytes()
     assert (dst / "empty.txt").read_bytes() == b"" and (dst / "metrics.jsonl").read_text() == "mine\n"
     assert echo.getvalue() == "[fedsim] round 1/2 | ...\n"  # frames and Flower's DEBUG chatter are not echoed
     assert collector.error is None
