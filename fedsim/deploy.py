@@ -20,6 +20,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.config import FedsimConfig, resolve_paths
-from fedsim.errors import ConfigError, FedsimError
+from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config (pyproject.toml)
 FRAME = "@fedsim-output"  # FRAME <relative path> <chunk index> <chunks> <base64 of gzip chunk>
 ERROR = "@fedsim-error"  # ERROR <one line>
+_STARTED = re.compile(r"Successfully started run (\d+)")
 CHUNK = 48_000  # base64 characters per framed line
 MAX_SHIPPED_BYTES = 256 * 2**20  # files larger than this stay on the SuperLink's machine only
 
@@ -79,8 +81,9 @@ def run_deployment(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
             tail = collected.feed(proc.stdout, echo=sys.stderr)
             code = proc.wait()
         except KeyboardInterrupt:
+            # Ctrl-C ends `flwr run`, not the run: stop it on the SuperLink too.
             proc.terminate()
-            raise
+            raise RunInterrupted(stop_run(flwr, collected.run_id, connection, env, cfg.superlink)) from None
     collected.write(run_dir)
     if collected.error:
         raise FedsimError(collected.error)
@@ -89,6 +92,20 @@ def run_deployment(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         last = " | ".join(line.strip() for line in tail[-3:] if line.strip())
         raise FedsimError(f"the run on SuperLink {cfg.superlink} did not finish (flwr exit status {code}): {last}")
     return json.loads(summary.read_text())
+
+
+def stop_run(flwr: str, run_id: int | None, connection: str, env: dict[str, str], superlink: str | None) -> str:
+    """`flwr stop RUN_ID`; returns the line to show."""
+    if run_id is None:
+        return f"interrupted before the SuperLink {superlink} started the run"
+    try:
+        done = subprocess.run([flwr, "stop", str(run_id), connection], env=env, capture_output=True, text=True, timeout=60)
+        if done.returncode == 0:
+            return f"interrupted: run {run_id} stopped on the SuperLink {superlink}"
+        why = " ".join((done.stdout + done.stderr).strip().splitlines()[-1:])
+    except (OSError, subprocess.TimeoutExpired) as err:
+        why = str(err)
+    return f"interrupted, but run {run_id} could not be stopped on {superlink} ({why}): flwr stop {run_id}"
 
 
 def superlink_toml(address: str, ca: str | None) -> str:
@@ -109,6 +126,7 @@ class Collector:
         self.chunks: dict[str, dict[int, str]] = {}
         self.totals: dict[str, int] = {}
         self.error: str | None = None
+        self.run_id: int | None = None  # from flwr's "Successfully started run N"
 
     def feed(self, lines: Iterable[str], *, echo: Any = None) -> list[str]:
         """Consume `lines`; other lines are echoed (the run's log). Returns the last echoed lines."""
@@ -123,6 +141,8 @@ class Collector:
                 except ValueError:  # a frame mangled on the way: its file stays incomplete
                     pass
                 continue
+            if self.run_id is None and (started := _STARTED.search(line)):
+                self.run_id = int(started.group(1))
             at = line.find(ERROR)
             if at >= 0:
                 self.error = line[at + len(ERROR) :].strip()

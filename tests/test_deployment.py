@@ -253,3 +253,27 @@ def test_when_no_worker_has_the_data_the_run_stops_with_one_line(cluster: Cluste
     # Nothing lost: the run directory holds what the run did before it stopped.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["devices_trained"] == 0 and "/nonexistent/femnist" in rows[0]["worker_errors"][0]
+
+
+def test_ctrl_c_stops_the_run_on_the_superlink_too(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.add_node()
+    out = tmp_path / "deployed"
+    cmd = [
+        sys.executable, "-m", "fedsim", "engine=deployment", f"superlink={cluster.address}", "population=40", "rounds=40",
+        "cohort.size=8", "dataset.size_max=60", "simulation.num_workers=1", f"output.dir={out}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    # Its own session, like a terminal's foreground job: Ctrl-C reaches fedsim and its `flwr run`.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.monotonic() < deadline, "round 1 did not finish"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("fedsim: interrupted: run ") and "stopped on the SuperLink" in err
+    rows = len(metrics.read_text().splitlines())
+    time.sleep(15)  # a round takes ~8 s here: a run still going would have logged another
+    assert len(metrics.read_text().splitlines()) == rows < 40
