@@ -277,7 +277,7 @@ def send_with_retries(
     to another worker gives the same updates and the run stays bit-identical.
     """
     timeout = cfg.simulation.round_timeout_s
-    in_process = hasattr(grid, "pull_interval")  # Flower's InMemoryGrid (simulation engine)
+    in_process = in_process_grid(grid)
     targets = [node for node, _ in jobs]
     sizes = [wire.payload_bytes(content) for _, content in jobs]
     pending, good, ever_failed, errors, resent, sent_bytes = list(range(len(jobs))), [], set(), [], 0, 0
@@ -339,8 +339,7 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | No
     waiting = set(index)
     replies: dict[int, Message] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
-    in_process = hasattr(grid, "pull_interval")
-    pause, longest = (0.001, 0.004) if in_process else (0.005, 0.2)
+    pause, longest = (0.001, 0.004) if in_process_grid(grid) else (0.005, 0.2)
     while waiting:
         for reply in grid.pull_messages(waiting):
             mid = reply.metadata.reply_to_message_id
@@ -352,6 +351,11 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | No
         time.sleep(pause)
         pause = min(pause * 2, longest)
     return replies
+
+
+def in_process_grid(grid: Grid) -> bool:
+    """Flower's InMemoryGrid (the simulation engine), as opposed to a SuperLink over the network."""
+    return hasattr(grid, "pull_interval")
 
 
 class Workers:

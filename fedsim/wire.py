@@ -21,17 +21,12 @@ skips rather than crash on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedsim.worker import DeviceReport
-
-if TYPE_CHECKING:
-    from fedsim.config import FedsimConfig
-    from fedsim.data import FederatedDataset
 
 __all__ = [
     "Assignment",

@@ -203,16 +203,13 @@ class Worker:
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
         self.model = worker_model(cfg, self.dataset)
         self.trainer = build_trainer(cfg, self.model)
+        # A model of its own: Opacus's hooks on self.model would fire inside vmap.
+        model = worker_model(cfg, self.dataset)
         self.vectorized: VectorizedTrainer | None = None
-        if cfg.simulation.vectorize != "off":
-            model = worker_model(cfg, self.dataset)
-            use, self.vectorize_reason = use_vectorized(cfg, model, self.dataset)
-            if use:
-                # The default memory budget and no device cap: the chunks inside a group depend
-                # on the group alone, never on the worker.
-                self.vectorized = VectorizedTrainer(model, train_config(cfg), dp_config(cfg))
-        else:
-            self.vectorize_reason = "simulation.vectorize=off"
+        if use_vectorized(cfg, model, self.dataset)[0]:  # decided as the server did (prepare)
+            # The default memory budget and no device cap: the chunks inside a group depend on
+            # the group alone, never on the worker.
+            self.vectorized = VectorizedTrainer(model, train_config(cfg), dp_config(cfg))
 
     def train(
         self,
