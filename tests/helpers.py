@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import torch
 from torch.utils.data import Dataset
 
@@ -28,3 +30,16 @@ def set_keys(raw: dict, over: dict[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return raw
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Does something accept connections on 127.0.0.1:port?"""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

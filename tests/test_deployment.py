@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,10 @@ import pytest
 
 from fedsim.config import from_dict
 from fedsim.run import run
+from helpers import free_port, listening
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-FEMNIST = (REPO.parent / "shared" / "data" / "femnist").resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def self_signed(tmp: Path) -> tuple[Path, Path, Path]:
@@ -78,16 +70,13 @@ class Cluster:
         # the venv's bin must be on PATH even when pytest runs as .venv/bin/python.
         self.env = {**os.environ, "FLWR_LOG_LEVEL": "WARNING", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.log = tmp / "superlink.log"
-        self.procs.append(self._start(
+        link = self._start(
             ["flower-superlink", *security, "--port", str(self.port), "--disable-runtime-dependency-installation"],
             self.log,
-        ))  # fmt: skip
+        )
         deadline = time.monotonic() + 120
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    break
-            if time.monotonic() > deadline or self.procs[0].poll() is not None:
+        while not listening(self.port):
+            if time.monotonic() > deadline or link.poll() is not None:
                 raise AssertionError(f"the SuperLink did not listen on {self.port}; its log:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.2)
 
@@ -108,7 +97,7 @@ class Cluster:
         with open(log, "w") as out:
             proc = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=self.env, cwd=self.tmp, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        self.procs.append(proc) if proc not in self.procs else None
+        self.procs.append(proc)
         return proc
 
     def kill(self, proc: subprocess.Popen) -> None:
@@ -219,12 +208,13 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     assert summary["model_sha256"] == in_process(local, tmp_path / "local")["model_sha256"]
 
 
-@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"LEAF FEMNIST not found at {FEMNIST}")
-def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(
+    cluster: Cluster, tmp_path: Path, femnist_dir: Path
+) -> None:
     cluster.add_node()
     cluster.add_node(node_config="fedsim-data='/nonexistent/femnist'")  # this machine has no copy of the data
     raw = synthetic(tmp_path, engine="deployment", superlink=cluster.address, population=20,
-                    dataset={"name": "femnist", "path": str(FEMNIST)})  # fmt: skip
+                    dataset={"name": "femnist", "path": str(femnist_dir.resolve())})  # fmt: skip
     raw["cohort"]["size"] = 6
     raw["simulation"]["device_group"] = 2  # 4 groups: both workers get a job every round
     summary = run(from_dict(raw), tmp_path / "deployed")
@@ -236,13 +226,14 @@ def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(cluster: C
     assert "/nonexistent/femnist" in (tmp_path / "superlink.log").read_text() or errors
 
 
-@pytest.mark.skipif(not FEMNIST.is_dir(), reason=f"LEAF FEMNIST not found at {FEMNIST}")
-def test_when_no_worker_has_the_data_the_run_stops_with_one_line(cluster: Cluster, tmp_path: Path) -> None:
+def test_when_no_worker_has_the_data_the_run_stops_with_one_line(
+    cluster: Cluster, tmp_path: Path, femnist_dir: Path
+) -> None:
     cluster.add_node(node_config="fedsim-data='/nonexistent/femnist'")
     out = tmp_path / "deployed"
     cmd = [
         sys.executable, "-m", "fedsim", "engine=deployment", f"superlink={cluster.address}", "dataset=femnist",
-        f"dataset.path={FEMNIST}", "population=20", "rounds=3", "cohort.size=4", "model=mlp", "model.hidden_sizes=[8]",
+        f"dataset.path={femnist_dir.resolve()}", "population=20", "rounds=3", "cohort.size=4", "model=mlp", "model.hidden_sizes=[8]",
         "simulation.num_workers=1", "simulation.retries=0", f"output.dir={out}", f"hydra.run.dir={out}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)

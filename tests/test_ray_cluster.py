@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,15 +16,10 @@ import pytest
 
 from fedsim.config import from_dict
 from fedsim.run import run
+from helpers import free_port, listening
 
 pytestmark = pytest.mark.ray
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def config(tmp: Path, **simulation: object) -> dict:
@@ -49,7 +43,7 @@ def test_simulation_attached_to_a_ray_head_trains_the_same_model(tmp_path: Path)
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+        while not listening(port):
             assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "the Ray head did not start within 120 s"
             time.sleep(0.5)

@@ -12,46 +12,22 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult, mix_seed
 from clients.params import flat_params
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim.config import ModelConfig
 from fedsim.models import build_model
+from helpers import PairDataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-class PairDataset(Dataset):
-    """A map-style dataset of (x, int label) pairs (the general, non-tensor data path)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.x[i], int(self.y[i])
-
-
 SIZES = (7, 23, 50)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mlp(d: int = 10, classes: int = 3) -> nn.Module:
