@@ -89,7 +89,9 @@ def run_deployment(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         raise FedsimError(collected.error)
     summary = run_dir / "summary.json"
     if code != 0 or not summary.is_file():
-        last = " | ".join(line.strip() for line in tail[-3:] if line.strip())
+        # flwr draws its errors in boxes: keep the words.
+        words = " ".join(" ".join(line.strip(" \n│╭╮╯╰─").split()) for line in tail[-4:])
+        last = " ".join(words.split())
         raise FedsimError(f"the run on SuperLink {cfg.superlink} did not finish (flwr exit status {code}): {last}")
     return json.loads(summary.read_text())
 
