@@ -208,7 +208,7 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     assert summary["model_sha256"] == in_process(local, tmp_path / "local")["model_sha256"]
 
 
-def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(
+def test_a_worker_without_its_data_says_so_in_the_metrics(
     cluster: Cluster, tmp_path: Path, femnist_dir: Path
 ) -> None:
     cluster.add_node()
@@ -223,7 +223,6 @@ def test_a_worker_without_its_data_says_so_in_the_log_and_the_metrics(
     assert errors and all("/nonexistent/femnist" in e and "worker setup failed" in e for e in errors), errors
     # The job went to the worker that has the data: no device was lost.
     assert sum(r["devices_failed"] for r in rows) == 0 and summary["rounds"] == 2
-    assert "/nonexistent/femnist" in (tmp_path / "superlink.log").read_text() or errors
 
 
 def test_when_no_worker_has_the_data_the_run_stops_with_one_line(
