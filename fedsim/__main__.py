@@ -8,17 +8,18 @@ range ends the command with one line on stderr and exit status 2, before any job
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim import resources
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import FedsimError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
+CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
 EXIT_BAD_INPUT = 2
 
 
@@ -63,7 +64,8 @@ def precheck(argv: list[str]) -> None:
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return  # Hydra prints something and exits; nothing runs
     if not CONF_DIR.is_dir():
-        fail(f"config directory {CONF_DIR} not found: install fedsim from its repository (pip install -e .)")
+        packaged, repository = resources.candidates("conf")
+        fail(f"config directory not found at {repository} nor {packaged}: reinstall fedsim (a wheel built from its repository, or pip install -e .)")
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as err:  # Hydra's grammar errors

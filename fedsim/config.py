@@ -58,7 +58,7 @@ class FemnistConfig:
     """LEAF FEMNIST: any directory of LEAF JSON files (plain or .gz), one device per writer."""
 
     name: str = "femnist"
-    path: str = "../shared/data/femnist"  # directory holding train/ and test/ (or the JSON files)
+    path: str | None = None  # directory holding train/ and test/ (or the JSON files); None = the bundled 105 writers
     max_test_examples: int | None = None  # cap on the central test set (None = all)
 
 
@@ -542,7 +542,7 @@ def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:
     """Make data paths absolute (workers may run with another working directory)."""
     base = base or Path.cwd()
     ds = cfg.dataset
-    if isinstance(ds, (FemnistConfig, FashionMnistConfig)):
+    if isinstance(ds, (FemnistConfig, FashionMnistConfig)) and ds.path is not None:  # None: the bundled copy
         ds.path = str((base / os.path.expanduser(ds.path)).resolve())
     elif isinstance(ds, HuggingFaceConfig) and ds.data_files:
         ds.data_files = {
