@@ -8,6 +8,7 @@ range ends the command with one line on stderr and exit status 2, before any job
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import hydra
@@ -70,7 +71,15 @@ def precheck(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as err:  # Hydra's grammar errors
         fail(f"bad override: {_one_line(err)}")
-    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = [o.input_line for o in parsed if not o.is_sweep_override() and o.get_key_element() != "hydra.searchpath"]
+    # The user's config directories (--config-dir, hydra.searchpath) take part in the check as in the run.
+    searchpath = [f"file://{Path(args.config_dir).absolute()}"] if args.config_dir else []
+    for o in parsed:
+        if o.get_key_element() == "hydra.searchpath" and not o.is_sweep_override():
+            value = o.value()
+            searchpath += [str(v) for v in (value if isinstance(value, list) else [value])]
+    if searchpath:
+        base.append("hydra.searchpath=[" + ",".join(f"'{entry}'" for entry in searchpath) + "]")
     # Sweeps are checked one parameter at a time (the others at their first value), so every
     # value of every swept parameter is composed once without the full cross product.
     sweeps = [o for o in parsed if o.is_sweep_override()]
