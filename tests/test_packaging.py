@@ -82,6 +82,9 @@ def test_installed_wheel_runs_fedsim_from_an_unrelated_directory(installed: tupl
     assert [r["round"] for r in rows] == [1, 2]
     assert 0.0 <= summary["final_test_accuracy"] <= 1.0
     assert "Traceback" not in proc.stderr
+    tail = proc.stderr.strip().splitlines()[-2:]  # where the outputs are, and the result in one line
+    assert tail[0].startswith(f"[fedsim] outputs: {run_dir} (") and "summary.json" in tail[0]
+    assert tail[1].startswith(f"[fedsim] done: final test accuracy {summary['final_test_accuracy']:.4f} | 2 rounds |")
 
 
 @pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
