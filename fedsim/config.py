@@ -230,6 +230,7 @@ class OutputConfig:
     save_model: bool = True  # write model.pt at the end
     progress: bool = True  # one line per round on stderr
     report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
+    private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
 
 
 @dataclass
@@ -516,6 +517,11 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
+    if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
+        raise ConfigError(
+            "output.private_metrics_only",
+            "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
+        )
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
