@@ -205,6 +205,7 @@ class PrivacyConfig:
 
     dpsgd: DPSGDPrivacyConfig | None = None  # sample-level DP-SGD on every device
     dpfedavg: DPFedAvgPrivacyConfig | None = None  # user-level DP-FedAvg
+    randomness: str = "auto"  # auto | reproducible (seed + config) | secure (OS entropy); see fedsim.randomness
 
 
 @dataclass
@@ -229,6 +230,7 @@ class OutputConfig:
     save_model: bool = True  # write model.pt at the end
     progress: bool = True  # one line per round on stderr
     report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
+    private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
 
 
 @dataclass
@@ -371,6 +373,9 @@ ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 def validate(cfg: FedsimConfig) -> None:
     """Check ranges and cross-key constraints that types alone do not express."""
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**64:
+        raise ConfigError("seed", f"must be an integer in [0, 2**64), got {cfg.seed}")
+    _choice(cfg.privacy.randomness, "privacy.randomness", ("auto", "reproducible", "secure"))
     _positive(cfg.population, "population")
     _positive(cfg.rounds, "rounds")
     _positive(cfg.eval_every, "eval_every")
@@ -512,6 +517,11 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
+    if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
+        raise ConfigError(
+            "output.private_metrics_only",
+            "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
+        )
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
