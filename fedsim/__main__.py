@@ -133,7 +133,8 @@ def end_of_run(summary: dict[str, Any], run_dir: Path, wall_s: float, *, resumed
     if resumed:
         where = f"outputs: in the resumed run's directory ({run_dir})"
     else:
-        files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not p.name.startswith("."))
+        found = run_dir.iterdir() if run_dir.is_dir() else ()
+        files = sorted(p.name + ("/" if p.is_dir() else "") for p in found if not p.name.startswith("."))
         where = f"outputs: {run_dir}" + (f" ({', '.join(files)})" if files else "")
     accuracy = summary.get("final_test_accuracy")
     parts = [

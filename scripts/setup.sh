@@ -13,7 +13,9 @@ pip_install() {
 }
 pip_install --upgrade pip
 pip_install torch==2.13.0
-pip_install -e ".[test]"
+# setuptools reminds every editable install that same-named folders in the working directory
+# may shadow the package: informational, nothing to act on, so it stays out of the output.
+PYTHONWARNINGS="ignore:Editable installation" pip_install -e ".[test]"
 if [ "${1:-}" = "--bench" ]; then
   # pfl-research for bench/speed.py. pfl 0.6.0 pins dp-accounting<0.6, which would downgrade
   # fedsim's PLD accounting; it runs with 0.6.0, so its two packages go in without the resolver.
