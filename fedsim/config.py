@@ -144,6 +144,7 @@ class SimulationConfig:
     torch_threads: int = 1  # torch threads per worker (more is 10-35x slower on small models)
     round_timeout_s: float | None = 600.0  # give up on a worker's reply after this long
     retries: int = 2  # resend a failed (or silent) worker's job this many times per round
+    max_missed_rounds: int = 5  # drop a late worker after this many deadlines (round_timeout_s) missed in a row
     log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
     ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
     ray_address: str | None = None  # attach to a running Ray cluster ("auto" or HOST:PORT); None = start Ray here
@@ -453,6 +454,7 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(s.torch_threads, "simulation.torch_threads")
     _positive(s.round_timeout_s, "simulation.round_timeout_s")
     _positive(s.retries, "simulation.retries", allow_zero=True)
+    _positive(s.max_missed_rounds, "simulation.max_missed_rounds")
     _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     _choice(s.vectorize, "simulation.vectorize", ("auto", "on", "off"))
     _positive(s.device_group, "simulation.device_group")

@@ -31,10 +31,11 @@ from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy.dpfedavg import UserLevelDP
-from fedsim.privacy.sample_level import SampleLevelDP
+from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import fixed_point, secure_round
+from fedsim.transport import Workers, send_and_receive, send_with_retries, wait_for_workers  # noqa: F401 - send_and_receive: secure_rounds
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -98,7 +99,11 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     optimizer = build_server_optimizer(cfg.algorithm)
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
-    workers = Workers(wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0))
+    workers = Workers(
+        wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0),
+        timeout_s=cfg.simulation.round_timeout_s,
+        max_missed_rounds=cfg.simulation.max_missed_rounds,
+    )
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
     first_round, elapsed_before = 1, 0.0
@@ -130,7 +135,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 round_num=round_num,
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
-            alive = workers.alive(grid)
+            alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again
             if not alive:
                 stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
                     f"worker {n}: {why}" for n, why in workers.lost.items()))  # fmt: skip
@@ -140,6 +145,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
             out = exchange(cfg, grid, plan, params, round_num, config_json, user_dp, workers)
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
+            out.stats.setdefault("workers_late", 0)
             if out.stats.pop("all_workers_failed", False):
                 # Every worker answered with an error (after the retries): a setup problem such
                 # as missing data. Stop with the workers' own words rather than train nothing.
@@ -193,6 +199,9 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         "num_params": len(params),
         "num_workers": len(workers.nodes),
         "workers_lost": {str(node): why for node, why in workers.lost.items()},
+        # Workers that missed a deadline (times, over the run) but were not dropped for it.
+        "workers_late": {str(node): n for node, n in workers.late_count.items() if node not in workers.lost},
+        "late_replies_discarded": workers.late_replies_discarded,
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
@@ -243,144 +252,17 @@ def exchange(
         ))
         for part in plan
     ]  # fmt: skip
-    sent = send_with_retries(cfg, grid, jobs, round_num, workers)
+    sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
     running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
-    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent}
+    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
+              "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
         stats["worker_errors"] = sorted(set(sent.errors))
         stats["all_workers_failed"] = not sent.replies
     if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
         return RoundOutcome(None, 0, 0.0, reports, stats)
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
-
-
-@dataclass
-class Delivery:
-    """What `send_with_retries` got back for a round's jobs."""
-
-    replies: list[Message]  # the good replies
-    jobs_failed: int  # jobs that failed (or got no answer) at least once
-    resent: int  # messages sent again
-    errors: list[str]  # the workers' error reasons, "worker <node>: <reason>"
-    bytes_sent: int  # payload bytes of every message sent, resends included
-
-
-def send_with_retries(
-    cfg: FedsimConfig, grid: Grid, jobs: list[tuple[int, RecordDict]], round_num: int, workers: Workers
-) -> Delivery:
-    """Send each job to its worker; resend the jobs that failed or got no answer.
-
-    A worker process can die mid-round (Ray then answers with an error) and a SuperNode can
-    vanish (no answer within simulation.round_timeout_s: it is dropped from the run, see
-    `Workers`). Device training is a function of (seed, round, device) only, so a job resent
-    to another worker gives the same updates and the run stays bit-identical.
-    """
-    timeout = cfg.simulation.round_timeout_s
-    in_process = in_process_grid(grid)
-    targets = [node for node, _ in jobs]
-    sizes = [wire.payload_bytes(content) for _, content in jobs]
-    pending, good, ever_failed, errors, resent, sent_bytes = list(range(len(jobs))), [], set(), [], 0, 0
-    for attempt in range(1 + cfg.simulation.retries):
-        if attempt:
-            alive = workers.alive(grid)
-            if not alive:
-                break
-            for i, job in enumerate(pending):  # move the job when its worker failed: the next live one
-                if targets[job] not in alive or len(alive) > 1:
-                    others = [n for n in alive if n != targets[job]] or alive
-                    targets[job] = others[i % len(others)]
-            resent += len(pending)
-        messages = [
-            Message(jobs[job][1], dst_node_id=targets[job], message_type="train", group_id=str(round_num))
-            for job in pending
-        ]
-        sent_bytes += sum(sizes[job] for job in pending)
-        replies = send_and_receive(grid, messages, timeout=timeout)
-        still = []
-        for k, job in enumerate(pending):
-            reply = replies.get(k)
-            if reply is None:
-                silence = f"no answer within {timeout:g} s in round {round_num}"
-                if in_process:  # a Ray worker cannot vanish (a crash answers with an error): slow, not lost
-                    log.warning("round %d: worker %d: %s (attempt %d)", round_num, targets[job], silence, attempt + 1)
-                    errors.append(f"worker {targets[job]}: {silence}")
-                else:
-                    workers.lose(targets[job], silence)
-            elif reply.has_error():
-                reason = (reply.error.reason or str(reply.error.code)).strip().splitlines()[0][:300]
-                log.warning("round %d: worker %d failed (attempt %d): %s", round_num, targets[job], attempt + 1, reason)
-                errors.append(f"worker {targets[job]}: {reason}")
-            else:
-                good.append(reply)
-                continue
-            still.append(job)
-        ever_failed |= set(still)
-        pending = still
-        if not pending:
-            break
-    return Delivery(good, len(ever_failed), resent, errors, sent_bytes)
-
-
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
-    """Push `messages`, then pull their replies until all are in or `timeout` passed; returns
-    {index of the message: its reply}.
-
-    Grid.send_and_receive does the same but sleeps between pulls: 100 ms in-process and 3 s
-    on the deployment engine (flwr/superlink/grid/http_grid.py), most of a small round.
-    Here the pause grows from 1 ms to 4 ms (in-process: a pull is a dictionary lookup) or
-    from 5 ms to 200 ms (over the network).
-    """
-    if not messages:
-        return {}
-    pushed = {mid for mid in grid.push_messages(messages) if mid}
-    # Each message carries the id its grid gave it; a message the grid refused gets no reply.
-    index = {m.metadata.message_id: i for i, m in enumerate(messages) if m.metadata.message_id in pushed}
-    waiting = set(index)
-    replies: dict[int, Message] = {}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pause, longest = (0.001, 0.004) if in_process_grid(grid) else (0.005, 0.2)
-    while waiting:
-        for reply in grid.pull_messages(waiting):
-            mid = reply.metadata.reply_to_message_id
-            if mid in waiting:
-                waiting.discard(mid)
-                replies[index[mid]] = reply
-        if not waiting or (deadline is not None and time.monotonic() >= deadline):
-            break
-        time.sleep(pause)
-        pause = min(pause * 2, longest)
-    return replies
-
-
-def in_process_grid(grid: Grid) -> bool:
-    """Flower's InMemoryGrid (the simulation engine), as opposed to a SuperLink over the network."""
-    return hasattr(grid, "pull_interval")
-
-
-class Workers:
-    """The worker SuperNodes of a run, and the ones it lost.
-
-    A worker is lost when it gives no answer within simulation.round_timeout_s, or when the
-    SuperLink stops listing it (a SuperNode that stopped, or missed its heartbeats). Lost
-    workers get no more jobs; their devices go to the others (multiplexed layout).
-    """
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = list(nodes)
-        self.lost: dict[int, str] = {}
-
-    def lose(self, node: int, reason: str) -> None:
-        if node in self.nodes and node not in self.lost:
-            log.warning("worker %d lost (%s); its jobs go to the other workers", node, reason)
-            self.lost[node] = reason
-
-    def alive(self, grid: Grid) -> list[int]:
-        listed = set(grid.get_node_ids())
-        for node in self.nodes:
-            if node not in listed:
-                self.lose(node, "no longer connected to the SuperLink")
-        return [n for n in self.nodes if n not in self.lost]
 
 
 def save_checkpoint(
@@ -521,24 +403,6 @@ def assign_devices(
         wire.Assignment(node, [int(d) for g in mine for d in groups[g]], [len(groups[g]) for g in mine])
         for node, mine in zip(nodes, per_worker, strict=False)
     ]
-
-
-def wait_for_workers(grid: Grid, expected: int | None, *, timeout_s: float) -> list[int]:
-    """Sorted ids of the worker SuperNodes, once all `expected` have registered (None: all
-    that are connected 5 s after the first one is)."""
-    deadline = time.monotonic() + timeout_s
-    first_seen = None
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if expected is None and nodes:
-            first_seen = first_seen or time.monotonic()
-            if time.monotonic() - first_seen >= 5.0:
-                return nodes
-        elif expected is not None and len(nodes) >= expected:
-            return nodes[:expected]
-        if time.monotonic() > deadline:
-            raise FedsimError(f"only {len(nodes)} of {expected or 'at least 1'} workers connected within {timeout_s:.0f} s")
-        time.sleep(0.1)
 
 
 def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:
