@@ -14,9 +14,10 @@ from typing import Any, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fedsim.config import FedsimConfig, from_dict
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
@@ -100,13 +101,19 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     try:
         cfg = config_from_hydra(dcfg)
         run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
-        summary = run(cfg, run_dir)
+        summary = run(cfg, run_dir, overrides=_override_keys())
     except BaseException as err:
         user_error = _find_user_error(err)
         if user_error is None:
             raise
         fail(str(user_error), user_error.exit_code)
     return summary.get("final_test_accuracy")
+
+
+def _override_keys() -> list[str]:
+    """The config keys set on the command line ("rounds", "privacy", "model.hidden_sizes")."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return [k for k in keys if not k.startswith("hydra.")]
 
 
 def _find_user_error(err: BaseException | None) -> FedsimError | None:

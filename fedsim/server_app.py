@@ -157,7 +157,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 if sample_dp:
                     privacy |= sample_dp.account(out.reports)
                     if cfg.checkpoint.every:
-                        sample_dp.save(run_dir)
+                        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+                            sample_dp.save(run_dir)
                 if user_dp:
                     noised = user_dp.aggregate(out.total, out.reports, round_num, realized_noise_std=out.noise_std)
                     params = optimizer.step(params, noised)
@@ -210,7 +211,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     }
     extra["privacy"] = {}
     if sample_dp:
-        sample_dp.save(run_dir)
+        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+            sample_dp.save(run_dir)
         extra["privacy"] |= sample_dp.summary()
     if user_dp:
         extra["privacy"] |= user_dp.summary()
