@@ -35,7 +35,7 @@ from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import fixed_point, secure_round
-from fedsim.transport import Workers, send_and_receive, send_with_retries, wait_for_workers  # noqa: F401 - send_and_receive: secure_rounds
+from fedsim.transport import SYSTEM_CLOCK, Clock, Workers, send_and_receive, send_with_retries, wait_for_workers  # noqa: F401 - send_and_receive: secure_rounds
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -89,8 +89,11 @@ class RoundOutcome:
     noise_std: float | None = None  # distributed DP: noise the devices actually added
 
 
-def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
-    """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
+def run_rounds(
+    cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None, *, clock: Clock = SYSTEM_CLOCK
+) -> dict:
+    """Run every round of `cfg` over the workers reachable through `grid`; return the summary.
+    (`clock`: what worker timeouts are measured with; tests pass a fake one.)"""
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
     model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
@@ -100,9 +103,10 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(
-        wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0),
+        wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0, clock=clock),
         timeout_s=cfg.simulation.round_timeout_s,
         max_missed_rounds=cfg.simulation.max_missed_rounds,
+        clock=clock,
     )
     config_json = cfg.to_json()
     runlog = RunLog(run_dir, cfg)
@@ -261,7 +265,8 @@ def exchange(
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
         stats["worker_errors"] = sorted(set(sent.errors))
-        stats["all_workers_failed"] = not sent.replies
+        # Every worker answered with an error: a setup problem. Late workers are not failed ones.
+        stats["all_workers_failed"] = not sent.replies and not sent.late
     if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
         return RoundOutcome(None, 0, 0.0, reports, stats)
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)

@@ -41,6 +41,7 @@ class LocalGrid:
         self.listed = set(self.nodes)
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes}
         self.dead: set[int] = set()
+        self.paused_until: dict[int, float] = {}  # node -> clock time it answers (SIGSTOP, a loaded machine)
         self.sent: list[int] = []
         self._replies: dict[str, tuple[float, Message]] = {}
 
@@ -56,7 +57,8 @@ class LocalGrid:
             self.sent.append(node)
             ids.append(mid)
             if node not in self.dead:
-                self._replies[mid] = (self.clock.t, self.app(m, self.contexts[node]))
+                ready = max(self.clock.t, self.paused_until.get(node, 0.0))
+                self._replies[mid] = (ready, self.app(m, self.contexts[node]))
         return ids
 
     def pull_messages(self, message_ids: set[str]) -> list[Message]:

@@ -7,6 +7,8 @@ exact and the same on a loaded machine as on an idle one.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +215,25 @@ def test_a_failed_worker_job_moves_to_another_worker_and_the_sum_is_unchanged() 
     running, _, _ = collect(delivery.replies, NUM_PARAMS)
     assert summed_devices(delivery) == list(range(6)) and delivery.jobs_failed == 1 and delivery.resent == 1
     assert running.total.tolist() == [15.0] * NUM_PARAMS
+
+
+def test_a_round_where_every_worker_is_late_does_not_stop_the_run(tmp_path) -> None:
+    """The deployment engine's first round (app install, torch import) can outlast the timeout
+    on every worker at once: that round's devices fail, the run goes on with the same workers."""
+    from fake_grid import LocalGrid
+    from fedsim.config import from_dict
+    from fedsim.server_app import run_rounds
+
+    cfg = from_dict({
+        "seed": 1, "population": 20, "rounds": 3, "cohort": {"size": 4, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "mlp", "hidden_sizes": [4]},
+        "simulation": {"num_workers": 2, "round_timeout_s": TIMEOUT, "retries": 0, "vectorize": "off"},
+        "output": {"progress": False, "dir": str(tmp_path)},
+    })  # fmt: skip
+    grid = LocalGrid(2)
+    grid.paused_until = {node: 1.5 * TIMEOUT for node in grid.nodes}
+    summary = run_rounds(cfg, grid, tmp_path, clock=grid.clock)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["devices_trained"] for r in rows] == [0, 4, 4] and rows[0]["workers_late"] == 2
+    assert summary["stopped_early"] is None and summary["workers_lost"] == {}
+    assert summary["workers_late"] == {str(n): 1 for n in grid.nodes} and summary["late_replies_discarded"] == 2
