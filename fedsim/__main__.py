@@ -31,7 +31,10 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def config_from_hydra(dcfg: DictConfig) -> FedsimConfig:
-    raw: Any = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        raw: Any = OmegaConf.to_container(dcfg, resolve=True)
+    except OmegaConfBaseException as err:  # rounds=${oops}: an interpolation that cannot resolve
+        raise ConfigError(str(getattr(err, "full_key", None) or "<config>"), f"cannot be resolved: {_one_line(err)}") from None
     raw.pop("experiment", None)  # experiment configs are @package _global_; nothing is left under the key
     return from_dict(raw)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -277,7 +278,7 @@ def from_dict(raw: dict[str, Any]) -> FedsimConfig:
     if not isinstance(ds, dict):
         raise ConfigError("dataset", "must be a mapping with a 'name'")
     ds_name = ds.get("name", "synthetic")
-    if ds_name not in DATASETS:
+    if not isinstance(ds_name, str) or ds_name not in DATASETS:
         raise ConfigError("dataset.name", f"unknown dataset {ds_name!r}; allowed: {', '.join(DATASETS)}")
     raw["dataset"] = _build(DATASETS[ds_name], ds, "dataset")
     cfg = _build(FedsimConfig, raw, "")
@@ -346,7 +347,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan/.inf: no key means anything by them (null does)
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {value!r}")
