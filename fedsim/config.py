@@ -199,6 +199,12 @@ class FaultsConfig:
     straggler_slowdown: float = 10.0  # a straggler computes this many times slower
     seconds_per_example: float = 0.001  # simulated device compute time per example and epoch
     round_deadline_s: float | None = None  # simulated seconds: devices that would finish later drop out
+    # Worker faults (chaos): per round, with these probabilities, one worker (a seeded choice) is
+    # told in its job to SIGKILL its own process, or to SIGSTOP it for worker_pause_s (a detached
+    # helper sends SIGCONT). Only the first send of a job carries the fault.
+    worker_kill_rate: float = 0.0
+    worker_pause_rate: float = 0.0
+    worker_pause_s: float = 5.0
 
 
 @dataclass
@@ -526,7 +532,8 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
     _positive(cfg.faults.seconds_per_example, "faults.seconds_per_example")
     _positive(cfg.faults.round_deadline_s, "faults.round_deadline_s")
-    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate"):
+    _positive(cfg.faults.worker_pause_s, "faults.worker_pause_s")
+    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate", "worker_kill_rate", "worker_pause_rate"):
         rate = getattr(cfg.faults, key)
         if not 0 <= rate < 1:
             raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")

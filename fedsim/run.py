@@ -100,7 +100,12 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     }
     if sim.ray_address:
         cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
-    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
+    with (
+        _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir,
+        _fast_dispatch(cfg.num_workers),
+        _replace_dead_actors(),
+        _stop_on_ctrl_c(),
+    ):
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         run_simulation(
@@ -262,6 +267,42 @@ def _fast_dispatch(num_nodes: int) -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+
+
+@contextlib.contextmanager
+def _replace_dead_actors() -> Iterator[None]:
+    """Replace a Ray worker actor whose process died, instead of reusing it.
+
+    Flower's actor pool (flwr/simulation/ray_transport/ray_actor.py, BasicActorPool) puts an
+    actor back into the pool after its job raised, even when the actor's process is gone
+    (SIGKILL, OOM killer): every later message it gets fails at once, and with all actors dead
+    the run can no longer train. Here the dead actor is dropped and a new one takes its place,
+    so a killed worker process costs one resent job.
+    """
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    fetch, give_back = BasicActorPool.fetch_result_and_return_actor_to_pool, BasicActorPool.add_actor_back_to_pool
+
+    def fetch_result_and_return_actor_to_pool(self: Any, future: Any) -> Any:
+        try:
+            return fetch(self, future)
+        except ray.exceptions.RayActorError:
+            self._future_to_actor.pop(future, None)
+            self.pool.append(self.create_actor_fn())
+            raise
+
+    def add_actor_back_to_pool(self: Any, future: Any) -> None:
+        if future in self._future_to_actor:  # not the dead actor replaced above
+            give_back(self, future)
+
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_result_and_return_actor_to_pool
+    BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool
+    try:
+        yield
+    finally:
+        BasicActorPool.fetch_result_and_return_actor_to_pool = fetch
+        BasicActorPool.add_actor_back_to_pool = give_back
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import resource
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,16 @@ from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import fixed_point, secure_round
-from fedsim.transport import SYSTEM_CLOCK, Clock, Workers, send_and_receive, send_with_retries, wait_for_workers  # noqa: F401 - send_and_receive: secure_rounds
+from fedsim.transport import (
+    SYSTEM_CLOCK,
+    Clock,
+    Workers,
+    send_and_receive,
+    send_with_retries,
+    wait_for_workers,
+    with_fault,
+    worker_faults,
+)
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -144,9 +154,11 @@ def run_rounds(
                 stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
                     f"worker {n}: {why}" for n, why in workers.lost.items()))  # fmt: skip
                 break
-            plan = assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else alive,
-                                  cfg.simulation.layout, setup.device_group)  # fmt: skip
-            out = exchange(cfg, grid, plan, params, round_num, config_json, user_dp, workers)
+            def replan(nodes: list[int], cohort: list[int] = cohort) -> list[wire.Assignment]:
+                return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
+                                      cfg.simulation.layout, setup.device_group)  # fmt: skip
+
+            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
             out.stats.setdefault("workers_late", 0)
@@ -235,17 +247,40 @@ def exchange(
     config_json: str,
     user_dp: UserLevelDP | None,
     workers: Workers,
+    replan: Callable[[list[int]], list[wire.Assignment]] | None = None,
 ) -> RoundOutcome:
-    """Send the round to the workers and bring back the (sum of the) device updates."""
+    """Send the round to the workers and bring back the (sum of the) device updates.
+    (`replan(nodes)`: the round's plan over other workers, for a SecAgg+ round that restarts.)"""
     clip_norm = user_dp.clip_norm if user_dp else None
+    f = cfg.faults
+    faults = worker_faults(seed=cfg.seed, round_num=round_num, nodes=[node for node, _ in plan], kill_rate=f.worker_kill_rate,
+                           pause_rate=f.worker_pause_rate, pause_s=f.worker_pause_s)  # fmt: skip
     if cfg.secagg.name == "secaggplus":
         # SecAgg+: the server only ever holds the sum of the survivors' updates.
-        secure = secure_round(
-            cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
-            config_json=config_json, clip_norm=clip_norm,
-            device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
-        )  # fmt: skip
+        secure, restarts = None, 0
+        for attempt in range(1 + cfg.simulation.retries):
+            if attempt:
+                alive = workers.wait_for_alive(grid)
+                if not alive or replan is None:
+                    break
+                plan = replan(alive)
+            sender = SecureStages(workers, round_num, faults if attempt == 0 else {}, last=attempt == cfg.simulation.retries)
+            try:
+                secure = secure_round(
+                    cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
+                    config_json=config_json, clip_norm=clip_norm,
+                    device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
+                    send=sender,
+                )  # fmt: skip
+                break
+            except StageMissed as missed:
+                restarts += 1
+                log.warning("round %d: %s; the secure round starts again (fresh session) on the other workers", round_num, missed)
+        if secure is None:  # every worker was lost during the restarts
+            stats = round_stats([]) | {"bytes_sent": 0, "bytes_received": 0, "worker_retries": restarts}
+            return RoundOutcome(None, 0, 0.0, [], stats | {"secagg_aborted": "no worker left"})
         stats = round_stats(secure.reports) | {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
+        stats |= {"worker_retries": restarts}
         if secure.aborted:
             log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
             stats["secagg_aborted"] = secure.aborted
@@ -258,7 +293,7 @@ def exchange(
         ))
         for part in plan
     ]  # fmt: skip
-    sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries)
+    sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
     running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
@@ -270,6 +305,55 @@ def exchange(
     if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
         return RoundOutcome(None, 0, 0.0, reports, stats)
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
+
+
+class StageMissed(Exception):
+    """A worker missed a SecAgg+ stage before unmasking: the round starts again."""
+
+
+class SecureStages:
+    """How `secure_round` sends a stage: through the transport (late workers are suspended like
+    in plain rounds), with the round's chaos faults on the masked-input stage of the first
+    attempt, and raising StageMissed when a worker gives no answer (or an error) in a stage
+    before unmasking, unless this is the last attempt.
+
+    Why a restart is safe and changes nothing (threat model: an honest-but-curious server
+    that follows the protocol): the abandoned attempt never reached the unmask stage, so the
+    server never asked for (and never holds) the shares that would remove its masks, and its
+    masked vectors are uniformly random to it; the new attempt uses a fresh session (new keys,
+    new self-masks). Device training and quantization are seeded by (seed, round, device),
+    so the restarted round's sum is the one the fault-free round would have had. A worker
+    that misses the unmask stage is handled by SecAgg+'s own dropout recovery instead.
+    """
+
+    def __init__(self, workers: Workers, round_num: int, faults: dict[int, str], *, last: bool) -> None:
+        self.workers, self.round_num, self.faults, self.last = workers, round_num, faults, last
+
+    def __call__(self, grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
+        if not messages:
+            return {}
+        stage = str(messages[0].content.config_records["job"]["stage"])
+        if stage == "masked_input" and self.faults:
+            messages = [
+                Message(with_fault(m.content, self.faults[m.metadata.dst_node_id]), dst_node_id=m.metadata.dst_node_id,
+                        message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+                if m.metadata.dst_node_id in self.faults else m
+                for m in messages
+            ]  # fmt: skip
+        replies = send_and_receive(grid, messages, timeout=timeout, clock=self.workers.clock)
+        missed = []
+        for i, m in enumerate(messages):
+            node, reply = m.metadata.dst_node_id, replies.get(i)
+            if reply is None:
+                self.workers.missed(node, m.metadata.message_id, f"no answer within {timeout:g} s in round {self.round_num} ({stage})")
+                missed.append(f"worker {node} gave no answer in {stage}")
+            elif reply.has_error():
+                missed.append(f"worker {node} failed in {stage}: {(reply.error.reason or '').strip()[:200]}")
+            else:
+                self.workers.answered(node)
+        if missed and stage != "unmask" and not self.last:
+            raise StageMissed("; ".join(missed))
+        return replies
 
 
 def save_checkpoint(

@@ -17,6 +17,9 @@ if it had been sent a job each time). Hence a silent worker is dropped after
 max_missed_rounds * round_timeout_s, a worker that is paused for less than that (a loaded
 machine, SIGSTOP, a long garbage collection) is kept, and a worker whose replies always
 come late is dropped after max_missed_rounds rounds instead of costing a timeout each round.
+A worker that has never answered yet is starting (a SuperNode installs the app and imports
+torch on its first job: over a minute on a loaded machine): its silence is not counted, but
+when every worker is silent and none ever answered, they are dropped after `startup_s`.
 
 Why a resent job changes nothing: a device's update depends only on (seed, round, device id)
 and its group (which depends on the cohort only), never on the worker that computed it, so
@@ -35,7 +38,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from flwr.app import Message, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsim import wire
 from fedsim.errors import FedsimError
@@ -135,6 +139,9 @@ class Workers:
         self._missed: dict[int, int] = {}  # deadlines missed in a row (since the last reply in time)
         self._silent_since: dict[int, float] = {}  # suspended workers: when their last miss was counted
         self._owed: dict[str, int] = {}  # message id -> worker: replies that come too late to count
+        self._started: set[int] = set()  # workers that answered at least once
+        # How long to wait for workers that never answered (see the module docstring).
+        self.startup_s = max(600.0, max_missed_rounds * (timeout_s or 0.0))
 
     # -- state changes
 
@@ -154,6 +161,7 @@ class Workers:
     def answered(self, node: int) -> None:
         """A reply from `node` arrived in time: its misses in a row start again from zero."""
         self._missed.pop(node, None)
+        self._started.add(node)
         self._resume(node)
 
     def lose(self, node: int, reason: str) -> None:
@@ -188,12 +196,15 @@ class Workers:
                 if node is None:
                     continue
                 self.late_replies_discarded += 1  # its job was resent: this copy never counts
-                if node not in self.lost:
+                # An error may come from the engine itself (the SuperLink answers for a node it
+                # gave up on): only a worker's own reply shows it is back.
+                if node not in self.lost and not reply.has_error():
+                    self._started.add(node)
                     self._resume(node)
         if self.timeout_s is None:
             return
         now = self.clock.monotonic()
-        for node in list(self._silent_since):
+        for node in [n for n in self._silent_since if n in self._started]:
             while node in self._silent_since and now - self._silent_since[node] >= self.timeout_s:
                 self._silent_since[node] += self.timeout_s
                 self._count_miss(node, f"still silent {self.timeout_s:g} s later")
@@ -210,13 +221,50 @@ class Workers:
     def wait_for_alive(self, grid: GridLike) -> list[int]:
         """`alive`, but when every remaining worker is suspended, wait for one to answer (or
         for all to be dropped, which returns [])."""
-        pause = 0.05
+        pause, since = 0.05, self.clock.monotonic()
         while True:
             alive = self.alive(grid)
             if alive or not self.suspended:
                 return alive
+            if not self._started & set(self.suspended) and self.clock.monotonic() - since >= self.startup_s:
+                for node in self.suspended:
+                    self.lose(node, f"never answered, {self.startup_s:.0f} s after its first job")
+                return []
             self.clock.sleep(pause)
             pause = min(pause * 2, 1.0)
+
+
+FAULT_KEY = "fault"  # in a job's "job" record: "kill" or "pause:<seconds>" (faults.worker_*)
+_FAULT_STREAM = 0xC4A05
+
+
+def worker_faults(
+    *, seed: int, round_num: int, nodes: list[int], kill_rate: float, pause_rate: float, pause_s: float
+) -> dict[int, str]:
+    """Chaos (faults.worker_*): {node: fault} for this round, a seeded choice among `nodes`.
+
+    Drawn from its own stream (seed, round), so the faults never change a device's seeds:
+    a run with worker faults must end where the same run without them ends.
+    """
+    if not nodes or (kill_rate <= 0 and pause_rate <= 0):
+        return {}
+    rng = np.random.default_rng([seed, _FAULT_STREAM, round_num])
+    kill, pause = rng.random() < kill_rate, rng.random() < pause_rate
+    victims = rng.permutation(sorted(nodes)).tolist()
+    out: dict[int, str] = {}
+    if kill:
+        out[victims[0]] = "kill"
+    if pause and (not kill or len(victims) > 1):
+        out[victims[1 if kill else 0]] = f"pause:{pause_s:g}"
+    return out
+
+
+def with_fault(content: RecordDict, fault: str) -> RecordDict:
+    """A copy of a job carrying `fault` (shallow: the weights are shared, the job record is new),
+    so a resend of the same job goes out without it."""
+    copy = RecordDict(dict(content.items()))
+    copy["job"] = ConfigRecord({**dict(content.config_records["job"]), FAULT_KEY: fault})
+    return copy
 
 
 @dataclass
@@ -239,6 +287,7 @@ def send_with_retries(
     workers: Workers,
     retries: int,
     message_type: str = "train",
+    faults: dict[int, str] | None = None,
 ) -> Delivery:
     """Send each job to its worker; resend the jobs that failed or got no answer in time to
     another active worker, up to `retries` times.
@@ -246,7 +295,7 @@ def send_with_retries(
     A worker process can die mid-round (Ray, or a SuperNode's app process, answers with an
     error), a SuperNode can vanish (the engine stops listing it), or be slow (no answer within
     the timeout: late, see `Workers`). When every remaining worker is late, a retry waits for
-    one of them to answer again.
+    one of them to answer again. `faults` (chaos, {node: fault}) go with the first send only.
     """
     timeout, clock = workers.timeout_s, workers.clock
     targets = [node for node, _ in jobs]
@@ -269,10 +318,14 @@ def send_with_retries(
                 targets[job] = others[i % len(others)]
         if attempt:
             resent += len(pending)
+        faulty = (faults or {}) if attempt == 0 else {}
         messages = [
-            Message(jobs[job][1], dst_node_id=targets[job], message_type=message_type, group_id=str(round_num))
+            Message(
+                with_fault(jobs[job][1], faulty[targets[job]]) if targets[job] in faulty else jobs[job][1],
+                dst_node_id=targets[job], message_type=message_type, group_id=str(round_num),
+            )
             for job in pending
-        ]
+        ]  # fmt: skip
         sent_bytes += sum(sizes[job] for job in pending)
         replies = send_and_receive(grid, messages, timeout=timeout, clock=clock)
         still = []

@@ -200,7 +200,9 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     nodes = [cluster.add_node() for _ in range(3)]
     raw = synthetic(tmp_path, rounds=4, engine="deployment", superlink=cluster.address)
     # Groups of at most 3 devices (8 devices: 4 groups of 2): every worker has a job each round.
-    raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 15, "device_group": 3}
+    # Generous timeout: on a loaded 2-core machine a SuperNode's first ClientApp start (torch
+    # import) alone can take tens of seconds.
+    raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 60, "device_group": 3}
     proc, metrics = start_run(cluster, tmp_path, raw)
     wait_for_first_round(proc, metrics)
     cluster.kill(nodes[0])
@@ -210,10 +212,9 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert len(rows) == 4
     # The killed worker is late (suspended) or, once the SuperLink stops listing it, lost. On a
-    # loaded machine a live worker may be late too, but never lost (that takes 5 missed
-    # deadlines in a row, 75 s of silence), and the killed one is one of the two.
+    # loaded machine a live worker may be late too, but not lost (that takes 5 missed
+    # deadlines in a row), and the killed one is one of the two.
     assert len(summary["workers_lost"]) <= 1 and summary["workers_late"] | summary["workers_lost"], summary
-    assert sum(r["workers_late"] for r in rows) >= 1
     # Its job went to the others: every sampled device trained...
     assert sum(r["devices_failed"] for r in rows) == 0 and sum(r["worker_retries"] for r in rows) >= 1
     # ... so the model is the in-process one, bit for bit.
@@ -227,15 +228,17 @@ def test_a_supernode_paused_longer_than_the_timeout_is_kept_and_the_model_is_unc
 ) -> None:
     nodes = [cluster.add_node() for _ in range(2)]
     raw = synthetic(tmp_path, rounds=5, engine="deployment", superlink=cluster.address)
-    # 4 groups of 2 over 2 workers: both have a job every round. A worker is dropped after
-    # 5 missed deadlines in a row (75 s of silence) or when the SuperLink stops listing it
-    # (60 s without heartbeats); the pause is 30 s, twice the timeout.
-    raw["simulation"] |= {"num_workers": 2, "round_timeout_s": 15, "max_missed_rounds": 5, "device_group": 3}
+    # 4 groups of 2 over 2 workers: both have a job every round. The pause (40 s) is twice the
+    # timeout and shorter than the SuperLink's patience (two 30 s heartbeat intervals); a loaded
+    # machine may make healthy workers late too, so only the engine may drop a worker here
+    # (max_missed_rounds 10) and a round has retries to spare.
+    raw["simulation"] |= {"num_workers": 2, "round_timeout_s": 20, "max_missed_rounds": 10, "retries": 4,
+                          "device_group": 3}  # fmt: skip
     proc, metrics = start_run(cluster, tmp_path, raw)
     wait_for_first_round(proc, metrics)
     os.killpg(nodes[0].pid, signal.SIGSTOP)  # the SuperNode and its ClientApp process
     try:
-        time.sleep(30)
+        time.sleep(40)
     finally:
         os.killpg(nodes[0].pid, signal.SIGCONT)
     output, _ = proc.communicate(timeout=400)

@@ -114,8 +114,9 @@ def test_a_slow_worker_is_late_not_lost_and_gets_work_again_once_it_answers() ->
 
 def test_a_dead_worker_still_listed_is_lost_after_max_missed_rounds_of_silence() -> None:
     clock, grid, workers = setup(max_missed=3)
+    round_of(grid, workers)  # every worker answers once: started
     grid.dead.add(2)  # SIGKILLed; the SuperLink lists it until its heartbeats time out
-    round_of(grid, workers)
+    round_of(grid, workers, round_num=2)
     assert workers.suspended == [2] and workers.lost == {}
     clock.t += 1.99 * TIMEOUT  # 2 deadlines missed in a row (the job's, one more of silence)...
     workers.alive(grid)
@@ -123,6 +124,24 @@ def test_a_dead_worker_still_listed_is_lost_after_max_missed_rounds_of_silence()
     clock.t += 0.02 * TIMEOUT  # ...and the third
     assert workers.alive(grid) == [1, 3]
     assert list(workers.lost) == [2] and "3 deadlines missed in a row" in workers.lost[2]
+
+
+def test_a_worker_that_never_answered_is_starting_its_silence_is_not_counted() -> None:
+    clock, grid, workers = setup(max_missed=2)
+    grid.paused_until[3] = 200.0  # its first job: app install and torch import on a loaded machine
+    round_of(grid, workers)
+    clock.t = 150.0  # 14 timeouts of silence: a started worker would be long gone
+    assert workers.alive(grid) == [1, 2] and workers.lost == {} and workers.suspended == [3]
+    clock.t = 201.0
+    assert workers.alive(grid) == [1, 2, 3]
+
+
+def test_workers_that_never_answer_at_all_are_dropped_after_the_startup_allowance() -> None:
+    clock, grid, workers = setup(nodes=2, max_missed=2)
+    grid.dead |= {1, 2}
+    delivery = round_of(grid, workers, retries=1)
+    assert delivery.replies == [] and set(workers.lost) == {1, 2} and "never answered" in workers.lost[1]
+    assert workers.startup_s <= clock.t < workers.startup_s + TIMEOUT + 2
 
 
 def test_a_worker_the_engine_no_longer_lists_is_lost_at_once() -> None:
@@ -180,11 +199,13 @@ def test_when_every_worker_is_late_the_round_waits_for_one_to_answer_again() -> 
 
 def test_when_every_worker_is_silent_they_are_all_lost_and_nothing_is_delivered() -> None:
     clock, grid, workers = setup(nodes=2, max_missed=2)
+    round_of(grid, workers)  # started
     grid.dead |= {1, 2}
-    delivery = round_of(grid, workers)
+    start = clock.t
+    delivery = round_of(grid, workers, round_num=2)
     assert delivery.replies == [] and delivery.jobs_failed == 2 and set(workers.lost) == {1, 2}
     assert workers.wait_for_alive(grid) == []  # the run stops: "every worker is lost"
-    assert clock.t == pytest.approx(2 * TIMEOUT, abs=1.1)
+    assert clock.t - start == pytest.approx(2 * TIMEOUT, abs=1.1)
 
 
 def test_when_every_worker_fails_each_retry_the_errors_say_why() -> None:
@@ -237,3 +258,13 @@ def test_a_round_where_every_worker_is_late_does_not_stop_the_run(tmp_path) -> N
     assert [r["devices_trained"] for r in rows] == [0, 4, 4] and rows[0]["workers_late"] == 2
     assert summary["stopped_early"] is None and summary["workers_lost"] == {}
     assert summary["workers_late"] == {str(n): 1 for n in grid.nodes} and summary["late_replies_discarded"] == 2
+
+
+def test_a_late_error_reply_does_not_bring_a_worker_back() -> None:
+    clock, grid, workers = setup(max_missed=5)
+    round_of(grid, workers)  # started
+    grid.failing.add(1)  # what the SuperLink sends for a node it gave up on is an error, too
+    grid.paused_until[1] = clock.t + 25
+    round_of(grid, workers, round_num=2)
+    clock.t += 26
+    assert 1 not in workers.alive(grid) and workers.late_replies_discarded == 1 and workers.suspended == [1]
