@@ -159,6 +159,7 @@ def run_rounds(
                                       cfg.simulation.layout, setup.device_group)  # fmt: skip
 
             out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
+            workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
             out.stats.setdefault("workers_late", 0)

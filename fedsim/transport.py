@@ -4,9 +4,10 @@ A worker (a SuperNode running fedsim's ClientApp) is in one of three states:
 
     active     it gets jobs.
     late       it missed `round_timeout_s` on a job: the job went to another worker, and this
-               one gets no new job (it is *suspended*) until a reply from it arrives. That
-               reply is discarded by its message id (the resent job's reply is the one that
-               counts, so nothing is counted twice); the worker is then active again.
+               one gets no new job (it is *suspended*) until a reply from it arrives; it is
+               then active again. Each job counts its first reply, whichever copy (first
+               send or resend) it answers; every other copy's reply is discarded by its
+               message id, so nothing is counted twice.
     lost       dropped for good: the engine no longer lists it (a SuperNode that stopped, or
                whose heartbeats stopped for the SuperLink's patience), or it missed
                `max_missed_rounds` deadlines in a row.
@@ -140,6 +141,7 @@ class Workers:
         self._silent_since: dict[int, float] = {}  # suspended workers: when their last miss was counted
         self._owed: dict[str, int] = {}  # message id -> worker: replies that come too late to count
         self._started: set[int] = set()  # workers that answered at least once
+        self._arrived: dict[str, Message] = {}  # late replies not (yet) used, by message id
         # How long to wait for workers that never answered (see the module docstring).
         self.startup_s = max(600.0, max_missed_rounds * (timeout_s or 0.0))
 
@@ -192,13 +194,17 @@ class Workers:
                 self.lose(node, "no longer listed by the engine (SuperNode stopped or its heartbeats ended)")
         if self._owed:
             for reply in grid.pull_messages(set(self._owed)):
-                node = self._owed.pop(reply.metadata.reply_to_message_id, None)
+                mid = reply.metadata.reply_to_message_id
+                node = self._owed.pop(mid, None)
                 if node is None:
                     continue
-                self.late_replies_discarded += 1  # its job was resent: this copy never counts
-                # An error may come from the engine itself (the SuperLink answers for a node it
-                # gave up on): only a worker's own reply shows it is back.
-                if node not in self.lost and not reply.has_error():
+                if reply.has_error():
+                    # It may come from the engine itself (the SuperLink answers for a node it
+                    # gave up on): only a worker's own reply shows it is back.
+                    self.late_replies_discarded += 1
+                    continue
+                self._arrived[mid] = reply  # send_with_retries may still use it (`claim`)
+                if node not in self.lost:
                     self._started.add(node)
                     self._resume(node)
         if self.timeout_s is None:
@@ -208,6 +214,15 @@ class Workers:
             while node in self._silent_since and now - self._silent_since[node] >= self.timeout_s:
                 self._silent_since[node] += self.timeout_s
                 self._count_miss(node, f"still silent {self.timeout_s:g} s later")
+
+    def claim(self, message_ids: Iterable[str]) -> dict[str, Message]:
+        """Take the late replies to these messages that have arrived."""
+        return {mid: self._arrived.pop(mid) for mid in message_ids if mid in self._arrived}
+
+    def drop_unclaimed(self) -> None:
+        """Discard late replies nobody used (their job had another copy answered)."""
+        self.late_replies_discarded += len(self._arrived)
+        self._arrived.clear()
 
     @property
     def suspended(self) -> list[int]:
@@ -306,9 +321,21 @@ def send_with_retries(
     errors: list[str] = []
     late: list[int] = []
     resent = sent_bytes = 0
+    copies: dict[str, int] = {}  # message id -> job, every copy sent this round
+    workers.drop_unclaimed()  # late replies to earlier rounds' jobs
+
+    def take_late_replies() -> None:
+        # A copy that came late still counts if no copy of its job has answered yet: the first
+        # reply of a job is the one used, every other copy of it is discarded.
+        for mid, reply in workers.claim([m for m, job in copies.items() if job in pending]).items():
+            if copies[mid] in pending:
+                pending.remove(copies[mid])
+                good.append(reply)
+
     for attempt in range(1 + retries):
         alive = workers.wait_for_alive(grid)
-        if not alive:
+        take_late_replies()
+        if not alive or not pending:
             break
         for i, job in enumerate(pending):
             # A retry moves the job off the worker that failed it; any attempt moves it off a
@@ -328,6 +355,7 @@ def send_with_retries(
         ]  # fmt: skip
         sent_bytes += sum(sizes[job] for job in pending)
         replies = send_and_receive(grid, messages, timeout=timeout, clock=clock)
+        copies |= {m.metadata.message_id: job for m, job in zip(messages, pending, strict=True) if m.metadata.message_id}
         still = []
         for k, job in enumerate(pending):
             reply, node = replies.get(k), targets[job]
@@ -347,10 +375,13 @@ def send_with_retries(
                 continue
             still.append(job)
         ever_failed |= set(still)
-        pending = still
+        pending[:] = still
         if not pending:
             break
-    ever_failed |= set(pending)  # no worker left to send them to
+    if pending:
+        workers.refresh(grid)
+        take_late_replies()
+    ever_failed |= set(pending)  # no worker left to send them to, or retries exhausted
     return Delivery(good, len(ever_failed), resent, errors, sent_bytes, late)
 
 

@@ -107,6 +107,7 @@ def test_a_slow_worker_is_late_not_lost_and_gets_work_again_once_it_answers() ->
     assert workers.alive(grid) == [2, 3]  # suspended: no new job while it is silent
     clock.t = 26.0  # it woke up and answered its old job
     assert workers.alive(grid) == [1, 2, 3]
+    workers.drop_unclaimed()  # end of round: its job had been answered by the resend
     assert workers.late_replies_discarded == 1 and workers.late_count == {1: 1} and workers.lost == {}
     second = round_of(grid, workers, round_num=2)
     assert second.late == [] and second.resent == 0 and {n for n, _ in grid.sent[-3:]} == {1, 2, 3}
@@ -163,8 +164,20 @@ def test_a_late_reply_for_a_resent_job_is_discarded_and_not_counted_twice() -> N
     running, _, _ = collect(delivery.replies, NUM_PARAMS)
     assert running.count == 6 and torch.equal(running.total, torch.full((NUM_PARAMS,), float(sum(range(6))), dtype=torch.float64))
     clock.t = 11.0
-    workers.alive(grid)  # the late copy is pulled now, and thrown away
+    workers.alive(grid)  # the late copy is pulled now...
+    workers.drop_unclaimed()  # ...and thrown away at the end of the round (run_rounds)
     assert workers.late_replies_discarded == 1 and grid._replies == {} and workers.suspended == []
+
+
+def test_a_late_copy_that_answers_before_any_other_copy_is_used_once() -> None:
+    clock, grid, workers = setup(nodes=2)
+    grid.paused_until = {1: 15.0, 2: 40.0}  # the first send answers at 15 s, the resend at 40 s
+    delivery = send_with_retries(grid, jobs_for({1: list(range(6))}), round_num=1, workers=workers, retries=1)
+    assert summed_devices(delivery) == list(range(6)) and len(delivery.replies) == 1 and delivery.late == [1, 2]
+    clock.t = 41.0
+    workers.alive(grid)
+    workers.drop_unclaimed()
+    assert workers.late_replies_discarded == 1  # the resend's reply: its job was already counted
 
 
 def test_late_answers_do_not_reset_the_misses_in_a_row() -> None:
@@ -193,7 +206,8 @@ def test_when_every_worker_is_late_the_round_waits_for_one_to_answer_again() -> 
     clock, grid, workers = setup(nodes=1, max_missed=5)
     grid.paused_until[1] = 35.0  # the only worker, paused for 35 s
     delivery = round_of(grid, workers)
-    assert summed_devices(delivery) == list(range(6)) and delivery.resent == 1
+    # Its own late reply is the job's first: used, nothing resent.
+    assert summed_devices(delivery) == list(range(6)) and delivery.resent == 0
     assert 35.0 <= clock.t < 36.0 and workers.lost == {} and workers.late_count == {1: 1}
 
 
