@@ -15,10 +15,11 @@ from typing import Any, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fedsim import resources
 from fedsim.config import FedsimConfig, from_dict
-from fedsim.errors import FedsimError
+from fedsim.errors import ConfigError, FedsimError
 
 # The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
 CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
@@ -33,7 +34,10 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
 
 
 def config_from_hydra(dcfg: DictConfig) -> FedsimConfig:
-    raw: Any = OmegaConf.to_container(dcfg, resolve=True)
+    try:
+        raw: Any = OmegaConf.to_container(dcfg, resolve=True)
+    except OmegaConfBaseException as err:  # rounds=${oops}: an interpolation that cannot resolve
+        raise ConfigError(str(getattr(err, "full_key", None) or "<config>"), f"cannot be resolved: {_one_line(err)}") from None
     raw.pop("experiment", None)  # experiment configs are @package _global_; nothing is left under the key
     return from_dict(raw)
 
@@ -113,7 +117,7 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
     try:
         cfg = config_from_hydra(dcfg)
         run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
-        summary = run(cfg, run_dir)
+        summary = run(cfg, run_dir, overrides=_override_keys())
     except BaseException as err:
         user_error = _find_user_error(err)
         if user_error is None:
@@ -160,6 +164,12 @@ def end_of_run(summary: dict[str, Any], run_dir: Path, wall_s: float, *, resumed
 
 def _g(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"
+
+
+def _override_keys() -> list[str]:
+    """The config keys set on the command line ("rounds", "privacy", "model.hidden_sizes")."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return [k for k in keys if not k.startswith("hydra.")]
 
 
 def _find_user_error(err: BaseException | None) -> FedsimError | None:

@@ -18,16 +18,18 @@ would silently overspend every device's budget).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from fedsim.errors import FedsimError
+from fedsim.errors import FedsimError, StorageError
 
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -38,20 +40,45 @@ def checkpoint_path(run_dir: Path, round_num: int) -> Path:
 
 
 def save(path: Path, state: dict[str, Any], *, keep: int) -> None:
-    """Write `state` to `path` atomically, then keep only the newest `keep` checkpoints there."""
+    """Write `state` to `path` atomically, then keep only the newest `keep` checkpoints there.
+
+    A write that fails (disk full, I/O error) raises StorageError naming the file and the
+    newest checkpoint that is still valid; nothing older is removed then.
+    """
+    with writing("checkpoint", path):
+        atomic_write(path, lambda f: torch.save({"version": VERSION, **state}, f))
+    for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, rename: `path` is either its old
+    content or the complete new one, never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"version": VERSION, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(what: str, path: Path) -> Iterator[None]:
+    """Turn a failed write (ENOSPC, EIO, ...) into one line naming the file and what is still
+    valid (StorageError, exit status 2) instead of a traceback."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+        found = sorted((run_dir / CHECKPOINT_DIR).glob("round_*.pt"))
+        kept = f"the newest valid checkpoint is {found[-1]} (fedsim resume={run_dir})" if found else "no checkpoint was written"
+        raise StorageError(f"cannot write the {what} {path}: {reason}; {kept}") from None
 
 
 def latest(path: Path) -> Path:

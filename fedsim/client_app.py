@@ -8,12 +8,16 @@ config as JSON), one message out (a row per trained device). The wire format liv
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsim import secure_rounds, wire
+from fedsim.transport import FAULT_KEY
 from fedsim.worker import get_worker
 
 app = ClientApp()
@@ -35,8 +39,24 @@ def local_config(config_json: str, context: Context) -> str:
     return json.dumps(raw, sort_keys=True)
 
 
+def obey_fault(msg: Message) -> None:
+    """Chaos (faults.worker_*, fedsim.transport.worker_faults): a job may tell this worker to
+    die (SIGKILL: no reply, no goodbye) or to stop for a while (SIGSTOP; a detached helper
+    process sends SIGCONT), as a crashed or frozen machine would."""
+    job = msg.content.config_records.get("job")
+    fault = str(job.get(FAULT_KEY, "")) if job is not None else ""
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.startswith("pause:"):
+        seconds = float(fault.split(":", 1)[1])
+        subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    obey_fault(msg)
     job = wire.read_job(msg.content)  # everything a worker needs travels in the message
     try:
         worker = get_worker(local_config(job.config_json, context))
@@ -52,4 +72,5 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("secagg")
 def secagg_stage(msg: Message, context: Context) -> Message:
     """One SecAgg+ stage for this worker's devices (see fedsim.secure_rounds)."""
+    obey_fault(msg)
     return secure_rounds.handle(msg, context, lambda config_json: get_worker(local_config(config_json, context)))

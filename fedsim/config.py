@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -144,6 +145,7 @@ class SimulationConfig:
     torch_threads: int = 1  # torch threads per worker (more is 10-35x slower on small models)
     round_timeout_s: float | None = 600.0  # give up on a worker's reply after this long
     retries: int = 2  # resend a failed (or silent) worker's job this many times per round
+    max_missed_rounds: int = 5  # drop a late worker after this many deadlines (round_timeout_s) missed in a row
     log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
     ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
     ray_address: str | None = None  # attach to a running Ray cluster ("auto" or HOST:PORT); None = start Ray here
@@ -197,6 +199,12 @@ class FaultsConfig:
     straggler_slowdown: float = 10.0  # a straggler computes this many times slower
     seconds_per_example: float = 0.001  # simulated device compute time per example and epoch
     round_deadline_s: float | None = None  # simulated seconds: devices that would finish later drop out
+    # Worker faults (chaos): per round, with these probabilities, one worker (a seeded choice) is
+    # told in its job to SIGKILL its own process, or to SIGSTOP it for worker_pause_s (a detached
+    # helper sends SIGCONT). Only the first send of a job carries the fault.
+    worker_kill_rate: float = 0.0
+    worker_pause_rate: float = 0.0
+    worker_pause_s: float = 5.0
 
 
 @dataclass
@@ -278,7 +286,7 @@ def from_dict(raw: dict[str, Any]) -> FedsimConfig:
     if not isinstance(ds, dict):
         raise ConfigError("dataset", "must be a mapping with a 'name'")
     ds_name = ds.get("name", "synthetic")
-    if ds_name not in DATASETS:
+    if not isinstance(ds_name, str) or ds_name not in DATASETS:
         raise ConfigError("dataset.name", f"unknown dataset {ds_name!r}; allowed: {', '.join(DATASETS)}")
     raw["dataset"] = _build(DATASETS[ds_name], ds, "dataset")
     cfg = _build(FedsimConfig, raw, "")
@@ -347,7 +355,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):  # YAML's .nan/.inf: no key means anything by them (null does)
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, f"must be a string, got {value!r}")
@@ -458,6 +472,7 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(s.torch_threads, "simulation.torch_threads")
     _positive(s.round_timeout_s, "simulation.round_timeout_s")
     _positive(s.retries, "simulation.retries", allow_zero=True)
+    _positive(s.max_missed_rounds, "simulation.max_missed_rounds")
     _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
     _choice(s.vectorize, "simulation.vectorize", ("auto", "on", "off"))
     _positive(s.device_group, "simulation.device_group")
@@ -527,7 +542,8 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
     _positive(cfg.faults.seconds_per_example, "faults.seconds_per_example")
     _positive(cfg.faults.round_deadline_s, "faults.round_deadline_s")
-    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate"):
+    _positive(cfg.faults.worker_pause_s, "faults.worker_pause_s")
+    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate", "worker_kill_rate", "worker_pause_rate"):
         rate = getattr(cfg.faults, key)
         if not 0 <= rate < 1:
             raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")

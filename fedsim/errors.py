@@ -23,3 +23,7 @@ class ConfigError(FedsimError):
 
 class DataError(FedsimError):
     """A data file or directory is missing, unreadable or malformed."""
+
+
+class StorageError(FedsimError):
+    """The run directory cannot be written (disk full, I/O error, a run already using it)."""

@@ -14,12 +14,13 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fedsim.config import FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
+from fedsim.runlog import locked
 
 
 class _DropDeprecation(logging.Filter):
@@ -46,11 +47,14 @@ def _quiet(level: str) -> None:
             handler.addFilter(_DropDeprecation())
 
 
-def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | None = None) -> dict[str, Any]:
     """Run the experiment described by `cfg`, writing its outputs to `run_dir`.
 
-    With `cfg.resume`, continue the checkpointed run instead: its own config (only the
-    simulation, output and checkpoint settings of `cfg` apply) and its run directory.
+    With `cfg.resume`, continue the checkpointed run instead: its own config and its run
+    directory. Only the simulation, output and checkpoint settings of `cfg` apply; any other
+    key of `overrides` (the config keys the user set, e.g. the command line's; None: every
+    key of `cfg`) that differs from the run's config is refused, naming the keys.
+    The run directory is locked while the run writes it (`fedsim.runlog.locked`).
     """
     if cfg.engine == "deployment":  # a running SuperLink does the work (fedsim.deploy)
         from fedsim.deploy import run_deployment
@@ -58,16 +62,22 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
         if cfg.resume:
             raise ConfigError("resume", "resuming runs on engine=simulation only")
         _quiet(cfg.simulation.log_level)
-        summary = run_deployment(cfg, run_dir)
+        with locked(Path(run_dir).absolute()):
+            summary = run_deployment(cfg, run_dir)
         if cfg.output.report:
             _write_report(Path(run_dir).absolute())
         return summary
     resume_state = None
     if cfg.resume:
-        cfg, run_dir, resume_state = _resumed(cfg)
+        cfg, run_dir, resume_state = _resumed(cfg, overrides)
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     cfg.output.dir = str(run_dir)
+    with locked(run_dir):
+        return _simulate(cfg, run_dir, resume_state)
+
+
+def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
     sim = cfg.simulation
     _quiet(sim.log_level)
 
@@ -90,7 +100,12 @@ def run(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     }
     if sim.ray_address:
         cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
-    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir, _fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
+    with (
+        _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir,
+        _fast_dispatch(cfg.num_workers),
+        _replace_dead_actors(),
+        _stop_on_ctrl_c(),
+    ):
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         run_simulation(
@@ -150,20 +165,53 @@ def _write_report(run_dir: Path) -> None:
         logging.getLogger("fedsim").warning("could not write the report for %s: %s", run_dir, err)
 
 
-def _resumed(cfg: FedsimConfig) -> tuple[FedsimConfig, Path, dict[str, Any]]:
-    """The checkpointed run's config, run directory and state (fedsim.checkpoint.load checks it)."""
+# Settings of how and where a run executes, not of what it computes: a resumed run may change them.
+RESUME_MAY_CHANGE = ("simulation", "output", "checkpoint", "resume")
+
+
+def _resumed(cfg: FedsimConfig, overrides: Iterable[str] | None = None) -> tuple[FedsimConfig, Path, dict[str, Any]]:
+    """The checkpointed run's config, run directory and state (fedsim.checkpoint.load checks it).
+
+    A key of `overrides` (None: every key) whose value in `cfg` differs from the run's own
+    config is refused: the resumed run would silently not be the run that was asked for.
+    """
     from fedsim import checkpoint
     from fedsim.config import from_dict
 
     path = checkpoint.latest(Path(cfg.resume or "").expanduser())
     state = checkpoint.load(path)
     saved = from_dict(state["config"])
+    changed = changed_keys(saved.to_dict(), resolve_paths(cfg).to_dict(), overrides)
+    if changed:
+        raise ConfigError(
+            "resume",
+            f"the run at {path.parent.parent} was made with other values of {', '.join(changed)}; "
+            f"a resumed run keeps its own config (only {', '.join(RESUME_MAY_CHANGE[:3])} keys may change): "
+            "drop these overrides, or start a new run",
+        )
     saved.simulation, saved.output.progress, saved.output.report = cfg.simulation, cfg.output.progress, cfg.output.report
     if cfg.checkpoint.every:
         saved.checkpoint = cfg.checkpoint
     saved.resume = str(path)
     # Continue in the run's own directory (where its metrics and ledger live).
     return saved, Path(saved.output.dir) if saved.output.dir else path.parent.parent, state
+
+
+def changed_keys(saved: dict[str, Any], given: dict[str, Any], overrides: Iterable[str] | None) -> list[str]:
+    """Dotted config keys whose values differ, limited to those under (or above) an override
+    (None: all), except the RESUME_MAY_CHANGE groups. An override that is not a config key
+    (experiment=...) sets keys we cannot name: then every key is compared."""
+    diff = [k for k in _diff(saved, given, "") if k.split(".")[0] not in RESUME_MAY_CHANGE]
+    keys = list(overrides) if overrides is not None else None
+    if keys is None or any(k.split(".")[0] not in saved for k in keys):
+        return diff
+    return [d for d in diff if any(d == k or d.startswith(k + ".") or k.startswith(d + ".") for k in keys)]
+
+
+def _diff(a: Any, b: Any, path: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [path]
 
 
 @contextlib.contextmanager
@@ -219,6 +267,42 @@ def _fast_dispatch(num_nodes: int) -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+
+
+@contextlib.contextmanager
+def _replace_dead_actors() -> Iterator[None]:
+    """Replace a Ray worker actor whose process died, instead of reusing it.
+
+    Flower's actor pool (flwr/simulation/ray_transport/ray_actor.py, BasicActorPool) puts an
+    actor back into the pool after its job raised, even when the actor's process is gone
+    (SIGKILL, OOM killer): every later message it gets fails at once, and with all actors dead
+    the run can no longer train. Here the dead actor is dropped and a new one takes its place,
+    so a killed worker process costs one resent job.
+    """
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    fetch, give_back = BasicActorPool.fetch_result_and_return_actor_to_pool, BasicActorPool.add_actor_back_to_pool
+
+    def fetch_result_and_return_actor_to_pool(self: Any, future: Any) -> Any:
+        try:
+            return fetch(self, future)
+        except ray.exceptions.RayActorError:
+            self._future_to_actor.pop(future, None)
+            self.pool.append(self.create_actor_fn())
+            raise
+
+    def add_actor_back_to_pool(self: Any, future: Any) -> None:
+        if future in self._future_to_actor:  # not the dead actor replaced above
+            give_back(self, future)
+
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_result_and_return_actor_to_pool
+    BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool
+    try:
+        yield
+    finally:
+        BasicActorPool.fetch_result_and_return_actor_to_pool = fetch
+        BasicActorPool.add_actor_back_to_pool = give_back
 
 
 @contextlib.contextmanager

@@ -4,17 +4,23 @@ A run directory holds:
     config.yaml    the resolved, validated config (what actually ran)
     metrics.jsonl  one JSON object per round (see `RoundMetrics`)
     model.pt       the final model: {"state_dict", "flat_params", "sha256", "config"} (a plain dict)
-    summary.json   final numbers, timings and the model's sha256
+    summary.json   final numbers, timings and the model's sha256 (written last: a run
+                   directory without it did not finish)
+    .fedsim.lock   while a run writes it: the pid and host of that run (`locked`)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import math
+import os
+import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,7 +28,9 @@ from typing import Any, TextIO
 import torch
 import yaml
 
+from fedsim.checkpoint import atomic_write, writing
 from fedsim.config import FedsimConfig
+from fedsim.errors import StorageError
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -68,9 +76,10 @@ class RunLog:
         self.keys: set[str] = set()  # every metric key a round produced, left-out ones included
         self.cfg = cfg
         self.stream = stream
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
+        with writing("run directory", run_dir / CONFIG):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
         self.rows: list[RoundMetrics] = []
         self._full: list[str] = []  # every round's metrics, left-out keys included (for checkpoints)
 
@@ -107,7 +116,8 @@ class RunLog:
         self.keys |= set(values)
         self._full.append(json.dumps(values))
         shown = values if self.keep is None else {k: v for k, v in values.items() if k in self.keep}
-        self._metrics.write(json.dumps(shown) + "\n")
+        with writing("metrics", self.dir / METRICS):
+            self._metrics.write(json.dumps(shown) + "\n")
 
     def _progress_line(self, row: RoundMetrics) -> str:
         rounds = self.cfg.rounds
@@ -126,10 +136,9 @@ class RunLog:
     def finish(self, model: torch.nn.Module, flat_params: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
         sha = model_sha256(flat_params)
         if self.cfg.output.save_model:
-            torch.save(
-                {"state_dict": model.state_dict(), "flat_params": flat_params, "sha256": sha, "config": self.cfg.to_dict()},
-                self.dir / MODEL,
-            )
+            state = {"state_dict": model.state_dict(), "flat_params": flat_params, "sha256": sha, "config": self.cfg.to_dict()}
+            with writing("model", self.dir / MODEL):
+                atomic_write(self.dir / MODEL, lambda f: torch.save(state, f))
         evaluated = [r for r in self.rows if r.test_accuracy is not None]
         summary = {
             "rounds": len(self.rows),
@@ -144,12 +153,81 @@ class RunLog:
             "seed": self.cfg.seed,
             **extra,
         }
-        (self.dir / SUMMARY).write_text(json.dumps(_finite(summary), indent=2) + "\n")
+        text = (json.dumps(_finite(summary), indent=2) + "\n").encode()
+        # summary.json is what marks a run finished (analysis/ skips directories without it):
+        # written last, and atomically, so a failed write never leaves a run that looks done.
+        with writing("summary", self.dir / SUMMARY):
+            atomic_write(self.dir / SUMMARY, lambda f: f.write(text))
         self._metrics.close()
         return summary
 
     def close(self) -> None:
         self._metrics.close()
+
+
+LOCK = ".fedsim.lock"
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for this process: a second run pointed at the same directory (which would
+    interleave metrics and overwrite checkpoints) is refused with one line.
+
+    The lock file holds the holder's pid and host. A lock whose pid is no longer running on
+    this host (a run killed with SIGKILL) is stale and taken over; one from another host
+    cannot be checked and is refused, naming the file to delete if that run is gone.
+    """
+    run_dir = Path(run_dir)
+    with writing("lock file", run_dir / LOCK):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    path, me = run_dir / LOCK, f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder == me:
+                yield  # this process holds it already (a run inside a run: nothing to do)
+                return
+            if holder is not None and _running_elsewhere(holder):
+                pid, host = holder.split(" ", 1)
+                raise StorageError(
+                    f"output.dir {run_dir} is in use by another fedsim run (pid {pid} on {host}, lock file {path}); "
+                    "choose another output.dir, or wait for that run to end (delete the lock file if it is gone)"
+                ) from None
+            path.unlink(missing_ok=True)  # stale (its process is gone) or empty: take it over
+            continue
+        with writing("lock file", path), os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        if _lock_holder(path) == me:
+            path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _running_elsewhere(holder: str) -> bool:
+    """Is the lock's holder ("pid host") a live process (assumed so on another host)?"""
+    pid_text, _, host = holder.partition(" ")
+    if not pid_text.isdigit():
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

@@ -110,6 +110,7 @@ def secure_round(
     config_json: str,
     clip_norm: float | None,
     device_noise: Callable[[float], float] | None = None,
+    send: Callable[..., dict[int, Message]] | None = None,
 ) -> SecureRoundResult:
     """Run the four stages over the workers in `plan` (node id, device ids).
 
@@ -142,7 +143,10 @@ def secure_round(
     if clip_norm is not None:
         base["clip_norm"] = float(clip_norm)
 
-    from fedsim.server_app import send_and_receive  # the server's polling (it imports this module)
+    # `send(grid, messages, timeout=...)`: the server's transport (late workers, a restart of
+    # the round when a worker misses a stage before unmasking: fedsim.server_app.exchange).
+    if send is None:
+        from fedsim.transport import send_and_receive as send
 
     def exchange(stage: str, requests: dict[int, dict], extra: dict[str, ArrayRecord] | None = None) -> list[RecordDict]:
         started = time.perf_counter()
@@ -163,7 +167,7 @@ def secure_round(
             bytes_out[stage] = bytes_out.get(stage, 0) + wire.payload_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_num)))
         received = []
-        for reply in send_and_receive(grid, messages, timeout=timeout).values():
+        for reply in send(grid, messages, timeout=timeout).values():
             if reply.has_error():
                 continue  # the worker's devices count as dropped at this stage
             for hook in RECEIVED:

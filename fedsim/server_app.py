@@ -15,6 +15,7 @@ import resource
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +33,20 @@ from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import UserLevelDP
-from fedsim.privacy.sample_level import SampleLevelDP
+from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import fixed_point, secure_round
+from fedsim.transport import (
+    SYSTEM_CLOCK,
+    Clock,
+    Workers,
+    send_and_receive,
+    send_with_retries,
+    wait_for_workers,
+    with_fault,
+    worker_faults,
+)
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -90,8 +101,11 @@ class RoundOutcome:
     aborted: str | None = None  # SecAgg+ aborted the round before the server could unmask a sum
 
 
-def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
-    """Run every round of `cfg` over the workers reachable through `grid`; return the summary."""
+def run_rounds(
+    cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None, *, clock: Clock = SYSTEM_CLOCK
+) -> dict:
+    """Run every round of `cfg` over the workers reachable through `grid`; return the summary.
+    (`clock`: what worker timeouts are measured with; tests pass a fake one.)"""
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
     model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
@@ -100,7 +114,12 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     optimizer = build_server_optimizer(cfg.algorithm)
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
-    workers = Workers(wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0))
+    workers = Workers(
+        wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0, clock=clock),
+        timeout_s=cfg.simulation.round_timeout_s,
+        max_missed_rounds=cfg.simulation.max_missed_rounds,
+        clock=clock,
+    )
     config_json = cfg.to_json()
     streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
     covered = frozenset(published.covered_metrics(cfg))
@@ -136,16 +155,20 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 rng=streams.numpy("cohort", round_num),
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
-            alive = workers.alive(grid)
+            alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again
             if not alive:
                 stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
                     f"worker {n}: {why}" for n, why in workers.lost.items()))  # fmt: skip
                 break
-            plan = assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else alive,
-                                  cfg.simulation.layout, setup.device_group)  # fmt: skip
-            out = exchange(cfg, grid, plan, params, round_num, config_json, user_dp, workers)
+            def replan(nodes: list[int], cohort: list[int] = cohort) -> list[wire.Assignment]:
+                return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
+                                      cfg.simulation.layout, setup.device_group)  # fmt: skip
+
+            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
+            workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
+            out.stats.setdefault("workers_late", 0)
             if out.stats.pop("all_workers_failed", False):
                 # Every worker answered with an error (after the retries): a setup problem such
                 # as missing data. Stop with the workers' own words rather than train nothing.
@@ -165,7 +188,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 if sample_dp:
                     privacy |= sample_dp.account(out.reports)
                     if cfg.checkpoint.every:
-                        sample_dp.save(run_dir)
+                        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+                            sample_dp.save(run_dir)
                 if user_dp:
                     noised = user_dp.aggregate(
                         out.total, out.reports, round_num, realized_noise_std=out.noise_std, noise_only=noise_only
@@ -209,6 +233,9 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         "num_params": len(params),
         "num_workers": len(workers.nodes),
         "workers_lost": {str(node): why for node, why in workers.lost.items()},
+        # Workers that missed a deadline (times, over the run) but were not dropped for it.
+        "workers_late": {str(node): n for node, n in workers.late_count.items() if node not in workers.lost},
+        "late_replies_discarded": workers.late_replies_discarded,
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
@@ -220,7 +247,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     extra["privacy"] = {}
     if sample_dp:
-        sample_dp.save(run_dir)
+        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+            sample_dp.save(run_dir)
         extra["privacy"] |= sample_dp.summary()
     if user_dp:
         extra["privacy"] |= user_dp.summary()
@@ -239,17 +267,40 @@ def exchange(
     config_json: str,
     user_dp: UserLevelDP | None,
     workers: Workers,
+    replan: Callable[[list[int]], list[wire.Assignment]] | None = None,
 ) -> RoundOutcome:
-    """Send the round to the workers and bring back the (sum of the) device updates."""
+    """Send the round to the workers and bring back the (sum of the) device updates.
+    (`replan(nodes)`: the round's plan over other workers, for a SecAgg+ round that restarts.)"""
     clip_norm = user_dp.clip_norm if user_dp else None
+    f = cfg.faults
+    faults = worker_faults(seed=cfg.seed, round_num=round_num, nodes=[node for node, _ in plan], kill_rate=f.worker_kill_rate,
+                           pause_rate=f.worker_pause_rate, pause_s=f.worker_pause_s)  # fmt: skip
     if cfg.secagg.name == "secaggplus":
         # SecAgg+: the server only ever holds the sum of the survivors' updates.
-        secure = secure_round(
-            cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
-            config_json=config_json, clip_norm=clip_norm,
-            device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
-        )  # fmt: skip
+        secure, restarts = None, 0
+        for attempt in range(1 + cfg.simulation.retries):
+            if attempt:
+                alive = workers.wait_for_alive(grid)
+                if not alive or replan is None:
+                    break
+                plan = replan(alive)
+            sender = SecureStages(workers, round_num, faults if attempt == 0 else {}, last=attempt == cfg.simulation.retries)
+            try:
+                secure = secure_round(
+                    cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
+                    config_json=config_json, clip_norm=clip_norm,
+                    device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
+                    send=sender,
+                )  # fmt: skip
+                break
+            except StageMissed as missed:
+                restarts += 1
+                log.warning("round %d: %s; the secure round starts again (fresh session) on the other workers", round_num, missed)
+        if secure is None:  # every worker was lost during the restarts
+            stats = round_stats([]) | {"bytes_sent": 0, "bytes_received": 0, "worker_retries": restarts}
+            return RoundOutcome(None, 0, 0.0, [], stats | {"secagg_aborted": "no worker left"})
         stats = round_stats(secure.reports) | {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
+        stats |= {"worker_retries": restarts}
         if secure.aborted:
             log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
             stats["secagg_aborted"] = secure.aborted
@@ -264,144 +315,67 @@ def exchange(
         ))
         for part in plan
     ]  # fmt: skip
-    sent = send_with_retries(cfg, grid, jobs, round_num, workers)
+    sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
     running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
-    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent}
+    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
+              "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
         stats["worker_errors"] = sorted(set(sent.errors))
-        stats["all_workers_failed"] = not sent.replies
+        # Every worker answered with an error: a setup problem. Late workers are not failed ones.
+        stats["all_workers_failed"] = not sent.replies and not sent.late
     if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
         return RoundOutcome(None, 0, 0.0, reports, stats)
     return RoundOutcome(running.total, running.count, running.weight, reports, stats)
 
 
-@dataclass
-class Delivery:
-    """What `send_with_retries` got back for a round's jobs."""
-
-    replies: list[Message]  # the good replies
-    jobs_failed: int  # jobs that failed (or got no answer) at least once
-    resent: int  # messages sent again
-    errors: list[str]  # the workers' error reasons, "worker <node>: <reason>"
-    bytes_sent: int  # payload bytes of every message sent, resends included
+class StageMissed(Exception):
+    """A worker missed a SecAgg+ stage before unmasking: the round starts again."""
 
 
-def send_with_retries(
-    cfg: FedsimConfig, grid: Grid, jobs: list[tuple[int, RecordDict]], round_num: int, workers: Workers
-) -> Delivery:
-    """Send each job to its worker; resend the jobs that failed or got no answer.
+class SecureStages:
+    """How `secure_round` sends a stage: through the transport (late workers are suspended like
+    in plain rounds), with the round's chaos faults on the masked-input stage of the first
+    attempt, and raising StageMissed when a worker gives no answer (or an error) in a stage
+    before unmasking, unless this is the last attempt.
 
-    A worker process can die mid-round (Ray then answers with an error) and a SuperNode can
-    vanish (no answer within simulation.round_timeout_s: it is dropped from the run, see
-    `Workers`). Device training is a function of (seed, round, device) only, so a job resent
-    to another worker gives the same updates and the run stays bit-identical.
+    Why a restart is safe and changes nothing (threat model: an honest-but-curious server
+    that follows the protocol): the abandoned attempt never reached the unmask stage, so the
+    server never asked for (and never holds) the shares that would remove its masks, and its
+    masked vectors are uniformly random to it; the new attempt uses a fresh session (new keys,
+    new self-masks). Device training and quantization are seeded by (seed, round, device),
+    so the restarted round's sum is the one the fault-free round would have had. A worker
+    that misses the unmask stage is handled by SecAgg+'s own dropout recovery instead.
     """
-    timeout = cfg.simulation.round_timeout_s
-    in_process = in_process_grid(grid)
-    targets = [node for node, _ in jobs]
-    sizes = [wire.payload_bytes(content) for _, content in jobs]
-    pending, good, ever_failed, errors, resent, sent_bytes = list(range(len(jobs))), [], set(), [], 0, 0
-    for attempt in range(1 + cfg.simulation.retries):
-        if attempt:
-            alive = workers.alive(grid)
-            if not alive:
-                break
-            for i, job in enumerate(pending):  # move the job when its worker failed: the next live one
-                if targets[job] not in alive or len(alive) > 1:
-                    others = [n for n in alive if n != targets[job]] or alive
-                    targets[job] = others[i % len(others)]
-            resent += len(pending)
-        messages = [
-            Message(jobs[job][1], dst_node_id=targets[job], message_type="train", group_id=str(round_num))
-            for job in pending
-        ]
-        sent_bytes += sum(sizes[job] for job in pending)
-        replies = send_and_receive(grid, messages, timeout=timeout)
-        still = []
-        for k, job in enumerate(pending):
-            reply = replies.get(k)
+
+    def __init__(self, workers: Workers, round_num: int, faults: dict[int, str], *, last: bool) -> None:
+        self.workers, self.round_num, self.faults, self.last = workers, round_num, faults, last
+
+    def __call__(self, grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
+        if not messages:
+            return {}
+        stage = str(messages[0].content.config_records["job"]["stage"])
+        if stage == "masked_input" and self.faults:
+            messages = [
+                Message(with_fault(m.content, self.faults[m.metadata.dst_node_id]), dst_node_id=m.metadata.dst_node_id,
+                        message_type=m.metadata.message_type, group_id=m.metadata.group_id)
+                if m.metadata.dst_node_id in self.faults else m
+                for m in messages
+            ]  # fmt: skip
+        replies = send_and_receive(grid, messages, timeout=timeout, clock=self.workers.clock)
+        missed = []
+        for i, m in enumerate(messages):
+            node, reply = m.metadata.dst_node_id, replies.get(i)
             if reply is None:
-                silence = f"no answer within {timeout:g} s in round {round_num}"
-                if in_process:  # a Ray worker cannot vanish (a crash answers with an error): slow, not lost
-                    log.warning("round %d: worker %d: %s (attempt %d)", round_num, targets[job], silence, attempt + 1)
-                    errors.append(f"worker {targets[job]}: {silence}")
-                else:
-                    workers.lose(targets[job], silence)
+                self.workers.missed(node, m.metadata.message_id, f"no answer within {timeout:g} s in round {self.round_num} ({stage})")
+                missed.append(f"worker {node} gave no answer in {stage}")
             elif reply.has_error():
-                reason = (reply.error.reason or str(reply.error.code)).strip().splitlines()[0][:300]
-                log.warning("round %d: worker %d failed (attempt %d): %s", round_num, targets[job], attempt + 1, reason)
-                errors.append(f"worker {targets[job]}: {reason}")
+                missed.append(f"worker {node} failed in {stage}: {(reply.error.reason or '').strip()[:200]}")
             else:
-                good.append(reply)
-                continue
-            still.append(job)
-        ever_failed |= set(still)
-        pending = still
-        if not pending:
-            break
-    return Delivery(good, len(ever_failed), resent, errors, sent_bytes)
-
-
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
-    """Push `messages`, then pull their replies until all are in or `timeout` passed; returns
-    {index of the message: its reply}.
-
-    Grid.send_and_receive does the same but sleeps between pulls: 100 ms in-process and 3 s
-    on the deployment engine (flwr/superlink/grid/http_grid.py), most of a small round.
-    Here the pause grows from 1 ms to 4 ms (in-process: a pull is a dictionary lookup) or
-    from 5 ms to 200 ms (over the network).
-    """
-    if not messages:
-        return {}
-    pushed = {mid for mid in grid.push_messages(messages) if mid}
-    # Each message carries the id its grid gave it; a message the grid refused gets no reply.
-    index = {m.metadata.message_id: i for i, m in enumerate(messages) if m.metadata.message_id in pushed}
-    waiting = set(index)
-    replies: dict[int, Message] = {}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    pause, longest = (0.001, 0.004) if in_process_grid(grid) else (0.005, 0.2)
-    while waiting:
-        for reply in grid.pull_messages(waiting):
-            mid = reply.metadata.reply_to_message_id
-            if mid in waiting:
-                waiting.discard(mid)
-                replies[index[mid]] = reply
-        if not waiting or (deadline is not None and time.monotonic() >= deadline):
-            break
-        time.sleep(pause)
-        pause = min(pause * 2, longest)
-    return replies
-
-
-def in_process_grid(grid: Grid) -> bool:
-    """Flower's InMemoryGrid (the simulation engine), as opposed to a SuperLink over the network."""
-    return hasattr(grid, "pull_interval")
-
-
-class Workers:
-    """The worker SuperNodes of a run, and the ones it lost.
-
-    A worker is lost when it gives no answer within simulation.round_timeout_s, or when the
-    SuperLink stops listing it (a SuperNode that stopped, or missed its heartbeats). Lost
-    workers get no more jobs; their devices go to the others (multiplexed layout).
-    """
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = list(nodes)
-        self.lost: dict[int, str] = {}
-
-    def lose(self, node: int, reason: str) -> None:
-        if node in self.nodes and node not in self.lost:
-            log.warning("worker %d lost (%s); its jobs go to the other workers", node, reason)
-            self.lost[node] = reason
-
-    def alive(self, grid: Grid) -> list[int]:
-        listed = set(grid.get_node_ids())
-        for node in self.nodes:
-            if node not in listed:
-                self.lose(node, "no longer connected to the SuperLink")
-        return [n for n in self.nodes if n not in self.lost]
+                self.workers.answered(node)
+        if missed and stage != "unmask" and not self.last:
+            raise StageMissed("; ".join(missed))
+        return replies
 
 
 def save_checkpoint(
@@ -542,24 +516,6 @@ def assign_devices(
         wire.Assignment(node, [int(d) for g in mine for d in groups[g]], [len(groups[g]) for g in mine])
         for node, mine in zip(nodes, per_worker, strict=False)
     ]
-
-
-def wait_for_workers(grid: Grid, expected: int | None, *, timeout_s: float) -> list[int]:
-    """Sorted ids of the worker SuperNodes, once all `expected` have registered (None: all
-    that are connected 5 s after the first one is)."""
-    deadline = time.monotonic() + timeout_s
-    first_seen = None
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if expected is None and nodes:
-            first_seen = first_seen or time.monotonic()
-            if time.monotonic() - first_seen >= 5.0:
-                return nodes
-        elif expected is not None and len(nodes) >= expected:
-            return nodes[:expected]
-        if time.monotonic() > deadline:
-            raise FedsimError(f"only {len(nodes)} of {expected or 'at least 1'} workers connected within {timeout_s:.0f} s")
-        time.sleep(0.1)
 
 
 def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:

@@ -175,37 +175,92 @@ def deployed_with_tls(cluster: Cluster, tmp_path: Path) -> None:
     assert write_report(out).is_file()  # the analysis reads the collected run directory unchanged
 
 
-def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: Cluster, tmp_path: Path) -> None:
-    nodes = [cluster.add_node() for _ in range(3)]
+def start_run(cluster: Cluster, tmp_path: Path, raw: dict) -> tuple[subprocess.Popen, Path]:
+    """fedsim on the cluster in a process of its own (so the test can act mid-run); returns it
+    and its metrics.jsonl."""
     out = tmp_path / "deployed"
-    raw = synthetic(tmp_path, rounds=4, engine="deployment", superlink=cluster.address)
-    # Groups of at most 3 devices (8 devices: 4 groups of 2): every worker has a job each round.
-    raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 10, "device_group": 3}
-    raw["privacy"] = {"randomness": "reproducible"}  # engine=deployment defaults to secure (never reproducible)
+    raw.setdefault("privacy", {})["randomness"] = "reproducible"  # deployment defaults to secure (never reproducible)
     raw["output"]["dir"] = str(out)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(raw))
     script = "import json,sys; from fedsim.config import from_dict; from fedsim.run import run; " \
              "run(from_dict(json.load(open(sys.argv[1]))), sys.argv[2])"  # fmt: skip
-    started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-c", script, str(cfg_file), str(out)], cwd=tmp_path, env=cluster.env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and metrics.read_text().strip()):  # round 1 is in: kill a worker
+    return proc, out / "metrics.jsonl"
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """The run's output once it ends (generous: a round took 2 min on a loaded 2-core machine);
+    a run that does not end is killed, not left behind."""
+    try:
+        return proc.communicate(timeout=1200)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for_first_round(proc: subprocess.Popen, metrics: Path) -> None:
+    deadline = time.monotonic() + 300  # generous: Flower's start-up on a loaded 2-core machine
+    while not (metrics.is_file() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
-        assert time.monotonic() - started < 180, "round 1 did not finish within 180 s"
+        assert time.monotonic() < deadline, "round 1 did not finish within 300 s"
         time.sleep(0.2)
+
+
+def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: Cluster, tmp_path: Path) -> None:
+    nodes = [cluster.add_node() for _ in range(3)]
+    raw = synthetic(tmp_path, rounds=4, engine="deployment", superlink=cluster.address)
+    # Groups of at most 3 devices (8 devices: 4 groups of 2): every worker has a job each round.
+    # Generous timeout: on a loaded 2-core machine a SuperNode's first ClientApp start (torch
+    # import) alone can take tens of seconds.
+    raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 60, "device_group": 3}
+    proc, metrics = start_run(cluster, tmp_path, raw)
+    wait_for_first_round(proc, metrics)
     cluster.kill(nodes[0])
-    output, _ = proc.communicate(timeout=240)
+    output = finish(proc)
     assert proc.returncode == 0, output[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(metrics.with_name("summary.json").read_text())
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert len(rows) == 4 and len(summary["workers_lost"]) == 1, summary["workers_lost"]
-    assert rows[-1]["workers_lost"] == 1
-    # The lost worker's job went to the others: every sampled device trained...
+    assert len(rows) == 4
+    # The killed worker is late (suspended) or, once the SuperLink stops listing it, lost. On a
+    # loaded machine a live worker may be late too, but not lost (that takes 5 missed
+    # deadlines in a row), and the killed one is one of the two.
+    assert len(summary["workers_lost"]) <= 1 and summary["workers_late"] | summary["workers_lost"], summary
+    # Its job went to the others: every sampled device trained...
     assert sum(r["devices_failed"] for r in rows) == 0 and sum(r["worker_retries"] for r in rows) >= 1
     # ... so the model is the in-process one, bit for bit.
     local = synthetic(tmp_path, rounds=4)
+    local["simulation"]["device_group"] = 3
+    assert summary["model_sha256"] == in_process(local, tmp_path / "local")["model_sha256"]
+
+
+def test_a_supernode_paused_longer_than_the_timeout_is_kept_and_the_model_is_unchanged(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    nodes = [cluster.add_node() for _ in range(2)]
+    raw = synthetic(tmp_path, rounds=5, engine="deployment", superlink=cluster.address)
+    # 4 groups of 2 over 2 workers: both have a job every round. The pause (40 s) is twice the
+    # timeout and shorter than the SuperLink's patience (two 30 s heartbeat intervals); a loaded
+    # machine may make healthy workers late too, so only the engine may drop a worker here
+    # (max_missed_rounds 10) and a round has retries to spare.
+    raw["simulation"] |= {"num_workers": 2, "round_timeout_s": 20, "max_missed_rounds": 10, "retries": 4,
+                          "device_group": 3}  # fmt: skip
+    proc, metrics = start_run(cluster, tmp_path, raw)
+    wait_for_first_round(proc, metrics)
+    os.killpg(nodes[0].pid, signal.SIGSTOP)  # the SuperNode and its ClientApp process
+    try:
+        time.sleep(40)
+    finally:
+        os.killpg(nodes[0].pid, signal.SIGCONT)
+    output = finish(proc)
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads(metrics.with_name("summary.json").read_text())
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert summary["workers_lost"] == {} and len(summary["workers_late"]) >= 1, summary
+    assert all(r["workers_lost"] == 0 for r in rows) and sum(r["devices_failed"] for r in rows) == 0
+    local = synthetic(tmp_path, rounds=5)
     local["simulation"]["device_group"] = 3
     assert summary["model_sha256"] == in_process(local, tmp_path / "local")["model_sha256"]
 

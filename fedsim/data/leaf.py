@@ -116,20 +116,28 @@ def _read_leaf_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     content = _load_json(path)
     if not isinstance(content, dict) or "users" not in content or "user_data" not in content:
         raise DataError(f"femnist: {path} is not a LEAF file (expected keys 'users' and 'user_data')")
-    user_data = content["user_data"]
+    user_data, users = content["user_data"], content["users"]
+    if not isinstance(users, list) or not all(isinstance(u, (str, int)) and not isinstance(u, bool) for u in users):
+        raise DataError(f"femnist: {path} has 'users' that is not a list of user ids (strings)")
     records = []
-    for writer in content["users"]:
+    for writer in users:
         entry = user_data.get(str(writer)) if isinstance(user_data, dict) else None
         if not isinstance(entry, dict) or "x" not in entry or "y" not in entry:
             raise DataError(f"femnist: {path} lists user {writer!r} without user_data[{writer!r}] holding 'x' and 'y'")
         try:
             x = np.asarray(entry["x"], dtype=np.float32)
-            y = np.asarray(entry["y"], dtype=np.int64)
-        except (ValueError, TypeError):
+            labels = np.asarray(entry["y"])
+            if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.mod(labels, 1) == 0)):
+                raise ValueError("labels are not integers")
+            y = labels.astype(np.int64) if labels.dtype.kind == "f" else np.asarray(entry["y"], dtype=np.int64)
+        except (ValueError, TypeError, OverflowError):
             raise DataError(
                 f"femnist: {path} user {writer!r} has malformed x or y "
                 f"(expected rows of {PIXELS} numbers and integer labels)"
             ) from None
+        if not np.isfinite(x).all():
+            # json reads NaN and 1e999 as floats; a NaN pixel would make every update NaN.
+            raise DataError(f"femnist: {path} user {writer!r} has NaN or infinite pixel values")
         if len(x) == 0:
             x = x.reshape(0, PIXELS)
         if x.ndim != 2 or x.shape[1] != PIXELS:
@@ -151,7 +159,7 @@ def _load_json(path: Path) -> Any:
             return json.load(stream)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"femnist: {path} is not a readable gzip file ({_one_line(err)}; truncated?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise DataError(f"femnist: {path} is not valid JSON ({_one_line(err)})") from None
     except OSError as err:
         raise DataError(f"femnist: cannot read {path} ({_one_line(err)})") from None

@@ -1,0 +1,66 @@
+"""A grid without Flower's engines, for tests of the server's round loop: fedsim's own
+ClientApp answers each message in this process, so `run_rounds` runs for real (training,
+aggregation, privacy, checkpoints) in a second, with no Ray, no SuperLink and no sleeps.
+Replies become visible when a fake clock reaches the time a worker would answer.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, RecordDict
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def set_flower_identity(monkeypatch) -> None:
+    """Flower's Message needs the ids the engine sets in a real ServerApp/ClientApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class LocalGrid:
+    """`num_workers` worker nodes running fedsim.client_app.app in this process."""
+
+    def __init__(self, num_workers: int, clock: FakeClock | None = None) -> None:
+        from fedsim.client_app import app
+
+        self.app = app
+        self.clock = clock or FakeClock()
+        self.nodes = list(range(101, 101 + num_workers))
+        self.listed = set(self.nodes)
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes}
+        self.dead: set[int] = set()
+        self.paused_until: dict[int, float] = {}  # node -> clock time it answers (SIGSTOP, a loaded machine)
+        self.sent: list[int] = []
+        self._replies: dict[str, tuple[float, Message]] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.listed)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for m in messages:
+            mid = f"msg{len(self.sent)}"
+            m.metadata.__dict__["_message_id"] = mid  # what Flower's grids do
+            node = m.metadata.dst_node_id
+            self.sent.append(node)
+            ids.append(mid)
+            if node not in self.dead:
+                ready = max(self.clock.t, self.paused_until.get(node, 0.0))
+                self._replies[mid] = (ready, self.app(m, self.contexts[node]))
+        return ids
+
+    def pull_messages(self, message_ids: set[str]) -> list[Message]:
+        ready = [mid for mid in message_ids if mid in self._replies and self._replies[mid][0] <= self.clock.t]
+        return [self._replies.pop(mid)[1] for mid in ready]

@@ -1,0 +1,78 @@
+"""Chaos: workers killed and frozen mid-run (faults.worker_*), devices failing, user-level DP
+and SecAgg+ on: the run ends where the same run without worker faults ends, model and epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fake_grid import LocalGrid, set_flower_identity
+from fedsim.config import from_dict
+from fedsim.run import run
+from fedsim.server_app import run_rounds
+from fedsim.transport import worker_faults
+
+
+def chaos_config(tmp: Path, rounds: int, **faults: float) -> dict:
+    return {
+        "seed": 5, "population": 40, "rounds": rounds, "cohort": {"size": 8, "sampling": "poisson"},
+        "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "mlp", "hidden_sizes": [8]},
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "secagg": {"name": "secaggplus"},
+        "faults": {"device_failure_rate": 0.1, **faults},
+        # Generous: a killed Ray worker is replaced by a new process that imports torch (tens of
+        # seconds on a loaded machine), and a restarted secure round needs retries to spare.
+        "simulation": {"num_workers": 2, "round_timeout_s": 10, "retries": 8, "max_missed_rounds": 30,
+                       "device_group": 3, "ray_temp_dir": str(tmp / "ray")},
+        "output": {"progress": False},
+    }  # fmt: skip
+
+
+def test_worker_faults_are_seeded_per_round_and_leave_other_randomness_alone() -> None:
+    nodes = [11, 22, 33]
+    plan = [worker_faults(seed=5, round_num=r, nodes=nodes, kill_rate=0.3, pause_rate=0.3, pause_s=7) for r in range(1, 41)]
+    again = [worker_faults(seed=5, round_num=r, nodes=nodes, kill_rate=0.3, pause_rate=0.3, pause_s=7) for r in range(1, 41)]
+    assert plan == again  # seeded
+    kinds = [f for faults in plan for f in faults.values()]
+    assert 4 <= kinds.count("kill") <= 20 and 4 <= kinds.count("pause:7") <= 20
+    assert all(len(set(faults)) == len(faults) for faults in plan)  # never two faults on one worker
+    assert worker_faults(seed=5, round_num=1, nodes=nodes, kill_rate=0, pause_rate=0, pause_s=7) == {}
+
+
+def test_a_secure_round_restarts_when_a_worker_misses_a_stage_and_ends_where_the_fault_free_run_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_flower_identity(monkeypatch)
+    raw = chaos_config(tmp_path, rounds=3)
+    raw["cohort"] = {"size": 8, "sampling": "fixed"}
+    raw["privacy"]["dpfedavg"]["accountant"] = "rdp"
+    cfg = from_dict(raw)
+    clean = run_rounds(cfg, LocalGrid(2), tmp_path / "clean")
+    grid = LocalGrid(2)
+    grid.paused_until = {grid.nodes[0]: 25.0}  # frozen through round 1's first stage (timeout 10 s)
+    faulty = run_rounds(cfg, grid, tmp_path / "faulty", clock=grid.clock)
+    rows = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["worker_retries"] >= 1 and faulty["workers_lost"] == {}  # restarted, the worker kept
+    assert [r["devices_trained"] for r in rows] == [
+        json.loads(line)["devices_trained"] for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert faulty["model_sha256"] == clean["model_sha256"]
+    assert faulty["privacy"]["user_level"]["epsilon"] == clean["privacy"]["user_level"]["epsilon"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # two 30-round runs, workers frozen for longer than the timeout: minutes on 2 loaded cores
+def test_thirty_rounds_of_dpfedavg_and_secagg_with_workers_killed_and_frozen_end_like_the_fault_free_run(
+    tmp_path: Path,
+) -> None:
+    clean = run(from_dict(chaos_config(tmp_path, rounds=30)), tmp_path / "clean")
+    chaos = run(from_dict(chaos_config(tmp_path, rounds=30, worker_kill_rate=0.1, worker_pause_rate=0.1,
+                                       worker_pause_s=12)), tmp_path / "chaos")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "chaos" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and chaos["stopped_early"] is None
+    assert sum(r["worker_retries"] for r in rows) >= 2  # the faults did hit rounds
+    assert sum(r["devices_failed"] for r in rows) > 0  # and devices failed, the same ones in both runs
+    assert chaos["model_sha256"] == clean["model_sha256"]
+    assert chaos["privacy"]["user_level"]["epsilon"] == clean["privacy"]["user_level"]["epsilon"]
