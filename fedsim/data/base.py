@@ -46,7 +46,8 @@ class FederatedDataset(ABC):
 
         Exact here (one `num_examples` call per device: fine for datasets whose population is
         bounded by the examples they hold). A generated population whose sizes are independent
-        draws (synthetic) returns the expected counts, population x P(size), at no O(population) cost.
+        draws (synthetic) may return the expected counts, population x P(size), when counting
+        would cost O(population) time (10^9 devices).
         """
         counts: dict[int, float] = {}
         for device_id in range(self.num_devices):

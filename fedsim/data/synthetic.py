@@ -52,6 +52,11 @@ _SIZES_V2_STREAM = 4
 _SHARED_MODEL_STREAM = 1
 _DEVICE_STREAM = 2
 _LEAF_STRUCTURE_STREAM = 3
+# size_counts counts every device's size up to this population (a fraction of a second), and uses the
+# expected counts beyond: a budget stop that needs the exact number of devices too small to
+# ever join matters when a population can be exhausted, not at 10^9 devices.
+EXACT_COUNT_LIMIT = 1_000_000
+_COUNT_CHUNK = 1 << 20
 
 
 class SyntheticDataset(FederatedDataset):
@@ -91,11 +96,17 @@ class SyntheticDataset(FederatedDataset):
         return n_total - n_train
 
     def size_counts(self) -> dict[int, float]:
-        """recipe_version 2: the expected number of devices of each training size (population x
-        probability), from the size distribution itself; version 1: the exact counts."""
+        """Devices of each training size: exact up to EXACT_COUNT_LIMIT devices (counted in
+        chunks, under a second), beyond that the expected counts (population x probability)."""
         if self._v1_train is not None:
             sizes, counts = np.unique(self._v1_train, return_counts=True)
             return {int(n): float(c) for n, c in zip(sizes, counts, strict=True)}
+        if self._population <= EXACT_COUNT_LIMIT:
+            seen = np.zeros(self._cfg.size_max + 1, dtype=np.int64)
+            for first in range(0, self._population, _COUNT_CHUNK):
+                totals = self._sizes.totals(first, min(_COUNT_CHUNK, self._population - first))
+                seen += np.bincount(train_part(totals, self._cfg.test_fraction), minlength=len(seen))
+            return {int(n): float(seen[n]) for n in np.flatnonzero(seen)}
         shares: dict[int, float] = {}
         for total, p in self._sizes.total_distribution().items():
             n_train = int(train_part(np.array([total]), self._cfg.test_fraction)[0])
