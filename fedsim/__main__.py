@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim.capacity import check_fits
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import FedsimError
 
@@ -86,7 +87,7 @@ def precheck(argv: list[str]) -> None:
                 except Exception as err:
                     fail(_one_line(err))
                 try:
-                    config_from_hydra(dcfg)
+                    check_fits(config_from_hydra(dcfg))
                 except FedsimError as err:
                     fail(str(err))
     finally:
