@@ -126,6 +126,15 @@ def test_population_state_over_memory_is_refused_naming_the_key_and_the_estimate
     assert machine_memory() > GiB
 
 
+def test_recipe_version_and_its_size_table_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"^config key 'dataset.recipe_version': unknown version 3; allowed: 1, 2$"):
+        from_dict({"dataset": {"name": "synthetic", "recipe_version": 3}})
+    big = {"name": "synthetic", "size_max": 2_000_000}
+    with pytest.raises(ConfigError, match=r"^config key 'dataset.size_max': at most dataset.size_min \+ 1,000,000"):
+        from_dict({"dataset": big})
+    assert from_dict({"dataset": big | {"recipe_version": 1}}).dataset.size_max == 2_000_000
+
+
 def test_cli_refuses_a_run_that_would_not_fit_in_one_line_before_it_starts(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
