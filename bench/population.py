@@ -39,7 +39,9 @@ def run_one(population: int, privacy: str, rounds: int, cohort: int, workdir: Pa
         f"output.dir={out}", f"hydra.run.dir={out}", f"simulation.ray_temp_dir={workdir / 'ray'}",
         *PRIVACY[privacy], *extra,
     ]  # fmt: skip
-    subprocess.run(cmd, cwd=REPO, check=True)
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode:  # reported in the table; the other runs still go on
+        return {"population": population, "privacy": privacy, "failed": f"exit status {proc.returncode}"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     steady = [r["round_time_s"] for r in rows[2:]] or [r["round_time_s"] for r in rows]
@@ -74,8 +76,11 @@ def main() -> None:
     print(f"|{'-' * 10}|{'-' * 14}:|{'-' * 8}:|{'-' * 9}:|{'-' * 15}:|{'-' * 15}:|")
     for privacy in args.privacy:
         mine = [r for r in results if r["privacy"] == privacy]
-        base = mine[0]["s_per_round"]
+        base = mine[0].get("s_per_round", float("nan"))
         for r in mine:
+            if "failed" in r:
+                print(f"| {privacy:<8} | {r['population']:>13,} | failed: {r['failed']} |")
+                continue
             print(
                 f"| {privacy:<8} | {r['population']:>13,} | {r['s_per_round']:>7.3f} | {r['s_per_round'] / base:>7.2f}x"
                 f" | {r['server_peak_rss_mb']:>14.0f} | {r['worker_peak_rss_mb']:>14.0f} |"
