@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedsim import resources
+from fedsim.capacity import check_fits
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import ConfigError, FedsimError
 
@@ -102,7 +103,7 @@ def precheck(argv: list[str]) -> None:
                 except Exception as err:
                     fail(_one_line(err))
                 try:
-                    config_from_hydra(dcfg)
+                    check_fits(config_from_hydra(dcfg))
                 except FedsimError as err:
                     fail(str(err))
     finally:

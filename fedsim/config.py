@@ -52,6 +52,7 @@ class SyntheticConfig:
     test_fraction: float = 0.1  # share of each device's examples held out (LEAF: 10%)
     eval_devices: int = 200  # central test set = held-out part of devices 0..eval_devices-1
     iid: bool = False  # True: one shared model and feature mean (LEAF's synthetic_iid)
+    recipe_version: int = 2  # 2: sizes from (seed, device id), O(1) memory | 1: sizes drawn up front (runs before 2026-11-30)
 
 
 @dataclass
@@ -419,6 +420,15 @@ def validate(cfg: FedsimConfig) -> None:
         if not 0 < ds.test_fraction < 1:
             raise ConfigError("dataset.test_fraction", f"must be in (0, 1), got {ds.test_fraction}")
         _positive(ds.eval_devices, "dataset.eval_devices")
+        if ds.recipe_version not in (1, 2):
+            raise ConfigError("dataset.recipe_version", f"unknown version {ds.recipe_version}; allowed: 1, 2")
+        if ds.recipe_version == 2 and ds.size_max - ds.size_min > 1_000_000:
+            # The size distribution is a table with one entry per possible size (fedsim/data/synthetic.py).
+            raise ConfigError(
+                "dataset.size_max",
+                f"at most dataset.size_min + 1,000,000 ({ds.size_min + 1_000_000}) with dataset.recipe_version=2, "
+                f"got {ds.size_max}",
+            )
     elif isinstance(ds, FashionMnistConfig):
         _choice(ds.partition, "dataset.partition", ("iid", "dirichlet", "shards"))
         _positive(ds.dirichlet_alpha, "dataset.dirichlet_alpha")

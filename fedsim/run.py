@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedsim.capacity import check_fits
 from fedsim.config import FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
 from fedsim.runlog import locked
@@ -59,6 +60,8 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
     if cfg.engine == "deployment":  # a running SuperLink does the work (fedsim.deploy)
         from fedsim.deploy import run_deployment
 
+        check_fits(cfg)
+
         if cfg.resume:
             raise ConfigError("resume", "resuming runs on engine=simulation only")
         _quiet(cfg.simulation.log_level)
@@ -70,6 +73,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
     resume_state = None
     if cfg.resume:
         cfg, run_dir, resume_state = _resumed(cfg, overrides)
+    check_fits(cfg)  # a population whose state would not fit is refused here, not OOM-killed mid-run
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     cfg.output.dir = str(run_dir)

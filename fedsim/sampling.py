@@ -25,7 +25,8 @@ def sample_cohort(*, population: int, cohort_size: int, method: str, rng: np.ran
         size = cohort_size
     else:
         raise ValueError(f"unknown sampling method {method!r}; allowed: poisson, fixed")
-    # Generator.choice without replacement uses Floyd's set-based algorithm when size is much
-    # smaller than the population, so this stays O(size) at a population of 100,000.
+    # Generator.choice without replacement uses Floyd's set-based algorithm while size is under
+    # 1/20 of the population, so this stays O(size) at a population of 10^9 (tests/test_population.py);
+    # above that it shuffles an index of the population, at most 20x the cohort.
     ids = rng.choice(population, size=size, replace=False, shuffle=False)
     return sorted(int(i) for i in ids)

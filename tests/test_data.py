@@ -5,8 +5,10 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from fedsim.config import FashionMnistConfig, FemnistConfig, HuggingFaceConfig, SyntheticConfig
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.data.partition import dirichlet_partition, iid_partition, shard_partition
-from fedsim.data.synthetic import SyntheticDataset
+from fedsim.data.synthetic import SizeGenerator, SyntheticDataset, device_sizes, train_part
 from fedsim.errors import ConfigError, DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -72,31 +74,113 @@ def test_synthetic_tensors_have_the_promised_types_and_ranges() -> None:
         ds.device_data(30)
 
 
-def test_synthetic_population_of_100k_is_instant_and_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_synthetic_population_of_a_billion_holds_nothing_per_device(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = SyntheticConfig()
-    ds = SyntheticDataset(cfg, population=100_000, seed=0)
+    tracemalloc.start()
+    try:
+        ds = SyntheticDataset(cfg, population=1_000_000_000, seed=0)
+        sizes = [ds.num_examples(k) for k in (0, 123_456_789, 999_999_999)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
     small = SyntheticDataset(cfg, population=1_000, seed=0)
-
-    # Nothing per device but a few ints: no tensors, and memory growing by at most 8 bytes
-    # per extra device (the shared recipe structure does not depend on the population).
+    assert peak < 1_000_000  # the size table (8 kB) and the LEAF structure, nothing per device
     for value in vars(ds).values():
         assert not isinstance(value, torch.Tensor)
 
     def held(d: SyntheticDataset) -> int:
         return sum(v.nbytes for v in vars(d).values() if isinstance(v, np.ndarray))
 
-    assert held(ds) - held(small) <= 8 * (100_000 - 1_000)
+    assert held(ds) == held(small)
+    # The same device has the same size in a population of 1,000 and one of 10^9.
+    assert ds.num_examples(0) == small.num_examples(0) == sizes[0]
+    assert all(1 <= n <= cfg.size_max for n in sizes)
 
     def no_generation(device_id: int) -> None:
         raise AssertionError("num_examples generated device data")
 
     monkeypatch.setattr(ds, "_generate", no_generation)
-    train = np.array([ds.num_examples(k) for k in range(ds.num_devices)])
-    heldout = np.array([ds.heldout_examples(k) for k in range(ds.num_devices)])
-    total = train + heldout
+    ids = range(999_995_000, 1_000_000_000)
+    train = np.array([ds.num_examples(k) for k in ids])
+    total = train + np.array([ds.heldout_examples(k) for k in ids])
     assert total.min() >= cfg.size_min and total.max() <= cfg.size_max
     assert train.min() >= 1 and total.max() > total.min()  # lognormal sizes vary
     assert np.array_equal(train, np.floor(0.9 * total + 1e-9))  # LEAF's 90/10 split
+    with pytest.raises(IndexError):
+        ds.num_examples(1_000_000_000)
+
+
+def test_synthetic_sizes_are_the_same_in_bulk_alone_and_in_another_process() -> None:
+    cfg = SyntheticConfig()
+    sizes = SizeGenerator(cfg, seed=7)
+    bulk = sizes.totals(10**9 - 50_000, 50_000)
+    alone = [int(sizes.totals(10**9 - 50_000 + k, 1)[0]) for k in range(0, 50_000, 997)]
+    assert alone == bulk[::997].tolist()
+    # Chunks that start anywhere agree with each other.
+    assert np.array_equal(sizes.totals(10**9 - 49_999, 3), bulk[1:4])
+    # A worker is another process: it computes the same sizes from (seed, device id) alone.
+    code = (
+        "from fedsim.config import SyntheticConfig; from fedsim.data.synthetic import SyntheticDataset; "
+        "ds = SyntheticDataset(SyntheticConfig(), population=10**9, seed=7); "
+        "print([ds.heldout_examples(d) + ds.num_examples(d) for d in range(10**9 - 50_000, 10**9, 997)])"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(other.stdout) == alone
+    assert not np.array_equal(SizeGenerator(cfg, seed=8).totals(0, 100), sizes.totals(0, 100))
+
+
+def test_synthetic_sizes_follow_leafs_clipped_lognormal() -> None:
+    from scipy import stats
+
+    cfg = SyntheticConfig()  # clip(floor(lognormal(3, 2)) + 5, 5, 1000)
+    sizes = SizeGenerator(cfg, seed=0)
+    # The table against scipy's lognormal: P(total = 5 + j) = F(j + 1) - F(j), the rest at 1000.
+    law = stats.lognorm(s=cfg.size_sigma, scale=np.exp(cfg.size_mu))
+    j = np.arange(cfg.size_max - cfg.size_min)
+    expected = np.append(law.cdf(j + 1) - law.cdf(j), law.sf(cfg.size_max - cfg.size_min))
+    table = sizes.total_distribution()
+    got = np.array([table.get(cfg.size_min + k, 0.0) for k in range(len(expected))])
+    assert np.allclose(got, expected, rtol=1e-9, atol=1e-15)
+    # A million devices against the law, in bins: within 5 standard errors each.
+    n = 1_000_000
+    drawn = sizes.totals(0, n)
+    for lo, hi in [(5, 5), (6, 20), (21, 100), (101, 999), (1000, 1000)]:
+        p = sum(table.get(k, 0.0) for k in range(lo, hi + 1))
+        freq = np.count_nonzero((drawn >= lo) & (drawn <= hi)) / n
+        assert abs(freq - p) < 5 * np.sqrt(p * (1 - p) / n), (lo, hi, freq, p)
+    # Recipe version 1's sizes come from the same law (a two-sample check on the means).
+    v1 = device_sizes(cfg, population=n, seed=0)
+    assert abs(drawn.mean() - v1.mean()) < 5 * np.sqrt(drawn.var() / n + v1.var() / n)
+
+
+def test_synthetic_recipe_version_1_keeps_the_sizes_of_earlier_runs() -> None:
+    cfg = SyntheticConfig(recipe_version=1)
+    ds = SyntheticDataset(cfg, population=500, seed=3)
+    # Version 1, as fedsim drew it before 2026-11-30: one lognormal stream over the population.
+    raw = np.random.default_rng([3, 0]).lognormal(3.0, 2.0, 500)
+    total = np.clip(np.floor(raw) + 5, 5, 1000).astype(np.int64)
+    got = np.array([ds.num_examples(k) + ds.heldout_examples(k) for k in range(500)])
+    assert np.array_equal(got, total)
+    train, count = np.unique([ds.num_examples(k) for k in range(500)], return_counts=True)
+    assert ds.size_counts() == dict(zip(train.tolist(), count.tolist(), strict=True))  # exact counts
+    v2 = SyntheticDataset(SyntheticConfig(), population=500, seed=3)
+    assert [v2.num_examples(k) for k in range(500)] != [ds.num_examples(k) for k in range(500)]
+
+
+def test_synthetic_size_counts_are_the_expected_devices_per_size() -> None:
+    cfg = SyntheticConfig(size_max=60)
+    counts = SyntheticDataset(cfg, population=10**9, seed=0).size_counts()
+    assert sum(counts.values()) == pytest.approx(10**9, rel=1e-12)
+    assert min(counts) == 4 and max(counts) == 54  # floor(0.9 * 5), floor(0.9 * 60)
+    # Up to 10^6 devices the counts are exact, and agree with the expectation.
+    ds = SyntheticDataset(cfg, population=1_000_000, seed=0)
+    seen = np.bincount(train_part(SizeGenerator(cfg, seed=0).totals(0, 1_000_000), cfg.test_fraction))
+    exact = ds.size_counts()
+    assert exact == {n: float(seen[n]) for n in np.flatnonzero(seen)}
+    for n, c in exact.items():
+        assert abs(c - counts[n] * 1e-3) < 5 * np.sqrt(c) + 1, n
+    fixed = SyntheticDataset(SyntheticConfig(examples_per_device=40), population=10**9, seed=0)
+    assert fixed.size_counts() == {36: 10**9}
 
 
 def test_synthetic_device_data_caches_nothing() -> None:

@@ -3,7 +3,8 @@
 A dataset is a *population*: device ids 0..num_devices-1, each with its own local examples,
 plus a central held-out test set for the server's evaluation. Device data is produced on
 demand (`device_data`), so memory grows with the data a dataset really holds, never with
-bookkeeping per device beyond a few integers.
+bookkeeping per device beyond a few integers; a generated population (synthetic) holds nothing
+per device at all, so its memory does not depend on the population.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ class FederatedDataset(ABC):
     def num_examples(self, device_id: int) -> int:
         """Training examples on one device (subclasses override when cheaper than loading)."""
         return int(self.device_data(device_id)[1].shape[0])
+
+    def size_counts(self) -> dict[int, float]:
+        """How many devices have each number of training examples: {num_examples: devices}.
+
+        Exact here (one `num_examples` call per device: fine for datasets whose population is
+        bounded by the examples they hold). A generated population whose sizes are independent
+        draws (synthetic) may return the expected counts, population x P(size), when counting
+        would cost O(population) time (10^9 devices).
+        """
+        counts: dict[int, float] = {}
+        for device_id in range(self.num_devices):
+            n = self.num_examples(device_id)
+            counts[n] = counts.get(n, 0.0) + 1.0
+        return counts
 
     def check_device_id(self, device_id: int) -> None:
         if not 0 <= device_id < self.num_devices:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,17 @@ def dpsgd_event(*, num_examples: int, batch_size: int, local_epochs: int, noise_
     return DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches, steps=local_epochs * batches)
 
 
+def _median_low(counts: dict[int, float]) -> int:
+    """statistics.median_low of the multiset {n: count} (counts may be expected, non-integer)."""
+    rank = (round(sum(counts.values())) - 1) // 2  # 0-based rank of the low median
+    seen = 0.0
+    for n in sorted(counts):
+        seen += counts[n]
+        if seen > rank:
+            return n
+    return max(counts)
+
+
 class SampleLevelDP:
     """The run's sample-level DP state: one ledger, one accountant, one budget per device."""
 
@@ -45,7 +54,8 @@ class SampleLevelDP:
         self.cfg, self.dataset = cfg, dataset
         self.delta, self.target = dp.delta, dp.target_epsilon
         self.accountant = create_accountant(dp.accountant)
-        sizes = Counter(dataset.num_examples(d) for d in range(dataset.num_devices))
+        # {examples: devices}; expected counts for a generated population (no pass over 10^9 devices).
+        sizes = dataset.size_counts()
         self.calibration: dict[str, Any] | None = None
         if dp.noise_multiplier is None:
             dp.noise_multiplier = self._calibrate(sizes)
@@ -54,7 +64,7 @@ class SampleLevelDP:
         if dp.accountant == "pld" and self.noise_multiplier > 0:
             # The coarsest discretisation within 1% of the 1e-4 epsilon, for the planned history
             # of the median device (as calibration assumes it); every interval is an upper bound.
-            planned = ((self.event_of_size(self._median_size(sizes)), self._planned_participations()),)
+            planned = ((self.event_of_size(_median_low(sizes)), self._planned_participations()),)
             interval, self.pld_intervals_tried = choose_pld_interval(
                 lambda i: create_accountant("pld", value_discretization_interval=i).epsilon(planned, self.delta)
             )
@@ -64,9 +74,8 @@ class SampleLevelDP:
         # q = 1: no amplification by sampling) are counted once, here.
         self.never_eligible = 0
         if self.target is not None:
-            for n, count in sizes.items():
-                if self.accountant.epsilon(((self.event_of_size(n), 1),), self.delta) > self.target:
-                    self.never_eligible += count
+            once = {n: self.accountant.epsilon(((self.event_of_size(n), 1),), self.delta) for n in sizes}
+            self.never_eligible = round(sum(c for n, c in sizes.items() if once[n] > self.target))
         self.last_clip_fraction: float | None = None
 
     def event_of_size(self, n: int) -> DPSGDEvent:
@@ -74,20 +83,16 @@ class SampleLevelDP:
         z = self.cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
         return dpsgd_event(num_examples=n, batch_size=a.batch_size, local_epochs=a.local_epochs, noise_multiplier=z)
 
-    @staticmethod
-    def _median_size(sizes: Counter[int]) -> int:
-        return int(statistics.median_low(sorted(sizes.elements())))
-
     def _planned_participations(self) -> int:
         dp = self.cfg.privacy.dpsgd
         assert dp is not None
         return dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
 
-    def _calibrate(self, sizes: Counter[int]) -> float:
+    def _calibrate(self, sizes: dict[int, float]) -> float:
         """Solve sigma for target_epsilon at the median device size and the expected participations."""
         dp, a = self.cfg.privacy.dpsgd, self.cfg.algorithm
         assert dp is not None and dp.target_epsilon is not None
-        median_n = self._median_size(sizes)
+        median_n = _median_low(sizes)
         batches = math.ceil(median_n / a.batch_size)
         participations = self._planned_participations()
         try:
