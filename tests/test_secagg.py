@@ -25,6 +25,7 @@ from fedsim.secagg.protocol import (
     SecAggParams,
     SecAggServer,
     simulate_round,
+    stages,
 )
 from fedsim.secagg.quantize import FixedPoint, check_modulus_bits, required_modulus_bits, to_ring
 
@@ -67,18 +68,90 @@ def _run_to_stage3(params: SecAggParams):
 # --- protocol exactness -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [None, "share_keys", "masked_input", "unmask"])
-def test_aggregate_is_exact_sum_under_dropouts(stage):
-    params = _params()
+@pytest.mark.parametrize(
+    ("stage", "active"),
+    [(stage, active) for active in (False, True) for stage in (None, *stages(active))],
+)
+def test_aggregate_is_exact_sum_under_dropouts(stage, active):
+    params = _params(active=active)
     inputs = _inputs(params)
     dropped = set(_far_pair(params)) if stage else set()
     result = simulate_round(params, inputs, drop_before={stage: dropped} if stage else None)
-    # Dropping during unmask (after sending y) keeps the device's input in the sum.
-    expected_ids = set(range(N)) - (dropped if stage in ("share_keys", "masked_input") else set())
+    # Dropping after sending y (consistency, unmask) keeps the device's input in the sum.
+    gone = stage in ("advertise_keys", "share_keys", "masked_input")
+    expected_ids = set(range(N)) - (dropped if gone else set())
     assert result.survivors == expected_ids
     assert result.dropped_after_sharing == (dropped if stage == "masked_input" else set())
     assert result.aggregate.dtype == np.uint64
     np.testing.assert_array_equal(result.aggregate, _plain_sum(inputs, expected_ids, M))
+    assert result.rejected == {}
+
+
+def _drive(params: SecAggParams, inputs, *, tamper_keys=None, tamper_cts=None):
+    """A semi-honest session by hand, with hooks that corrupt one device's messages."""
+    devices = {i: SecAggDevice(i, params) for i in range(params.num_devices)}
+    server = SecAggServer(params)
+    keys = {i: d.advertise_keys() for i, d in devices.items()}
+    for i, reply in (tamper_keys or {}).items():
+        keys[i] = reply
+    req2 = server.collect_keys(keys)
+    shares = {i: devices[i].share_keys(r) for i, r in req2.items()}
+    for (sender, receiver), ct in (tamper_cts or {}).items():
+        reply = shares[sender]
+        reply["ciphertexts"][reply["ids"].index(receiver)] = ct
+    req3 = server.collect_shares(shares)
+    req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()})
+    return server, server.collect_unmask({i: devices[i].unmask(r) for i, r in req4.items()})
+
+
+def test_a_malformed_or_low_order_key_drops_that_device_only():
+    params = _params()
+    inputs = _inputs(params)
+    low_order = bytes(32)  # the X25519 point 0: every Diffie-Hellman result with it is zero
+    a, b = _far_pair(params)
+    server, total = _drive(params, inputs, tamper_keys={
+        a: {"c_pk": crypto.generate_keypair().public, "s_pk": low_order},
+        b: {"c_pk": b"short", "s_pk": crypto.generate_keypair().public},
+    })  # fmt: skip
+    assert set(server.rejected) == {a, b}
+    assert all(reason.startswith("advertise_keys: unusable keys") for reason in server.rejected.values())
+    np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {a, b}, M))
+
+
+def test_a_share_ciphertext_that_does_not_open_drops_its_sender_only():
+    params = _params()
+    inputs = _inputs(params)
+    sender = 0
+    receiver = params.graph[sender][0]
+    server, total = _drive(params, inputs, tamper_cts={(sender, receiver): os.urandom(128)})
+    assert list(server.rejected) == [sender] and server.rejected[sender].startswith("masked_input:")
+    assert server.dropped_after_sharing == {sender}  # its masks were removed through the other holders
+    np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {sender}, M))
+
+
+def test_active_device_refuses_to_unmask_without_t_neighbour_signatures():
+    from fedsim.secagg.protocol import KeyRegistry
+
+    params = _params(active=True)
+    ids = {i: crypto.generate_identity() for i in range(N)}
+    registry = KeyRegistry()
+    for i, key in ids.items():
+        registry.register(i, crypto.identity_public(key))
+    view = registry.view(range(N))
+    devices = {i: SecAggDevice(i, params, identity=ids[i], registry=view) for i in range(N)}
+    server = SecAggServer(params, registry=view)
+    req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
+    reqc = server.collect_masked({i: devices[i].masked_input(r, np.zeros(L, dtype=np.int64)) for i, r in req3.items()})
+    req4 = server.collect_signatures({i: devices[i].consistency(r) for i, r in reqc.items()})
+    honest = dict(req4[0])
+    keep = T - 1  # the server withholds signatures: one short of t
+    with pytest.raises(ProtocolViolation, match="valid neighbour signatures"):
+        devices[0].unmask(honest | {"signers": honest["signers"][:keep], "signatures": honest["signatures"][:keep]})
+    forged = [bytes(64)] * len(honest["signers"])
+    with pytest.raises(ProtocolViolation, match="valid neighbour signatures"):
+        devices[1].unmask(dict(req4[1]) | {"signatures": forged})
+    assert devices[2].unmask(req4[2])["b_ids"]  # the genuine request is answered
 
 
 def test_complete_graph_classic_secagg_with_mixed_dropouts():
@@ -95,6 +168,8 @@ def test_complete_graph_classic_secagg_with_mixed_dropouts():
 
 
 def test_byte_counts_per_stage():
+    active = simulate_round(_params(active=True), _inputs(_params())).bytes_sent[0]
+    assert active["advertise_keys"] == 64 + 64 and active["consistency"] == 64  # Ed25519 signatures
     params = _params()
     result = simulate_round(params, _inputs(params))
     sent = result.bytes_sent[0]

@@ -124,7 +124,7 @@ class GraphChoice:
     corrupt: int  # C
     dropouts: int  # D
     log2_insecure: float  # log2 of the union bound on S1 or S2 failing (-inf: impossible)
-    log2_abort: float  # log2 of the bound on C failing given at most D dropouts
+    log2_abort: float  # log2 of the bound on a round aborting (given at most D dropouts if D is configured)
     threat: ThreatModel
 
     @property
@@ -271,9 +271,13 @@ def _bounds(n: int, k: int, corrupt: int, dropouts: int, tm: ThreatModel, t: int
 
 
 def _choice(n: int, k: int, t: int, tm: ThreatModel, corrupt: int, dropouts: int, b: _Bounds) -> GraphChoice:
+    log2_abort = b.log2_abort
+    if tm.max_dropout_fraction is None and dropouts < n and tm.dropout_rate > 0:
+        # D came from the drop rates: add the chance that more than D devices drop (<= 2^-(eta+1)).
+        log2_abort = math.log2(2.0 ** -(tm.correctness_bits + 1) + 2.0**log2_abort)
     return GraphChoice(
         n=n, neighbours=k, threshold=t, corrupt=corrupt, dropouts=dropouts,
-        log2_insecure=b.log2_insecure, log2_abort=b.log2_abort, threat=tm,
+        log2_insecure=b.log2_insecure, log2_abort=log2_abort, threat=tm,
     )  # fmt: skip
 
 
@@ -305,13 +309,15 @@ def choose_params(n: int, tm: ThreatModel) -> GraphChoice:
     )
 
 
-def check_params(n: int, k: int, t: int, tm: ThreatModel) -> GraphChoice:
-    """Check an explicit (k, t) against `tm`; raises Unsatisfiable saying which bound fails.
+def check_params(n: int, k: int, t: int | None, tm: ThreatModel) -> GraphChoice:
+    """Check an explicit k (and t; None: the smallest safe t for k) against `tm`.
 
-    Only security is enforced: an explicit t that aborts more often than 2^-eta is allowed
-    (the chosen bound is reported).
+    Raises Unsatisfiable saying which bound fails. Only security is enforced: an explicit t
+    that aborts more often than 2^-eta is allowed (its abort bound is reported).
     """
     corrupt, dropouts = tm.corrupt(n), tm.dropouts(n)
+    if t is None:
+        t = _bounds(n, k, corrupt, dropouts, tm).t_min or k
     if not (k == n - 1 or (k % 2 == 0 and 2 <= k < n - 1)) or not 1 <= t <= k:
         raise Unsatisfiable(f"k={k}, t={t} for a cohort of {n}: need k even in [2, n-2] or k = n-1, and 1 <= t <= k")
     b = _bounds(n, k, corrupt, dropouts, tm, t)

@@ -421,8 +421,9 @@ class SecAggDevice:
         """Stage 2 (Bonawitz ShareKeys): encrypted Shamir shares of s^SK and b for each neighbour.
 
         request {"ids", "c_pks", "s_pks"[, "sigs"]}: the live neighbours' public keys. Refuses
-        keys of non-neighbours, repeated keys, unusable (low-order) keys and, active, keys whose
-        signature does not verify under the neighbour's registered identity. Shamir-shares s^SK
+        keys of non-neighbours, repeated keys, unusable (low-order) c keys and, active, keys whose
+        signature does not verify under the neighbour's registered identity (the server already
+        dropped devices with unusable keys; a device meets one only from a dishonest server). Shamir-shares s^SK
         and a fresh self-mask seed b among them (threshold t) and returns, per neighbour j,
         AES-GCM(KA(c_i, c_j)) of (s-share_j || b-share_j) bound to (i, j, session):
         {"ids": [j], "ciphertexts": [bytes]}.
@@ -444,12 +445,6 @@ class SecAggDevice:
                 msg = _key_message(sid, j, bytes(c_pks[j]), bytes(s_pks[j]))
                 if registered is None or j not in sigs or not verify(registered, bytes(sigs[j]), msg):
                     self._refuse(f"the keys offered for neighbour {j} are not signed by its registered identity")
-        for j in sorted(c_pks):
-            for key in (bytes(c_pks[j]), bytes(s_pks[j])):
-                try:
-                    check_public_key(key)
-                except ValueError as err:
-                    self._refuse(f"unusable public key offered for neighbour {j}: {err}")
         t = self.params.threshold
         if len(c_pks) < t:
             self._abort(f"only {len(c_pks)} live neighbours at share_keys, threshold t={t}")
@@ -460,7 +455,10 @@ class SecAggDevice:
         b_shares = shamir.share(self._b, t, holders)
         ciphertexts = []
         for j in holders:
-            key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
+            try:  # a low-order key fails here (the s key at masked_input): only a dishonest server forwards one
+                key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
+            except ValueError as err:
+                self._refuse(f"unusable public key offered for neighbour {j}: {err}")
             ciphertexts.append(encrypt_share(key, s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
         reply = {"ids": holders, "ciphertexts": ciphertexts}
         self.bytes_sent["share_keys"] = payload_nbytes(reply)
