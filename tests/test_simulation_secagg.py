@@ -181,17 +181,6 @@ def test_same_seed_gives_the_same_graph_survivors_and_model_with_dropouts(tmp_pa
     assert first["model_sha256"] == second["model_sha256"]
 
 
-def test_a_device_that_fails_in_masked_input_drops_alone(tmp_path: Path) -> None:
-    # NaN updates cannot be encoded: each such device drops, its worker's other devices stay.
-    raw = secure_config(tmp_path, rounds=2, **{"faults.nan_update_rate": 0.2, "secagg.max_corrupt_fraction": 0.1,
-                                                "secagg.correctness_bits": 4})  # fmt: skip
-    run(from_dict(raw), tmp_path / "nan")
-    rs = [r for r in rows(tmp_path / "nan") if "secagg_aborted" not in r]
-    assert rs and any(r["secagg_devices_rejected"] > 0 for r in rs), rs
-    for r in rs:
-        assert r["secagg_survivors_masked_input"] == 8 - r["secagg_devices_rejected"]
-
-
 def test_impossible_threat_model_is_refused_with_one_line(tmp_path: Path) -> None:
     from fedsim.errors import ConfigError
     from fedsim.server_app import prepare
@@ -202,3 +191,14 @@ def test_impossible_threat_model_is_refused_with_one_line(tmp_path: Path) -> Non
     raw = secure_config(tmp_path, **{"secagg.neighbours": 2, "secagg.threshold": 2})  # 2 colluders can hold both shares
     with pytest.raises(ConfigError, match=r"secagg.neighbours.*unsafe"):
         prepare(from_dict(raw))
+
+
+def test_active_threat_model_round_gives_the_same_model_as_semi_honest(tmp_path: Path) -> None:
+    # The sum is exact mod 2^m either way: signatures and the consistency stage change nothing in it.
+    active = run(from_dict(secure_config(tmp_path, **{"secagg.threat_model": "active"})), tmp_path / "active")
+    semi = run(from_dict(secure_config(tmp_path)), tmp_path / "semi")
+    assert active["model_sha256"] == semi["model_sha256"]
+    assert all(r["secagg_survivors_consistency"] == 8 and r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "active"))
+    assert active["secagg"]["threat_model"] == "active"
+    assert any("key registry" in a for a in active["secagg"]["assumptions"])
+    assert 2 * active["secagg"]["threshold_t"] > active["secagg"]["neighbours_k"] + 0  # t > k/2 at least
