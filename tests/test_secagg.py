@@ -426,3 +426,26 @@ def test_skellam_variance_and_sum_over_devices():
     bound = skellam_tail_bound(70.0, 1e-3, dimension=partial.size)
     assert np.abs(partial).max() <= bound < 100  # ~ 5.6 standard deviations
     assert skellam(0.0, 3, rng).tolist() == [0, 0, 0]
+
+
+def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_aborts():
+    from fedsim.secagg.params import ThreatModel, choose_params
+
+    n, rounds = 30, 6
+    choice = choose_params(n, ThreatModel("semi_honest", 0.1, dropout_rate=0.3))
+    assert choice.log2_abort <= -20
+
+    def aborts(k: int, t: int) -> int:
+        count = 0
+        for r in range(rounds):
+            rng = np.random.default_rng(r)
+            dropped = [i for i in range(n) if rng.random() < 0.3]
+            params = SecAggParams(n, t, k, 16, 2, session_id=b"s", graph_seed=f"round-{r}".encode())
+            try:
+                simulate_round(params, {i: np.arange(2) for i in range(n)}, drop_before={"masked_input": dropped})
+            except SecAggAborted:
+                count += 1
+        return count
+
+    assert aborts(choice.neighbours, choice.threshold) == 0
+    assert aborts(10, 6) >= 2  # fedsim's old rule at cohort 30: k = 2 ceil(log2 30), t = k/2 + 1

@@ -28,7 +28,7 @@ from fedsim.secagg.protocol import (
     SecAggDevice,
     SecAggParams,
     SecAggServer,
-    _survivors_message,
+    survivors_message,
     neighbour_graph,
 )
 
@@ -112,7 +112,7 @@ class Round:
                 if j in colluders:  # the adversary signs both sets with the colluders' keys
                     for s in (u3, u3_lie):
                         signatures.setdefault(j, {})[tuple(s)] = crypto.sign(
-                            self.identities[j], _survivors_message(p.session_id, s))
+                            self.identities[j], survivors_message(p.session_id, s))
                 else:
                     try:
                         sig = self.devices[j].consistency({"survivors": view[j]})["sig"]

@@ -182,12 +182,21 @@ def test_same_seed_gives_the_same_graph_survivors_and_model_with_dropouts(tmp_pa
 
 
 def test_impossible_threat_model_is_refused_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
     from fedsim.errors import ConfigError
     from fedsim.server_app import prepare
 
-    raw = secure_config(tmp_path, **{"secagg.drop_masked_input": 0.4, "secagg.threat_model": "active"})
-    with pytest.raises(ConfigError, match=r"secagg.max_corrupt_fraction.*no k <= cohort size 8"):
-        prepare(from_dict(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "secagg=secaggplus", "secagg.threat_model=active", "secagg.drop_masked_input=0.4",
+         "cohort.size=8", "cohort.sampling=fixed", "population=20", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "secagg.max_corrupt_fraction" in lines[0] and "no k <= cohort size 8" in lines[0], lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
     raw = secure_config(tmp_path, **{"secagg.neighbours": 2, "secagg.threshold": 2})  # 2 colluders can hold both shares
     with pytest.raises(ConfigError, match=r"secagg.neighbours.*unsafe"):
         prepare(from_dict(raw))
@@ -201,4 +210,7 @@ def test_active_threat_model_round_gives_the_same_model_as_semi_honest(tmp_path:
     assert all(r["secagg_survivors_consistency"] == 8 and r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "active"))
     assert active["secagg"]["threat_model"] == "active"
     assert any("key registry" in a for a in active["secagg"]["assumptions"])
-    assert 2 * active["secagg"]["threshold_t"] > active["secagg"]["neighbours_k"] + 0  # t > k/2 at least
+    from fedsim.secagg import ThreatModel, choose_params
+
+    choice = choose_params(8, ThreatModel("active", 0.33))
+    assert (active["secagg"]["neighbours_k"], active["secagg"]["threshold_t"]) == (choice.neighbours, choice.threshold)

@@ -41,10 +41,11 @@ sigma is split evenly between S1 and S2 (2^-(sigma+1) each) and eta between "mor
 dropouts" and C (2^-(eta+1) each). D is either given (max_dropout_fraction: an assumption the
 run cannot check) or derived from the configured per-stage dropout rates: each device drops
 independently with probability p = 1 - prod(1 - rate), and D is the smallest count with
-P(Binomial(n, p) > D) <= 2^-(eta+1). t is the smallest threshold that S2 allows and that is
-also above k/2 (the device-side rule that no two disjoint groups of neighbours can each
-release a secret, kept in both threat models); the search returns the smallest even k for
-which that t also satisfies C, else the complete graph, else it refuses.
+P(Binomial(n, p) > D) <= 2^-(eta+1). t is the smallest threshold that S2 allows (at least 2;
+in the active model S2 itself puts t above k/2); the search returns the smallest even k for
+which that t also satisfies C, else the complete graph, else it refuses. A smaller t keeps
+more rounds alive under dropouts; a larger one only matters against more colluders, which
+the threat model says there are not.
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ __all__ = [
     "payload_nbytes",
     "simulate_round",
     "stages",
+    "survivors_message",
 ]
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
@@ -255,7 +256,8 @@ def _key_message(session: bytes, device: int, c_pk: bytes, s_pk: bytes) -> bytes
     return b"fedsim/secagg/keys" + session + device.to_bytes(8, "big") + c_pk + s_pk
 
 
-def _survivors_message(session: bytes, survivors: Iterable[int]) -> bytes:
+def survivors_message(session: bytes, survivors: Iterable[int]) -> bytes:
+    """What a device signs in the consistency check: the session and the sorted survivor ids."""
     ids = sorted(int(i) for i in survivors)
     return b"fedsim/secagg/survivors" + session + b"".join(i.to_bytes(8, "big") for i in ids)
 
@@ -527,7 +529,7 @@ class SecAggDevice:
         if self.id not in u3:
             self._refuse("it sent its masked input but is not in the survivor set")
         self._u3 = u3
-        reply = {"sig": sign(self._identity, _survivors_message(self.params.session_id, u3))}
+        reply = {"sig": sign(self._identity, survivors_message(self.params.session_id, u3))}
         self.bytes_sent["consistency"] = payload_nbytes(reply)
         return reply
 
@@ -583,7 +585,7 @@ class SecAggDevice:
         u3 = set(self._u3 or ())
         if survivors != self.neighbours & u3 or dropped != (self._senders - u3):
             self._refuse("the survivors and dropped it is asked about differ from the survivor set it signed")
-        message = _survivors_message(self.params.session_id, u3)
+        message = survivors_message(self.params.session_id, u3)
         sigs = _pair_lists(request, "signers", "signatures")
         valid = sum(
             1
@@ -826,7 +828,7 @@ class SecAggServer:
         self._advance(4, "collect_signatures")
         if not self.params.active:
             raise RuntimeError("collect_signatures belongs to the active threat model only")
-        message = _survivors_message(self.params.session_id, self.masked)
+        message = survivors_message(self.params.session_id, self.masked)
         for i, reply in replies.items():
             if i not in self.masked:
                 continue
