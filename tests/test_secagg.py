@@ -129,6 +129,18 @@ def test_a_share_ciphertext_that_does_not_open_drops_its_sender_only():
     np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {sender}, M))
 
 
+def test_a_malformed_unmasking_share_drops_that_reply_only():
+    params = _params()
+    inputs = _inputs(params)
+    devices, server, req3 = _run_to_stage3(params)
+    req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()})
+    replies = {i: devices[i].unmask(r) for i, r in req4.items()}
+    replies[0]["b_shares"][0] = replies[0]["b_shares"][0][:-3]  # truncated
+    total = server.collect_unmask(replies)
+    assert server.rejected == {0: "unmask: malformed share"}
+    np.testing.assert_array_equal(total, _plain_sum(inputs, range(N), M))  # device 0's own input is still in
+
+
 def test_active_device_refuses_to_unmask_without_t_neighbour_signatures():
     from fedsim.secagg.protocol import KeyRegistry
 

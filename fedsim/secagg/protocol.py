@@ -865,6 +865,9 @@ class SecAggServer:
             if not (set(bs) <= nbrs & self.masked and set(ss) <= nbrs & self.dropped_after_sharing):
                 self._reject(i, "unmask", "reveals shares that were not requested")
                 continue
+            if not all(shamir.is_well_formed(sh, KEY_BYTES) for sh in [*bs.values(), *ss.values()]):
+                self._reject(i, "unmask", "malformed share")  # the other holders' t shares suffice
+                continue
             responded.add(i)
             for j, sh in bs.items():
                 b_shares.setdefault(j, {})[i] = sh

@@ -20,7 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
-__all__ = ["PRIME", "NotEnoughShares", "ShamirError", "reconstruct", "share", "share_size"]
+__all__ = ["PRIME", "NotEnoughShares", "ShamirError", "is_well_formed", "reconstruct", "share", "share_size"]
 
 #: The Mersenne prime 2^127 - 1.
 PRIME = (1 << 127) - 1
@@ -95,6 +95,16 @@ def _decode(share_bytes: bytes) -> tuple[int, list[int]]:
     if len(values) != max(1, -(-secret_len // _CHUNK)) or any(v >= PRIME for v in values):
         raise ShamirError("malformed share: length header and field elements disagree")
     return secret_len, values
+
+
+def is_well_formed(share_bytes: bytes, secret_len: int) -> bool:
+    """True iff `share_bytes` decodes as a share of a `secret_len`-byte secret (format only:
+    a well-formed share with a wrong value is indistinguishable until reconstruction)."""
+    try:
+        length, _ = _decode(share_bytes)
+    except ShamirError:
+        return False
+    return length == secret_len
 
 
 def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:
