@@ -24,7 +24,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, wire
+from fedsim import checkpoint, secure_rounds, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
@@ -34,7 +34,6 @@ from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim import secure_rounds
 from fedsim.secure_rounds import secure_round
 from fedsim.worker import use_vectorized
 
