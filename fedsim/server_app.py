@@ -25,7 +25,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, wire
+from fedsim import checkpoint, randomness, secure_rounds, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
@@ -36,7 +36,7 @@ from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim.secure_rounds import fixed_point, secure_round
+from fedsim.secure_rounds import secure_round
 from fedsim.transport import (
     SYSTEM_CLOCK,
     Clock,
@@ -78,7 +78,7 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
     user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
     if cfg.secagg.name == "secaggplus":
-        fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
+        secure_rounds.prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
     return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
@@ -133,6 +133,8 @@ def run_rounds(
     random_desc = randomness.describe(cfg)
     runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
         f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
+    if cfg.secagg.name == "secaggplus":
+        runlog.note(secure_rounds.summary(cfg)["guarantee"])
     stopped: FedsimError | None = None
     start = time.perf_counter() - elapsed_before
     try:
@@ -245,6 +247,8 @@ def run_rounds(
     extra["randomness"] = random_desc
     extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
+    if cfg.secagg.name == "secaggplus":
+        extra["secagg"] = secure_rounds.summary(cfg)
     extra["privacy"] = {}
     if sample_dp:
         with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
