@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +32,7 @@ PRIVACY = {
 }
 
 
-def run_one(population: int, privacy: str, rounds: int, cohort: int, workdir: Path, extra: list[str]) -> dict:
+def run_one(population: int, privacy: str, rounds: int, cohort: int, workdir: Path, extra: list[str], timeout_s: float) -> dict:
     out = workdir / f"pop{population}-{privacy}"
     cmd = [
         sys.executable, "-m", "fedsim",
@@ -39,8 +41,16 @@ def run_one(population: int, privacy: str, rounds: int, cohort: int, workdir: Pa
         f"output.dir={out}", f"hydra.run.dir={out}", f"simulation.ray_temp_dir={workdir / 'ray'}",
         *PRIVACY[privacy], *extra,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO)
-    if proc.returncode:  # reported in the table; the other runs still go on
+    # Its own process group, so a run that hangs (a Ray that failed to start on a loaded
+    # machine) is stopped with its Ray processes; the other runs still go on.
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        return {"population": population, "privacy": privacy, "failed": f"no result within {timeout_s:.0f} s"}
+    if proc.returncode:
         return {"population": population, "privacy": privacy, "failed": f"exit status {proc.returncode}"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -60,11 +70,12 @@ def main() -> None:
     ap.add_argument("--privacy", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--cohort", type=int, default=50)
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds before a run counts as failed")
     ap.add_argument("overrides", nargs="*", help="extra fedsim overrides, e.g. simulation.num_workers=1")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            run_one(p, privacy, args.rounds, args.cohort, Path(tmp), args.overrides)
+            run_one(p, privacy, args.rounds, args.cohort, Path(tmp), args.overrides, args.timeout)
             for privacy in args.privacy
             for p in args.populations
         ]
