@@ -64,7 +64,8 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
         # The workers apply the same check (and fix), so their flat parameters match ours.
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
-    user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
+    # may calibrate z; under SecAgg+ the rounding bound depends on the model's size
+    user_dp = UserLevelDP(cfg, num_params=len(flat_params(model))) if cfg.privacy.dpfedavg is not None else None
     if cfg.secagg.name == "secaggplus":
         fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
@@ -85,7 +86,7 @@ class RoundOutcome:
     weight: float  # the sum's denominator for FedAvg (examples, or devices under SecAgg+)
     reports: list[wire.DeviceReport]
     stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
-    noise_std: float | None = None  # distributed DP: noise the devices actually added
+    count_sum: float | None = None  # SecAgg+ with adaptive clipping: secure sum of (2 b_i - 1) (+ device noise)
 
 
 def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
@@ -153,7 +154,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                     if cfg.checkpoint.every:
                         sample_dp.save(run_dir)
                 if user_dp:
-                    noised = user_dp.aggregate(out.total, out.reports, round_num, realized_noise_std=out.noise_std)
+                    noised = user_dp.aggregate(out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count)
                     params = optimizer.step(params, noised)
                     privacy |= user_dp.round_metrics()
                 elif out.count:
@@ -228,14 +229,15 @@ def exchange(
         secure = secure_round(
             cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
             config_json=config_json, clip_norm=clip_norm,
-            device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
+            encoding=user_dp.secure_encoding() if user_dp else None,
         )  # fmt: skip
         stats = round_stats(secure.reports) | {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
         if secure.aborted:
             log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
             stats["secagg_aborted"] = secure.aborted
         # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
-        return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats, secure.noise_std)
+        return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats,
+                            secure.sums.get("within_bound"))  # fmt: skip
     jobs = [
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
