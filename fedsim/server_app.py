@@ -24,13 +24,13 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, wire
+from fedsim import checkpoint, randomness, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
-from fedsim.privacy.dpfedavg import UserLevelDP
+from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
@@ -108,6 +108,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     for mechanism in (sample_dp, user_dp):
         if mechanism:
             runlog.note(mechanism.describe())
+    if user_dp and user_dp.distributed and randomness.mode(cfg) != "secure":
+        log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
     stopped: FedsimError | None = None
     start = time.perf_counter() - elapsed_before
     try:

@@ -90,14 +90,22 @@ class UserLevelDP:
         self.expected_cohort = float(cfg.cohort.size)  # Poisson: q N = cohort.size; fixed: k
         # Andrew et al. 2021 suggest sigma_b = expected cohort / 20 for the noisy count.
         self.count_noise = (user.count_noise_multiplier or self.expected_cohort / 20) if user.adaptive_clipping else None
+        # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
+        self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self.calibrated = user.noise_multiplier is None
         if user.noise_multiplier is None:
             assert user.target_epsilon is not None
             try:
                 if self.distributed:  # calibrated on the Skellam accounting of the mechanism actually run
-                    first = user.clip_norm
+                    first, sigma_b = user.clip_norm, self.count_noise
+
+                    def epsilon(z: float) -> float:
+                        if sigma_b is not None and z >= 2 * sigma_b:
+                            return 0.0  # no update noise is left: refused below (count_noise_multiplier)
+                        return skellam_epsilon([self._skellam_round(first, z)] * cfg.rounds, user.delta)
+
                     user.noise_multiplier = solve_noise_multiplier(
-                        lambda z: skellam_epsilon([self._skellam_round(first, z)] * cfg.rounds, user.delta),
+                        epsilon,
                         target_epsilon=user.target_epsilon,
                         tolerance=0.01,
                         setting=f"after {cfg.rounds} rounds, delta={user.delta:g}, distributed Skellam noise",
@@ -131,8 +139,6 @@ class UserLevelDP:
             self.update_noise = self.noise_multiplier
             self.clipping = None
         self.fixed_clip = user.clip_norm
-        # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
-        self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self._last: dict[str, Any] = {}
         self.rounds_released = 0  # rounds whose noised sum was released (aborted rounds release nothing)
         # Distributed noise: the clip norm of every released round (its Skellam mechanism
@@ -225,7 +231,7 @@ class UserLevelDP:
         text = (
             f"DP-FedAvg (user-level): z={self.noise_multiplier:.4g}, clip_norm={self.clip_norm:g}"
             f"{' (adaptive, quantile ' + str(self.user.target_quantile) + ')' if self.clipping else ''}, "
-            f"denominator={self.expected_cohort:g}; {self.accounting.describe().rstrip('.')}; "
+            f"denominator={self.expected_cohort:g}; {self._accounting_text().rstrip('.')}; "
             f"epsilon after {self.cfg.rounds} rounds = {self.epsilon(self.cfg.rounds):.4g} at delta={self.user.delta:g}"
         )
         if self.calibrated:
@@ -236,7 +242,6 @@ class UserLevelDP:
         if self.distributed:
             from fedsim import randomness
 
-            text += "; distributed Skellam noise sized for t survivors, RDP accounting (Agarwal, Kairouz, Liu 2021)"
             if randomness.mode(self.cfg) != "secure":
                 text += "; " + SIMULATION_ONLY
         if self.user.noise_cohort_size:
@@ -305,7 +310,7 @@ class UserLevelDP:
             "user_level": {
                 "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, "
                 + ("distributed Skellam noise" if self.distributed else "central Gaussian noise"),
-                "accounting": self.accounting.describe(),
+                "accounting": self._accounting_text(),
                 "accountant": self.user.accountant,
                 "delta": self.user.delta,
                 "noise_multiplier": self.noise_multiplier,
@@ -328,6 +333,15 @@ class UserLevelDP:
                 else None,
             }
         }
+
+    def _accounting_text(self) -> str:
+        if not self.distributed:
+            return self.accounting.describe()
+        return (
+            f"distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the protocol's minimum of t survivors, "
+            f"RDP accounting of the discrete mechanism ({self.cfg.cohort.sampling} cohorts of {self.cfg.cohort.size}/"
+            f"{self.cfg.population}, sensitivity after conditional randomized rounding)"
+        )
 
     def _rounding_summary(self) -> dict[str, Any]:
         assert self.grid_step is not None
