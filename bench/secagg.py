@@ -1,14 +1,16 @@
 """Round time with and without secure aggregation: fedsim's SecAgg+ against Flower's own.
 
-Workload: 100 devices per round (fixed cohort), 50 synthetic examples each (60 features,
-10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of SGD with batch 10,
-one torch thread per worker, 2 Ray workers (one per core), no evaluation between rounds.
+Workload: 100 (and 1,000) devices per round (fixed cohort), 50 synthetic examples each (60
+features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of SGD with batch
+10, one torch thread per worker, 2 Ray workers (one per core), no evaluation between rounds.
 
-1. fedsim, population 1,000, each setup in its own `python -m fedsim` process: plain,
-   `secagg=secaggplus` (k=20 neighbours, t=11 for n=100), and SecAgg+ with distributed DP
-   (devices add Skellam noise, DP-FedAvg z=1). Seconds per round = median of metrics.jsonl's
-   round_time_s over the rounds after the first two; also the median secagg_time_s and the
-   upload bytes per device per SecAgg+ stage.
+1. fedsim, population = 2 x cohort, each setup in its own `python -m fedsim` process: plain,
+   `secagg=secaggplus` in the semi-honest and the active threat model (gamma = 1/3 colluding
+   devices, no dropouts configured: k and t are what the threat model needs, printed from the
+   run's secagg_k / secagg_t), and semi-honest SecAgg+ with distributed DP (devices add Skellam
+   noise, DP-FedAvg z=1). Seconds per round = median of metrics.jsonl's round_time_s over the
+   rounds after the first two; also the median secagg_time_s and the upload bytes per device
+   per SecAgg+ stage.
 2. Flower 1.42's own SecAgg+ (legacy API: `SecAggPlusWorkflow` + `secaggplus_mod` around a
    NumPyClient), 100 SuperNodes (one per device, Flower's layout), all sampled every round,
    each device training the same MLP with `clients.LocalTrainer` on 50 random examples;
@@ -18,8 +20,9 @@ one torch thread per worker, 2 Ray workers (one per core), no evaluation between
    from the server side, and s/round is the median over the rounds after the first.
    A failed or timed-out configuration is reported in the table instead of a time.
 
-    python bench/secagg.py                       # fedsim 8 rounds, Flower 4 rounds
-    python bench/secagg.py --rounds 6 --skip-flower
+    python bench/secagg.py                       # cohorts 100 and 1000, fedsim 8 rounds, Flower 4 rounds
+    python bench/secagg.py --rounds 6 --skip-flower --cohorts 100
+Flower runs at cohort 100 only (one SuperNode per device).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COHORT = 100
+COHORT = 100  # Flower's comparison
 EXAMPLES = 50
 FEATURES, CLASSES, HIDDEN = 60, 10, 1600
 NUM_SHARES, THRESHOLD = 21, 11  # Flower: 21 shares = the device + 20 neighbours (fedsim's k=20, t=11)
@@ -50,7 +53,7 @@ class Row:
     """One line of the table: a setup and its steady-state seconds per round (None: failed)."""
 
     setup: str
-    family: str  # "fedsim" | "flower": the plain row of the same family is the first ratio's base
+    family: str  # "fedsim<cohort>" | "flower": the plain row of the same family is the first ratio's base
     s_per_round: float | None = None
     note: str = ""
     command: str = ""
@@ -78,28 +81,29 @@ def model_params() -> int:
 
 FEDSIM_SETUPS: dict[str, list[str]] = {
     "fedsim plain": ["secagg=none"],
-    "fedsim SecAgg+": ["secagg=secaggplus"],
-    "fedsim SecAgg+ + distributed DP": [
+    "fedsim SecAgg+ semi-honest": ["secagg=secaggplus", "secagg.threat_model=semi_honest"],
+    "fedsim SecAgg+ active": ["secagg=secaggplus", "secagg.threat_model=active"],
+    "fedsim SecAgg+ semi-honest + distributed DP": [
         "secagg=secaggplus", "privacy=dpfedavg", "privacy.dpfedavg.noise=distributed",
         "privacy.dpfedavg.noise_multiplier=1.0", "privacy.dpfedavg.accountant=rdp",  # rdp: fixed cohorts
     ],
 }  # fmt: skip
 
 
-def fedsim_command(overrides: list[str], rounds: int, out: Path, ray_dir: Path) -> list[str]:
+def fedsim_command(overrides: list[str], rounds: int, out: Path, ray_dir: Path, cohort: int = COHORT) -> list[str]:
     return [
         sys.executable, "-m", "fedsim",
-        "population=1000", f"rounds={rounds}", f"cohort.size={COHORT}", "cohort.sampling=fixed",
+        f"population={2 * cohort}", f"rounds={rounds}", f"cohort.size={cohort}", "cohort.sampling=fixed",
         "dataset=synthetic", f"dataset.examples_per_device={EXAMPLES}", "model=mlp", f"model.hidden_sizes=[{HIDDEN}]",
         "eval_every=1000", "output.progress=false", "output.save_model=false",
         f"output.dir={out}", f"hydra.run.dir={out}", f"simulation.ray_temp_dir={ray_dir}", *overrides,
     ]  # fmt: skip
 
 
-def run_fedsim(setup: str, overrides: list[str], rounds: int, workdir: Path) -> Row:
-    out = workdir / setup.replace(" ", "_").replace("+", "p")
-    cmd = fedsim_command(overrides, rounds, out, workdir / "ray")
-    row = Row(setup, "fedsim", command=shlex.join(cmd))
+def run_fedsim(setup: str, overrides: list[str], rounds: int, workdir: Path, cohort: int = COHORT) -> Row:
+    out = workdir / f"{cohort}_{setup.replace(' ', '_').replace('+', 'p')}"
+    cmd = fedsim_command(overrides, rounds, out, workdir / "ray", cohort)
+    row = Row(f"{setup} (cohort {cohort})" if cohort != COHORT else setup, f"fedsim{cohort}", command=shlex.join(cmd))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         row.note = f"failed (exit {proc.returncode}): {last_line(proc.stderr)}"
@@ -114,7 +118,7 @@ def run_fedsim(setup: str, overrides: list[str], rounds: int, workdir: Path) -> 
 def secagg_metrics(rows: list[dict]) -> dict[str, float]:
     """Median protocol time and upload bytes per device per stage, where the run has them."""
     out: dict[str, float] = {}
-    for key in ["secagg_time_s", *(k for k in rows[0] if k.startswith("secagg_bytes_per_device_"))]:
+    for key in ["secagg_k", "secagg_t", "secagg_time_s", *(k for k in rows[0] if k.startswith("secagg_bytes_per_device_"))]:
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             out[key] = statistics.median(values)
@@ -250,14 +254,14 @@ def ratio(value: float | None, base: float | None) -> str:
 
 
 def print_table(rows: list[Row], params: int, rounds: int, flower_rounds: int) -> None:
-    plain = {r.family: r.s_per_round for r in rows if r.setup.endswith(" plain")}
+    plain = {r.family: r.s_per_round for r in rows if " plain" in r.setup}
     print(f"\nMLP {FEATURES}-{HIDDEN}-{CLASSES}: {params:,} parameters; {COHORT} devices/round, {EXAMPLES} examples each")
     print(f"fedsim: {rounds} rounds, median of rounds 3..{rounds}; Flower: {flower_rounds} rounds, median of rounds 2..{flower_rounds}")
     width = max(len(r.setup) for r in rows)
     print(f"{'setup':<{width}} | {'s/round':>8} | {'vs its own plain':>16} | {'vs fedsim plain':>15}")
     for r in rows:
         s = f"{r.s_per_round:8.3f}" if r.s_per_round is not None else f"{'-':>8}"
-        print(f"{r.setup:<{width}} | {s} | {ratio(r.s_per_round, plain.get(r.family)):>16} | {ratio(r.s_per_round, plain.get('fedsim')):>15}")
+        print(f"{r.setup:<{width}} | {s} | {ratio(r.s_per_round, plain.get(r.family)):>16} | {ratio(r.s_per_round, plain.get(r.family if r.family != 'flower' else f'fedsim{COHORT}')):>15}")
         if r.note:
             print(f"{'':<{width}}   ^ {r.note}")
     for r in rows:
@@ -274,14 +278,16 @@ def main() -> None:
     ap.add_argument("--flower-rounds", type=int, default=4, help="Flower rounds per setup (its SecAgg+ is slow)")
     ap.add_argument("--flower-timeout", type=float, default=600.0, help="seconds per Flower configuration")
     ap.add_argument("--skip-flower", action="store_true")
+    ap.add_argument("--cohorts", default="100,1000", help="comma-separated fedsim cohort sizes")
     args = ap.parse_args()
     params = model_params()
     print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fsb", dir="/tmp") as tmp:
-        for setup, overrides in FEDSIM_SETUPS.items():
-            print(f"running {setup} ...", flush=True)
-            rows.append(run_fedsim(setup, overrides, args.rounds, Path(tmp)))
+        for cohort in (int(c) for c in args.cohorts.split(",")):
+            for setup, overrides in FEDSIM_SETUPS.items():
+                print(f"running {setup} at cohort {cohort} ...", flush=True)
+                rows.append(run_fedsim(setup, overrides, args.rounds, Path(tmp), cohort))
     if not args.skip_flower:
         for setup, mode in [("Flower plain", "plain"), ("Flower SecAgg+", "secaggplus")]:
             print(f"running {setup} ...", flush=True)

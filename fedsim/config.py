@@ -216,8 +216,14 @@ class SecAggConfig:
     bits: int = 16  # fixed-point bits per coordinate (signed grid of 2^bits - 1 levels)
     clip_range: float | None = None  # per-coordinate range [-r, r] (null: the DP-FedAvg clip norm, else 1.0)
     modulus_bits: int | None = None  # sums live mod 2^m (null: the smallest m that cannot overflow)
-    neighbours: int | None = None  # k of the neighbour graph (null: Bell et al.-style default for the cohort)
-    threshold: int | None = None  # Shamir threshold t (null: floor(k/2) + 1)
+    # What the protocol must withstand (fedsim.secagg.params): k and t are chosen from these.
+    threat_model: str = "semi_honest"  # semi_honest (honest-but-curious server) | active (it may lie about dropouts)
+    max_corrupt_fraction: float = 0.33  # gamma: fraction of the cohort that may collude with the server
+    max_dropout_fraction: float | None = None  # delta (null: from the drop_* rates and faults.*_rate, w.p. 1 - 2^-(eta+1))
+    security_bits: int = 40  # sigma: the guarantee fails with probability <= 2^-sigma
+    correctness_bits: int = 20  # eta: a round aborts with probability <= 2^-eta
+    neighbours: int | None = None  # k of the neighbour graph (null: the cheapest k meeting the threat model)
+    threshold: int | None = None  # Shamir threshold t (null: the smallest t the threat model allows); checked against it
     drop_advertise_keys: float = 0.0  # fault model: each device drops at this stage with this probability
     drop_share_keys: float = 0.0
     drop_masked_input: float = 0.0
@@ -534,6 +540,16 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("secagg.modulus_bits", f"must be in {sa.bits}..64 (secagg.bits..64), got {sa.modulus_bits}")
     _positive(sa.neighbours, "secagg.neighbours")
     _positive(sa.threshold, "secagg.threshold")
+    _choice(sa.threat_model, "secagg.threat_model", ("semi_honest", "active"))
+    for key in ("max_corrupt_fraction", "max_dropout_fraction"):
+        value = getattr(sa, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"secagg.{key}", f"must be in [0, 1), got {value}")
+    for key in ("security_bits", "correctness_bits"):
+        if not 1 <= getattr(sa, key) <= 128:
+            raise ConfigError(f"secagg.{key}", f"must be an integer in 1..128, got {getattr(sa, key)}")
+    if sa.threshold is not None and sa.neighbours is None:
+        raise ConfigError("secagg.threshold", "needs secagg.neighbours too (a threshold only means something for a given k)")
     for stage in ("advertise_keys", "share_keys", "masked_input", "unmask"):
         rate = getattr(sa, f"drop_{stage}")
         if not 0 <= rate < 1:

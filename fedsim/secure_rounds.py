@@ -9,13 +9,27 @@
                             grid (conditionally, within the accountant's norm bound), adds its noise
                             share (distributed DP), appends its statistics and masks: only masked
                             vectors leave
-    stage 4 unmask          server -> workers: which neighbours survived stage 3
+    (active) consistency    server -> workers: the survivor set; workers -> server: each device's signature on it
+    stage 4 unmask          server -> workers: which neighbours survived stage 3 (active: + their signatures)
                             workers -> server: b-shares of survivors, s-shares of the dropped
 The server then removes the masks and decodes the sum (fedsim.secagg.SecAggServer). It
 never receives a device's unmasked update: `RECEIVED` hooks let a test record everything
 that reaches the server. A device's secrets stay on its worker, in the worker node's
 Flower state (`context.state`), between stages. Fewer than t survivors abort the round:
-the model, the ledger and the accounting stay as they were.
+the model, the ledger and the accounting stay as they were. A device whose stage fails (bad
+key, unusable reply, its own refusal) drops alone, with the stage and reason in the metrics.
+
+k and t come from `secagg.threat_model` and its parameters (fedsim.secagg.params); the graph's
+ring order comes from fedsim.randomness (stream "secagg.graph", round): in reproducible mode the
+same seed gives the same graph, survivors and model; in secure mode fresh OS entropy. Device
+secrets never come from there: they are drawn by the devices from the OS CSPRNG.
+
+Active threat model, identity keys (the simulated PKI): device d's Ed25519 identity key is
+derived with HKDF from a per-run secret the workers hold (environment variable
+FEDSIM_SECAGG_IDENTITY_SECRET; the launcher draws it from the OS before any worker starts, a
+deployment sets the same value on every SuperNode) and d's id, so every worker computes the
+same registry of public keys and the server never sees the secret. Assumption stated in
+summary.json: the server cannot read the workers' environment.
 
 No side channels: what the server needs per device (its mean loss, its example count, the
 DP-SGD clipped fraction, the adaptive-clipping bit) travels as extra coordinates of the masked
@@ -32,7 +46,10 @@ distributed noise), derived from the seed and config in reproducible mode, where
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,21 +65,30 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError
 from fedsim.secagg import (
     FixedPoint,
+    GraphChoice,
     SecAggAborted,
     SecAggDevice,
     SecAggParams,
     SecAggServer,
-    default_params,
+    ThreatModel,
+    Unsatisfiable,
+    check_params,
+    choose_params,
     skellam,
     skellam_tail_bound,
 )
+from fedsim.secagg import STAGES as ALL_STAGES
+from fedsim.secagg.crypto import identity_public
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.worker import DeviceReport, Worker, keep_in_groups
+
+log = logging.getLogger("fedsim")
+STAGES = ALL_STAGES  # the consistency stage runs in the active threat model only
+IDENTITY_SECRET_ENV = "FEDSIM_SECAGG_IDENTITY_SECRET"
 
 if TYPE_CHECKING:
     from fedsim.privacy.dpfedavg import SecureEncoding
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 MESSAGE_TYPE = "train.secagg"
 _DROP_STREAM = 0xD20B
 ROUNDING_STREAM = "secagg.rounding"
@@ -88,7 +114,6 @@ class SecureRoundResult:
     aborted: str | None = None
     metrics: dict = field(default_factory=dict)
     sums: dict[str, float] = field(default_factory=dict)  # cohort sums of the STATS coordinates
-    threshold: int = 0  # t: the fewest masked inputs the server may sum
 
 
 def stats_names(cfg: FedsimConfig) -> tuple[str, ...]:
@@ -157,18 +182,115 @@ def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0, other
         raise ConfigError("secagg.modulus_bits", str(err)) from None
 
 
-def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus_bits: int) -> SecAggParams:
-    session = os.urandom(16)  # public, fresh per round: seeds the graph and salts every key
-    params = default_params(num_devices, num_params, modulus_bits, session)
-    sa = cfg.secagg
-    if sa.neighbours is None and sa.threshold is None:
-        return params
-    k = min(sa.neighbours or params.neighbours, num_devices - 1)
-    t = sa.threshold or k // 2 + 1
+def threat_model(cfg: FedsimConfig) -> ThreatModel:
+    """The configured threat model; without max_dropout_fraction, each device's probability of
+    dropping at some stage from the simulator's fault model (the four drop_* rates, device
+    failures and NaN updates, independent): p = 1 - prod(1 - rate)."""
+    sa, faults = cfg.secagg, cfg.faults
+    keep = 1.0
+    for rate in (sa.drop_advertise_keys, sa.drop_share_keys, sa.drop_masked_input, sa.drop_unmask,
+                 faults.device_failure_rate, faults.nan_update_rate):  # fmt: skip
+        keep *= 1.0 - rate
+    return ThreatModel(
+        model=sa.threat_model, max_corrupt_fraction=sa.max_corrupt_fraction,
+        max_dropout_fraction=sa.max_dropout_fraction, dropout_rate=1.0 - keep,
+        security_bits=sa.security_bits, correctness_bits=sa.correctness_bits,
+    )  # fmt: skip
+
+
+def graph_choice(cfg: FedsimConfig, num_devices: int) -> GraphChoice:
+    """k and t for a cohort of `num_devices`: chosen from the threat model, or the configured
+    ones checked against it. Raises ConfigError (one line, exit 2) if none / they are unsafe."""
+    sa, tm = cfg.secagg, threat_model(cfg)
     try:
-        return SecAggParams(num_devices, t, k, modulus_bits, num_params, session)
-    except ValueError as err:
-        raise ConfigError("secagg.neighbours", str(err)) from None
+        if sa.neighbours is None:
+            return choose_params(num_devices, tm)
+        return check_params(num_devices, min(sa.neighbours, num_devices - 1), sa.threshold, tm)
+    except Unsatisfiable as err:
+        key = "secagg.neighbours" if sa.neighbours is not None else "secagg.max_corrupt_fraction"
+        raise ConfigError(key, str(err)) from None
+
+
+def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus_bits: int, round_num: int) -> SecAggParams:
+    choice = graph_choice(cfg, num_devices)
+    # The ring order is public: reproducible mode derives it from (seed, round) so dropout runs
+    # repeat exactly; secure mode draws it from the OS. The session id only salts keys and binds
+    # ciphertexts and signatures to the round, so it is always fresh.
+    graph_seed = randomness.numpy_generator(cfg, "secagg.graph", round_num).bytes(32)
+    return SecAggParams(
+        num_devices=num_devices, threshold=choice.threshold, neighbours=choice.neighbours,
+        modulus_bits=modulus_bits, vector_length=num_params, session_id=os.urandom(16),
+        graph_seed=graph_seed, active=cfg.secagg.threat_model == "active",
+    )  # fmt: skip
+
+
+def prepare(cfg: FedsimConfig) -> GraphChoice:
+    """Checks before the run (a bad modulus or an impossible threat model fails here, not in
+    round 1) and, in the active model, the workers' identity secret; returns the guarantee at
+    the configured cohort size."""
+    fixed_point(cfg, cfg.cohort.size)
+    choice = graph_choice(cfg, cfg.cohort.size)
+    if cfg.secagg.threat_model == "active" and cfg.engine != "deployment":
+        # Drawn here, in the launcher, before Ray starts the workers: they inherit it.
+        os.environ.setdefault(IDENTITY_SECRET_ENV, secrets.token_hex(32))
+    return choice
+
+
+def summary(cfg: FedsimConfig) -> dict:
+    """summary.json["secagg"]: the parameters, the guarantee and every assumption it rests on."""
+    choice = graph_choice(cfg, cfg.cohort.size)
+    mode, why = randomness.resolve(cfg)
+    assumptions = [
+        f"at most {choice.corrupt} devices of a cohort of {choice.n} collude with the server (gamma = "
+        f"{cfg.secagg.max_corrupt_fraction}); which ones does not depend on the neighbour graph",
+        f"at most {choice.dropouts} devices drop out per round ("
+        + ("secagg.max_dropout_fraction" if cfg.secagg.max_dropout_fraction is not None else
+           f"the configured fault rates, p = {choice.threat.dropout_rate:.4g} per device, exceeded with "
+           f"probability <= 2^-{cfg.secagg.correctness_bits + 1}") + ")",  # fmt: skip
+        "the graph's ring order is public randomness the server cannot bias"
+        + (" (reproducible mode: derived from the run seed, so a server that knows the seed knows the graph "
+           "before choosing colluders: simulation only)" if mode == "reproducible" else ""),  # fmt: skip
+        "device secrets (X25519 keys, self-mask seeds, Shamir coefficients) come from each device's OS CSPRNG",
+        "X25519, HKDF-SHA256, AES-256-GCM and ChaCha20 are secure; the sum itself is what the server learns "
+        "(privacy of the sum is DP's job)",
+    ]
+    if cfg.secagg.threat_model == "active":
+        assumptions.append(
+            "a trusted key registry (PKI): each device's Ed25519 identity key is fixed for the run and the server "
+            f"cannot register or swap one (simulated: keys derived from {IDENTITY_SECRET_ENV}, which only the "
+            "workers read)"
+        )
+    if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":
+        assumptions.append("Poisson cohorts: k and t are chosen per round for the sampled size (metrics secagg_k, secagg_t)")
+    return choice.as_dict() | {
+        "guarantee": choice.describe(),
+        "assumptions": assumptions,
+        "randomness": f"{mode} ({why})",
+        "references": "Bell et al. 2020 (CCS) sec. 3-4 for k, t and the graph; Bonawitz et al. 2017 (CCS) sec. 6 "
+        "for the consistency check and the PKI",
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity(secret: str, device_id: int):  # noqa: ANN202 - an Ed25519PrivateKey
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"fedsim/secagg/identity",
+                info=device_id.to_bytes(8, "big")).derive(bytes.fromhex(secret))  # fmt: skip
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _identity_secret() -> str:
+    secret = os.environ.get(IDENTITY_SECRET_ENV)
+    if not secret:
+        raise ConfigError(
+            "secagg.threat_model",
+            f"active needs the device identity secret in {IDENTITY_SECRET_ENV} on every worker "
+            "(fedsim sets it for the simulation engine; a deployment sets the same value on each SuperNode)",
+        )
+    return secret
 
 
 # ----------------------------------------------------------------------------- server side
@@ -188,8 +310,8 @@ def secure_round(
     """Run the four stages over the workers in `plan` (node id, device ids).
 
     `encoding` (user-level DP): the norm bound of conditional rounding and, with distributed
-    noise, the Skellam variance the sum must carry with only t survivors; each device adds
-    1/t of it (t: this round's threshold), so any sum the server may release has at least that.
+    noise, the Skellam variance every released sum must carry; each device adds 1/h of it, h
+    the fewest honest inputs a released sum can hold (see below), so any sum has at least that.
     """
     t0 = time.perf_counter()
     cohort = sorted(d for _, ids in plan for d in ids)
@@ -198,16 +320,34 @@ def secure_round(
         return SecureRoundResult(None, 0, [], aborted=f"only {len(cohort)} device(s) sampled; SecAgg+ needs 2")
     n, dim = len(cohort), len(params_vec)
     names = stats_names(cfg)
-    params = session_params(cfg, n, dim + len(names), 64)  # k and t first: the noise shares depend on t
+    try:  # k and t first: the noise shares depend on t
+        params = session_params(cfg, n, dim + len(names), 64, round_num)
+    except ConfigError as err:  # a Poisson cohort too small for the threat model: this round only
+        return SecureRoundResult(None, 0, [], aborted=f"no secure (k, t) for this round's cohort: {err.message}")
     t = params.threshold
-    mu_update = encoding.update_variance / t if encoding else 0.0
-    mu_count = encoding.count_variance / t if encoding else 0.0
+    # Distributed noise: the server sums at least `min_inputs` masked inputs or aborts before
+    # unmasking (the larger of t and n - D, D the dropouts the threat model budgets for), and up
+    # to C of them may collude with the server and strip their own share: each device adds
+    # 1/(min_inputs - C) of the round's variance, so any sum released carries the accounted noise.
+    distributed = encoding is not None and (encoding.update_variance > 0 or encoding.count_variance > 0)
+    min_inputs, honest = 0, 1
+    if distributed:
+        choice = graph_choice(cfg, n)
+        min_inputs = max(t, n - choice.dropouts)
+        honest = min_inputs - choice.corrupt
+        if honest < 1:
+            return SecureRoundResult(None, 0, [], aborted=(
+                f"distributed noise cannot be guaranteed: at least {min_inputs} inputs are summed but up to "
+                f"{choice.corrupt} colluding devices may remove their shares"))  # fmt: skip
+    mu_update = encoding.update_variance / honest if distributed else 0.0  # type: ignore[union-attr]
+    mu_count = encoding.count_variance / honest if distributed else 0.0  # type: ignore[union-attr]
     # The sum of all n devices' shares stays within +-B (w.p. 1 - OVERFLOW_PROB): the ring is sized for it.
     bound = skellam_tail_bound(n * mu_update, OVERFLOW_PROB / 2, dim) if mu_update > 0 else 0
     count_bound = skellam_tail_bound(n * mu_count, OVERFLOW_PROB / 2, 1) if mu_count > 0 else 0
     fp = fixed_point(cfg, n, bound, n + count_bound)
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits)
-    server = SecAggServer(params)
+    server_registry: dict[int, bytes] = {}
+    server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
     base = {
         "round": round_num,
@@ -218,6 +358,8 @@ def secure_round(
         "m": params.modulus_bits,
         "length": params.vector_length,
         "session": params.session_id,
+        "graph_seed": params.graph_seed,
+        "active": params.active,
         "clip": fp.clip,
         "bits": fp.bits,
         "dim": dim,
@@ -225,6 +367,8 @@ def secure_round(
         "skellam_mu": mu_update,
         "skellam_mu_count": mu_count,
     }
+    if params.active:
+        base["cohort"] = cohort  # public: devices look their neighbours up in the key registry
     if encoding is not None:
         base["norm_bound"] = float(encoding.norm_bound)
     if clip_norm is not None:
@@ -257,6 +401,10 @@ def secure_round(
             for hook in RECEIVED:
                 hook(stage, reply.content)
             bytes_in[stage] = bytes_in.get(stage, 0) + wire.payload_bytes(reply.content)
+            errors = reply.content.config_records.get("device_errors")
+            for pos, reason in (errors or {}).items():
+                device_errors[int(pos)] = str(reason)
+                log.warning("round %d: device %d dropped at %s", round_num, cohort[int(pos)], reason)
             received.append(reply.content)
         stage_time[stage] = time.perf_counter() - started
         return received
@@ -273,11 +421,16 @@ def secure_round(
     bytes_in: dict[str, int] = {}
     bytes_out: dict[str, int] = {}
     stage_time: dict[str, float] = {}
+    device_errors: dict[int, str] = {}
     try:
         everyone = {i: {} for i in range(len(cohort))}
         replies = exchange("advertise_keys", everyone)
         keys = device_payloads(replies)
         survivors["advertise_keys"] = len(keys)
+        if params.active:
+            # The registry is the workers' (the PKI): the server only uses it to drop faulty devices early.
+            server_registry = {i: bytes(r.pop("id_pk", b"")) for i, r in keys.items()}
+        server = SecAggServer(params, registry=server_registry if params.active else None)
         req2 = server.collect_keys(keys)
         replies = exchange("share_keys", req2)
         shares = device_payloads(replies)
@@ -285,32 +438,44 @@ def secure_round(
         req3 = server.collect_shares(shares)
         global_record = {"global": ArrayRecord({"params": Array(params_vec.numpy())})}
         replies = exchange("masked_input", req3, global_record)
+        bad = device_payloads(replies)
         masked: dict[int, dict] = {}
         reports: list[DeviceReport] = []
         for content in replies:
             arrays = content.array_records.get("masked")
             for key, arr in (arrays or {}).items():
-                masked[int(key)] = {"masked": arr.numpy()}
+                masked[int(key)] = {"masked": arr.numpy(), "bad": list(bad.get(int(key), {}).get("bad", []))}
             reports.append(wire.read_report(content, None))
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked)
+        if len(server.survivors) < min_inputs:  # before any unmasking share is asked for: nothing is released
+            raise SecAggAborted(
+                f"only {len(server.survivors)} masked inputs, fewer than the {min_inputs} the distributed noise is sized for"
+            )
+        if params.active:
+            replies = exchange("consistency", req4)
+            signatures = device_payloads(replies)
+            survivors["consistency"] = len(signatures)
+            req4 = server.collect_signatures(signatures)
         replies = exchange("unmask", req4)
         unmask = device_payloads(replies)
         survivors["unmask"] = len(unmask)
         aggregate = server.collect_unmask(unmask)
     except SecAggAborted as err:
-        return SecureRoundResult(None, 0, [], aborted=err.reason, metrics=_metrics(survivors, bytes_in, t0, len(cohort)))
+        metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, server)
+        return SecureRoundResult(None, 0, [], aborted=err.reason, metrics=metrics)
     in_sum = {cohort[i] for i in server.survivors}
     for report in reports:  # only devices whose masked input made it into the sum
         report.keep_rows([i for i, d in enumerate(report.device_ids) if d in in_sum])
     total = torch.from_numpy(fp.decode_sum(aggregate[:dim]))
     sums = decode_stats(names, from_ring_signed(aggregate[dim:], fp.modulus_bits))
-    metrics = _metrics(survivors, bytes_in, t0, len(cohort))
+    metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, server)
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
     metrics |= {f"secagg_stage_time_s_{stage}": t for stage, t in stage_time.items()}
     metrics |= cohort_metrics(sums, len(in_sum))
-    metrics["secagg_threshold"] = t
-    return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums, threshold=t)
+    if distributed:
+        metrics |= {"secagg_noise_min_inputs": min_inputs, "secagg_noise_honest_inputs": honest}
+    return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums)
 
 
 def cohort_metrics(sums: dict[str, float], count: int) -> dict:
@@ -326,14 +491,26 @@ def cohort_metrics(sums: dict[str, float], count: int) -> dict:
     return out
 
 
-def _metrics(survivors: dict[str, int], bytes_in: dict[str, int], t0: float, n: int) -> dict:
-    """Survivors per stage, payload bytes per device that answered each stage, protocol time."""
-    out: dict = {f"secagg_survivors_{s}": survivors.get(s) for s in STAGES}
-    for stage in STAGES:
+def _metrics(
+    survivors: dict[str, int], bytes_in: dict[str, int], t0: float, n: int, params: SecAggParams,
+    device_errors: dict[int, str], server: SecAggServer | None,
+) -> dict:  # fmt: skip
+    """Survivors per stage, payload bytes per device that answered each stage, protocol time,
+    k and t, and the devices dropped for a fault of their own (worker-side or rejected by the server)."""
+    out: dict = {f"secagg_survivors_{s}": survivors.get(s) for s in params.stages}
+    for stage in params.stages:
         answered = survivors.get(stage)
         out[f"secagg_bytes_per_device_{stage}"] = bytes_in[stage] / answered if answered and stage in bytes_in else None
     out["secagg_time_s"] = time.perf_counter() - t0
     out["secagg_cohort"] = n
+    out["secagg_k"], out["secagg_t"] = params.neighbours, params.threshold
+    rejected = dict(server.rejected) if server is not None else {}
+    for pos, reason in rejected.items():
+        log.warning("device at position %d dropped by the server at %s", pos, reason)
+    out["secagg_devices_rejected"] = len(set(device_errors) | set(rejected))
+    if device_errors or rejected:
+        reasons = [reason.split(":")[0] for reason in [*device_errors.values(), *rejected.values()]]
+        out["secagg_rejected_stages"] = ",".join(sorted(set(reasons)))
     return out
 
 
@@ -341,18 +518,25 @@ def _metrics(survivors: dict[str, int], bytes_in: dict[str, int], t0: float, n: 
 
 
 def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> bool:
-    rate = getattr(cfg.secagg, f"drop_{stage}")
+    rate = getattr(cfg.secagg, f"drop_{stage}", 0.0)  # no fault rate for the consistency stage
     if rate <= 0:
         return False
     rng = np.random.default_rng([cfg.seed, _DROP_STREAM, STAGES.index(stage), round_num, device_id])
     return bool(rng.random() < rate)
 
 
+# What one device's stage may raise on bad input (a peer's key, a server's request): it drops alone.
+_DEVICE_FAULTS = (SecAggAborted, ValueError, TypeError, KeyError)
+
+
 def _masked_input(
-    msg: Message, job: ConfigRecord, worker: Worker, params: SecAggParams, secrets: dict[str, bytes],
-    live: list[tuple[int, int]], round_num: int,
+    msg: Message, job: ConfigRecord, worker: Worker, params: SecAggParams, live: list[tuple[int, int]],
+    round_num: int, device: Callable[[int, int], SecAggDevice], states: dict[str, bytes], errors: dict[str, str],
 ) -> RecordDict:  # fmt: skip
-    """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc)."""
+    """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc).
+
+    `device(d, p)` restores device d's protocol state (taking it out of `states`); a device
+    whose stage fails drops alone, its reason in `errors`."""
     cfg = worker.cfg
     fp = FixedPoint(float(job["clip"]), int(job["bits"]), params.modulus_bits)  # type: ignore[arg-type]
     mu, mu_count = float(job["skellam_mu"]), float(job["skellam_mu_count"])  # type: ignore[arg-type]
@@ -367,6 +551,7 @@ def _masked_input(
     report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
     streams = randomness.streams(cfg)
     masked: dict[str, Array] = {}
+    masked_meta: dict[str, ConfigRecord] = {}
     pos_of = dict(live)
     keep = []
     for row, d in enumerate(report.device_ids):
@@ -376,8 +561,7 @@ def _masked_input(
         try:
             q = fp.encode_int(report.updates[row], rounding, norm_bound)
         except ValueError as err:  # this device's update cannot be encoded: it drops, the others go on
-            report.failed_ids.append(d)
-            report.failures.append(f"ValueError: {err}"[:300])
+            errors[str(p)] = f"masked_input: {err}"
             continue
         if mu > 0:  # the device's noise share, on the grid, before masking (Agarwal et al. 2021)
             q += skellam(mu, q.shape, noise_rng)
@@ -389,10 +573,16 @@ def _masked_input(
         if mu_count > 0 and "within_bound" in names:
             stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]
         x = to_ring(np.concatenate([q, stats]), params.modulus_bits)
-        device = SecAggDevice.restore(params, secrets.pop(str(p)))
-        request = dict(msg.content.config_records[f"req.{p}"])
-        masked[str(p)] = Array(device.masked_input(request, x)["masked"])
-        secrets[str(p)] = device.export_state()
+        try:
+            dev = device(d, p)
+            reply = dev.masked_input(dict(msg.content.config_records[f"req.{p}"]), x)
+        except _DEVICE_FAULTS as err:
+            errors[str(p)] = f"masked_input: {err}"
+            continue
+        masked[str(p)] = Array(reply["masked"])
+        if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
+            masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
+        states[str(p)] = dev.export_state()
         keep.append(row)
     report.keep_rows(keep)
     # Only masked vectors leave the worker: no update, loss, example count or clipping bit in the clear.
@@ -400,11 +590,17 @@ def _masked_input(
     report.within_bound, report.clip_fractions = [], []
     out = wire.write_report(report)
     out["masked"] = ArrayRecord(masked)
+    for key, record in masked_meta.items():
+        out[key] = record
     return out
 
 
 def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) -> Message:
-    """One stage for the devices named in `msg`, their secrets kept in `context.state`."""
+    """One stage for the devices named in `msg`, their secrets kept in `context.state`.
+
+    A device whose stage fails drops alone: its position and "stage: reason" go back in the
+    reply's "device_errors" record; the worker's other devices carry on.
+    """
     job = msg.content.config_records["job"]
     stage, round_num = str(job["stage"]), int(job["round"])  # type: ignore[arg-type]
     worker = get_worker(str(job["config"]))
@@ -412,36 +608,53 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     params = SecAggParams(
         num_devices=int(job["n"]), threshold=int(job["t"]), neighbours=int(job["k"]),  # type: ignore[arg-type]
         modulus_bits=int(job["m"]), vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
+        graph_seed=bytes(job["graph_seed"]), active=bool(job["active"]),  # type: ignore[arg-type]
     )  # fmt: skip
+    identities: dict[str, object] = {}
+    if params.active:
+        secret = _identity_secret()
+        cohort = [int(d) for d in job["cohort"]]  # type: ignore[union-attr]
+        identities = {"registry": {p: identity_public(_identity(secret, d)) for p, d in enumerate(cohort)}}
     state = context.state.config_records.get("secagg")
     # A new session starts with a clean slate (an earlier one may have ended without stage 4 here).
-    secrets: dict[str, bytes] = dict(state) if state is not None and stage != "advertise_keys" else {}  # type: ignore[arg-type]
+    states: dict[str, bytes] = dict(state) if state is not None and stage != "advertise_keys" else {}  # type: ignore[arg-type]
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     positions = [int(p) for p in job["positions"]]  # type: ignore[union-attr]
     out = RecordDict()
+    errors: dict[str, str] = {}
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
 
+    def device(d: int, p: int) -> SecAggDevice:
+        kw = {"identity": _identity(secret, d), **identities} if params.active else {}
+        if stage == "advertise_keys":
+            return SecAggDevice(p, params, **kw)  # type: ignore[arg-type]
+        return SecAggDevice.restore(params, states.pop(str(p)), **kw)  # type: ignore[arg-type]
+
     if stage == "masked_input":
-        out = _masked_input(msg, job, worker, params, secrets, live, round_num)
+        live = [(d, p) for d, p in live if str(p) in states]
+        out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors)
     else:
         for d, p in live:
             request = dict(msg.content.config_records[f"req.{p}"]) if f"req.{p}" in msg.content.config_records else {}
-            if stage == "advertise_keys":
-                device = SecAggDevice(p, params)
-                payload = device.advertise_keys()
-            else:
-                blob = secrets.get(str(p))
-                if blob is None:
-                    continue
-                device = SecAggDevice.restore(params, blob)
-                try:
-                    payload = device.share_keys(request) if stage == "share_keys" else device.unmask(request)
-                except SecAggAborted:
-                    continue  # this device cannot go on: it drops
+            if stage != "advertise_keys" and str(p) not in states:
+                continue  # dropped or failed at an earlier stage
+            try:
+                dev = device(d, p)
+                if stage == "advertise_keys":
+                    payload = dev.advertise_keys()
+                    if params.active:  # the registry's key, for the server's own early checks
+                        payload["id_pk"] = identities["registry"][p]  # type: ignore[index]
+                else:
+                    payload = getattr(dev, stage)(request)
+            except _DEVICE_FAULTS as err:
+                errors[str(p)] = f"{stage}: {err}"
+                continue
             out[f"dev.{p}"] = ConfigRecord(payload)
-            secrets[str(p)] = device.export_state()
+            states[str(p)] = dev.export_state()
     if stage == "unmask":
-        secrets = {}  # the session is over on this worker
-    context.state["secagg"] = ConfigRecord(secrets)
+        states = {}  # the session is over on this worker
+    context.state["secagg"] = ConfigRecord(states)
+    if errors:
+        out["device_errors"] = ConfigRecord(errors)
     out["worker"] = out.metric_records.get("worker") or MetricRecord({"train_time_s": 0.0, "peak_rss_mb": 0.0})
     return Message(content=out, reply_to=msg)

@@ -34,7 +34,8 @@ from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim.secure_rounds import fixed_point, secure_round
+from fedsim import secure_rounds
+from fedsim.secure_rounds import secure_round
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -67,7 +68,7 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     # may calibrate z; under SecAgg+ the rounding bound depends on the model's size
     user_dp = UserLevelDP(cfg, num_params=len(flat_params(model))) if cfg.privacy.dpfedavg is not None else None
     if cfg.secagg.name == "secaggplus":
-        fixed_point(cfg, cfg.cohort.size)  # a modulus too small for the cohort fails here, not in round 1
+        secure_rounds.prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
     return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
@@ -108,6 +109,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     for mechanism in (sample_dp, user_dp):
         if mechanism:
             runlog.note(mechanism.describe())
+    if cfg.secagg.name == "secaggplus":
+        runlog.note(secure_rounds.summary(cfg)["guarantee"])
     if user_dp and user_dp.distributed and randomness.mode(cfg) != "secure":
         log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
     stopped: FedsimError | None = None
@@ -202,6 +205,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...
         "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
+    if cfg.secagg.name == "secaggplus":
+        extra["secagg"] = secure_rounds.summary(cfg)
     extra["privacy"] = {}
     if sample_dp:
         sample_dp.save(run_dir)

@@ -117,7 +117,7 @@ def test_distributed_epsilon_without_adaptive_clipping_equals_the_independent_co
 @pytest.mark.parametrize("survivors", [[12], [7], [12, 7, 9]])
 def test_a_calibrated_distributed_run_never_ends_above_its_target_whatever_the_dropouts(survivors: list[int]) -> None:
     # Defect 2: target 2.0 ended at 2.63 when the realized (smaller) noise was accounted after the
-    # budget check had used the planned one. Now every device adds 1/t of the noise, so the round's
+    # budget check had used the planned one. Now every device adds 1/h of the noise (h the fewest honest inputs), so the round's
     # guarantee is the same whatever survives, and the check before a round is exact.
     raw = config(noise_multiplier=None, target_epsilon=2.0, adaptive_clipping=True, count_noise_multiplier=5.0)
     raw |= {"population": 400, "rounds": 6}
@@ -134,10 +134,10 @@ def test_a_calibrated_distributed_run_never_ends_above_its_target_whatever_the_d
     assert epsilons[5] >= 2.0 * 0.9  # calibrated to use the budget over the planned 6 rounds
 
 
-def test_noise_per_device_is_sized_for_the_threshold_not_the_cohort() -> None:
+def test_distributed_noise_is_z_times_the_rounded_norm_bound() -> None:
     dp = UserLevelDP(from_dict(config()), num_params=DIM)
     enc = dp.secure_encoding()
-    # total variance at t survivors = (z D2)^2 in grid units, D2 the rounded norm bound of C
+    # total variance at the fewest honest inputs = (z D2)^2 in grid units, D2 the rounded norm bound of C
     assert enc.norm_bound == pytest.approx(dp.rounding_bound(0.5))
     assert enc.update_variance == pytest.approx((0.8 * enc.norm_bound) ** 2)
     assert enc.count_variance == 0.0
@@ -149,7 +149,8 @@ def test_noise_per_device_is_sized_for_the_threshold_not_the_cohort() -> None:
 def test_summary_states_the_assumptions_and_the_randomness() -> None:
     secure = UserLevelDP(from_dict(config()), num_params=DIM).summary()["user_level"]
     assert secure["distributed_noise"]["randomness"] == "secure"  # auto with distributed noise
-    assert any("t survivors" in text or "t masked inputs" in text for text in secure["distributed_noise"]["assumptions"])
+    assert any("abort rule" in text for text in secure["distributed_noise"]["assumptions"])
+    assert "n - D" in secure["distributed_noise"]["noise_sizing"]
     raw = config()
     raw["privacy"]["randomness"] = "reproducible"
     repro = UserLevelDP(from_dict(raw), num_params=DIM)

@@ -24,8 +24,8 @@ from fedsim.secagg.protocol import (
     SecAggDevice,
     SecAggParams,
     SecAggServer,
-    default_params,
     simulate_round,
+    stages,
 )
 from fedsim.secagg.quantize import FixedPoint, check_modulus_bits, required_modulus_bits, to_ring
 
@@ -56,10 +56,9 @@ def _far_pair(params: SecAggParams) -> tuple[int, int]:
     raise AssertionError("no far pair")
 
 
-def _run_to_stage3(params: SecAggParams, seed: int = 1):
+def _run_to_stage3(params: SecAggParams):
     """Drive stages 1-2 by hand: (devices, server, stage-3 requests)."""
-    rng = np.random.default_rng(seed)
-    devices = {i: SecAggDevice(i, params, np.random.default_rng(rng.integers(2**63))) for i in range(params.num_devices)}
+    devices = {i: SecAggDevice(i, params) for i in range(params.num_devices)}
     server = SecAggServer(params)
     req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
     req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
@@ -69,19 +68,102 @@ def _run_to_stage3(params: SecAggParams, seed: int = 1):
 # --- protocol exactness -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [None, "share_keys", "masked_input", "unmask"])
-def test_aggregate_is_exact_sum_under_dropouts(stage):
-    params = _params()
+@pytest.mark.parametrize(
+    ("stage", "active"),
+    [(stage, active) for active in (False, True) for stage in (None, *stages(active))],
+)
+def test_aggregate_is_exact_sum_under_dropouts(stage, active):
+    params = _params(active=active)
     inputs = _inputs(params)
     dropped = set(_far_pair(params)) if stage else set()
-    result = simulate_round(params, inputs, drop_before={stage: dropped} if stage else None,
-                            rng=np.random.default_rng(7))
-    # Dropping during unmask (after sending y) keeps the device's input in the sum.
-    expected_ids = set(range(N)) - (dropped if stage in ("share_keys", "masked_input") else set())
+    result = simulate_round(params, inputs, drop_before={stage: dropped} if stage else None)
+    # Dropping after sending y (consistency, unmask) keeps the device's input in the sum.
+    gone = stage in ("advertise_keys", "share_keys", "masked_input")
+    expected_ids = set(range(N)) - (dropped if gone else set())
     assert result.survivors == expected_ids
     assert result.dropped_after_sharing == (dropped if stage == "masked_input" else set())
     assert result.aggregate.dtype == np.uint64
     np.testing.assert_array_equal(result.aggregate, _plain_sum(inputs, expected_ids, M))
+    assert result.rejected == {}
+
+
+def _drive(params: SecAggParams, inputs, *, tamper_keys=None, tamper_cts=None):
+    """A semi-honest session by hand, with hooks that corrupt one device's messages."""
+    devices = {i: SecAggDevice(i, params) for i in range(params.num_devices)}
+    server = SecAggServer(params)
+    keys = {i: d.advertise_keys() for i, d in devices.items()}
+    for i, reply in (tamper_keys or {}).items():
+        keys[i] = reply
+    req2 = server.collect_keys(keys)
+    shares = {i: devices[i].share_keys(r) for i, r in req2.items()}
+    for (sender, receiver), ct in (tamper_cts or {}).items():
+        reply = shares[sender]
+        reply["ciphertexts"][reply["ids"].index(receiver)] = ct
+    req3 = server.collect_shares(shares)
+    req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()})
+    return server, server.collect_unmask({i: devices[i].unmask(r) for i, r in req4.items()})
+
+
+def test_a_malformed_or_low_order_key_drops_that_device_only():
+    params = _params()
+    inputs = _inputs(params)
+    low_order = bytes(32)  # the X25519 point 0: every Diffie-Hellman result with it is zero
+    a, b = _far_pair(params)
+    server, total = _drive(params, inputs, tamper_keys={
+        a: {"c_pk": crypto.generate_keypair().public, "s_pk": low_order},
+        b: {"c_pk": b"short", "s_pk": crypto.generate_keypair().public},
+    })  # fmt: skip
+    assert set(server.rejected) == {a, b}
+    assert all(reason.startswith("advertise_keys: unusable keys") for reason in server.rejected.values())
+    np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {a, b}, M))
+
+
+def test_a_share_ciphertext_that_does_not_open_drops_its_sender_only():
+    params = _params()
+    inputs = _inputs(params)
+    sender = 0
+    receiver = params.graph[sender][0]
+    server, total = _drive(params, inputs, tamper_cts={(sender, receiver): os.urandom(128)})
+    assert list(server.rejected) == [sender] and server.rejected[sender].startswith("masked_input:")
+    assert server.dropped_after_sharing == {sender}  # its masks were removed through the other holders
+    np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {sender}, M))
+
+
+def test_a_malformed_unmasking_share_drops_that_reply_only():
+    params = _params()
+    inputs = _inputs(params)
+    devices, server, req3 = _run_to_stage3(params)
+    req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()})
+    replies = {i: devices[i].unmask(r) for i, r in req4.items()}
+    replies[0]["b_shares"][0] = replies[0]["b_shares"][0][:-3]  # truncated
+    total = server.collect_unmask(replies)
+    assert server.rejected == {0: "unmask: malformed share"}
+    np.testing.assert_array_equal(total, _plain_sum(inputs, range(N), M))  # device 0's own input is still in
+
+
+def test_active_device_refuses_to_unmask_without_t_neighbour_signatures():
+    from fedsim.secagg.protocol import KeyRegistry
+
+    params = _params(active=True)
+    ids = {i: crypto.generate_identity() for i in range(N)}
+    registry = KeyRegistry()
+    for i, key in ids.items():
+        registry.register(i, crypto.identity_public(key))
+    view = registry.view(range(N))
+    devices = {i: SecAggDevice(i, params, identity=ids[i], registry=view) for i in range(N)}
+    server = SecAggServer(params, registry=view)
+    req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
+    reqc = server.collect_masked({i: devices[i].masked_input(r, np.zeros(L, dtype=np.int64)) for i, r in req3.items()})
+    req4 = server.collect_signatures({i: devices[i].consistency(r) for i, r in reqc.items()})
+    honest = dict(req4[0])
+    keep = T - 1  # the server withholds signatures: one short of t
+    with pytest.raises(ProtocolViolation, match="valid neighbour signatures"):
+        devices[0].unmask(honest | {"signers": honest["signers"][:keep], "signatures": honest["signatures"][:keep]})
+    forged = [bytes(64)] * len(honest["signers"])
+    with pytest.raises(ProtocolViolation, match="valid neighbour signatures"):
+        devices[1].unmask(dict(req4[1]) | {"signatures": forged})
+    assert devices[2].unmask(req4[2])["b_ids"]  # the genuine request is answered
 
 
 def test_complete_graph_classic_secagg_with_mixed_dropouts():
@@ -98,13 +180,15 @@ def test_complete_graph_classic_secagg_with_mixed_dropouts():
 
 
 def test_byte_counts_per_stage():
+    active = simulate_round(_params(active=True), _inputs(_params())).bytes_sent[0]
+    assert active["advertise_keys"] == 64 + 64 and active["consistency"] == 64  # Ed25519 signatures
     params = _params()
     result = simulate_round(params, _inputs(params))
     sent = result.bytes_sent[0]
     assert sent["advertise_keys"] == 64
     # per neighbour: 4-byte id + 12 nonce + 2 x 50-byte shares + 16 tag
     assert sent["share_keys"] == K * (4 + 12 + 2 * shamir.share_size(32) + 16)
-    assert sent["masked_input"] == L * 4  # m=20 -> uint32
+    assert sent["masked_input"] == L * 4  # m=20 -> uint32, no "bad" senders
     assert sent["unmask"] == K * (4 + shamir.share_size(32))
     assert result.bytes_received[0]["masked_input"] == sent["share_keys"]
 
@@ -144,7 +228,7 @@ def test_masked_vector_of_zeros_looks_uniform():
     assert stats.chisquare(np.bincount(low, minlength=16)).pvalue > 0.001
 
 
-def test_tampered_or_misrouted_ciphertext_raises():
+def test_tampered_or_misrouted_ciphertext_is_reported_not_held():
     params = _params()
     devices, server, req3 = _run_to_stage3(params)
     x = np.zeros(L, dtype=np.int64)
@@ -153,13 +237,14 @@ def test_tampered_or_misrouted_ciphertext_raises():
     flipped = bytearray(bad[0])
     flipped[20] ^= 0x01
     bad[0] = bytes(flipped)
-    with pytest.raises(crypto.TamperedShare):
-        devices[0].masked_input({"ids": r["ids"], "ciphertexts": bad}, x)
+    reply = devices[0].masked_input({"ids": r["ids"], "ciphertexts": bad}, x)
+    assert reply["bad"] == [r["ids"][0]] and r["ids"][0] not in devices[0]._held
+    assert "authentication" in devices[0].share_errors[r["ids"][0]]
     # Swap two senders' ciphertexts: the associated data (sender id) no longer matches.
     r1 = req3[1]
     swapped = [r1["ciphertexts"][1], r1["ciphertexts"][0]] + list(r1["ciphertexts"][2:])
-    with pytest.raises(crypto.TamperedShare):
-        devices[1].masked_input({"ids": r1["ids"], "ciphertexts": swapped}, x)
+    reply = devices[1].masked_input({"ids": r1["ids"], "ciphertexts": swapped}, x)
+    assert reply["bad"] == sorted(r1["ids"][:2])
 
 
 def test_device_refuses_to_reveal_both_secrets_of_a_neighbour():
@@ -196,17 +281,17 @@ def test_server_never_sees_plaintext_shares():
 def test_params_validation_and_graph():
     with pytest.raises(ValueError, match="even"):
         _params(neighbours=3)
+    with pytest.raises(ValueError, match="1 <= t <= k"):
+        _params(threshold=5)
     with pytest.raises(ValueError, match="k/2"):
-        _params(threshold=2)  # t must exceed k/2
+        _params(threshold=2, active=True)  # a lying server could collect both secrets with t <= k/2
     params = _params()
     g = params.graph
     assert all(len(nbrs) == K and i not in nbrs for i, nbrs in enumerate(g))
     assert all(i in g[j] for i, nbrs in enumerate(g) for j in nbrs)  # symmetric
     assert g == _params().graph and g != _params(session=b"another round").graph
-    p = default_params(100, 10, 23, b"s")
-    assert (p.neighbours, p.threshold) == (20, 11)
-    p = default_params(10, 10, 23, b"s")
-    assert (p.neighbours, p.threshold) == (9, 5)  # small cohort: complete graph
+    # The ring order follows the graph seed when one is given, not the session id.
+    assert _params(graph_seed=b"r1").graph == _params(session=b"other", graph_seed=b"r1").graph
 
 
 # --- crypto primitives --------------------------------------------------------------------------
@@ -374,3 +459,26 @@ def test_conditional_rounding_keeps_every_device_within_the_norm_bound():
     # still unbiased enough to be useful: the mean of the rounded vectors is near x
     mean = np.mean([fp.decode(fp.encode_int(x, rng, max_norm=bound)) for _ in range(2000)], axis=0)
     assert np.abs(mean - x).max() < 0.05
+
+
+def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_aborts():
+    from fedsim.secagg.params import ThreatModel, choose_params
+
+    n, rounds = 30, 6
+    choice = choose_params(n, ThreatModel("semi_honest", 0.1, dropout_rate=0.3))
+    assert choice.log2_abort <= -20
+
+    def aborts(k: int, t: int) -> int:
+        count = 0
+        for r in range(rounds):
+            rng = np.random.default_rng(r)
+            dropped = [i for i in range(n) if rng.random() < 0.3]
+            params = SecAggParams(n, t, k, 16, 2, session_id=b"s", graph_seed=f"round-{r}".encode())
+            try:
+                simulate_round(params, {i: np.arange(2) for i in range(n)}, drop_before={"masked_input": dropped})
+            except SecAggAborted:
+                count += 1
+        return count
+
+    assert aborts(choice.neighbours, choice.threshold) == 0
+    assert aborts(10, 6) >= 2  # fedsim's old rule at cohort 30: k = 2 ceil(log2 30), t = k/2 + 1

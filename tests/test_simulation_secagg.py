@@ -91,10 +91,12 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
 
 
 def test_dropouts_at_every_stage_still_give_a_round(tmp_path: Path) -> None:
+    # 28% of devices drop somewhere: at cohort 12 only a round-abort budget of 2^-3 fits.
     raw = secure_config(
         tmp_path, rounds=3, cohort={"size": 12, "sampling": "fixed"}, population=40,
         **{"secagg.drop_advertise_keys": 0.08, "secagg.drop_share_keys": 0.08,
-           "secagg.drop_masked_input": 0.08, "secagg.drop_unmask": 0.08},
+           "secagg.drop_masked_input": 0.08, "secagg.drop_unmask": 0.08,
+           "secagg.max_corrupt_fraction": 0.1, "secagg.correctness_bits": 3},
     )  # fmt: skip
     run(from_dict(raw), tmp_path / "drops")
     rs = rows(tmp_path / "drops")
@@ -108,7 +110,10 @@ def test_dropouts_at_every_stage_still_give_a_round(tmp_path: Path) -> None:
 
 
 def test_too_few_survivors_abort_the_round_and_the_next_one_trains(tmp_path: Path) -> None:
-    raw = secure_config(tmp_path, rounds=6, **{"secagg.drop_masked_input": 0.4})
+    # An explicit (k, t) is checked for security only: this complete graph with t = 5 of 7 is safe
+    # against the 0 colluders of gamma = 0.1 at cohort 8, but aborts often at 40% dropout.
+    raw = secure_config(tmp_path, rounds=6, **{"secagg.drop_masked_input": 0.4, "secagg.max_corrupt_fraction": 0.1,
+                                                "secagg.neighbours": 7, "secagg.threshold": 5})  # fmt: skip
     summary = run(from_dict(raw), tmp_path / "abort")
     rs = rows(tmp_path / "abort")
     aborted = [r for r in rs if "secagg_aborted" in r]
@@ -138,11 +143,11 @@ def server_attack(cfg_raw: dict, run_dir: Path) -> tuple[np.ndarray, float]:
     initial = flat_params(worker.model)
     noisy_sum = (final(run_dir).double() - initial.double()) * cfg.cohort.size
     row = rows(run_dir)[0]
-    t = row["secagg_threshold"]
+    h = row["secagg_noise_honest_inputs"]  # each device added 1/h of the round's variance
     cohort = sample_cohort(population=30, cohort_size=8, method="fixed", seed=5, round_num=1)
     dim = len(initial)
     dp = UserLevelDP(cfg, num_params=dim)
-    mu = dp.secure_encoding().update_variance / t
+    mu = dp.secure_encoding().update_variance / h
     fp = secure_rounds.fixed_point(cfg, 8)
     fingerprint = randomness.fingerprint(cfg)
     regenerated = sum(
@@ -152,7 +157,7 @@ def server_attack(cfg_raw: dict, run_dir: Path) -> tuple[np.ndarray, float]:
     recovered = noisy_sum.numpy() - regenerated * fp.step
     report = worker.train(initial, 1, cohort, clip_norm=dp.clip_norm)
     truth = np.sum(report.updates, axis=0, dtype=np.float64)
-    return recovered - truth, float(np.sqrt(8 / t)) * dp.noise_std
+    return recovered - truth, float(np.sqrt(8 / h)) * dp.noise_std
 
 
 def test_server_view_cannot_remove_the_distributed_noise_and_sees_no_per_device_value(tmp_path: Path) -> None:
@@ -206,10 +211,82 @@ def test_calibrated_distributed_run_never_ends_above_its_target_with_dropouts(tm
     raw = secure_config(
         tmp_path, rounds=3, population=40, cohort={"size": 12, "sampling": "fixed"},
         **{"privacy.dpfedavg.noise_multiplier": None, "privacy.dpfedavg.target_epsilon": 2.0,
-           "privacy.dpfedavg.noise": "distributed", "secagg.drop_masked_input": 0.3},
+           "privacy.dpfedavg.noise": "distributed", "secagg.drop_masked_input": 0.3,
+           "secagg.max_corrupt_fraction": 0.1, "secagg.correctness_bits": 6},
     )  # fmt: skip
     summary = run(from_dict(raw), tmp_path / "target")
     rs = [r for r in rows(tmp_path / "target") if "secagg_aborted" not in r]
     assert rs and any(r["devices_trained"] < 12 for r in rs)
     assert all(r["user_epsilon"] <= 2.0 for r in rs)
     assert summary["privacy"]["user_level"]["epsilon"] <= 2.0
+
+
+def test_rounds_at_30_percent_masked_input_dropout_abort_at_most_at_the_configured_rate(tmp_path: Path) -> None:
+    from fedsim.secagg import ThreatModel, choose_params
+
+    raw = secure_config(
+        tmp_path, rounds=4, population=60, cohort={"size": 30, "sampling": "fixed"},
+        **{"secagg.drop_masked_input": 0.3, "secagg.max_corrupt_fraction": 0.1},
+    )  # fmt: skip
+    summary = run(from_dict(raw), tmp_path / "d30")
+    rs = rows(tmp_path / "d30")
+    # k and t are chosen for 30% dropout: a round aborts with probability <= 2^-20, so none of these does.
+    assert [r.get("secagg_aborted") for r in rs] == [None] * 4
+    assert all(r["secagg_survivors_masked_input"] < 30 for r in rs)  # devices did drop
+    choice = choose_params(30, ThreatModel("semi_honest", 0.1, None, 0.3))
+    sa = summary["secagg"]
+    assert (sa["neighbours_k"], sa["threshold_t"]) == (choice.neighbours, choice.threshold)
+    assert all((r["secagg_k"], r["secagg_t"]) == (choice.neighbours, choice.threshold) for r in rs)
+    assert sa["log2_abort_bound"] <= -20 and sa["log2_insecure_bound"] <= -40
+    assert sa["threat_model"] == "semi_honest" and sa["max_corrupt_devices"] == 3
+    assert any("collude" in a for a in sa["assumptions"]) and "k=26" in sa["guarantee"]
+
+
+def test_same_seed_gives_the_same_graph_survivors_and_model_with_dropouts(tmp_path: Path) -> None:
+    # A small explicit k, so which devices survive pruning depends on the graph.
+    raw = secure_config(
+        tmp_path, rounds=3, population=30, cohort={"size": 12, "sampling": "fixed"},
+        **{"secagg.drop_share_keys": 0.25, "secagg.max_corrupt_fraction": 0.0, "secagg.max_dropout_fraction": 0.1,
+           "secagg.neighbours": 4, "secagg.threshold": 3},
+    )  # fmt: skip
+    first = run(from_dict(raw), tmp_path / "a")
+    second = run(from_dict(raw), tmp_path / "b")
+    assert first["secagg"]["randomness"].startswith("reproducible")
+    assert [r["secagg_survivors_masked_input"] for r in rows(tmp_path / "a")] == [
+        r["secagg_survivors_masked_input"] for r in rows(tmp_path / "b")]  # fmt: skip
+    assert first["model_sha256"] == second["model_sha256"]
+
+
+def test_impossible_threat_model_is_refused_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from fedsim.errors import ConfigError
+    from fedsim.server_app import prepare
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "secagg=secaggplus", "secagg.threat_model=active", "secagg.drop_masked_input=0.4",
+         "cohort.size=8", "cohort.sampling=fixed", "population=20", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "secagg.max_corrupt_fraction" in lines[0] and "no k <= cohort size 8" in lines[0], lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    raw = secure_config(tmp_path, **{"secagg.neighbours": 2, "secagg.threshold": 2})  # 2 colluders can hold both shares
+    with pytest.raises(ConfigError, match=r"secagg.neighbours.*unsafe"):
+        prepare(from_dict(raw))
+
+
+def test_active_threat_model_round_gives_the_same_model_as_semi_honest(tmp_path: Path) -> None:
+    # The sum is exact mod 2^m either way: signatures and the consistency stage change nothing in it.
+    active = run(from_dict(secure_config(tmp_path, **{"secagg.threat_model": "active"})), tmp_path / "active")
+    semi = run(from_dict(secure_config(tmp_path)), tmp_path / "semi")
+    assert active["model_sha256"] == semi["model_sha256"]
+    assert all(r["secagg_survivors_consistency"] == 8 and r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "active"))
+    assert active["secagg"]["threat_model"] == "active"
+    assert any("key registry" in a for a in active["secagg"]["assumptions"])
+    from fedsim.secagg import ThreatModel, choose_params
+
+    choice = choose_params(8, ThreatModel("active", 0.33))
+    assert (active["secagg"]["neighbours_k"], active["secagg"]["threshold_t"]) == (choice.neighbours, choice.threshold)

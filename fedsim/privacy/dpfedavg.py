@@ -18,8 +18,8 @@ simulation, and every output says so.
 Under SecAgg+ devices send randomly rounded integer vectors (fedsim.secagg.quantize): the
 sensitivity is the conditional-rounding norm bound D2 grid steps (>= C), and the noise std is
 z_Delta D2 steps (central or distributed). Distributed noise (privacy.dpfedavg.noise=distributed):
-the devices add Skellam shares sized so that the protocol's minimum number of survivors t
-already carries the round's noise, and the rounds are accounted by fedsim.privacy.skellam
+the devices add Skellam shares sized so that the fewest honest inputs a released sum can hold
+(fedsim.secure_rounds: max(t, n - D) inputs minus C colluders) already carry the round's noise, and the rounds are accounted by fedsim.privacy.skellam
 (the discrete mechanism actually run, not a Gaussian of the same variance).
 """
 
@@ -60,7 +60,7 @@ class SecureEncoding:
     norm_bound: D2, the L2 bound every device's rounded update is held to (conditional
     randomized rounding). update_variance / count_variance: distributed noise, the Skellam
     variance per coordinate that the survivors' shares must add up to when only the protocol's
-    minimum number of survivors t remains (0: the server adds central noise instead).
+    fewest honest inputs a released sum can hold remain (0: the server adds central noise instead).
     """
 
     norm_bound: float
@@ -179,7 +179,7 @@ class UserLevelDP:
 
     def secure_encoding(self) -> SecureEncoding:
         """The next round's rounding bound and, with distributed noise, the Skellam variance the
-        survivors must reach (sized for the protocol's minimum number of survivors t)."""
+        survivors must reach (whatever drops out or colludes, within the threat model)."""
         clip = self.clip_norm
         if not self.distributed:
             return SecureEncoding(norm_bound=self.rounding_bound(clip))
@@ -212,7 +212,7 @@ class UserLevelDP:
         """Standard deviation of the noise on the sum of clipped updates (float units).
 
         Under SecAgg+ the sensitivity is the rounded norm bound D2 grid steps (>= C), and the
-        noise std is z_Delta D2 steps; distributed: the guaranteed total (t survivors)."""
+        noise std is z_Delta D2 steps; distributed: the guaranteed total (the fewest honest inputs)."""
         if self.grid_step is None:
             return self.update_noise * self.clip_norm * self.noise_scale
         return self.update_noise * self.rounding_bound(self.clip_norm) * self.grid_step * self.noise_scale
@@ -269,7 +269,7 @@ class UserLevelDP:
         clip = self.clip_norm
         std = self.noise_std
         if self.distributed:
-            # The devices' shares are already in `total`, at least the guaranteed noise (>= t survivors).
+            # The devices' shares are already in `total`, at least the guaranteed noise.
             self.released_clips.append(clip)
             mean = (total / self.expected_cohort).to(torch.float32)
         else:
@@ -338,7 +338,7 @@ class UserLevelDP:
         if not self.distributed:
             return self.accounting.describe()
         return (
-            f"distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the protocol's minimum of t survivors, "
+            f"distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the fewest honest inputs a released sum can hold, "
             f"RDP accounting of the discrete mechanism ({self.cfg.cohort.sampling} cohorts of {self.cfg.cohort.size}/"
             f"{self.cfg.population}, sensitivity after conditional randomized rounding)"
         )
@@ -371,9 +371,12 @@ class UserLevelDP:
                 "before SecAgg+ masking; the sum carries the survivors' noise"
             ),
             "noise_sizing": (
-                "each device adds 1/t of the round's noise variance, t = the protocol's minimum number of survivors "
-                "(the server aborts a round with fewer than t masked inputs), so every released round carries at "
-                "least the accounted noise whatever the dropouts; epsilon does not depend on how many survived"
+                "each device adds 1/h of the round's noise variance, h = max(t, n - D) - C: the server sums at least "
+                "max(t, n - D) masked inputs or aborts before unmasking (t the Shamir threshold, D the dropouts the "
+                "SecAgg+ threat model budgets for), and up to C = floor(gamma n) of them may collude with the server "
+                "and strip their own share; so every released round carries at least the accounted noise whatever "
+                "drops out, and epsilon does not depend on how many survived (metrics: secagg_noise_min_inputs, "
+                "secagg_noise_honest_inputs)"
             ),
             "noise_variance_at_t_survivors": [b.variance for b in rnd.blocks],
             "accounting": (
@@ -394,16 +397,17 @@ class UserLevelDP:
             ),
             "adaptive_clipping_count": (
                 "the clipped-count bits travel inside the masked vector as sum_i (2 b_i - 1) with their own Skellam "
-                f"noise (std 2 sigma_b = {2 * self.count_noise:g} at t survivors), accounted with the update"
+                f"noise (std 2 sigma_b = {2 * self.count_noise:g} at the fewest honest inputs), accounted with the update"
                 if self.count_noise is not None
                 else None
             ),
             "randomness": mode,
             "randomness_reason": why,
             "assumptions": [
-                "the server follows the protocol's abort rule (at least t masked inputs in every released sum)",
-                "the devices in the sum keep their noise secret (a device colluding with the server removes its own "
-                "share: with c such devices among t survivors, the noise is that of t - c)",
+                "the server follows the abort rule (at least max(t, n - D) masked inputs in every released sum; in the "
+                "active threat model the devices do not check this count yet)",
+                "at most C = floor(gamma n) devices of a cohort collude with the server (secagg.max_corrupt_fraction); "
+                "the others keep their noise secret",
                 "the cohort is secret from whoever reads the released model (else see epsilon_vs_server)",
                 "secure randomness: noise and rounding come from the OS CSPRNG on each device"
                 if mode == "secure"

@@ -13,24 +13,28 @@ from fedsim.secagg.ddp import (
     skellam,
     skellam_tail_bound,
 )
+from fedsim.secagg.params import GraphChoice, ThreatModel, Unsatisfiable, check_params, choose_params
 from fedsim.secagg.protocol import (
     STAGES,
+    KeyRegistry,
     ProtocolViolation,
     RoundResult,
     SecAggAborted,
     SecAggDevice,
     SecAggParams,
     SecAggServer,
-    default_params,
     neighbour_graph,
     payload_nbytes,
     simulate_round,
+    stages,
 )
 from fedsim.secagg.quantize import FixedPoint, check_modulus_bits, required_modulus_bits, to_ring
 
 __all__ = [
     "STAGES",
     "FixedPoint",
+    "GraphChoice",
+    "KeyRegistry",
     "ProtocolViolation",
     "RoundResult",
     "SecAggAborted",
@@ -38,8 +42,11 @@ __all__ = [
     "SecAggParams",
     "SecAggServer",
     "TamperedShare",
+    "ThreatModel",
+    "Unsatisfiable",
     "check_modulus_bits",
-    "default_params",
+    "check_params",
+    "choose_params",
     "grid_variance",
     "neighbour_graph",
     "payload_nbytes",
@@ -49,5 +56,6 @@ __all__ = [
     "simulate_round",
     "skellam",
     "skellam_tail_bound",
+    "stages",
     "to_ring",
 ]

@@ -13,6 +13,13 @@
   associated data (sender id, receiver id, session id), so a flipped byte, a ciphertext routed
   to the wrong receiver, or one replayed from another round raises `TamperedShare`
   (Bonawitz 2017 sec. 3, AE.enc/AE.dec, "IND-CPA and INT-CTXT").
+- Identity keys and signatures (active threat model only): Ed25519 (RFC 8032) from
+  `cryptography`. A device's identity key is registered once per run with the key registry (the
+  PKI Bonawitz 2017 sec. 6.2 assumes); it signs the device's round keys (so the server cannot
+  substitute its own) and, in the consistency check, the survivor set it was told about.
+- Every device secret (X25519 keys, self-mask seeds, Shamir coefficients, identity keys) comes
+  from the OS CSPRNG (os.urandom / `secrets` / cryptography's generate) in every randomness
+  mode: none of them changes the aggregate, so reproducibility never needs them.
 - Mask expansion (the PRG of Bonawitz 2017 sec. 3 / Bell 2020 sec. 3): a 32-byte seed is the
   ChaCha20 key, the keystream (= encryption of zeros) under a fixed per-use-case nonce is read
   as little-endian uint32/uint64 words and reduced mod 2^m. A 100k-element mask costs ~0.3 ms.
@@ -27,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,14 +50,20 @@ __all__ = [
     "NONCE_SELF_MASK",
     "KeyPair",
     "TamperedShare",
+    "SIGNATURE_BYTES",
     "agree",
+    "check_public_key",
     "decrypt_share",
     "encrypt_share",
+    "generate_identity",
     "generate_keypair",
+    "identity_public",
     "mask_dtype",
     "prg_mask",
     "private_from_bytes",
     "random_bytes",
+    "sign",
+    "verify",
 ]
 
 KEY_BYTES = 32
@@ -59,15 +74,16 @@ INFO_ENC = b"fedsim/secagg/enc"
 NONCE_SELF_MASK = b"\x00" * 4 + b"secagg-self!"
 NONCE_PAIR_MASK = b"\x00" * 4 + b"secagg-pair!"
 _GCM_NONCE_BYTES = 12
+SIGNATURE_BYTES = 64
 
 
 class TamperedShare(Exception):
     """A share ciphertext failed authentication: modified, truncated, misrouted or replayed."""
 
 
-def random_bytes(n: int, rng: np.random.Generator | None = None) -> bytes:
-    """n bytes from the OS CSPRNG, or from `rng` (reproducible simulation only: NOT secret)."""
-    return os.urandom(n) if rng is None else rng.bytes(n)
+def random_bytes(n: int) -> bytes:
+    """n bytes from the OS CSPRNG."""
+    return os.urandom(n)
 
 
 @dataclass(frozen=True)
@@ -90,9 +106,49 @@ def private_from_bytes(raw: bytes) -> KeyPair:
     return KeyPair(private, private.public_key().public_bytes_raw())
 
 
-def generate_keypair(rng: np.random.Generator | None = None) -> KeyPair:
-    """A fresh X25519 key pair (Bonawitz 2017 sec. 3, KA.gen). `rng`: see `random_bytes`."""
-    return private_from_bytes(random_bytes(KEY_BYTES, rng))
+def generate_keypair() -> KeyPair:
+    """A fresh X25519 key pair from the OS CSPRNG (Bonawitz 2017 sec. 3, KA.gen)."""
+    return private_from_bytes(random_bytes(KEY_BYTES))
+
+
+_PROBE = X25519PrivateKey.generate()
+
+
+def check_public_key(public: bytes) -> None:
+    """Raise ValueError unless `public` is a usable X25519 public key.
+
+    A 32-byte string of the wrong length, or a low-order point (its Diffie-Hellman result is
+    all zeros whatever the private key, RFC 7748 sec. 6.1), would give every neighbour a mask
+    seed the server can compute; `cryptography` rejects the latter on exchange, so one probe
+    exchange decides.
+    """
+    if len(public) != KEY_BYTES:
+        raise ValueError(f"an X25519 public key has {KEY_BYTES} bytes, got {len(public)}")
+    _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+
+
+def generate_identity() -> Ed25519PrivateKey:
+    """A fresh Ed25519 identity key from the OS CSPRNG (registered once per device per run)."""
+    return Ed25519PrivateKey.generate()
+
+
+def identity_public(key: Ed25519PrivateKey) -> bytes:
+    """The raw 32-byte Ed25519 public key (what the key registry holds)."""
+    return key.public_key().public_bytes_raw()
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
+    """Ed25519 signature (64 bytes) of `message`."""
+    return key.sign(message)
+
+
+def verify(public: bytes, signature: bytes, message: bytes) -> bool:
+    """True iff `signature` is a valid Ed25519 signature of `message` under the raw key `public`."""
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes(public)).verify(bytes(signature), message)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def agree(private: X25519PrivateKey, peer_public: bytes, *, info: bytes, salt: bytes) -> bytes:

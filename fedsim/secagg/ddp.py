@@ -6,10 +6,11 @@ Learning", NeurIPS): each device adds integer noise Sk(mu_i) = Poisson(mu_i/2) -
 under summation, Sk(a) + Sk(b) = Sk(a + b), so the aggregate carries Sk(sum of the survivors'
 mu_i) and the server only ever sees the noisy sum. Sampled exactly with numpy's Poisson sampler.
 
-Noise is split for the protocol's *minimum* number of survivors t (fedsim.secure_rounds:
-mu_device = mu_total / t): the server aborts a round with fewer than t masked inputs, so any
-sum it can decode carries at least Sk(mu_total), whatever drops out, and the round's privacy
-guarantee (fedsim.privacy.skellam) is fixed before the round starts. With s > t survivors the
+Noise is split for the *fewest honest inputs* a released sum can hold, h (fedsim.secure_rounds:
+mu_device = mu_total / h, h = max(t, n - D) - C): the server aborts a round with fewer inputs,
+and colluders may strip their own shares, so any sum it can decode carries at least
+Sk(mu_total), whatever drops out, and the round's privacy
+guarantee (fedsim.privacy.skellam) is fixed before the round starts. With s > h honest survivors the
 sum carries Sk(s mu_device) (`realized_total_variance`): more noise than accounted, never less.
 Variances here are in grid units; `grid_variance` converts a float-domain standard deviation
 with the quantization step.

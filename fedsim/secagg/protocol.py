@@ -1,19 +1,34 @@
 """SecAgg+ as transport-free state machines: the server learns only the sum of the survivors' inputs.
 
 Protocol: Bonawitz et al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine
-Learning", CCS, Fig. 4: AdvertiseKeys, ShareKeys, MaskedInputCollection, Unmasking) with the
-complete graph replaced by a sparse random k-regular graph as in Bell et al. 2020 ("Secure
-Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS, sec. 3-4: SecAgg+), so each
-device talks to k = O(log n) neighbours instead of n - 1. k = n - 1 is classic SecAgg.
+Learning", CCS, Fig. 4: AdvertiseKeys, ShareKeys, MaskedInputCollection, ConsistencyCheck,
+Unmasking) with the complete graph replaced by a sparse random k-regular (Harary) graph as in
+Bell et al. 2020 ("Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS,
+sec. 3-4: SecAgg+), so each device talks to k = O(log n) neighbours instead of n - 1. k = n - 1
+is classic SecAgg. k and t come from a stated threat model: see params.py.
 
-Threat model: honest-but-curious server (it follows the protocol but tries to learn inputs;
-Bonawitz sec. 6.1, Bell sec. 3 "semi-honest"), devices may drop out at any stage. No signatures
-or consistency round, so an actively malicious server is out of scope; the device-side checks
-below (never reveal both secrets of a neighbour, t > k/2) are the defence in depth Bonawitz
-sec. 4 prescribes for honest devices.
+Threat models (SecAggParams.active):
+- semi-honest (active=False): the server follows the protocol, reports dropouts truthfully
+  and tries to learn inputs, colluding with up to gamma n devices (Bonawitz sec. 6.1, Bell
+  sec. 3). Four stages.
+- active (active=True): the server may also lie about who dropped, forward keys of its own
+  choosing and send different devices different views (Bonawitz sec. 6.2, Bell sec. 4
+  "semi-malicious"). Added: (1) identity keys in a key registry (the PKI): each device signs
+  its round keys and neighbours verify against the registry, so keys cannot be swapped;
+  (2) the consistency check, a stage between masked input and unmasking: each survivor signs
+  the survivor set U3 it is told, and a device reveals shares only if it receives >= t valid
+  signatures from its neighbours on the same U3 and is itself in U3; (3) t with 2t > k + c for
+  the c colluding neighbours a device may have, so a split of its honest neighbours into
+  "told i survived" and "told i dropped" can never give the server t shares of both secrets.
+  Not covered in either: a server that biases which devices are neighbours (the graph order is
+  public randomness drawn independently of the corrupt set), denial of service (an active
+  server can always abort a round), and what the sum itself reveals (that is DP's job).
+Devices may drop out at any stage; the device-side rules (never reveal both secrets of a
+neighbour, answer each stage once, refuse when listed as dropped) hold in both models.
 
 Device i holds x_i in Z_{2^m} (see quantize.py) and, per session, two X25519 key pairs (c for
-encrypting shares, s for pairwise masks) and a random self-mask seed b_i. It sends
+encrypting shares, s for pairwise masks) and a random self-mask seed b_i, all from the OS
+CSPRNG. It sends
 
     y_i = x_i + PRG(b_i) + sum_{j in N(i), j alive at ShareKeys} sign(i, j) PRG(KA(s_i, s_j))  mod 2^m
 
@@ -24,17 +39,27 @@ reveals the b-share of every neighbour that sent y, and the s-share of every nei
 shared keys but sent no y - never both for the same neighbour, which is what keeps y_i hidden
 from the server if i is merely late (Bonawitz sec. 4).
 
-Messages (plain dicts of ints / bytes / lists / numpy arrays, i.e. Flower ConfigRecord and
-ArrayRecord friendly; ids are device ids 0..n-1, the positions in this round's cohort):
+One faulty device never takes others down: the server drops a device whose keys are malformed
+or low-order (or, active, not signed by its registered identity); a device that cannot open a
+neighbour's share ciphertext still masks with it, reports it in "bad", and the server drops
+that neighbour (its pairwise masks are removed through its s-shares like any dropout). Each
+such drop is in `SecAggServer.rejected` with the stage and the reason.
 
-    stage 1  device -> server  advertise_keys()          {"c_pk": bytes32, "s_pk": bytes32}
-    stage 2  server -> device  collect_keys()[i]        {"ids": [j], "c_pks": [bytes32], "s_pks": [bytes32]}
-             device -> server  share_keys(req)           {"ids": [j], "ciphertexts": [bytes]}   (j = receiver)
-    stage 3  server -> device  collect_shares()[i]      {"ids": [j], "ciphertexts": [bytes]}   (j = sender)
-             device -> server  masked_input(req, x)      {"masked": uint32|uint64 array [L]}
-    stage 4  server -> device  collect_masked()[i]      {"survivors": [j], "dropped": [j]}     (j in N(i))
-             device -> server  unmask(req)               {"b_ids": [j], "b_shares": [bytes], "s_ids": [j], "s_shares": [bytes]}
-    result   collect_unmask(replies) -> uint64 array [L]: sum of survivors' x mod 2^m
+Messages (plain dicts of ints / bytes / lists / numpy arrays, i.e. Flower ConfigRecord and
+ArrayRecord friendly; ids are device ids 0..n-1, the positions in this round's cohort; "sig"
+fields only in the active model):
+
+    advertise_keys  device -> server  advertise_keys()     {"c_pk": bytes32, "s_pk": bytes32, "sig": bytes64}
+    share_keys      server -> device  collect_keys()[i]    {"ids": [j], "c_pks": [bytes32], "s_pks": [bytes32], "sigs": [bytes64]}
+                    device -> server  share_keys(req)      {"ids": [j], "ciphertexts": [bytes]}   (j = receiver)
+    masked_input    server -> device  collect_shares()[i]  {"ids": [j], "ciphertexts": [bytes]}   (j = sender)
+                    device -> server  masked_input(req, x) {"masked": uint32|uint64 array [L], "bad": [j]}
+    consistency     server -> device  collect_masked()[i]  {"survivors": [all of U3]}             (active only)
+                    device -> server  consistency(req)     {"sig": bytes64}
+    unmask          server -> device  collect_masked()[i] (semi-honest) or collect_signatures()[i] (active):
+                                      {"survivors": [j], "dropped": [j], "signers": [j], "signatures": [bytes64]}
+                    device -> server  unmask(req)          {"b_ids": [j], "b_shares": [bytes], "s_ids": [j], "s_shares": [bytes]}
+    result          collect_unmask(replies) -> uint64 array [L]: sum of survivors' x mod 2^m
 
 The server's collect_* methods take {device_id: reply} for the devices that answered (a missing
 or malformed reply is a dropout) and return {device_id: request} for the next stage.
@@ -44,13 +69,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
-import os
 import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedsim.secagg import shamir
 from fedsim.secagg.crypto import (
@@ -61,6 +85,7 @@ from fedsim.secagg.crypto import (
     NONCE_SELF_MASK,
     TamperedShare,
     agree,
+    check_public_key,
     decrypt_share,
     encrypt_share,
     generate_keypair,
@@ -68,11 +93,14 @@ from fedsim.secagg.crypto import (
     prg_mask,
     private_from_bytes,
     random_bytes,
+    sign,
+    verify,
 )
 from fedsim.secagg.quantize import to_ring
 
 __all__ = [
     "STAGES",
+    "KeyRegistry",
     "ProtocolViolation",
     "RoundResult",
     "SecAggAborted",
@@ -80,14 +108,20 @@ __all__ = [
     "SecAggParams",
     "SecAggServer",
     "TamperedShare",
-    "default_params",
     "neighbour_graph",
     "payload_nbytes",
     "simulate_round",
+    "stages",
+    "survivors_message",
 ]
 
-STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+STAGES = ("advertise_keys", "share_keys", "masked_input", "consistency", "unmask")
 _SHARE_BYTES = shamir.share_size(KEY_BYTES)
+
+
+def stages(active: bool) -> tuple[str, ...]:
+    """The stages of a session: the consistency check only in the active threat model."""
+    return STAGES if active else tuple(s for s in STAGES if s != "consistency")
 
 
 class SecAggAborted(Exception):
@@ -103,7 +137,7 @@ class ProtocolViolation(SecAggAborted):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters and the neighbour graph
+# Parameters, the neighbour graph and the key registry
 
 
 @dataclass(frozen=True)
@@ -111,10 +145,14 @@ class SecAggParams:
     """Public parameters of one SecAgg+ session (the same on the server and every device).
 
     num_devices n: cohort size; devices are 0..n-1. neighbours k: degree of the graph, even
-    and < n, or n - 1 (complete graph = classic SecAgg). threshold t: Shamir threshold for each
-    device's secrets among its k neighbours, k/2 < t <= k. modulus_bits m: inputs and the sum
-    live in Z_{2^m} (1..64). vector_length L. session_id: public bytes chosen by the server
-    (round id / random); seeds the graph and salts every key derivation.
+    and < n - 1, or n - 1 (complete graph = classic SecAgg). threshold t: Shamir threshold for
+    each device's secrets among its k neighbours, 1 <= t <= k; which (k, t) are safe depends
+    on the threat model (params.choose_params / check_params). modulus_bits m: inputs and the
+    sum live in Z_{2^m} (1..64). vector_length L. session_id: public bytes, fresh per round;
+    salts every key derivation and binds every ciphertext and signature to the round.
+    graph_seed: public bytes that order the ring of the Harary graph (None: the session id);
+    a reproducible run derives it from (seed, round). active: the active threat model
+    (identity keys, signed keys, consistency check).
     """
 
     num_devices: int
@@ -123,6 +161,8 @@ class SecAggParams:
     modulus_bits: int
     vector_length: int
     session_id: bytes
+    graph_seed: bytes | None = None
+    active: bool = False
 
     def __post_init__(self) -> None:
         n, k, t = self.num_devices, self.neighbours, self.threshold
@@ -130,11 +170,10 @@ class SecAggParams:
             raise ValueError(f"secure aggregation needs at least 2 devices, got {n}")
         if not (k == n - 1 or (k % 2 == 0 and 2 <= k < n)):
             raise ValueError(f"neighbours k={k} must be even with 2 <= k < n={n}, or n-1={n - 1} (complete graph)")
-        if not (k < 2 * t and t <= k):
-            raise ValueError(
-                f"threshold t={t} must satisfy k/2 < t <= k for k={k}: t > k/2 so no two disjoint "
-                "groups of neighbours can release both secrets of a device (Bell et al. 2020)"
-            )
+        if not 1 <= t <= k:
+            raise ValueError(f"threshold t={t} must satisfy 1 <= t <= k={k}")
+        if self.active and not k < 2 * t:
+            raise ValueError(f"threshold t={t} must exceed k/2={k / 2} in the active threat model")
         if not 1 <= self.modulus_bits <= 64:
             raise ValueError(f"modulus_bits must be in [1, 64], got {self.modulus_bits}")
         if self.vector_length < 1:
@@ -145,26 +184,31 @@ class SecAggParams:
     @property
     def graph(self) -> tuple[tuple[int, ...], ...]:
         """graph[i] = sorted neighbour ids of device i."""
-        return neighbour_graph(self.num_devices, self.neighbours, self.session_id)
+        return neighbour_graph(self.num_devices, self.neighbours, self.graph_seed or self.session_id)
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
         """Array dtype of masked vectors: uint32 if m <= 32 else uint64."""
         return mask_dtype(self.modulus_bits)
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return stages(self.active)
+
 
 @functools.lru_cache(maxsize=64)
-def neighbour_graph(n: int, k: int, session_id: bytes) -> tuple[tuple[int, ...], ...]:
-    """Harary graph H_{k,n} over a permutation seeded by the public session id (Bell et al. 2020, sec. 4).
+def neighbour_graph(n: int, k: int, seed: bytes) -> tuple[tuple[int, ...], ...]:
+    """Harary graph H_{k,n} over a permutation seeded by public bytes (Bell et al. 2020, sec. 4).
 
     Devices are placed on a ring in a pseudo-random order; each is joined to the k/2 nearest
     on either side (a circulant, k-regular). k = n - 1 gives the complete graph. The order is
-    public and deterministic, so the server and every device derive the same graph.
+    public and deterministic, so the server and every device derive the same graph; the
+    security analysis (params.py) needs it independent of which devices are corrupt.
     """
     if k >= n - 1:
         return tuple(tuple(j for j in range(n) if j != i) for i in range(n))
-    seed = int.from_bytes(hashlib.sha256(b"fedsim/secagg/graph" + session_id).digest()[:16], "big")
-    order = np.random.default_rng(seed).permutation(n)
+    digest = int.from_bytes(hashlib.sha256(b"fedsim/secagg/graph" + seed).digest(), "big")
+    order = np.random.default_rng(digest).permutation(n)  # all 256 bits seed the permutation
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     graph = []
@@ -176,59 +220,46 @@ def neighbour_graph(n: int, k: int, session_id: bytes) -> tuple[tuple[int, ...],
     return tuple(graph)
 
 
-def _binomial_cdf(x: int, n: int, p: float) -> float:
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(0, x + 1))
+class KeyRegistry:
+    """The PKI of the active threat model: one Ed25519 identity public key per device per run.
 
-
-def default_params(
-    num_devices: int,
-    vector_length: int,
-    modulus_bits: int,
-    session_id: bytes | None = None,
-    *,
-    dropout_rate: float = 0.1,
-    failure_prob: float = 1e-3,
-) -> SecAggParams:
-    """SecAgg+ parameters with k = O(log n) neighbours and t = floor(k/2) + 1 (Bell et al. 2020).
-
-    t = floor(k/2) + 1 (a strict majority of the neighbours): the server needs t shares to
-    rebuild a secret, and honest neighbours answer for each device with either the b-share or
-    the s-share, so two disjoint groups of size t cannot both exist - the server cannot obtain
-    both secrets of a device even by showing different survivor lists to different neighbours.
-    Larger t = more neighbours must collude with the server; smaller t = more dropouts survivable.
-
-    k is the smallest even number that is (a) >= 2 ceil(log2 n), the O(log n) degree Bell et al.
-    show keeps the random Harary graph's surviving honest part connected, so the server learns
-    only sums of large groups, and (b) correct with probability >= 1 - failure_prob when each
-    device independently drops with probability `dropout_rate`: union over the n devices of
-    P(fewer than t of its k neighbours survive) = n P(Bin(k, 1 - dropout_rate) < t)
-    <= failure_prob. If that needs k >= n - 1, the complete graph (classic SecAgg) is used.
-    (A device left with fewer than t live neighbours cannot be unmasked and is excluded; on a
-    Harary graph with t = k/2 + 1 that exclusion cascades through its ring neighbours, so in
-    practice such an event aborts the round - which is the event this bound budgets for.)
-    This is a heuristic for simulation, not Bell et al.'s exact parameter theorem (which also
-    budgets for a fraction of corrupt devices); e.g. n=10 -> complete graph (k=9, t=5),
-    n=100 -> k=20, t=11, n=1000 -> k=24, t=13.
+    Trusted by assumption (Bonawitz 2017 sec. 6.2): the server cannot register or change a
+    device's key. `register` is called once per device; registering a different key for a
+    device raises. `view(ids)` maps a round's protocol ids (cohort positions) to the keys of the
+    devices at those positions.
     """
-    n = num_devices
-    if n < 2:
-        raise ValueError(f"secure aggregation needs at least 2 devices, got {n}")
-    if not 0 <= dropout_rate < 1:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    k = max(2, 2 * math.ceil(math.log2(n)))
-    k += k % 2
-    while k < n - 1 and n * _binomial_cdf(k // 2, k, 1 - dropout_rate) > failure_prob:
-        k += 2
-    if k >= n - 1:
-        k = n - 1
-    return SecAggParams(
-        num_devices=n,
-        threshold=k // 2 + 1,
-        neighbours=k,
-        modulus_bits=modulus_bits,
-        vector_length=vector_length,
-        session_id=os.urandom(16) if session_id is None else session_id,
-    )
+
+    def __init__(self) -> None:
+        self._keys: dict[int, bytes] = {}
+
+    def register(self, device: int, public: bytes) -> None:
+        public = bytes(public)
+        if len(public) != 32:
+            raise ValueError(f"an Ed25519 public key has 32 bytes, got {len(public)}")
+        known = self._keys.get(device)
+        if known is not None and known != public:
+            raise ValueError(f"device {device} already registered another identity key this run")
+        self._keys[device] = public
+
+    def __contains__(self, device: object) -> bool:
+        return device in self._keys
+
+    def get(self, device: int) -> bytes | None:
+        return self._keys.get(device)
+
+    def view(self, devices: Iterable[int]) -> dict[int, bytes]:
+        """{position: key} for the cohort `devices` (position = index in this list)."""
+        return {p: self._keys[d] for p, d in enumerate(devices) if d in self._keys}
+
+
+def _key_message(session: bytes, device: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    return b"fedsim/secagg/keys" + session + device.to_bytes(8, "big") + c_pk + s_pk
+
+
+def survivors_message(session: bytes, survivors: Iterable[int]) -> bytes:
+    """What a device signs in the consistency check: the session and the sorted survivor ids."""
+    ids = sorted(int(i) for i in survivors)
+    return b"fedsim/secagg/survivors" + session + b"".join(i.to_bytes(8, "big") for i in ids)
 
 
 def payload_nbytes(message: object) -> int:
@@ -270,18 +301,29 @@ class SecAggDevice:
     """One device's side of a SecAgg+ session (Bonawitz et al. 2017 Fig. 4, Bell et al. 2020 sec. 4).
 
     Methods must be called in order, once each: advertise_keys, share_keys, masked_input,
-    unmask. `rng` (numpy Generator) makes keys/seeds/shares reproducible for simulation and is
-    NOT cryptographically secure; None (default) draws them from the OS CSPRNG.
-    `bytes_sent[stage]` / `bytes_received[stage]` count payload bytes (see payload_nbytes).
+    consistency (active only), unmask. Every secret comes from the OS CSPRNG. Active threat
+    model: `identity` is the device's Ed25519 key and `registry` {protocol id: identity public
+    key} the PKI's view of the cohort. `bytes_sent[stage]` / `bytes_received[stage]` count
+    payload bytes (see payload_nbytes).
     """
 
-    def __init__(self, device_id: int, params: SecAggParams, rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        device_id: int,
+        params: SecAggParams,
+        *,
+        identity: Ed25519PrivateKey | None = None,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> None:
         if not 0 <= device_id < params.num_devices:
             raise ValueError(f"device id {device_id} not in [0, {params.num_devices})")
+        if params.active and (identity is None or registry is None):
+            raise ValueError("the active threat model needs the device's identity key and the key registry")
         self.id = device_id
         self.params = params
         self.neighbours = frozenset(params.graph[device_id])
-        self._rng = rng
+        self._identity = identity
+        self._registry = dict(registry or {})
         self._stage = 0
         self.bytes_sent: dict[str, int] = {}
         self.bytes_received: dict[str, int] = {}
@@ -291,12 +333,16 @@ class SecAggDevice:
         self._enc_keys: dict[int, bytes] = {}  # neighbour -> AES key from the c agreement
         self._held: dict[int, tuple[bytes, bytes]] = {}  # sender -> (s-share, b-share)
         self._revealed: dict[int, str] = {}  # neighbour -> "b" | "s"
+        self._u3: tuple[int, ...] | None = None  # the survivor set this device signed (active)
+        self.share_errors: dict[int, str] = {}  # sender -> why its share ciphertext was not usable
+        self._senders: set[int] = set()  # neighbours that sent shares (it masks with them)
 
     def export_state(self) -> bytes:
-        """The device's secrets and progress, to keep between stages on the device's host.
+        """The device's round secrets and progress, to keep between stages on the device's host.
 
         Workers serve a device's stages from whatever process Flower routes the message to,
         so the state lives in the worker node's own state, never in a message to the server.
+        The identity key is not part of it: it belongs to the device for the whole run.
         """
         state = {
             "id": self.id,
@@ -308,16 +354,25 @@ class SecAggDevice:
             "enc_keys": self._enc_keys,
             "held": self._held,
             "revealed": self._revealed,
+            "u3": self._u3,
+            "senders": self._senders,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
         }
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     @classmethod
-    def restore(cls, params: SecAggParams, blob: bytes) -> SecAggDevice:
+    def restore(
+        cls,
+        params: SecAggParams,
+        blob: bytes,
+        *,
+        identity: Ed25519PrivateKey | None = None,
+        registry: Mapping[int, bytes] | None = None,
+    ) -> SecAggDevice:
         """The device `export_state` saved (the blob is the node's own, never a peer's)."""
         state = pickle.loads(blob)  # noqa: S301 - written by this node's own export_state
-        device = cls(state["id"], params)
+        device = cls(state["id"], params, identity=identity, registry=registry)
         device._stage = state["stage"]
         device._c = private_from_bytes(state["c"]) if state["c"] else None
         device._s = private_from_bytes(state["s"]) if state["s"] else None
@@ -326,11 +381,16 @@ class SecAggDevice:
         device._enc_keys = state["enc_keys"]
         device._held = state["held"]
         device._revealed = state["revealed"]
+        device._u3 = state["u3"]
+        device._senders = state["senders"]
         device.bytes_sent = state["bytes_sent"]
         device.bytes_received = state["bytes_received"]
         return device
 
-    def _advance(self, expected: int, name: str) -> None:
+    def _advance(self, name: str) -> None:
+        if name not in self.params.stages:
+            self._refuse(f"'{name}' is not a stage of this session")
+        expected = self.params.stages.index(name)
         if self._stage != expected:
             raise ProtocolViolation(
                 f"device {self.id}: '{name}' requested out of order (at stage {self._stage}, expected {expected})"
@@ -341,77 +401,109 @@ class SecAggDevice:
         self._stage = -1  # a device that aborted never continues
         raise SecAggAborted(f"device {self.id}: {reason}")
 
+    def _refuse(self, reason: str) -> None:
+        self._stage = -1
+        raise ProtocolViolation(f"device {self.id} refuses: {reason}")
+
     def advertise_keys(self) -> dict:
-        """Stage 1 (Bonawitz AdvertiseKeys): fresh c and s key pairs -> {"c_pk", "s_pk"}."""
-        self._advance(0, "advertise_keys")
-        self._c, self._s = generate_keypair(self._rng), generate_keypair(self._rng)
+        """Stage 1 (Bonawitz AdvertiseKeys): fresh c and s key pairs -> {"c_pk", "s_pk"[, "sig"]}.
+
+        Active: "sig" signs (session, id, c_pk, s_pk) with the identity key (Bonawitz Fig. 4,
+        the actively secure variant), so neighbours can tell these keys are the device's own.
+        """
+        self._advance("advertise_keys")
+        self._c, self._s = generate_keypair(), generate_keypair()
         reply = {"c_pk": self._c.public, "s_pk": self._s.public}
+        if self.params.active:
+            reply["sig"] = sign(self._identity, _key_message(self.params.session_id, self.id, self._c.public, self._s.public))
         self.bytes_sent["advertise_keys"] = payload_nbytes(reply)
         return reply
 
     def share_keys(self, request: Mapping) -> dict:
-        """Stage 2 (Bonawitz ShareKeys, Bell: shares to neighbours only).
+        """Stage 2 (Bonawitz ShareKeys): encrypted Shamir shares of s^SK and b for each neighbour.
 
-        request {"ids", "c_pks", "s_pks"}: the live neighbours' public keys. Shamir-shares s^SK
+        request {"ids", "c_pks", "s_pks"[, "sigs"]}: the live neighbours' public keys. Refuses
+        keys of non-neighbours, repeated keys, unusable (low-order) c keys and, active, keys whose
+        signature does not verify under the neighbour's registered identity (the server already
+        dropped devices with unusable keys; a device meets one only from a dishonest server). Shamir-shares s^SK
         and a fresh self-mask seed b among them (threshold t) and returns, per neighbour j,
         AES-GCM(KA(c_i, c_j)) of (s-share_j || b-share_j) bound to (i, j, session):
         {"ids": [j], "ciphertexts": [bytes]}.
         """
-        self._advance(1, "share_keys")
+        self._advance("share_keys")
         self.bytes_received["share_keys"] = payload_nbytes(request)
         c_pks = _pair_lists(request, "ids", "c_pks")
         s_pks = _pair_lists(request, "ids", "s_pks")
         if set(c_pks) != set(s_pks) or not set(c_pks) <= self.neighbours:
-            raise ProtocolViolation(f"device {self.id}: public keys offered for non-neighbours {sorted(set(c_pks) - self.neighbours)}")
+            self._refuse(f"public keys offered for non-neighbours {sorted(set(c_pks) - self.neighbours)}")
         keys = [bytes(c_pks[j]) for j in c_pks] + [bytes(s_pks[j]) for j in s_pks]
         if len(set(keys)) != len(keys) or self._c.public in keys or self._s.public in keys:
-            raise ProtocolViolation(f"device {self.id}: duplicate public keys offered (Bonawitz 2017: all must differ)")
+            self._refuse("duplicate public keys offered (Bonawitz 2017: all must differ)")
+        sid = self.params.session_id
+        if self.params.active:
+            sigs = _pair_lists(request, "ids", "sigs")
+            for j in sorted(c_pks):
+                registered = self._registry.get(j)
+                msg = _key_message(sid, j, bytes(c_pks[j]), bytes(s_pks[j]))
+                if registered is None or j not in sigs or not verify(registered, bytes(sigs[j]), msg):
+                    self._refuse(f"the keys offered for neighbour {j} are not signed by its registered identity")
         t = self.params.threshold
         if len(c_pks) < t:
             self._abort(f"only {len(c_pks)} live neighbours at share_keys, threshold t={t}")
         self._peer_keys = {j: (bytes(c_pks[j]), bytes(s_pks[j])) for j in sorted(c_pks)}
         holders = sorted(self._peer_keys)
-        self._b = random_bytes(KEY_BYTES, self._rng)
-        s_shares = shamir.share(self._s.private_bytes(), t, holders, self._rng)
-        b_shares = shamir.share(self._b, t, holders, self._rng)
-        sid = self.params.session_id
+        self._b = random_bytes(KEY_BYTES)
+        s_shares = shamir.share(self._s.private_bytes(), t, holders)
+        b_shares = shamir.share(self._b, t, holders)
         ciphertexts = []
         for j in holders:
-            key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
+            try:  # a low-order key fails here (the s key at masked_input): only a dishonest server forwards one
+                key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
+            except ValueError as err:
+                self._refuse(f"unusable public key offered for neighbour {j}: {err}")
             ciphertexts.append(encrypt_share(key, s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
         reply = {"ids": holders, "ciphertexts": ciphertexts}
         self.bytes_sent["share_keys"] = payload_nbytes(reply)
         return reply
 
     def masked_input(self, request: Mapping, x: np.ndarray) -> dict:
-        """Stage 3 (Bonawitz MaskedInputCollection): decrypt held shares, return {"masked": y}.
+        """Stage 3 (Bonawitz MaskedInputCollection): decrypt held shares, return {"masked": y, "bad": [j]}.
 
         request {"ids", "ciphertexts"}: the ciphertexts neighbours addressed to this device;
         their senders are the neighbours it masks with. x: integer vector of length L (any sign:
-        reduced mod 2^m, e.g. FixedPoint.encode output). A ciphertext failing authentication
-        raises TamperedShare. y = x + PRG(b) + sum_j sign(i,j) PRG(KA(s_i, s_j)) mod 2^m.
+        reduced mod 2^m, e.g. FixedPoint.encode output). y = x + PRG(b) + sum_j sign(i,j)
+        PRG(KA(s_i, s_j)) mod 2^m. A ciphertext that fails authentication (or has the wrong
+        size) is not held, its sender is still masked with, and it is listed in "bad" so the
+        server drops that sender (and removes its masks through the other holders' shares).
         """
-        self._advance(2, "masked_input")
+        self._advance("masked_input")
         self.bytes_received["masked_input"] = payload_nbytes(request)
         cts = _pair_lists(request, "ids", "ciphertexts")
         unknown = set(cts) - set(self._peer_keys)
         if unknown:
-            raise ProtocolViolation(f"device {self.id}: ciphertexts from devices it did not exchange keys with: {sorted(unknown)}")
+            self._refuse(f"ciphertexts from devices it did not exchange keys with: {sorted(unknown)}")
         t, sid = self.params.threshold, self.params.session_id
         if len(cts) < t:
             self._abort(f"only {len(cts)} neighbours shared keys, threshold t={t}")
-        for j in sorted(cts):
-            plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
-            if len(plain) != 2 * _SHARE_BYTES:
-                raise TamperedShare(f"share payload from device {j} has {len(plain)} bytes, expected {2 * _SHARE_BYTES}")
-            self._held[j] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
         x = np.asarray(x)
         if x.shape != (self.params.vector_length,):
             raise ValueError(f"device {self.id}: input shape {x.shape}, expected ({self.params.vector_length},)")
+        self._senders = set(cts)
+        bad = []
+        for j in sorted(cts):
+            try:
+                plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
+                if len(plain) != 2 * _SHARE_BYTES:
+                    raise TamperedShare(f"share payload from device {j} has {len(plain)} bytes, expected {2 * _SHARE_BYTES}")
+            except (TamperedShare, TypeError) as err:
+                self.share_errors[j] = str(err)
+                bad.append(j)
+                continue
+            self._held[j] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
         m, length = self.params.modulus_bits, self.params.vector_length
         y = to_ring(x, m)  # a fresh array: x is not modified
         y += prg_mask(self._b, length, m, NONCE_SELF_MASK)
-        for j in sorted(self._held):
+        for j in sorted(cts):
             seed = agree(self._s.private, self._peer_keys[j][1], info=INFO_MASK, salt=sid)
             mask = prg_mask(seed, length, m, NONCE_PAIR_MASK)
             if _sign(self.id, j) > 0:
@@ -420,35 +512,54 @@ class SecAggDevice:
                 y -= mask
         if m not in (32, 64):
             y &= y.dtype.type((1 << m) - 1)
-        reply = {"masked": y}
+        reply = {"masked": y, "bad": bad}
         self.bytes_sent["masked_input"] = payload_nbytes(reply)
         return reply
 
-    def unmask(self, request: Mapping) -> dict:
-        """Stage 4 (Bonawitz Unmasking): reveal b-shares of survivors, s-shares of dropped.
+    def consistency(self, request: Mapping) -> dict:
+        """Active stage (Bonawitz ConsistencyCheck): sign the survivor set U3 -> {"sig": bytes64}.
 
-        request {"survivors": [j], "dropped": [j]}: the status of the neighbours whose shares this
-        device holds. Refuses (ProtocolViolation) if a neighbour is in both lists, if this device
-        is listed as dropped, if asked twice, or if a neighbour's other secret was already
-        revealed: releasing both b_j and s_j would unmask y_j. Aborts (SecAggAborted) if fewer
-        than t neighbours survive, since then its own self mask cannot be removed anyway.
-        Returns {"b_ids", "b_shares", "s_ids", "s_shares"}.
+        request {"survivors": [every device whose masked input the server says it has]}.
+        Refuses if this device is not in it (it did send y). The set is remembered: unmask
+        accepts only requests consistent with it.
         """
-        self._advance(3, "unmask")
+        self._advance("consistency")
+        self.bytes_received["consistency"] = payload_nbytes(request)
+        u3 = tuple(sorted({int(j) for j in request["survivors"]}))
+        if self.id not in u3:
+            self._refuse("it sent its masked input but is not in the survivor set")
+        self._u3 = u3
+        reply = {"sig": sign(self._identity, survivors_message(self.params.session_id, u3))}
+        self.bytes_sent["consistency"] = payload_nbytes(reply)
+        return reply
+
+    def unmask(self, request: Mapping) -> dict:
+        """Last stage (Bonawitz Unmasking): reveal b-shares of survivors, s-shares of the dropped.
+
+        request {"survivors": [j], "dropped": [j]} (neighbours), active also {"signers": [j],
+        "signatures": [bytes64]}. Refuses (ProtocolViolation) if a neighbour is in both lists,
+        if this device is listed as dropped, if asked twice, or if a neighbour's other secret
+        was already revealed: releasing both b_j and s_j would unmask y_j. Active: the lists
+        must be exactly what the signed survivor set U3 implies, and at least t neighbours in
+        U3 must have validly signed the same U3. Aborts (SecAggAborted) if fewer than t
+        neighbours survive, since then its own self mask cannot be removed anyway. Returns
+        {"b_ids", "b_shares", "s_ids", "s_shares"}.
+        """
+        self._advance("unmask")
         self.bytes_received["unmask"] = payload_nbytes(request)
         survivors = {int(j) for j in request["survivors"]}
         dropped = {int(j) for j in request["dropped"]}
         both = survivors & dropped
         if both:
-            raise ProtocolViolation(
-                f"device {self.id} refuses: asked for both the b-share and the s-share of {sorted(both)}"
-            )
+            self._refuse(f"asked for both the b-share and the s-share of {sorted(both)}")
         if self.id in dropped:
-            raise ProtocolViolation(f"device {self.id} refuses: it sent its masked input but is listed as dropped")
+            self._refuse("it sent its masked input but is listed as dropped")
+        if self.params.active:
+            self._check_signatures(request, survivors, dropped)
         for j in survivors | dropped:
             kind = "b" if j in survivors else "s"
             if self._revealed.get(j, kind) != kind:
-                raise ProtocolViolation(f"device {self.id} refuses: already revealed the other secret of {j}")
+                self._refuse(f"already revealed the other secret of {j}")
         if len(survivors & set(self._held)) < self.params.threshold:
             self._abort(f"only {len(survivors & set(self._held))} surviving neighbours, threshold t={self.params.threshold}")
         b_ids = sorted(j for j in self._held if j in survivors)
@@ -470,6 +581,20 @@ class SecAggDevice:
         self.bytes_sent["unmask"] = payload_nbytes(reply)
         return reply
 
+    def _check_signatures(self, request: Mapping, survivors: set[int], dropped: set[int]) -> None:
+        u3 = set(self._u3 or ())
+        if survivors != self.neighbours & u3 or dropped != (self._senders - u3):
+            self._refuse("the survivors and dropped it is asked about differ from the survivor set it signed")
+        message = survivors_message(self.params.session_id, u3)
+        sigs = _pair_lists(request, "signers", "signatures")
+        valid = sum(
+            1
+            for j, sig in sigs.items()
+            if j in self.neighbours and j in u3 and j in self._registry and verify(self._registry[j], bytes(sig), message)
+        )
+        if valid < self.params.threshold:
+            self._refuse(f"only {valid} valid neighbour signatures on its survivor set, threshold t={self.params.threshold}")
+
 
 # ---------------------------------------------------------------------------------------------
 # Server
@@ -482,23 +607,31 @@ class SecAggServer:
     devices at any stage, or a secret with fewer than t reachable shares, raises
     SecAggAborted. Attributes after each stage: `advertised` (U1), `shared` (U2), `masked`
     (U3 = the devices whose inputs are summed, also `survivors`), `responded` (U4),
-    `dropped_after_sharing` (shared keys but sent no masked input: their pairwise masks are
-    rebuilt), `rejected` {device: reason} for malformed replies (treated as dropouts).
+    `dropped_after_sharing` (shared keys but are not in the sum: their pairwise masks are
+    rebuilt), `rejected` {device: "stage: reason"} for devices dropped for a malformed or
+    invalid reply. Active: `registry` {protocol id: identity public key} checks the signatures.
     """
 
-    def __init__(self, params: SecAggParams) -> None:
+    def __init__(self, params: SecAggParams, registry: Mapping[int, bytes] | None = None) -> None:
+        if params.active and registry is None:
+            raise ValueError("the active threat model needs the key registry")
         self.params = params
+        self.registry = dict(registry or {})
         self.graph = params.graph
         self._stage = 1
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}
+        self._key_sigs: dict[int, bytes] = {}
         self.advertised: frozenset[int] = frozenset()
         self.shared: frozenset[int] = frozenset()
         self.masked: frozenset[int] = frozenset()
+        self.signed: frozenset[int] = frozenset()
         self.responded: frozenset[int] = frozenset()
         self.dropped_after_sharing: frozenset[int] = frozenset()
         self.rejected: dict[int, str] = {}
         self._live: frozenset[int] = frozenset()  # devices still in the session after pruning
         self._ciphertexts: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> ct
+        self._lacks: dict[int, set[int]] = {}  # receiver -> senders whose shares it could not open
+        self._signatures: dict[int, bytes] = {}
         self._total: np.ndarray | None = None
         self.bytes_sent: dict[str, int] = {}  # server -> all devices, per stage
 
@@ -515,6 +648,9 @@ class SecAggServer:
     def _abort(self, reason: str) -> None:
         self._stage = -1
         raise SecAggAborted(reason)
+
+    def _reject(self, device: int, stage: str, reason: str) -> None:
+        self.rejected[device] = f"{stage}: {reason}"
 
     def _prune(self, alive: Iterable[int], stage: str) -> frozenset[int]:
         """Drop devices with fewer than t live neighbours until stable (Bell 2020: they abort)."""
@@ -538,17 +674,30 @@ class SecAggServer:
         return requests
 
     def collect_keys(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
-        """End of stage 1: {i: {"c_pk", "s_pk"}} -> share_keys requests {i: {"ids", "c_pks", "s_pks"}}."""
+        """End of stage 1: {i: {"c_pk", "s_pk"[, "sig"]}} -> share_keys requests.
+
+        A device whose keys are malformed, low-order, reused or (active) not signed by its
+        registered identity is dropped alone.
+        """
         self._advance(1, "collect_keys")
+        stage, sid = "advertise_keys", self.params.session_id
         keys: dict[int, tuple[bytes, bytes]] = {}
         for i, reply in replies.items():
+            if not 0 <= i < self.params.num_devices:
+                continue
             try:
                 c_pk, s_pk = bytes(reply["c_pk"]), bytes(reply["s_pk"])
-            except (KeyError, TypeError) as exc:
-                self.rejected[i] = f"advertise_keys reply malformed: {exc!r}"
-                continue
-            if not 0 <= i < self.params.num_devices or len(c_pk) != KEY_BYTES or len(s_pk) != KEY_BYTES or c_pk == s_pk:
-                self.rejected[i] = "advertise_keys reply: bad device id or keys"
+                check_public_key(c_pk)
+                check_public_key(s_pk)
+                if c_pk == s_pk:
+                    raise ValueError("c and s keys are equal")
+                if self.params.active:
+                    sig = bytes(reply["sig"])
+                    if i not in self.registry or not verify(self.registry[i], sig, _key_message(sid, i, c_pk, s_pk)):
+                        raise ValueError("keys not signed by the device's registered identity")
+                    self._key_sigs[i] = sig
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject(i, stage, f"unusable keys: {exc}")
                 continue
             keys[i] = (c_pk, s_pk)
         seen: dict[bytes, list[int]] = {}
@@ -559,7 +708,7 @@ class SecAggServer:
             if len(owners) > 1:  # Bonawitz 2017: public keys must be pairwise distinct
                 for i in owners:
                     keys.pop(i, None)
-                    self.rejected[i] = "advertise_keys reply: public key reused by another device"
+                    self._reject(i, stage, "public key reused by another device")
         self.public_keys = keys
         self.advertised = frozenset(keys)
         self._live = self._prune(keys, "share_keys")
@@ -571,6 +720,8 @@ class SecAggServer:
                 "c_pks": [keys[j][0] for j in nbrs],
                 "s_pks": [keys[j][1] for j in nbrs],
             }
+            if self.params.active:
+                requests[i]["sigs"] = [self._key_sigs[j] for j in nbrs]
         return self._record("share_keys", requests)
 
     def collect_shares(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
@@ -579,16 +730,15 @@ class SecAggServer:
         cts: dict[int, dict[int, bytes]] = {}
         for i, reply in replies.items():
             if i not in self._live:
-                self.rejected[i] = "share_keys reply from a device not in the session"
                 continue
             try:
                 by_receiver = {j: bytes(c) for j, c in _pair_lists(reply, "ids", "ciphertexts").items()}
             except (KeyError, TypeError, ValueError) as exc:
-                self.rejected[i] = f"share_keys reply malformed: {exc!r}"
+                self._reject(i, "share_keys", f"malformed reply: {exc!r}")
                 continue
             expected = {j for j in self.graph[i] if j in self._live}
             if set(by_receiver) != expected:
-                self.rejected[i] = f"share_keys reply addressed {sorted(by_receiver)}, expected {sorted(expected)}"
+                self._reject(i, "share_keys", f"addressed {sorted(by_receiver)}, expected {sorted(expected)}")
                 continue
             cts[i] = by_receiver
         self.shared = frozenset(cts)
@@ -601,53 +751,102 @@ class SecAggServer:
         return self._record("masked_input", requests)
 
     def collect_masked(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
-        """End of stage 3: {i: {"masked": y}} -> unmask requests {i: {"survivors", "dropped"}}."""
+        """End of stage 3: {i: {"masked": y, "bad": [j]}} -> consistency requests (active) or unmask requests.
+
+        A sender named in some survivor's "bad" list (its share ciphertext did not open) is
+        dropped: its y is left out and its masks are removed through its other holders' shares.
+        """
         self._advance(3, "collect_masked")
         p = self.params
-        total = np.zeros(p.vector_length, dtype=p.dtype)
-        masked = set()
+        vectors: dict[int, np.ndarray] = {}
         for i, reply in replies.items():
             if i not in self._live:
-                self.rejected[i] = "masked_input reply from a device not in the session"
                 continue
             try:
                 y = np.asarray(reply["masked"])
-            except (KeyError, TypeError) as exc:
-                self.rejected[i] = f"masked_input reply malformed: {exc!r}"
+                bad = [int(j) for j in reply.get("bad", ())]
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject(i, "masked_input", f"malformed reply: {exc!r}")
                 continue
             if y.shape != (p.vector_length,) or not np.issubdtype(y.dtype, np.integer):
-                self.rejected[i] = f"masked_input reply: shape {y.shape} dtype {y.dtype}, expected ({p.vector_length},) integers"
+                self._reject(i, "masked_input", f"shape {y.shape} dtype {y.dtype}, expected ({p.vector_length},) integers")
                 continue
-            total += y.astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
-            masked.add(i)
+            senders = {j for j in self.graph[i] if j in self._live}
+            if not set(bad) <= senders:
+                self._reject(i, "masked_input", f"reports shares from non-senders {sorted(set(bad) - senders)}")
+                continue
+            vectors[i] = y
+            self._lacks[i] = set(bad)
+        for i in sorted(vectors):
+            for j in sorted(self._lacks[i]):
+                self.rejected.setdefault(j, f"masked_input: its share ciphertext to device {i} did not open")
+        for j in [j for j in vectors if j in self.rejected]:
+            del vectors[j]
+        total = np.zeros(p.vector_length, dtype=p.dtype)
+        for i in sorted(vectors):
+            total += vectors[i].astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
         t = p.threshold
-        if len(masked) < t:
-            self._abort(f"round aborted at unmask: {len(masked)} masked inputs received, need >= t={t}")
-        self.masked = frozenset(masked)
+        if len(vectors) < t:
+            self._abort(f"round aborted at unmask: {len(vectors)} masked inputs received, need >= t={t}")
+        self.masked = frozenset(vectors)
         self.dropped_after_sharing = self._live - self.masked
         self._total = total
         # Every secret the server will need must have >= t holders among the survivors.
         for i in sorted(self._live):
             needed = i in self.masked or any(j in self.masked for j in self.graph[i])
-            holders = sum(1 for j in self.graph[i] if j in self.masked and j in self._live)
+            holders = len(self._holders(i))
             if needed and holders < t:
                 what = "self mask" if i in self.masked else "pairwise masks"
                 self._abort(
                     f"round aborted: device {i}'s {what} cannot be removed, only {holders} of its "
-                    f"neighbours survive, need t={t}"
+                    f"neighbours survive holding its shares, need t={t}"
                 )
+        if p.active:
+            everyone = sorted(self.masked)
+            return self._record("consistency", {i: {"survivors": everyone} for i in everyone})
+        return self._record("unmask", self._unmask_requests(self.masked))
+
+    def _holders(self, i: int) -> set[int]:
+        """Survivors holding device i's shares."""
+        return {j for j in self.graph[i] if j in self.masked and i not in self._lacks.get(j, ())}
+
+    def _unmask_requests(self, ids: Iterable[int]) -> dict[int, dict]:
         requests = {}
-        for i in sorted(self.masked):
+        for i in sorted(ids):
             nbrs = [j for j in self.graph[i] if j in self._live]
             requests[i] = {
                 "survivors": [j for j in nbrs if j in self.masked],
                 "dropped": [j for j in nbrs if j in self.dropped_after_sharing],
             }
-        return self._record("unmask", requests)
+            if self.params.active:
+                signers = [j for j in self.graph[i] if j in self._signatures]
+                requests[i] |= {"signers": signers, "signatures": [self._signatures[j] for j in signers]}
+        return requests
+
+    def collect_signatures(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
+        """End of the consistency check (active): {i: {"sig"}} -> unmask requests with the neighbours' signatures."""
+        self._advance(4, "collect_signatures")
+        if not self.params.active:
+            raise RuntimeError("collect_signatures belongs to the active threat model only")
+        message = survivors_message(self.params.session_id, self.masked)
+        for i, reply in replies.items():
+            if i not in self.masked:
+                continue
+            try:
+                sig = bytes(reply["sig"])
+            except (KeyError, TypeError) as exc:
+                self._reject(i, "consistency", f"malformed reply: {exc!r}")
+                continue
+            if not verify(self.registry.get(i, b""), sig, message):
+                self._reject(i, "consistency", "signature on the survivor set does not verify")
+                continue
+            self._signatures[i] = sig
+        self.signed = frozenset(self._signatures)
+        return self._record("unmask", self._unmask_requests(self.signed))
 
     def collect_unmask(self, replies: Mapping[int, Mapping]) -> np.ndarray:
-        """End of stage 4: {i: {"b_ids", "b_shares", "s_ids", "s_shares"}} -> sum of survivors' x mod 2^m (uint64)."""
-        self._advance(4, "collect_unmask")
+        """End of the last stage: {i: {"b_ids", "b_shares", "s_ids", "s_shares"}} -> sum of survivors' x mod 2^m (uint64)."""
+        self._advance(5 if self.params.active else 4, "collect_unmask")
         p = self.params
         t, sid, m, length = p.threshold, p.session_id, p.modulus_bits, p.vector_length
         b_shares: dict[int, dict[int, bytes]] = {}
@@ -655,17 +854,19 @@ class SecAggServer:
         responded = set()
         for i, reply in replies.items():
             if i not in self.masked:
-                self.rejected[i] = "unmask reply from a device that sent no masked input"
                 continue
             try:
                 bs = {j: bytes(v) for j, v in _pair_lists(reply, "b_ids", "b_shares").items()}
                 ss = {j: bytes(v) for j, v in _pair_lists(reply, "s_ids", "s_shares").items()}
             except (KeyError, TypeError, ValueError) as exc:
-                self.rejected[i] = f"unmask reply malformed: {exc!r}"
+                self._reject(i, "unmask", f"malformed reply: {exc!r}")
                 continue
             nbrs = set(self.graph[i])
             if not (set(bs) <= nbrs & self.masked and set(ss) <= nbrs & self.dropped_after_sharing):
-                self.rejected[i] = "unmask reply reveals shares that were not requested"
+                self._reject(i, "unmask", "reveals shares that were not requested")
+                continue
+            if not all(shamir.is_well_formed(sh, KEY_BYTES) for sh in [*bs.values(), *ss.values()]):
+                self._reject(i, "unmask", "malformed share")  # the other holders' t shares suffice
                 continue
             responded.add(i)
             for j, sh in bs.items():
@@ -723,6 +924,7 @@ class RoundResult:
     dropped_after_sharing: frozenset[int]
     bytes_sent: dict[int, dict[str, int]] = field(default_factory=dict)  # device -> stage -> bytes
     bytes_received: dict[int, dict[str, int]] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
 
 
 def simulate_round(
@@ -730,37 +932,49 @@ def simulate_round(
     inputs: Mapping[int, np.ndarray],
     *,
     drop_before: Mapping[str, Iterable[int]] | None = None,
-    rng: np.random.Generator | None = None,
+    registry: KeyRegistry | None = None,
+    identities: Mapping[int, Ed25519PrivateKey] | None = None,
 ) -> RoundResult:
     """Run one full session in-process (for tests, benchmarks and a transport-free simulator).
 
     inputs: {device: integer vector}; devices without an input drop before stage 1.
     drop_before: {stage name in STAGES: devices that go silent from that stage on}.
-    rng: reproducible (NOT secure) device randomness, or None for the OS CSPRNG.
+    Active threat model: identity keys are made and registered here unless given.
     Raises SecAggAborted if the round cannot complete.
     """
+    from fedsim.secagg.crypto import generate_identity, identity_public
+
     drop_before = drop_before or {}
-    unknown = set(drop_before) - set(STAGES)
+    unknown = set(drop_before) - set(params.stages)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {STAGES}")
+        raise ValueError(f"unknown stages {sorted(unknown)}; expected some of {params.stages}")
     gone: set[int] = set()
 
     def alive(stage: str, ids: Iterable[int]) -> list[int]:
         gone.update(drop_before.get(stage, ()))
         return [i for i in ids if i not in gone]
 
-    seeds = rng.integers(0, 2**63, size=params.num_devices) if rng is not None else None
+    view: dict[int, bytes] | None = None
+    if params.active:
+        identities = dict(identities or {i: generate_identity() for i in inputs})
+        if registry is None:
+            registry = KeyRegistry()
+            for i, key in identities.items():
+                registry.register(i, identity_public(key))
+        view = registry.view(range(params.num_devices))
     devices = {
-        i: SecAggDevice(i, params, None if seeds is None else np.random.default_rng(int(seeds[i])))
-        for i in sorted(inputs)
+        i: SecAggDevice(i, params, identity=(identities or {}).get(i), registry=view) for i in sorted(inputs)
     }
-    server = SecAggServer(params)
+    server = SecAggServer(params, registry=view)
     replies1 = {i: devices[i].advertise_keys() for i in alive("advertise_keys", devices)}
     requests2 = server.collect_keys(replies1)
     replies2 = {i: devices[i].share_keys(requests2[i]) for i in alive("share_keys", requests2)}
     requests3 = server.collect_shares(replies2)
     replies3 = {i: devices[i].masked_input(requests3[i], inputs[i]) for i in alive("masked_input", requests3)}
     requests4 = server.collect_masked(replies3)
+    if params.active:
+        replies_c = {i: devices[i].consistency(requests4[i]) for i in alive("consistency", requests4)}
+        requests4 = server.collect_signatures(replies_c)
     replies4 = {i: devices[i].unmask(requests4[i]) for i in alive("unmask", requests4)}
     aggregate = server.collect_unmask(replies4)
     return RoundResult(
@@ -769,4 +983,5 @@ def simulate_round(
         dropped_after_sharing=server.dropped_after_sharing,
         bytes_sent={i: dict(d.bytes_sent) for i, d in devices.items()},
         bytes_received={i: dict(d.bytes_received) for i, d in devices.items()},
+        rejected=dict(server.rejected),
     )

@@ -20,9 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
-__all__ = ["PRIME", "NotEnoughShares", "ShamirError", "reconstruct", "share", "share_size"]
+__all__ = ["PRIME", "NotEnoughShares", "ShamirError", "is_well_formed", "reconstruct", "share", "share_size"]
 
 #: The Mersenne prime 2^127 - 1.
 PRIME = (1 << 127) - 1
@@ -50,21 +48,19 @@ def _chunks(secret: bytes) -> list[int]:
     return [int.from_bytes(secret[i : i + _CHUNK], "big") for i in range(0, len(secret), _CHUNK)]
 
 
-def _random_element(rng: np.random.Generator | None) -> int:
+def _random_element() -> int:
     # Uniform in [0, PRIME): rejection sampling of 127-bit integers (rejects 1 value in 2^127).
     while True:
-        v = secrets.randbits(127) if rng is None else int.from_bytes(rng.bytes(16), "big") >> 1
+        v = secrets.randbits(127)
         if v < PRIME:
             return v
 
 
-def share(
-    secret: bytes, t: int, n_ids: Sequence[int], rng: np.random.Generator | None = None
-) -> dict[int, bytes]:
+def share(secret: bytes, t: int, n_ids: Sequence[int]) -> dict[int, bytes]:
     """Split `secret` so that any `t` of the parties `n_ids` can rebuild it: {id: share}.
 
-    Ids must be distinct non-negative integers; `rng` (numpy Generator) makes the shares
-    reproducible for simulation only, otherwise the coefficients come from `secrets`.
+    Ids must be distinct non-negative integers; the coefficients come from the OS CSPRNG
+    (`secrets`), always: shares never need to be reproducible.
     """
     ids = list(n_ids)
     if len(set(ids)) != len(ids) or any(i < 0 or i + 1 >= PRIME for i in ids):
@@ -74,7 +70,7 @@ def share(
     if len(secret) >= 1 << (8 * _LEN):
         raise ShamirError(f"secret too long ({len(secret)} bytes)")
     # coeffs[c] = [a_0 = chunk, a_1, ..., a_{t-1}] for chunk c.
-    coeffs = [[chunk] + [_random_element(rng) for _ in range(t - 1)] for chunk in _chunks(secret)]
+    coeffs = [[chunk] + [_random_element() for _ in range(t - 1)] for chunk in _chunks(secret)]
     header = len(secret).to_bytes(_LEN, "big")
     out: dict[int, bytes] = {}
     for i in ids:
@@ -99,6 +95,16 @@ def _decode(share_bytes: bytes) -> tuple[int, list[int]]:
     if len(values) != max(1, -(-secret_len // _CHUNK)) or any(v >= PRIME for v in values):
         raise ShamirError("malformed share: length header and field elements disagree")
     return secret_len, values
+
+
+def is_well_formed(share_bytes: bytes, secret_len: int) -> bool:
+    """True iff `share_bytes` decodes as a share of a `secret_len`-byte secret (format only:
+    a well-formed share with a wrong value is indistinguishable until reconstruction)."""
+    try:
+        length, _ = _decode(share_bytes)
+    except ShamirError:
+        return False
+    return length == secret_len
 
 
 def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:

@@ -1,0 +1,88 @@
+"""The worker side of SecAgg+ (fedsim.secure_rounds.handle), without Ray: one device's bad
+request or failure drops that device only, never its worker's other devices."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from fedsim import secure_rounds
+from fedsim.config import from_dict
+from fedsim.secagg import SecAggServer
+from fedsim.worker import Worker
+
+N = 8
+
+
+def _config(tmp: Path) -> dict:
+    return {
+        "seed": 5, "population": 20, "rounds": 1, "cohort": {"size": N, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 40}, "model": {"name": "mlp", "hidden_sizes": [4]},
+        "secagg": {"name": "secaggplus", "bits": 16},
+        "simulation": {"ray_temp_dir": str(tmp / "ray")}, "output": {"progress": False},
+    }  # fmt: skip
+
+
+class OneWorker:
+    """All N devices on one worker node, driven stage by stage as secure_round would."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.cfg = from_dict(_config(tmp))
+        self.worker = Worker(self.cfg)
+        self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+        self.num_params = sum(p.numel() for p in self.worker.model.parameters())
+        fp = secure_rounds.fixed_point(self.cfg, N)
+        names = secure_rounds.stats_names(self.cfg)  # the device's statistics ride in the masked vector
+        length = self.num_params + len(names)
+        self.params = secure_rounds.session_params(self.cfg, N, length, fp.modulus_bits, 1)
+        self.base = {
+            "round": 1, "config": self.cfg.to_json(), "n": N, "t": self.params.threshold, "k": self.params.neighbours,
+            "m": self.params.modulus_bits, "length": length, "session": self.params.session_id,
+            "graph_seed": self.params.graph_seed, "active": False, "clip": fp.clip, "bits": fp.bits, "skellam_mu": 0.0,
+            "skellam_mu_count": 0.0, "dim": self.num_params, "stats": list(names),
+        }  # fmt: skip
+
+    def stage(self, stage: str, requests: dict[int, dict], extra: dict | None = None) -> RecordDict:
+        ids = sorted(requests)
+        content = RecordDict({"job": ConfigRecord({**self.base, "stage": stage, "device_ids": ids, "positions": ids})})
+        for p in ids:
+            content[f"req.{p}"] = ConfigRecord(requests[p])
+        for key, record in (extra or {}).items():
+            content[key] = record
+        meta = Metadata(run_id=1, message_id=stage, src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                        created_at=time.time(), ttl=3600.0, message_type=secure_rounds.MESSAGE_TYPE)  # fmt: skip
+        msg = Message(content=content, metadata=meta)
+        return secure_rounds.handle(msg, self.context, lambda _: self.worker).content
+
+
+def _payloads(content: RecordDict) -> dict[int, dict]:
+    return {int(k[4:]): dict(r) for k, r in content.config_records.items() if k.startswith("dev.")}
+
+
+def test_one_devices_bad_requests_drop_that_device_and_not_its_worker(tmp_path: Path) -> None:
+    node = OneWorker(tmp_path)
+    server = SecAggServer(node.params)
+    keys = _payloads(node.stage("advertise_keys", {i: {} for i in range(N)}))
+    assert sorted(keys) == list(range(N))
+    req2 = server.collect_keys(keys)
+    # Device 0 is offered a neighbour's keys twice (a forwarding bug or a dishonest server): it refuses alone.
+    bad = dict(req2[0])
+    bad["c_pks"] = [bad["c_pks"][0]] * len(bad["c_pks"])
+    reply = node.stage("share_keys", {**req2, 0: bad})
+    assert sorted(_payloads(reply)) == list(range(1, N))
+    assert dict(reply.config_records["device_errors"]) == {"0": "share_keys: device 0 refuses: duplicate public keys "
+                                                                "offered (Bonawitz 2017: all must differ)"}  # fmt: skip
+    req3 = server.collect_shares(_payloads(reply))
+    # Device 1 gets ciphertexts claimed to come from a device it never exchanged keys with.
+    victim = min(i for i in req3 if i != 0)
+    stranger = next(j for j in range(N) if j not in node.params.graph[victim] and j != victim)
+    wrong = {"ids": [stranger], "ciphertexts": [b"x" * 40]}
+    global_record = {"global": ArrayRecord({"params": Array(np.zeros(node.num_params, dtype=np.float32))})}
+    reply = node.stage("masked_input", {**req3, victim: wrong}, global_record)
+    masked = reply.array_records["masked"]
+    assert sorted(int(k) for k in masked) == sorted(set(req3) - {victim})
+    assert str(victim) in reply.config_records["device_errors"]
+    assert reply.config_records["device_errors"][str(victim)].startswith("masked_input: ")
