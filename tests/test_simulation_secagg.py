@@ -280,9 +280,12 @@ def test_impossible_threat_model_is_refused_with_one_line(tmp_path: Path) -> Non
 
 def test_active_threat_model_round_gives_the_same_model_as_semi_honest(tmp_path: Path) -> None:
     # The sum is exact mod 2^m either way: signatures and the consistency stage change nothing in it.
+    # Only the devices' randomized rounding differs (its stream depends on the whole config,
+    # fedsim.randomness), so the models agree to the quantization step.
     active = run(from_dict(secure_config(tmp_path, **{"secagg.threat_model": "active"})), tmp_path / "active")
     semi = run(from_dict(secure_config(tmp_path)), tmp_path / "semi")
-    assert active["model_sha256"] == semi["model_sha256"]
+    step = 0.5 / (2**19 - 1)
+    assert (final(tmp_path / "active") - final(tmp_path / "semi")).abs().max().item() < 2 * 8 * step
     assert all(r["secagg_survivors_consistency"] == 8 and r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "active"))
     assert active["secagg"]["threat_model"] == "active"
     assert any("key registry" in a for a in active["secagg"]["assumptions"])

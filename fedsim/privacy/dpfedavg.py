@@ -19,8 +19,9 @@ Under SecAgg+ devices send randomly rounded integer vectors (fedsim.secagg.quant
 sensitivity is the conditional-rounding norm bound D2 grid steps (>= C), and the noise std is
 z_Delta D2 steps (central or distributed). Distributed noise (privacy.dpfedavg.noise=distributed):
 the devices add Skellam shares sized so that the fewest honest inputs a released sum can hold
-(fedsim.secure_rounds: max(t, n - D) inputs minus C colluders) already carry the round's noise, and the rounds are accounted by fedsim.privacy.skellam
-(the discrete mechanism actually run, not a Gaussian of the same variance).
+(fedsim.secure_rounds: max(t, n - D) inputs minus C colluders) already carry the round's
+noise, and the rounds are accounted by fedsim.privacy.skellam (the discrete mechanism actually
+run, not a Gaussian of the same variance).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class SecureEncoding:
 
     norm_bound: D2, the L2 bound every device's rounded update is held to (conditional
     randomized rounding). update_variance / count_variance: distributed noise, the Skellam
-    variance per coordinate that the survivors' shares must add up to when only the protocol's
-    fewest honest inputs a released sum can hold remain (0: the server adds central noise instead).
+    variance per coordinate that every released sum must carry, even when it holds only the
+    fewest honest inputs the protocol allows (0: the server adds central noise instead).
     """
 
     norm_bound: float
@@ -338,8 +339,8 @@ class UserLevelDP:
         if not self.distributed:
             return self.accounting.describe()
         return (
-            f"distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the fewest honest inputs a released sum can hold, "
-            f"RDP accounting of the discrete mechanism ({self.cfg.cohort.sampling} cohorts of {self.cfg.cohort.size}/"
+            "distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the fewest honest inputs a released sum "
+            f"can hold, RDP accounting of the discrete mechanism ({self.cfg.cohort.sampling} cohorts of {self.cfg.cohort.size}/"
             f"{self.cfg.population}, sensitivity after conditional randomized rounding)"
         )
 
@@ -378,7 +379,7 @@ class UserLevelDP:
                 "drops out, and epsilon does not depend on how many survived (metrics: secagg_noise_min_inputs, "
                 "secagg_noise_honest_inputs)"
             ),
-            "noise_variance_at_t_survivors": [b.variance for b in rnd.blocks],
+            "noise_variance_per_coordinate": [b.variance for b in rnd.blocks],  # grid units: update, count
             "accounting": (
                 "RDP of the Skellam mechanism with L1 and L2 sensitivity (Agarwal, Kairouz, Liu 2021, Cor. 3.6), "
                 "sensitivity = the conditional-rounding norm bound, update and clipped-count blocks composed per round, "
