@@ -7,9 +7,10 @@ files it wrote, or raises `NoData` with the reason the plot is skipped.
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import matplotlib
@@ -51,6 +52,59 @@ def run_colors(runs: Sequence[str]) -> dict[str, Any]:
     cmap = matplotlib.colormaps["tab10" if len(runs) <= 10 else "tab20"]
     n = cmap.N
     return {name: cmap(i % n) for i, name in enumerate(runs)}
+
+
+# A "key=value" part of a run label: a Hydra override or a config difference (values may hold
+# spaces, as in model.cnn_channels=[16, 32], so parts are found by their keys).
+_KEY = re.compile(r"(?:(?<=\s)|^)[+~]?([A-Za-z_][\w.]*)=")
+_HIDDEN_PREFIXES = ("output.", "hydra.")  # where a run was written says nothing about what it ran
+
+
+def short_labels(labels: dict[str, str]) -> dict[str, str]:
+    """Legend labels: each swept key shortened to the last part(s) of its dotted name that set it
+    apart from the other keys (privacy.dpsgd.target_epsilon=4 -> target_epsilon=4), path values
+    reduced to their last component, output./hydra. keys left out; labels that end up equal get
+    their run name appended, and an empty one becomes the run name."""
+    parsed = {run: _label_parts(label) for run, label in labels.items()}
+    keys = {key for _, parts in parsed.values() for key, _ in parts}
+    short = {key: _shortest_unique_suffix(key, keys) for key in keys}
+    out: dict[str, str] = {}
+    for run, (prefix, parts) in parsed.items():
+        shown = [f"{short[k]}={_short_value(v)}" for k, v in parts if not k.startswith(_HIDDEN_PREFIXES)]
+        out[run] = ((prefix + " ".join(shown)).strip() or run) if parts else labels[run]
+    counts: dict[str, int] = {}
+    for label in out.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {run: f"{label} [{run}]" if counts[label] > 1 and label != run else label for run, label in out.items()}
+
+
+def _label_parts(label: str) -> tuple[str, list[tuple[str, str]]]:
+    """(text before the first key, [(key, value), ...]) of a label."""
+    starts = list(_KEY.finditer(label))
+    if not starts:
+        return label, []
+    parts = []
+    for i, m in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(label)
+        parts.append((m.group(1), label[m.end() : end].strip()))
+    return label[: starts[0].start()], parts
+
+
+def _shortest_unique_suffix(key: str, keys: set[str]) -> str:
+    names = key.split(".")
+    for n in range(1, len(names) + 1):
+        suffix = ".".join(names[-n:])
+        if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
+            return suffix
+    return key
+
+
+def _short_value(value: str) -> str:
+    """A path (absolute, home-relative or file://) as its last component; other values as they are."""
+    bare = value.strip("'\"")
+    if bare.startswith(("/", "~", "file://")) or re.match(r"^[A-Za-z]:[\\/]", bare):
+        return PurePath(bare.removeprefix("file://").rstrip("/\\")).name or bare
+    return value
 
 
 def _wrap(label: str) -> str:
@@ -97,6 +151,7 @@ def _series(table: Table, run: str, column: str) -> tuple[list[float], list[floa
 
 def plot_accuracy(table: Table, colors: dict[str, Any], labels: dict[str, str], out_dir: Path) -> list[Path]:
     """Test accuracy at every evaluated round, one line per run."""
+    labels = short_labels(labels)  # the same short label for a run in every figure
     if not table.has_data("test_accuracy"):
         raise NoData("no run has an evaluated round (test_accuracy)")
     with matplotlib.rc_context(STYLE):
@@ -115,6 +170,7 @@ def plot_accuracy(table: Table, colors: dict[str, Any], labels: dict[str, str], 
 
 def plot_epsilon(table: Table, colors: dict[str, Any], labels: dict[str, str], out_dir: Path) -> list[Path]:
     """Epsilon spent per round: sample-level (max and median over devices) and user-level panels."""
+    labels = short_labels(labels)  # the same short label for a run in every figure
     levels = [lvl for lvl, col in (("sample", "sample_epsilon_max"), ("user", "user_epsilon")) if table.has_data(col)]
     if not levels:
         raise NoData("no run logged an epsilon (all runs are non-private)")
@@ -168,6 +224,7 @@ def plot_pareto(
 
     `references`: the non-private runs to draw (default: all). Returns the files and the runs on the frontier.
     """
+    labels = short_labels(labels)  # the same short label for a run in every figure
     column = LEVEL_COLUMNS[level]
     private = [r for r in final if r[column] is not None and r["test_accuracy"] is not None]
     if not private:
@@ -207,6 +264,7 @@ def plot_device_epsilons(
     recomputed: bool,
 ) -> list[Path]:
     """Histogram of per-device sample-level epsilon at the end of each run with a ledger."""
+    labels = short_labels(labels)  # the same short label for a run in every figure
     device_eps = {run: d for run, d in device_eps.items() if d.epsilons}
     if not device_eps:
         raise NoData("no run has a readable ledger.json (sample-level DP)")
@@ -271,6 +329,7 @@ def plot_clipping_and_noise(
     table: Table, colors: dict[str, Any], labels: dict[str, str], out_dir: Path
 ) -> list[Path]:
     """Clip fraction, noise multiplier and (user-level) clip norm per round, one panel each."""
+    labels = short_labels(labels)  # the same short label for a run in every figure
     panels = [(name, [c for c in cols if table.has_data(c[0])]) for name, cols in _CLIP_PANELS]
     # A clip norm that never moves (fixed clipping) is in the config table; only adaptive clipping gets a panel.
     panels = [

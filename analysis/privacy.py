@@ -2,8 +2,10 @@
 
 No re-training: a sample-level ledger holds every device's DP-SGD history, so epsilon at
 another delta, or by another accountant, is `accountant.epsilon(history, delta)` per device.
-The user-level epsilon after R rounds is a function of (sampling, population, cohort size,
-z, R), all in config.yaml, and is recomputed the same way.
+The user-level epsilon after R rounds is recomputed from what each round actually used
+(issue 14, defect 7): the rounds metrics.jsonl records, each with the noise multiplier that
+round used (the realized z under distributed noise, else the round's z), rounds that released
+nothing (`user_release: none`) left out, and the sampling and population from config.yaml.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def device_epsilons(
     """
     histories = ledger_histories(data)
     if accountant is None:
-        accountant = create_accountant(data["accountant"])
+        interval = data.get("pld_discretization") if data["accountant"] == "pld" else None
+        accountant = create_accountant(data["accountant"], **({"value_discretization_interval": float(interval)} if interval else {}))
     delta = check_delta(data["delta"] if delta is None else delta)
     target = data.get("target_epsilon")
     return DeviceEpsilons(
@@ -88,13 +91,37 @@ def device_epsilons(
     )
 
 
+def round_noise_multipliers(run: Run, rounds: int, planned: float) -> list[float]:
+    """The z of every released round up to `rounds`, from metrics.jsonl.
+
+    A round's z is `user_realized_noise_multiplier` (distributed noise: what the survivors
+    added), else `user_noise_multiplier`, else `planned`. Rounds marked `user_release: none`
+    (SecAgg+ aborted before unmasking, every worker failed) released nothing; every other
+    round that ran is a release, rows without user-level keys included (runs from before
+    issue 14 wrote none for empty rounds, which released the noise alone): when in doubt, the
+    larger epsilon.
+    """
+    zs = []
+    for row in run.rounds:
+        if not isinstance(row.get("round"), int) or row["round"] > rounds:
+            continue
+        if row.get("user_release") == "none":
+            continue
+        z = row.get("user_realized_noise_multiplier")
+        if z is None:
+            z = row.get("user_noise_multiplier", planned)
+        zs.append(float(z))
+    return zs
+
+
 def user_level_epsilon(run: Run, rounds: int, accountant: str | None = None, delta: float | None = None) -> float:
-    """User-level epsilon after `rounds` rounds of a DP-FedAvg run, from its config.yaml.
+    """User-level epsilon after `rounds` rounds of a DP-FedAvg run, from what each round used.
 
     Same accounting as the run (fedsim.privacy.dpfedavg): Poisson or fixed-size cohorts of
-    cohort.size out of population devices, noise multiplier privacy.dpfedavg.noise_multiplier
-    (as calibrated; config.yaml is written after calibration). ValueError if the config
-    lacks what is needed or the combination is not accountable (PLD with fixed-size cohorts).
+    cohort.size out of population devices (config.yaml), one event per released round with
+    that round's noise multiplier (`round_noise_multipliers`; the planned z, as calibrated,
+    where a row does not say). ValueError if the config lacks what is needed or the
+    combination is not accountable (PLD with fixed-size cohorts).
     """
     from fedsim.privacy.user_level import UserLevelAccounting  # imports torch; only when needed
 
@@ -118,11 +145,12 @@ def user_level_epsilon(run: Run, rounds: int, accountant: str | None = None, del
     except (KeyError, TypeError) as err:
         raise ValueError(f"config.yaml lacks {err}") from None
     delta = check_delta(user.get("delta") if delta is None else delta)
+    zs = round_noise_multipliers(run, rounds, float(z))
     # dp_accounting's RDP logs a warning per fractional order it drops at small z; the bound stays valid.
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        eps = accounting.epsilon(rounds=rounds, delta=delta)
+        eps = accounting.epsilon_of_rounds(zs, delta=delta)
     finally:
         logging.disable(previous)
     return eps if math.isfinite(eps) else math.inf

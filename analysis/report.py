@@ -85,10 +85,13 @@ def _privacy_numbers(report: Report, accountant: str | None, delta: float | None
     """Per-device epsilons from the ledgers; with recomputation, the extra final/tidy columns."""
     accountants: dict[str, Accountant] = {}
 
-    def get(name: str) -> Accountant:
-        if name not in accountants:
-            accountants[name] = create_accountant(name)
-        return accountants[name]
+    def get(name: str, ledger: dict[str, Any] | None = None) -> Accountant:
+        # A PLD ledger records the discretisation its run chose: recompute with the same one.
+        interval = (ledger or {}).get("pld_discretization") if name == "pld" else None
+        key = f"{name}/{interval}"
+        if key not in accountants:
+            accountants[key] = create_accountant(name, **({"value_discretization_interval": float(interval)} if interval else {}))
+        return accountants[key]
 
     recompute = report.recompute is not None
     final_by_run = {r["run"]: r for r in report.final}
@@ -100,7 +103,7 @@ def _privacy_numbers(report: Report, accountant: str | None, delta: float | None
             try:
                 name = str(accountant or run.ledger.get("accountant"))
                 check_accountant(name)
-                d = device_epsilons(run.ledger, get(name), delta)
+                d = device_epsilons(run.ledger, get(name, run.ledger), delta)
             except (ValueError, KeyError, TypeError) as err:
                 run.problems.append(f"ledger.json unusable ({err}); no per-device epsilon")
             else:
@@ -256,6 +259,8 @@ def _document(report: Report) -> Document:
                     ("recomputed_sample_epsilon_median", f"recomputed sample-level epsilon median ({label})"),
                     ("recomputed_user_epsilon", f"recomputed user-level epsilon ({label})")]
     headers += [("frontier", "Pareto frontier"), ("elapsed_s", "time (s)")]
+    outside = diagnostics_outside(report.runs)
+    headers = [(key, f"{label} \u2020" if key in outside else label) for key, label in headers]
     frontier_of = {name: [lvl for lvl, names in report.frontiers.items() if name in names] for name in runs}
     rows = []
     for r in report.final:
@@ -292,6 +297,17 @@ def _document(report: Report) -> Document:
             + ", ".join(f"{n} (`{report.labels[n]}`)" for n in names)
             + " - no other run has both a lower epsilon and a higher final accuracy."
         )
+
+    if outside:
+        doc.heading("Metrics outside the privacy guarantee")
+        doc.paragraph(
+            "These metrics are computed from the devices' data or the cohort without noise: no epsilon in this "
+            "report covers them (each run's summary.json lists them under diagnostics_outside_guarantee). "
+            "Publish them only as simulation diagnostics; a run with output.private_metrics_only=true leaves them "
+            "out of metrics.jsonl. Table headers mark them with \u2020."
+        )
+        doc.table(["metric", "why it is outside", "runs"],
+                  [[f"{key} \u2020", why, ", ".join(names)] for key, (why, names) in outside.items()])  # fmt: skip
 
     doc.heading("Plots")
     for title, caption, files in report.figures:
@@ -399,3 +415,15 @@ def write_report(
     broken runs are listed in the report, never raised.
     """
     return build_report(run_dir_or_sweep_dir, out, accountant, delta).report_md
+
+
+def diagnostics_outside(runs: list[Run]) -> dict[str, tuple[str, list[str]]]:
+    """metric -> (why it is outside the guarantee, runs that logged it), from each summary.json."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for run in runs:
+        listed = (run.summary or {}).get("diagnostics_outside_guarantee") or {}
+        if not isinstance(listed, dict):
+            continue
+        for key, why in sorted(listed.items()):
+            out.setdefault(str(key), (str(why), []))[1].append(run.name)
+    return out

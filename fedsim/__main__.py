@@ -8,6 +8,7 @@ range ends the command with one line on stderr and exit status 2, before any job
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,10 +16,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from fedsim import resources
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import FedsimError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
+CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
 EXIT_BAD_INPUT = 2
 
 
@@ -63,12 +66,21 @@ def precheck(argv: list[str]) -> None:
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return  # Hydra prints something and exits; nothing runs
     if not CONF_DIR.is_dir():
-        fail(f"config directory {CONF_DIR} not found: install fedsim from its repository (pip install -e .)")
+        packaged, repository = resources.candidates("conf")
+        fail(f"config directory not found at {repository} nor {packaged}: reinstall fedsim (a wheel built from its repository, or pip install -e .)")
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
     except Exception as err:  # Hydra's grammar errors
         fail(f"bad override: {_one_line(err)}")
-    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = [o.input_line for o in parsed if not o.is_sweep_override() and o.get_key_element() != "hydra.searchpath"]
+    # The user's config directories (--config-dir, hydra.searchpath) take part in the check as in the run.
+    searchpath = [f"file://{Path(args.config_dir).absolute()}"] if args.config_dir else []
+    for o in parsed:
+        if o.get_key_element() == "hydra.searchpath" and not o.is_sweep_override():
+            value = o.value()
+            searchpath += [str(v) for v in (value if isinstance(value, list) else [value])]
+    if searchpath:
+        base.append("hydra.searchpath=[" + ",".join(f"'{entry}'" for entry in searchpath) + "]")
     # Sweeps are checked one parameter at a time (the others at their first value), so every
     # value of every swept parameter is composed once without the full cross product.
     sweeps = [o for o in parsed if o.is_sweep_override()]
@@ -97,6 +109,7 @@ def precheck(argv: list[str]) -> None:
 def _hydra_main(dcfg: DictConfig) -> float | None:
     from fedsim.run import run
 
+    started = time.perf_counter()
     try:
         cfg = config_from_hydra(dcfg)
         run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
@@ -106,7 +119,46 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         if user_error is None:
             raise
         fail(str(user_error), user_error.exit_code)
+    if cfg.output.progress:
+        where = Path(cfg.resume).expanduser().absolute() if cfg.resume else Path(run_dir).absolute()
+        for line in end_of_run(summary, where, time.perf_counter() - started, resumed=bool(cfg.resume)):
+            sys.stderr.write(f"[fedsim] {line}\n")
+        sys.stderr.flush()
     return summary.get("final_test_accuracy")
+
+
+def end_of_run(summary: dict[str, Any], run_dir: Path, wall_s: float, *, resumed: bool = False) -> list[str]:
+    """The two lines a finished run ends with: where its outputs are, and its result in one line
+    (final accuracy, the epsilon of every privacy guarantee in force, wall time)."""
+    if resumed:
+        where = f"outputs: in the resumed run's directory ({run_dir})"
+    else:
+        files = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir() if not p.name.startswith("."))
+        where = f"outputs: {run_dir}" + (f" ({', '.join(files)})" if files else "")
+    accuracy = summary.get("final_test_accuracy")
+    parts = [
+        f"final test accuracy {accuracy:.4f}" if accuracy is not None else "no evaluation",
+        f"{summary.get('rounds', 0)} rounds",
+    ]
+    privacy = summary.get("privacy") or {}
+    sample = privacy.get("sample_level")
+    if sample:
+        parts.append(
+            f"sample-level epsilon {_g(sample.get('epsilon_max'))} per device (max; median "
+            f"{_g(sample.get('epsilon_median'))}), delta {_g(sample.get('delta'))}"
+        )
+    user = privacy.get("user_level")
+    if user:
+        simulated = f", for cohorts of {user['simulated_cohort_size']}" if user.get("simulated_cohort_size") else ""
+        parts.append(f"user-level epsilon {_g(user.get('epsilon'))}, delta {_g(user.get('delta'))}{simulated}")
+    if summary.get("stopped_early"):
+        parts.append(f"stopped early: {summary['stopped_early']}")
+    parts.append(f"{wall_s:.1f} s wall")
+    return [where, "done: " + " | ".join(parts)]
+
+
+def _g(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
 
 
 def _find_user_error(err: BaseException | None) -> FedsimError | None:

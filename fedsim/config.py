@@ -58,7 +58,7 @@ class FemnistConfig:
     """LEAF FEMNIST: any directory of LEAF JSON files (plain or .gz), one device per writer."""
 
     name: str = "femnist"
-    path: str = "../shared/data/femnist"  # directory holding train/ and test/ (or the JSON files)
+    path: str | None = None  # directory holding train/ and test/ (or the JSON files); None = the bundled 105 writers
     max_test_examples: int | None = None  # cap on the central test set (None = all)
 
 
@@ -236,6 +236,7 @@ class OutputConfig:
     save_model: bool = True  # write model.pt at the end
     progress: bool = True  # one line per round on stderr
     report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
+    private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
 
 
 @dataclass
@@ -522,6 +523,11 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
+    if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
+        raise ConfigError(
+            "output.private_metrics_only",
+            "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
+        )
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
@@ -562,7 +568,7 @@ def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:
     """Make data paths absolute (workers may run with another working directory)."""
     base = base or Path.cwd()
     ds = cfg.dataset
-    if isinstance(ds, (FemnistConfig, FashionMnistConfig)):
+    if isinstance(ds, (FemnistConfig, FashionMnistConfig)) and ds.path is not None:  # None: the bundled copy
         ds.path = str((base / os.path.expanduser(ds.path)).resolve())
     elif isinstance(ds, HuggingFaceConfig) and ds.data_files:
         ds.data_files = {

@@ -3,8 +3,14 @@
 `privacy.randomness` (auto | reproducible | secure) picks the mode of a run:
 
 - reproducible: every stream is a pure function of (run seed, config fingerprint, stream name,
-  *ints) through numpy's SeedSequence, with no 32-bit truncation anywhere (torch generators get
-  their whole MT19937 state from SeedSequence, `clients.seeding`). Same seed and config give a
+  *ints), with no 32-bit truncation anywhere. numpy's SeedSequence hashes (seed, fingerprint,
+  stream name, number of ints) into a 128-bit Philox key (Salmon et al. 2011, "Parallel random
+  numbers: as easy as 1, 2, 3"); the ints (round, device, ...) are the high words of Philox's
+  256-bit counter, whose low 64-bit word is the position inside the stream. Philox is a
+  bijection of the counter under a key, so two (round, device) pairs of one stream draw from
+  disjoint blocks as long as neither draws 2^66 values: no two device fits ever share draws.
+  Torch generators get their whole MT19937 state (624 words) from such a stream
+  (`clients.seeding`), not the 32 bits manual_seed keeps. Same seed and config give a
   bit-identical run; two configs that differ in any value that changes the result (z, C, the
   cohort size...) have different fingerprints, so they never share noise or cohorts (publishing
   both members of a sweep then does not cancel the noise). The noise is only as secret as the
@@ -29,6 +35,7 @@ do not come from here: they come from the OS CSPRNG in every mode (fedsim.secagg
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -76,28 +83,33 @@ def fingerprint(cfg: FedsimConfig) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
 
 
+MAX_INTS = 3  # ints per stream: the free words of Philox's counter
+
+
 def _words(value: int, count: int) -> list[int]:
     return [(value >> (32 * i)) & 0xFFFFFFFF for i in range(count)]
 
 
-def _stream_id(stream: str) -> int:
-    return int.from_bytes(hashlib.blake2b(stream.encode(), digest_size=16).digest(), "little")
-
-
-def derive(seed: int, fp: int, stream: str, *ints: int) -> np.random.SeedSequence:
-    """The SeedSequence of (seed, fingerprint, stream, *ints) in reproducible mode.
-
-    Every field has a fixed width (seed 64 bits, fingerprint and stream name 128 bits each, then
-    the count of ints and 64 bits per int), so distinct inputs never give the same entropy words.
-    """
+@functools.lru_cache(maxsize=1024)
+def philox_key(seed: int, fp: int, stream: str, count: int) -> int:
+    """The 128-bit Philox key of `stream` with `count` ints: SeedSequence of fixed-width words
+    (seed 64 bits, fingerprint 128, BLAKE2b-128 of the stream name, the count)."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    words = _words(seed, 2) + _words(fp, 4) + _words(_stream_id(stream), 4) + [len(ints)]
+    name = int.from_bytes(hashlib.blake2b(stream.encode(), digest_size=16).digest(), "little")
+    words = np.array(_words(seed, 2) + _words(fp, 4) + _words(name, 4) + [count], dtype=np.uint32)
+    low, high = np.random.SeedSequence(words).generate_state(2, np.uint64)
+    return int(low) | int(high) << 64
+
+
+def philox_counter(ints: tuple[int, ...]) -> list[int]:
+    """Philox's starting counter for a stream's ints: word 0 (the position) is 0, the ints follow."""
+    if len(ints) > MAX_INTS:
+        raise ValueError(f"a stream takes at most {MAX_INTS} ints, got {ints}")
     for value in ints:
         if not 0 <= value < 2**64:
             raise ValueError(f"stream ints must be in [0, 2**64), got {ints}")
-        words += _words(int(value), 2)
-    return np.random.SeedSequence(words)
+    return [0, *(int(v) for v in ints), *[0] * (MAX_INTS - len(ints))]
 
 
 @dataclass(frozen=True)
@@ -112,17 +124,19 @@ class Streams:
     seed: int
     fingerprint: int
 
-    def seed_sequence(self, stream: str, *ints: int) -> np.random.SeedSequence:
-        """Reproducible: derived from (seed, fingerprint, stream, *ints); secure: 256 fresh OS bits."""
+    def bit_generator(self, stream: str, *ints: int) -> np.random.BitGenerator:
+        """Reproducible: Philox(key of (seed, fingerprint, stream), counter (0, *ints));
+        secure: PCG64 seeded with 256 fresh bits from the OS CSPRNG (`secrets`)."""
         if self.mode == "secure":
-            return np.random.SeedSequence(secrets.randbits(256))
-        return derive(self.seed, self.fingerprint, stream, *ints)
+            philox_counter(ints)  # the same argument checks in both modes
+            return np.random.PCG64(np.random.SeedSequence(secrets.randbits(256)))
+        return np.random.Philox(key=philox_key(self.seed, self.fingerprint, stream, len(ints)), counter=philox_counter(ints))
 
     def numpy(self, stream: str, *ints: int) -> np.random.Generator:
-        return np.random.Generator(np.random.PCG64(self.seed_sequence(stream, *ints)))
+        return np.random.Generator(self.bit_generator(stream, *ints))
 
     def torch(self, stream: str, *ints: int) -> torch.Generator:
-        return new_generator(self.seed_sequence(stream, *ints))
+        return new_generator(self.bit_generator(stream, *ints))
 
 
 def streams(cfg: FedsimConfig) -> Streams:
@@ -138,3 +152,33 @@ def numpy_generator(cfg: FedsimConfig, stream: str, *ints: int) -> np.random.Gen
 def torch_generator(cfg: FedsimConfig, stream: str, *ints: int) -> torch.Generator:
     """A torch CPU Generator, its whole MT19937 state from the stream's SeedSequence."""
     return streams(cfg).torch(stream, *ints)
+
+
+SERVER_CAN_REMOVE_NOISE = "simulation only: the server can remove the noise"
+
+
+def describe(cfg: FedsimConfig) -> dict[str, object]:
+    """What summary.json says about the run's randomness: the mode, why, and what holds."""
+    resolved, reason = resolve(cfg)
+    out: dict[str, object] = {"mode": resolved, "reason": reason}
+    if resolved == "reproducible":
+        out["fingerprint"] = f"{fingerprint(cfg):032x}"
+        out["holds"] = (
+            "every draw (cohorts, faults, device training, DP noise) is Philox keyed by SeedSequence(seed, config "
+            "fingerprint, stream) at counter (round, device): same seed + config gives the same run; configs that "
+            "differ in any result-changing value share no draws. Anyone who knows the seed and the config can "
+            "regenerate, hence remove, the DP noise: the reported epsilon is what a deployment with secret "
+            "randomness would get, not a property of these outputs against such a reader"
+        )
+    else:
+        out["holds"] = (
+            "every stream is seeded with 256 fresh bits from the OS CSPRNG (secrets); the generators are PCG64 "
+            "(numpy) and MT19937 (torch, whole 624-word state from PCG64), not cryptographic PRGs, and their raw "
+            "outputs are never published; DP-SGD uses Opacus's secure_mode noise (4 Gaussians / 2, Holohan & "
+            "Braghin 2021) and central DP-FedAvg noise the same construction; torchcsprng (Opacus's CSPRNG "
+            "generator) has no build for torch 2.13, so it is not used; runs are not reproducible"
+        )
+    user = cfg.privacy.dpfedavg
+    if resolved == "reproducible" and cfg.secagg.name != "none" and user is not None and user.noise == "distributed":
+        out["warning"] = SERVER_CAN_REMOVE_NOISE
+    return out

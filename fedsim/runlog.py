@@ -59,30 +59,33 @@ def model_sha256(flat_params: torch.Tensor) -> str:
 class RunLog:
     """Writes the run directory and prints progress."""
 
-    def __init__(self, run_dir: Path, cfg: FedsimConfig, *, stream: TextIO = sys.stderr) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: FedsimConfig, *, stream: TextIO = sys.stderr, keep: frozenset[str] | None = None
+    ) -> None:
+        """`keep`: the only metric keys metrics.jsonl gets (output.private_metrics_only); None: all."""
         self.dir = run_dir
+        self.keep = keep
+        self.keys: set[str] = set()  # every metric key a round produced, left-out ones included
         self.cfg = cfg
         self.stream = stream
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
         self.rows: list[RoundMetrics] = []
-        self._lines: list[str] = []  # what metrics.jsonl holds, line by line
+        self._full: list[str] = []  # every round's metrics, left-out keys included (for checkpoints)
 
     def row_dicts(self) -> list[dict[str, Any]]:
-        """The metrics.jsonl lines so far, as dicts (for checkpoints)."""
-        return [json.loads(line) for line in self._lines]
+        """Every round's metrics so far, as dicts (for checkpoints; keys `keep` leaves out included)."""
+        return [json.loads(line) for line in self._full]
 
     def restore_rows(self, rows: list[dict[str, Any]]) -> None:
         """Start from a checkpoint's rounds: rewrite metrics.jsonl with them."""
         self._metrics.seek(0)
         self._metrics.truncate()
-        self._lines = []
+        self._full = []
         self.rows = []
         for row in rows:
-            line = json.dumps(row)
-            self._lines.append(line)
-            self._metrics.write(line + "\n")
+            self._write(row)
             self.rows.append(RoundMetrics(**{k: row[k] for k in ROUND_FIELDS}))
 
     def note(self, text: str) -> None:
@@ -94,12 +97,17 @@ class RunLog:
     def round(self, row: RoundMetrics, extra: dict[str, Any] | None = None) -> None:
         """Log one round; `extra` holds the privacy metrics of the mechanisms that are on."""
         self.rows.append(row)
-        line = json.dumps(_finite({**dataclasses.asdict(row), **(extra or {})}))
-        self._lines.append(line)
-        self._metrics.write(line + "\n")
+        self._write({**dataclasses.asdict(row), **(extra or {})})
         if self.cfg.output.progress:
             self.stream.write(self._progress_line(row) + "\n")
             self.stream.flush()
+
+    def _write(self, values: dict[str, Any]) -> None:
+        values = _finite(values)
+        self.keys |= set(values)
+        self._full.append(json.dumps(values))
+        shown = values if self.keep is None else {k: v for k, v in values.items() if k in self.keep}
+        self._metrics.write(json.dumps(shown) + "\n")
 
     def _progress_line(self, row: RoundMetrics) -> str:
         rounds = self.cfg.rounds

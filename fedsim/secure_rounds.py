@@ -77,13 +77,13 @@ from fedsim.secagg import (
     skellam,
     skellam_tail_bound,
 )
-from fedsim.secagg import STAGES as ALL_STAGES
 from fedsim.secagg.crypto import identity_public
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.worker import DeviceReport, Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
-STAGES = ALL_STAGES  # the consistency stage runs in the active threat model only
+# Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
+STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 IDENTITY_SECRET_ENV = "FEDSIM_SECAGG_IDENTITY_SECRET"
 
 if TYPE_CHECKING:
@@ -518,7 +518,9 @@ def _metrics(
 
 
 def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> bool:
-    rate = getattr(cfg.secagg, f"drop_{stage}", 0.0)  # no fault rate for the consistency stage
+    if stage not in STAGES:  # the consistency stage has no fault rate
+        return False
+    rate = getattr(cfg.secagg, f"drop_{stage}")
     if rate <= 0:
         return False
     rng = np.random.default_rng([cfg.seed, _DROP_STREAM, STAGES.index(stage), round_num, device_id])

@@ -24,17 +24,17 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, wire
+from fedsim import checkpoint, randomness, secure_rounds, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
+from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim import secure_rounds
 from fedsim.secure_rounds import secure_round
 from fedsim.worker import use_vectorized
 
@@ -88,6 +88,7 @@ class RoundOutcome:
     reports: list[wire.DeviceReport]
     stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
     count_sum: float | None = None  # SecAgg+ with adaptive clipping: secure sum of (2 b_i - 1) (+ device noise)
+    aborted: str | None = None  # SecAgg+ aborted the round before the server could unmask a sum
 
 
 def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | None = None) -> dict:
@@ -102,13 +103,18 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0))
     config_json = cfg.to_json()
-    runlog = RunLog(run_dir, cfg)
+    streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
+    covered = frozenset(published.covered_metrics(cfg))
+    runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
         params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
     for mechanism in (sample_dp, user_dp):
         if mechanism:
             runlog.note(mechanism.describe())
+    random_desc = randomness.describe(cfg)
+    runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
+        f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
     if cfg.secagg.name == "secaggplus":
         runlog.note(secure_rounds.summary(cfg)["guarantee"])
     if user_dp and user_dp.distributed and randomness.mode(cfg) != "secure":
@@ -132,8 +138,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 population=cfg.population,
                 cohort_size=cfg.cohort.size,
                 method=cfg.cohort.sampling,
-                seed=cfg.seed,
-                round_num=round_num,
+                rng=streams.numpy("cohort", round_num),
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
             alive = workers.alive(grid)
@@ -152,6 +157,14 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 stopped = FedsimError(f"round {round_num}: every worker failed: {out.stats['worker_errors'][0]}")
 
             privacy: dict = {}
+            noise_only = False
+            if user_dp and out.total is None and out.aborted is None and not stopped:
+                # The round ran: with no device update (empty Poisson cohort, every reply lost)
+                # the release is the noise alone, and it is accounted (issue 14, defect 4).
+                out.total, noise_only = torch.zeros(len(params), dtype=torch.float64), True
+            if user_dp and out.total is None:
+                user_dp.no_release(round_num, out.aborted or str(stopped))
+                privacy |= user_dp.round_metrics()
             if out.total is not None:
                 # Privacy spent is recorded (and, with checkpoints, saved) before the update that spent it.
                 if sample_dp:
@@ -159,7 +172,10 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                     if cfg.checkpoint.every:
                         sample_dp.save(run_dir)
                 if user_dp:
-                    noised = user_dp.aggregate(out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count)
+                    noised = user_dp.aggregate(
+                        out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
+                        noise_only=noise_only,
+                    )  # fmt: skip
                     params = optimizer.step(params, noised)
                     privacy |= user_dp.round_metrics()
                 elif out.count:
@@ -205,6 +221,9 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...
         "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
+    extra["randomness"] = random_desc
+    extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
+    extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     if cfg.secagg.name == "secaggplus":
         extra["secagg"] = secure_rounds.summary(cfg)
     extra["privacy"] = {}
@@ -243,8 +262,10 @@ def exchange(
             log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
             stats["secagg_aborted"] = secure.aborted
         # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
-        return RoundOutcome(secure.total, secure.count, float(secure.count), secure.reports, stats,
-                            secure.sums.get("within_bound"))  # fmt: skip
+        return RoundOutcome(
+            secure.total, secure.count, float(secure.count), secure.reports, stats, secure.sums.get("within_bound"),
+            secure.aborted,
+        )  # fmt: skip
     jobs = [
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),

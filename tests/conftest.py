@@ -1,4 +1,4 @@
-"""Shared fixtures: where the shared data lives, quiet Flower/Ray, one torch thread."""
+"""Shared fixtures: the bundled data, quiet Flower/Ray, one torch thread."""
 
 from __future__ import annotations
 
@@ -8,23 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
 
 
-def shared_dir() -> Path:
-    """../shared beside the repository (or $FEDSIM_SHARED)."""
-    return Path(os.environ.get("FEDSIM_SHARED", REPO.parent / "shared"))
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def femnist_dir() -> Path:
-    path = shared_dir() / "data" / "femnist"
-    if not path.is_dir():
-        pytest.skip(f"FEMNIST not found at {path} (set FEDSIM_SHARED)")
-    return path
+    """The repository's data/femnist (105 writers), sha256-checked. Never skipped: the data ship
+    with fedsim, so a missing or altered copy fails the tests that need it."""
+    from fedsim.data.bundled import bundled_path
+
+    return bundled_path("femnist")
 
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import struct
 import sys
 import time
@@ -21,7 +20,6 @@ from fedsim.data.partition import dirichlet_partition, iid_partition, shard_part
 from fedsim.data.synthetic import SyntheticDataset
 from fedsim.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -177,20 +175,11 @@ def test_partitioners_use_each_example_once() -> None:
 
 
 @pytest.fixture(scope="module")
-def femnist_dir() -> Path:
-    shared = os.environ.get("FEDSIM_SHARED")
-    path = Path(shared) / "data" / "femnist" if shared else REPO.parent / "shared" / "data" / "femnist"
-    if not path.is_dir():
-        pytest.skip(f"FEMNIST LEAF files not found at {path} (set FEDSIM_SHARED to the shared directory)")
-    return path
-
-
-@pytest.fixture(scope="module")
 def femnist(femnist_dir: Path) -> FederatedDataset:
     return load_dataset(FemnistConfig(path=str(femnist_dir)), population=105, seed=0)
 
 
-def test_femnist_has_the_105_writers_of_the_shared_files(femnist: FederatedDataset) -> None:
+def test_femnist_has_the_105_writers_of_the_bundled_files(femnist: FederatedDataset) -> None:
     assert femnist.num_devices == 105
     assert femnist.input_shape == (1, 28, 28) and femnist.num_classes == 62
     assert sum(femnist.num_examples(k) for k in range(105)) == 14_708

@@ -5,7 +5,8 @@ One device per writer. The loader reads any directory of LEAF JSON files (`*.jso
 files under a `test` directory the central test set. A directory without train/test
 subdirectories is all training data, with no central test set. Other directories next to
 train/ and test/ (LEAF's all_data/, sampled_data/, ...) are ignored, so LEAF's own
-data/femnist/data directory can be used as is.
+data/femnist/data directory can be used as is. With `path: null` (the default) the loader
+reads fedsim's bundled copy (105 writers, `fedsim.data.bundled`), checked against its sha256.
 
 LEAF format: {"users": [...], "num_samples": [...], "user_data": {user: {"x": [[784 floats]],
 "y": [int]}}}. Every file is parsed once; each split is kept as one float32 array plus
@@ -25,6 +26,7 @@ import torch
 
 from fedsim.config import FemnistConfig
 from fedsim.data.base import FederatedDataset
+from fedsim.data.bundled import bundled_path
 from fedsim.errors import ConfigError, DataError
 
 FEMNIST_CLASSES = 62  # 10 digits, 26 upper- and 26 lower-case letters
@@ -39,7 +41,7 @@ class FemnistDataset(FederatedDataset):
         self.name = cfg.name
         self.input_shape = IMAGE_SHAPE
         self.num_classes = FEMNIST_CLASSES
-        self._root = Path(cfg.path)
+        self._root = Path(cfg.path) if cfg.path is not None else bundled_path("femnist")
         train_files, test_files = find_leaf_files(self._root)
 
         train = _read_split(train_files)

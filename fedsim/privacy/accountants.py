@@ -42,6 +42,7 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import ClassVar
 
 import dp_accounting
@@ -293,6 +294,29 @@ class PRVAccountant(Accountant):
 #: no visible gain; a coarser 1e-2 is 53% pessimistic at z = 3, q = 0.01, 2000 steps,
 #: where the per-step privacy loss is smaller than the interval.
 DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-3
+
+
+#: Intervals `choose_pld_interval` tries, coarsest (cheapest) first; the last is the reference.
+PLD_INTERVALS = (1e-3, 5e-4, 2e-4, 1e-4)
+PLD_TOLERANCE = 0.01
+
+
+def choose_pld_interval(epsilon_at: Callable[[float], float], *, tolerance: float = PLD_TOLERANCE) -> tuple[float, dict[float, float]]:
+    """The coarsest interval of PLD_INTERVALS whose epsilon is within `tolerance` of the 1e-4 one.
+
+    `epsilon_at(interval)` is the run's planned epsilon (its whole horizon) accounted with that
+    interval. Every interval gives an upper bound (the discretisation is pessimistic), so the
+    choice only trades tightness for ledger cost: 1e-3 is +4% over 1e-4 at q = 1e-3, T = 3000
+    (issue 14, item 7), where the per-step privacy loss is small against the interval. Returns
+    (interval, {interval: epsilon} for the intervals computed).
+    """
+    reference = PLD_INTERVALS[-1]
+    computed = {reference: epsilon_at(reference)}
+    for interval in PLD_INTERVALS[:-1]:
+        computed[interval] = epsilon_at(interval)
+        if computed[interval] <= computed[reference] * (1 + tolerance):
+            return interval, computed
+    return reference, computed
 
 
 def pld_event(history: History) -> dp_accounting.DpEvent:

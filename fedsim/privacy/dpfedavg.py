@@ -9,6 +9,16 @@ failed devices neither break the guarantee nor change the accounting. With adapt
 clipping the noisy count of updates within C_t is released too, and z_Delta is chosen so the
 pair is a Gaussian mechanism with the configured z (Andrew et al. 2021, Thm. 1).
 
+Every round that runs releases and is accounted (issue 14, defect 4): a Poisson round that
+sampled no device, or whose devices all failed, releases the noise alone (the sum over nobody is
+0), exactly the subsampled Gaussian mechanism the accountant composes; skipping it would be
+visible (an unchanged model) and would under-count. A round releases nothing only when SecAgg+
+aborted before the server could unmask a sum, or every worker failed and the run stops; those
+rounds are listed with their reason and not accounted, on the assumption that an abort does
+not depend on private data (dropouts and worker failures are independent of the devices'
+data; a SecAgg+ abort for fewer than 2 sampled devices depends on the cohort size only, which
+the server sees but the released model does not show beyond "no step this round").
+
 Accounting (fedsim.privacy.user_level): Poisson cohorts with add/remove-one-device adjacency
 (PLD or RDP), fixed-size cohorts with replace-one adjacency (RDP). With
 `noise_cohort_size` M' the server adds the noise of a cohort of M' devices (std scaled by
@@ -31,12 +41,14 @@ from typing import Any
 
 import torch
 
-from clients import mix_seed
+from fedsim import randomness
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.calibration import solve_noise_multiplier
 from fedsim.privacy.skellam import SkellamBlock, SkellamRound, l1_bound, rounded_norm_bound, skellam_epsilon
+from fedsim.privacy.accountants import choose_pld_interval
 from fedsim.privacy.user_level import (
+    PLD_VALUE_DISCRETIZATION_INTERVAL,
     AdaptiveClipping,
     UserLevelAccounting,
     calibrate_user_noise,
@@ -50,8 +62,6 @@ SIMULATION_ONLY = (
     "simulation only: the server can remove the noise (privacy.randomness=reproducible derives every device's "
     "noise from the run seed and config, which the server knows)"
 )
-_NOISE_STREAM = 0xD9FE
-_COUNT_STREAM = 0xC0C0
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,15 @@ class UserLevelDP:
             except ValueError as err:
                 raise ConfigError("privacy.dpfedavg.target_epsilon", str(err)) from None
         self.noise_multiplier = user.noise_multiplier
-        self.accounting = self._accounting(self.noise_multiplier)
+        # After calibration: the calibrated z is part of the config fingerprint the workers see.
+        self.streams = randomness.streams(cfg)
+        # PLD: the coarsest discretisation within 1% of the 1e-4 epsilon over the planned rounds.
+        self.pld_interval, self.pld_intervals_tried = PLD_VALUE_DISCRETIZATION_INTERVAL, {}
+        if user.accountant == "pld" and self.noise_multiplier > 0:
+            self.pld_interval, self.pld_intervals_tried = choose_pld_interval(
+                lambda interval: self._accounting(self.noise_multiplier, interval).epsilon(rounds=cfg.rounds, delta=user.delta)
+            )
+        self.accounting = self._accounting(self.noise_multiplier, self.pld_interval)
         if self.count_noise is not None:
             try:
                 self.update_noise = update_noise_multiplier(
@@ -145,14 +163,17 @@ class UserLevelDP:
         # Distributed noise: the clip norm of every released round (its Skellam mechanism
         # follows from it, `_skellam_round`); accounted by fedsim.privacy.skellam.
         self.released_clips: list[float] = []
+        self.rounds_noise_only = 0  # of those, rounds whose sum was over no device (noise alone)
+        self.not_released: list[dict[str, Any]] = []  # rounds that ran and released nothing: round, reason
 
-    def _accounting(self, z: float) -> UserLevelAccounting:
+    def _accounting(self, z: float, pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL) -> UserLevelAccounting:
         return UserLevelAccounting(
             accountant=self.user.accountant,
             sampling=self.cfg.cohort.sampling,
             population=self.cfg.population,
             cohort_size=self.cfg.cohort.size,
             noise_multiplier=z,
+            pld_interval=pld_interval,
         )
 
     def _update_z(self, z: float) -> float:
@@ -260,10 +281,12 @@ class UserLevelDP:
         *,
         count_sum: float | None = None,
         count_devices: int = 0,
+        noise_only: bool = False,
     ) -> torch.Tensor:
         """The noised mean update of the round: (sum of clipped updates + noise) / expected cohort.
 
-        `total` is the float64 sum of the clipped updates (in the clear, or from secure aggregation).
+        `total` is the float64 sum of the clipped updates (in the clear, or from secure
+        aggregation); `noise_only`: no device update is in it (zeros), the release is the noise.
         Under SecAgg+ the clipping bits arrive only as `count_sum` = sum_i (2 b_i - 1) over the
         `count_devices` devices in the sum (with distributed noise: plus the devices' noise).
         """
@@ -274,10 +297,11 @@ class UserLevelDP:
             self.released_clips.append(clip)
             mean = (total / self.expected_cohort).to(torch.float32)
         else:
-            generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
-            noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
+            generator = self.streams.torch("dpfedavg-noise", round_num)
+            noise = gaussian_sum_noise(total.numel(), std=std, generator=generator, secure=self.streams.mode == "secure")
             mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
+        self.rounds_noise_only += noise_only
         within = [b for r in reports for b in r.within_bound]
         if count_sum is None:
             count_sum, count_devices = float(sum(2 * int(b) - 1 for b in within)), len(within)
@@ -285,7 +309,7 @@ class UserLevelDP:
             if self.distributed:  # the devices' Skellam noise is already in the count
                 self.clipping.update_with_count(count_sum / 2)
             else:
-                count_gen = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _COUNT_STREAM, round_num)))
+                count_gen = self.streams.torch("dpfedavg-count", round_num)
                 self.clipping.update_with_count(count_sum / 2, generator=count_gen)
         self._last = {
             "user_epsilon": self.epsilon(self.rounds_released),
@@ -297,10 +321,21 @@ class UserLevelDP:
             "user_noise_std": std,
             "user_noise": "distributed" if self.distributed else "central",
             "simulated_cohort_size": self.user.noise_cohort_size,
+            "user_release": "noise_only" if noise_only else "noised_sum",
         }
         if self.distributed:
             self._last["user_epsilon_vs_server"] = self.epsilon(self.rounds_released, sampling="none")
         return mean
+
+    def no_release(self, round_num: int, reason: str) -> None:
+        """Record a round that ran and released nothing (not accounted; see the module doc)."""
+        self.not_released.append({"round": round_num, "reason": reason})
+        self._last = {
+            "user_epsilon": self.epsilon(self.rounds_released),
+            "user_delta": self.user.delta,
+            "user_release": "none",
+            "user_release_reason": reason,
+        }
 
     def round_metrics(self) -> dict[str, Any]:
         return self._last or {"user_epsilon": self.epsilon(self.rounds_released), "user_delta": self.user.delta}
@@ -313,6 +348,8 @@ class UserLevelDP:
                 + ("distributed Skellam noise" if self.distributed else "central Gaussian noise"),
                 "accounting": self._accounting_text(),
                 "accountant": self.user.accountant,
+                "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
+                "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
                 "delta": self.user.delta,
                 "noise_multiplier": self.noise_multiplier,
                 "update_noise_multiplier": self.update_noise,
@@ -320,6 +357,14 @@ class UserLevelDP:
                 "final_clip_norm": self.clip_norm,
                 "epsilon": self.epsilon(rounds_done),
                 "rounds": rounds_done,
+                "rounds_noise_only": self.rounds_noise_only,
+                "rounds_not_released": list(self.not_released),
+                "rounds_accounted": (
+                    "every round that ran and released: a round with no device update (empty Poisson cohort, every "
+                    "device failed) released the noise alone and is accounted like any other; rounds in "
+                    "rounds_not_released released no aggregate (SecAgg+ aborted before unmasking, or every worker "
+                    "failed and the run stopped) and are not accounted, assuming aborts do not depend on private data"
+                ),
                 "target_epsilon": self.user.target_epsilon,
                 "calibrated": self.calibrated,
                 "simulated_cohort_size": self.user.noise_cohort_size,
@@ -421,12 +466,16 @@ class UserLevelDP:
         return {
             "rounds_released": self.rounds_released,
             "released_clips": list(self.released_clips),
+            "rounds_noise_only": self.rounds_noise_only,
+            "not_released": list(self.not_released),
             "clipping": self.clipping.state_dict() if self.clipping else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_released = int(state["rounds_released"])
         self.released_clips = [float(c) for c in state.get("released_clips", [])]
+        self.rounds_noise_only = int(state.get("rounds_noise_only", 0))
+        self.not_released = list(state.get("not_released", []))
         if self.clipping is not None and state.get("clipping"):
             self.clipping.load_state_dict(state["clipping"])
 

@@ -36,7 +36,7 @@ from fedsim.privacy.events import (
     make_history,
 )
 
-_JSON_KEYS = {"accountant", "delta", "target_epsilon", "devices", "last_events"}
+_JSON_KEYS = {"accountant", "delta", "target_epsilon", "devices", "last_events", "pld_discretization"}
 
 
 def _check_device_id(device_id: Any) -> int:
@@ -191,6 +191,8 @@ class PrivacyLedger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "devices": devices,
+            # PLD: the discretisation the run chose (fedsim.privacy.accountants.choose_pld_interval)
+            **({"pld_discretization": self.accountant.value_discretization_interval} if self.accountant.name == "pld" else {}),
         }
         if last:
             data["last_events"] = last

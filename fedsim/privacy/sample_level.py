@@ -21,7 +21,7 @@ from typing import Any
 from fedsim.config import FedsimConfig
 from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.privacy.accountants import create_accountant
+from fedsim.privacy.accountants import choose_pld_interval, create_accountant
 from fedsim.privacy.calibration import calibrate_noise_multiplier
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
@@ -50,6 +50,15 @@ class SampleLevelDP:
         if dp.noise_multiplier is None:
             dp.noise_multiplier = self._calibrate(sizes)
         self.noise_multiplier = dp.noise_multiplier
+        self.pld_intervals_tried: dict[float, float] = {}
+        if dp.accountant == "pld" and self.noise_multiplier > 0:
+            # The coarsest discretisation within 1% of the 1e-4 epsilon, for the planned history
+            # of the median device (as calibration assumes it); every interval is an upper bound.
+            planned = ((self.event_of_size(self._median_size(sizes)), self._planned_participations()),)
+            interval, self.pld_intervals_tried = choose_pld_interval(
+                lambda i: create_accountant("pld", value_discretization_interval=i).epsilon(planned, self.delta)
+            )
+            self.accountant = create_accountant("pld", value_discretization_interval=interval)
         self.ledger = PrivacyLedger(self.accountant, delta=self.delta, target_epsilon=self.target)
         # Devices that cannot take part even once (e.g. a device smaller than one batch has
         # q = 1: no amplification by sampling) are counted once, here.
@@ -65,13 +74,22 @@ class SampleLevelDP:
         z = self.cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
         return dpsgd_event(num_examples=n, batch_size=a.batch_size, local_epochs=a.local_epochs, noise_multiplier=z)
 
+    @staticmethod
+    def _median_size(sizes: Counter[int]) -> int:
+        return int(statistics.median_low(sorted(sizes.elements())))
+
+    def _planned_participations(self) -> int:
+        dp = self.cfg.privacy.dpsgd
+        assert dp is not None
+        return dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
+
     def _calibrate(self, sizes: Counter[int]) -> float:
         """Solve sigma for target_epsilon at the median device size and the expected participations."""
         dp, a = self.cfg.privacy.dpsgd, self.cfg.algorithm
         assert dp is not None and dp.target_epsilon is not None
-        median_n = int(statistics.median_low(sorted(sizes.elements())))
+        median_n = self._median_size(sizes)
         batches = math.ceil(median_n / a.batch_size)
-        participations = dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
+        participations = self._planned_participations()
         try:
             z = calibrate_noise_multiplier(
                 target_epsilon=dp.target_epsilon,
@@ -161,6 +179,8 @@ class SampleLevelDP:
             "sample_level": {
                 "mechanism": "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups",
                 "accountant": self.accountant.name,
+                "pld_discretization": getattr(self.accountant, "value_discretization_interval", None),
+                "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
                 "delta": self.delta,
                 "noise_multiplier": self.noise_multiplier,
                 "target_epsilon": self.target,

@@ -158,17 +158,22 @@ def clip_update(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, f
 # ---------------------------------------------------------------------------------------------
 
 
-def gaussian_sum_noise(num_params: int, *, std: float, generator: torch.Generator) -> torch.Tensor:
+def gaussian_sum_noise(num_params: int, *, std: float, generator: torch.Generator, secure: bool = False) -> torch.Tensor:
     """float32 vector of `num_params` independent N(0, std^2) draws (drawn in float64, then cast).
 
-    std = 0 gives zeros (and still draws, so the generator advances the same way).
+    std = 0 gives zeros (and still draws, so the generator advances the same way). `secure`:
+    each value is the sum of 4 draws / 2, the defence Opacus's secure_mode uses against
+    floating-point attacks on a single Gaussian sample (Holohan & Braghin 2021, Sec. 5.1).
     """
     n = _check_count("num_params", num_params, 0)
     if not _is_number(std) or not (0.0 <= float(std) < math.inf):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    noise = torch.randn(n, dtype=torch.float64, generator=generator, device=generator.device)
+    if secure:
+        noise = torch.randn((4, n), dtype=torch.float64, generator=generator, device=generator.device).sum(0) / 2
+    else:
+        noise = torch.randn(n, dtype=torch.float64, generator=generator, device=generator.device)
     return (noise * float(std)).to(torch.float32)
 
 
@@ -393,9 +398,9 @@ def _round_rdp(sampling: str, population: int, cohort_size: int, z: float) -> np
 def _epsilon_cached(accounting: UserLevelAccounting, rounds: int, delta: float) -> float:
     z = accounting.noise_multiplier
     if accounting.accountant == "pld":
-        base = _round_pld(accounting.sample_rate, z, PLD_VALUE_DISCRETIZATION_INTERVAL)
+        base = _round_pld(accounting.sample_rate, z, accounting.pld_interval)
         # identity().compose(...) as PLDAccountant does, so the answer is the library's to the bit.
-        composed = _pld.identity(value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL).compose(
+        composed = _pld.identity(value_discretization_interval=accounting.pld_interval).compose(
             base.self_compose(rounds)
         )
         return float(composed.get_epsilon_for_delta(delta))
@@ -420,7 +425,8 @@ class UserLevelAccounting:
     one (fixed). `noise_multiplier` is z = noise std / clip norm of the whole round mechanism
     (with adaptive clipping, the combined z of `update_noise_multiplier`). accountant="pld"
     with sampling="fixed" is rejected at construction: dp_accounting has no PLD for
-    sampling without replacement.
+    sampling without replacement. `pld_interval`: the PLD value discretisation (every interval
+    gives an upper bound; finer is tighter and costlier, see `accountants.choose_pld_interval`).
     """
 
     accountant: str = "pld"
@@ -428,6 +434,7 @@ class UserLevelAccounting:
     population: int
     cohort_size: int
     noise_multiplier: float
+    pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -443,6 +450,8 @@ class UserLevelAccounting:
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {z!r}")
         if self.sampling == "fixed" and self.accountant == "pld":
             raise ValueError(_FIXED_PLD_MESSAGE)
+        if not (_is_number(self.pld_interval) and 0.0 < self.pld_interval < 1.0):
+            raise ValueError(f"pld_interval must be in (0, 1), got {self.pld_interval!r}")
         # Normalise so that equal accountings hash alike (they key the epsilon cache).
         object.__setattr__(self, "population", population)
         object.__setattr__(self, "cohort_size", cohort)
@@ -463,6 +472,38 @@ class UserLevelAccounting:
             return math.inf
         return _epsilon_cached(self, r, d)
 
+    def epsilon_of_rounds(self, noise_multipliers: Sequence[float], *, delta: float) -> float:
+        """Epsilon of one round per entry of `noise_multipliers`, each with its own z (the same
+        sampling and adjacency as `epsilon`; equal to it when every z is this one's).
+
+        For what a run actually did: its rounds' realized z (distributed noise, or a run whose
+        rows record another z than the planned one), empty rounds included as noise-only releases.
+        """
+        d = _check_delta(delta)
+        zs = [float(z) for z in noise_multipliers]
+        for z in zs:
+            if not (_is_number(z) and 0.0 <= z < math.inf):
+                raise ValueError(f"noise multipliers must be finite numbers >= 0, got {z!r}")
+        if not zs:
+            return 0.0
+        if min(zs) == 0.0:
+            return math.inf
+        runs: list[list[float]] = []  # consecutive equal z: [z, count]
+        for z in zs:
+            if runs and runs[-1][0] == z:
+                runs[-1][1] += 1
+            else:
+                runs.append([z, 1])
+        if self.accountant == "pld":
+            composed = _pld.identity(value_discretization_interval=self.pld_interval)
+            for z, count in runs:
+                composed = composed.compose(_round_pld(self.sample_rate, z, self.pld_interval).self_compose(int(count)))
+            return float(composed.get_epsilon_for_delta(d))
+        acc = _rdp.RdpAccountant(neighboring_relation=_rdp_relation(self.sampling))
+        for z, count in runs:
+            acc.compose(_round_event(self.sampling, self.population, self.cohort_size, z), int(count))
+        return float(acc.get_epsilon(d))
+
     def describe(self) -> str:
         q, z = self.sample_rate, self.noise_multiplier
         if self.sampling == "poisson":
@@ -471,7 +512,7 @@ class UserLevelAccounting:
                 f"each round's cohort is Poisson-sampled (every one of {self.population} devices joins "
                 f"independently with q = {q:.6g}, expected cohort {self.cohort_size}), noise multiplier "
                 f"z = {z:.6g} (noise std / clip norm), accounted by dp_accounting's "
-                + ("PLD accountant (discretisation 1e-3)." if self.accountant == "pld" else "RDP accountant.")
+                + (f"PLD accountant (discretisation {self.pld_interval:g})." if self.accountant == "pld" else "RDP accountant.")
             )
         return (
             f"User-level DP under replace-one-device adjacency (one device's whole data set swapped for "

@@ -140,8 +140,8 @@ class GraphChoice:
         return (
             f"SecAgg+ {tm.model} over a cohort of {self.n}: {graph}, t={self.threshold}; holds against up to "
             f"{self.corrupt} colluding devices (gamma={tm.max_corrupt_fraction:.3g}) and {self.dropouts} dropouts "
-            f"({where}) except with probability <= 2^{_fmt(self.log2_insecure)} (sigma={tm.security_bits}); "
-            f"aborts with probability <= 2^{_fmt(self.log2_abort)} (eta={tm.correctness_bits})"
+            f"({where}) except with probability <= {_bound(self.log2_insecure)} (sigma={tm.security_bits}); "
+            f"aborts with probability <= {_bound(self.log2_abort)} (eta={tm.correctness_bits})"
         )
 
     def as_dict(self) -> dict:
@@ -159,13 +159,20 @@ class GraphChoice:
             "dropout_bound_from": "config" if tm.max_dropout_fraction is not None else f"drop rates (p={tm.dropout_rate:.6g})",
             "security_bits_sigma": tm.security_bits,
             "correctness_bits_eta": tm.correctness_bits,
-            "log2_insecure_bound": self.log2_insecure,
-            "log2_abort_bound": self.log2_abort,
+            # log2 of the bounds; null: the event is impossible under the assumptions (JSON has no -inf)
+            "log2_insecure_bound": _finite_or_none(self.log2_insecure),
+            "log2_abort_bound": _finite_or_none(self.log2_abort),
+            "insecure_probability_bound": _bound(self.log2_insecure),
+            "abort_probability_bound": _bound(self.log2_abort),
         }
 
 
-def _fmt(x: float) -> str:
-    return "-inf" if x == -math.inf else f"{x:.1f}"
+def _finite_or_none(x: float) -> float | None:
+    return None if x == -math.inf else x
+
+
+def _bound(log2_p: float) -> str:
+    return "0 (impossible under these assumptions)" if log2_p == -math.inf else f"2^{log2_p:.1f}"
 
 
 def _log2(x: Fraction | int) -> float:

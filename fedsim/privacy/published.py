@@ -1,0 +1,82 @@
+"""Which published metrics the run's guarantee covers, and which are diagnostics outside it.
+
+A differential-privacy guarantee covers what is computed from the mechanism's noised releases
+(and public configuration): the released models, their evaluation on the server's own test
+data, the clip norm adaptive clipping derives from the noisy count, the epsilons the
+accountant derives from public parameters. Everything else fedsim logs per round (the
+cohort's mean training loss, example and device counts, clipped fractions, timings, bytes) is
+computed from the devices' data without noise: useful to debug a simulation, and outside every
+epsilon the run reports (issue 14, defect 6). `summary.json` lists those keys under
+`diagnostics_outside_guarantee` with the reason, and `output.private_metrics_only=true` leaves
+them out of metrics.jsonl.
+
+Assumption behind "covered": the central test set belongs to the server (it is not device
+training data), so evaluating a released model on it is post-processing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fedsim.config import FedsimConfig
+
+# Covered whenever some DP mechanism is on: post-processing of released models, public values.
+_ALWAYS = {
+    "round": "the round number (public)",
+    "test_accuracy": "the released model evaluated on the server's test set (post-processing)",
+    "test_loss": "the released model evaluated on the server's test set (post-processing)",
+}
+# Covered by user-level DP-FedAvg: the accountant's output from public parameters, the config,
+# and the clip norm (fixed, or updated from the noisy count only: Andrew et al. 2021).
+_USER = {
+    "user_epsilon": "accounted from public parameters (z, q, rounds)",
+    "user_delta": "configuration",
+    "user_noise_multiplier": "configuration (or calibrated from public parameters)",
+    "user_noise_std": "z times the clip norm (public)",
+    "user_noise": "configuration",
+    "clip_norm": "fixed by the config, or updated from the noisy clipped count only (accounted)",
+    "simulated_cohort_size": "configuration",
+}
+_SAMPLE = {
+    "sample_delta": "configuration",
+}
+# Why each known diagnostic is outside; keys not listed get the generic reason.
+_OUTSIDE = {
+    "train_loss": "un-noised example-weighted mean of the cohort's training losses",
+    "num_examples": "un-noised count of the trained devices' examples",
+    "clip_fraction": "un-noised fraction of the cohort's per-example gradients that DP-SGD clipped",
+    "update_clipped_fraction": "un-noised fraction of the cohort's updates that user-level clipping clipped",
+    "cohort_size": "un-noised count of sampled devices (Poisson: depends on who is in the population)",
+    "devices_trained": "un-noised count of devices whose update was aggregated",
+    "devices_failed": "un-noised count of devices that failed",
+    "devices_late": "un-noised count of devices past the round deadline (depends on their data sizes)",
+    "user_release": "says whether the round's sum was over no device (an un-noised fact about the cohort)",
+    "user_release_reason": "says why the round released nothing (un-noised facts about the cohort)",
+    "user_realized_noise_multiplier": "depends on how many sampled devices survived (un-noised)",
+    "sample_epsilon_max": "per-device epsilons depend on each device's example count and participations",
+    "sample_epsilon_median": "per-device epsilons depend on each device's example count and participations",
+    "sample_epsilon_cohort_max": "per-device epsilons of the round's cohort (un-noised facts about who trained)",
+    "sample_epsilon_cohort_median": "per-device epsilons of the round's cohort (un-noised facts about who trained)",
+    "sample_devices_over_budget": "un-noised count of devices excluded by their budget",
+}
+GENERIC = "computed from the devices' data or the cohort without noise (timing, sizes, counts)"
+
+
+def covered_metrics(cfg: FedsimConfig) -> dict[str, str]:
+    """Metric keys the run's guarantee covers, with why (none without a DP mechanism)."""
+    if cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
+        return {}
+    out = dict(_ALWAYS)
+    if cfg.privacy.dpfedavg is not None:
+        out |= _USER
+    if cfg.privacy.dpsgd is not None:
+        out |= _SAMPLE
+    return out
+
+
+def outside_guarantee(cfg: FedsimConfig, keys: Iterable[str]) -> dict[str, str]:
+    """The keys among `keys` the guarantee does not cover, each with the reason."""
+    covered = covered_metrics(cfg)
+    if not covered:
+        return {k: "no differential-privacy mechanism is on: nothing is covered" for k in sorted(set(keys))}
+    return {k: _OUTSIDE.get(k, GENERIC) for k in sorted(set(keys)) if k not in covered}
