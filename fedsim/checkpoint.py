@@ -3,7 +3,7 @@
 A checkpoint is a plain dict saved with torch.save (open it with torch.load):
     version, round (last completed), config (the resolved run config), params (flat float32),
     server_optimizer (its state_dict), sample_ledger (ledger.json content or None),
-    user_level (released rounds, realized noise, adaptive-clipping state or None),
+    user_level (released rounds, distributed noise: each released round's clip norm, adaptive-clipping state or None),
     rows (metrics.jsonl so far), elapsed_s.
 Nothing random is stored because nothing random is carried between rounds: cohorts, device
 training and server noise are seeded by (seed, round, ...), so a run resumed at round r ends

@@ -222,7 +222,7 @@ class SecAggConfig:
     """Secure aggregation: SecAgg+ (Bell et al. 2020) over the round's cohort."""
 
     name: str = "none"  # none | secaggplus
-    bits: int = 16  # fixed-point bits per coordinate
+    bits: int = 16  # fixed-point bits per coordinate (signed grid of 2^bits - 1 levels)
     clip_range: float | None = None  # per-coordinate range [-r, r] (null: the DP-FedAvg clip norm, else 1.0)
     modulus_bits: int | None = None  # sums live mod 2^m (null: the smallest m that cannot overflow)
     # What the protocol must withstand (fedsim.secagg.params): k and t are chosen from these.
@@ -565,8 +565,8 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")
     sa = cfg.secagg
     _choice(sa.name, "secagg.name", ("none", "secaggplus"))
-    if not 1 <= sa.bits <= 32:
-        raise ConfigError("secagg.bits", f"must be in 1..32, got {sa.bits}")
+    if not 2 <= sa.bits <= 32:  # a signed grid [-L, L], L = 2^(bits-1) - 1, needs 2 bits
+        raise ConfigError("secagg.bits", f"must be in 2..32, got {sa.bits}")
     _positive(sa.clip_range, "secagg.clip_range")
     if sa.modulus_bits is not None and not sa.bits <= sa.modulus_bits <= 64:
         raise ConfigError("secagg.modulus_bits", f"must be in {sa.bits}..64 (secagg.bits..64), got {sa.modulus_bits}")

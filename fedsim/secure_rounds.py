@@ -5,8 +5,10 @@
     stage 2 share_keys      server -> workers: each device's live neighbours' public keys
                             workers -> server: encrypted Shamir shares, one per neighbour
     stage 3 masked_input    server -> workers: global weights + the shares addressed to each device
-                            workers -> server: each device trains, clips (DP-FedAvg), quantizes,
-                            adds its noise share (distributed DP) and masks: only masked vectors leave
+                            workers -> server: each device trains, clips (DP-FedAvg), rounds to the
+                            grid (conditionally, within the accountant's norm bound), adds its noise
+                            share (distributed DP), appends its statistics and masks: only masked
+                            vectors leave
     (active) consistency    server -> workers: the survivor set; workers -> server: each device's signature on it
     stage 4 unmask          server -> workers: which neighbours survived stage 3 (active: + their signatures)
                             workers -> server: b-shares of survivors, s-shares of the dropped
@@ -28,18 +30,30 @@ FEDSIM_SECAGG_IDENTITY_SECRET; the launcher draws it from the OS before any work
 deployment sets the same value on every SuperNode) and d's id, so every worker computes the
 same registry of public keys and the server never sees the secret. Assumption stated in
 summary.json: the server cannot read the workers' environment.
+
+No side channels: what the server needs per device (its mean loss, its example count, the
+DP-SGD clipped fraction, the adaptive-clipping bit) travels as extra coordinates of the masked
+vector (`STATS`, fixed point with their own ranges) and reaches the server only as cohort sums.
+A worker's plain reply names the devices that trained or failed (the server sees who sent a
+masked vector anyway) and, with DP-SGD, each device's privacy event for the ledger.
+
+Randomness the server cannot know: rounding and noise come from `fedsim.randomness` streams
+("secagg.rounding", "secagg.noise"): fresh OS entropy in secure mode (the default with
+distributed noise), derived from the seed and config in reproducible mode, where the run says
+"simulation only: the server can remove the noise".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-import math
 import os
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,20 +74,33 @@ from fedsim.secagg import (
     Unsatisfiable,
     check_params,
     choose_params,
-    realized_total_variance,
     skellam,
     skellam_tail_bound,
 )
 from fedsim.secagg.crypto import identity_public
+from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.worker import DeviceReport, Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
 # Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 IDENTITY_SECRET_ENV = "FEDSIM_SECAGG_IDENTITY_SECRET"
+
+if TYPE_CHECKING:
+    from fedsim.privacy.dpfedavg import SecureEncoding
+
 MESSAGE_TYPE = "train.secagg"
 _DROP_STREAM = 0xD20B
-_QUANT_STREAM = 0x9A17
+ROUNDING_STREAM = "secagg.rounding"
+NOISE_STREAM = "secagg.noise"
+#: P(the noise of a round's sum leaves the range the modulus is sized for): accuracy only (a
+#: wrapped sum is still a function of the noisy sum, so privacy holds).
+OVERFLOW_PROB = 1e-9
+
+# Per-device statistics appended to the masked vector. Each is an integer in [0, STAT_LEVELS]
+# (the adaptive-clipping bit: 2 b - 1 in {-1, 1}, plus its noise share); sums decode to cohort sums.
+STAT_LEVELS = (1 << 16) - 1
+LOSS_RANGE = 64.0  # a device's mean training loss, clipped to [0, 64], 16-bit fixed point
 
 # Everything the server receives in a secure round passes through these callables (tests).
 RECEIVED: list[Callable[[str, RecordDict], None]] = []
@@ -81,31 +108,78 @@ RECEIVED: list[Callable[[str, RecordDict], None]] = []
 
 @dataclass
 class SecureRoundResult:
-    total: torch.Tensor | None  # float64 sum of the survivors' updates (None: aborted)
+    total: torch.Tensor | None  # float64 sum of the survivors' updates, their noise included (None: aborted)
     count: int  # devices in the sum
-    reports: list[DeviceReport]  # metadata of the devices in the sum (no updates)
+    reports: list[DeviceReport]  # who trained or failed, DP-SGD events (no per-device values)
     aborted: str | None = None
     metrics: dict = field(default_factory=dict)
-    noise_std: float = 0.0  # std of the distributed noise the survivors added to `total` (float units)
+    sums: dict[str, float] = field(default_factory=dict)  # cohort sums of the STATS coordinates
 
 
-def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0) -> FixedPoint:
-    """The round's encoding: m chosen (or the configured m checked) so the cohort's sum, noise
-    included, cannot wrap around."""
+def stats_names(cfg: FedsimConfig) -> tuple[str, ...]:
+    """The per-device statistics a SecAgg+ round carries inside the masked vector, in order."""
+    names = ["loss", "num_examples"]
+    if cfg.privacy.dpsgd is not None:
+        names += ["clip_fraction", "clip_fraction_devices"]  # devices with no example drawn report NaN
+    user = cfg.privacy.dpfedavg
+    if user is not None and user.adaptive_clipping:
+        names.append("within_bound")  # 2 b_i - 1: the centred count of Andrew et al. 2021, doubled
+    return tuple(names)
+
+
+def encode_stats(
+    names: tuple[str, ...], loss: float, examples: int, clip_fraction: float | None, within: bool | None,
+    rng: np.random.Generator,
+) -> np.ndarray:  # fmt: skip
+    """One device's statistics as integers (fixed point, randomized rounding for the fractions)."""
+    out = []
+    for name in names:
+        if name == "loss":
+            value = min(max(loss, 0.0), LOSS_RANGE) if np.isfinite(loss) else LOSS_RANGE
+            out.append(int(stochastic_round(np.array([value / LOSS_RANGE * STAT_LEVELS]), rng)[0]))
+        elif name == "num_examples":
+            out.append(min(int(examples), STAT_LEVELS))
+        elif name == "clip_fraction":
+            fraction = 0.0 if clip_fraction is None or np.isnan(clip_fraction) else clip_fraction
+            out.append(int(stochastic_round(np.array([fraction * STAT_LEVELS]), rng)[0]))
+        elif name == "clip_fraction_devices":
+            out.append(0 if clip_fraction is None or np.isnan(clip_fraction) else 1)
+        elif name == "within_bound":
+            out.append(1 if within else -1)
+    return np.array(out, dtype=np.int64)
+
+
+def decode_stats(names: tuple[str, ...], sums: np.ndarray) -> dict[str, float]:
+    """Cohort sums from the summed statistics coordinates (signed integers)."""
+    out: dict[str, float] = {}
+    for name, value in zip(names, sums.tolist(), strict=True):
+        scale = {"loss": LOSS_RANGE / STAT_LEVELS, "clip_fraction": 1.0 / STAT_LEVELS}.get(name, 1.0)
+        out[name] = value * scale
+    return out
+
+
+def encoding_clip(cfg: FedsimConfig) -> float:
+    """The per-coordinate range r of the round's grid."""
     sa, user = cfg.secagg, cfg.privacy.dpfedavg
-    clip = sa.clip_range or (user.clip_norm if user is not None and not user.adaptive_clipping else 1.0)
+    return sa.clip_range or (user.clip_norm if user is not None and not user.adaptive_clipping else 1.0)
+
+
+def grid_step(cfg: FedsimConfig) -> float:
+    """The grid spacing r / (2^(b-1) - 1) of every SecAgg+ round of `cfg`."""
+    return FixedPoint(encoding_clip(cfg), cfg.secagg.bits, 64).step
+
+
+def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0, other_abs_sum: int = 0) -> FixedPoint:
+    """The round's encoding: m chosen (or the configured m checked) so the cohort's sum, noise
+    and statistics included, cannot wrap around."""
+    sa = cfg.secagg
+    other = max(other_abs_sum, num_devices * STAT_LEVELS)
     try:
-        return FixedPoint.for_sum(clip, sa.bits, num_devices, noise_bound, modulus_bits=sa.modulus_bits)
+        return FixedPoint.for_sum(
+            encoding_clip(cfg), sa.bits, num_devices, noise_bound, modulus_bits=sa.modulus_bits, other_abs_sum=other
+        )
     except ValueError as err:
         raise ConfigError("secagg.modulus_bits", str(err)) from None
-
-
-def noise_plan(fp_clip: FixedPoint, device_noise: Callable[[float], float] | None, n: int, length: int) -> tuple[float, int]:
-    """Per-device Skellam variance on the grid and the bound B its sum stays within (w.p. 1 - 1e-9)."""
-    if device_noise is None:
-        return 0.0, 0
-    mu = device_noise(fp_clip.step)
-    return mu, skellam_tail_bound(mu * n, 1e-9, length) if mu > 0 else 0
 
 
 def threat_model(cfg: FedsimConfig) -> ThreatModel:
@@ -231,25 +305,48 @@ def secure_round(
     round_num: int,
     config_json: str,
     clip_norm: float | None,
-    device_noise: Callable[[float], float] | None = None,
+    encoding: SecureEncoding | None = None,
     send: Callable[..., dict[int, Message]] | None = None,
 ) -> SecureRoundResult:
     """Run the four stages over the workers in `plan` (node id, device ids).
 
-    `device_noise(step)`: distributed DP, the Skellam variance each device adds on a grid of
-    spacing `step`; the result's `noise_std` is the noise the survivors actually added.
+    `encoding` (user-level DP): the norm bound of conditional rounding and, with distributed
+    noise, the Skellam variance every released sum must carry; each device adds 1/h of it, h
+    the fewest honest inputs a released sum can hold (see below), so any sum has at least that.
     """
     t0 = time.perf_counter()
     cohort = sorted(d for _, ids in plan for d in ids)
     position = {d: i for i, d in enumerate(cohort)}
     if len(cohort) < 2:
         return SecureRoundResult(None, 0, [], aborted=f"only {len(cohort)} device(s) sampled; SecAgg+ needs 2")
-    mu, bound = noise_plan(fixed_point(cfg, len(cohort)), device_noise, len(cohort), len(params_vec))
-    fp = fixed_point(cfg, len(cohort), bound)
-    try:
-        params = session_params(cfg, len(cohort), len(params_vec), fp.modulus_bits, round_num)
+    n, dim = len(cohort), len(params_vec)
+    names = stats_names(cfg)
+    try:  # k and t first: the noise shares depend on t
+        params = session_params(cfg, n, dim + len(names), 64, round_num)
     except ConfigError as err:  # a Poisson cohort too small for the threat model: this round only
         return SecureRoundResult(None, 0, [], aborted=f"no secure (k, t) for this round's cohort: {err.message}")
+    t = params.threshold
+    # Distributed noise: the server sums at least `min_inputs` masked inputs or aborts before
+    # unmasking (the larger of t and n - D, D the dropouts the threat model budgets for), and up
+    # to C of them may collude with the server and strip their own share: each device adds
+    # 1/(min_inputs - C) of the round's variance, so any sum released carries the accounted noise.
+    distributed = encoding is not None and (encoding.update_variance > 0 or encoding.count_variance > 0)
+    min_inputs, honest = 0, 1
+    if distributed:
+        choice = graph_choice(cfg, n)
+        min_inputs = max(t, n - choice.dropouts)
+        honest = min_inputs - choice.corrupt
+        if honest < 1:
+            return SecureRoundResult(None, 0, [], aborted=(
+                f"distributed noise cannot be guaranteed: at least {min_inputs} inputs are summed but up to "
+                f"{choice.corrupt} colluding devices may remove their shares"))  # fmt: skip
+    mu_update = encoding.update_variance / honest if distributed else 0.0  # type: ignore[union-attr]
+    mu_count = encoding.count_variance / honest if distributed else 0.0  # type: ignore[union-attr]
+    # The sum of all n devices' shares stays within +-B (w.p. 1 - OVERFLOW_PROB): the ring is sized for it.
+    bound = skellam_tail_bound(n * mu_update, OVERFLOW_PROB / 2, dim) if mu_update > 0 else 0
+    count_bound = skellam_tail_bound(n * mu_count, OVERFLOW_PROB / 2, 1) if mu_count > 0 else 0
+    fp = fixed_point(cfg, n, bound, n + count_bound)
+    params = dataclasses.replace(params, modulus_bits=fp.modulus_bits)
     server_registry: dict[int, bytes] = {}
     server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
@@ -266,10 +363,15 @@ def secure_round(
         "active": params.active,
         "clip": fp.clip,
         "bits": fp.bits,
-        "skellam_mu": mu,
+        "dim": dim,
+        "stats": list(names),
+        "skellam_mu": mu_update,
+        "skellam_mu_count": mu_count,
     }
     if params.active:
         base["cohort"] = cohort  # public: devices look their neighbours up in the key registry
+    if encoding is not None:
+        base["norm_bound"] = float(encoding.norm_bound)
     if clip_norm is not None:
         base["clip_norm"] = float(clip_norm)
 
@@ -350,6 +452,10 @@ def secure_round(
             reports.append(wire.read_report(content, None))
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked)
+        if len(server.survivors) < min_inputs:  # before any unmasking share is asked for: nothing is released
+            raise SecAggAborted(
+                f"only {len(server.survivors)} masked inputs, fewer than the {min_inputs} the distributed noise is sized for"
+            )
         if params.active:
             replies = exchange("consistency", req4)
             signatures = device_payloads(replies)
@@ -365,13 +471,28 @@ def secure_round(
     in_sum = {cohort[i] for i in server.survivors}
     for report in reports:  # only devices whose masked input made it into the sum
         report.keep_rows([i for i, d in enumerate(report.device_ids) if d in in_sum])
-    total = torch.from_numpy(fp.decode_sum(aggregate, len(in_sum), bound))
-    # Each survivor added Skellam(mu) on the grid: the sum carries variance mu * survivors.
-    noise_std = math.sqrt(realized_total_variance(mu, len(in_sum))) * fp.step
+    total = torch.from_numpy(fp.decode_sum(aggregate[:dim]))
+    sums = decode_stats(names, from_ring_signed(aggregate[dim:], fp.modulus_bits))
     metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, server)
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
     metrics |= {f"secagg_stage_time_s_{stage}": t for stage, t in stage_time.items()}
-    return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, noise_std=noise_std)
+    metrics |= cohort_metrics(sums, len(in_sum))
+    if distributed:
+        metrics |= {"secagg_noise_min_inputs": min_inputs, "secagg_noise_honest_inputs": honest}
+    return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums)
+
+
+def cohort_metrics(sums: dict[str, float], count: int) -> dict:
+    """Round metrics from the cohort sums (under SecAgg+ the server has nothing per device).
+
+    train_loss is the mean over devices of each device's mean loss (a device-weighted mean:
+    an example-weighted one would need each device's loss x examples, a wider coordinate).
+    """
+    out: dict = {"num_examples": int(round(sums["num_examples"])), "train_loss": sums["loss"] / count if count else None}
+    if "clip_fraction" in sums:
+        devices = sums["clip_fraction_devices"]
+        out["clip_fraction"] = sums["clip_fraction"] / devices if devices else None
+    return out
 
 
 def _metrics(
@@ -414,6 +535,72 @@ def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> b
 _DEVICE_FAULTS = (SecAggAborted, ValueError, TypeError, KeyError)
 
 
+def _masked_input(
+    msg: Message, job: ConfigRecord, worker: Worker, params: SecAggParams, live: list[tuple[int, int]],
+    round_num: int, device: Callable[[int, int], SecAggDevice], states: dict[str, bytes], errors: dict[str, str],
+) -> RecordDict:  # fmt: skip
+    """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc).
+
+    `device(d, p)` restores device d's protocol state (taking it out of `states`); a device
+    whose stage fails drops alone, its reason in `errors`."""
+    cfg = worker.cfg
+    fp = FixedPoint(float(job["clip"]), int(job["bits"]), params.modulus_bits)  # type: ignore[arg-type]
+    mu, mu_count = float(job["skellam_mu"]), float(job["skellam_mu_count"])  # type: ignore[arg-type]
+    norm_bound = float(job["norm_bound"]) if "norm_bound" in job else None  # type: ignore[arg-type]
+    names = tuple(str(n) for n in job["stats"])  # type: ignore[union-attr]
+    global_params = torch.from_numpy(msg.content.array_records["global"]["params"].numpy())
+    clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
+    device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
+    # The plan's groups (vectorized training) without the devices that dropped here.
+    sizes = [int(g) for g in job["groups"]] if "groups" in job else None  # type: ignore[union-attr]
+    groups = keep_in_groups(device_ids, sizes, {d for d, _ in live})
+    report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
+    streams = randomness.streams(cfg)
+    masked: dict[str, Array] = {}
+    masked_meta: dict[str, ConfigRecord] = {}
+    pos_of = dict(live)
+    keep = []
+    for row, d in enumerate(report.device_ids):
+        p = pos_of[d]
+        rounding = streams.numpy(ROUNDING_STREAM, round_num, d)
+        noise_rng = streams.numpy(NOISE_STREAM, round_num, d)
+        try:
+            q = fp.encode_int(report.updates[row], rounding, norm_bound)
+        except ValueError as err:  # this device's update cannot be encoded: it drops, the others go on
+            errors[str(p)] = f"masked_input: {err}"
+            continue
+        if mu > 0:  # the device's noise share, on the grid, before masking (Agarwal et al. 2021)
+            q += skellam(mu, q.shape, noise_rng)
+        stats = encode_stats(
+            names, report.losses[row], report.num_examples[row],
+            report.clip_fractions[row] if report.clip_fractions else None,
+            report.within_bound[row] if report.within_bound else None, rounding,
+        )  # fmt: skip
+        if mu_count > 0 and "within_bound" in names:
+            stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]
+        x = to_ring(np.concatenate([q, stats]), params.modulus_bits)
+        try:
+            dev = device(d, p)
+            reply = dev.masked_input(dict(msg.content.config_records[f"req.{p}"]), x)
+        except _DEVICE_FAULTS as err:
+            errors[str(p)] = f"masked_input: {err}"
+            continue
+        masked[str(p)] = Array(reply["masked"])
+        if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
+            masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
+        states[str(p)] = dev.export_state()
+        keep.append(row)
+    report.keep_rows(keep)
+    # Only masked vectors leave the worker: no update, loss, example count or clipping bit in the clear.
+    report.updates, report.losses, report.num_examples = [], [], []
+    report.within_bound, report.clip_fractions = [], []
+    out = wire.write_report(report)
+    out["masked"] = ArrayRecord(masked)
+    for key, record in masked_meta.items():
+        out[key] = record
+    return out
+
+
 def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) -> Message:
     """One stage for the devices named in `msg`, their secrets kept in `context.state`.
 
@@ -450,41 +637,8 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         return SecAggDevice.restore(params, states.pop(str(p)), **kw)  # type: ignore[arg-type]
 
     if stage == "masked_input":
-        fp = FixedPoint(float(job["clip"]), int(job["bits"]), params.modulus_bits)  # type: ignore[arg-type]
-        mu = float(job["skellam_mu"])  # type: ignore[arg-type]
-        global_params = torch.from_numpy(msg.content.array_records["global"]["params"].numpy())
-        clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
-        # The plan's groups (vectorized training) without the devices that dropped here.
-        sizes = [int(g) for g in job["groups"]] if "groups" in job else None  # type: ignore[union-attr]
         live = [(d, p) for d, p in live if str(p) in states]
-        groups = keep_in_groups(device_ids, sizes, {d for d, _ in live})
-        report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
-        masked: dict[str, Array] = {}
-        masked_meta: dict[str, ConfigRecord] = {}
-        pos_of = dict(live)
-        for d, update in zip(report.device_ids, report.updates, strict=True):
-            p = pos_of[d]
-            try:
-                dev = device(d, p)
-                rng = np.random.default_rng([cfg.seed, _QUANT_STREAM, round_num, d])
-                # Distributed DP: the device's noise share, added on the grid before masking. Seeded
-                # for reproducible simulation; a deployment draws it from the OS.
-                noise = skellam(mu, update.shape, rng) if mu > 0 else None
-                x = fp.encode(update, rng, noise)
-                request = dict(msg.content.config_records[f"req.{p}"])
-                reply = dev.masked_input(request, x)
-            except _DEVICE_FAULTS as err:
-                errors[str(p)] = f"masked_input: {err}"
-                continue
-            masked[str(p)] = Array(reply["masked"])
-            if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
-                masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
-            states[str(p)] = dev.export_state()
-        report.updates = []  # only masked vectors leave the worker
-        out = wire.write_report(report)
-        out["masked"] = ArrayRecord(masked)
-        for key, record in masked_meta.items():
-            out[key] = record
+        out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors)
     else:
         for d, p in live:
             request = dict(msg.content.config_records[f"req.{p}"]) if f"req.{p}" in msg.content.config_records else {}

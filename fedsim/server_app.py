@@ -32,7 +32,7 @@ from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy import published
-from fedsim.privacy.dpfedavg import UserLevelDP
+from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
@@ -76,7 +76,8 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
         # The workers apply the same check (and fix), so their flat parameters match ours.
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
-    user_dp = UserLevelDP(cfg) if cfg.privacy.dpfedavg is not None else None  # may calibrate z
+    # may calibrate z; under SecAgg+ the rounding bound depends on the model's size
+    user_dp = UserLevelDP(cfg, num_params=len(flat_params(model))) if cfg.privacy.dpfedavg is not None else None
     if cfg.secagg.name == "secaggplus":
         secure_rounds.prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
@@ -97,7 +98,7 @@ class RoundOutcome:
     weight: float  # the sum's denominator for FedAvg (examples, or devices under SecAgg+)
     reports: list[wire.DeviceReport]
     stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
-    noise_std: float | None = None  # distributed DP: noise the devices actually added
+    count_sum: float | None = None  # SecAgg+ with adaptive clipping: secure sum of (2 b_i - 1) (+ device noise)
     aborted: str | None = None  # SecAgg+ aborted the round before the server could unmask a sum
 
 
@@ -135,6 +136,8 @@ def run_rounds(
         f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
     if cfg.secagg.name == "secaggplus":
         runlog.note(secure_rounds.summary(cfg)["guarantee"])
+    if user_dp and user_dp.distributed and randomness.mode(cfg) != "secure":
+        log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
     stopped: FedsimError | None = None
     start = time.perf_counter() - elapsed_before
     try:
@@ -194,8 +197,9 @@ def run_rounds(
                             sample_dp.save(run_dir)
                 if user_dp:
                     noised = user_dp.aggregate(
-                        out.total, out.reports, round_num, realized_noise_std=out.noise_std, noise_only=noise_only
-                    )
+                        out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
+                        noise_only=noise_only,
+                    )  # fmt: skip
                     params = optimizer.step(params, noised)
                     privacy |= user_dp.round_metrics()
                 elif out.count:
@@ -293,7 +297,7 @@ def exchange(
                 secure = secure_round(
                     cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
                     config_json=config_json, clip_norm=clip_norm,
-                    device_noise=user_dp.device_noise_variance if user_dp and user_dp.distributed else None,
+                    encoding=user_dp.secure_encoding() if user_dp else None,
                     send=sender,
                 )  # fmt: skip
                 break
@@ -310,8 +314,9 @@ def exchange(
             stats["secagg_aborted"] = secure.aborted
         # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
         return RoundOutcome(
-            secure.total, secure.count, float(secure.count), secure.reports, stats, secure.noise_std, secure.aborted
-        )
+            secure.total, secure.count, float(secure.count), secure.reports, stats, secure.sums.get("within_bound"),
+            secure.aborted,
+        )  # fmt: skip
     jobs = [
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),

@@ -134,7 +134,8 @@ def write_report(report: DeviceReport) -> RecordDict:
 
 
 def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
-    """The worker's report; `num_params` None: the reply carries no plain updates (secure aggregation)."""
+    """The worker's report; `num_params` None: a secure-aggregation reply, which must carry no
+    per-device values (updates, losses, example counts, clipping bits or fractions) at all."""
     try:
         devices = content.config_records["devices"]
         updates = content.array_records["updates"]["updates"].numpy()
@@ -159,16 +160,19 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
     except (KeyError, TypeError, ValueError) as err:  # ValueError: zip(strict=True) on unequal lists
         raise BadReply(f"malformed worker reply: {err}") from err
     n = len(report.device_ids)
+    if num_params is None:
+        # Secure aggregation: per-device values travel only inside the masked vectors.
+        if updates.size or report.num_examples or report.losses or report.within_bound or report.clip_fractions:
+            raise BadReply("a secure-aggregation reply carries per-device values in the clear")
+        if report.dp_events and len(report.dp_events) != n:
+            raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
+        return report
     if len(report.num_examples) != n or len(report.losses) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.num_examples)} example counts")
     if report.within_bound and len(report.within_bound) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.within_bound)} clipping bits")
     if report.dp_events and len(report.dp_events) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
-    if num_params is None:
-        if updates.size:
-            raise BadReply("a secure-aggregation reply carries plain updates")
-        return report
     if n and updates.shape != (n, num_params):
         raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
     report.updates = list(updates) if n else []

@@ -367,8 +367,10 @@ def test_to_ring_reduces_any_integer_dtype():
 
 
 def test_modulus_overflow_checks():
-    assert required_modulus_bits(16, 100) == 23  # 100 * 65535 < 2^23
-    assert required_modulus_bits(1, 1) == 1
+    assert required_modulus_bits(16, 100) == 23  # 2 * 100 * 32767 < 2^23
+    assert required_modulus_bits(2, 1) == 2  # {-1, 0, 1}
+    with pytest.raises(ValueError, match=r"bits must be in \[2, 52\]"):
+        required_modulus_bits(1, 1)
     with pytest.raises(ValueError, match=r"65-bit.*2147483648 devices x 34-bit"):
         required_modulus_bits(34, 2**31)
     with pytest.raises(ValueError, match=r"modulus_bits=20 is too small.*100 devices x 16-bit.*at least 23"):
@@ -386,7 +388,7 @@ def test_decode_of_summed_encodings():
     rng = np.random.default_rng(1)
     xs = rng.uniform(-0.5, 0.5, (n, d))
     total = sum(fp.encode(x, rng).astype(np.uint64) for x in xs) % np.uint64(2**fp.modulus_bits)
-    assert np.abs(fp.decode_sum(total, n) - xs.sum(0)).max() <= n * fp.step
+    assert np.abs(fp.decode_sum(total) - xs.sum(0)).max() <= n * fp.step
 
 
 def test_decode_with_noise_that_wraps_below_zero():
@@ -394,10 +396,10 @@ def test_decode_with_noise_that_wraps_below_zero():
     rng = np.random.default_rng(2)
     bound = skellam_tail_bound(n * mu, 1e-6, dimension=d)
     fp = FixedPoint.for_sum(clip=1.0, bits=6, n_devices=n, noise_bound=bound)
-    xs = np.full((n, d), -1.0)  # grid index 0: any negative noise wraps mod 2^m
+    xs = np.full((n, d), -1.0)  # grid index -L: negative noise goes further below zero, mod 2^m
     noises = [skellam(mu, d, rng) for _ in range(n)]
     total = sum(fp.encode(x, rng, z).astype(np.uint64) for x, z in zip(xs, noises)) % np.uint64(2**fp.modulus_bits)
-    decoded = fp.decode_sum(total, n, noise_bound=bound)
+    decoded = fp.decode_sum(total)
     np.testing.assert_allclose(decoded, -n + sum(noises) * fp.step, atol=1e-9)
 
 
@@ -412,7 +414,7 @@ def test_secure_sum_of_quantized_noisy_updates_end_to_end():
     inputs = {i: fp.encode(xs[i], rng, noises[i]) for i in range(n)}
     params = _params(vector_length=d, modulus_bits=fp.modulus_bits)
     result = simulate_round(params, inputs)
-    decoded = fp.decode_sum(result.aggregate, n, noise_bound=bound)
+    decoded = fp.decode_sum(result.aggregate)
     noise = sum(noises) * fp.step
     assert np.abs(decoded - noise - np.clip(xs, -0.1, 0.1).sum(0)).max() <= n * fp.step
 
@@ -438,6 +440,25 @@ def test_skellam_variance_and_sum_over_devices():
     bound = skellam_tail_bound(70.0, 1e-3, dimension=partial.size)
     assert np.abs(partial).max() <= bound < 100  # ~ 5.6 standard deviations
     assert skellam(0.0, 3, rng).tolist() == [0, 0, 0]
+
+
+def test_conditional_rounding_keeps_every_device_within_the_norm_bound():
+    from fedsim.privacy.skellam import rounded_norm_bound
+
+    fp = FixedPoint(clip=1.0, bits=4, modulus_bits=16)  # L = 7: a coarse grid, large rounding growth
+    rng = np.random.default_rng(5)
+    d = 400
+    x = rng.normal(size=d)
+    x *= 1.0 / np.linalg.norm(x)  # ||x|| = C = the clip range
+    c = 1.0 / fp.step
+    bound = rounded_norm_bound(c, d)
+    plain = [np.linalg.norm(fp.encode_int(x, rng)) for _ in range(300)]
+    conditional = [np.linalg.norm(fp.encode_int(x, rng, max_norm=bound)) for _ in range(300)]
+    assert max(conditional) <= bound
+    assert max(plain) > c  # unconditioned rounding does grow the norm past C / step
+    # still unbiased enough to be useful: the mean of the rounded vectors is near x
+    mean = np.mean([fp.decode(fp.encode_int(x, rng, max_norm=bound)) for _ in range(2000)], axis=0)
+    assert np.abs(mean - x).max() < 0.05
 
 
 def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_aborts():

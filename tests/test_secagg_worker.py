@@ -35,11 +35,14 @@ class OneWorker:
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         self.num_params = sum(p.numel() for p in self.worker.model.parameters())
         fp = secure_rounds.fixed_point(self.cfg, N)
-        self.params = secure_rounds.session_params(self.cfg, N, self.num_params, fp.modulus_bits, 1)
+        names = secure_rounds.stats_names(self.cfg)  # the device's statistics ride in the masked vector
+        length = self.num_params + len(names)
+        self.params = secure_rounds.session_params(self.cfg, N, length, fp.modulus_bits, 1)
         self.base = {
             "round": 1, "config": self.cfg.to_json(), "n": N, "t": self.params.threshold, "k": self.params.neighbours,
-            "m": self.params.modulus_bits, "length": self.num_params, "session": self.params.session_id,
+            "m": self.params.modulus_bits, "length": length, "session": self.params.session_id,
             "graph_seed": self.params.graph_seed, "active": False, "clip": fp.clip, "bits": fp.bits, "skellam_mu": 0.0,
+            "skellam_mu_count": 0.0, "dim": self.num_params, "stats": list(names),
         }  # fmt: skip
 
     def stage(self, stage: str, requests: dict[int, dict], extra: dict | None = None) -> RecordDict:

@@ -24,22 +24,28 @@ Accounting (fedsim.privacy.user_level): Poisson cohorts with add/remove-one-devi
 `noise_cohort_size` M' the server adds the noise of a cohort of M' devices (std scaled by
 m / M'): the reported epsilon is then the guarantee of that larger deployment, not of this
 simulation, and every output says so.
+
+Under SecAgg+ devices send randomly rounded integer vectors (fedsim.secagg.quantize): the
+sensitivity is the conditional-rounding norm bound D2 grid steps (>= C), and the noise std is
+z_Delta D2 steps (central or distributed). Distributed noise (privacy.dpfedavg.noise=distributed):
+the devices add Skellam shares sized so that the fewest honest inputs a released sum can hold
+(fedsim.secure_rounds: max(t, n - D) inputs minus C colluders) already carry the round's
+noise, and the rounds are accounted by fedsim.privacy.skellam (the discrete mechanism actually
+run, not a Gaussian of the same variance).
 """
 
 from __future__ import annotations
 
-import functools
-import math
+from dataclasses import dataclass
 from typing import Any
 
-import dp_accounting
 import torch
-from dp_accounting.pld import pld_privacy_accountant as pld
-from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
 from fedsim import randomness
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.privacy.calibration import solve_noise_multiplier
+from fedsim.privacy.skellam import SkellamBlock, SkellamRound, l1_bound, rounded_norm_bound, skellam_epsilon
 from fedsim.privacy.accountants import choose_pld_interval
 from fedsim.privacy.user_level import (
     PLD_VALUE_DISCRETIZATION_INTERVAL,
@@ -51,27 +57,77 @@ from fedsim.privacy.user_level import (
 )
 from fedsim.worker import DeviceReport
 
+#: Printed and recorded when distributed noise is derived from the run seed (privacy.randomness=reproducible).
+SIMULATION_ONLY = (
+    "simulation only: the server can remove the noise (privacy.randomness=reproducible derives every device's "
+    "noise from the run seed and config, which the server knows)"
+)
+
+
+@dataclass(frozen=True)
+class SecureEncoding:
+    """What a SecAgg+ round needs from user-level DP (grid units of the round's encoding).
+
+    norm_bound: D2, the L2 bound every device's rounded update is held to (conditional
+    randomized rounding). update_variance / count_variance: distributed noise, the Skellam
+    variance per coordinate that every released sum must carry, even when it holds only the
+    fewest honest inputs the protocol allows (0: the server adds central noise instead).
+    """
+
+    norm_bound: float
+    update_variance: float = 0.0
+    count_variance: float = 0.0
+
 
 class UserLevelDP:
     """The run's user-level DP state: clip norm, central noise, accounting, budget."""
 
-    def __init__(self, cfg: FedsimConfig) -> None:
+    def __init__(self, cfg: FedsimConfig, *, num_params: int | None = None) -> None:
+        """`num_params`: the model's size, needed under SecAgg+ (the rounding bound depends on it)."""
         user = cfg.privacy.dpfedavg
         assert user is not None
         self.cfg, self.user = cfg, user
+        self.distributed = user.noise == "distributed"
+        # Under SecAgg+ devices send randomly rounded integer vectors: the sensitivity is the
+        # norm bound after conditional rounding (D2 grid steps), not C (fedsim.privacy.skellam).
+        self.grid_step: float | None = None
+        self.num_params = num_params
+        if cfg.secagg.name == "secaggplus":
+            if num_params is None:
+                raise ValueError("UserLevelDP under SecAgg+ needs num_params (the rounding bound depends on it)")
+            from fedsim.secure_rounds import grid_step  # the round's encoding (imports Flower: only here)
+
+            self.grid_step = grid_step(cfg)
         self.expected_cohort = float(cfg.cohort.size)  # Poisson: q N = cohort.size; fixed: k
         # Andrew et al. 2021 suggest sigma_b = expected cohort / 20 for the noisy count.
         self.count_noise = (user.count_noise_multiplier or self.expected_cohort / 20) if user.adaptive_clipping else None
+        # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
+        self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self.calibrated = user.noise_multiplier is None
         if user.noise_multiplier is None:
             assert user.target_epsilon is not None
             try:
-                user.noise_multiplier = calibrate_user_noise(
-                    target_epsilon=user.target_epsilon,
-                    delta=user.delta,
-                    rounds=cfg.rounds,
-                    accounting=self._accounting(1.0),
-                )
+                if self.distributed:  # calibrated on the Skellam accounting of the mechanism actually run
+                    first, sigma_b = user.clip_norm, self.count_noise
+
+                    def epsilon(z: float) -> float:
+                        if sigma_b is not None and z >= 2 * sigma_b:
+                            return 0.0  # no update noise is left: refused below (count_noise_multiplier)
+                        return skellam_epsilon([self._skellam_round(first, z)] * cfg.rounds, user.delta)
+
+                    user.noise_multiplier = solve_noise_multiplier(
+                        epsilon,
+                        target_epsilon=user.target_epsilon,
+                        tolerance=0.01,
+                        setting=f"after {cfg.rounds} rounds, delta={user.delta:g}, distributed Skellam noise",
+                    )
+                else:
+                    user.noise_multiplier = calibrate_user_noise(
+                        target_epsilon=user.target_epsilon,
+                        delta=user.delta,
+                        rounds=cfg.rounds,
+                        accounting=self._accounting(1.0),
+                    )
             except ValueError as err:
                 raise ConfigError("privacy.dpfedavg.target_epsilon", str(err)) from None
         self.noise_multiplier = user.noise_multiplier
@@ -102,17 +158,13 @@ class UserLevelDP:
             self.update_noise = self.noise_multiplier
             self.clipping = None
         self.fixed_clip = user.clip_norm
-        # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
-        self.noise_scale = self.expected_cohort / user.noise_cohort_size if user.noise_cohort_size else 1.0
         self._last: dict[str, Any] = {}
         self.rounds_released = 0  # rounds whose noised sum was released (aborted rounds release nothing)
+        # Distributed noise: the clip norm of every released round (its Skellam mechanism
+        # follows from it, `_skellam_round`); accounted by fedsim.privacy.skellam.
+        self.released_clips: list[float] = []
         self.rounds_noise_only = 0  # of those, rounds whose sum was over no device (noise alone)
         self.not_released: list[dict[str, Any]] = []  # rounds that ran and released nothing: round, reason
-        # Distributed noise: devices add Skellam shares on the SecAgg+ grid; the realized noise
-        # depends on how many devices survive, so each round is accounted with its own z.
-        self.distributed = user.noise == "distributed"
-        self.realized_z: list[float] = []
-        self._composed = _RoundByRound(self.accounting) if self.distributed else None
 
     def _accounting(self, z: float, pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL) -> UserLevelAccounting:
         return UserLevelAccounting(
@@ -124,30 +176,68 @@ class UserLevelDP:
             pld_interval=pld_interval,
         )
 
+    def _update_z(self, z: float) -> float:
+        """The update's share z_Delta of the combined multiplier z (Andrew et al. 2021, Thm. 1)."""
+        if self.count_noise is None:
+            return z
+        return update_noise_multiplier(noise_multiplier=z, count_noise_multiplier=self.count_noise)
+
+    def rounding_bound(self, clip: float) -> float:
+        """D2: a device's L2 norm bound in grid steps after conditional randomized rounding."""
+        assert self.grid_step is not None and self.num_params is not None
+        return rounded_norm_bound(clip / self.grid_step, self.num_params)
+
+    def _skellam_round(self, clip: float, z: float | None = None, sampling: str | None = None) -> SkellamRound:
+        """The distributed mechanism of one round at clip norm `clip` (see `secure_encoding`)."""
+        z = self.noise_multiplier if z is None else z
+        d2 = self.rounding_bound(clip)
+        assert self.num_params is not None
+        blocks = [SkellamBlock(variance=(self._update_z(z) * d2 * self.noise_scale) ** 2, l2=d2, l1=l1_bound(d2, self.num_params))]
+        if self.count_noise is not None:
+            # The count coordinate carries sum_i (2 b_i - 1): one device moves it by 1, and its
+            # noise std 2 sigma_b is sigma_b on the centred count sum_i (b_i - 1/2).
+            blocks.append(SkellamBlock(variance=(2 * self.count_noise) ** 2, l2=1.0, l1=1.0))
+        return SkellamRound(tuple(blocks), sampling or self.cfg.cohort.sampling, self.cfg.population, self.cfg.cohort.size)
+
+    def secure_encoding(self) -> SecureEncoding:
+        """The next round's rounding bound and, with distributed noise, the Skellam variance the
+        survivors must reach (whatever drops out or colludes, within the threat model)."""
+        clip = self.clip_norm
+        if not self.distributed:
+            return SecureEncoding(norm_bound=self.rounding_bound(clip))
+        blocks = self._skellam_round(clip).blocks
+        return SecureEncoding(
+            norm_bound=self.rounding_bound(clip),
+            update_variance=blocks[0].variance,
+            count_variance=blocks[1].variance if len(blocks) > 1 else 0.0,
+        )
+
     @property
     def clip_norm(self) -> float:
         """C for the round about to start (devices clip to it)."""
         return self.clipping.clip_norm if self.clipping else self.fixed_clip
 
-    def epsilon(self, rounds: int) -> float:
-        """Epsilon after `rounds` released rounds (distributed noise: of the realized noise so far)."""
+    def epsilon(self, rounds: int, *, sampling: str | None = None) -> float:
+        """Epsilon after `rounds` released rounds. Distributed noise: the Skellam composition of
+        the released rounds, then (beyond them) rounds at the current clip norm; `sampling`
+        "none" gives the guarantee against the server, which knows the cohort."""
         if not rounds:
             return 0.0
-        if self._composed is not None and rounds == len(self.realized_z):
-            return self._composed.epsilon(self.user.delta)
-        if self._composed is not None and rounds == len(self.realized_z) + 1:
-            return self._composed.epsilon_with(self.noise_multiplier, self.user.delta)  # planned z for the next round
+        if self.distributed:
+            done = [self._skellam_round(c, sampling=sampling) for c in self.released_clips[:rounds]]
+            ahead = [self._skellam_round(self.clip_norm, sampling=sampling)] * (rounds - len(done))
+            return skellam_epsilon(done + ahead, self.user.delta)
         return self.accounting.epsilon(rounds=rounds, delta=self.user.delta)
 
     @property
     def noise_std(self) -> float:
-        """Standard deviation of the noise on the sum of clipped updates (float units)."""
-        return self.update_noise * self.clip_norm * self.noise_scale
+        """Standard deviation of the noise on the sum of clipped updates (float units).
 
-    def device_noise_variance(self, step: float) -> float:
-        """Per-device Skellam variance on a grid of spacing `step` so that the expected cohort's
-        shares sum to the planned noise (Agarwal, Kairouz, Liu 2021)."""
-        return (self.noise_std / step) ** 2 / self.expected_cohort
+        Under SecAgg+ the sensitivity is the rounded norm bound D2 grid steps (>= C), and the
+        noise std is z_Delta D2 steps; distributed: the guaranteed total (the fewest honest inputs)."""
+        if self.grid_step is None:
+            return self.update_noise * self.clip_norm * self.noise_scale
+        return self.update_noise * self.rounding_bound(self.clip_norm) * self.grid_step * self.noise_scale
 
     def check_budget(self, round_num: int) -> None:
         """Stop before the round that would take the run past its user-level budget."""
@@ -163,11 +253,19 @@ class UserLevelDP:
         text = (
             f"DP-FedAvg (user-level): z={self.noise_multiplier:.4g}, clip_norm={self.clip_norm:g}"
             f"{' (adaptive, quantile ' + str(self.user.target_quantile) + ')' if self.clipping else ''}, "
-            f"denominator={self.expected_cohort:g}; {self.accounting.describe().rstrip('.')}; "
+            f"denominator={self.expected_cohort:g}; {self._accounting_text().rstrip('.')}; "
             f"epsilon after {self.cfg.rounds} rounds = {self.epsilon(self.cfg.rounds):.4g} at delta={self.user.delta:g}"
         )
         if self.calibrated:
             text += f" (z calibrated for target epsilon {self.user.target_epsilon:g})"
+        if self.grid_step is not None:
+            growth = self.rounding_bound(self.clip_norm) * self.grid_step / self.clip_norm
+            text += f"; SecAgg+ rounding: sensitivity {growth:.4g} x C (conditional randomized rounding)"
+        if self.distributed:
+            from fedsim import randomness
+
+            if randomness.mode(self.cfg) != "secure":
+                text += "; " + SIMULATION_ONLY
         if self.user.noise_cohort_size:
             text += (
                 f"; SIMULATED: noise of a {self.user.noise_cohort_size}-device cohort, so epsilon describes that "
@@ -181,23 +279,22 @@ class UserLevelDP:
         reports: list[DeviceReport],
         round_num: int,
         *,
-        realized_noise_std: float | None = None,
+        count_sum: float | None = None,
+        count_devices: int = 0,
         noise_only: bool = False,
     ) -> torch.Tensor:
         """The noised mean update of the round: (sum of clipped updates + noise) / expected cohort.
 
         `total` is the float64 sum of the clipped updates (in the clear, or from secure
         aggregation); `noise_only`: no device update is in it (zeros), the release is the noise.
+        Under SecAgg+ the clipping bits arrive only as `count_sum` = sum_i (2 b_i - 1) over the
+        `count_devices` devices in the sum (with distributed noise: plus the devices' noise).
         """
         clip = self.clip_norm
         std = self.noise_std
         if self.distributed:
-            # The devices' shares are already in `total`; account for what the survivors added.
-            assert realized_noise_std is not None, "distributed noise needs the realized noise of the round"
-            std = realized_noise_std
-            self.realized_z.append(realized_noise_std / (clip * self.noise_scale) if clip else 0.0)
-            assert self._composed is not None
-            self._composed.add(self.realized_z[-1])
+            # The devices' shares are already in `total`, at least the guaranteed noise.
+            self.released_clips.append(clip)
             mean = (total / self.expected_cohort).to(torch.float32)
         else:
             generator = self.streams.torch("dpfedavg-noise", round_num)
@@ -206,21 +303,28 @@ class UserLevelDP:
         self.rounds_released += 1
         self.rounds_noise_only += noise_only
         within = [b for r in reports for b in r.within_bound]
+        if count_sum is None:
+            count_sum, count_devices = float(sum(2 * int(b) - 1 for b in within)), len(within)
         if self.clipping is not None:
-            count_gen = self.streams.torch("dpfedavg-count", round_num)
-            self.clipping.update(within, generator=count_gen)
+            if self.distributed:  # the devices' Skellam noise is already in the count
+                self.clipping.update_with_count(count_sum / 2)
+            else:
+                count_gen = self.streams.torch("dpfedavg-count", round_num)
+                self.clipping.update_with_count(count_sum / 2, generator=count_gen)
         self._last = {
             "user_epsilon": self.epsilon(self.rounds_released),
             "user_delta": self.user.delta,
             "user_noise_multiplier": self.noise_multiplier,
             "clip_norm": clip,
-            "update_clipped_fraction": (1 - sum(within) / len(within)) if within else None,
+            # sum_i (2 b_i - 1) = 2 (in bound) - n; with distributed noise, the noisy count
+            "update_clipped_fraction": 0.5 - count_sum / (2 * count_devices) if count_devices else None,
             "user_noise_std": std,
             "user_noise": "distributed" if self.distributed else "central",
-            "user_realized_noise_multiplier": self.realized_z[-1] if self.distributed else None,
             "simulated_cohort_size": self.user.noise_cohort_size,
             "user_release": "noise_only" if noise_only else "noised_sum",
         }
+        if self.distributed:
+            self._last["user_epsilon_vs_server"] = self.epsilon(self.rounds_released, sampling="none")
         return mean
 
     def no_release(self, round_num: int, reason: str) -> None:
@@ -240,8 +344,9 @@ class UserLevelDP:
         rounds_done = self.rounds_released
         return {
             "user_level": {
-                "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, central Gaussian noise",
-                "accounting": self.accounting.describe(),
+                "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, "
+                + ("distributed Skellam noise" if self.distributed else "central Gaussian noise"),
+                "accounting": self._accounting_text(),
                 "accountant": self.user.accountant,
                 "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
                 "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
@@ -264,13 +369,8 @@ class UserLevelDP:
                 "calibrated": self.calibrated,
                 "simulated_cohort_size": self.user.noise_cohort_size,
                 "noise": self.user.noise,
-                "distributed_noise": (
-                    "devices add Skellam shares (Agarwal, Kairouz, Liu 2021) before masking; epsilon composes each "
-                    "round's realized noise (fewer survivors, less noise), each accounted as a Gaussian of the same "
-                    "variance with sensitivity C (stochastic rounding's norm growth is not included)"
-                )
-                if self.distributed
-                else None,
+                "distributed_noise": self._distributed_summary() if self.distributed else None,
+                "secure_aggregation_rounding": self._rounding_summary() if self.grid_step is not None else None,
                 "note": (
                     f"noise simulates a cohort of {self.user.noise_cohort_size}: epsilon holds for that deployment, "
                     "not for this simulation"
@@ -280,79 +380,103 @@ class UserLevelDP:
             }
         }
 
+    def _accounting_text(self) -> str:
+        if not self.distributed:
+            return self.accounting.describe()
+        return (
+            "distributed Skellam noise (Agarwal, Kairouz, Liu 2021) sized for the fewest honest inputs a released sum "
+            f"can hold, RDP accounting of the discrete mechanism ({self.cfg.cohort.sampling} cohorts of {self.cfg.cohort.size}/"
+            f"{self.cfg.population}, sensitivity after conditional randomized rounding)"
+        )
+
+    def _rounding_summary(self) -> dict[str, Any]:
+        assert self.grid_step is not None
+        clip = self.clip_norm
+        d2 = self.rounding_bound(clip)
+        return {
+            "grid_step": self.grid_step,
+            "dimension": self.num_params,
+            "clip_norm_in_steps": clip / self.grid_step,
+            "rounded_norm_bound_in_steps": d2,
+            "sensitivity_growth": d2 * self.grid_step / clip,
+            "rounding": (
+                f"conditional randomized rounding (Kairouz, Liu, Steinke 2021, Thm 1, beta=e^-0.5): a device's "
+                f"rounding is redrawn until its norm is <= D2 = {d2:.6g} steps, so the sensitivity is D2 steps = "
+                f"{d2 * self.grid_step / clip:.6g} x C, and the noise is sized for it"
+            ),
+        }
+
+    def _distributed_summary(self) -> dict[str, Any]:
+        from fedsim import randomness
+
+        mode, why = randomness.resolve(self.cfg)
+        rnd = self._skellam_round(self.clip_norm)
+        return {
+            "mechanism": (
+                "each device adds Skellam noise (Agarwal, Kairouz, Liu 2021) to its randomly rounded integer update "
+                "before SecAgg+ masking; the sum carries the survivors' noise"
+            ),
+            "noise_sizing": (
+                "each device adds 1/h of the round's noise variance, h = max(t, n - D) - C: the server sums at least "
+                "max(t, n - D) masked inputs or aborts before unmasking (t the Shamir threshold, D the dropouts the "
+                "SecAgg+ threat model budgets for), and up to C = floor(gamma n) of them may collude with the server "
+                "and strip their own share; so every released round carries at least the accounted noise whatever "
+                "drops out, and epsilon does not depend on how many survived (metrics: secagg_noise_min_inputs, "
+                "secagg_noise_honest_inputs)"
+            ),
+            "noise_variance_per_coordinate": [b.variance for b in rnd.blocks],  # grid units: update, count
+            "accounting": (
+                "RDP of the Skellam mechanism with L1 and L2 sensitivity (Agarwal, Kairouz, Liu 2021, Cor. 3.6), "
+                "sensitivity = the conditional-rounding norm bound, update and clipped-count blocks composed per round, "
+                + (
+                    "Poisson subsampling (Zhu and Wang 2019, Thm 5), add/remove-one-device adjacency"
+                    if self.cfg.cohort.sampling == "poisson"
+                    else "sampling without replacement (Wang, Balle, Kasiviswanathan 2019, Thm 9), replace-one adjacency"
+                )
+                + "; rounds composed by adding RDP, converted with dp_accounting's compute_epsilon"
+                + (" (the configured PLD accountant does not apply to Skellam)" if self.user.accountant == "pld" else "")
+            ),
+            "epsilon_vs_server": self.epsilon(self.rounds_released, sampling="none"),
+            "epsilon_vs_server_means": (
+                "the server picks the cohort, so against it there is no amplification by sampling: the same rounds "
+                "without subsampling, replace-one adjacency of the device's data"
+            ),
+            "adaptive_clipping_count": (
+                "the clipped-count bits travel inside the masked vector as sum_i (2 b_i - 1) with their own Skellam "
+                f"noise (std 2 sigma_b = {2 * self.count_noise:g} at the fewest honest inputs), accounted with the update"
+                if self.count_noise is not None
+                else None
+            ),
+            "randomness": mode,
+            "randomness_reason": why,
+            "assumptions": [
+                "the server follows the abort rule (at least max(t, n - D) masked inputs in every released sum; in the "
+                "active threat model the devices do not check this count yet)",
+                "at most C = floor(gamma n) devices of a cohort collude with the server (secagg.max_corrupt_fraction); "
+                "the others keep their noise secret",
+                "the cohort is secret from whoever reads the released model (else see epsilon_vs_server)",
+                "secure randomness: noise and rounding come from the OS CSPRNG on each device"
+                if mode == "secure"
+                else SIMULATION_ONLY,
+            ],
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the accounting and the clipping exactly."""
         return {
             "rounds_released": self.rounds_released,
+            "released_clips": list(self.released_clips),
             "rounds_noise_only": self.rounds_noise_only,
             "not_released": list(self.not_released),
-            "realized_z": list(self.realized_z),
             "clipping": self.clipping.state_dict() if self.clipping else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_released = int(state["rounds_released"])
+        self.released_clips = [float(c) for c in state.get("released_clips", [])]
         self.rounds_noise_only = int(state.get("rounds_noise_only", 0))
         self.not_released = list(state.get("not_released", []))
-        self.realized_z = [float(z) for z in state.get("realized_z", [])]
-        if self._composed is not None:
-            self._composed.zs = list(self.realized_z)
         if self.clipping is not None and state.get("clipping"):
             self.clipping.load_state_dict(state["clipping"])
 
 
-
-class _RoundByRound:
-    """Composition of per-round events with different noise multipliers (distributed noise).
-
-    The same events and adjacency as `UserLevelAccounting` (Poisson: add/remove, PLD or RDP;
-    fixed size: replace-one, RDP, z/2), composed one round at a time with dp-accounting.
-    """
-
-    def __init__(self, accounting: UserLevelAccounting) -> None:
-        self.accounting = accounting
-        self.zs: list[float] = []
-
-    def _event(self, z: float) -> dp_accounting.DpEvent:
-        a = self.accounting
-        if a.sampling == "fixed":
-            return dp_accounting.SampledWithoutReplacementDpEvent(a.population, a.cohort_size, dp_accounting.GaussianDpEvent(z / 2))
-        return dp_accounting.PoissonSampledDpEvent(a.cohort_size / a.population, dp_accounting.GaussianDpEvent(z))
-
-    def add(self, z: float) -> None:
-        self.zs.append(z)
-
-    def epsilon_with(self, next_z: float, delta: float) -> float:
-        return self._epsilon([*self.zs, next_z], delta)
-
-    def epsilon(self, delta: float) -> float:
-        return self._epsilon(self.zs, delta)
-
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one accountant per run, few distinct calls per round
-    def _cached(self, zs: tuple[float, ...], delta: float) -> float:
-        if any(z <= 0 for z in zs):
-            return math.inf
-        a = self.accounting
-        if a.sampling == "fixed":
-            acc: dp_accounting.PrivacyAccountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        elif a.accountant == "rdp":
-            acc = rdp.RdpAccountant()
-        else:
-            acc = pld.PLDAccountant(value_discretization_interval=1e-3)
-        for z, count in _runs(zs):
-            acc.compose(self._event(z), count)
-        return acc.get_epsilon(delta)
-
-    def _epsilon(self, zs: list[float], delta: float) -> float:
-        return self._cached(tuple(zs), delta) if zs else 0.0
-
-
-def _runs(zs: tuple[float, ...]) -> list[tuple[float, int]]:
-    """Consecutive equal values grouped: (z, count) pairs (compose(event, count) is cheaper)."""
-    out: list[tuple[float, int]] = []
-    for z in zs:
-        if out and out[-1][0] == z:
-            out[-1] = (z, out[-1][1] + 1)
-        else:
-            out.append((z, 1))
-    return out

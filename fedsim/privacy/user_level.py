@@ -236,9 +236,20 @@ class AdaptiveClipping:
                 n += 1
             else:
                 raise ValueError(f"within_bound must hold booleans, got {b!r}")
-        noise = float(torch.randn(1, dtype=torch.float64, generator=generator, device=generator.device)[0])
-        centered = (below - 0.5 * n) + self.count_noise_multiplier * noise
-        b_bar = min(1.0, max(0.0, centered / self.expected_cohort_size + 0.5))
+        return self.update_with_count(below - 0.5 * n, generator=generator)
+
+    def update_with_count(self, centered_count: float, *, generator: torch.Generator | None = None) -> float:
+        """The same step from the centred count sum_i (b_i - 1/2) (e.g. a secure sum of the bits).
+
+        With `generator`, N(0, sigma_b^2) is drawn from it and added here (central noise); without,
+        `centered_count` must already carry the noise (distributed noise, added by the devices).
+        """
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            noise = float(torch.randn(1, dtype=torch.float64, generator=generator, device=generator.device)[0])
+            centered_count = centered_count + self.count_noise_multiplier * noise
+        b_bar = min(1.0, max(0.0, centered_count / self.expected_cohort_size + 0.5))
         new = self._clip_norm * math.exp(-self.learning_rate * (b_bar - self.target_quantile))
         if not (0.0 < new < math.inf):
             raise ValueError(f"adaptive clip norm left (0, inf): {self._clip_norm!r} -> {new!r}")

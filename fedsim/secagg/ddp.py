@@ -6,11 +6,14 @@ Learning", NeurIPS): each device adds integer noise Sk(mu_i) = Poisson(mu_i/2) -
 under summation, Sk(a) + Sk(b) = Sk(a + b), so the aggregate carries Sk(sum of the survivors'
 mu_i) and the server only ever sees the noisy sum. Sampled exactly with numpy's Poisson sampler.
 
-Noise is split for the *expected* cohort (mu_device = mu_total / n_expected); if only s
-devices survive, the realized aggregate noise is Sk(s * mu_device), smaller than planned.
-Privacy must be accounted with that realized variance (`realized_total_variance`), never
-with the target. Variances here are in grid units; `grid_variance` converts a float-domain
-standard deviation with the quantization step.
+Noise is split for the *fewest honest inputs* a released sum can hold, h (fedsim.secure_rounds:
+mu_device = mu_total / h, h = max(t, n - D) - C): the server aborts a round with fewer inputs,
+and colluders may strip their own shares, so any sum it can decode carries at least
+Sk(mu_total), whatever drops out, and the round's privacy
+guarantee (fedsim.privacy.skellam) is fixed before the round starts. With s > h honest survivors the
+sum carries Sk(s mu_device) (`realized_total_variance`): more noise than accounted, never less.
+Variances here are in grid units; `grid_variance` converts a float-domain standard deviation
+with the quantization step.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def skellam(mu: float, size: int | tuple[int, ...], rng: np.random.Generator) ->
 
 
 def per_device_variance(target_total_variance: float, n_expected: int) -> float:
-    """Per-device Skellam variance so the sum over `n_expected` devices has the target variance."""
+    """Per-device Skellam variance so the sum over `n_expected` devices (the minimum number of
+    survivors, for a guarantee) has the target variance."""
     if n_expected < 1:
         raise ValueError(f"n_expected must be >= 1, got {n_expected}")
     if not (math.isfinite(target_total_variance) and target_total_variance >= 0):
@@ -50,11 +54,8 @@ def per_device_variance(target_total_variance: float, n_expected: int) -> float:
 
 
 def realized_total_variance(per_device: float, n_survivors: int) -> float:
-    """Variance of the aggregate noise when `n_survivors` devices' inputs are summed.
-
-    This, not the planned target, is what the privacy accountant must use (fewer survivors
-    = less noise = weaker guarantee).
-    """
+    """Variance of the aggregate noise when `n_survivors` devices' inputs are summed (at least
+    the accounted total when the shares were sized for the minimum number of survivors)."""
     if n_survivors < 0:
         raise ValueError(f"n_survivors must be >= 0, got {n_survivors}")
     return per_device * n_survivors

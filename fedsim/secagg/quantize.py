@@ -3,17 +3,27 @@
 Secure aggregation sums integers mod 2^m (Bonawitz et al. 2017, sec. 3: inputs in Z_R;
 Bell et al. 2020, sec. 3), so each device maps its float vector to the integer grid first,
 as in the distributed-DP pipeline of Agarwal, Kairouz, Liu 2021 ("The Skellam Mechanism
-for Differentially Private Federated Learning", NeurIPS, sec. 4: clip, scale, stochastically
+for Differentially Private Federated Learning", NeurIPS, sec. 4: clip, scale, randomly
 round, add integer noise, aggregate mod 2^m):
 
     clip each coordinate to [-r, r]
-    u = (x + r) / step,  step = 2r / (2^b - 1)          (u in [0, 2^b - 1])
-    q = floor(u) + Bernoulli(u - floor(u))               (stochastic rounding, unbiased)
-    decode(q) = q * step - r                              (E[decode(encode(x))] = x for |x| <= r)
+    u = x / step,  step = r / L,  L = 2^(b-1) - 1          (u in [-L, L])
+    q = floor(u) + Bernoulli(u - floor(u))                   (randomized rounding, unbiased)
+    decode(q) = q * step                                     (E[decode(encode(x))] = x for |x| <= r)
 
-The sum of n devices' q (plus integer noise with |noise| <= B) lies in [-B, n (2^b - 1) + B],
-so m must satisfy 2^m > n (2^b - 1) + 2B (`required_modulus_bits`); decoding the sum
-recentres by B, subtracts the n offsets (n r) and rescales by step.
+The grid is centred on 0 (q is a signed integer vector, reduced mod 2^m by two's complement):
+a device's contribution to the sum is then an integer vector whose norm the Skellam
+accountant bounds (fedsim.privacy.skellam). An offset grid (q in [0, 2^b - 1], the offset
+removed after summing) would make the sum's lattice depend on the number of devices, which
+integer noise cannot hide.
+
+Conditional randomized rounding (Kairouz, Liu, Steinke 2021, Sec. 4.1): with `max_norm`,
+the rounding is drawn again until ||q||_2 <= max_norm, so the norm bound the accountant uses
+holds for every device, not only on average.
+
+The sum of n devices' q (|q_j| <= L) plus integer noise with |noise| <= B lies in
+[-(nL + B), nL + B], so m must satisfy 2^m > 2 (nL + B) (`required_modulus_bits`); decoding
+maps the sum mod 2^m back to that signed range and rescales by step.
 """
 
 from __future__ import annotations
@@ -25,25 +35,41 @@ import numpy as np
 
 from fedsim.secagg.crypto import mask_dtype
 
-__all__ = ["FixedPoint", "check_modulus_bits", "required_modulus_bits", "stochastic_round", "to_ring"]
+__all__ = [
+    "FixedPoint",
+    "check_modulus_bits",
+    "from_ring_signed",
+    "required_modulus_bits",
+    "stochastic_round",
+    "to_ring",
+]
 
 #: Above 52 bits the grid index no longer fits a float64 mantissa exactly.
 MAX_BITS = 52
+#: Conditional rounding redraws at most this often (each draw fails with probability <= beta,
+#: e^-0.5 by default: 200 failures in a row have probability < 1e-43).
+MAX_ROUNDING_DRAWS = 200
 
 
-def required_modulus_bits(bits: int, n_devices: int, noise_bound: int = 0) -> int:
+def _half_levels(bits: int) -> int:
+    if not 2 <= bits <= MAX_BITS:
+        raise ValueError(f"quantization bits must be in [2, {MAX_BITS}], got {bits}")
+    return (1 << (bits - 1)) - 1
+
+
+def required_modulus_bits(bits: int, n_devices: int, noise_bound: int = 0, *, other_abs_sum: int = 0) -> int:
     """Smallest m such that the sum of `n_devices` b-bit values plus noise in [-B, B] fits Z_{2^m}.
 
-    Needs 2^m > n (2^b - 1) + 2B (the span of possible sums). Raises ValueError naming the
-    numbers if that m exceeds 64 (the widest ring the masks support).
+    Needs 2^m > 2 (n L + B), L = 2^(b-1) - 1 (the signed range of possible sums);
+    `other_abs_sum` bounds |sum| of any other coordinates sharing the vector. Raises
+    ValueError naming the numbers if that m exceeds 64 (the widest ring the masks support).
     """
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"quantization bits must be in [1, {MAX_BITS}], got {bits}")
+    half = _half_levels(bits)
     if n_devices < 1:
         raise ValueError(f"n_devices must be >= 1, got {n_devices}")
-    if noise_bound < 0:
-        raise ValueError(f"noise_bound must be >= 0, got {noise_bound}")
-    span = n_devices * ((1 << bits) - 1) + 2 * int(noise_bound)
+    if noise_bound < 0 or other_abs_sum < 0:
+        raise ValueError(f"noise_bound and other_abs_sum must be >= 0, got {noise_bound}, {other_abs_sum}")
+    span = 2 * max(n_devices * half + int(noise_bound), int(other_abs_sum))
     m = span.bit_length()
     if m > 64:
         raise ValueError(
@@ -54,9 +80,9 @@ def required_modulus_bits(bits: int, n_devices: int, noise_bound: int = 0) -> in
     return m
 
 
-def check_modulus_bits(modulus_bits: int, bits: int, n_devices: int, noise_bound: int = 0) -> None:
+def check_modulus_bits(modulus_bits: int, bits: int, n_devices: int, noise_bound: int = 0, *, other_abs_sum: int = 0) -> None:
     """Raise ValueError (naming the numbers) if Z_{2^modulus_bits} can overflow for this sum."""
-    needed = required_modulus_bits(bits, n_devices, noise_bound)
+    needed = required_modulus_bits(bits, n_devices, noise_bound, other_abs_sum=other_abs_sum)
     if not 1 <= modulus_bits <= 64:
         raise ValueError(f"modulus_bits must be in [1, 64], got {modulus_bits}")
     if modulus_bits < needed:
@@ -85,9 +111,18 @@ def to_ring(values: np.ndarray, modulus_bits: int) -> np.ndarray:
     return wrapped
 
 
+def from_ring_signed(total: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """Elements of Z_{2^m} as int64 in [-2^(m-1), 2^(m-1)) (the inverse of `to_ring` on that range)."""
+    t = np.asarray(total).astype(np.uint64) & np.uint64((1 << modulus_bits) - 1 if modulus_bits < 64 else 2**64 - 1)
+    signed = t.astype(np.int64)  # two's complement for m = 64
+    if modulus_bits < 64:
+        signed = np.where(signed >= (1 << (modulus_bits - 1)), signed - (1 << modulus_bits), signed)
+    return signed
+
+
 @dataclass(frozen=True)
 class FixedPoint:
-    """Clip to [-clip, clip], b-bit grid, values in Z_{2^modulus_bits} (see module docstring)."""
+    """Clip to [-clip, clip], signed b-bit grid, values in Z_{2^modulus_bits} (module docstring)."""
 
     clip: float
     bits: int
@@ -96,66 +131,75 @@ class FixedPoint:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"clip range must be a positive finite number, got {self.clip}")
-        if not 1 <= self.bits <= MAX_BITS:
-            raise ValueError(f"quantization bits must be in [1, {MAX_BITS}], got {self.bits}")
+        _half_levels(self.bits)
         if not self.bits <= self.modulus_bits <= 64:
             raise ValueError(f"modulus_bits must be in [bits={self.bits}, 64], got {self.modulus_bits}")
 
     @classmethod
     def for_sum(
-        cls, clip: float, bits: int, n_devices: int, noise_bound: int = 0, modulus_bits: int | None = None
+        cls,
+        clip: float,
+        bits: int,
+        n_devices: int,
+        noise_bound: int = 0,
+        modulus_bits: int | None = None,
+        *,
+        other_abs_sum: int = 0,
     ) -> FixedPoint:
         """The encoding for a sum over n devices: m chosen (or a given m checked) against overflow."""
         if modulus_bits is None:
-            modulus_bits = required_modulus_bits(bits, n_devices, noise_bound)
+            modulus_bits = required_modulus_bits(bits, n_devices, noise_bound, other_abs_sum=other_abs_sum)
         else:
-            check_modulus_bits(modulus_bits, bits, n_devices, noise_bound)
+            check_modulus_bits(modulus_bits, bits, n_devices, noise_bound, other_abs_sum=other_abs_sum)
         return cls(clip, bits, modulus_bits)
 
     @property
     def levels(self) -> int:
-        """Largest grid index 2^b - 1."""
-        return (1 << self.bits) - 1
+        """L = 2^(b-1) - 1: grid indices lie in [-L, L]."""
+        return _half_levels(self.bits)
 
     @property
     def step(self) -> float:
-        """Grid spacing 2 clip / (2^b - 1) in input units."""
-        return 2.0 * self.clip / self.levels
+        """Grid spacing clip / L in input units."""
+        return self.clip / self.levels
 
-    def encode_int(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Grid indices in [0, 2^b - 1] as int64 (before noise / ring reduction).
+    def encode_int(self, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None) -> np.ndarray:
+        """Grid indices in [-L, L] as int64 (before noise / ring reduction).
 
-        In place on one float64 copy (this runs once per device per round on ~1e5 values):
-        the same draws and results as floor(u) + Bernoulli(frac(u)) written out plainly.
+        `max_norm` (grid units): conditional randomized rounding, the rounding is drawn again
+        until ||q||_2 <= max_norm (ValueError after MAX_ROUNDING_DRAWS draws: the bound does
+        not fit this vector). Works on one float64 copy (this runs once per device per round
+        on ~1e5 values).
         """
         u = np.array(x, dtype=np.float64)
         if not np.isfinite(u).all():
             raise ValueError("cannot quantize non-finite values (NaN or inf) for secure aggregation")
         np.clip(u, -self.clip, self.clip, out=u)
-        u += self.clip
         u /= self.step
         lo = np.floor(u)
         u -= lo  # the fractional part: round up with this probability
-        lo += rng.random(u.shape) < u
-        q = lo.astype(np.int64)
-        np.clip(q, 0, self.levels, out=q)
-        return q
+        limit = None if max_norm is None else math.floor(max_norm * max_norm)
+        for _ in range(MAX_ROUNDING_DRAWS):
+            q = (lo + (rng.random(u.shape) < u)).astype(np.int64)
+            np.clip(q, -self.levels, self.levels, out=q)
+            if limit is None or int(np.dot(q, q)) <= limit:
+                return q
+        raise ValueError(f"conditional rounding: no draw within the norm bound {max_norm:g} after {MAX_ROUNDING_DRAWS} tries")
 
-    def encode(self, x: np.ndarray, rng: np.random.Generator, noise: np.ndarray | None = None) -> np.ndarray:
+    def encode(
+        self, x: np.ndarray, rng: np.random.Generator, noise: np.ndarray | None = None, max_norm: float | None = None
+    ) -> np.ndarray:
         """Encode x (plus optional integer noise on the grid, e.g. Skellam) into Z_{2^m}."""
-        q = self.encode_int(x, rng)
+        q = self.encode_int(x, rng, max_norm)
         if noise is not None:
             q = q + np.asarray(noise, dtype=np.int64)
         return to_ring(q, self.modulus_bits)
 
     def decode(self, q: np.ndarray) -> np.ndarray:
         """One device's value back to floats (no noise)."""
-        return self.decode_sum(q, 1)
+        return self.decode_sum(q)
 
-    def decode_sum(self, total: np.ndarray, n_devices: int, noise_bound: int = 0) -> np.ndarray:
-        """Float sum of n devices' values from their sum mod 2^m (noise sum assumed in [-B, B])."""
-        mask = (1 << self.modulus_bits) - 1
-        t = np.asarray(total).astype(np.uint64)
-        shifted = (t + np.uint64(noise_bound & mask)) & np.uint64(mask)  # wraps mod 2^64 first: fine
-        signed = shifted.astype(np.float64) - float(noise_bound)
-        return signed * self.step - n_devices * self.clip
+    def decode_sum(self, total: np.ndarray) -> np.ndarray:
+        """Float sum of devices' values (noise included) from their sum mod 2^m; the sum must
+        lie in [-2^(m-1), 2^(m-1)), which `required_modulus_bits` guarantees."""
+        return from_ring_signed(total, self.modulus_bits).astype(np.float64) * self.step
