@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients import evaluate, flat_params, load_flat_params
 from fedsim import checkpoint, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
+from fedsim.audit import RunAudit
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
@@ -104,7 +105,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
         params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
-    for mechanism in (sample_dp, user_dp):
+    audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
+    for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
     stopped: FedsimError | None = None
@@ -138,6 +140,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
             plan = assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else alive,
                                   cfg.simulation.layout, setup.device_group)  # fmt: skip
             out = exchange(cfg, grid, plan, params, round_num, config_json, user_dp, workers)
+            if audit:  # user-level canaries join the released sum; sample-level canary devices train apart
+                out.total = audit.during_round(out, round_num, params, user_dp, grid, workers, config_json)
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
             if out.stats.pop("all_workers_failed", False):
@@ -166,6 +170,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 load_flat_params(model, params)
                 ev = evaluate(model, (test_x, test_y))
                 test_acc, test_loss = ev["accuracy"], ev["loss"]
+            if audit:
+                privacy |= audit.after_round(params, evaluated=test_acc is not None, user_dp=user_dp)
             now = time.perf_counter()
             runlog.round(
                 RoundMetrics(
@@ -205,6 +211,8 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         extra["privacy"] |= sample_dp.summary()
     if user_dp:
         extra["privacy"] |= user_dp.summary()
+    if audit:
+        extra["audit"] = audit.summary(run_dir, params, user_dp)
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost

@@ -175,6 +175,8 @@ class UserLevelDP:
         else:
             generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
             noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
+            if self.cfg.audit.break_mechanism == "no_noise":  # tests only (fedsim.audit): drawn, not added
+                noise = torch.zeros_like(noise)
             mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
         within = [b for r in reports for b in r.within_bound]
