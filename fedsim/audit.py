@@ -26,9 +26,9 @@ random labels), each included with probability 1/2, spread over `audit.canary_de
 canary devices. A canary device holds a copy of a real device's data plus its included
 canaries, is Poisson-sampled with the devices' rate and trains DP-SGD on a worker like any
 device; its update is seen by the server (which is what per-device DP-SGD protects: the
-server sees every update) and scored, never aggregated. A canary's score is the drop of its
-loss from the global model to global model + its device's update, summed over the rounds its
-device trained. The bound (`fedsim.audit_stats.one_run_lower_bound`) is tested against the
+server sees every update) and scored, never aggregated. A canary's score is the cosine between
+its negative loss gradient at the round's global model and its device's update (gradient
+alignment), summed over the rounds its device trained. The bound (`fedsim.audit_stats.one_run_lower_bound`) is tested against the
 largest epsilon any canary device reached under the run's accountant.
 
 What the audit leaves alone: canaries are never in the cohort counts, losses, accuracy,
@@ -188,15 +188,16 @@ def score_user_level(stats: dict[str, list], *, delta: float, confidence: float,
 
 
 def canary_examples(cfg: FedsimConfig, input_shape: tuple[int, ...], num_classes: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(x, y, included) of the m canary examples: inputs drawn per feature from the mean and
-    spread of `like` (real training inputs), labels uniform over the classes; each included
+    """(x, y, included) of the m canary examples: inputs N(0, (2 s_f)^2) per feature f, with s_f
+    the spread of `like` (real training inputs), labels uniform over the classes; each included
     with probability 1/2."""
     m = cfg.audit.canary_examples
     rng = _rng(cfg, _EXAMPLES)
     flat = like.reshape(len(like), -1).to(torch.float64)
-    mean = flat.mean(0).numpy() if len(flat) else np.zeros(int(np.prod(input_shape)))
-    std = flat.std(0).numpy() if len(flat) > 1 else np.ones_like(mean)
-    x = mean + np.maximum(std, 1e-3) * rng.standard_normal((m, mean.size))
+    std = flat.std(0).numpy() if len(flat) > 1 else np.ones(int(np.prod(input_shape)))
+    # Centred at zero, twice the data's spread: canaries far from the data and from each other
+    # (a shared mean would make their gradients alike, and an excluded canary look included).
+    x = 2 * np.maximum(std, 1e-3) * rng.standard_normal((m, std.size))
     y = rng.integers(0, num_classes, m)
     included = _rng(cfg, _INCLUSION).random(m) < 0.5
     return torch.from_numpy(x.astype(np.float32)).reshape(m, *input_shape), torch.from_numpy(y.astype(np.int64)), included
@@ -255,24 +256,35 @@ class SampleLevelAudit:
         chosen = canary_sampled(self.cfg, _DEVICE_SAMPLING, round_num, self.cfg.audit.canary_devices)
         return [self.cfg.population + int(i) for i in np.flatnonzero(chosen)]
 
-    def _losses(self, params: torch.Tensor, part: slice) -> np.ndarray:
+    def _alignments(self, params: torch.Tensor, part: slice, update: torch.Tensor) -> np.ndarray:
+        """cos(-grad of each canary's loss at the global model, the device's update): how far the
+        update went down each canary's own loss (gradient alignment; higher: more likely in)."""
         from clients import load_flat_params
 
         load_flat_params(self.model, params)
         self.model.eval()
-        with torch.no_grad():
-            return F.cross_entropy(self.model(self.x[part]), self.y[part], reduction="none").to(torch.float64).numpy()
+        norm_u = float(torch.linalg.vector_norm(update))
+        out = np.zeros(part.stop - part.start)
+        for i, j in enumerate(range(part.start, part.stop)):
+            self.model.zero_grad(set_to_none=True)
+            F.cross_entropy(self.model(self.x[j : j + 1]), self.y[j : j + 1]).backward()
+            grad = torch.cat([p.grad.reshape(-1) for p in self.model.parameters() if p.grad is not None])
+            denom = float(torch.linalg.vector_norm(grad)) * norm_u
+            out[i] = float(-(grad @ update)) / denom if denom > 0 else 0.0
+        self.model.zero_grad(set_to_none=True)
+        return out
 
     def score(self, params: torch.Tensor, reports: list[Any]) -> None:
-        """Add each canary's loss drop under its device's update; record the devices' events."""
+        """Add each canary's alignment with its device's update; record the devices' events."""
         from fedsim.privacy import DPSGDEvent
 
         for report in reports:
             for device_id, update, (z, q, steps) in zip(report.device_ids, report.updates, report.dp_events, strict=True):
                 part = self.slices[device_id - self.cfg.population]
-                before = self._losses(params, part)
-                after = self._losses(params + torch.from_numpy(np.asarray(update)), part)
-                self.scores[part] += before - after
+                aligned = self._alignments(params, part, torch.from_numpy(np.asarray(update)))
+                # Centred per device: what the update does to all its canaries alike (the filler
+                # data's pull) says nothing about any one canary's inclusion.
+                self.scores[part] += aligned - aligned.mean()
                 self.ledger.record(device_id, DPSGDEvent(noise_multiplier=z, sample_rate=q, steps=steps))
                 self.trained.add(device_id)
 
@@ -403,7 +415,8 @@ class RunAudit:
                 "canary_examples": a.canary_examples,
                 "canary_devices": a.canary_devices,
                 "canary_devices_trained": len(self.sample.trained),
-                "score": "loss drop of each canary under its device's update (the server sees each update), summed over rounds",
+                "score": "cosine between each canary's negative loss gradient at the global model and its device's update "
+                "(the server sees each update), summed over the rounds its device trained",
                 **score_sample_level(stats, delta=self.sample.delta, confidence=a.confidence),
                 "accountant_epsilon": self.sample.claimed_epsilon(),
                 "accountant_epsilon_is": "the largest epsilon any canary device reached under the run's accountant",
