@@ -154,3 +154,59 @@ def test_canary_device_data_is_a_real_device_plus_its_included_canaries() -> Non
         part = audit.canary_slices(cfg)[index]
         keep = np.flatnonzero(included[part]) + part.start
         assert torch.equal(cx, torch.cat([fx, x[keep]])) and torch.equal(cy, torch.cat([fy, y[keep]]))
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def run_cfg(tmp: Path, **audit_keys: object) -> dict:
+    return {
+        "seed": 5, "population": 60, "rounds": 4, "cohort": {"size": 12},
+        "dataset": {"name": "synthetic", "size_max": 40},
+        "model": {"name": "mlp", "hidden_sizes": [16]},
+        "privacy": {"dpsgd": {"noise_multiplier": 1.0}, "dpfedavg": {"noise_multiplier": 1.0}},
+        "audit": audit_keys,
+        "simulation": {"num_workers": 1, "ray_temp_dir": str(tmp / "ray")},
+        "output": {"progress": False},
+    }  # fmt: skip
+
+
+@pytest.mark.ray
+def test_audited_run_reports_both_audits_and_leaves_the_run_itself_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedsim.run import run
+
+    plain = run(from_dict(run_cfg(tmp_path)), tmp_path / "plain")
+    audited = run(from_dict(run_cfg(tmp_path, canaries=50, canary_examples=40, canary_devices=8, bootstrap=50)), tmp_path / "audited")
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("plain", "audited")}
+    # Round 1 trains the same devices from the same model: canaries are in no count or loss.
+    for key in ("cohort_size", "devices_trained", "num_examples", "train_loss", "sample_epsilon_max"):
+        assert rows["audited"][0][key] == rows["plain"][0][key], key
+    # The accounting is untouched: the same user-level epsilon every round, the same ledger.
+    assert [r["user_epsilon"] for r in rows["audited"]] == [r["user_epsilon"] for r in rows["plain"]]
+    assert json.loads((tmp_path / "audited" / "ledger.json").read_text()) == json.loads((tmp_path / "plain" / "ledger.json").read_text())
+    assert audited["privacy"]["user_level"]["epsilon"] == plain["privacy"]["user_level"]["epsilon"]
+    assert "audit" not in plain and all("audit_user_epsilon_lower_bound" in r for r in rows["audited"])
+
+    user, sample = audited["audit"]["user_level"], audited["audit"]["sample_level"]
+    assert user["accountant_epsilon"] == audited["privacy"]["user_level"]["epsilon"]
+    assert 0.0 <= user["all_rounds"]["epsilon_lower_bound"] <= user["accountant_epsilon"]
+    lo, hi = user["all_rounds"]["interval"]
+    assert lo <= user["all_rounds"]["epsilon_estimate"] <= hi
+    assert sample["canary_devices_trained"] > 0 and sample["canaries"] == 40
+    assert 0.0 <= sample["epsilon_lower_bound"] <= sample["accountant_epsilon"]
+    assert audited["audit"]["broken_mechanism"] == "none"
+
+    # fedsim-audit re-scores the saved run: the same numbers, the final model's cosines rechecked.
+    capsys.readouterr()
+    assert audit.main([str(tmp_path / "audited")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["final_model_rechecked"] is True
+    assert again["user_level"]["all_rounds"]["epsilon_lower_bound"] == user["all_rounds"]["epsilon_lower_bound"]
+    assert again["user_level"]["final_model"]["epsilon_estimate"] == pytest.approx(user["final_model"]["epsilon_estimate"], rel=1e-6)
+    assert again["sample_level"]["epsilon_lower_bound"] == sample["epsilon_lower_bound"]
+
+
+def test_fedsim_audit_on_a_run_without_an_audit_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert audit.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "audit.json" in err[0]
