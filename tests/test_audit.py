@@ -210,3 +210,24 @@ def test_fedsim_audit_on_a_run_without_an_audit_is_one_line_and_status_2(tmp_pat
     assert audit.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "audit.json" in err[0]
+
+
+def test_report_plots_accountant_against_audit_for_every_audited_run(tmp_path: Path) -> None:
+    from analysis.audit_plot import audit_points, plot_audit
+    from analysis.runs import Run
+
+    def fake(name: str, audit_section: dict | None) -> Run:
+        return Run(path=tmp_path / name, config={}, rounds=[], summary={"audit": audit_section} if audit_section else {}, name=name)
+
+    runs = [
+        fake("plain", None),
+        fake("user", {"broken_mechanism": "none", "confidence": 0.95, "user_level": {
+            "accountant_epsilon": 4.0, "all_rounds": {"epsilon_lower_bound": 0.5, "epsilon_estimate": 3.0, "interval": [1.0, "inf"]}}}),
+        fake("broken", {"broken_mechanism": "no_noise", "confidence": 0.95, "sample_level": {
+            "accountant_epsilon": 0.2, "epsilon_lower_bound": 1.4}}),
+    ]  # fmt: skip
+    points = audit_points(runs)
+    assert [(p["run"], p["level"]) for p in points] == [("user", "user_level"), ("broken", "sample_level")]
+    assert points[0]["interval"] == [1.0, math.inf] and points[1]["estimate"] is None
+    files = plot_audit(runs, {r.name: "C0" for r in runs}, {r.name: r.name for r in runs}, tmp_path)
+    assert all(f.exists() and f.stat().st_size > 1000 for f in files)
