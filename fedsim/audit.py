@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,6 +322,7 @@ class RunAudit:
         self.user = UserLevelAudit(cfg, initial_params) if cfg.audit.canaries else None
         self.sample = SampleLevelAudit(cfg, dataset, model) if cfg.audit.canary_examples else None
         self.canary_rounds = 0
+        self.seconds = 0.0  # wall time spent in the audit (canary devices' training included)
 
     @classmethod
     def start(cls, cfg: FedsimConfig, setup: Any, params: torch.Tensor) -> RunAudit | None:
@@ -350,6 +352,7 @@ class RunAudit:
     def during_round(self, out: Any, round_num: int, params: torch.Tensor, user_dp: Any, grid: Any, workers: Any, config_json: str) -> torch.Tensor | None:
         """The round's released sum (`out.total`) with its canaries in it (user level), after
         the round's canary devices trained on the workers and were scored (sample level)."""
+        start = time.perf_counter()
         if self.sample:
             ids = self.sample.sampled(round_num)
             if ids:
@@ -359,11 +362,13 @@ class RunAudit:
             canaries, count = self.user.canary_sum(round_num, user_dp.clip_norm)
             self.canary_rounds += bool(count)
             total = total + canaries
+        self.seconds += time.perf_counter() - start
         return total
 
     def after_round(self, params: torch.Tensor, *, evaluated: bool, user_dp: Any) -> dict[str, Any]:
         """This round's audit metrics (rounds with an evaluation); every round folds its model
         delta into the canaries' statistics."""
+        start = time.perf_counter()
         metrics: dict[str, Any] = {}
         if self.user:
             self.user.after_step(params)
@@ -373,10 +378,12 @@ class RunAudit:
             metrics |= self.sample.round_metrics()
         if broken(self.cfg) != "none":
             metrics["audit_broken_mechanism"] = broken(self.cfg)
+        self.seconds += time.perf_counter() - start
         return metrics
 
     def summary(self, run_dir: Path, params: torch.Tensor, user_dp: Any) -> dict[str, Any]:
         """summary.json's `audit` section; writes audit.json (what `fedsim-audit` re-scores)."""
+        start = time.perf_counter()
         a = self.cfg.audit
         user_delta = user_dp.user.delta if user_dp is not None else None
         user_epsilon = user_dp.epsilon(user_dp.rounds_released) if user_dp is not None else None
@@ -423,6 +430,9 @@ class RunAudit:
                 "delta": self.sample.delta,
             }
         (run_dir / AUDIT_FILE).write_text(json.dumps(_finite(saved)) + "\n")
+        scoring = time.perf_counter() - start
+        out["audit_time_s"] = self.seconds + scoring  # in the round loop, plus this end-of-run scoring
+        out["audit_scoring_time_s"] = scoring
         return _finite(out)
 
 
