@@ -20,6 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, flat_params
@@ -105,7 +106,7 @@ def ledger_rounds(population: int = 100_000, cohort: int = 50, rounds: int = 30)
         per_round = []
         for r in range(1, rounds + 1):
             t = time.perf_counter()
-            ids = sample_cohort(population=population, cohort_size=cohort, method="poisson", seed=0, round_num=r)
+            ids = sample_cohort(population=population, cohort_size=cohort, method="poisson", rng=np.random.default_rng([0, r]))
             events = {d: dpsgd_event(num_examples=ds.num_examples(d), batch_size=10, local_epochs=1, noise_multiplier=1.0) for d in ids}
             admitted = [d for d in ids if ledger.can_participate(d, events[d])]
             for d in admitted:

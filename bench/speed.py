@@ -411,12 +411,14 @@ def compose(overrides: list[str]) -> FedsimConfig:
 
 def cohorts(cfg: FedsimConfig) -> Iterator[list[int]]:
     """fedsim's cohort of round 1, 2, ...: the same devices for every runner."""
+    from fedsim import randomness
     from fedsim.sampling import sample_cohort
 
+    streams = randomness.streams(cfg)
     for round_num in itertools.count(1):
         yield sample_cohort(
             population=cfg.population, cohort_size=cfg.cohort.size, method=cfg.cohort.sampling,
-            seed=cfg.seed, round_num=round_num,
+            rng=streams.numpy("cohort", round_num),
         )  # fmt: skip
 
 
@@ -527,7 +529,7 @@ def run_floor(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Modu
     """The plain loop: per device, load data, SGD from the global weights, FedAvg the updates."""
     import torch
 
-    from clients import mix_seed
+    from clients import seed_generator
 
     params = [p for p in model.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
@@ -547,7 +549,7 @@ def run_floor(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Modu
             with torch.no_grad():
                 for p, g in zip(params, global_flat.split(sizes)):
                     p.copy_(g.view_as(p))
-            generator.manual_seed(mix_seed((cfg.seed, round_num, device)))
+            seed_generator(generator, (cfg.seed, round_num, device))
             local_train(x, y)
             update = torch.cat([p.detach().reshape(-1) for p in params]).sub_(global_flat).double()
             if user is not None:
@@ -558,7 +560,7 @@ def run_floor(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Modu
             total.add_(update, alpha=w)
             weight += w
         if user is not None:
-            generator.manual_seed(mix_seed((cfg.seed, round_num)))
+            seed_generator(generator, (cfg.seed, round_num))
             noise = torch.normal(0.0, user.noise_multiplier * user.clip_norm, (total.numel(),), generator=generator)
             mean = (total + noise.double()) / cfg.cohort.size
         else:

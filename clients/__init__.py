@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clients.params import flat_params, load_flat_params, num_params
-from clients.training import LocalTrainer, TrainConfig, TrainResult, evaluate, mix_seed, train_local
+from clients.seeding import new_generator, seed_generator
+from clients.training import LocalTrainer, TrainConfig, TrainResult, evaluate, train_local
 
 if TYPE_CHECKING:
     from clients.dp import DPSGDConfig, DPSGDEvent, DPSGDTrainer, check_model
@@ -38,7 +39,8 @@ __all__ = [
     "evaluate",
     "flat_params",
     "load_flat_params",
-    "mix_seed",
+    "new_generator",
     "num_params",
+    "seed_generator",
     "train_local",
 ]

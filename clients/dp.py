@@ -35,10 +35,16 @@ standard accountants (RDP, PRV) apply to the recorded events unchanged:
   The scale changes only the effective learning rate, never the privacy accounting.
 
 Everything random in a fit (the Poisson draws, the noise, dropout) comes from generators
-seeded from the fit's seed, so a fit is a pure function of (global weights, data, seed).
-That is what a simulator needs, and it is also why Opacus's `secure_mode` (a CSPRNG and
-noise hardened against floating-point attacks) is not used: seeded noise is reproducible,
-hence not a deployable privacy guarantee; the accounting is what the simulation studies.
+seeded from the fit's seed (their whole MT19937 state, `clients.seeding`), so a fit is a pure
+function of (global weights, data, seed). That is what a simulator needs; seeded noise is
+only as secret as the seed. For a deployable guarantee the caller passes a seed drawn from
+the OS CSPRNG (fedsim's privacy.randomness=secure does) and sets `DPSGDConfig.secure_mode`:
+Opacus's DPOptimizer then draws each noise value as the sum of 4 Gaussians / 2 after
+discarding one, its defence against floating-point attacks on the Gaussian sampler (Holohan
+& Braghin 2021, "Secure random sampling in differential privacy", Sec. 5.1; the attack:
+Jin et al. 2022, arXiv:2112.05307). Opacus's PrivacyEngine(secure_mode=True) would also take
+its generator from torchcsprng, which has no build for current torch: the generators here
+stay MT19937, seeded with 128 bits of OS entropy, whose outputs are never published raw.
 """
 
 from __future__ import annotations
@@ -70,8 +76,8 @@ from clients.training import (
     _Items,
     _source,
     _Tensors,
-    mix_seed,
 )
+from clients.seeding import child_seed, seed_generator
 
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 
@@ -97,6 +103,7 @@ class DPSGDConfig:
     noise_multiplier: float  # sigma: noise std = sigma * max_grad_norm on the sum of clipped per-example grads
     max_grad_norm: float  # C: per-example L2 clipping bound
     grad_sample_mode: str = "hooks"  # how Opacus computes per-example gradients: hooks | ew | functorch
+    secure_mode: bool = False  # Opacus's floating-point-attack-resistant noise (4 Gaussians per value; see the module doc)
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
@@ -162,6 +169,7 @@ class DPSGDTrainer:
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=1,
             loss_reduction="mean",
+            secure_mode=dp.secure_mode,
         )
         # Two streams per fit: the batches do not depend on how many noise values were drawn
         # (sigma = 0 draws none), so changing sigma alone keeps the same batches.
@@ -202,7 +210,7 @@ class DPSGDTrainer:
             steps = min(steps, cfg.max_steps)
 
         sample_generator = self._seeded(seed)
-        self._noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=sample_generator)))
+        seed_generator(self._noise_generator, child_seed(sample_generator))
         global_flat = global_params.detach()
         load_list(self._params, global_flat)
         self._reset(expected_batch_size=n / num_batches)
@@ -212,9 +220,9 @@ class DPSGDTrainer:
 
         self._interrupted = True
         if self._uses_global_rng:
-            dropout_seed = int(torch.randint(0, 2**62, (1,), generator=sample_generator))
+            dropout_seed = child_seed(sample_generator)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(dropout_seed)
+                seed_generator(torch.default_generator, dropout_seed)
                 loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors)
         else:
             loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors)
@@ -311,8 +319,7 @@ class DPSGDTrainer:
     def _seeded(self, seed: Seed) -> torch.Generator:
         if isinstance(seed, torch.Generator):
             return seed
-        self._sample_generator.manual_seed(mix_seed(seed))
-        return self._sample_generator
+        return seed_generator(self._sample_generator, seed)
 
 
 def check_model(model: nn.Module, *, fix: bool = False) -> nn.Module:

@@ -10,18 +10,16 @@ Only torch (and the standard library) is used, so a notebook can call this direc
 `torch.utils.data.Dataset` whose items are `(x, y)` pairs. Both shuffle with the same seeded
 permutation per epoch, so the same examples give the same batches and the same update.
 
-Seeds. An int `s` is the sequence `(s,)`. A sequence of non-negative ints, e.g.
-`(run_seed, round, device_id)`, is mixed into one 64-bit seed: the little-endian uint64
-value of the 8-byte BLAKE2b digest of the ints packed as little-endian uint64. (BLAKE2b is
-in the standard library, stable across versions and 10x cheaper than numpy's SeedSequence,
-which matters once per device.) A `torch.Generator` is used as given and advances.
+Seeds. An int `s` is the sequence `(s,)`. A sequence of ints in [0, 2^64), e.g.
+`(run_seed, round, device_id)`, or a `numpy.random.SeedSequence`, seeds the fit's generator
+through `clients.seeding`: the generator's whole MT19937 state comes from the SeedSequence, not
+the 32 bits `torch.Generator.manual_seed` keeps, so different seeds never share a stream
+(except with probability ~2^-128). A `torch.Generator` is used as given and advances.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,13 +30,14 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
+from clients.seeding import SeedLike, child_seed, seed_generator
 
 if TYPE_CHECKING:  # only for the annotation: clients.dp imports this module (and Opacus)
     from clients.dp import DPSGDEvent
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Data = tuple[torch.Tensor, torch.Tensor] | Dataset
-Seed = int | Sequence[int] | torch.Generator
+Seed = SeedLike | torch.Generator
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -139,9 +138,9 @@ class LocalTrainer:
         batches = source.shuffled_batches(cfg, generator)
 
         if self._uses_global_rng:
-            dropout_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            dropout_seed = child_seed(generator)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(dropout_seed)
+                seed_generator(torch.default_generator, dropout_seed)
                 loss_sum, steps = self._sgd(batches, anchors)
         else:
             loss_sum, steps = self._sgd(batches, anchors)
@@ -174,18 +173,7 @@ class LocalTrainer:
     def _seeded(self, seed: Seed) -> torch.Generator:
         if isinstance(seed, torch.Generator):
             return seed
-        self._generator.manual_seed(mix_seed(seed))
-        return self._generator
-
-
-def mix_seed(seed: int | Sequence[int]) -> int:
-    """One 64-bit seed from an int or a sequence of non-negative ints (see the module doc)."""
-    ints = (seed,) if isinstance(seed, int) else tuple(seed)
-    try:
-        packed = struct.pack(f"<{len(ints)}Q", *ints)
-    except struct.error as err:
-        raise ValueError(f"seed must be ints in [0, 2**64), got {seed!r}") from err
-    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
+        return seed_generator(self._generator, seed)
 
 
 def train_local(

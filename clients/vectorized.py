@@ -75,8 +75,8 @@ from clients.training import (
     _epochs,
     _Items,
     _source,
-    mix_seed,
 )
+from clients.seeding import child_seed, new_generator, seed_generator
 
 if TYPE_CHECKING:  # clients.dp imports Opacus (over a second): only loaded when DP is used
     from clients.dp import DPSGDConfig
@@ -270,7 +270,7 @@ class VectorizedTrainer:
             x, y = _collate(source.dataset, range(n))  # all of it, in order: same batches as the one-by-one path
         else:
             x, y = source.x, source.y
-        generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(mix_seed(seed))
+        generator = seed if isinstance(seed, torch.Generator) else new_generator(seed)
         if self._dp is None:
             return _plain_plan(index, x, y, n, cfg, generator)
         return _dp_plan(index, x, y, n, cfg, generator)
@@ -370,7 +370,10 @@ class VectorizedTrainer:
                     for g in grads:
                         noise = torch.empty_like(g)
                         for d in range(k):  # each device's own generator, parameter by parameter
-                            noise[d].normal_(0.0, std, generator=noise_generators[d])
+                            if dp.secure_mode:
+                                noise[d] = _secure_noise(noise[d], std, noise_generators[d])
+                            else:
+                                noise[d].normal_(0.0, std, generator=noise_generators[d])
                         g.add_(noise)
                 for g in grads:  # divided by each device's own expected batch size n / ceil(n / B)
                     g.div_(scale[:k].view((k,) + (1,) * (g.dim() - 1)))
@@ -508,8 +511,7 @@ def _dp_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainCon
     steps = cfg.local_epochs * num_batches
     if cfg.max_steps is not None:
         steps = min(steps, cfg.max_steps)
-    noise_generator = torch.Generator()
-    noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+    noise_generator = seed_generator(torch.Generator(), child_seed(g))
     masks = torch.stack([torch.rand(n, generator=g) < sample_rate for _ in range(steps)])
     counts = masks.sum(dim=1)
     width = int(counts.max())
@@ -528,6 +530,16 @@ def _dp_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainCon
         expected_batch_size=n / num_batches,
         noise_generator=noise_generator,
     )
+
+
+def _secure_noise(reference: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
+    """Opacus's secure_mode draw (DPOptimizer._generate_noise): one discarded N(0, std^2), then
+    the sum of 4 draws / 2 (Holohan & Braghin 2021, Sec. 5.1: floating-point attack resistance)."""
+    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
+    total = torch.zeros_like(reference)
+    for _ in range(4):
+        total += torch.normal(mean=0, std=std, size=reference.shape, generator=generator)
+    return total / 2
 
 
 def _per_example_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -34,7 +34,10 @@ largest epsilon any canary device reached under the run's accountant.
 What the audit leaves alone: canaries are never in the cohort counts, losses, accuracy,
 ledger or user-level accounting of the run; the run's epsilon is computed exactly as without
 the audit. Canary directions, canary examples, inclusion bits and canary sampling come from
-their own streams of the run seed (test instruments: nothing here is secret from anyone).
+their own streams of the run seed in every randomness mode (test instruments: nothing here is
+secret from anyone; `fedsim-audit` regenerates them). The config fingerprint of
+fedsim.randomness covers audit.*: an audited run's cohorts and noise differ from its
+unaudited twin's, so publishing both never cancels the noise.
 
 Assumptions every output repeats: the canaries' statistics are treated as independent trials
 (they share one training run); the user-level estimate is exact for the Gaussian mechanism as

@@ -205,6 +205,7 @@ class PrivacyConfig:
 
     dpsgd: DPSGDPrivacyConfig | None = None  # sample-level DP-SGD on every device
     dpfedavg: DPFedAvgPrivacyConfig | None = None  # user-level DP-FedAvg
+    randomness: str = "auto"  # auto | reproducible (seed + config) | secure (OS entropy); see fedsim.randomness
 
 
 @dataclass
@@ -384,6 +385,9 @@ ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 def validate(cfg: FedsimConfig) -> None:
     """Check ranges and cross-key constraints that types alone do not express."""
+    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**64:
+        raise ConfigError("seed", f"must be an integer in [0, 2**64), got {cfg.seed}")
+    _choice(cfg.privacy.randomness, "privacy.randomness", ("auto", "reproducible", "secure"))
     _positive(cfg.population, "population")
     _positive(cfg.rounds, "rounds")
     _positive(cfg.eval_every, "eval_every")

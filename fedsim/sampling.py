@@ -6,20 +6,19 @@ drawn as m ~ Binomial(N, q) followed by m distinct ids uniformly at random, whic
 the same distribution as N independent coin flips but costs O(m), not O(N): nothing per round
 touches every device of the population. Fixed-size sampling draws exactly k distinct ids.
 
-The RNG of round r is seeded by (seed, r), so a round's cohort does not depend on what
-happened in earlier rounds (resuming at round r samples the same cohort).
+The caller passes the round's generator: fedsim's server uses the stream ("cohort", r) of
+`fedsim.randomness`, so a round's cohort does not depend on what happened in earlier rounds
+(resuming at round r samples the same cohort in reproducible mode), and in secure mode the
+cohort comes from fresh OS entropy: whoever knows the run seed cannot predict it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_COHORT_STREAM = 0xC0407  # separates the sampling stream from other uses of the run seed
 
-
-def sample_cohort(*, population: int, cohort_size: int, method: str, seed: int, round_num: int) -> list[int]:
-    """Device ids taking part in `round_num`, ascending."""
-    rng = np.random.default_rng([seed, _COHORT_STREAM, round_num])
+def sample_cohort(*, population: int, cohort_size: int, method: str, rng: np.random.Generator) -> list[int]:
+    """Device ids taking part in the round whose generator is `rng`, ascending."""
     if method == "poisson":
         size = int(rng.binomial(population, cohort_size / population))
     elif method == "fixed":

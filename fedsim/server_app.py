@@ -24,7 +24,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, wire
+from fedsim import checkpoint, randomness, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.audit import RunAudit
 from fedsim.config import FedsimConfig, from_dict
@@ -101,6 +101,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(wait_for_workers(grid, expected, timeout_s=cfg.simulation.round_timeout_s or 600.0))
     config_json = cfg.to_json()
+    streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
     runlog = RunLog(run_dir, cfg)
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
@@ -109,6 +110,9 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
     for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
+    random_desc = randomness.describe(cfg)
+    runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
+        f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
     stopped: FedsimError | None = None
     start = time.perf_counter() - elapsed_before
     try:
@@ -128,8 +132,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
                 population=cfg.population,
                 cohort_size=cfg.cohort.size,
                 method=cfg.cohort.sampling,
-                seed=cfg.seed,
-                round_num=round_num,
+                rng=streams.numpy("cohort", round_num),
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
             alive = workers.alive(grid)
@@ -205,6 +208,7 @@ def run_rounds(cfg: FedsimConfig, grid: Grid, run_dir: Path, setup: RunSetup | N
         # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...
         "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
+    extra["randomness"] = random_desc
     extra["privacy"] = {}
     if sample_dp:
         sample_dp.save(run_dir)

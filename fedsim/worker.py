@@ -3,9 +3,11 @@
 A worker (one Flower SuperNode running fedsim's ClientApp) keeps one dataset handle, one
 model object and one trainer per run configuration, in this module's cache: Ray re-pickles
 anything defined in `__main__`, but an importable module's globals live as long as the actor.
-Every device starts from the global weights and trains with its own seed (run seed, round,
-device id), so the result for a device does not depend on which worker trained it or what
-the worker trained before.
+Every device starts from the global weights and trains with its own seed, the stream
+("device-train", round, device id) of `fedsim.randomness` (reproducible mode: derived from the
+run seed and the config fingerprint; secure mode: fresh OS entropy), so in reproducible mode
+the result for a device does not depend on which worker trained it or what the worker trained
+before.
 
 With vectorization (`use_vectorized`), the job also names groups of devices (consecutive
 runs of its device ids, cut by the server from the cohort alone): a group's devices train
@@ -27,6 +29,7 @@ import torch
 
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult
 from clients.vectorized import VectorizedTrainer, vectorizable
+from fedsim import randomness
 from fedsim.audit import canary_device_data, is_canary_device
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
@@ -56,7 +59,12 @@ def dp_config(cfg: FedsimConfig) -> DPSGDConfig | None:
         raise ValueError("privacy.dpsgd.noise_multiplier must be resolved (calibrated) before workers start")
     # audit.break_mechanism=no_noise (tests only, fedsim.audit): the noise is drawn but not added.
     sigma = 0.0 if cfg.audit.break_mechanism == "no_noise" else dp.noise_multiplier
-    return DPSGDConfig(noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm, grad_sample_mode=dp.grad_sample_mode)
+    return DPSGDConfig(
+        noise_multiplier=sigma,
+        max_grad_norm=dp.max_grad_norm,
+        grad_sample_mode=dp.grad_sample_mode,
+        secure_mode=randomness.mode(cfg) == "secure",
+    )
 
 
 def build_trainer(cfg: FedsimConfig, model: torch.nn.Module) -> LocalTrainer | DPSGDTrainer:
@@ -200,6 +208,7 @@ class Worker:
 
     def __init__(self, cfg: FedsimConfig) -> None:
         self.cfg = cfg
+        self.streams = randomness.streams(cfg)
         torch.set_num_threads(cfg.simulation.torch_threads)
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
         self.model = worker_model(cfg, self.dataset)
@@ -231,19 +240,19 @@ class Worker:
         """
         report = DeviceReport()
         start = time.perf_counter()
-        cfg = self.cfg
+        cfg, streams = self.cfg, self.streams
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []
             for device_id in batch:
                 try:
-                    if injected_failure(cfg, round_num, device_id):
+                    if injected_failure(cfg, streams, round_num, device_id):
                         raise RuntimeError("injected failure (faults.device_failure_rate)")
                     if is_canary_device(cfg, device_id):  # an audit's canary device: data of its own, no faults
                         ready.append((device_id, canary_device_data(cfg, self.dataset, device_id)))
                         continue
-                    check_deadline(cfg, round_num, device_id, self.dataset.num_examples(device_id))
+                    check_deadline(cfg, streams, round_num, device_id, self.dataset.num_examples(device_id))
                     ready.append((device_id, self.dataset.device_data(device_id)))
                 except Exception as err:  # one device failing must not take its worker's other devices down
                     outcome[device_id] = _failure(err)
@@ -251,7 +260,7 @@ class Worker:
             if len(ready) > 1:
                 try:
                     results = self.vectorized.fit_many(  # type: ignore[union-attr]
-                        global_params, [data for _, data in ready], [(cfg.seed, round_num, d) for d, _ in ready]
+                        global_params, [data for _, data in ready], [device_seed(streams, round_num, d) for d, _ in ready]
                     )
                 except Exception as err:  # the batched computation failed: the group's devices fail alike
                     results = [err] * len(ready)
@@ -259,7 +268,7 @@ class Worker:
                 results = []
                 for device_id, data in ready:
                     try:
-                        results.append(self.trainer.fit(global_params, data, seed=(cfg.seed, round_num, device_id)))
+                        results.append(self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id)))
                     except Exception as err:
                         results.append(err)
             for (device_id, _), result in zip(ready, results, strict=True):
@@ -272,7 +281,7 @@ class Worker:
                         raise ValueError("update has NaN or inf values")  # rejected here, never aggregated
                     if clip_norm is not None:
                         update, _, within = clip_update(update, clip_norm)  # raises on NaN/inf
-                    if injected_failure(cfg, round_num, device_id, kind="nan"):
+                    if injected_failure(cfg, streams, round_num, device_id, kind="nan"):
                         update = torch.full_like(update, float("nan"))  # a faulty device: the server must catch it
                     outcome[device_id] = (result, update, within)
                 except Exception as err:
@@ -310,31 +319,35 @@ def _failure(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:300]
 
 
-_FAULT_STREAM = 0xFA17
+def device_seed(streams: randomness.Streams, round_num: int, device_id: int) -> np.random.BitGenerator:
+    """The seed of one device's fit in one round: every draw of its training comes from it."""
+    return streams.bit_generator("device-train", round_num, device_id)
 
 
 class DeadlineMissed(Exception):
     """A device would finish after the round's (simulated) deadline: it drops out of the round."""
 
 
-def check_deadline(cfg: FedsimConfig, round_num: int, device_id: int, num_examples: int) -> None:
+def check_deadline(cfg: FedsimConfig, streams: randomness.Streams, round_num: int, device_id: int, num_examples: int) -> None:
     """Simulated device time (examples x epochs x seconds_per_example, x slowdown for stragglers)
     against faults.round_deadline_s; a simulated clock keeps runs reproducible."""
     f = cfg.faults
     if f.round_deadline_s is None:
         return
     seconds = num_examples * cfg.algorithm.local_epochs * f.seconds_per_example
-    if f.straggler_rate > 0 and np.random.default_rng([cfg.seed, _FAULT_STREAM + 2, round_num, device_id]).random() < f.straggler_rate:
+    if f.straggler_rate > 0 and streams.numpy("fault-straggler", round_num, device_id).random() < f.straggler_rate:
         seconds *= f.straggler_slowdown
     if seconds > f.round_deadline_s:
         raise DeadlineMissed(f"would finish after {seconds:.3g} s, past the round deadline of {f.round_deadline_s:g} s")
 
 
-def injected_failure(cfg: FedsimConfig, round_num: int, device_id: int, *, kind: str = "fail") -> bool:
-    """Seeded per (run seed, round, device, kind): the same devices fail whatever worker trains them."""
+def injected_failure(
+    cfg: FedsimConfig, streams: randomness.Streams, round_num: int, device_id: int, *, kind: str = "fail"
+) -> bool:
+    """Drawn from the stream (fault-<kind>, round, device): in reproducible mode the same devices
+    fail whatever worker trains them."""
     rate = cfg.faults.device_failure_rate if kind == "fail" else cfg.faults.nan_update_rate
-    stream = _FAULT_STREAM if kind == "fail" else _FAULT_STREAM + 1
-    return rate > 0 and np.random.default_rng([cfg.seed, stream, round_num, device_id]).random() < rate
+    return rate > 0 and streams.numpy(f"fault-{kind}", round_num, device_id).random() < rate
 
 
 _WORKERS: dict[str, Worker] = {}

@@ -158,6 +158,7 @@ def deployed_with_tls(cluster: Cluster, tmp_path: Path) -> None:
         "seed=4", "population=40",
         "rounds=2", "cohort.size=8", "cohort.sampling=fixed", "dataset.size_max=60", "model=mlp", "model.hidden_sizes=[16]",
         "simulation.num_workers=2", "simulation.round_timeout_s=60", f"output.dir={out}", f"hydra.run.dir={out}",
+        "privacy.randomness=reproducible",  # engine=deployment defaults to secure (never reproducible)
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -180,6 +181,7 @@ def test_a_supernode_killed_mid_run_loses_no_device_and_nothing_hangs(cluster: C
     raw = synthetic(tmp_path, rounds=4, engine="deployment", superlink=cluster.address)
     # Groups of at most 3 devices (8 devices: 4 groups of 2): every worker has a job each round.
     raw["simulation"] |= {"num_workers": 3, "round_timeout_s": 10, "device_group": 3}
+    raw["privacy"] = {"randomness": "reproducible"}  # engine=deployment defaults to secure (never reproducible)
     raw["output"]["dir"] = str(out)
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(raw))

@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedsim import randomness
 from fedsim.sampling import sample_cohort
 from fedsim.server_app import assign_devices
 
 
-def cohorts(n_rounds: int, **kw: object) -> list[list[int]]:
-    return [sample_cohort(round_num=r, **kw) for r in range(1, n_rounds + 1)]  # type: ignore[arg-type]
+def cohorts(n_rounds: int, *, seed: int, **kw: object) -> list[list[int]]:
+    return [round_cohort(seed=seed, round_num=r, **kw) for r in range(1, n_rounds + 1)]
+
+
+def round_cohort(*, seed: int, round_num: int, **kw: object) -> list[int]:
+    """The cohort fedsim's server draws: the stream ("cohort", round) of a run with this seed."""
+    streams = randomness.Streams(mode="reproducible", seed=seed, fingerprint=0)
+    return sample_cohort(rng=streams.numpy("cohort", round_num), **kw)  # type: ignore[arg-type]
 
 
 def test_poisson_sampling_has_rate_q_per_device() -> None:
@@ -46,7 +53,7 @@ def test_same_seed_same_cohorts_other_seed_other_cohorts() -> None:
 
 def test_round_cohort_does_not_depend_on_earlier_rounds() -> None:
     full = cohorts(10, population=500, cohort_size=10, method="fixed", seed=7)
-    assert sample_cohort(population=500, cohort_size=10, method="fixed", seed=7, round_num=8) == full[7]
+    assert round_cohort(population=500, cohort_size=10, method="fixed", seed=7, round_num=8) == full[7]
 
 
 def test_multiplexed_assignment_covers_cohort_once_and_classic_maps_device_to_node() -> None:

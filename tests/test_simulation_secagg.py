@@ -63,7 +63,7 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
     # masked vector looks uniform modulo 2^m.
     cfg = from_dict(secure_config(tmp_path))
     worker = Worker(cfg)
-    cohort = sample_cohort(population=30, cohort_size=8, method="fixed", seed=5, round_num=1)
+    cohort = sample_cohort(population=30, cohort_size=8, method="fixed", rng=np.random.default_rng(5))
     report = worker.train(flat_params(worker.model), 1, cohort, clip_norm=0.5)
     fp = secure_rounds.fixed_point(cfg, len(cohort))
     plain = [

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult, mix_seed
+from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult, new_generator
 from clients.params import flat_params
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim.config import ModelConfig
@@ -176,8 +176,8 @@ def test_model_left_as_it_was_and_chunking_changes_nothing():
 
 def poisson_counts(n: int, cfg: TrainConfig, seed) -> list[int]:
     """The batch sizes DPSGDTrainer draws for a device (the noise seed is drawn first)."""
-    g = torch.Generator().manual_seed(mix_seed(seed))
-    torch.randint(0, 2**62, (1,), generator=g)
+    g = new_generator(seed)
+    torch.randint(0, 2**62, (4,), generator=g)
     num_batches = math.ceil(n / cfg.batch_size)
     steps = cfg.local_epochs * num_batches
     if cfg.max_steps is not None:
@@ -201,6 +201,20 @@ def test_dpsgd_matches_opacus_with_noise_momentum_wd_prox():
     other = vectorized(model, cfg, datas, [(8, 3, i) for i in range(3)], dp)
     for r, o in zip(ref, other, strict=True):
         assert (r.update - o.update).abs().max() > 1000 * ATOL
+
+
+def test_dpsgd_secure_mode_noise_matches_opacus_secure_mode():
+    """Opacus's secure_mode draws each noise value as 4 Gaussians / 2 (after one discarded draw):
+    the vectorized path must draw the same, or secure runs would differ by training path."""
+    model = mlp()
+    datas, seeds = devices()
+    cfg = TrainConfig(lr=0.1, local_epochs=1, batch_size=10)
+    secure = DPSGDConfig(noise_multiplier=1.1, max_grad_norm=2.0, secure_mode=True)
+    ref = one_by_one(model, cfg, datas, seeds, secure)
+    assert_same(ref, vectorized(model, cfg, datas, seeds, secure))
+    plain = one_by_one(model, cfg, datas, seeds, DPSGDConfig(noise_multiplier=1.1, max_grad_norm=2.0))
+    for r, p in zip(ref, plain, strict=True):  # same batches, other noise draws
+        assert (r.update - p.update).abs().max() > 1000 * ATOL
 
 
 def test_dpsgd_empty_poisson_batches_and_noise_only_steps():

@@ -27,7 +27,7 @@ import torch
 from dp_accounting.pld import pld_privacy_accountant as pld
 from dp_accounting.rdp import rdp_privacy_accountant as rdp
 
-from clients import mix_seed
+from fedsim import randomness
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.user_level import (
@@ -38,9 +38,6 @@ from fedsim.privacy.user_level import (
     update_noise_multiplier,
 )
 from fedsim.worker import DeviceReport
-
-_NOISE_STREAM = 0xD9FE
-_COUNT_STREAM = 0xC0C0
 
 
 class UserLevelDP:
@@ -66,6 +63,8 @@ class UserLevelDP:
             except ValueError as err:
                 raise ConfigError("privacy.dpfedavg.target_epsilon", str(err)) from None
         self.noise_multiplier = user.noise_multiplier
+        # After calibration: the calibrated z is part of the config fingerprint the workers see.
+        self.streams = randomness.streams(cfg)
         self.accounting = self._accounting(self.noise_multiplier)
         if self.count_noise is not None:
             try:
@@ -173,15 +172,15 @@ class UserLevelDP:
             self._composed.add(self.realized_z[-1])
             mean = (total / self.expected_cohort).to(torch.float32)
         else:
-            generator = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _NOISE_STREAM, round_num)))
-            noise = gaussian_sum_noise(total.numel(), std=std, generator=generator)
+            generator = self.streams.torch("dpfedavg-noise", round_num)
+            noise = gaussian_sum_noise(total.numel(), std=std, generator=generator, secure=self.streams.mode == "secure")
             if self.cfg.audit.break_mechanism == "no_noise":  # tests only (fedsim.audit): drawn, not added
                 noise = torch.zeros_like(noise)
             mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
         within = [b for r in reports for b in r.within_bound]
         if self.clipping is not None:
-            count_gen = torch.Generator().manual_seed(mix_seed((self.cfg.seed, _COUNT_STREAM, round_num)))
+            count_gen = self.streams.torch("dpfedavg-count", round_num)
             self.clipping.update(within, generator=count_gen)
         self._last = {
             "user_epsilon": self.epsilon(self.rounds_released),

@@ -158,17 +158,22 @@ def clip_update(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, f
 # ---------------------------------------------------------------------------------------------
 
 
-def gaussian_sum_noise(num_params: int, *, std: float, generator: torch.Generator) -> torch.Tensor:
+def gaussian_sum_noise(num_params: int, *, std: float, generator: torch.Generator, secure: bool = False) -> torch.Tensor:
     """float32 vector of `num_params` independent N(0, std^2) draws (drawn in float64, then cast).
 
-    std = 0 gives zeros (and still draws, so the generator advances the same way).
+    std = 0 gives zeros (and still draws, so the generator advances the same way). `secure`:
+    each value is the sum of 4 draws / 2, the defence Opacus's secure_mode uses against
+    floating-point attacks on a single Gaussian sample (Holohan & Braghin 2021, Sec. 5.1).
     """
     n = _check_count("num_params", num_params, 0)
     if not _is_number(std) or not (0.0 <= float(std) < math.inf):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    noise = torch.randn(n, dtype=torch.float64, generator=generator, device=generator.device)
+    if secure:
+        noise = torch.randn((4, n), dtype=torch.float64, generator=generator, device=generator.device).sum(0) / 2
+    else:
+        noise = torch.randn(n, dtype=torch.float64, generator=generator, device=generator.device)
     return (noise * float(std)).to(torch.float32)
 
 

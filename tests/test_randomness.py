@@ -1,0 +1,191 @@
+"""fedsim.randomness and clients.seeding: modes, fingerprints, full-width torch seeding."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from clients.seeding import mt19937_state, new_generator, seed_sequence
+from fedsim import randomness
+from fedsim.config import FedsimConfig, from_dict
+from fedsim.errors import ConfigError
+from fedsim.worker import device_seed
+from helpers import set_keys
+
+
+def _cfg(**over: object) -> FedsimConfig:
+    return from_dict(set_keys({"population": 100, "cohort": {"size": 10}}, dict(over)))
+
+
+def test_torch_state_layout_is_numpy_mt19937_fed_the_same_words():
+    words = np.random.default_rng(7).integers(0, 2**32, size=624, dtype=np.uint32)
+    g = torch.Generator()
+    g.set_state(mt19937_state(words))
+    reference = np.random.MT19937()
+    state = reference.state
+    state["state"]["key"] = words
+    state["state"]["pos"] = 624
+    reference.state = state
+    # torch's random_ on int64 over [0, 2^32) consumes one 64-bit draw (two MT outputs) and
+    # keeps the second 32-bit output
+    expected = reference.random_raw(20)[1::2]
+    got = torch.empty(10, dtype=torch.int64).random_(0, 2**32, generator=g).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_torch_manual_seed_keeps_32_bits_but_full_seeding_does_not():
+    # The defect: torch 2.13's CPU generator folds manual_seed's argument to 32 bits.
+    a = torch.rand(4, generator=torch.Generator().manual_seed(5))
+    b = torch.rand(4, generator=torch.Generator().manual_seed(5 + 2**32))
+    assert torch.equal(a, b)
+    c = torch.rand(4, generator=new_generator(5))
+    d = torch.rand(4, generator=new_generator(5 + 2**32))
+    assert not torch.equal(c, d)
+
+
+def test_seed_packing_is_fixed_width():
+    first = seed_sequence((2**32,)).generate_state(4)
+    second = seed_sequence((0, 1)).generate_state(4)
+    assert not np.array_equal(first, second)
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*64\)"):
+        seed_sequence((-1,))
+
+
+def test_auto_mode_is_reproducible_in_simulation_and_secure_in_deployment_or_distributed_noise():
+    assert randomness.resolve(_cfg())[0] == "reproducible"
+    deployed = _cfg(engine="deployment", superlink="127.0.0.1:9093")
+    assert randomness.resolve(deployed)[0] == "secure"
+    distributed = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {"noise": "distributed"}})
+    mode, reason = randomness.resolve(distributed)
+    assert mode == "secure" and "distributed" in reason
+    central = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {}})
+    assert randomness.mode(central) == "reproducible"
+    assert randomness.mode(_cfg(engine="deployment", superlink="h:1", privacy={"randomness": "reproducible"})) == "reproducible"
+    assert randomness.mode(_cfg(privacy={"randomness": "secure"})) == "secure"
+
+
+def test_bad_randomness_mode_and_seed_are_config_errors():
+    with pytest.raises(ConfigError, match="privacy.randomness"):
+        _cfg(privacy={"randomness": "fast"})
+    with pytest.raises(ConfigError, match="seed"):
+        _cfg(seed=-1)
+
+
+def test_fingerprint_ignores_how_a_run_is_executed_but_not_what_it_computes():
+    base = randomness.fingerprint(_cfg())
+    assert base < 2**128
+    same = [
+        _cfg(simulation={"num_workers": 2}),
+        _cfg(output={"dir": "/tmp/elsewhere"}),
+        _cfg(checkpoint={"every": 3}),
+        _cfg(privacy={"randomness": "reproducible"}),
+    ]
+    assert all(randomness.fingerprint(c) == base for c in same)
+    different = [
+        _cfg(cohort={"size": 11}),
+        _cfg(rounds=21),
+        _cfg(privacy={"dpfedavg": {"noise_multiplier": 1.0}}),
+        _cfg(privacy={"dpfedavg": {"noise_multiplier": 1.1}}),
+    ]
+    prints = {randomness.fingerprint(c) for c in different} | {base}
+    assert len(prints) == len(different) + 1
+
+
+def test_reproducible_streams_repeat_and_secure_streams_never_do():
+    cfg = _cfg()
+    a = randomness.numpy_generator(cfg, "noise", 3, 4).random(5)
+    b = randomness.numpy_generator(cfg, "noise", 3, 4).random(5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, randomness.numpy_generator(cfg, "noise", 4, 3).random(5))
+    assert not np.array_equal(a, randomness.numpy_generator(cfg, "count", 3, 4).random(5))
+    t1 = torch.randn(5, generator=randomness.torch_generator(cfg, "noise", 3))
+    t2 = torch.randn(5, generator=randomness.torch_generator(cfg, "noise", 3))
+    assert torch.equal(t1, t2)
+
+    secure = _cfg(privacy={"randomness": "secure"})
+    s1 = randomness.numpy_generator(secure, "noise", 3, 4).random(5)
+    s2 = randomness.numpy_generator(secure, "noise", 3, 4).random(5)
+    assert not np.array_equal(s1, s2)
+    u1 = torch.randn(5, generator=randomness.torch_generator(secure, "noise", 3))
+    u2 = torch.randn(5, generator=randomness.torch_generator(secure, "noise", 3))
+    assert not torch.equal(u1, u2)
+
+
+def test_hydra_default_config_has_randomness_auto_and_accepts_an_override():
+    from hydra import compose, initialize_config_dir
+
+    from fedsim.__main__ import CONF_DIR, config_from_hydra
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        chosen = config_from_hydra(compose(config_name="config", overrides=["privacy=dpfedavg", "privacy.randomness=secure"]))
+        default = config_from_hydra(compose(config_name="config"))
+    assert chosen.privacy.randomness == "secure" and chosen.privacy.dpfedavg is not None
+    assert default.privacy.randomness == "auto"
+
+
+# ----------------------------------------------------------------------------- defect 5 (issue 14)
+
+
+def _old_device_seed(*ints: int) -> int:
+    """fedsim's seed of a device fit before issue 14: BLAKE2b-64 of the ints, then manual_seed."""
+    packed = struct.pack(f"<{len(ints)}Q", *ints)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little")
+
+
+def test_defect5_no_two_round_device_pairs_in_a_million_fit_run_share_a_stream():
+    # The defect: manual_seed keeps 32 of the 64 mixed bits, so with seed 0 round 45 device 268
+    # and round 95 device 175 drew the same Poisson masks and noise.
+    assert _old_device_seed(0, 45, 268) != _old_device_seed(0, 95, 175)
+    assert _old_device_seed(0, 45, 268) % 2**32 == _old_device_seed(0, 95, 175) % 2**32
+    cfg = _cfg(rounds=1000, population=1000, cohort={"size": 1000, "sampling": "fixed"})
+    streams = randomness.streams(cfg)
+    a = torch.rand(1000, generator=new_generator(device_seed(streams, 45, 268)))
+    b = torch.rand(1000, generator=new_generator(device_seed(streams, 95, 175)))
+    assert not torch.equal(a, b)
+
+    # A 10^6-fit run: 1000 rounds x 1000 devices. Every fit's stream is Philox under one key
+    # (seed, fingerprint, "device-train") from the counter (0, round, device, 0); Philox is a
+    # bijection of the counter, and a fit advances only the counter's first word, so distinct
+    # (round, device) give disjoint blocks. Checked on every pair: the counters are distinct...
+    rounds, devices = np.meshgrid(np.arange(1, 1001), np.arange(1000), indexing="ij")
+    counters = np.array([randomness.philox_counter((int(r), int(d))) for r, d in zip(rounds.ravel(), devices.ravel(), strict=True)])
+    assert len(counters) == 10**6 and len(np.unique(counters, axis=0)) == 10**6
+    # ... and on a sample, the generator a fit gets really is (that key, that counter), its
+    # draws stay inside the counter's first word, and the torch states built from them differ.
+    key = randomness.philox_key(cfg.seed, streams.fingerprint, "device-train", 2)
+    rng = np.random.default_rng(1)
+    states, pairs = set(), set()
+    for r, d in zip(rng.integers(1, 1001, 300), rng.integers(0, 1000, 300), strict=True):
+        bits = device_seed(streams, int(r), int(d))
+        state = bits.state["state"]
+        assert int(state["key"][0]) | int(state["key"][1]) << 64 == key
+        assert state["counter"].tolist() == [0, r, d, 0]
+        generator = new_generator(bits)
+        torch.rand(10**5, generator=generator)
+        assert bits.state["state"]["counter"].tolist()[1:] == [r, d, 0]
+        pairs.add((int(r), int(d)))
+        states.add(bytes(new_generator(device_seed(streams, int(r), int(d))).get_state().numpy()))
+    assert len(states) == len(pairs)
+
+
+def test_defect5_configs_that_differ_only_in_z_give_uncorrelated_noise():
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    def central_noise(z: float) -> np.ndarray:
+        user = UserLevelDP(_cfg(privacy={"dpfedavg": {"noise_multiplier": z, "clip_norm": 1.0}}))
+        mean = user.aggregate(torch.zeros(10_000, dtype=torch.float64), [], 1)
+        return mean.double().numpy() * user.expected_cohort / user.noise_std  # unit Gaussians
+
+    a, b = central_noise(1.0), central_noise(1.1)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.05
+    np.testing.assert_array_equal(a, central_noise(1.0))  # same config: the same noise
+    # DP-SGD on devices: a device's stream (Poisson masks and noise) depends on sigma too.
+    low = randomness.streams(_cfg(privacy={"dpsgd": {"noise_multiplier": 1.0}}))
+    high = randomness.streams(_cfg(privacy={"dpsgd": {"noise_multiplier": 1.1}}))
+    x = torch.randn(10_000, generator=new_generator(device_seed(low, 1, 7)), dtype=torch.float64).numpy()
+    y = torch.randn(10_000, generator=new_generator(device_seed(high, 1, 7)), dtype=torch.float64).numpy()
+    assert abs(np.corrcoef(x, y)[0, 1]) < 0.05
