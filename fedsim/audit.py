@@ -324,7 +324,6 @@ class RunAudit:
         self.cfg = cfg
         self.user = UserLevelAudit(cfg, initial_params) if cfg.audit.canaries else None
         self.sample = SampleLevelAudit(cfg, dataset, model) if cfg.audit.canary_examples else None
-        self.canary_rounds = 0
         self.seconds = 0.0  # wall time spent in the audit (canary devices' training included)
 
     @classmethod
@@ -362,8 +361,7 @@ class RunAudit:
                 self.sample.score(params, train_canary_devices(self.cfg, grid, workers, ids, params, round_num, config_json))
         total = out.total
         if self.user and total is not None and user_dp is not None:
-            canaries, count = self.user.canary_sum(round_num, user_dp.clip_norm)
-            self.canary_rounds += bool(count)
+            canaries, _ = self.user.canary_sum(round_num, user_dp.clip_norm)
             total = total + canaries
         self.seconds += time.perf_counter() - start
         return total
