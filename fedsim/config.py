@@ -240,6 +240,18 @@ class SecAggConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Empirical privacy auditing: an epsilon measured on the run next to the accountant's (fedsim.audit)."""
+
+    canaries: int = 0  # user-level (DP-FedAvg): 2x this many candidate canary devices, each inserted w.p. 1/2 (0: off)
+    canary_examples: int = 0  # sample-level (DP-SGD): canary examples, each included with probability 1/2 (0: off)
+    canary_devices: int = 10  # sample-level: canary devices that hold the canary examples (sampled like any device)
+    confidence: float = 0.95  # of every interval and lower bound the audit reports
+    bootstrap: int = 200  # resamples for the interval of the user-level estimate
+    break_mechanism: str = "none"  # TESTS ONLY (needs FEDSIM_ALLOW_BROKEN=1): none | no_noise (noise drawn, not added)
+
+
+@dataclass
 class OutputConfig:
     dir: str | None = None  # run directory (None = Hydra's run directory, or ./outputs/run)
     save_model: bool = True  # write model.pt at the end
@@ -263,6 +275,7 @@ class FedsimConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str | None = None  # a checkpoint file or run directory: continue that run (its config wins)
     engine: str = "simulation"  # simulation (Flower's simulation engine, Ray) | deployment (a running SuperLink)
@@ -563,6 +576,7 @@ def validate(cfg: FedsimConfig) -> None:
         rate = getattr(cfg.faults, key)
         if not 0 <= rate < 1:
             raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")
+    validate_audit(cfg)
     sa = cfg.secagg
     _choice(sa.name, "secagg.name", ("none", "secaggplus"))
     if not 2 <= sa.bits <= 32:  # a signed grid [-L, L], L = 2^(bits-1) - 1, needs 2 bits
@@ -588,6 +602,34 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(f"secagg.drop_{stage}", f"must be in [0, 1), got {rate}")
     if sa.name != "none" and cfg.cohort.size < 2:
         raise ConfigError("cohort.size", "secure aggregation needs cohorts of at least 2 devices")
+
+
+BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1
+
+
+def validate_audit(cfg: FedsimConfig) -> None:
+    au = cfg.audit
+    _positive(au.canaries, "audit.canaries", allow_zero=True)
+    _positive(au.canary_examples, "audit.canary_examples", allow_zero=True)
+    _positive(au.canary_devices, "audit.canary_devices")
+    _positive(au.bootstrap, "audit.bootstrap", allow_zero=True)
+    if not 0 < au.confidence < 1:
+        raise ConfigError("audit.confidence", f"must be in (0, 1), got {au.confidence}")
+    if 0 < au.canaries < 10:
+        raise ConfigError("audit.canaries", f"must be 0 (off) or at least 10 (Gaussians are fitted to them), got {au.canaries}")
+    if au.canaries and cfg.privacy.dpfedavg is None:
+        raise ConfigError("audit.canaries", "audits user-level DP: it needs privacy=dpfedavg (or privacy.dpfedavg set)")
+    if au.canary_examples and cfg.privacy.dpsgd is None:
+        raise ConfigError("audit.canary_examples", "audits sample-level DP: it needs privacy=dpsgd (or privacy.dpsgd set)")
+    if au.canary_examples and au.canary_examples < au.canary_devices:
+        raise ConfigError("audit.canary_examples", f"must be 0 or at least audit.canary_devices ({au.canary_devices})")
+    _choice(au.break_mechanism, "audit.break_mechanism", ("none", "no_noise"))
+    if au.break_mechanism != "none" and os.environ.get(BROKEN_ENV) != "1":
+        raise ConfigError(
+            "audit.break_mechanism",
+            f"{au.break_mechanism!r} breaks the privacy mechanism on purpose and is for tests only; allowed: none "
+            f"(set {BROKEN_ENV}=1 to run a broken mechanism)",
+        )
 
 
 def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients import evaluate, flat_params, load_flat_params
 from fedsim import checkpoint, randomness, secure_rounds, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
+from fedsim.audit import RunAudit
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
@@ -128,7 +129,8 @@ def run_rounds(
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
         params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
-    for mechanism in (sample_dp, user_dp):
+    audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
+    for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
     random_desc = randomness.describe(cfg)
@@ -171,6 +173,8 @@ def run_rounds(
 
             out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
+            if audit:  # user-level canaries join the released sum; sample-level canary devices train apart
+                out.total = audit.during_round(out, round_num, params, user_dp, grid, workers, config_json)
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
             out.stats.setdefault("workers_late", 0)
@@ -212,6 +216,8 @@ def run_rounds(
                 load_flat_params(model, params)
                 ev = evaluate(model, (test_x, test_y))
                 test_acc, test_loss = ev["accuracy"], ev["loss"]
+            if audit:
+                privacy |= audit.after_round(params, evaluated=test_acc is not None, user_dp=user_dp)
             now = time.perf_counter()
             runlog.round(
                 RoundMetrics(
@@ -260,6 +266,8 @@ def run_rounds(
         extra["privacy"] |= sample_dp.summary()
     if user_dp:
         extra["privacy"] |= user_dp.summary()
+    if audit:
+        extra["audit"] = audit.summary(run_dir, params, user_dp)
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost

@@ -30,6 +30,7 @@ import torch
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
+from fedsim.audit import canary_device_data, is_canary_device
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
@@ -56,8 +57,10 @@ def dp_config(cfg: FedsimConfig) -> DPSGDConfig | None:
         return None
     if dp.noise_multiplier is None:
         raise ValueError("privacy.dpsgd.noise_multiplier must be resolved (calibrated) before workers start")
+    # audit.break_mechanism=no_noise (tests only, fedsim.audit): the noise is drawn but not added.
+    sigma = 0.0 if cfg.audit.break_mechanism == "no_noise" else dp.noise_multiplier
     return DPSGDConfig(
-        noise_multiplier=dp.noise_multiplier,
+        noise_multiplier=sigma,
         max_grad_norm=dp.max_grad_norm,
         grad_sample_mode=dp.grad_sample_mode,
         secure_mode=randomness.mode(cfg) == "secure",
@@ -246,6 +249,9 @@ class Worker:
                 try:
                     if injected_failure(cfg, streams, round_num, device_id):
                         raise RuntimeError("injected failure (faults.device_failure_rate)")
+                    if is_canary_device(cfg, device_id):  # an audit's canary device: data of its own, no faults
+                        ready.append((device_id, canary_device_data(cfg, self.dataset, device_id)))
+                        continue
                     check_deadline(cfg, streams, round_num, device_id, self.dataset.num_examples(device_id))
                     ready.append((device_id, self.dataset.device_data(device_id)))
                 except Exception as err:  # one device failing must not take its worker's other devices down
@@ -282,6 +288,9 @@ class Worker:
                     outcome[device_id] = _failure(err)
             for device_id in batch:  # rows and failures in device order, as one by one
                 self._add(report, device_id, outcome[device_id])
+        if cfg.audit.break_mechanism == "no_noise" and cfg.privacy.dpsgd is not None:
+            # Tests only: the accountant is told the configured sigma, as a buggy mechanism would.
+            report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return report

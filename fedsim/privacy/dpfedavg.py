@@ -299,6 +299,8 @@ class UserLevelDP:
         else:
             generator = self.streams.torch("dpfedavg-noise", round_num)
             noise = gaussian_sum_noise(total.numel(), std=std, generator=generator, secure=self.streams.mode == "secure")
+            if self.cfg.audit.break_mechanism == "no_noise":  # tests only (fedsim.audit): drawn, not added
+                noise = torch.zeros_like(noise)
             mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
         self.rounds_noise_only += noise_only
