@@ -380,16 +380,17 @@ class SecureStages:
                 for m in messages
             ]  # fmt: skip
         replies = send_and_receive(grid, messages, timeout=timeout, clock=self.workers.clock)
-        missed = []
+        missed, silent = [], []
         for i, m in enumerate(messages):
             node, reply = m.metadata.dst_node_id, replies.get(i)
             if reply is None:
-                self.workers.missed(node, m.metadata.message_id, f"no answer within {timeout:g} s in round {self.round_num} ({stage})")
+                silent.append((node, m.metadata.message_id, f"no answer within {timeout:g} s in round {self.round_num} ({stage})"))
                 missed.append(f"worker {node} gave no answer in {stage}")
             elif reply.has_error():
                 missed.append(f"worker {node} failed in {stage}: {(reply.error.reason or '').strip()[:200]}")
             else:
                 self.workers.answered(node)
+        self.workers.missed_many(silent)
         if missed and stage != "unmask" and not self.last:
             raise StageMissed("; ".join(missed))
         return replies

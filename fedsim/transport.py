@@ -19,8 +19,10 @@ max_missed_rounds * round_timeout_s, a worker that is paused for less than that 
 machine, SIGSTOP, a long garbage collection) is kept, and a worker whose replies always
 come late is dropped after max_missed_rounds rounds instead of costing a timeout each round.
 A worker that has never answered yet is starting (a SuperNode installs the app and imports
-torch on its first job: over a minute on a loaded machine): its silence is not counted, but
-when every worker is silent and none ever answered, they are dropped after `startup_s`.
+torch on its first job: over a minute on a loaded machine): its silence is not counted.
+Misses drop a worker only while another worker keeps its deadlines: when every worker is
+late, the timeout is too short for the machine, and the round waits for them, for at most
+`startup_s` (max(600 s, max_missed_rounds * round_timeout_s)), then drops them all.
 
 Why a resent job changes nothing: a device's update depends only on (seed, round, device id)
 and its group (which depends on the cohort only), never on the worker that computed it, so
@@ -149,16 +151,23 @@ class Workers:
 
     def missed(self, node: int, message_id: str | None, reason: str) -> None:
         """`node` did not answer `message_id` within the timeout: suspend it (or drop it)."""
-        if node in self.lost:
-            return
-        if message_id:
-            self._owed[message_id] = node
-        self.late_count[node] = self.late_count.get(node, 0) + 1
-        self._silent_since[node] = self.clock.monotonic()
-        self._count_miss(node, reason)
-        if node not in self.lost:
-            log.warning("worker %d late (%s); its job goes to another worker, it gets work again once it answers",
-                        node, reason)  # fmt: skip
+        self.missed_many([(node, message_id, reason)])
+
+    def missed_many(self, misses: list[tuple[int, str | None, str]]) -> None:
+        """(node, message id, reason) of the jobs one wait left unanswered: all are suspended
+        before any miss is counted (whether another worker keeps its deadlines)."""
+        misses = [m for m in misses if m[0] not in self.lost]
+        for node, message_id, _ in misses:
+            if message_id:
+                self._owed[message_id] = node
+            self._silent_since[node] = self.clock.monotonic()
+        for node in dict.fromkeys(node for node, _, _ in misses):
+            reason = next(r for n, _, r in misses if n == node)
+            self.late_count[node] = self.late_count.get(node, 0) + 1
+            self._count_miss(node, reason)
+            if node not in self.lost:
+                log.warning("worker %d late (%s); its job goes to another worker, it gets work again once it answers",
+                            node, reason)  # fmt: skip
 
     def answered(self, node: int) -> None:
         """A reply from `node` arrived in time: its misses in a row start again from zero."""
@@ -176,7 +185,10 @@ class Workers:
 
     def _count_miss(self, node: int, reason: str) -> None:
         self._missed[node] = self._missed.get(node, 0) + 1
-        if self._missed[node] >= self.max_missed_rounds:
+        # Only while another worker keeps its deadlines: when every worker is late, the timeout
+        # is too short for this machine, and dropping them all would end the run.
+        others = any(n != node and n not in self.lost and n not in self._silent_since for n in self.nodes)
+        if self._missed[node] >= self.max_missed_rounds and others:
             self.lose(node, f"{reason}; {self._missed[node]} deadlines missed in a row")
 
     def _resume(self, node: int) -> None:
@@ -241,9 +253,9 @@ class Workers:
             alive = self.alive(grid)
             if alive or not self.suspended:
                 return alive
-            if not self._started & set(self.suspended) and self.clock.monotonic() - since >= self.startup_s:
+            if self.clock.monotonic() - since >= self.startup_s:  # bounded: a run never hangs
                 for node in self.suspended:
-                    self.lose(node, f"never answered, {self.startup_s:.0f} s after its first job")
+                    self.lose(node, f"every worker silent for {self.startup_s:.0f} s")
                 return []
             self.clock.sleep(pause)
             pause = min(pause * 2, 1.0)
@@ -356,12 +368,12 @@ def send_with_retries(
         sent_bytes += sum(sizes[job] for job in pending)
         replies = send_and_receive(grid, messages, timeout=timeout, clock=clock)
         copies |= {m.metadata.message_id: job for m, job in zip(messages, pending, strict=True) if m.metadata.message_id}
-        still = []
+        still, misses = [], []
         for k, job in enumerate(pending):
             reply, node = replies.get(k), targets[job]
             if reply is None:
                 silence = f"no answer within {timeout:g} s in round {round_num}"
-                workers.missed(node, messages[k].metadata.message_id, silence)
+                misses.append((node, messages[k].metadata.message_id, silence))
                 errors.append(f"worker {node}: {silence}")
                 if node not in late:
                     late.append(node)
@@ -374,6 +386,7 @@ def send_with_retries(
                 good.append(reply)
                 continue
             still.append(job)
+        workers.missed_many(misses)
         ever_failed |= set(still)
         pending[:] = still
         if not pending:

@@ -141,7 +141,7 @@ def test_workers_that_never_answer_at_all_are_dropped_after_the_startup_allowanc
     clock, grid, workers = setup(nodes=2, max_missed=2)
     grid.dead |= {1, 2}
     delivery = round_of(grid, workers, retries=1)
-    assert delivery.replies == [] and set(workers.lost) == {1, 2} and "never answered" in workers.lost[1]
+    assert delivery.replies == [] and set(workers.lost) == {1, 2} and "every worker silent" in workers.lost[1]
     assert workers.startup_s <= clock.t < workers.startup_s + TIMEOUT + 2
 
 
@@ -211,7 +211,7 @@ def test_when_every_worker_is_late_the_round_waits_for_one_to_answer_again() -> 
     assert 35.0 <= clock.t < 36.0 and workers.lost == {} and workers.late_count == {1: 1}
 
 
-def test_when_every_worker_is_silent_they_are_all_lost_and_nothing_is_delivered() -> None:
+def test_when_every_worker_is_silent_they_are_all_lost_after_the_wait_and_nothing_is_delivered() -> None:
     clock, grid, workers = setup(nodes=2, max_missed=2)
     round_of(grid, workers)  # started
     grid.dead |= {1, 2}
@@ -219,7 +219,9 @@ def test_when_every_worker_is_silent_they_are_all_lost_and_nothing_is_delivered(
     delivery = round_of(grid, workers, round_num=2)
     assert delivery.replies == [] and delivery.jobs_failed == 2 and set(workers.lost) == {1, 2}
     assert workers.wait_for_alive(grid) == []  # the run stops: "every worker is lost"
-    assert clock.t - start == pytest.approx(2 * TIMEOUT, abs=1.1)
+    # Not after 2 misses (no worker kept its deadline: it may be the machine), but when the
+    # wait for any of them passes workers.startup_s.
+    assert clock.t - start == pytest.approx(TIMEOUT + workers.startup_s, abs=1.1)
 
 
 def test_when_every_worker_fails_each_retry_the_errors_say_why() -> None:
@@ -282,3 +284,14 @@ def test_a_late_error_reply_does_not_bring_a_worker_back() -> None:
     round_of(grid, workers, round_num=2)
     clock.t += 26
     assert 1 not in workers.alive(grid) and workers.late_replies_discarded == 1 and workers.suspended == [1]
+
+
+def test_when_every_worker_is_always_late_none_is_dropped_and_every_round_delivers() -> None:
+    """A machine too loaded for the timeout (seen: 40-90 s per message against 20 s): every
+    worker misses every deadline, so none of them is to blame; their late replies are used."""
+    clock, grid, workers = setup(nodes=2, max_missed=2)
+    for round_num in (1, 2, 3):
+        grid.paused_until = {1: clock.t + TIMEOUT + 3, 2: clock.t + TIMEOUT + 3}
+        delivery = round_of(grid, workers, round_num=round_num, retries=1)
+        assert summed_devices(delivery) == list(range(6))
+    assert workers.lost == {} and workers.late_count == {1: 3, 2: 3}
