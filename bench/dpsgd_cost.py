@@ -10,9 +10,11 @@
 2. Server ledger: a population of 100,000 synthetic devices (their real sizes), 50 devices per
    round; per round the budget check of the sampled cohort, recording the events, and the
    epsilon max/median over everyone and over the cohort, as the ServerApp does. Prints
-   milliseconds per round for each accountant (RDP, PLD, PRV). Workers never compute epsilon.
+   milliseconds per round for each accountant (RDP, PLD at each discretisation
+   `choose_pld_interval` may pick, PRV). Workers never compute epsilon.
 
-    python bench/dpsgd_cost.py
+    python bench/dpsgd_cost.py            # both parts
+    python bench/dpsgd_cost.py ledger     # the server ledger only
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fedsim.config import ModelConfig, SyntheticConfig
 from fedsim.data import load_dataset
 from fedsim.models import build_model
 from fedsim.privacy import PrivacyLedger, create_accountant
+from fedsim.privacy.accountants import PLD_INTERVALS
 from fedsim.privacy.sample_level import dpsgd_event
 from fedsim.sampling import sample_cohort
 
@@ -101,8 +104,9 @@ def ledger_rounds(population: int = 100_000, cohort: int = 50, rounds: int = 30)
     ds = load_dataset(SyntheticConfig(), population=population, seed=0)
     print(f"\nserver ledger, population {population:,}, cohort {cohort}, {rounds} rounds, sigma 1.0, batch 10")
     print(f"{'accountant':<10} | {'ms/round (mean)':>15} | {'ms/round (last 10)':>18} | {'distinct histories':>18}")
-    for name in ("rdp", "pld", "prv"):
-        ledger = PrivacyLedger(create_accountant(name), delta=1e-5, target_epsilon=8.0)
+    setups = [("rdp", {})] + [(f"pld@{i:g}", {"value_discretization_interval": i}) for i in PLD_INTERVALS] + [("prv", {})]
+    for name, options in setups:
+        ledger = PrivacyLedger(create_accountant(name.split("@")[0], **options), delta=1e-5, target_epsilon=8.0)
         per_round = []
         for r in range(1, rounds + 1):
             t = time.perf_counter()
@@ -119,5 +123,8 @@ def ledger_rounds(population: int = 100_000, cohort: int = 50, rounds: int = 30)
 
 
 if __name__ == "__main__":
-    device_updates()
+    import sys
+
+    if sys.argv[1:] != ["ledger"]:
+        device_updates()
     ledger_rounds()

@@ -348,6 +348,7 @@ class UserLevelDP:
             "user_level": {
                 "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, "
                 + ("distributed Skellam noise" if self.distributed else "central Gaussian noise"),
+                "assumes": self.assumptions(),
                 "accounting": self._accounting_text(),
                 "accountant": self.user.accountant,
                 "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
@@ -461,6 +462,38 @@ class UserLevelDP:
                 if mode == "secure"
                 else SIMULATION_ONLY,
             ],
+        }
+
+    def assumptions(self) -> dict[str, str]:
+        """What the user-level epsilon rests on, each stated (summary.json `assumes`)."""
+        mode, reason = randomness.resolve(self.cfg)
+        fixed = self.cfg.cohort.sampling == "fixed"
+        return {
+            "accountant": (
+                f"dp_accounting {'RDP' if self.user.accountant == 'rdp' or fixed else 'PLD'}"
+                + (f" (discretisation {self.pld_interval:g}, pessimistic: an upper bound)" if self.user.accountant == "pld" and not fixed else "")
+            ),
+            "adjacency": (
+                "replace-one device (one device's whole data set swapped for another's; sensitivity 2C)"
+                if fixed
+                else "add/remove-one device (a device's whole data set; sensitivity C)"
+            ),
+            "sampling": (
+                f"exactly {self.cfg.cohort.size} of {self.cfg.population} devices per round, uniformly without replacement"
+                if fixed
+                else f"Poisson: each of {self.cfg.population} devices joins each round independently with "
+                f"q = {self.cfg.cohort.size / self.cfg.population:.6g}"
+            )
+            + "; which devices were sampled stays secret from whoever sees the outputs (amplification by sampling)",
+            "rounds": "every round that ran and released is accounted, noise-only rounds included; see rounds_not_released",
+            "threat_model": (
+                "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
+                "server is trusted to sample, clip-check and add the noise, and "
+                + ("sees only the SecAgg+ sum of the survivors' updates" if self.cfg.secagg.name != "none" else "sees each clipped update")
+                + "; device dropouts, worker failures and SecAgg+ aborts do not depend on private data"
+            ),
+            "randomness": f"{mode} ({reason})"
+            + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
 
     def state_dict(self) -> dict[str, Any]:

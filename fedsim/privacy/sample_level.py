@@ -183,6 +183,7 @@ class SampleLevelDP:
         return {
             "sample_level": {
                 "mechanism": "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups",
+                "assumes": self.assumptions(),
                 "accountant": self.accountant.name,
                 "pld_discretization": getattr(self.accountant, "value_discretization_interval", None),
                 "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
@@ -194,6 +195,22 @@ class SampleLevelDP:
                 "devices_accounted": self.ledger.num_devices(),
                 "calibration": self.calibration,
             }
+        }
+
+    def assumptions(self) -> dict[str, str]:
+        """What every per-device epsilon rests on, each stated (summary.json `assumes`)."""
+        from fedsim import randomness
+
+        mode, reason = randomness.resolve(self.cfg)
+        return {
+            "accountant": f"{self.accountant.name} on each device's ledger history (computed by the server)",
+            "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)",
+            "sampling": "each DP-SGD step samples a device's n examples by Poisson with q = 1 / ceil(n / batch_size), "
+            "empty batches included as noise-only steps; the device's n is treated as public",
+            "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
+            "models) learns no more about one of its examples than epsilon allows",
+            "randomness": f"{mode} ({reason})"
+            + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
 
     def save(self, run_dir: Path) -> None:
