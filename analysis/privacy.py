@@ -10,6 +10,7 @@ nothing (`user_release: none`) left out, and the sampling and population from co
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -129,6 +130,8 @@ def user_level_epsilon(run: Run, rounds: int, accountant: str | None = None, del
     user = (cfg.get("privacy") or {}).get("dpfedavg")
     if not isinstance(user, dict):
         raise ValueError("no privacy.dpfedavg in config.yaml")
+    if user.get("noise") == "distributed" and (cfg.get("secagg") or {}).get("name") == "secaggplus":
+        return distributed_user_level_epsilon(run, rounds, delta)
     summary_user = (((run.summary or {}).get("privacy") or {}).get("user_level")) or {}
     # With adaptive clipping the accounted z is the combined one the summary records.
     z = summary_user.get("noise_multiplier", user.get("noise_multiplier"))
@@ -154,3 +157,40 @@ def user_level_epsilon(run: Run, rounds: int, accountant: str | None = None, del
     finally:
         logging.disable(previous)
     return eps if math.isfinite(eps) else math.inf
+
+
+def distributed_user_level_epsilon(run: Run, rounds: int, delta: float | None = None) -> float:
+    """User-level epsilon of a distributed-noise (Skellam under SecAgg+) run after `rounds` rounds.
+
+    The mechanism is the run's own (fedsim.privacy.dpfedavg.UserLevelDP: Skellam RDP with the
+    conditional-rounding sensitivity, Agarwal, Kairouz, Liu 2021), rebuilt from config.yaml,
+    the model size in summary.json and the clip norm of every round that released (metrics.jsonl);
+    the accountant argument does not apply (the Skellam mechanism is accounted in RDP). ValueError
+    when the run directory lacks any of these.
+    """
+    from fedsim.config import from_dict  # imports torch; only when needed
+    from fedsim.errors import ConfigError
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    summary = run.summary or {}
+    user_summary = ((summary.get("privacy") or {}).get("user_level")) or {}
+    z, num_params = user_summary.get("noise_multiplier"), summary.get("num_params")
+    if z is None or num_params is None:
+        raise ValueError("summary.json lacks the noise multiplier or num_params of a distributed-noise run")
+    raw = json.loads(json.dumps(run.config))  # a copy: the calibrated z goes in, no recalibration
+    raw["privacy"]["dpfedavg"]["noise_multiplier"] = z
+    if delta is not None:
+        raw["privacy"]["dpfedavg"]["delta"] = check_delta(delta)
+    try:
+        mechanism = UserLevelDP(from_dict(raw), num_params=int(num_params))
+    except (ConfigError, KeyError, TypeError) as err:
+        raise ValueError(f"config.yaml does not rebuild the run's mechanism ({err})") from None
+    clips = []
+    for row in run.rounds:
+        if not isinstance(row.get("round"), int) or row["round"] > rounds or row.get("user_release") == "none":
+            continue
+        if not isinstance(row.get("clip_norm"), (int, float)):
+            raise ValueError(f"round {row['round']} of metrics.jsonl has no clip_norm")
+        clips.append(float(row["clip_norm"]))
+    mechanism.released_clips = clips
+    return mechanism.epsilon(len(clips))

@@ -195,3 +195,41 @@ def test_item7_pld_discretization_is_chosen_within_one_percent_of_the_1e4_value(
     assert tried[1e-3] > reference * 1.04  # the old fixed 1e-3: 4% over (issue 14, item 7)
     assert interval < 1e-3
     assert reference * (1 - 1e-6) <= epsilon_at(interval) <= reference * 1.01  # still an upper bound, and tight
+
+
+def test_report_recomputes_a_distributed_run_with_its_skellam_mechanism_not_a_gaussian(tmp_path: Path) -> None:
+    # Distributed noise is the Skellam mechanism on the rounded grid (sensitivity grows with the
+    # rounding); the report must recompute that, not a Gaussian of the same z, which is smaller.
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    raw = {
+        "seed": 1, "population": 40, "rounds": 4, "cohort": {"size": 12, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "logreg"},
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 0.5, "accountant": "rdp", "delta": 1e-5,
+                                 "noise": "distributed", "adaptive_clipping": True}},
+        "secagg": {"name": "secaggplus", "bits": 12, "max_corrupt_fraction": 0.1},
+    }  # fmt: skip
+    cfg = from_dict(raw)
+    num_params = 61 * 10
+    clips = [0.5, 0.45, 0.6]
+    rows = [{"round": r, "clip_norm": c, "user_release": "noised_sum"} for r, c in enumerate(clips, start=1)]
+    rows.insert(2, {"round": 3, "user_release": "none"})  # an aborted round released nothing
+    summary = {"num_params": num_params, "privacy": {"user_level": {"noise_multiplier": 1.0}}}
+    run = Run(path=tmp_path, config=cfg.to_dict(), rounds=rows, summary=summary)
+    truth = UserLevelDP(from_dict(raw), num_params=num_params)
+    truth.released_clips = clips
+    expected = truth.epsilon(3)
+    assert user_level_epsilon(run, 4) == pytest.approx(expected, rel=1e-9)
+    gaussian = _composed_fixed(12 / 40, [1.0] * 3, 1e-5)
+    assert expected > gaussian  # the Gaussian recompute under-reported this run
+    with pytest.raises(ValueError, match="clip_norm"):
+        user_level_epsilon(Run(path=tmp_path, config=cfg.to_dict(), rounds=[{"round": 1}], summary=summary), 1)
+
+
+def _composed_fixed(q: float, zs: list[float], delta: float) -> float:
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    for z in zs:
+        acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(40, 12, dp_accounting.GaussianDpEvent(z / 2)))
+    return acc.get_epsilon(delta)
