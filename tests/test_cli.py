@@ -40,6 +40,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
         ("dataset=mnist_of_mars", ("dataset/mnist_of_mars", "femnist", "synthetic")),
         ("model=resnet152", ("model/resnet152", "cnn", "mlp")),
         ("algorithm=fedsgd", ("algorithm/fedsgd", "fedavg", "fedyogi")),
+        ("experiment=typo", ("experiment/typo", "femnist_fedavg", "debug")),  # not silently the default run
         ("cohort.size=5000", ("cohort.size", "larger than the population", "1..1000")),
         ("population=0", ("population", "> 0")),
         ("population=-5", ("population", "> 0")),
