@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -155,11 +156,9 @@ def server_attack(cfg_raw: dict, run_dir: Path, cohort: list[int]) -> tuple[np.n
     dp = UserLevelDP(cfg, num_params=dim)
     mu = dp.secure_encoding().update_variance / h
     fp = secure_rounds.fixed_point(cfg, 8)
-    fingerprint = randomness.fingerprint(cfg)
-    regenerated = sum(
-        skellam(mu, dim, np.random.Generator(np.random.PCG64(randomness.derive(5, fingerprint, secure_rounds.NOISE_STREAM, 1, d))))
-        for d in cohort
-    )
+    # The seed-derived streams of this config (privacy.randomness is not in the fingerprint).
+    seeded = randomness.streams(from_dict(set_keys(copy.deepcopy(cfg_raw), {"privacy.randomness": "reproducible"})))
+    regenerated = sum(skellam(mu, dim, seeded.numpy(secure_rounds.NOISE_STREAM, 1, d)) for d in cohort)
     return noisy_sum.numpy() - regenerated * fp.step, float(np.sqrt(8 / h)) * dp.noise_std, worker
 
 
