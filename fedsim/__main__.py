@@ -7,8 +7,17 @@ range ends the command with one line on stderr and exit status 2, before any job
 
 from __future__ import annotations
 
-import sys
-import time
+import os
+
+# One BLAS thread per process, set before numpy loads (Ray workers inherit it): the simulator
+# parallelises over workers, multi-threaded OpenBLAS only oversubscribes 2 cores on its small
+# matrices, and its thread pool was seen spinning forever in exec_blas when the ServerApp's
+# thread called it after the main thread had (a CI run hung in SyntheticDataset.test_data).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path
 from typing import Any, NoReturn
 

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FLWR_LOG_LEVEL=WARNING FLWR_TELEMETRY_ENABLED=0
+# One BLAS thread per process (as the fedsim command sets): multi-threaded OpenBLAS hung in
+# exec_blas when a Flower server thread called it inside the pytest process.
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 marker="not slow"
 if [ "${FEDSIM_SLOW:-0}" = "1" ]; then marker=""; fi
 set +e
