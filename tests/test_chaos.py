@@ -20,7 +20,8 @@ def chaos_config(tmp: Path, rounds: int, **faults: float) -> dict:
     return {
         "seed": 5, "population": 40, "rounds": rounds, "cohort": {"size": 8, "sampling": "poisson"},
         "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "mlp", "hidden_sizes": [8]},
-        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "secagg": {"name": "secaggplus"},
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "secagg": {"name": "secaggplus", "max_corrupt_fraction": 0.1, "correctness_bits": 6},
+        # (A cohort of 8 with 10% failing devices cannot also hold against a third colluding at 2^-20 aborts.)
         "faults": {"device_failure_rate": 0.1, **faults},
         # Generous: a killed Ray worker is replaced by a new process that imports torch (tens of
         # seconds on a loaded machine), and a restarted secure round needs retries to spare.
