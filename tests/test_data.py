@@ -22,6 +22,8 @@ from fedsim.data.partition import dirichlet_partition, iid_partition, shard_part
 from fedsim.data.synthetic import SizeGenerator, SyntheticDataset, device_sizes, train_part
 from fedsim.errors import ConfigError, DataError
 
+REPO = Path(__file__).resolve().parent.parent
+
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
