@@ -7,7 +7,6 @@ import json
 import struct
 import subprocess
 import sys
-import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path

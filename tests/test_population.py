@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fedsim.capacity import LEDGER_BYTES_PER_DEVICE, check_fits, footprint, machine_memory
-from fedsim.config import SyntheticConfig, from_dict
+from fedsim.config import from_dict
 from fedsim.data import load_dataset
 from fedsim.data.synthetic import SizeGenerator, train_part
 from fedsim.errors import ConfigError
