@@ -561,6 +561,15 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
+        if user.noise == "distributed" and cfg.cohort.sampling == "poisson":
+            # Each device's Skellam share is sized for the round's cohort (h = max(t, n - D) - C), so
+            # the total noise varies with n and a reader of the model learns how many devices were
+            # sampled, which Poisson amplification by sampling does not allow for.
+            raise ConfigError(
+                "cohort.sampling",
+                "distributed noise sizes each share for the sampled cohort, so with Poisson cohorts the noise "
+                "reveals the cohort size; allowed: cohort.sampling=fixed, or privacy.dpfedavg.noise=central",
+            )
     if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
         raise ConfigError(
             "output.private_metrics_only",

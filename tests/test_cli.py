@@ -104,3 +104,11 @@ def test_secagg_modulus_too_small_for_the_cohort_is_refused(tmp_path: Path) -> N
 def test_distributed_noise_without_secure_aggregation_is_refused() -> None:
     proc = fedsim("privacy=dpfedavg", "privacy.dpfedavg.noise=distributed")
     assert_one_line_error(proc, "privacy.dpfedavg.noise", "secagg=secaggplus")
+
+
+def test_distributed_noise_with_poisson_cohorts_is_refused() -> None:
+    # Shares sized for the sampled cohort make the total noise depend on the cohort size (a
+    # membership signal Poisson amplification does not cover): fixed-size cohorts only.
+    proc = fedsim("secagg=secaggplus", "privacy=dpfedavg", "privacy.dpfedavg.noise=distributed")
+    assert_one_line_error(proc, "cohort.sampling", "cohort.sampling=fixed")
+

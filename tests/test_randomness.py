@@ -59,7 +59,7 @@ def test_auto_mode_is_reproducible_in_simulation_and_secure_in_deployment_or_dis
     assert randomness.resolve(_cfg())[0] == "reproducible"
     deployed = _cfg(engine="deployment", superlink="127.0.0.1:9093")
     assert randomness.resolve(deployed)[0] == "secure"
-    distributed = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {"noise": "distributed"}})
+    distributed = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {"noise": "distributed", "accountant": "rdp"}}, cohort={"size": 50, "sampling": "fixed"})
     mode, reason = randomness.resolve(distributed)
     assert mode == "secure" and "distributed" in reason
     central = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {}})
