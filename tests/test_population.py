@@ -37,7 +37,7 @@ GiB = 2**30
 def test_sampling_a_cohort_from_a_billion_allocates_nothing_per_device(method: str) -> None:
     tracemalloc.start()
     try:
-        cohorts = [sample_cohort(population=BILLION, cohort_size=50, method=method, seed=0, round_num=r) for r in range(1, 21)]
+        cohorts = [sample_cohort(population=BILLION, cohort_size=50, method=method, rng=np.random.default_rng([0, r])) for r in range(1, 21)]
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -88,7 +88,7 @@ def test_dpsgd_calibration_and_budgets_at_a_billion_devices_use_the_size_distrib
     expected_small = sum(p for t, p in law.items() if not joins(int(train_part(np.array([t]), 0.1)[0]))) * BILLION
     assert dp.never_eligible == round(expected_small) > 0
     # Admission works per sampled device, from its own size.
-    cohort = sample_cohort(population=BILLION, cohort_size=200, method="fixed", seed=0, round_num=1)
+    cohort = sample_cohort(population=BILLION, cohort_size=200, method="fixed", rng=np.random.default_rng([0, 1]))
     admitted = dp.admit(cohort)
     assert admitted == [d for d in cohort if joins(dataset.num_examples(d))] and 0 < len(admitted) < 200
 
