@@ -217,12 +217,13 @@ def _figures(report: Report) -> None:
             f"Distribution over devices of the sample-level epsilon in ledger.json, {how}; dotted lines: the "
             "per-device budget.",
             lambda: plot_device_epsilons(report.device_eps, colors, labels, out, recomputed))
-    attempt("Audited epsilon against the accountant's",
-            "One point per audited run (fedsim.audit): the accountant's epsilon against the audit's lower bound "
-            "(filled; Steinke et al. 2023, at the run's confidence) and, at user level, the one-shot estimate of "
-            "Andrew et al. 2024 with its bootstrap interval (hollow). A lower bound above the diagonal means the "
-            "mechanism that ran leaks more than the one accounted for; below it says nothing about privacy.",
-            lambda: plot_audit(report.runs, colors, labels, out))
+    if any((run.summary or {}).get("audit") for run in report.runs):  # a sweep without audits: no plot, no note
+        attempt("Audited epsilon against the accountant's",
+                "One point per audited run (fedsim.audit): the accountant's epsilon against the audit's lower bound "
+                "(filled; Steinke et al. 2023, at the run's confidence) and, at user level, the one-shot estimate of "
+                "Andrew et al. 2024 with its bootstrap interval (hollow). A lower bound above the diagonal means the "
+                "mechanism that ran leaks more than the one accounted for; below it says nothing about privacy.",
+                lambda: plot_audit(report.runs, colors, labels, out))
     attempt("Clipping and noise per round",
             "Fraction of clipped per-example gradients (sample-level) or device updates (user-level), the "
             "noise multiplier z and the user-level clip norm, per round.",
