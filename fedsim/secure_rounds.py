@@ -255,6 +255,12 @@ def summary(cfg: FedsimConfig) -> dict:
             "keys from the registry, not from the server; the server can read the registry but not write to it "
             "(simulated: a Ray actor the launcher creates for the run, which the workers reach directly)"
         )
+    if cfg.engine == "simulation":
+        assumptions.append(
+            "simulation engine: Flower keeps each worker node's state, where devices keep their round secrets "
+            "between stages (identity keys included), in the launcher process that also runs the ServerApp; "
+            "fedsim's server code never reads it (separated by code, not by process)"
+        )
     if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":
         assumptions.append("Poisson cohorts: k and t are chosen per round for the sampled size (metrics secagg_k, secagg_t)")
     return choice.as_dict() | {
