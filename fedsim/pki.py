@@ -52,7 +52,8 @@ def start() -> None:
     global _owned
     import ray
 
-    # No CPU: the workers' actor pool is sized from the CPUs (2 cores / cpus_per_worker).
+    # No CPU: the workers' actor pool is sized from the CPUs (2 cores / cpus_per_worker). A sync
+    # actor runs one call at a time, which makes register-once atomic across workers.
     service = ray.remote(num_cpus=0, max_restarts=0)(KeyRegistry)
     _owned = service.options(name=_actor_name(), namespace=NAMESPACE).remote()
     ray.get(_owned.lookup.remote(b"ready"))  # fail here, not in round 1

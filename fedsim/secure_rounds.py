@@ -253,7 +253,8 @@ def summary(cfg: FedsimConfig) -> dict:
             "a trusted key registry (PKI): each device draws its Ed25519 identity key for the round from its own "
             "OS CSPRNG and registers the public key once per (session, device); devices read their neighbours' "
             "keys from the registry, not from the server; the server can read the registry but not write to it "
-            "(simulated: a Ray actor the launcher creates for the run, which the workers reach directly)"
+            "(simulated: a Ray actor the launcher creates for the run, which the workers reach directly; fedsim's "
+            "server code only reads it)"
         )
     if cfg.engine == "simulation":
         assumptions.append(

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.app import ConfigRecord
 
 from fake_grid import LocalGrid, set_flower_identity
-from fedsim import pki, secure_rounds
+from fedsim import pki
 from fedsim.config import ConfigError, from_dict
 from fedsim.secagg import crypto
-from fedsim.secagg.protocol import KeyRegistry, SecAggDevice, survivors_message
+from fedsim.secagg.protocol import KeyRegistry, SecAggDevice, SecAggParams, survivors_message
 
 N = 8
 
@@ -191,9 +191,9 @@ def test_the_forging_harness_succeeds_with_the_devices_real_keys(tmp_path: Path,
 
     def real_keys(job: dict) -> dict[int, Ed25519PrivateKey]:
         keys = {}
-        for context in grid.contexts.values():  # the workers' state, out of the server's reach
+        for context in grid.contexts.values():  # the workers' stage state: what a server would have to steal
             for p, blob in dict(context.state.config_records["secagg"]).items():
-                device = SecAggDevice.restore(secure_rounds_params(job), bytes(blob))
+                device = SecAggDevice.restore(_session_params(job), bytes(blob))
                 keys[int(p)] = device._identity
         return keys
 
@@ -202,9 +202,7 @@ def test_the_forging_harness_succeeds_with_the_devices_real_keys(tmp_path: Path,
     assert "secagg_aborted" not in rows[0] and rows[0]["secagg_survivors_unmask"] == N
 
 
-def secure_rounds_params(job: dict):  # noqa: ANN201
-    from fedsim.secagg import SecAggParams
-
+def _session_params(job: dict) -> SecAggParams:
     return SecAggParams(
         num_devices=int(job["n"]), threshold=int(job["t"]), neighbours=int(job["k"]), modulus_bits=int(job["m"]),
         vector_length=int(job["length"]), session_id=bytes(job["session"]), graph_seed=bytes(job["graph_seed"]),
