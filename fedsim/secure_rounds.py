@@ -635,8 +635,12 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
             out[f"dev.{p}"] = ConfigRecord(payload)
             states[str(p)] = dev.export_state()
     if identity_keys:  # before any reply leaves: a device whose key the PKI refuses drops alone
-        for p, reason in pki.register(params.session_id, identity_keys).items():
-            errors[str(p)] = f"advertise_keys: the key registry refused its identity key: {reason}"
+        try:
+            refused = pki.register(params.session_id, identity_keys)
+        except RuntimeError as err:  # no registry reachable: no neighbour could authenticate these devices
+            refused = {p: str(err) for p in identity_keys}
+        for p, reason in refused.items():
+            errors[str(p)] = f"advertise_keys: identity key not registered: {reason}"
             del out[f"dev.{p}"]
             states.pop(str(p), None)
     if stage == "unmask":

@@ -306,7 +306,7 @@ def test_a_worker_whose_device_key_the_registry_refuses_drops_that_device_only(
     errors = {}
     for _, content in grid.replies:
         errors |= dict(content.config_records.get("device_errors", {}))
-    assert errors == {"0": "advertise_keys: the key registry refused its identity key: position 0 already has another "
+    assert errors == {"0": "advertise_keys: identity key not registered: position 0 already has another "
                            "registered identity key in this session"}  # fmt: skip
     assert rows[0]["secagg_survivors_advertise_keys"] == N - 1
 
