@@ -17,6 +17,7 @@ from fedsim import checkpoint
 from fedsim.config import from_dict
 from fedsim.errors import FedsimError
 from fedsim.run import run
+from helpers import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 ARGS = [
@@ -131,9 +132,10 @@ def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path:
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    actors = subprocess.run(["pgrep", "-f", "ray::ClientAppActor"], capture_output=True, text=True).stdout.split()
+    # One of this run's own workers (other tests may run Ray at the same time).
+    actors = [p for p, cmd in descendants(proc.pid).items() if cmd.startswith("ray::ClientAppActor")]
     assert actors, "no Ray ClientApp actor to kill"
-    os.kill(int(actors[0]), signal.SIGKILL)
+    os.kill(min(actors), signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
