@@ -29,8 +29,10 @@ def _config(tmp: Path) -> dict:
 class OneWorker:
     """All N devices on one worker node, driven stage by stage as secure_round would."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.cfg = from_dict(_config(tmp))
+    def __init__(self, tmp: Path, **secagg: object) -> None:
+        raw = _config(tmp)
+        raw["secagg"] |= secagg
+        self.cfg = from_dict(raw)
         self.worker = Worker(self.cfg)
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         self.num_params = sum(p.numel() for p in self.worker.model.parameters())
@@ -86,3 +88,28 @@ def test_one_devices_bad_requests_drop_that_device_and_not_its_worker(tmp_path: 
     assert sorted(int(k) for k in masked) == sorted(set(req3) - {victim})
     assert str(victim) in reply.config_records["device_errors"]
     assert reply.config_records["device_errors"][str(victim)].startswith("masked_input: ")
+
+
+def test_workers_refuse_a_session_whose_threat_model_or_k_t_are_not_the_run_configs(tmp_path: Path) -> None:
+    # A lying server could switch off the active checks or lower t; the devices recompute the
+    # session's parameters from the run config and the cohort's size and refuse, revealing nothing.
+    node = OneWorker(tmp_path)  # semi-honest run
+    node.base["active"] = True
+    reply = node.stage("advertise_keys", {i: {} for i in range(N)})
+    assert _payloads(reply) == {}
+    errors = dict(reply.config_records["device_errors"])
+    assert sorted(errors) == [str(i) for i in range(N)]
+    assert all("refuses the session: the session's threat model is not the run config's" in e for e in errors.values())
+
+    active = OneWorker(tmp_path, threat_model="active", max_dropout_fraction=0.25)
+    choice = secure_rounds.graph_choice(active.cfg, N)
+    active.base |= {"active": True, "cohort": list(range(100, 100 + N))}
+    job = ConfigRecord({**active.base, "stage": "advertise_keys", "device_ids": [], "positions": []})
+    params = secure_rounds.device_params(job, active.cfg)
+    assert params.min_survivors == max(choice.threshold, N - choice.dropouts) == N - 2  # D = floor(0.25 * 8)
+    active.base["t"] = choice.threshold + 1
+    errors = dict(active.stage("advertise_keys", {i: {} for i in range(N)}).config_records["device_errors"])
+    assert all(f"t={choice.threshold + 1} are not the run config's" in e for e in errors.values()) and len(errors) == N
+    active.base |= {"t": choice.threshold, "cohort": list(range(N - 1))}  # n does not match the cohort it names
+    errors = dict(active.stage("advertise_keys", {i: {} for i in range(N)}).config_records["device_errors"])
+    assert all("is not the size of its cohort" in e for e in errors.values()) and len(errors) == N

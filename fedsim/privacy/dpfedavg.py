@@ -459,8 +459,9 @@ class UserLevelDP:
             "randomness": mode,
             "randomness_reason": why,
             "assumptions": [
-                "the server follows the abort rule (at least max(t, n - D) masked inputs in every released sum; in the "
-                "active threat model the devices do not check this count yet)",
+                "at least max(t, n - D) masked inputs in every released sum: semi_honest, the server follows this abort "
+                "rule; active, every device also checks it (it signs and unmasks only survivor sets that large, t and D "
+                "computed from the public run config and the session's n), but takes its noise share as the server sends it",
                 "at most C = floor(gamma n) devices of a cohort collude with the server (secagg.max_corrupt_fraction); "
                 "the others keep their noise secret",
                 "the cohort is secret from whoever reads the released model (else see epsilon_vs_server)",
