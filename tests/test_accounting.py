@@ -115,6 +115,31 @@ def test_defect6_every_metric_is_covered_or_listed_and_private_metrics_only_drop
     assert "Metrics outside the privacy guarantee" in report and "train_loss \u2020" in report
 
 
+def test_train_loss_and_other_statistics_are_labelled_with_what_each_path_computes(tmp_path: Path) -> None:
+    # Plain rounds weight each device's loss by its examples; under SecAgg+ the server has only
+    # the cohort sum of each device's mean loss, so train_loss is a device-weighted mean there.
+    from fedsim.privacy.published import outside_guarantee
+    from fedsim.secure_rounds import cohort_metrics
+    from fedsim.server_app import round_stats
+    from fedsim.worker import DeviceReport
+
+    keys = ["train_loss", "num_examples", "update_clipped_fraction"]
+    plain = outside_guarantee(from_dict(tiny_user_level(tmp_path)), keys)
+    secure_raw = tiny_user_level(tmp_path, cohort={"size": 10, "sampling": "fixed"}, secagg={"name": "secaggplus"})
+    secure_raw["privacy"]["dpfedavg"] |= {"accountant": "rdp", "adaptive_clipping": True}
+    secure = outside_guarantee(from_dict(secure_raw), keys)
+    secure_raw["privacy"]["dpfedavg"]["noise"] = "distributed"
+    distributed = outside_guarantee(from_dict(secure_raw), keys)
+    # Two devices: mean losses 1.0 over 10 examples and 4.0 over 30.
+    report = DeviceReport(device_ids=[0, 1], updates=[], losses=[1.0, 4.0], num_examples=[10, 30])
+    assert round_stats([report])["train_loss"] == pytest.approx((10 + 120) / 40)  # example-weighted
+    assert "example-weighted" in plain["train_loss"] and "device-weighted" not in plain["train_loss"]
+    assert cohort_metrics({"loss": 5.0, "num_examples": 40.0}, 2)["train_loss"] == pytest.approx(2.5)  # device-weighted
+    assert "device-weighted" in secure["train_loss"] and "not example-weighted" in secure["train_loss"]
+    assert "SecAgg+" in secure["num_examples"] and "clipping bits" in secure["update_clipped_fraction"]
+    assert "noisy clipped count" in distributed["update_clipped_fraction"]
+
+
 def test_private_metrics_only_without_a_dp_mechanism_is_a_config_error(tmp_path: Path) -> None:
     from fedsim.errors import ConfigError
 
