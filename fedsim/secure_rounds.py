@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import secrets
@@ -274,8 +275,10 @@ def summary(cfg: FedsimConfig) -> dict:
         assumptions.append(
             f"the run config is public and fixed before the run: each device computes t, D and the survivor floor "
             f"max(t, n - D) (= {survivor_floor(choice)} at n = {choice.n}) from it and the session's n, refuses a "
-            "session whose k, t differ, and signs and unmasks only a survivor set at least that large; the server-sent "
-            "encoding (grid, clip norm, norm bound, noise share) is taken as sent"
+            "session whose k, t differ, and signs and unmasks only a survivor set at least that large; with DP-FedAvg "
+            "it also checks the round's encoding against the config (grid, fixed clip norm, rounding norm bound, its "
+            "noise share at least 1/h of the accounted variance); with adaptive clipping the clip norm is taken as "
+            "sent (the norm bound and the noise scale with it)"
         )
     if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":
         assumptions.append("Poisson cohorts: k and t are chosen per round for the sampled size (metrics secagg_k, secagg_t)")
@@ -622,7 +625,7 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
     Active threat model: the server may lie, so the devices do not take the threat model, k, t
     or the survivor floor from its word: they recompute them from their own copy of the run
     config and the session's n (the cohort's size, which the job lists in full) and refuse a
-    session whose k, t or mode differ (ValueError). Assumption (stated in summary.json): the
+    session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption (stated in summary.json): the
     run config is public and fixed before the run (the workers read it from the job, and a
     deployment's devices would check it against the published one); what the server chooses
     per round is only the cohort and the session's public randomness.
@@ -639,11 +642,47 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
             raise ValueError(f"the session's k={k}, t={t} are not the run config's for n={n} "
                              f"(k={choice.neighbours}, t={choice.threshold})")  # fmt: skip
         floor = survivor_floor(choice)
+        check_encoding(job, cfg, choice)
     return SecAggParams(
         num_devices=n, threshold=t, neighbours=k, modulus_bits=int(job["m"]),  # type: ignore[arg-type]
         vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
         graph_seed=bytes(job["graph_seed"]), active=active, min_survivors=floor,  # type: ignore[arg-type]
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _user_level_dp(config_json: str, num_params: int):  # noqa: ANN202 - a UserLevelDP
+    from fedsim.config import from_dict
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    return UserLevelDP(from_dict(json.loads(config_json)), num_params=num_params)
+
+
+def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) -> None:
+    """Active threat model with DP-FedAvg: the round's encoding is what the run config implies.
+
+    The grid (range, bits) must be the config's, the fixed clip norm the config's (adaptive
+    clipping: the clip norm the server derived from the noisy counts is taken as sent; the
+    bound and noise below scale with it), the rounding norm bound no larger than the
+    accountant's for that clip norm, and, with distributed noise, each device's Skellam share
+    at least 1/h of the variance the accountant assumes, h = max(t, n - D) - C from the config.
+    So a lying server cannot strip the noise or loosen the sensitivity. ValueError otherwise.
+    """
+    user = cfg.privacy.dpfedavg
+    if user is None:
+        return
+    if float(job["clip"]) != encoding_clip(cfg) or int(job["bits"]) != cfg.secagg.bits:  # type: ignore[arg-type]
+        raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
+    clip = float(job["clip_norm"])  # type: ignore[arg-type]
+    if not user.adaptive_clipping and clip != user.clip_norm:
+        raise ValueError(f"the session's clip norm {clip:g} is not the run config's ({user.clip_norm:g})")
+    expected = _user_level_dp(str(job["config"]), int(job["dim"])).secure_encoding(clip)  # type: ignore[arg-type]
+    if float(job["norm_bound"]) > expected.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
+        raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {expected.norm_bound:g}")
+    honest = survivor_floor(choice) - choice.corrupt
+    for key, variance in (("skellam_mu", expected.update_variance), ("skellam_mu_count", expected.count_variance)):
+        if variance > 0 and float(job[key]) < variance / honest * (1 - 1e-12):  # type: ignore[arg-type]
+            raise ValueError(f"the session's noise share {key}={job[key]} is below the run config's {variance / honest:g}")
 
 
 def _refuse_session(msg: Message, context: Context, job: ConfigRecord, stage: str, reason: str) -> Message:

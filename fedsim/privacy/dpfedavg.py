@@ -205,10 +205,11 @@ class UserLevelDP:
             blocks.append(SkellamBlock(variance=(2 * self.count_noise) ** 2, l2=1.0, l1=1.0))
         return SkellamRound(tuple(blocks), sampling or self.cfg.cohort.sampling, self.cfg.population, self.cfg.cohort.size)
 
-    def secure_encoding(self) -> SecureEncoding:
+    def secure_encoding(self, clip: float | None = None) -> SecureEncoding:
         """The next round's rounding bound and, with distributed noise, the Skellam variance the
-        survivors must reach (whatever drops out or colludes, within the threat model)."""
-        clip = self.clip_norm
+        survivors must reach (whatever drops out or colludes, within the threat model), at clip
+        norm `clip` (default: the current one; devices check a round's encoding with theirs)."""
+        clip = self.clip_norm if clip is None else clip
         if not self.distributed:
             return SecureEncoding(norm_bound=self.rounding_bound(clip))
         blocks = self._skellam_round(clip).blocks
@@ -461,7 +462,8 @@ class UserLevelDP:
             "assumptions": [
                 "at least max(t, n - D) masked inputs in every released sum: semi_honest, the server follows this abort "
                 "rule; active, every device also checks it (it signs and unmasks only survivor sets that large, t and D "
-                "computed from the public run config and the session's n), but takes its noise share as the server sends it",
+                "computed from the public run config and the session's n) and refuses a noise share below 1/h of the "
+                "accounted variance",
                 "at most C = floor(gamma n) devices of a cohort collude with the server (secagg.max_corrupt_fraction); "
                 "the others keep their noise secret",
                 "the cohort is secret from whoever reads the released model (else see epsilon_vs_server)",
