@@ -625,10 +625,11 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
     Active threat model: the server may lie, so the devices do not take the threat model, k, t
     or the survivor floor from its word: they recompute them from their own copy of the run
     config and the session's n (the cohort's size, which the job lists in full) and refuse a
-    session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption (stated in summary.json): the
-    run config is public and fixed before the run (the workers read it from the job, and a
-    deployment's devices would check it against the published one); what the server chooses
-    per round is only the cohort and the session's public randomness.
+    session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption
+    (stated in summary.json): the run config is public and fixed before the run (the workers
+    read it from the job, and a deployment's devices would check it against the published
+    one); what the server chooses per round is only the cohort and the session's public
+    randomness.
     """
     n, active = int(job["n"]), cfg.secagg.threat_model == "active"  # type: ignore[arg-type]
     if bool(job["active"]) != active:
