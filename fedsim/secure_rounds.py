@@ -628,8 +628,8 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
     session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption
     (stated in summary.json): the run config is public and fixed before the run (the workers
     read it from the job, and a deployment's devices would check it against the published
-    one); what the server chooses per round is only the cohort and the session's public
-    randomness.
+    one); what the server chooses per round is only the cohort, the session's public
+    randomness and, with adaptive clipping, the clip norm.
     """
     n, active = int(job["n"]), cfg.secagg.threat_model == "active"  # type: ignore[arg-type]
     if bool(job["active"]) != active:
