@@ -574,6 +574,14 @@ def validate(cfg: FedsimConfig) -> None:
                 "distributed noise, how much noise it carries), which reveals who was sampled beyond what Poisson "
                 "amplification covers; allowed: cohort.sampling=fixed (with privacy.dpfedavg.accountant=rdp), or secagg=none",
             )
+        if cfg.secagg.name != "none" and cfg.faults.round_deadline_s is not None:
+            # The one simulated dropout that depends on a device's data (its example count): with it,
+            # whether a secure round keeps t survivors, hence releases, would depend on private data.
+            raise ConfigError(
+                "faults.round_deadline_s",
+                "drops devices by their example count, so with secagg=secaggplus and DP-FedAvg whether a round aborts "
+                "would depend on private data, which no accountant covers; allowed: null, or secagg=none",
+            )
     if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
         raise ConfigError(
             "output.private_metrics_only",

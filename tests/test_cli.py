@@ -126,4 +126,10 @@ def test_secagg_with_dpfedavg_and_poisson_cohorts_is_refused_since_aborts_depend
     fixed = from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": {"dpfedavg": {"accountant": "rdp"}}})
     assert fixed.cohort.sampling == "fixed"
     assert from_dict({"secagg": {"name": "secaggplus"}}).cohort.sampling == "poisson"
+    # The simulated deadline drops devices by their example count: a data-dependent dropout that
+    # would make a secure round's abort depend on private data.
+    with pytest.raises(ConfigError, match="faults.round_deadline_s"):
+        from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": {"dpfedavg": {"accountant": "rdp"}},
+                   "faults": {"round_deadline_s": 1.0}})  # fmt: skip
+    assert from_dict({"privacy": {"dpfedavg": {}}, "faults": {"round_deadline_s": 1.0}}).faults.round_deadline_s == 1.0
 

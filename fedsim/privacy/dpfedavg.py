@@ -22,7 +22,9 @@ Poisson cohorts whether a round aborts depends on the sampled size (n < 2, or no
 accountant does not cover. The one data-dependent way a device can drop from a secure round,
 its update failing conditional rounding fedsim.secagg.quantize.MAX_ROUNDING_DRAWS times in a row, has probability
 <= beta^200 = e^-100 for every update within the clip norm (Kairouz, Liu, Steinke 2021, Thm. 1:
-each draw fails with probability <= beta = e^-0.5), negligible next to any delta.
+each draw fails with probability <= beta = e^-0.5), negligible next to any delta; the simulated
+round deadline (faults.round_deadline_s), which drops devices by their example count, is refused
+with SecAgg+ and DP-FedAvg.
 
 Accounting (fedsim.privacy.user_level): Poisson cohorts with add/remove-one-device adjacency
 (PLD or RDP), fixed-size cohorts with replace-one adjacency (RDP). With
