@@ -38,6 +38,29 @@ INDEX_BYTES_PER_DEVICE = 8
 # PrivacyLedger: 380 B per device kept (history, last event, counters), and as much again
 # while ledger.json or a checkpoint is written.
 LEDGER_BYTES_PER_DEVICE = 800
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since it started its program.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of the current address space.
+    getrusage's ru_maxrss is not used there: Linux carries it across exec, so a process started
+    by a large parent (pytest after hundreds of tests, a launcher holding a dataset) reports the
+    parent's size at fork. Elsewhere ru_maxrss is the best available (KiB on Linux/BSD, bytes on
+    macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 # A server or worker process before any population-dependent state (torch, Flower, Ray,
 # the model): about 0.5 GB each (README, bench/population.py).
 PROCESS_BASE_BYTES = 500 * 2**20

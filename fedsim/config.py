@@ -608,6 +608,14 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(sa.neighbours, "secagg.neighbours")
     _positive(sa.threshold, "secagg.threshold")
     _choice(sa.threat_model, "secagg.threat_model", ("semi_honest", "active"))
+    if sa.name != "none" and sa.threat_model == "active" and cfg.engine == "deployment":
+        # The active model needs a key registry the SuperNodes reach without the server (fedsim.pki);
+        # a deployment has none, and keys the server could relay or derive would void the check.
+        raise ConfigError(
+            "secagg.threat_model",
+            "active needs a key registry the devices reach without the server, which engine=deployment does not "
+            "have; allowed with engine=deployment: semi_honest (or engine=simulation for active)",
+        )
     for key in ("max_corrupt_fraction", "max_dropout_fraction"):
         value = getattr(sa, key)
         if value is not None and not 0 <= value < 1:

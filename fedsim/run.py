@@ -112,6 +112,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     ):
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
+        if cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
+            _start_key_registry(init_args)
         run_simulation(
             server_app=make_server_app(cfg, run_dir, result, setup),
             client_app=client_app,
@@ -125,6 +127,22 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
+
+
+def _start_key_registry(init_args: dict[str, Any]) -> None:
+    """SecAgg+'s active model: the run's key registry (fedsim.pki), a Ray actor the workers reach
+    directly, created here, before the ServerApp starts. Ray is started as Flower's
+    RayBackend.init_ray would (Flower then reuses it, as with simulation.ray_address)."""
+    import ray
+
+    from fedsim import pki
+
+    if not ray.is_initialized():
+        pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    pki.close()  # a handle cached from an earlier run in this process belongs to a Ray session that is gone
+    pki.start()
 
 
 def _attach_ray(address: str, num_workers: int | None, cpus_per_worker: float) -> int:

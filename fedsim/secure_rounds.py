@@ -24,12 +24,15 @@ ring order comes from fedsim.randomness (stream "secagg.graph", round): in repro
 same seed gives the same graph, survivors and model; in secure mode fresh OS entropy. Device
 secrets never come from there: they are drawn by the devices from the OS CSPRNG.
 
-Active threat model, identity keys (the simulated PKI): device d's Ed25519 identity key is
-derived with HKDF from a per-run secret the workers hold (environment variable
-FEDSIM_SECAGG_IDENTITY_SECRET; the launcher draws it from the OS before any worker starts, a
-deployment sets the same value on every SuperNode) and d's id, so every worker computes the
-same registry of public keys and the server never sees the secret. Assumption stated in
-summary.json: the server cannot read the workers' environment.
+Active threat model, identity keys: at advertise_keys each device draws an Ed25519 key for
+the session from its worker's OS CSPRNG (`SecAggDevice`), keeps the private half in its stage
+state (the worker's `context.state`, never in a reply) and its worker registers the public
+half in the key registry (`fedsim.pki`: a Ray actor created by the launcher for the run, or
+this process's registry on the in-process test grid), once per (session, device). From
+share_keys on, workers read their devices' neighbour keys from the registry, not from the
+server's messages. The server reads the registry for its own early checks and cannot write to
+it. Assumption stated in summary.json: the registry is trusted infrastructure. The deployment
+engine has no such registry, so the active model is refused there (config.py).
 
 No side channels: what the server needs per device (its mean loss, its example count, the
 DP-SGD clipped fraction, the adaptive-clipping bit) travels as extra coordinates of the masked
@@ -50,7 +53,6 @@ import functools
 import json
 import logging
 import os
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +63,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim import randomness, wire
+from fedsim import pki, randomness, wire
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError
 from fedsim.secagg import (
@@ -78,14 +80,12 @@ from fedsim.secagg import (
     skellam,
     skellam_tail_bound,
 )
-from fedsim.secagg.crypto import identity_public
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.worker import DeviceReport, Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
 # Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
-IDENTITY_SECRET_ENV = "FEDSIM_SECAGG_IDENTITY_SECRET"
 
 if TYPE_CHECKING:
     from fedsim.privacy.dpfedavg import SecureEncoding
@@ -237,14 +237,9 @@ def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus
 
 def prepare(cfg: FedsimConfig) -> GraphChoice:
     """Checks before the run (a bad modulus or an impossible threat model fails here, not in
-    round 1) and, in the active model, the workers' identity secret; returns the guarantee at
-    the configured cohort size."""
+    round 1); returns the guarantee at the configured cohort size."""
     fixed_point(cfg, cfg.cohort.size)
-    choice = graph_choice(cfg, cfg.cohort.size)
-    if cfg.secagg.threat_model == "active" and cfg.engine != "deployment":
-        # Drawn here, in the launcher, before Ray starts the workers: they inherit it.
-        os.environ.setdefault(IDENTITY_SECRET_ENV, secrets.token_hex(32))
-    return choice
+    return graph_choice(cfg, cfg.cohort.size)
 
 
 def summary(cfg: FedsimConfig) -> dict:
@@ -267,9 +262,17 @@ def summary(cfg: FedsimConfig) -> dict:
     ]
     if cfg.secagg.threat_model == "active":
         assumptions.append(
-            "a trusted key registry (PKI): each device's Ed25519 identity key is fixed for the run and the server "
-            f"cannot register or swap one (simulated: keys derived from {IDENTITY_SECRET_ENV}, which only the "
-            "workers read)"
+            "a trusted key registry (PKI): each device draws its Ed25519 identity key for the round from its own "
+            "OS CSPRNG and registers the public key once per (session, device); devices read their neighbours' "
+            "keys from the registry, not from the server; the server can read the registry but not write to it "
+            "(simulated: a Ray actor the launcher creates for the run, which the workers reach directly; fedsim's "
+            "server code only reads it)"
+        )
+    if cfg.engine == "simulation":
+        assumptions.append(
+            "simulation engine: Flower keeps each worker node's state, where devices keep their round secrets "
+            "between stages (identity keys included), in the launcher process that also runs the ServerApp; "
+            "fedsim's server code never reads it (separated by code, not by process)"
         )
     if cfg.secagg.threat_model == "active":
         assumptions.append(
@@ -290,28 +293,6 @@ def summary(cfg: FedsimConfig) -> dict:
         "references": "Bell et al. 2020 (CCS) sec. 3-4 for k, t and the graph; Bonawitz et al. 2017 (CCS) sec. 6 "
         "for the consistency check and the PKI",
     }
-
-
-@functools.lru_cache(maxsize=4096)
-def _identity(secret: str, device_id: int):  # noqa: ANN202 - an Ed25519PrivateKey
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"fedsim/secagg/identity",
-                info=device_id.to_bytes(8, "big")).derive(bytes.fromhex(secret))  # fmt: skip
-    return Ed25519PrivateKey.from_private_bytes(seed)
-
-
-def _identity_secret() -> str:
-    secret = os.environ.get(IDENTITY_SECRET_ENV)
-    if not secret:
-        raise ConfigError(
-            "secagg.threat_model",
-            f"active needs the device identity secret in {IDENTITY_SECRET_ENV} on every worker "
-            "(fedsim sets it for the simulation engine; a deployment sets the same value on each SuperNode)",
-        )
-    return secret
 
 
 # ----------------------------------------------------------------------------- server side
@@ -390,8 +371,6 @@ def secure_round(
         "skellam_mu": mu_update,
         "skellam_mu_count": mu_count,
     }
-    if params.active:
-        base["cohort"] = cohort  # public: devices look their neighbours up in the key registry
     if encoding is not None:
         base["norm_bound"] = float(encoding.norm_bound)
     if clip_norm is not None:
@@ -453,9 +432,8 @@ def secure_round(
         replies = exchange("advertise_keys", everyone)
         keys = device_payloads(replies)
         survivors["advertise_keys"] = len(keys)
-        if params.active:
-            # The registry is the workers' (the PKI): the server only uses it to drop faulty devices early.
-            server_registry = {i: bytes(r.pop("id_pk", b"")) for i, r in keys.items()}
+        if params.active:  # the PKI is public: the server reads it to drop faulty devices early
+            server_registry = pki.lookup(params.session_id, range(len(cohort)))
         server = SecAggServer(params, registry=server_registry if params.active else None)
         req2 = server.collect_keys(keys)
         replies = exchange("share_keys", req2)
@@ -624,7 +602,7 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
 
     Active threat model: the server may lie, so the devices do not take the threat model, k, t
     or the survivor floor from its word: they recompute them from their own copy of the run
-    config and the session's n (the cohort's size, which the job lists in full) and refuse a
+    config and the session's n (its devices are numbered 0..n-1, so n is what the session is) and refuse a
     session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption
     (stated in summary.json): the run config is public and fixed before the run (the workers
     read it from the job, and a deployment's devices would check it against the published
@@ -636,8 +614,6 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
         raise ValueError(f"the session's threat model is not the run config's ({cfg.secagg.threat_model})")
     k, t, floor = int(job["k"]), int(job["t"]), 0  # type: ignore[arg-type]
     if active:
-        if len(job["cohort"]) != n:  # type: ignore[arg-type]
-            raise ValueError(f"the session's n={n} is not the size of its cohort ({len(job['cohort'])})")  # type: ignore[arg-type]
         choice = graph_choice(cfg, n)
         if (k, t) != (choice.neighbours, choice.threshold):
             raise ValueError(f"the session's k={k}, t={t} are not the run config's for n={n} "
@@ -711,11 +687,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         params = device_params(job, cfg)
     except (ConfigError, ValueError, TypeError, KeyError) as err:
         return _refuse_session(msg, context, job, stage, getattr(err, "message", None) or str(err))
-    identities: dict[str, object] = {}
-    if params.active:
-        secret = _identity_secret()
-        cohort = [int(d) for d in job["cohort"]]  # type: ignore[union-attr]
-        identities = {"registry": {p: identity_public(_identity(secret, d)) for p, d in enumerate(cohort)}}
+    registry: dict[int, bytes] = {}
+    if params.active and stage != "advertise_keys":
+        # The neighbours' identity keys come from the PKI itself, never from the server's message.
+        registry = pki.lookup(params.session_id)
     state = context.state.config_records.get("secagg")
     # A new session starts with a clean slate (an earlier one may have ended without stage 4 here).
     states: dict[str, bytes] = dict(state) if state is not None and stage != "advertise_keys" else {}  # type: ignore[arg-type]
@@ -724,9 +699,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     out = RecordDict()
     errors: dict[str, str] = {}
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
+    identity_keys: dict[int, tuple[int, bytes]] = {}  # active, advertise_keys: position -> (device, public key)
 
     def device(d: int, p: int) -> SecAggDevice:
-        kw = {"identity": _identity(secret, d), **identities} if params.active else {}
+        kw = {"registry": registry} if params.active else {}
         if stage == "advertise_keys":
             return SecAggDevice(p, params, **kw)  # type: ignore[arg-type]
         return SecAggDevice.restore(params, states.pop(str(p)), **kw)  # type: ignore[arg-type]
@@ -743,8 +719,8 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
                 dev = device(d, p)
                 if stage == "advertise_keys":
                     payload = dev.advertise_keys()
-                    if params.active:  # the registry's key, for the server's own early checks
-                        payload["id_pk"] = identities["registry"][p]  # type: ignore[index]
+                    if params.active:
+                        identity_keys[p] = (d, dev.identity_public)  # type: ignore[assignment]
                 else:
                     payload = getattr(dev, stage)(request)
             except _DEVICE_FAULTS as err:
@@ -752,6 +728,15 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
                 continue
             out[f"dev.{p}"] = ConfigRecord(payload)
             states[str(p)] = dev.export_state()
+    if identity_keys:  # before any reply leaves: a device whose key the PKI refuses drops alone
+        try:
+            refused = pki.register(params.session_id, identity_keys)
+        except RuntimeError as err:  # no registry reachable: no neighbour could authenticate these devices
+            refused = {p: str(err) for p in identity_keys}
+        for p, reason in refused.items():
+            errors[str(p)] = f"advertise_keys: identity key not registered: {reason}"
+            del out[f"dev.{p}"]
+            states.pop(str(p), None)
     if stage == "unmask":
         states = {}  # the session is over on this worker
     context.state["secagg"] = ConfigRecord(states)

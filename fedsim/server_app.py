@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ from clients import evaluate, flat_params, load_flat_params
 from fedsim import checkpoint, randomness, secure_rounds, wire
 from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
 from fedsim.audit import RunAudit
+from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import FedsimError, RunInterrupted
@@ -248,7 +248,7 @@ def run_rounds(
         # Workers that missed a deadline (times, over the run) but were not dropped for it.
         "workers_late": {str(node): n for node, n in workers.late_count.items() if node not in workers.lost},
         "late_replies_discarded": workers.late_replies_discarded,
-        "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "server_peak_rss_mb": peak_rss_mb(),
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
         # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainR
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
 from fedsim.audit import canary_device_data, is_canary_device
+from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
@@ -292,7 +292,7 @@ class Worker:
             # Tests only: the accountant is told the configured sigma, as a buggy mechanism would.
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
         report.train_time_s = time.perf_counter() - start
-        report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        report.peak_rss_mb = peak_rss_mb()
         return report
 
     @staticmethod

@@ -148,6 +148,17 @@ def test_cli_refuses_a_run_that_would_not_fit_in_one_line_before_it_starts(tmp_p
     assert not out.exists()
 
 
+def test_peak_memory_is_the_process_own_not_its_large_parent(tmp_path: Path) -> None:
+    # The launcher (here pytest) may be large when it starts fedsim; Linux's ru_maxrss would report
+    # the parent's size in the child (it survives exec): the reported peak must be the child's.
+    child = "from fedsim.capacity import peak_rss_mb; print(peak_rss_mb())"
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB resident in this process
+    out = subprocess.run([sys.executable, "-c", child], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 1 < float(out.stdout) < 300, out.stdout
+    assert ballast.sum() == ballast.size
+
+
 # ----------------------------------------------------------------------------- whole runs at 10^9
 
 

@@ -149,8 +149,8 @@ def test_active_device_refuses_to_unmask_without_t_neighbour_signatures():
     ids = {i: crypto.generate_identity() for i in range(N)}
     registry = KeyRegistry()
     for i, key in ids.items():
-        registry.register(i, crypto.identity_public(key))
-    view = registry.view(range(N))
+        registry.register(params.session_id, i, i, crypto.identity_public(key))
+    view = registry.lookup(params.session_id)
     devices = {i: SecAggDevice(i, params, identity=ids[i], registry=view) for i in range(N)}
     server = SecAggServer(params, registry=view)
     req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})

@@ -55,8 +55,8 @@ class Round:
         self.identities = {i: crypto.generate_identity() for i in range(n)}
         registry = KeyRegistry()
         for i, key in self.identities.items():
-            registry.register(i, crypto.identity_public(key))
-        self.registry = registry.view(range(n))
+            registry.register(params.session_id, i, i, crypto.identity_public(key))
+        self.registry = registry.lookup(params.session_id)
         kw = {"registry": self.registry} if params.active else {}
         self.devices = {
             i: SecAggDevice(i, params, identity=self.identities[i] if params.active else None, **kw) for i in range(n)
@@ -191,8 +191,8 @@ def test_active_device_refuses_keys_the_server_swapped():
     identities = {i: crypto.generate_identity() for i in range(12)}
     registry = KeyRegistry()
     for i, key in identities.items():
-        registry.register(i, crypto.identity_public(key))
-    view = registry.view(range(12))
+        registry.register(params.session_id, i, i, crypto.identity_public(key))
+    view = registry.lookup(params.session_id)
     devices = {i: SecAggDevice(i, params, identity=identities[i], registry=view) for i in range(12)}
     server = SecAggServer(params, registry=view)
     req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
@@ -203,8 +203,8 @@ def test_active_device_refuses_keys_the_server_swapped():
     swapped["s_pks"] = [mine[1].public] + list(swapped["s_pks"][1:])
     with pytest.raises(ProtocolViolation, match="registered identity"):
         devices[0].share_keys(swapped)
-    with pytest.raises(ValueError, match="already registered"):
-        registry.register(0, crypto.identity_public(crypto.generate_identity()))
+    with pytest.raises(ValueError, match="already has another registered identity key"):
+        registry.register(params.session_id, 0, 0, crypto.identity_public(crypto.generate_identity()))
 
 
 # --- a server that shrinks the survivor set below max(t, n - D) ---------------------------------

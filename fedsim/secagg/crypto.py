@@ -14,9 +14,10 @@
   to the wrong receiver, or one replayed from another round raises `TamperedShare`
   (Bonawitz 2017 sec. 3, AE.enc/AE.dec, "IND-CPA and INT-CTXT").
 - Identity keys and signatures (active threat model only): Ed25519 (RFC 8032) from
-  `cryptography`. A device's identity key is registered once per run with the key registry (the
-  PKI Bonawitz 2017 sec. 6.2 assumes); it signs the device's round keys (so the server cannot
-  substitute its own) and, in the consistency check, the survivor set it was told about.
+  `cryptography`. A device draws an identity key per session from the OS CSPRNG and registers
+  the public key once with the key registry (the PKI Bonawitz 2017 sec. 6.2 assumes; fedsim.pki);
+  it signs the device's round keys (so the server cannot substitute its own) and, in the
+  consistency check, the survivor set it was told about.
 - Every device secret (X25519 keys, self-mask seeds, Shamir coefficients, identity keys) comes
   from the OS CSPRNG (os.urandom / `secrets` / cryptography's generate) in every randomness
   mode: none of them changes the aggregate, so reproducibility never needs them.
@@ -128,7 +129,7 @@ def check_public_key(public: bytes) -> None:
 
 
 def generate_identity() -> Ed25519PrivateKey:
-    """A fresh Ed25519 identity key from the OS CSPRNG (registered once per device per run)."""
+    """A fresh Ed25519 identity key from the OS CSPRNG (registered once per device per session)."""
     return Ed25519PrivateKey.generate()
 
 

@@ -13,8 +13,10 @@ Threat models (SecAggParams.active):
   sec. 3). Four stages.
 - active (active=True): the server may also lie about who dropped, forward keys of its own
   choosing and send different devices different views (Bonawitz sec. 6.2, Bell sec. 4
-  "semi-malicious"). Added: (1) identity keys in a key registry (the PKI): each device signs
-  its round keys and neighbours verify against the registry, so keys cannot be swapped;
+  "semi-malicious"). Added: (1) identity keys in a key registry (the PKI, `KeyRegistry`):
+  each device draws an Ed25519 key per session from its OS CSPRNG, registers the public half
+  (once per session and device) and signs its round keys with it; neighbours verify against
+  the registry, which the server can read but not write, so keys cannot be swapped or forged;
   (2) the consistency check, a stage between masked input and unmasking: each survivor signs
   the survivor set U3 it is told, and a device reveals shares only if it receives >= t valid
   signatures from its neighbours on the same U3, is itself in U3, and U3 holds at least
@@ -89,7 +91,9 @@ from fedsim.secagg.crypto import (
     check_public_key,
     decrypt_share,
     encrypt_share,
+    generate_identity,
     generate_keypair,
+    identity_public,
     mask_dtype,
     prg_mask,
     private_from_bytes,
@@ -236,35 +240,62 @@ def neighbour_graph(n: int, k: int, seed: bytes) -> tuple[tuple[int, ...], ...]:
 
 
 class KeyRegistry:
-    """The PKI of the active threat model: one Ed25519 identity public key per device per run.
+    """The PKI of the active threat model: one Ed25519 identity public key per (session, device).
 
-    Trusted by assumption (Bonawitz 2017 sec. 6.2): the server cannot register or change a
-    device's key. `register` is called once per device; registering a different key for a
-    device raises. `view(ids)` maps a round's protocol ids (cohort positions) to the keys of the
-    devices at those positions.
+    Trusted infrastructure by assumption (Bonawitz et al. 2017 sec. 6.2, "a PKI"): devices
+    register their own keys and read their neighbours' from here, never from the server's
+    messages; the server may read (the keys are public) but has no way to write. Register-once:
+    in a session a device has one key at one position (its index in the round's cohort) and a
+    position belongs to one device, so the server can neither swap a key nor let one colluding
+    device answer for several positions. Only the newest `keep_sessions` sessions are kept (a
+    session's keys are needed while its round runs), so a long run holds O(cohort) keys.
+
+    This class is the in-process registry (tests, the fake grid); fedsim.pki serves the same
+    object from a Ray actor to every worker of a simulation.
     """
 
-    def __init__(self) -> None:
-        self._keys: dict[int, bytes] = {}
+    def __init__(self, keep_sessions: int = 16) -> None:
+        self.keep_sessions = keep_sessions
+        # session -> position -> (device, key); dicts keep insertion order: the oldest session is first
+        self._sessions: dict[bytes, dict[int, tuple[int, bytes]]] = {}
+        self._devices: dict[bytes, dict[int, int]] = {}  # session -> device -> position
 
-    def register(self, device: int, public: bytes) -> None:
-        public = bytes(public)
+    def register(self, session: bytes, position: int, device: int, public: bytes) -> None:
+        """Record `device`'s identity key at `position` of `session`; ValueError if the key is
+        not 32 bytes, or the device or the position already has another registration."""
+        session, position, device, public = bytes(session), int(position), int(device), bytes(public)
         if len(public) != 32:
             raise ValueError(f"an Ed25519 public key has 32 bytes, got {len(public)}")
-        known = self._keys.get(device)
-        if known is not None and known != public:
-            raise ValueError(f"device {device} already registered another identity key this run")
-        self._keys[device] = public
+        keys = self._sessions.get(session, {})
+        entry = (device, public)
+        if position in keys and keys[position] != entry:
+            raise ValueError(f"position {position} already has another registered identity key in this session")
+        known = self._devices.get(session, {}).get(device)
+        if known is not None and known != position:
+            raise ValueError(f"device {device} already registered an identity key in this session")
+        if session not in self._sessions:
+            self._sessions[session], self._devices[session] = {}, {}
+            while len(self._sessions) > self.keep_sessions:
+                oldest = next(iter(self._sessions))
+                del self._sessions[oldest], self._devices[oldest]
+        self._sessions[session][position] = entry
+        self._devices[session][device] = position
 
-    def __contains__(self, device: object) -> bool:
-        return device in self._keys
+    def register_many(self, session: bytes, entries: Mapping[int, tuple[int, bytes]]) -> dict[int, str]:
+        """`register` for {position: (device, key)}; returns {position: why it was refused}."""
+        refused = {}
+        for position, (device, public) in entries.items():
+            try:
+                self.register(session, position, device, public)
+            except ValueError as err:
+                refused[int(position)] = str(err)
+        return refused
 
-    def get(self, device: int) -> bytes | None:
-        return self._keys.get(device)
-
-    def view(self, devices: Iterable[int]) -> dict[int, bytes]:
-        """{position: key} for the cohort `devices` (position = index in this list)."""
-        return {p: self._keys[d] for p, d in enumerate(devices) if d in self._keys}
+    def lookup(self, session: bytes, positions: Iterable[int] | None = None) -> dict[int, bytes]:
+        """{position: identity public key} of `session` (all positions when None)."""
+        keys = self._sessions.get(bytes(session), {})
+        wanted = keys if positions is None else [int(p) for p in positions]
+        return {p: keys[p][1] for p in wanted if p in keys}
 
 
 def _key_message(session: bytes, device: int, c_pk: bytes, s_pk: bytes) -> bytes:
@@ -317,9 +348,11 @@ class SecAggDevice:
 
     Methods must be called in order, once each: advertise_keys, share_keys, masked_input,
     consistency (active only), unmask. Every secret comes from the OS CSPRNG. Active threat
-    model: `identity` is the device's Ed25519 key and `registry` {protocol id: identity public
-    key} the PKI's view of the cohort. `bytes_sent[stage]` / `bytes_received[stage]` count
-    payload bytes (see payload_nbytes).
+    model: `identity` is the device's Ed25519 key for this session (drawn here from the OS
+    CSPRNG when not given; `identity_public` is what its host registers with the PKI) and
+    `registry` {protocol id: identity public key} the PKI's view of the cohort, read by the
+    device's host from the registry itself (needed from share_keys on). `bytes_sent[stage]` /
+    `bytes_received[stage]` count payload bytes (see payload_nbytes).
     """
 
     def __init__(
@@ -332,12 +365,10 @@ class SecAggDevice:
     ) -> None:
         if not 0 <= device_id < params.num_devices:
             raise ValueError(f"device id {device_id} not in [0, {params.num_devices})")
-        if params.active and (identity is None or registry is None):
-            raise ValueError("the active threat model needs the device's identity key and the key registry")
         self.id = device_id
         self.params = params
         self.neighbours = frozenset(params.graph[device_id])
-        self._identity = identity
+        self._identity = (identity or generate_identity()) if params.active else None
         self._registry = dict(registry or {})
         self._stage = 0
         self.bytes_sent: dict[str, int] = {}
@@ -357,7 +388,8 @@ class SecAggDevice:
 
         Workers serve a device's stages from whatever process Flower routes the message to,
         so the state lives in the worker node's own state, never in a message to the server.
-        The identity key is not part of it: it belongs to the device for the whole run.
+        In the active model it holds the session's identity key: drawn by the device, it
+        exists nowhere else.
         """
         state = {
             "id": self.id,
@@ -371,6 +403,7 @@ class SecAggDevice:
             "revealed": self._revealed,
             "u3": self._u3,
             "senders": self._senders,
+            "identity": self._identity.private_bytes_raw() if self._identity is not None else None,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
         }
@@ -387,6 +420,8 @@ class SecAggDevice:
     ) -> SecAggDevice:
         """The device `export_state` saved (the blob is the node's own, never a peer's)."""
         state = pickle.loads(blob)  # noqa: S301 - written by this node's own export_state
+        if identity is None and state.get("identity") is not None:
+            identity = Ed25519PrivateKey.from_private_bytes(state["identity"])
         device = cls(state["id"], params, identity=identity, registry=registry)
         device._stage = state["stage"]
         device._c = private_from_bytes(state["c"]) if state["c"] else None
@@ -401,6 +436,11 @@ class SecAggDevice:
         device.bytes_sent = state["bytes_sent"]
         device.bytes_received = state["bytes_received"]
         return device
+
+    @property
+    def identity_public(self) -> bytes | None:
+        """The raw Ed25519 public key to register with the PKI (active model), else None."""
+        return identity_public(self._identity) if self._identity is not None else None
 
     def _advance(self, name: str) -> None:
         if name not in self.params.stages:
@@ -965,11 +1005,10 @@ def simulate_round(
 
     inputs: {device: integer vector}; devices without an input drop before stage 1.
     drop_before: {stage name in STAGES: devices that go silent from that stage on}.
-    Active threat model: identity keys are made and registered here unless given.
+    Active threat model: identity keys are made (unless given) and registered in `registry`
+    (a fresh KeyRegistry unless given) under the session, device i at position i.
     Raises SecAggAborted if the round cannot complete.
     """
-    from fedsim.secagg.crypto import generate_identity, identity_public
-
     drop_before = drop_before or {}
     unknown = set(drop_before) - set(params.stages)
     if unknown:
@@ -983,11 +1022,10 @@ def simulate_round(
     view: dict[int, bytes] | None = None
     if params.active:
         identities = dict(identities or {i: generate_identity() for i in inputs})
-        if registry is None:
-            registry = KeyRegistry()
-            for i, key in identities.items():
-                registry.register(i, identity_public(key))
-        view = registry.view(range(params.num_devices))
+        registry = registry if registry is not None else KeyRegistry()
+        for i, key in identities.items():
+            registry.register(params.session_id, i, i, identity_public(key))
+        view = registry.lookup(params.session_id)
     devices = {
         i: SecAggDevice(i, params, identity=(identities or {}).get(i), registry=view) for i in sorted(inputs)
     }
