@@ -582,6 +582,16 @@ def validate(cfg: FedsimConfig) -> None:
                 "drops devices by their example count, so with secagg=secaggplus and DP-FedAvg whether a round aborts "
                 "would depend on private data, which no accountant covers; allowed: null, or secagg=none",
             )
+        if cfg.secagg.name != "none" and dp is not None and dp.target_epsilon is not None:
+            # Devices over their DP-SGD budget leave the sampled cohort (SampleLevelDP.admit), and when
+            # a device runs out depends on its example count: the secure round's size, hence its
+            # (k, t), whether it aborts and the distributed noise total, would depend on private data.
+            raise ConfigError(
+                "privacy.dpsgd.target_epsilon",
+                "leaves devices over their sample-level budget out of the cohort, so with secagg=secaggplus and "
+                "DP-FedAvg the secure round's size (whether it aborts, its noise) would depend on their data; allowed: "
+                "null with privacy.dpsgd.noise_multiplier set, or secagg=none",
+            )
     if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
         raise ConfigError(
             "output.private_metrics_only",

@@ -132,4 +132,10 @@ def test_secagg_with_dpfedavg_and_poisson_cohorts_is_refused_since_aborts_depend
         from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": {"dpfedavg": {"accountant": "rdp"}},
                    "faults": {"round_deadline_s": 1.0}})  # fmt: skip
     assert from_dict({"privacy": {"dpfedavg": {}}, "faults": {"round_deadline_s": 1.0}}).faults.round_deadline_s == 1.0
+    # Sample-level budgets leave exhausted devices out of the cohort: its size would depend on their data.
+    both = {"dpsgd": {"noise_multiplier": 1.0, "target_epsilon": 5.0}, "dpfedavg": {"accountant": "rdp"}}
+    with pytest.raises(ConfigError, match="privacy.dpsgd.target_epsilon"):
+        from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": both})
+    both["dpsgd"]["target_epsilon"] = None
+    assert from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": both}).privacy.dpsgd is not None
 

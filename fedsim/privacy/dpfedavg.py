@@ -23,8 +23,9 @@ accountant does not cover. The one data-dependent way a device can drop from a s
 its update failing conditional rounding fedsim.secagg.quantize.MAX_ROUNDING_DRAWS times in a row, has probability
 <= beta^200 = e^-100 for every update within the clip norm (Kairouz, Liu, Steinke 2021, Thm. 1:
 each draw fails with probability <= beta = e^-0.5), negligible next to any delta; the simulated
-round deadline (faults.round_deadline_s), which drops devices by their example count, is refused
-with SecAgg+ and DP-FedAvg.
+round deadline (faults.round_deadline_s), which drops devices by their example count, and
+sample-level budgets (privacy.dpsgd.target_epsilon), which leave exhausted devices out of the
+cohort, are refused with SecAgg+ and DP-FedAvg.
 
 Accounting (fedsim.privacy.user_level): Poisson cohorts with add/remove-one-device adjacency
 (PLD or RDP), fixed-size cohorts with replace-one adjacency (RDP). With
