@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,21 +93,32 @@ def device_epsilons(
     )
 
 
+def released_nothing(run: Run) -> Callable[[dict], bool]:
+    """Whether a metrics.jsonl row is of a round that released nothing: marked `user_release:
+    none`, or, in a row without `user_release` (output.private_metrics_only drops it: whether a
+    round released is a fact about the cohort), listed in summary.json's `rounds_not_released`."""
+    user = (((run.summary or {}).get("privacy") or {}).get("user_level")) or {}
+    listed = {r["round"] for r in user.get("rounds_not_released") or [] if isinstance(r, dict) and "round" in r}
+    return lambda row: row.get("user_release", "none" if row.get("round") in listed else None) == "none"
+
+
 def round_noise_multipliers(run: Run, rounds: int, planned: float) -> list[float]:
     """The z of every released round up to `rounds`, from metrics.jsonl.
 
     A round's z is `user_realized_noise_multiplier` (distributed noise: what the survivors
     added), else `user_noise_multiplier`, else `planned`. Rounds marked `user_release: none`
-    (SecAgg+ aborted before unmasking, every worker failed) released nothing; every other
+    (SecAgg+ aborted before unmasking, every worker failed), or listed as such in summary.json
+    (`rounds_not_released`), released nothing; every other
     round that ran is a release, rows without user-level keys included (runs from before
     issue 14 wrote none for empty rounds, which released the noise alone): when in doubt, the
     larger epsilon.
     """
     zs = []
+    skipped = released_nothing(run)
     for row in run.rounds:
         if not isinstance(row.get("round"), int) or row["round"] > rounds:
             continue
-        if row.get("user_release") == "none":
+        if skipped(row):
             continue
         z = row.get("user_realized_noise_multiplier")
         if z is None:
@@ -164,7 +176,9 @@ def distributed_user_level_epsilon(run: Run, rounds: int, delta: float | None = 
 
     The mechanism is the run's own (fedsim.privacy.dpfedavg.UserLevelDP: Skellam RDP with the
     conditional-rounding sensitivity, Agarwal, Kairouz, Liu 2021), rebuilt from config.yaml,
-    the model size in summary.json and the clip norm of every round that released (metrics.jsonl);
+    the model size in summary.json and the clip norm of every round that released (metrics.jsonl;
+    which rounds released also from summary.json, since output.private_metrics_only drops
+    `user_release` but keeps `clip_norm`, a covered metric);
     the accountant argument does not apply (the Skellam mechanism is accounted in RDP). ValueError
     when the run directory lacks any of these.
     """
@@ -186,8 +200,9 @@ def distributed_user_level_epsilon(run: Run, rounds: int, delta: float | None = 
     except (ConfigError, KeyError, TypeError) as err:
         raise ValueError(f"config.yaml does not rebuild the run's mechanism ({err})") from None
     clips = []
+    skipped = released_nothing(run)
     for row in run.rounds:
-        if not isinstance(row.get("round"), int) or row["round"] > rounds or row.get("user_release") == "none":
+        if not isinstance(row.get("round"), int) or row["round"] > rounds or skipped(row):
             continue
         if not isinstance(row.get("clip_norm"), (int, float)):
             raise ValueError(f"round {row['round']} of metrics.jsonl has no clip_norm")

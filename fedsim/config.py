@@ -561,14 +561,36 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
             )
-        if user.noise == "distributed" and cfg.cohort.sampling == "poisson":
-            # Each device's Skellam share is sized for the round's cohort (h = max(t, n - D) - C), so
-            # the total noise varies with n and a reader of the model learns how many devices were
-            # sampled, which Poisson amplification by sampling does not allow for.
+        if cfg.secagg.name != "none" and cfg.cohort.sampling == "poisson":
+            # Under SecAgg+ the sampled cohort size n decides whether a round releases anything
+            # (it aborts for n < 2 or when no secure (k, t) exists for n) and, with distributed
+            # noise, how much noise it carries (shares sized by h = max(t, n - D) - C). Both are
+            # visible in the released models and depend on whether a given user was sampled,
+            # which the Poisson-subsampled accountant does not cover (a review bounded epsilon
+            # below by 2.64 where 0.62 was reported). Fixed-size cohorts keep n public and constant.
             raise ConfigError(
                 "cohort.sampling",
-                "distributed noise sizes each share for the sampled cohort, so with Poisson cohorts the noise "
-                "reveals the cohort size; allowed: cohort.sampling=fixed, or privacy.dpfedavg.noise=central",
+                "with secagg=secaggplus and DP-FedAvg the sampled cohort size decides whether a round aborts (and, with "
+                "distributed noise, how much noise it carries), which reveals who was sampled beyond what Poisson "
+                "amplification covers; allowed: cohort.sampling=fixed (with privacy.dpfedavg.accountant=rdp), or secagg=none",
+            )
+        if cfg.secagg.name != "none" and cfg.faults.round_deadline_s is not None:
+            # The one simulated dropout that depends on a device's data (its example count): with it,
+            # whether a secure round keeps t survivors, hence releases, would depend on private data.
+            raise ConfigError(
+                "faults.round_deadline_s",
+                "drops devices by their example count, so with secagg=secaggplus and DP-FedAvg whether a round aborts "
+                "would depend on private data, which no accountant covers; allowed: null, or secagg=none",
+            )
+        if cfg.secagg.name != "none" and dp is not None and dp.target_epsilon is not None:
+            # Devices over their DP-SGD budget leave the sampled cohort (SampleLevelDP.admit), and when
+            # a device runs out depends on its example count: the secure round's size, hence its
+            # (k, t), whether it aborts and the distributed noise total, would depend on private data.
+            raise ConfigError(
+                "privacy.dpsgd.target_epsilon",
+                "leaves devices over their sample-level budget out of the cohort, so with secagg=secaggplus and "
+                "DP-FedAvg the secure round's size (whether it aborts, its noise) would depend on their data; allowed: "
+                "null with privacy.dpsgd.noise_multiplier set, or secagg=none",
             )
     if cfg.output.private_metrics_only and cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
         raise ConfigError(

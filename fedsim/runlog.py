@@ -45,7 +45,7 @@ class RoundMetrics:
     devices_trained: int  # devices whose update was aggregated
     devices_failed: int  # sampled devices that raised, or whose worker did not answer
     num_examples: int  # training examples over the trained devices
-    train_loss: float | None  # example-weighted mean device training loss
+    train_loss: float | None  # example-weighted mean training loss (SecAgg+: mean of each device's mean loss)
     test_accuracy: float | None  # central evaluation (None in rounds without one)
     test_loss: float | None
     round_time_s: float  # wall time of this round, evaluation included

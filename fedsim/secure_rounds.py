@@ -49,6 +49,8 @@ distributed noise), derived from the seed and config in reproducible mode, where
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
 import os
 import time
@@ -210,8 +212,18 @@ def graph_choice(cfg: FedsimConfig, num_devices: int) -> GraphChoice:
         raise ConfigError(key, str(err)) from None
 
 
+def survivor_floor(choice: GraphChoice) -> int:
+    """max(t, n - D): the fewest masked inputs a released sum of a cohort of n may hold (D the
+    dropouts the threat model budgets for; below it the server learns a sum of fewer inputs
+    than Bell et al.'s guarantee and the distributed noise allow for)."""
+    return max(choice.threshold, choice.n - choice.dropouts)
+
+
 def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus_bits: int, round_num: int) -> SecAggParams:
+    """The round's public SecAgg+ parameters; in the active threat model with the survivor
+    floor max(t, n - D) that the devices enforce themselves (`device_params`)."""
     choice = graph_choice(cfg, num_devices)
+    active = cfg.secagg.threat_model == "active"
     # The ring order is public: reproducible mode derives it from (seed, round) so dropout runs
     # repeat exactly; secure mode draws it from the OS. The session id only salts keys and binds
     # ciphertexts and signatures to the round, so it is always fresh.
@@ -219,7 +231,7 @@ def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus
     return SecAggParams(
         num_devices=num_devices, threshold=choice.threshold, neighbours=choice.neighbours,
         modulus_bits=modulus_bits, vector_length=num_params, session_id=os.urandom(16),
-        graph_seed=graph_seed, active=cfg.secagg.threat_model == "active",
+        graph_seed=graph_seed, active=active, min_survivors=survivor_floor(choice) if active else 0,
     )  # fmt: skip
 
 
@@ -262,9 +274,19 @@ def summary(cfg: FedsimConfig) -> dict:
             "between stages (identity keys included), in the launcher process that also runs the ServerApp; "
             "fedsim's server code never reads it (separated by code, not by process)"
         )
+    if cfg.secagg.threat_model == "active":
+        assumptions.append(
+            f"the run config is public and fixed before the run: each device computes t, D and the survivor floor "
+            f"max(t, n - D) (= {survivor_floor(choice)} at n = {choice.n}) from it and the session's n, refuses a "
+            "session whose k, t differ, and signs and unmasks only a survivor set at least that large; with DP-FedAvg "
+            "it also checks the round's encoding against the config (grid, fixed clip norm, rounding norm bound, its "
+            "noise share at least 1/h of the accounted variance); with adaptive clipping the clip norm is taken as "
+            "sent (the norm bound and the noise scale with it)"
+        )
     if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":
         assumptions.append("Poisson cohorts: k and t are chosen per round for the sampled size (metrics secagg_k, secagg_t)")
     return choice.as_dict() | {
+        "min_survivors": survivor_floor(choice),  # max(t, n - D): fewer masked inputs abort the round
         "guarantee": choice.describe(),
         "assumptions": assumptions,
         "randomness": f"{mode} ({why})",
@@ -311,10 +333,10 @@ def secure_round(
     # to C of them may collude with the server and strip their own share: each device adds
     # 1/(min_inputs - C) of the round's variance, so any sum released carries the accounted noise.
     distributed = encoding is not None and (encoding.update_variance > 0 or encoding.count_variance > 0)
-    min_inputs, honest = 0, 1
+    min_inputs, honest = params.min_survivors, 1
     if distributed:
         choice = graph_choice(cfg, n)
-        min_inputs = max(t, n - choice.dropouts)
+        min_inputs = survivor_floor(choice)
         honest = min_inputs - choice.corrupt
         if honest < 1:
             return SecureRoundResult(None, 0, [], aborted=(
@@ -326,7 +348,8 @@ def secure_round(
     bound = skellam_tail_bound(n * mu_update, OVERFLOW_PROB / 2, dim) if mu_update > 0 else 0
     count_bound = skellam_tail_bound(n * mu_count, OVERFLOW_PROB / 2, 1) if mu_count > 0 else 0
     fp = fixed_point(cfg, n, bound, n + count_bound)
-    params = dataclasses.replace(params, modulus_bits=fp.modulus_bits)
+    # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
+    params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
     server_registry: dict[int, bytes] = {}
     server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
@@ -429,10 +452,6 @@ def secure_round(
             reports.append(wire.read_report(content, None))
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked)
-        if len(server.survivors) < min_inputs:  # before any unmasking share is asked for: nothing is released
-            raise SecAggAborted(
-                f"only {len(server.survivors)} masked inputs, fewer than the {min_inputs} the distributed noise is sized for"
-            )
         if params.active:
             replies = exchange("consistency", req4)
             signatures = device_payloads(replies)
@@ -578,6 +597,82 @@ def _masked_input(
     return out
 
 
+def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
+    """The session's parameters as the worker's devices accept them.
+
+    Active threat model: the server may lie, so the devices do not take the threat model, k, t
+    or the survivor floor from its word: they recompute them from their own copy of the run
+    config and the session's n (its devices are numbered 0..n-1, so n is what the session is) and refuse a
+    session whose k, t, mode or encoding (`check_encoding`) differ (ValueError). Assumption
+    (stated in summary.json): the run config is public and fixed before the run (the workers
+    read it from the job, and a deployment's devices would check it against the published
+    one); what the server chooses per round is only the cohort, the session's public
+    randomness and, with adaptive clipping, the clip norm.
+    """
+    n, active = int(job["n"]), cfg.secagg.threat_model == "active"  # type: ignore[arg-type]
+    if bool(job["active"]) != active:
+        raise ValueError(f"the session's threat model is not the run config's ({cfg.secagg.threat_model})")
+    k, t, floor = int(job["k"]), int(job["t"]), 0  # type: ignore[arg-type]
+    if active:
+        choice = graph_choice(cfg, n)
+        if (k, t) != (choice.neighbours, choice.threshold):
+            raise ValueError(f"the session's k={k}, t={t} are not the run config's for n={n} "
+                             f"(k={choice.neighbours}, t={choice.threshold})")  # fmt: skip
+        floor = survivor_floor(choice)
+        check_encoding(job, cfg, choice)
+    return SecAggParams(
+        num_devices=n, threshold=t, neighbours=k, modulus_bits=int(job["m"]),  # type: ignore[arg-type]
+        vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
+        graph_seed=bytes(job["graph_seed"]), active=active, min_survivors=floor,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _user_level_dp(config_json: str, num_params: int):  # noqa: ANN202 - a UserLevelDP
+    from fedsim.config import from_dict
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    return UserLevelDP(from_dict(json.loads(config_json)), num_params=num_params)
+
+
+def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) -> None:
+    """Active threat model with DP-FedAvg: the round's encoding is what the run config implies.
+
+    The grid (range, bits) must be the config's, the fixed clip norm the config's (adaptive
+    clipping: the clip norm the server derived from the noisy counts is taken as sent; the
+    bound and noise below scale with it), the rounding norm bound no larger than the
+    accountant's for that clip norm, and, with distributed noise, each device's Skellam share
+    at least 1/h of the variance the accountant assumes, h = max(t, n - D) - C from the config.
+    So a lying server cannot strip the noise or loosen the sensitivity. ValueError otherwise.
+    """
+    user = cfg.privacy.dpfedavg
+    if user is None:
+        return
+    if float(job["clip"]) != encoding_clip(cfg) or int(job["bits"]) != cfg.secagg.bits:  # type: ignore[arg-type]
+        raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
+    clip = float(job["clip_norm"])  # type: ignore[arg-type]
+    if not user.adaptive_clipping and clip != user.clip_norm:
+        raise ValueError(f"the session's clip norm {clip:g} is not the run config's ({user.clip_norm:g})")
+    expected = _user_level_dp(str(job["config"]), int(job["dim"])).secure_encoding(clip)  # type: ignore[arg-type]
+    if float(job["norm_bound"]) > expected.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
+        raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {expected.norm_bound:g}")
+    honest = survivor_floor(choice) - choice.corrupt
+    for key, variance in (("skellam_mu", expected.update_variance), ("skellam_mu_count", expected.count_variance)):
+        if variance > 0 and float(job[key]) < variance / honest * (1 - 1e-12):  # type: ignore[arg-type]
+            raise ValueError(f"the session's noise share {key}={job[key]} is below the run config's {variance / honest:g}")
+
+
+def _refuse_session(msg: Message, context: Context, job: ConfigRecord, stage: str, reason: str) -> Message:
+    """Every device of the job refuses the session (its parameters are not the run config's):
+    no payload leaves, each device is reported with the reason, and the worker forgets the session."""
+    positions = [int(p) for p in job["positions"]]  # type: ignore[union-attr]
+    log.warning("round %s: devices refuse the SecAgg+ session at %s: %s", job.get("round"), stage, reason)
+    context.state["secagg"] = ConfigRecord({})
+    out = RecordDict({"device_errors": ConfigRecord({str(p): f"{stage}: refuses the session: {reason}" for p in positions})})
+    out["worker"] = MetricRecord({"train_time_s": 0.0, "peak_rss_mb": 0.0})
+    return Message(content=out, reply_to=msg)
+
+
 def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) -> Message:
     """One stage for the devices named in `msg`, their secrets kept in `context.state`.
 
@@ -588,11 +683,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     stage, round_num = str(job["stage"]), int(job["round"])  # type: ignore[arg-type]
     worker = get_worker(str(job["config"]))
     cfg = worker.cfg
-    params = SecAggParams(
-        num_devices=int(job["n"]), threshold=int(job["t"]), neighbours=int(job["k"]),  # type: ignore[arg-type]
-        modulus_bits=int(job["m"]), vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
-        graph_seed=bytes(job["graph_seed"]), active=bool(job["active"]),  # type: ignore[arg-type]
-    )  # fmt: skip
+    try:
+        params = device_params(job, cfg)
+    except (ConfigError, ValueError, TypeError, KeyError) as err:
+        return _refuse_session(msg, context, job, stage, getattr(err, "message", None) or str(err))
     registry: dict[int, bytes] = {}
     if params.active and stage != "advertise_keys":
         # The neighbours' identity keys come from the PKI itself, never from the server's message.

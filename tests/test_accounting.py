@@ -115,6 +115,31 @@ def test_defect6_every_metric_is_covered_or_listed_and_private_metrics_only_drop
     assert "Metrics outside the privacy guarantee" in report and "train_loss \u2020" in report
 
 
+def test_train_loss_and_other_statistics_are_labelled_with_what_each_path_computes(tmp_path: Path) -> None:
+    # Plain rounds weight each device's loss by its examples; under SecAgg+ the server has only
+    # the cohort sum of each device's mean loss, so train_loss is a device-weighted mean there.
+    from fedsim.privacy.published import outside_guarantee
+    from fedsim.secure_rounds import cohort_metrics
+    from fedsim.server_app import round_stats
+    from fedsim.worker import DeviceReport
+
+    keys = ["train_loss", "num_examples", "update_clipped_fraction"]
+    plain = outside_guarantee(from_dict(tiny_user_level(tmp_path)), keys)
+    secure_raw = tiny_user_level(tmp_path, cohort={"size": 10, "sampling": "fixed"}, secagg={"name": "secaggplus"})
+    secure_raw["privacy"]["dpfedavg"] |= {"accountant": "rdp", "adaptive_clipping": True}
+    secure = outside_guarantee(from_dict(secure_raw), keys)
+    secure_raw["privacy"]["dpfedavg"]["noise"] = "distributed"
+    distributed = outside_guarantee(from_dict(secure_raw), keys)
+    # Two devices: mean losses 1.0 over 10 examples and 4.0 over 30.
+    report = DeviceReport(device_ids=[0, 1], updates=[], losses=[1.0, 4.0], num_examples=[10, 30])
+    assert round_stats([report])["train_loss"] == pytest.approx((10 + 120) / 40)  # example-weighted
+    assert "example-weighted" in plain["train_loss"] and "device-weighted" not in plain["train_loss"]
+    assert cohort_metrics({"loss": 5.0, "num_examples": 40.0}, 2)["train_loss"] == pytest.approx(2.5)  # device-weighted
+    assert "device-weighted" in secure["train_loss"] and "not example-weighted" in secure["train_loss"]
+    assert "SecAgg+" in secure["num_examples"] and "clipping bits" in secure["update_clipped_fraction"]
+    assert "noisy clipped count" in distributed["update_clipped_fraction"]
+
+
 def test_private_metrics_only_without_a_dp_mechanism_is_a_config_error(tmp_path: Path) -> None:
     from fedsim.errors import ConfigError
 
@@ -224,6 +249,45 @@ def test_report_recomputes_a_distributed_run_with_its_skellam_mechanism_not_a_ga
     assert expected > gaussian  # the Gaussian recompute under-reported this run
     with pytest.raises(ValueError, match="clip_norm"):
         user_level_epsilon(Run(path=tmp_path, config=cfg.to_dict(), rounds=[{"round": 1}], summary=summary), 1)
+
+
+def test_report_recomputes_a_private_metrics_only_run_whose_rows_lack_user_release(tmp_path: Path) -> None:
+    # output.private_metrics_only keeps only covered keys: `user_release` (an un-noised fact
+    # about the cohort) is gone, so an aborted round's row has neither it nor a clip norm. The
+    # recompute must take the rounds that released nothing from summary.json instead of
+    # failing (distributed) or counting the aborted round as a release (central).
+    from fedsim.privacy.dpfedavg import UserLevelDP
+    from fedsim.privacy.published import covered_metrics
+
+    num_params, clips = 61 * 10, [0.5, 0.45, 0.6]
+    for noise in ("distributed", "central"):
+        raw = {
+            "seed": 1, "population": 40, "rounds": 4, "cohort": {"size": 12, "sampling": "fixed"},
+            "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "logreg"},
+            "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 0.5, "accountant": "rdp", "delta": 1e-5,
+                                     "noise": noise, "adaptive_clipping": True}},
+            "secagg": {"name": "secaggplus", "bits": 12, "max_corrupt_fraction": 0.1},
+            "output": {"private_metrics_only": True},
+        }  # fmt: skip
+        cfg = from_dict(raw)
+        full = [{"round": r, "clip_norm": c, "user_noise_multiplier": 1.0, "user_epsilon": 0.1, "user_release": "noised_sum",
+                 "train_loss": 2.0} for r, c in enumerate(clips, start=1)]  # fmt: skip
+        full.insert(2, {"round": 3, "user_epsilon": 0.1, "user_release": "none", "user_release_reason": "SecAgg+ aborted"})
+        for r, row in enumerate(full, start=1):
+            row["round"] = r
+        keep = covered_metrics(cfg)
+        rows = [{k: v for k, v in row.items() if k in keep} for row in full]  # what metrics.jsonl holds
+        assert not any("user_release" in row for row in rows) and "clip_norm" not in rows[2]
+        summary = {"num_params": num_params, "privacy": {"user_level": {
+            "noise_multiplier": 1.0, "rounds_not_released": [{"round": 3, "reason": "SecAgg+ aborted"}]}}}  # fmt: skip
+        run = Run(path=tmp_path, config=cfg.to_dict(), rounds=rows, summary=summary)
+        if noise == "distributed":
+            truth = UserLevelDP(from_dict(raw), num_params=num_params)
+            truth.released_clips = [clips[0], clips[1], clips[2]]
+            expected = truth.epsilon(3)
+        else:
+            expected = _composed_fixed(12 / 40, [1.0] * 3, 1e-5)
+        assert user_level_epsilon(run, 4) == pytest.approx(expected, rel=1e-6), noise
 
 
 def _composed_fixed(q: float, zs: list[float], delta: float) -> float:

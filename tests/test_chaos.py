@@ -18,9 +18,10 @@ from fedsim.transport import worker_faults
 
 def chaos_config(tmp: Path, rounds: int, **faults: float) -> dict:
     return {
-        "seed": 5, "population": 40, "rounds": rounds, "cohort": {"size": 8, "sampling": "poisson"},
+        "seed": 5, "population": 40, "rounds": rounds, "cohort": {"size": 8, "sampling": "fixed"},
         "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "mlp", "hidden_sizes": [8]},
-        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 1.0}}, "secagg": {"name": "secaggplus", "max_corrupt_fraction": 0.1, "correctness_bits": 6},
+        # Fixed-size cohorts: with SecAgg+ and DP-FedAvg, Poisson cohorts are refused (config.validate).
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 1.0, "accountant": "rdp"}}, "secagg": {"name": "secaggplus", "max_corrupt_fraction": 0.1, "correctness_bits": 6},
         # (A cohort of 8 with 10% failing devices cannot also hold against a third colluding at 2^-20 aborts.)
         "faults": {"device_failure_rate": 0.1, **faults},
         # Generous: a killed Ray worker is replaced by a new process that imports torch (tens of
@@ -46,10 +47,7 @@ def test_a_secure_round_restarts_when_a_worker_misses_a_stage_and_ends_where_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_flower_identity(monkeypatch)
-    raw = chaos_config(tmp_path, rounds=3)
-    raw["cohort"] = {"size": 8, "sampling": "fixed"}
-    raw["privacy"]["dpfedavg"]["accountant"] = "rdp"
-    cfg = from_dict(raw)
+    cfg = from_dict(chaos_config(tmp_path, rounds=3))
     clean = run_rounds(cfg, LocalGrid(2), tmp_path / "clean")
     grid = LocalGrid(2)
     grid.paused_until = {grid.nodes[0]: 25.0}  # frozen through round 1's first stage (timeout 10 s)

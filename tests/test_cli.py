@@ -112,3 +112,30 @@ def test_distributed_noise_with_poisson_cohorts_is_refused() -> None:
     proc = fedsim("secagg=secaggplus", "privacy=dpfedavg", "privacy.dpfedavg.noise=distributed")
     assert_one_line_error(proc, "cohort.sampling", "cohort.sampling=fixed")
 
+
+def test_secagg_with_dpfedavg_and_poisson_cohorts_is_refused_since_aborts_depend_on_who_was_sampled() -> None:
+    # A SecAgg+ round aborts (releases nothing) when the sampled cohort is too small for a
+    # secure (k, t): whether it released reveals whether a user was sampled, which the
+    # Poisson-subsampled accountant does not cover (issue 13/14 review: eps >= 2.64 vs 0.62).
+    proc = fedsim("secagg=secaggplus", "privacy=dpfedavg")
+    assert_one_line_error(proc, "cohort.sampling", "aborts", "cohort.sampling=fixed", "privacy.dpfedavg.accountant=rdp")
+    raw = {"secagg": {"name": "secaggplus"}, "privacy": {"dpfedavg": {}}}
+    with pytest.raises(ConfigError, match="cohort.sampling"):
+        from_dict(raw)
+    # What stays allowed: fixed-size cohorts (n public and constant), and Poisson without user-level DP.
+    fixed = from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": {"dpfedavg": {"accountant": "rdp"}}})
+    assert fixed.cohort.sampling == "fixed"
+    assert from_dict({"secagg": {"name": "secaggplus"}}).cohort.sampling == "poisson"
+    # The simulated deadline drops devices by their example count: a data-dependent dropout that
+    # would make a secure round's abort depend on private data.
+    with pytest.raises(ConfigError, match="faults.round_deadline_s"):
+        from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": {"dpfedavg": {"accountant": "rdp"}},
+                   "faults": {"round_deadline_s": 1.0}})  # fmt: skip
+    assert from_dict({"privacy": {"dpfedavg": {}}, "faults": {"round_deadline_s": 1.0}}).faults.round_deadline_s == 1.0
+    # Sample-level budgets leave exhausted devices out of the cohort: its size would depend on their data.
+    both = {"dpsgd": {"noise_multiplier": 1.0, "target_epsilon": 5.0}, "dpfedavg": {"accountant": "rdp"}}
+    with pytest.raises(ConfigError, match="privacy.dpsgd.target_epsilon"):
+        from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": both})
+    both["dpsgd"]["target_epsilon"] = None
+    assert from_dict({**raw, "cohort": {"size": 50, "sampling": "fixed"}, "privacy": both}).privacy.dpsgd is not None
+

@@ -62,7 +62,7 @@ def test_auto_mode_is_reproducible_in_simulation_and_secure_in_deployment_or_dis
     distributed = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {"noise": "distributed", "accountant": "rdp"}}, cohort={"size": 50, "sampling": "fixed"})
     mode, reason = randomness.resolve(distributed)
     assert mode == "secure" and "distributed" in reason
-    central = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {}})
+    central = _cfg(secagg={"name": "secaggplus"}, privacy={"dpfedavg": {"accountant": "rdp"}}, cohort={"size": 50, "sampling": "fixed"})
     assert randomness.mode(central) == "reproducible"
     assert randomness.mode(_cfg(engine="deployment", superlink="h:1", privacy={"randomness": "reproducible"})) == "reproducible"
     assert randomness.mode(_cfg(privacy={"randomness": "secure"})) == "secure"

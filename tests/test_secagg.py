@@ -4,6 +4,7 @@ fixed-point quantization and Skellam noise. Small sizes: the whole file runs in 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import numpy as np
@@ -459,6 +460,31 @@ def test_conditional_rounding_keeps_every_device_within_the_norm_bound():
     # still unbiased enough to be useful: the mean of the rounded vectors is near x
     mean = np.mean([fp.decode(fp.encode_int(x, rng, max_norm=bound)) for _ in range(2000)], axis=0)
     assert np.abs(mean - x).max() < 0.05
+
+
+def test_a_device_drops_for_its_data_at_encoding_with_negligible_probability_only():
+    # Under SecAgg+ a device whose update fails conditional rounding MAX_ROUNDING_DRAWS times
+    # drops: a data-dependent dropout. Kairouz, Liu, Steinke 2021 (Thm. 1) bound each draw's
+    # failure by beta for every vector within the clip norm; checked here, independently, on the
+    # worst case for rounding (every coordinate halfway between grid points) and a random
+    # direction, so the dropout has probability <= beta^MAX_ROUNDING_DRAWS (the claim summary.json makes).
+    from fedsim.privacy.skellam import ROUNDING_BETA, rounded_norm_bound
+    from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
+
+    fp = FixedPoint(clip=1.0, bits=4, modulus_bits=16)
+    rng = np.random.default_rng(11)
+    d = 400
+    halfway = np.full(d, 0.5 * fp.step)  # u = 0.5 on every coordinate: the largest rounding variance
+    direction = rng.normal(size=d)
+    direction *= np.linalg.norm(halfway) / np.linalg.norm(direction)
+    for x in (halfway, direction):
+        c = float(np.linalg.norm(x)) / fp.step
+        limit = rounded_norm_bound(c, d) ** 2
+        draws = 4000
+        failed = sum(float(np.sum(fp.encode_int(x, rng).astype(np.float64) ** 2)) > limit for _ in range(draws))
+        assert failed / draws <= ROUNDING_BETA  # per draw: <= beta (here far below: ~2%)
+        fp.encode_int(x, rng, max_norm=math.sqrt(limit))  # and the conditional draw succeeds
+    assert MAX_ROUNDING_DRAWS * math.log(1 / ROUNDING_BETA) >= 100  # beta^draws <= e^-100
 
 
 def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_aborts():

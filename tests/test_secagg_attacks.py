@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,11 +26,13 @@ from fedsim.secagg.crypto import INFO_MASK, NONCE_PAIR_MASK, NONCE_SELF_MASK
 from fedsim.secagg.protocol import (
     KeyRegistry,
     ProtocolViolation,
+    SecAggAborted,
     SecAggDevice,
     SecAggParams,
     SecAggServer,
     survivors_message,
     neighbour_graph,
+    simulate_round,
 )
 
 L, M = 8, 24
@@ -202,6 +205,100 @@ def test_active_device_refuses_keys_the_server_swapped():
         devices[0].share_keys(swapped)
     with pytest.raises(ValueError, match="already has another registered identity key"):
         registry.register(params.session_id, 0, 0, crypto.identity_public(crypto.generate_identity()))
+
+
+# --- a server that shrinks the survivor set below max(t, n - D) ---------------------------------
+
+
+def _small_survivor_set_attack(params: SecAggParams, floor_on_devices: int, small: list[int]):
+    """The server shows every device the (validly signed, if the devices sign) survivor set
+    `small`, |small| >= t, though everyone sent a masked input: a sum over fewer inputs than
+    the threat model (and distributed noise sized for max(t, n - D)) allows. Returns the
+    round and the shares it collected: {"b": {device: {holder: share}}, "s": ...}."""
+    rnd = Round(params, seed=7)
+    device_params = dataclasses.replace(params, min_survivors=floor_on_devices)
+    devices = {
+        i: SecAggDevice.restore(device_params, blob, identity=rnd.identities[i], registry=rnd.registry)
+        for i, blob in rnd._saved.items()
+    }
+    sigs = {}
+    for i in small:
+        try:
+            sigs[i] = devices[i].consistency({"survivors": small})["sig"]
+        except ProtocolViolation:
+            continue
+    shares: dict[str, dict[int, dict[int, bytes]]] = {"b": {}, "s": {}}
+    for i in small:
+        nbrs = params.graph[i]
+        signers = [j for j in nbrs if j in sigs]
+        request = {
+            "survivors": [j for j in nbrs if j in small], "dropped": [j for j in nbrs if j not in small],
+            "signers": signers, "signatures": [sigs[j] for j in signers],
+        }  # fmt: skip
+        try:
+            reply = devices[i].unmask(request)
+        except ProtocolViolation:
+            continue
+        for kind in ("b", "s"):
+            for j, share in zip(reply[f"{kind}_ids"], reply[f"{kind}_shares"]):
+                shares[kind].setdefault(j, {})[i] = share
+    return rnd, shares
+
+
+def _sum_over(rnd: Round, small: list[int], shares: dict) -> np.ndarray | None:
+    """The sum of the inputs in `small` from their masked vectors and the collected shares
+    (None: a secret has fewer than t shares), computed here independently of SecAggServer."""
+    p, sid = rnd.params, rnd.params.session_id
+    total = np.zeros(L, dtype=np.int64)
+    try:
+        for i in small:
+            b = shamir.reconstruct(shares["b"].get(i, {}), p.threshold)
+            total += rnd.masked[i]["masked"].astype(np.int64) - crypto.prg_mask(b, L, M, NONCE_SELF_MASK).astype(np.int64)
+        for j in (j for j in range(p.num_devices) if j not in small):
+            key = crypto.private_from_bytes(shamir.reconstruct(shares["s"].get(j, {}), p.threshold))
+            for i in (i for i in p.graph[j] if i in small):  # y_i holds sign(i, j) PRG(KA(s_i, s_j))
+                mask = crypto.prg_mask(crypto.agree(key.private, rnd.server.public_keys[i][1], info=INFO_MASK, salt=sid),
+                                       L, M, NONCE_PAIR_MASK).astype(np.int64)  # fmt: skip
+                total += -mask if i < j else mask
+    except shamir.NotEnoughShares:
+        return None
+    return total % 2**M
+
+
+def test_active_devices_reveal_no_share_for_a_survivor_set_below_max_t_n_minus_d():
+    # Complete graph over 12 devices, t = 7 (2t > k), D = 3 budgeted dropouts: a released sum
+    # must hold max(t, n - D) = 9 inputs. The server claims only 8 survived (>= t, so t alone
+    # does not stop it) although all 12 sent a masked input.
+    n, k, t, dropouts = 12, 11, 7, 3
+    floor = max(t, n - dropouts)
+    params = _params(n, k, t, active=True)
+    small = list(range(floor - 1))
+    # The harness can fail: devices without the count check (floor t, Bonawitz's own) sign the
+    # small set and reveal enough shares for the server to compute the sum of those 8 inputs.
+    rnd, shares = _small_survivor_set_attack(params, 0, small)
+    assert _sum_over(rnd, small, shares) is not None
+    np.testing.assert_array_equal(_sum_over(rnd, small, shares), sum(rnd.inputs[i] for i in small) % 2**M)
+    # Devices that compute the floor themselves refuse to sign it, so nothing is revealed.
+    rnd, shares = _small_survivor_set_attack(params, floor, small)
+    assert shares == {"b": {}, "s": {}} and _sum_over(rnd, small, shares) is None
+    # And a device that somehow signed such a set still reveals nothing at unmask.
+    honest = SecAggDevice.restore(params, rnd._saved[0], identity=rnd.identities[0], registry=rnd.registry)
+    honest.consistency({"survivors": small})
+    checked = SecAggDevice.restore(dataclasses.replace(params, min_survivors=floor), honest.export_state(),
+                                   identity=rnd.identities[0], registry=rnd.registry)  # fmt: skip
+    sigs = {j: SecAggDevice.restore(params, rnd._saved[j], identity=rnd.identities[j], registry=rnd.registry)
+            .consistency({"survivors": small})["sig"] for j in small[1:]}  # fmt: skip
+    request = {"survivors": small[1:], "dropped": list(range(floor - 1, n)), "signers": list(sigs),
+               "signatures": list(sigs.values())}  # fmt: skip
+    with pytest.raises(ProtocolViolation, match=r"fewer than max\(t, n - D\) = 9"):
+        checked.unmask(request)
+    # The honest server aborts before asking for any share; D dropouts still give a round.
+    guarded = dataclasses.replace(params, min_survivors=floor)
+    inputs = {i: np.full(L, i, dtype=np.int64) for i in range(n)}
+    with pytest.raises(SecAggAborted, match=r"8 masked inputs received, need >= max\(t, n - D\) = 9"):
+        simulate_round(guarded, inputs, drop_before={"masked_input": range(8, 12)})
+    result = simulate_round(guarded, inputs, drop_before={"masked_input": range(9, 12)})
+    assert result.aggregate.tolist() == [sum(range(9))] * L
 
 
 # --- honest-but-curious server with colluding devices -------------------------------------------

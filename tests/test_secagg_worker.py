@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from fedsim import secure_rounds
@@ -29,8 +30,12 @@ def _config(tmp: Path) -> dict:
 class OneWorker:
     """All N devices on one worker node, driven stage by stage as secure_round would."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.cfg = from_dict(_config(tmp))
+    def __init__(self, tmp: Path, privacy: dict | None = None, **secagg: object) -> None:
+        raw = _config(tmp)
+        raw["secagg"] |= secagg
+        if privacy:
+            raw["privacy"] = privacy
+        self.cfg = from_dict(raw)
         self.worker = Worker(self.cfg)
         self.context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
         self.num_params = sum(p.numel() for p in self.worker.model.parameters())
@@ -86,3 +91,53 @@ def test_one_devices_bad_requests_drop_that_device_and_not_its_worker(tmp_path: 
     assert sorted(int(k) for k in masked) == sorted(set(req3) - {victim})
     assert str(victim) in reply.config_records["device_errors"]
     assert reply.config_records["device_errors"][str(victim)].startswith("masked_input: ")
+
+
+def test_workers_refuse_a_session_whose_threat_model_or_k_t_are_not_the_run_configs(tmp_path: Path) -> None:
+    # A lying server could switch off the active checks or lower t; the devices recompute the
+    # session's parameters from the run config and the cohort's size and refuse, revealing nothing.
+    node = OneWorker(tmp_path)  # semi-honest run
+    node.base["active"] = True
+    reply = node.stage("advertise_keys", {i: {} for i in range(N)})
+    assert _payloads(reply) == {}
+    errors = dict(reply.config_records["device_errors"])
+    assert sorted(errors) == [str(i) for i in range(N)]
+    assert all("refuses the session: the session's threat model is not the run config's" in e for e in errors.values())
+
+    active = OneWorker(tmp_path, threat_model="active", max_dropout_fraction=0.25)
+    choice = secure_rounds.graph_choice(active.cfg, N)
+    active.base["active"] = True
+    job = ConfigRecord({**active.base, "stage": "advertise_keys", "device_ids": [], "positions": []})
+    params = secure_rounds.device_params(job, active.cfg)
+    assert params.min_survivors == max(choice.threshold, N - choice.dropouts) == N - 2  # D = floor(0.25 * 8)
+    active.base["t"] = choice.threshold + 1
+    errors = dict(active.stage("advertise_keys", {i: {} for i in range(N)}).config_records["device_errors"])
+    assert all(f"t={choice.threshold + 1} are not the run config's" in e for e in errors.values()) and len(errors) == N
+
+
+def test_active_devices_refuse_a_session_that_strips_their_noise_or_loosens_the_sensitivity(tmp_path: Path) -> None:
+    # Distributed noise in the active model: each device's Skellam share, the rounding norm
+    # bound and the grid are what the run config implies, recomputed on the worker; a server
+    # that sends a smaller share (or none) or a looser bound gets a refusal, not a masked input.
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    privacy = {"dpfedavg": {"noise_multiplier": 1.0, "clip_norm": 0.5, "accountant": "rdp", "noise": "distributed"}}
+    node = OneWorker(tmp_path, privacy=privacy, threat_model="active", max_corrupt_fraction=0.1)
+    choice = secure_rounds.graph_choice(node.cfg, N)
+    encoding = UserLevelDP(node.cfg, num_params=node.num_params).secure_encoding()
+    honest = secure_rounds.survivor_floor(choice) - choice.corrupt
+    fp = secure_rounds.fixed_point(node.cfg, N)
+    node.base |= {"active": True, "clip_norm": 0.5, "norm_bound": encoding.norm_bound,
+                  "skellam_mu": encoding.update_variance / honest, "clip": fp.clip, "bits": fp.bits}  # fmt: skip
+
+    def params(**over: object):
+        job = ConfigRecord({**node.base, **over, "stage": "advertise_keys", "device_ids": [], "positions": []})
+        return secure_rounds.device_params(job, node.cfg)
+
+    assert params().min_survivors == secure_rounds.survivor_floor(choice)  # what the honest server sends passes
+    assert params(skellam_mu=2 * node.base["skellam_mu"]).active  # more noise is fine
+    for lie, why in [({"skellam_mu": 0.0}, "noise share"), ({"skellam_mu": 0.5 * node.base["skellam_mu"]}, "noise share"),
+                     ({"norm_bound": 2 * encoding.norm_bound}, "norm bound"), ({"clip_norm": 5.0}, "clip norm"),
+                     ({"bits": 8}, "grid")]:  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            params(**lie)

@@ -15,9 +15,17 @@ sampled no device, or whose devices all failed, releases the noise alone (the su
 visible (an unchanged model) and would under-count. A round releases nothing only when SecAgg+
 aborted before the server could unmask a sum, or every worker failed and the run stops; those
 rounds are listed with their reason and not accounted, on the assumption that an abort does
-not depend on private data (dropouts and worker failures are independent of the devices'
-data; a SecAgg+ abort for fewer than 2 sampled devices depends on the cohort size only, which
-the server sees but the released model does not show beyond "no step this round").
+not depend on private data: dropouts and worker failures are independent of the devices' data,
+and SecAgg+ runs with DP-FedAvg only on fixed-size cohorts (config.validate), because with
+Poisson cohorts whether a round aborts depends on the sampled size (n < 2, or no secure
+(k, t) for n), hence on whether a given user was sampled, which the Poisson-subsampled
+accountant does not cover. The one data-dependent way a device can drop from a secure round,
+its update failing conditional rounding fedsim.secagg.quantize.MAX_ROUNDING_DRAWS times in a row, has probability
+<= beta^200 = e^-100 for every update within the clip norm (Kairouz, Liu, Steinke 2021, Thm. 1:
+each draw fails with probability <= beta = e^-0.5), negligible next to any delta; the simulated
+round deadline (faults.round_deadline_s), which drops devices by their example count, and
+sample-level budgets (privacy.dpsgd.target_epsilon), which leave exhausted devices out of the
+cohort, are refused with SecAgg+ and DP-FedAvg.
 
 Accounting (fedsim.privacy.user_level): Poisson cohorts with add/remove-one-device adjacency
 (PLD or RDP), fixed-size cohorts with replace-one adjacency (RDP). With
@@ -55,6 +63,7 @@ from fedsim.privacy.user_level import (
     gaussian_sum_noise,
     update_noise_multiplier,
 )
+from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
 from fedsim.worker import DeviceReport
 
 #: Printed and recorded when distributed noise is derived from the run seed (privacy.randomness=reproducible).
@@ -199,10 +208,11 @@ class UserLevelDP:
             blocks.append(SkellamBlock(variance=(2 * self.count_noise) ** 2, l2=1.0, l1=1.0))
         return SkellamRound(tuple(blocks), sampling or self.cfg.cohort.sampling, self.cfg.population, self.cfg.cohort.size)
 
-    def secure_encoding(self) -> SecureEncoding:
+    def secure_encoding(self, clip: float | None = None) -> SecureEncoding:
         """The next round's rounding bound and, with distributed noise, the Skellam variance the
-        survivors must reach (whatever drops out or colludes, within the threat model)."""
-        clip = self.clip_norm
+        survivors must reach (whatever drops out or colludes, within the threat model), at clip
+        norm `clip` (default: the current one; devices check a round's encoding with theirs)."""
+        clip = self.clip_norm if clip is None else clip
         if not self.distributed:
             return SecureEncoding(norm_bound=self.rounding_bound(clip))
         blocks = self._skellam_round(clip).blocks
@@ -453,8 +463,10 @@ class UserLevelDP:
             "randomness": mode,
             "randomness_reason": why,
             "assumptions": [
-                "the server follows the abort rule (at least max(t, n - D) masked inputs in every released sum; in the "
-                "active threat model the devices do not check this count yet)",
+                "at least max(t, n - D) masked inputs in every released sum: semi_honest, the server follows this abort "
+                "rule; active, every device also checks it (it signs and unmasks only survivor sets that large, t and D "
+                "computed from the public run config and the session's n) and refuses a noise share below 1/h of the "
+                "accounted variance",
                 "at most C = floor(gamma n) devices of a cohort collude with the server (secagg.max_corrupt_fraction); "
                 "the others keep their noise secret",
                 "the cohort is secret from whoever reads the released model (else see epsilon_vs_server)",
@@ -491,6 +503,14 @@ class UserLevelDP:
                 "server is trusted to sample, clip-check and add the noise, and "
                 + ("sees only the SecAgg+ sum of the survivors' updates" if self.cfg.secagg.name != "none" else "sees each clipped update")
                 + "; device dropouts, worker failures and SecAgg+ aborts do not depend on private data"
+                + (
+                    " (SecAgg+ runs only on fixed-size cohorts, so whether a round aborts does not depend on who was "
+                    f"sampled; a device drops for its data only if conditional rounding fails {MAX_ROUNDING_DRAWS} times "
+                    f"in a row, probability <= e^-{MAX_ROUNDING_DRAWS / 2:g} per device and round, Kairouz, Liu, Steinke "
+                    "2021, Thm. 1; a device whose "
+                    "training gives a non-finite update drops, assumed not to happen for private data)"
+                    if self.cfg.secagg.name != "none" else ""
+                )  # fmt: skip
             ),
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),

@@ -42,9 +42,9 @@ _SAMPLE = {
 }
 # Why each known diagnostic is outside; keys not listed get the generic reason.
 _OUTSIDE = {
-    "train_loss": "un-noised example-weighted mean of the cohort's training losses",
+    "train_loss": "un-noised example-weighted mean of the trained devices' training losses",
     "num_examples": "un-noised count of the trained devices' examples",
-    "clip_fraction": "un-noised fraction of the cohort's per-example gradients that DP-SGD clipped",
+    "clip_fraction": "un-noised mean over the trained devices of the fraction of their per-example gradients DP-SGD clipped",
     "update_clipped_fraction": "un-noised fraction of the cohort's updates that user-level clipping clipped",
     "cohort_size": "un-noised count of sampled devices (Poisson: depends on who is in the population)",
     "devices_trained": "un-noised count of devices whose update was aggregated",
@@ -60,6 +60,21 @@ _OUTSIDE = {
     "sample_devices_over_budget": "un-noised count of devices excluded by their budget",
 }
 GENERIC = "computed from the devices' data or the cohort without noise (timing, sizes, counts)"
+# Under SecAgg+ the server has only cohort sums of what devices append to their masked vector
+# (fedsim.secure_rounds.encode_stats / cohort_metrics), so some statistics are other quantities.
+_SECURE_OUTSIDE = {
+    "train_loss": "un-noised device-weighted mean (each summed device's mean training loss, clipped to [0, 64]), "
+    "from the SecAgg+ cohort sum; not example-weighted",
+    "num_examples": "un-noised total of the summed devices' example counts (each capped at 65,535), from the SecAgg+ cohort sum",
+    "clip_fraction": "un-noised mean, over the summed devices that drew an example, of the fraction of their "
+    "per-example gradients DP-SGD clipped, from SecAgg+ cohort sums",
+    "update_clipped_fraction": "un-noised fraction of the summed devices' updates that user-level clipping clipped, "
+    "from the SecAgg+ sum of their clipping bits",
+}
+_DISTRIBUTED_OUTSIDE = {
+    "update_clipped_fraction": "the noisy clipped count (accounted, distributed noise) divided by the un-noised number "
+    "of devices summed",
+}
 
 
 def covered_metrics(cfg: FedsimConfig) -> dict[str, str]:
@@ -79,4 +94,10 @@ def outside_guarantee(cfg: FedsimConfig, keys: Iterable[str]) -> dict[str, str]:
     covered = covered_metrics(cfg)
     if not covered:
         return {k: "no differential-privacy mechanism is on: nothing is covered" for k in sorted(set(keys))}
-    return {k: _OUTSIDE.get(k, GENERIC) for k in sorted(set(keys)) if k not in covered}
+    reasons = dict(_OUTSIDE)
+    if cfg.secagg.name != "none":
+        reasons |= _SECURE_OUTSIDE
+        user = cfg.privacy.dpfedavg
+        if user is not None and user.noise == "distributed":
+            reasons |= _DISTRIBUTED_OUTSIDE
+    return {k: reasons.get(k, GENERIC) for k in sorted(set(keys)) if k not in covered}

@@ -19,7 +19,8 @@ Threat models (SecAggParams.active):
   the registry, which the server can read but not write, so keys cannot be swapped or forged;
   (2) the consistency check, a stage between masked input and unmasking: each survivor signs
   the survivor set U3 it is told, and a device reveals shares only if it receives >= t valid
-  signatures from its neighbours on the same U3 and is itself in U3; (3) t with 2t > k + c for
+  signatures from its neighbours on the same U3, is itself in U3, and U3 holds at least
+  max(t, n - D) devices (SecAggParams.min_survivors, which the device computes itself); (3) t with 2t > k + c for
   the c colluding neighbours a device may have, so a split of its honest neighbours into
   "told i survived" and "told i dropped" can never give the server t shares of both secrets.
   Not covered in either: a server that biases which devices are neighbours (the graph order is
@@ -156,7 +157,13 @@ class SecAggParams:
     salts every key derivation and binds every ciphertext and signature to the round.
     graph_seed: public bytes that order the ring of the Harary graph (None: the session id);
     a reproducible run derives it from (seed, round). active: the active threat model
-    (identity keys, signed keys, consistency check).
+    (identity keys, signed keys, consistency check). min_survivors: the fewest masked inputs a
+    released sum may hold, max(t, n - D) for the D dropouts the threat model budgets (0: t
+    alone). The server aborts below it before asking for any share; in the active model each
+    device also refuses to sign or unmask a smaller survivor set (Bell et al. 2020 sec. 4: the
+    server learns only sums of at least that many inputs; Bonawitz et al. 2017 Fig. 4 demand
+    |U3| >= t device-side). A device must compute it from public parameters it trusts (the run
+    config and the session's n), never take it from the server.
     """
 
     num_devices: int
@@ -167,6 +174,7 @@ class SecAggParams:
     session_id: bytes
     graph_seed: bytes | None = None
     active: bool = False
+    min_survivors: int = 0
 
     def __post_init__(self) -> None:
         n, k, t = self.num_devices, self.neighbours, self.threshold
@@ -184,6 +192,8 @@ class SecAggParams:
             raise ValueError(f"vector_length must be >= 1, got {self.vector_length}")
         if not isinstance(self.session_id, bytes) or not self.session_id:
             raise ValueError("session_id must be non-empty bytes")
+        if not 0 <= self.min_survivors <= n:
+            raise ValueError(f"min_survivors={self.min_survivors} must be in [0, n={n}]")
 
     @property
     def graph(self) -> tuple[tuple[int, ...], ...]:
@@ -198,6 +208,11 @@ class SecAggParams:
     @property
     def stages(self) -> tuple[str, ...]:
         return stages(self.active)
+
+    @property
+    def survivor_floor(self) -> int:
+        """The fewest masked inputs a sum may hold: max(t, min_survivors)."""
+        return max(self.threshold, self.min_survivors)
 
 
 @functools.lru_cache(maxsize=64)
@@ -560,14 +575,17 @@ class SecAggDevice:
         """Active stage (Bonawitz ConsistencyCheck): sign the survivor set U3 -> {"sig": bytes64}.
 
         request {"survivors": [every device whose masked input the server says it has]}.
-        Refuses if this device is not in it (it did send y). The set is remembered: unmask
-        accepts only requests consistent with it.
+        Refuses if this device is not in it (it did send y), or if it has fewer than
+        params.survivor_floor = max(t, n - D) members (a sum over fewer inputs than the threat
+        model allows, e.g. fewer than the distributed noise is sized for). The set is
+        remembered: unmask accepts only requests consistent with it.
         """
         self._advance("consistency")
         self.bytes_received["consistency"] = payload_nbytes(request)
         u3 = tuple(sorted({int(j) for j in request["survivors"]}))
         if self.id not in u3:
             self._refuse("it sent its masked input but is not in the survivor set")
+        self._check_survivor_count(u3)
         self._u3 = u3
         reply = {"sig": sign(self._identity, survivors_message(self.params.session_id, u3))}
         self.bytes_sent["consistency"] = payload_nbytes(reply)
@@ -581,7 +599,8 @@ class SecAggDevice:
         if this device is listed as dropped, if asked twice, or if a neighbour's other secret
         was already revealed: releasing both b_j and s_j would unmask y_j. Active: the lists
         must be exactly what the signed survivor set U3 implies, and at least t neighbours in
-        U3 must have validly signed the same U3. Aborts (SecAggAborted) if fewer than t
+        U3 must have validly signed the same U3, which must hold at least params.survivor_floor
+        devices. Aborts (SecAggAborted) if fewer than t
         neighbours survive, since then its own self mask cannot be removed anyway. Returns
         {"b_ids", "b_shares", "s_ids", "s_shares"}.
         """
@@ -621,8 +640,14 @@ class SecAggDevice:
         self.bytes_sent["unmask"] = payload_nbytes(reply)
         return reply
 
+    def _check_survivor_count(self, u3: Iterable[int]) -> None:
+        count, floor = len(set(u3)), self.params.survivor_floor
+        if count < floor:
+            self._refuse(f"the survivor set has {count} devices, fewer than max(t, n - D) = {floor}")
+
     def _check_signatures(self, request: Mapping, survivors: set[int], dropped: set[int]) -> None:
         u3 = set(self._u3 or ())
+        self._check_survivor_count(u3)  # no share leaves for a set below the floor, however it was signed
         if survivors != self.neighbours & u3 or dropped != (self._senders - u3):
             self._refuse("the survivors and dropped it is asked about differ from the survivor set it signed")
         message = survivors_message(self.params.session_id, u3)
@@ -825,9 +850,10 @@ class SecAggServer:
         total = np.zeros(p.vector_length, dtype=p.dtype)
         for i in sorted(vectors):
             total += vectors[i].astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
-        t = p.threshold
-        if len(vectors) < t:
-            self._abort(f"round aborted at unmask: {len(vectors)} masked inputs received, need >= t={t}")
+        t, floor = p.threshold, p.survivor_floor
+        if len(vectors) < floor:  # before any share is asked for: nothing is released
+            need = f"t={t}" if floor == t else f"max(t, n - D) = {floor}"
+            self._abort(f"round aborted at unmask: {len(vectors)} masked inputs received, need >= {need}")
         self.masked = frozenset(vectors)
         self.dropped_after_sharing = self._live - self.masked
         self._total = total
