@@ -26,8 +26,9 @@
 
 The fingerprint covers every config value that changes the result; it excludes simulation.*
 (layout, workers, timeouts: the result is the same by design), output.*, checkpoint.*,
-engine/superlink* and resume, and privacy.randomness itself (auto resolving to reproducible and
-an explicit reproducible give the same run).
+engine/superlink* and resume, the worker-process faults (faults.worker_kill_rate,
+worker_pause_rate, worker_pause_s: resent jobs, same result), and privacy.randomness itself (auto
+resolving to reproducible and an explicit reproducible give the same run).
 
 SecAgg+ secrets that never change the result (X25519 keys, self-mask seeds, Shamir coefficients)
 do not come from here: they come from the OS CSPRNG in every mode (fedsim.secagg).
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
 MODES = ("auto", "reproducible", "secure")
 # Top-level config keys that never change the result of a run (see the module doc).
 _NOT_IN_FINGERPRINT = ("simulation", "output", "checkpoint", "engine", "superlink", "superlink_ca", "resume")
+# Faults of worker processes (killed, frozen): the transport resends their jobs, so by design they
+# change when a run ends, never what it computes (tests/test_chaos.py holds fedsim to that).
+_FAULTS_NOT_IN_FINGERPRINT = ("worker_kill_rate", "worker_pause_rate", "worker_pause_s")
 
 
 def resolve(cfg: FedsimConfig) -> tuple[str, str]:
@@ -79,6 +83,8 @@ def fingerprint(cfg: FedsimConfig) -> int:
     for key in _NOT_IN_FINGERPRINT:
         values.pop(key, None)
     values["privacy"].pop("randomness", None)
+    for key in _FAULTS_NOT_IN_FINGERPRINT:
+        values.get("faults", {}).pop(key, None)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
 

@@ -83,6 +83,8 @@ def test_fingerprint_ignores_how_a_run_is_executed_but_not_what_it_computes():
         _cfg(output={"dir": "/tmp/elsewhere"}),
         _cfg(checkpoint={"every": 3}),
         _cfg(privacy={"randomness": "reproducible"}),
+        # killed or frozen workers only delay a run (tests/test_chaos.py compares it with a clean run)
+        _cfg(faults={"worker_kill_rate": 0.1, "worker_pause_rate": 0.1, "worker_pause_s": 12}),
     ]
     assert all(randomness.fingerprint(c) == base for c in same)
     different = [
@@ -90,6 +92,7 @@ def test_fingerprint_ignores_how_a_run_is_executed_but_not_what_it_computes():
         _cfg(rounds=21),
         _cfg(privacy={"dpfedavg": {"noise_multiplier": 1.0}}),
         _cfg(privacy={"dpfedavg": {"noise_multiplier": 1.1}}),
+        _cfg(faults={"device_failure_rate": 0.1}),  # which devices fail is part of the result
     ]
     prints = {randomness.fingerprint(c) for c in different} | {base}
     assert len(prints) == len(different) + 1
