@@ -64,3 +64,21 @@ class LocalGrid:
     def pull_messages(self, message_ids: set[str]) -> list[Message]:
         ready = [mid for mid in message_ids if mid in self._replies and self._replies[mid][0] <= self.clock.t]
         return [self._replies.pop(mid)[1] for mid in ready]
+
+
+def run_local(cfg, run_dir, workers: int | None = None) -> dict:  # noqa: ANN001 - FedsimConfig, Path
+    """The run `fedsim.run.run(cfg, run_dir)` makes, on `LocalGrid` in this process (no Ray):
+    the same ClientApp and round loop, so the same model bit for bit. Tests compare one Ray run
+    with this instead of paying Ray's start-up for every reference run."""
+    from unittest import mock
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsim.server_app import prepare, run_rounds
+
+    with (
+        mock.patch.object(TaskIdentity, "_run_id", 1),
+        mock.patch.object(TaskIdentity, "_node_id", 0),
+        mock.patch.object(TaskIdentity, "_task_id", 1),
+    ):
+        return run_rounds(cfg, LocalGrid(workers or cfg.num_workers), run_dir, prepare(cfg))

@@ -15,6 +15,7 @@ import torch
 
 from fedsim.config import from_dict
 from fedsim.run import run
+from fake_grid import run_local
 from helpers import set_keys
 
 pytestmark = pytest.mark.ray
@@ -64,17 +65,17 @@ def test_run_writes_config_metrics_model_and_summary(base_run: Path) -> None:
 
 
 def test_same_seed_gives_bit_identical_model_with_one_or_two_workers(base_run: Path, tmp_path: Path) -> None:
-    run(from_dict(tiny(tmp_path)), tmp_path / "again")
+    # Ray with 2 workers, and the in-process grid with 1, give the 1-worker Ray run's model.
     run(from_dict(tiny(tmp_path, **{"simulation.num_workers": 2})), tmp_path / "two")
     ref = final_params(base_run)
-    assert torch.equal(final_params(tmp_path / "again"), ref)
     assert torch.equal(final_params(tmp_path / "two"), ref)
-    run(from_dict(tiny(tmp_path, seed=4)), tmp_path / "other")
+    run_local(from_dict(tiny(tmp_path)), tmp_path / "local")
+    assert torch.equal(final_params(tmp_path / "local"), ref)
+    run_local(from_dict(tiny(tmp_path, seed=4)), tmp_path / "other")
     assert not torch.equal(final_params(tmp_path / "other"), ref)
     # Vectorized groups of 3 spread over both workers: still the same model with 1 or 2 workers.
-    for workers in (1, 2):
-        run(from_dict(tiny(tmp_path, **{"simulation.num_workers": workers, "simulation.device_group": 3})),
-            tmp_path / f"groups{workers}")  # fmt: skip
+    run(from_dict(tiny(tmp_path, **{"simulation.num_workers": 2, "simulation.device_group": 3})), tmp_path / "groups2")
+    run_local(from_dict(tiny(tmp_path, **{"simulation.device_group": 3})), tmp_path / "groups1")
     assert torch.equal(final_params(tmp_path / "groups1"), final_params(tmp_path / "groups2"))
 
 
@@ -82,7 +83,7 @@ def test_classic_layout_one_supernode_per_device_gives_the_same_model(tmp_path: 
     # Classic trains one device per SuperNode: the same model as multiplexed one-by-one training
     # (the vectorized path agrees with both to float rounding, tests/test_worker_vectorized.py).
     run(from_dict(tiny(tmp_path, **{"simulation.layout": "classic"})), tmp_path / "classic")
-    run(from_dict(tiny(tmp_path, **{"simulation.vectorize": "off", "simulation.num_workers": 2})), tmp_path / "off")
+    run_local(from_dict(tiny(tmp_path, **{"simulation.vectorize": "off", "simulation.num_workers": 2})), tmp_path / "off")
     assert torch.equal(final_params(tmp_path / "classic"), final_params(tmp_path / "off"))
     summary = json.loads((tmp_path / "classic" / "summary.json").read_text())
     assert summary["num_workers"] == 40

@@ -207,9 +207,12 @@ def sim_config(tmp: Path, **over: object) -> dict:
 def test_vectorized_run_is_bit_identical_with_one_or_two_workers(tmp_path: Path) -> None:
     from fedsim.run import run
 
-    one = run(from_dict(sim_config(tmp_path)), tmp_path / "one")
+    from fake_grid import run_local
+
+    # Ray with 2 workers; the 1-worker runs on the in-process grid (same ClientApp, no Ray start-up).
     two = run(from_dict(sim_config(tmp_path, **{"simulation.num_workers": 2})), tmp_path / "two")
-    off = run(from_dict(sim_config(tmp_path, **{"simulation.vectorize": "off"})), tmp_path / "off")
+    one = run_local(from_dict(sim_config(tmp_path)), tmp_path / "one")
+    off = run_local(from_dict(sim_config(tmp_path, **{"simulation.vectorize": "off"})), tmp_path / "off")
     assert one["model_sha256"] == two["model_sha256"]
     params = {name: torch.load(tmp_path / name / "model.pt", weights_only=False)["flat_params"] for name in ("one", "off")}
     # The groups reached the workers (batched kernels round differently from one by one) ...
