@@ -19,6 +19,7 @@ import pytest
 
 from fedsim.config import from_dict
 from fedsim.run import run
+from fake_grid import run_local
 from helpers import free_port, listening
 
 pytestmark = pytest.mark.ray
@@ -135,10 +136,12 @@ def synthetic(tmp: Path, **over: object) -> dict:
 
 
 def in_process(raw: dict, run_dir: Path) -> dict:
+    """The same run on the in-process grid (fedsim's ClientApp, no SuperLink, no Ray): the
+    deployed model must equal it bit for bit (test_simulation shows it equals the Ray engine's)."""
     local = json.loads(json.dumps(raw))
     local.update(engine="simulation", superlink=None)
     local["simulation"]["num_workers"] = 2
-    return run(from_dict(local), run_dir)
+    return run_local(from_dict(local), run_dir)
 
 
 def test_fedsim_on_a_superlink_over_tls_trains_the_in_process_model(tmp_path: Path) -> None:
