@@ -122,7 +122,11 @@ class _Block(nn.Module):
         batch, length, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
         q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # Written out rather than F.scaled_dot_product_attention: torch.func has no batching
+        # rule for its CPU kernel, and vectorized cohort training vmaps this forward.
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        attended = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 

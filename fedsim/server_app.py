@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -133,6 +134,9 @@ def run_rounds(
     for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
+    for line in setup.dataset.notes():
+        runlog.note(line)
+    setup.dataset.save(run_dir)
     random_desc = randomness.describe(cfg)
     runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
         f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
@@ -268,6 +272,11 @@ def run_rounds(
         extra["privacy"] |= user_dp.summary()
     if audit:
         extra["audit"] = audit.summary(run_dir, params, user_dp)
+    language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
+    if language:
+        # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.
+        losses = [row.test_loss for row in runlog.rows if row.test_loss is not None]
+        extra["language"] = {"final_test_perplexity": math.exp(losses[-1]) if losses else None, **language}
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
