@@ -65,6 +65,10 @@ class CharLSTM(nn.Module):
     built from linear layers Opacus can compute per-example gradients of).
     """
 
+    # simulation.vectorize=auto trains it one by one: vmapped per-example gradients of 80
+    # recurrent steps were slower than Opacus's DPLSTM hooks (README, Shakespeare).
+    vectorize_auto = False
+
     def __init__(self, vocabulary: int, *, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocabulary, embed)
@@ -85,6 +89,10 @@ class CharTransformer(nn.Module):
     (no nn.MultiheadAttention), the layers Opacus has per-example gradient rules for; the
     positions go through an nn.Embedding fed a [batch, seq_len] index so that rule applies.
     """
+
+    # simulation.vectorize=auto trains it one by one: vectorized was slower with DP-SGD and no
+    # faster without (README, Shakespeare); simulation.vectorize=on still batches it.
+    vectorize_auto = False
 
     def __init__(self, vocabulary: int, seq_len: int, *, width: int = 128, layers: int = 2, heads: int = 4) -> None:
         super().__init__()

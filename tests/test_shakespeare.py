@@ -226,6 +226,24 @@ def test_plain_lstm_is_not_vectorized_and_says_why() -> None:
     assert reason is not None and "LSTM" in reason and "one by one" in reason
 
 
+@pytest.mark.parametrize("privacy", [None, "dpsgd"])
+def test_auto_trains_the_text_models_one_by_one_and_on_still_vectorizes_the_transformer(
+    tmp_path: Path, privacy: str | None
+) -> None:
+    from fedsim.worker import use_vectorized
+
+    ds = dataset(write(tmp_path, PLAY), population=2)
+    raw: dict = {"population": 2, "cohort": {"size": 2}, "dataset": {"name": "shakespeare", "path": str(tmp_path / "play.txt"),
+                 "seq_len": SEQ, "min_chars": 50}, "model": {"name": "transformer", "hidden": 16, "heads": 2}}  # fmt: skip
+    if privacy:
+        raw["privacy"] = {"dpsgd": {}}
+    model = tiny_model("transformer", dp=privacy is not None)
+    vectorized, why = use_vectorized(from_dict(raw), model, ds)
+    assert not vectorized and "one by one" in why
+    raw["simulation"] = {"vectorize": "on"}
+    assert use_vectorized(from_dict(raw), model, ds)[0]
+
+
 def test_config_rejects_heads_that_do_not_divide_the_width() -> None:
     with pytest.raises(ConfigError, match="model.heads"):
         from_dict({"model": {"name": "transformer", "hidden": 30, "heads": 4}})
