@@ -48,13 +48,13 @@ VOCABULARY_FILE = "vocabulary.json"
 
 _SPEAKER = re.compile(r"^([^\s:][^:]{0,59}):$")  # "NAME:" alone on its line (names are short)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n (\r is normalised away)
-_LOOKUP = np.full(0x110000, UNKNOWN, dtype=np.int64)
+_LOOKUP = np.full(0x110000, UNKNOWN, dtype=np.uint8)  # every code point -> its index (1.1 MB)
 _LOOKUP[[ord(c) for c in LEAF_CHARACTERS]] = np.arange(len(LEAF_CHARACTERS))
 
 
 def encode(text: str) -> np.ndarray:
     """Character indices (int64) of `text` in the fixed vocabulary."""
-    return _LOOKUP[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
+    return _LOOKUP[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)].astype(np.int64)
 
 
 def decode(indices: list[int] | np.ndarray) -> str:
@@ -152,12 +152,12 @@ class ShakespeareDataset(FederatedDataset):
 
     def _windows(self, start: int, first: int, stop: int, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows first..stop-1 of the role starting at `start`, evenly thinned to `keep`."""
-        positions = np.arange(first, stop)
-        if keep is not None and len(positions) > keep:
-            positions = positions[np.linspace(0, len(positions) - 1, keep).round().astype(np.int64)]
-        columns = np.arange(self.cfg.seq_len)
-        x = self._chars[start + positions[:, None] + columns[None, :]]
-        y = self._chars[start + positions + self.cfg.seq_len]
+        return self._cut(_thin(start + np.arange(first, stop), keep))
+
+    def _cut(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows beginning at these offsets of the character array, and their next characters."""
+        x = self._chars[starts[:, None] + np.arange(self.cfg.seq_len)[None, :]]
+        y = self._chars[starts + self.cfg.seq_len]
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
 
     def num_examples(self, device_id: int) -> int:
@@ -177,15 +177,12 @@ class ShakespeareDataset(FederatedDataset):
         return self._windows(start, train, windows, None)
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.device_test_data(i) for i in range(self.num_devices)]
-        x = torch.cat([p[0] for p in parts])
-        y = torch.cat([p[1] for p in parts])
-        cap = self.cfg.max_test_examples
-        if cap is not None and len(y) > cap:
-            # Evenly spaced over the concatenation: every role keeps its share of the test set.
-            keep = torch.from_numpy(np.linspace(0, len(y) - 1, cap).round().astype(np.int64))
-            x, y = x[keep], y[keep]
-        return x, y
+        starts = []
+        for device_id in range(self.num_devices):
+            start, train, windows = self._split(device_id)
+            starts.append(start + np.arange(train, windows))
+        # Thinned evenly over all devices' test windows in device order: every role keeps its share.
+        return self._cut(_thin(np.concatenate(starts), self.cfg.max_test_examples))
 
     def notes(self) -> list[str]:
         """Lines about the population for the run's terminal output."""
@@ -208,6 +205,13 @@ class ShakespeareDataset(FederatedDataset):
     def final_summary(self, model: torch.nn.Module, generator: torch.Generator) -> dict:
         """What the model writes: a sampled continuation of dataset.prompt (for summary.json)."""
         return {"sample": sample_continuation(model, self.cfg.prompt, self.cfg.sample_chars, self.cfg.seq_len, generator)}
+
+
+def _thin(positions: np.ndarray, keep: int | None) -> np.ndarray:
+    """`keep` evenly spaced entries of `positions`, first and last included (all if fewer)."""
+    if keep is None or len(positions) <= keep:
+        return positions
+    return positions[np.linspace(0, len(positions) - 1, keep).round().astype(np.int64)]
 
 
 def sample_continuation(
