@@ -68,6 +68,7 @@ class CharLSTM(nn.Module):
     # simulation.vectorize=auto trains it one by one: vmapped per-example gradients of 80
     # recurrent steps were slower than Opacus's DPLSTM hooks (README, Shakespeare).
     vectorize_auto = False
+    reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
 
     def __init__(self, vocabulary: int, *, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
@@ -93,6 +94,7 @@ class CharTransformer(nn.Module):
     # simulation.vectorize=auto trains it one by one: vectorized was slower with DP-SGD and no
     # faster without (README, Shakespeare); simulation.vectorize=on still batches it.
     vectorize_auto = False
+    reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
 
     def __init__(self, vocabulary: int, seq_len: int, *, width: int = 128, layers: int = 2, heads: int = 4) -> None:
         super().__init__()

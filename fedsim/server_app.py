@@ -31,7 +31,7 @@ from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
-from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
@@ -73,6 +73,9 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    if getattr(model, "reads_tokens", False) and not dataset.token_inputs:
+        raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
+                          "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
     sample_dp = None
     if cfg.privacy.dpsgd is not None:
         # The workers apply the same check (and fix), so their flat parameters match ours.

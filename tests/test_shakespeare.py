@@ -244,6 +244,13 @@ def test_auto_trains_the_text_models_one_by_one_and_on_still_vectorizes_the_tran
     assert use_vectorized(from_dict(raw), model, ds)[0]
 
 
+def test_text_models_on_a_feature_dataset_are_refused_before_the_run_starts() -> None:
+    from fedsim.server_app import prepare
+
+    with pytest.raises(ConfigError, match="model.name.*lstm reads character indices"):
+        prepare(from_dict({"population": 20, "cohort": {"size": 2}, "dataset": {"name": "synthetic"}, "model": {"name": "lstm"}}))
+
+
 def test_config_rejects_heads_that_do_not_divide_the_width() -> None:
     with pytest.raises(ConfigError, match="model.heads"):
         from_dict({"model": {"name": "transformer", "hidden": 30, "heads": 4}})

@@ -22,6 +22,7 @@ class FederatedDataset(ABC):
     name: str
     input_shape: tuple[int, ...]  # shape of one example, e.g. (60,) or (1, 28, 28)
     num_classes: int
+    token_inputs: bool = False  # examples are token indices in [0, num_classes) (text), not features
 
     @property
     @abstractmethod

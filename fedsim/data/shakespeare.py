@@ -115,6 +115,8 @@ def read_text(path: Path) -> str:
 class ShakespeareDataset(FederatedDataset):
     """Device i is the i-th role, in sorted name order, of those with at least min_chars characters."""
 
+    token_inputs = True
+
     def __init__(self, cfg: ShakespeareConfig, *, population: int) -> None:
         self.name = cfg.name
         self.cfg = cfg
