@@ -43,7 +43,7 @@ clients/dp.py for why each choice (the exact expected batch size, two generators
 proximal term as post-processing) is made; this module reproduces them.
 
 Requirements (`vectorizable` checks them and says why not): no dropout (it draws from the
-global RNG), no BatchNorm or other layer with running statistics, no buffers at all, no
+global RNG), no nn.LSTM/GRU/RNN (fused kernels torch.func cannot batch), no BatchNorm or other layer with running statistics, no buffers at all, no
 module hooks (Opacus's GradSampleModule hooks in particular: give this trainer the model
 before, or instead of, wrapping it for `DPSGDTrainer`), and `loss_fn` must be a mean over
 the batch of per-example losses, like `F.cross_entropy`'s default (each device's loss is the
@@ -113,6 +113,10 @@ def vectorizable(
             return f"{at} mixes the examples of a batch and keeps running statistics; use GroupNorm"
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
             return f"{at} keeps running statistics (track_running_stats=True), state the vectorized path does not carry"
+        if isinstance(m, nn.RNNBase):
+            # Its fused kernel has no torch.func batching rule: vmap would loop over the devices
+            # one at a time, slower than the one-by-one trainers (Opacus's DPLSTM is vmappable).
+            return f"{at} runs a fused recurrent kernel torch.func cannot batch; train one by one"
         if any(True for _ in m.buffers(recurse=False)):
             return f"{at} holds buffers, state the vectorized path does not carry per device"
         if any(getattr(m, attr, None) for attr in _CALL_HOOK_DICTS):

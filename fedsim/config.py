@@ -94,25 +94,45 @@ class HuggingFaceConfig:
     max_test_examples: int | None = None  # cap on the central test set
 
 
+@dataclass
+class ShakespeareConfig:
+    """Next-character prediction on a text of `NAME:` speeches, one device per role (LEAF's recipe)."""
+
+    name: str = "shakespeare"
+    path: str | None = None  # a text of NAME: speeches (Tiny Shakespeare's format); None = the bundled Tiny Shakespeare
+    seq_len: int = 80  # characters a model reads to predict the next one (LEAF: 80)
+    min_chars: int = 1000  # roles with fewer characters are left out (the count is printed)
+    test_fraction: float = 0.2  # last share of each role's windows, by position, held out (LEAF: 0.2)
+    max_train_windows: int | None = None  # evenly thin each device's training windows to this many (None = all)
+    max_test_examples: int | None = 5000  # evenly thin the central test set (None = every role's test windows)
+    prompt: str = "ROMEO:\n"  # the run ends by sampling a continuation of this text (summary.json)
+    sample_chars: int = 200  # characters sampled after the prompt
+
+
 DATASETS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "femnist": FemnistConfig,
     "fashion_mnist": FashionMnistConfig,
     "huggingface": HuggingFaceConfig,
+    "shakespeare": ShakespeareConfig,
 }
-DatasetConfig = SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFaceConfig
+DatasetConfig = SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFaceConfig | ShakespeareConfig
 
 # ----------------------------------------------------------------------------- the rest
 
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | custom
+    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | lstm | transformer | custom
     hidden_sizes: list[int] = field(default_factory=lambda: [64])  # mlp hidden layer widths
     cnn_channels: list[int] = field(default_factory=lambda: [32, 64])  # the two 5x5 conv layers
     cnn_dense: int = 256  # width of the cnn's dense layer
     norm_groups: int = 8  # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
     target: str | None = None  # name=custom: "package.module:factory", called as factory(input_shape, num_classes)
+    embed: int = 8  # lstm: character embedding width (LEAF: 8); transformer: ignored (embeds at model.hidden)
+    hidden: int = 256  # lstm: hidden units per layer (LEAF: 256); transformer: the model width
+    layers: int = 2  # lstm / transformer: stacked layers (LEAF's LSTM: 2)
+    heads: int = 4  # transformer: attention heads (must divide model.hidden)
 
 
 @dataclass
@@ -263,7 +283,7 @@ class OutputConfig:
 @dataclass
 class FedsimConfig:
     seed: int = 0  # seeds sampling, model init and every device's training
-    population: int = 1000  # devices in the population (femnist: at most its writers)
+    population: int = 1000  # devices in the population (femnist: at most its writers; shakespeare: its roles)
     rounds: int = 20  # federated rounds
     eval_every: int = 1  # central evaluation every k rounds (and always after the last)
     cohort: CohortConfig = field(default_factory=CohortConfig)
@@ -401,7 +421,7 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-MODELS = ("auto", "logreg", "mlp", "cnn", "custom")
+MODELS = ("auto", "logreg", "mlp", "cnn", "lstm", "transformer", "custom")
 ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 
@@ -460,6 +480,14 @@ def validate(cfg: FedsimConfig) -> None:
         _positive(ds.max_test_examples, "dataset.max_test_examples")
     elif isinstance(ds, FemnistConfig):
         _positive(ds.max_test_examples, "dataset.max_test_examples")
+    elif isinstance(ds, ShakespeareConfig):
+        _positive(ds.seq_len, "dataset.seq_len")
+        _positive(ds.min_chars, "dataset.min_chars", allow_zero=True)
+        if not 0 < ds.test_fraction < 1:
+            raise ConfigError("dataset.test_fraction", f"must be in (0, 1), got {ds.test_fraction}")
+        _positive(ds.max_train_windows, "dataset.max_train_windows")
+        _positive(ds.max_test_examples, "dataset.max_test_examples")
+        _positive(ds.sample_chars, "dataset.sample_chars", allow_zero=True)
 
     m = cfg.model
     _choice(m.name, "model.name", MODELS)
@@ -475,6 +503,10 @@ def validate(cfg: FedsimConfig) -> None:
     if m.name == "custom" and (not m.target or ":" not in m.target):
         raise ConfigError("model.target", f"model.name=custom needs model.target='package.module:factory', got {m.target!r}")
     _positive(m.norm_groups, "model.norm_groups")
+    for key in ("embed", "hidden", "layers", "heads"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.name == "transformer" and m.hidden % m.heads:
+        raise ConfigError("model.heads", f"must divide model.hidden ({m.hidden}) for the transformer, got {m.heads}")
 
     a = cfg.algorithm
     _choice(a.name, "algorithm.name", ALGORITHMS)
@@ -675,7 +707,7 @@ def resolve_paths(cfg: FedsimConfig, base: Path | None = None) -> FedsimConfig:
     """Make data paths absolute (workers may run with another working directory)."""
     base = base or Path.cwd()
     ds = cfg.dataset
-    if isinstance(ds, (FemnistConfig, FashionMnistConfig)) and ds.path is not None:  # None: the bundled copy
+    if isinstance(ds, (FemnistConfig, FashionMnistConfig, ShakespeareConfig)) and ds.path is not None:  # None: the bundled copy
         ds.path = str((base / os.path.expanduser(ds.path)).resolve())
     elif isinstance(ds, HuggingFaceConfig) and ds.data_files:
         ds.data_files = {

@@ -1,9 +1,11 @@
-"""The models devices train: logistic regression, an MLP and the LEAF/McMahan-style CNN.
+"""The models devices train: logistic regression, an MLP, the LEAF/McMahan-style CNN, and
+two next-character models for text datasets (LEAF's LSTM and a small causal transformer).
 
 None of them uses BatchNorm: its statistics mix examples within a batch, which breaks the
 per-example gradients DP-SGD (Opacus) needs, so the CNN normalises with GroupNorm instead.
-Every model is a plain `nn.Sequential`, so its parameter order (and with it the flat vector
-updates travel in) is the layer order below.
+The image and vector models are plain `nn.Sequential`s, so their parameter order (and with
+it the flat vector updates travel in) is the layer order below; the text models' order is
+their attribute order.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import importlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedsim.config import ModelConfig
@@ -38,9 +41,104 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
             return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes)
         if name == "cnn":
             return _cnn(cfg, input_shape, num_classes)
+        if name in ("lstm", "transformer"):
+            if len(input_shape) != 1:
+                raise ConfigError(
+                    "model.name", f"{name} reads sequences of character indices; dataset gives {input_shape}"
+                )
+            if name == "lstm":
+                return CharLSTM(num_classes, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers)
+            return CharTransformer(num_classes, input_shape[0], width=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
         if name == "custom":
             return _custom(cfg.target or "", input_shape, num_classes)
-    raise ConfigError("model.name", f"unknown model {cfg.name!r}; allowed: auto, logreg, mlp, cnn, custom")
+    raise ConfigError(
+        "model.name", f"unknown model {cfg.name!r}; allowed: auto, logreg, mlp, cnn, lstm, transformer, custom"
+    )
+
+
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model: embedding (8), a stacked LSTM (2 x 256), a linear read-out of
+    the last step's hidden state giving the next character's logits.
+
+    Input: character indices [batch, seq_len], as float (the dataset interface) or integer.
+    For DP-SGD `checked_model` swaps nn.LSTM for Opacus's DPLSTM (same weights, same function,
+    built from linear layers Opacus can compute per-example gradients of).
+    """
+
+    # simulation.vectorize=auto trains it one by one: vmapped per-example gradients of 80
+    # recurrent steps were slower than Opacus's DPLSTM hooks (README, Shakespeare).
+    vectorize_auto = False
+    reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
+
+    def __init__(self, vocabulary: int, *, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocabulary, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocabulary)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embedding(x.long()))
+        return self.head(out[:, -1])
+
+
+class CharTransformer(nn.Module):
+    """A small causal (GPT-style, pre-norm) transformer predicting the character after the window.
+
+    Token and learned position embeddings of width `width`, `layers` blocks of causal
+    multi-head self-attention and a 4x-wide GELU MLP, a final LayerNorm and a linear
+    read-out of the last position. Built from nn.Embedding, nn.Linear and nn.LayerNorm only
+    (no nn.MultiheadAttention), the layers Opacus has per-example gradient rules for; the
+    positions go through an nn.Embedding fed a [batch, seq_len] index so that rule applies.
+    """
+
+    # simulation.vectorize=auto trains it one by one: vectorized was slower with DP-SGD and no
+    # faster without (README, Shakespeare); simulation.vectorize=on still batches it.
+    vectorize_auto = False
+    reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
+
+    def __init__(self, vocabulary: int, seq_len: int, *, width: int = 128, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        if width % heads:
+            raise ConfigError("model.heads", f"must divide model.hidden ({width}), got {heads}")
+        self.token = nn.Embedding(vocabulary, width)
+        self.position = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocabulary)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.long()
+        positions = torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens)
+        h = self.token(tokens) + self.position(positions)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, -1]))
+
+
+class _Block(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)) (pre-norm, as in GPT-2)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(width, dim=-1)
+        q, k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        # Written out rather than F.scaled_dot_product_attention: torch.func has no batching
+        # rule for its CPU kernel, and vectorized cohort training vmaps this forward.
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        attended = scores.masked_fill(future, float("-inf")).softmax(dim=-1) @ v
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
 def _custom(target: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -112,11 +210,27 @@ def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
 def checked_model(model: nn.Module, *, fix: bool) -> nn.Module:
     """The model, checked for DP-SGD by Opacus's ModuleValidator (and fixed if `fix`).
 
-    An incompatible model is bad input: ConfigError naming what to change.
+    An incompatible model is bad input: ConfigError naming what to change. nn.LSTM layers
+    are always swapped for Opacus's DPLSTM (the same weights and function, so no fix to ask
+    for), whatever `fix` says.
     """
     from clients import check_model
 
+    model = _dp_lstm(model)
     try:
         return check_model(model, fix=fix)
     except ValueError as err:
         raise ConfigError("model", str(err)) from None
+
+
+def _dp_lstm(model: nn.Module) -> nn.Module:
+    """`model` with every nn.LSTM replaced by Opacus's DPLSTM loaded with its weights."""
+    from opacus.validators import ModuleValidator
+
+    if isinstance(model, nn.LSTM):
+        return ModuleValidator.fix(model)
+    for name, child in list(model.named_children()):
+        replaced = _dp_lstm(child)
+        if replaced is not child:
+            setattr(model, name, replaced)
+    return model

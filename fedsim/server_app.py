@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
-from fedsim.errors import FedsimError, RunInterrupted
+from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.models import build_model, checked_model
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
@@ -72,6 +73,9 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    if getattr(model, "reads_tokens", False) and not dataset.token_inputs:
+        raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
+                          "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
     sample_dp = None
     if cfg.privacy.dpsgd is not None:
         # The workers apply the same check (and fix), so their flat parameters match ours.
@@ -133,6 +137,9 @@ def run_rounds(
     for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
+    for line in setup.dataset.notes():
+        runlog.note(line)
+    setup.dataset.save(run_dir)
     random_desc = randomness.describe(cfg)
     runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
         f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
@@ -268,6 +275,11 @@ def run_rounds(
         extra["privacy"] |= user_dp.summary()
     if audit:
         extra["audit"] = audit.summary(run_dir, params, user_dp)
+    language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
+    if language:
+        # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.
+        losses = [row.test_loss for row in runlog.rows if row.test_loss is not None]
+        extra["language"] = {"final_test_perplexity": math.exp(losses[-1]) if losses else None, **language}
     summary = runlog.finish(model, params, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost

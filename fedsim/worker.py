@@ -102,7 +102,8 @@ def use_vectorized(
     forward torch.func cannot vmap is caught here, not in round 1).
     off: no. on: yes, and a model the vectorized path cannot train raises ConfigError
     ("simulation.vectorize"). auto: yes when the model is vectorizable and DP-SGD is on or
-    the model has at most AUTO_MAX_PARAMS parameters. The classic layout (one device per
+    the model has at most AUTO_MAX_PARAMS parameters, unless the model sets the attribute
+    `vectorize_auto = False` (measured slower vectorized, as fedsim's text models are). The classic layout (one device per
     worker) never groups devices. The server and every worker decide alike from the config;
     the answer is cached per (config, model structure).
     """
@@ -120,6 +121,9 @@ def use_vectorized(
 def _decide(cfg: FedsimConfig, model: torch.nn.Module, dataset: FederatedDataset | None) -> tuple[bool, str]:
     mode, dpsgd = cfg.simulation.vectorize, cfg.privacy.dpsgd
     size = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if mode == "auto" and getattr(model, "vectorize_auto", True) is False:
+        # A model may know it trains faster one by one (the sequence models: README, Shakespeare).
+        return False, f"auto: {type(model).__name__} trains faster one by one (its vectorize_auto)"
     if mode == "auto" and dpsgd is None and size > AUTO_MAX_PARAMS:
         return False, f"auto: {size:,} parameters > {AUTO_MAX_PARAMS:,} without DP-SGD (one by one is as fast)"
     dp = None

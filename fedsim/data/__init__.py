@@ -2,7 +2,8 @@
 
 synthetic (LEAF/FedProx Synthetic(alpha, beta), any population), femnist (LEAF JSON files,
 one device per writer), fashion_mnist (idx files, iid/Dirichlet/shard partitions) and
-huggingface (any Hugging Face dataset through flwr-datasets; imported only when used).
+huggingface (any Hugging Face dataset through flwr-datasets; imported only when used),
+shakespeare (next-character prediction, one device per speaking role).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from fedsim.config import (
     FashionMnistConfig,
     FemnistConfig,
     HuggingFaceConfig,
+    ShakespeareConfig,
     SyntheticConfig,
 )
 from fedsim.data.base import FederatedDataset
 from fedsim.data.fashion_mnist import FashionMnistDataset
 from fedsim.data.huggingface import HuggingFaceDataset  # imports flwr-datasets only when built
 from fedsim.data.leaf import FemnistDataset
+from fedsim.data.shakespeare import ShakespeareDataset
 from fedsim.data.synthetic import SyntheticDataset
 
 __all__ = ["FederatedDataset", "load_dataset"]
@@ -33,4 +36,6 @@ def load_dataset(cfg: DatasetConfig, *, population: int, seed: int) -> Federated
         return FashionMnistDataset(cfg, population=population, seed=seed)
     if isinstance(cfg, HuggingFaceConfig):
         return HuggingFaceDataset(cfg, population=population, seed=seed)
+    if isinstance(cfg, ShakespeareConfig):
+        return ShakespeareDataset(cfg, population=population)
     raise TypeError(f"load_dataset: unsupported dataset config {type(cfg).__name__}")

@@ -10,6 +10,8 @@ per device at all, so its memory does not depend on the population.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +22,7 @@ class FederatedDataset(ABC):
     name: str
     input_shape: tuple[int, ...]  # shape of one example, e.g. (60,) or (1, 28, 28)
     num_classes: int
+    token_inputs: bool = False  # examples are token indices in [0, num_classes) (text), not features
 
     @property
     @abstractmethod
@@ -54,6 +57,20 @@ class FederatedDataset(ABC):
             n = self.num_examples(device_id)
             counts[n] = counts.get(n, 0.0) + 1.0
         return counts
+
+    def notes(self) -> list[str]:
+        """Lines about the population for the run's terminal output (e.g. devices left out)."""
+        return []
+
+    def save(self, run_dir: Path) -> None:
+        """Write files a run's model cannot be read without (a text dataset's vocabulary)."""
+
+    def final_summary(self, model: torch.nn.Module, generator: torch.Generator) -> dict[str, Any]:
+        """Dataset-specific results of the final model for summary.json (e.g. sampled text).
+
+        Randomness comes from `generator` only (a run stream), so a reproducible run repeats it.
+        """
+        return {}
 
     def check_device_id(self, device_id: int) -> None:
         if not 0 <= device_id < self.num_devices:
