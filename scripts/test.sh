@@ -10,7 +10,10 @@ export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 marker="not slow"
 if [ "${FEDSIM_SLOW:-0}" = "1" ]; then marker=""; fi
 set +e
-.venv/bin/python -m pytest -m "$marker" "$@"
+# Two test processes (pytest-xdist), one test file each at a time (module fixtures run once):
+# most time goes to Ray/Flower start-up and SuperNode polling, which overlap well on 2 cores.
+# The 30 slowest tests are listed at the end, so CI logs show where the time goes.
+.venv/bin/python -m pytest -m "$marker" -n "${FEDSIM_TEST_PROCESSES:-2}" --dist loadfile --durations=30 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
