@@ -327,7 +327,6 @@ def secure_round(
         params = session_params(cfg, n, dim + len(names), 64, round_num)
     except ConfigError as err:  # a Poisson cohort too small for the threat model: this round only
         return SecureRoundResult(None, 0, [], aborted=f"no secure (k, t) for this round's cohort: {err.message}")
-    t = params.threshold
     # Distributed noise: the server sums at least `min_inputs` masked inputs or aborts before
     # unmasking (the larger of t and n - D, D the dropouts the threat model budgets for), and up
     # to C of them may collude with the server and strip their own share: each device adds
