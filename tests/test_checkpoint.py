@@ -17,6 +17,8 @@ from fedsim import checkpoint
 from fedsim.config import from_dict
 from fedsim.errors import FedsimError
 from fedsim.run import run
+from fake_grid import run_local
+from fedsim.api import compose
 from helpers import descendants
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +42,7 @@ def summary(run_dir: Path) -> dict:
 @pytest.mark.ray
 def test_sigkill_mid_run_then_resume_gives_the_same_model_and_epsilon(tmp_path: Path) -> None:
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    ref = fedsim(tmp_path, *ARGS, "rounds=8", f"hydra.run.dir={whole}")
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:] if ref.stderr else ""
+    run_local(compose([*ARGS, "rounds=8"]), whole)  # the uninterrupted run, on the in-process grid
 
     proc = fedsim(tmp_path, *ARGS, "rounds=8", "checkpoint.every=1", f"hydra.run.dir={killed}", start_new_session=True)
     deadline = time.monotonic() + 300
@@ -111,7 +112,7 @@ def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path
             "simulation": {"num_workers": 1, "ray_temp_dir": str(tmp_path / "ray")}, "output": {"progress": False},
         }  # fmt: skip
 
-    clean = run(from_dict(config(0.0)), tmp_path / "clean")
+    clean = run_local(from_dict(config(0.0)), tmp_path / "clean")  # in-process grid: no second Ray start-up
     faulty = run(from_dict(config(0.1)), tmp_path / "faulty")
     params = torch.load(tmp_path / "faulty" / "model.pt", weights_only=False)["flat_params"]
     assert torch.isfinite(params).all()
@@ -124,8 +125,7 @@ def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path:
     # device_group=10: four vectorized groups, so both workers have a job every round.
     args = ["population=100", "cohort.size=30", "cohort.sampling=fixed", "rounds=14", "privacy=dpsgd",
             "output.progress=false", "simulation.num_workers=2", "simulation.device_group=10"]  # fmt: skip
-    ref = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'ref'}")
-    assert ref.wait(timeout=300) == 0
+    run_local(compose(args), tmp_path / "ref")  # the fault-free run, on the in-process grid
     proc = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'hit'}")
     metrics = tmp_path / "hit" / "metrics.jsonl"
     deadline = time.monotonic() + 300

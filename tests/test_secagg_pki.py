@@ -13,7 +13,6 @@ give the server), the same forging harness succeeds, so it can fail.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
 import os
 from pathlib import Path
@@ -353,48 +352,3 @@ def test_the_ray_registry_is_reached_by_workers_directly_and_refuses_a_second_ke
         pki.close()
         ray.shutdown()
         ray_dir.cleanup()
-
-
-@pytest.mark.ray
-def test_active_rounds_on_an_attached_ray_cluster_register_and_verify_through_the_run_registry(tmp_path: Path) -> None:
-    # simulation.ray_address: fedsim attaches before Flower, the registry actor is created on the
-    # cluster and the workers (cluster processes) find it from their job id.
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    from helpers import free_port, listening
-
-    from fedsim.run import run
-
-    binary = Path(sys.executable).parent
-    port = free_port()
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fsrh", dir="/tmp"))  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{binary}{os.pathsep}{os.environ.get('PATH', '')}"}
-    head = subprocess.Popen(
-        [binary / "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not listening(port):
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the Ray head did not start within 120 s"
-            time.sleep(0.5)
-        raw = _config(tmp_path)
-        raw["simulation"] |= {"ray_address": f"127.0.0.1:{port}", "cpus_per_worker": 1}
-        summary = run(from_dict(raw), tmp_path / "run")
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)  # --block: stopping `ray start` stops the head's processes
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert summary["num_workers"] == 2 and "secagg_aborted" not in row
-    assert row["secagg_survivors_consistency"] == N and row["secagg_survivors_unmask"] == N
-    assert row["secagg_devices_rejected"] == 0

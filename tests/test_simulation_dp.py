@@ -13,6 +13,7 @@ import pytest
 from fedsim.config import from_dict
 from fedsim.privacy import PrivacyLedger, create_accountant
 from fedsim.run import run
+from fake_grid import run_local
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,7 @@ def test_dpsgd_run_reports_epsilon_and_saves_a_ledger_that_recomputes_it(tmp_pat
 
 
 def test_same_seed_dpsgd_runs_are_bit_identical(tmp_path: Path) -> None:
-    a = run(from_dict(dp_config(tmp_path)), tmp_path / "a")
+    a = run_local(from_dict(dp_config(tmp_path)), tmp_path / "a")  # in-process grid, 1 worker; b: Ray, 2 workers
     b = run(from_dict(dp_config(tmp_path, grad_sample_mode="hooks") | {"simulation": {"num_workers": 2, "ray_temp_dir": str(tmp_path / "ray")}}), tmp_path / "b")
     assert a["model_sha256"] == b["model_sha256"]
 

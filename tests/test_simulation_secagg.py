@@ -19,6 +19,7 @@ from fedsim.run import run
 from fedsim.sampling import sample_cohort
 from fedsim.secagg import skellam
 from fedsim.worker import Worker
+from fake_grid import run_local
 from helpers import set_keys
 
 pytestmark = pytest.mark.ray
@@ -258,7 +259,7 @@ def test_same_seed_gives_the_same_graph_survivors_and_model_with_dropouts(tmp_pa
            "secagg.neighbours": 4, "secagg.threshold": 3},
     )  # fmt: skip
     first = run(from_dict(raw), tmp_path / "a")
-    second = run(from_dict(raw), tmp_path / "b")
+    second = run_local(from_dict(raw), tmp_path / "b")  # the in-process grid: same ClientApp, no Ray start-up
     assert first["secagg"]["randomness"].startswith("reproducible")
     assert [r["secagg_survivors_masked_input"] for r in rows(tmp_path / "a")] == [
         r["secagg_survivors_masked_input"] for r in rows(tmp_path / "b")]  # fmt: skip
