@@ -163,7 +163,9 @@ def test_peak_memory_is_the_process_own_not_its_large_parent(tmp_path: Path) -> 
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("privacy", ["none", "[dpsgd_target,dpfedavg]"])
+@pytest.mark.parametrize(
+    "privacy", [pytest.param("none", marks=pytest.mark.slow), "[dpsgd_target,dpfedavg]"]
+)  # the private run holds everything the plain one does, plus the per-device ledger
 def test_runs_over_a_billion_devices_keep_every_process_under_1_gib(tmp_path: Path, privacy: str) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
