@@ -29,21 +29,21 @@ def set_flower_identity(monkeypatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-class LocalGrid:
-    """`num_workers` worker nodes running fedsim.client_app.app in this process."""
+class ClockedGrid:
+    """A grid whose workers answer when a fake clock reaches the time they would: `answer(message,
+    node)` makes the reply (None: no reply); `dead` nodes never answer, `paused_until` delays a
+    node's replies (SIGSTOP, a loaded machine). `sent` keeps (node, message) per message pushed."""
 
-    def __init__(self, num_workers: int, clock: FakeClock | None = None) -> None:
-        from fedsim.client_app import app
-
-        self.app = app
+    def __init__(self, nodes: list[int], clock: FakeClock | None = None) -> None:
         self.clock = clock or FakeClock()
-        self.nodes = list(range(101, 101 + num_workers))
-        self.listed = set(self.nodes)
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes}
+        self.listed = set(nodes)
         self.dead: set[int] = set()
-        self.paused_until: dict[int, float] = {}  # node -> clock time it answers (SIGSTOP, a loaded machine)
-        self.sent: list[int] = []
+        self.paused_until: dict[int, float] = {}  # node -> clock time it answers again
+        self.sent: list[tuple[int, Message]] = []
         self._replies: dict[str, tuple[float, Message]] = {}
+
+    def answer(self, message: Message, node: int) -> Message | None:
+        raise NotImplementedError
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.listed)
@@ -54,16 +54,32 @@ class LocalGrid:
             mid = f"msg{len(self.sent)}"
             m.metadata.__dict__["_message_id"] = mid  # what Flower's grids do
             node = m.metadata.dst_node_id
-            self.sent.append(node)
+            self.sent.append((node, m))
             ids.append(mid)
             if node not in self.dead:
-                ready = max(self.clock.t, self.paused_until.get(node, 0.0))
-                self._replies[mid] = (ready, self.app(m, self.contexts[node]))
+                reply = self.answer(m, node)
+                if reply is not None:
+                    self._replies[mid] = (max(self.clock.t, self.paused_until.get(node, 0.0)), reply)
         return ids
 
     def pull_messages(self, message_ids: set[str]) -> list[Message]:
         ready = [mid for mid in message_ids if mid in self._replies and self._replies[mid][0] <= self.clock.t]
         return [self._replies.pop(mid)[1] for mid in ready]
+
+
+class LocalGrid(ClockedGrid):
+    """`num_workers` worker nodes running fedsim.client_app.app in this process."""
+
+    def __init__(self, num_workers: int, clock: FakeClock | None = None) -> None:
+        from fedsim.client_app import app
+
+        self.app = app
+        self.nodes = list(range(101, 101 + num_workers))
+        super().__init__(self.nodes, clock)
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in self.nodes}
+
+    def answer(self, message: Message, node: int) -> Message:
+        return self.app(message, self.contexts[node])
 
 
 def run_local(cfg, run_dir, workers: int | None = None) -> dict:  # noqa: ANN001 - FedsimConfig, Path

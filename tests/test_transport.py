@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import Error, Message
 
-from fake_grid import FakeClock, set_flower_identity
+from fake_grid import ClockedGrid, FakeClock, set_flower_identity
 from fedsim import wire
 from fedsim.server_app import collect
 from fedsim.transport import Workers, send_with_retries
@@ -29,48 +29,24 @@ def flower_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     set_flower_identity(monkeypatch)
 
 
-class FakeGrid:
+class FakeGrid(ClockedGrid):
     """Workers that train instantly (device d's update is [d, d, d]) unless paused, dead or failing."""
 
     def __init__(self, clock: FakeClock, nodes: list[int]) -> None:
-        self.clock = clock
-        self.listed = set(nodes)
-        self.paused_until: dict[int, float] = {}  # node -> clock time it answers again
-        self.dead: set[int] = set()  # never answers (but may still be listed, like a SIGKILLed SuperNode)
+        super().__init__(nodes, clock)
         self.failing: set[int] = set()  # answers with an error
-        self.sent: list[tuple[int, list[int]]] = []  # (node, device ids) per message pushed
-        self._replies: dict[str, tuple[float, Message]] = {}
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.listed)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for m in messages:
-            mid = f"msg{len(self.sent)}"
-            m.metadata.__dict__["_message_id"] = mid  # what Flower's grids do
-            node = m.metadata.dst_node_id
-            devices = wire.read_job(m.content).device_ids
-            self.sent.append((node, devices))
-            ids.append(mid)
-            if node in self.dead:
-                continue
-            if node in self.failing:
-                reply = Message(Error(code=2, reason="worker setup failed: no data"), reply_to=m)
-            else:
-                report = DeviceReport(
-                    device_ids=list(devices),
-                    updates=[np.full(NUM_PARAMS, float(d), dtype=np.float32) for d in devices],
-                    num_examples=[1] * len(devices),
-                    losses=[0.5] * len(devices),
-                )
-                reply = Message(wire.write_report(report), reply_to=m)
-            self._replies[mid] = (max(self.clock.t, self.paused_until.get(node, 0.0)), reply)
-        return ids
-
-    def pull_messages(self, message_ids: set[str]) -> list[Message]:
-        ready = [mid for mid in message_ids if mid in self._replies and self._replies[mid][0] <= self.clock.t]
-        return [self._replies.pop(mid)[1] for mid in ready]
+    def answer(self, message: Message, node: int) -> Message:
+        if node in self.failing:
+            return Message(Error(code=2, reason="worker setup failed: no data"), reply_to=message)
+        devices = wire.read_job(message.content).device_ids
+        report = DeviceReport(
+            device_ids=list(devices),
+            updates=[np.full(NUM_PARAMS, float(d), dtype=np.float32) for d in devices],
+            num_examples=[1] * len(devices),
+            losses=[0.5] * len(devices),
+        )
+        return Message(wire.write_report(report), reply_to=message)
 
 
 def jobs_for(plan: dict[int, list[int]], round_num: int = 1) -> list[tuple[int, object]]:
