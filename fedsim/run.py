@@ -138,11 +138,18 @@ def _start_key_registry(init_args: dict[str, Any]) -> None:
     from fedsim import pki
 
     if not ray.is_initialized():
-        pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-        os.environ["PYTHONPATH"] = pythonpath
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        ray.init(runtime_env=_worker_runtime_env(), **init_args)
     pki.close()  # a handle cached from an earlier run in this process belongs to a Ray session that is gone
     pki.start()
+
+
+def _worker_runtime_env() -> dict[str, Any]:
+    """What Flower's RayBackend.init_ray passes when it starts Ray itself: this process's import
+    path, so workers import fedsim as the launcher does (on other machines fedsim must be
+    installed at the same path, see docs/distributed.md)."""
+    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    os.environ["PYTHONPATH"] = pythonpath
+    return {"env_vars": {"PYTHONPATH": pythonpath}}
 
 
 def _attach_ray(address: str, num_workers: int | None, cpus_per_worker: float) -> int:
@@ -154,12 +161,9 @@ def _attach_ray(address: str, num_workers: int | None, cpus_per_worker: float) -
 
     from fedsim.errors import FedsimError
 
-    # What Flower's RayBackend.init_ray passes, so workers import fedsim like this process does
-    # (on other machines fedsim must be installed at the same path, see docs/distributed.md).
-    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
-    os.environ["PYTHONPATH"] = pythonpath
+    runtime_env = _worker_runtime_env()
     try:
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level=logging.WARNING,
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING,
                  log_to_driver=False)  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise FedsimError(f"simulation.ray_address={address}: cannot attach to a Ray cluster: {str(err).splitlines()[0]}") from None
