@@ -3,7 +3,7 @@
 Runs the same experiment (LEAF synthetic, MLP, fixed cohort of 50, FedAvg) at populations
 1,000 / 1,000,000 / 1,000,000,000, without privacy, with DP-SGD on every device and with
 DP-FedAvg, each in its own `fedsim` process, and prints steady-state seconds per round
-(median over rounds after the first two), the peak resident memory (ru_maxrss) of the server
+(median over rounds after the first two), the peak resident memory (VmHWM) of the server
 process and of the largest worker process, and each round time against the 1,000-device run
 with the same privacy.
 

@@ -83,6 +83,8 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
         sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
     # may calibrate z; under SecAgg+ the rounding bound depends on the model's size
     user_dp = UserLevelDP(cfg, num_params=len(flat_params(model))) if cfg.privacy.dpfedavg is not None else None
+    if user_dp is not None and "warning" in (delta_check := user_dp.delta_check()):
+        log.warning("%s", delta_check["warning"])
     if cfg.secagg.name == "secaggplus":
         secure_rounds.prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).

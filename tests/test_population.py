@@ -159,6 +159,27 @@ def test_peak_memory_is_the_process_own_not_its_large_parent(tmp_path: Path) -> 
     assert ballast.sum() == ballast.size
 
 
+# ----------------------------------------------------------------------------- delta against 1/N
+
+
+def test_a_user_level_delta_not_below_one_over_the_population_is_flagged() -> None:
+    from fedsim.privacy.dpfedavg import UserLevelDP
+
+    def check(population: int, **dpfedavg) -> dict:
+        cfg = from_dict({"population": population, "cohort": {"size": 50},
+                         "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "delta": 1e-5, **dpfedavg}}})  # fmt: skip
+        return UserLevelDP(cfg).delta_check()
+
+    assert "warning" not in check(1000) and check(1000)["delta_times_population"] == pytest.approx(0.01)
+    at_platform = check(BILLION)
+    assert at_platform["delta_times_population"] == pytest.approx(1e4)
+    assert "about 10,000 devices" in at_platform["warning"] and "e.g. 1e-10" in at_platform["warning"]
+    # noise_cohort_size simulates a deployment with the same q = m/N: N' = N M'/m = 20,000 x 1000/50.
+    simulated = check(20_000, noise_cohort_size=1000)
+    assert simulated["population"] == 400_000 and "simulated deployment" in simulated["warning"]
+    assert "warning" not in check(20_000, noise_cohort_size=1000, delta=1e-7)
+
+
 # ----------------------------------------------------------------------------- whole runs at 10^9
 
 
@@ -187,3 +208,7 @@ def test_runs_over_a_billion_devices_keep_every_process_under_1_gib(tmp_path: Pa
         assert summary["privacy"]["sample_level"]["devices_accounted"] == sum(r["devices_trained"] for r in rows)
         # Noise was added; epsilon itself is 0.0 here at delta 1e-5 (q = 2e-8 amplifies it away).
         assert rows[-1]["user_noise_std"] > 0 and rows[-1]["user_epsilon"] >= 0.0
+        # ...but delta 1e-5 against 10^9 devices is no guarantee: said at the start and in summary.json.
+        check = summary["privacy"]["user_level"]["delta_vs_population"]
+        assert check["delta_times_population"] == pytest.approx(1e4) and "e.g. 1e-10" in check["warning"]
+        assert "privacy.dpfedavg.delta = 1e-05 is not below 1/population" in proc.stdout + proc.stderr

@@ -364,6 +364,7 @@ class UserLevelDP:
                 "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
                 "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
                 "delta": self.user.delta,
+                "delta_vs_population": self.delta_check(),
                 "noise_multiplier": self.noise_multiplier,
                 "update_noise_multiplier": self.update_noise,
                 "adaptive_clipping": self.clipping is not None,
@@ -476,6 +477,35 @@ class UserLevelDP:
             ],
         }
 
+    def accounted_population(self) -> int:
+        """The population the accountant describes: the run's, or with `noise_cohort_size` M' the
+        deployment it simulates (same sampling rate q = m/N, so N' = N M'/m)."""
+        n = self.cfg.population
+        if self.user.noise_cohort_size:
+            return max(n, round(n * self.user.noise_cohort_size / self.cfg.cohort.size))
+        return n
+
+    def delta_check(self) -> dict[str, Any]:
+        """delta against 1/N for the N devices the guarantee covers.
+
+        An (epsilon, delta) guarantee with delta >= 1/N is met by a mechanism that publishes one
+        random device's whole data set with probability delta: about delta N devices exposed
+        (Dwork and Roth 2014, Sec. 2.3: delta must be less than the inverse of any polynomial
+        in the database size). fedsim does not change a configured delta; it states the problem
+        here (summary.json `user_level.delta_vs_population`) and in a warning at the start."""
+        n = self.accounted_population()
+        delta = self.user.delta
+        out: dict[str, Any] = {"delta": delta, "population": n, "one_over_population": 1.0 / n, "delta_times_population": delta * n}
+        if delta * n >= 1:
+            out["warning"] = (
+                f"privacy.dpfedavg.delta = {delta:g} is not below 1/population = {1.0 / n:.3g} ({n:,} devices"
+                + (", the simulated deployment's" if n != self.cfg.population else "")
+                + f"): a mechanism that publishes a random device's whole data with probability delta meets "
+                f"this (epsilon, delta), about {delta * n:,.0f} devices; set privacy.dpfedavg.delta below "
+                f"{1.0 / n:.3g} (e.g. {_suggested_delta(n):.1g})"
+            )
+        return out
+
     def assumptions(self) -> dict[str, str]:
         """What the user-level epsilon rests on, each stated (summary.json `assumes`)."""
         mode, reason = randomness.resolve(self.cfg)
@@ -498,6 +528,10 @@ class UserLevelDP:
             )
             + "; which devices were sampled stays secret from whoever sees the outputs (amplification by sampling)",
             "rounds": "every round that ran and released is accounted, noise-only rounds included; see rounds_not_released",
+            "delta": (
+                f"delta = {self.user.delta:g} against {self.accounted_population():,} devices: "
+                + ("below 1/population" if self.user.delta * self.accounted_population() < 1 else "NOT below 1/population, see delta_vs_population")
+            ),
             "threat_model": (
                 "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
                 "server is trusted to sample, clip-check and add the noise, and "
@@ -535,3 +569,8 @@ class UserLevelDP:
             self.clipping.load_state_dict(state["clipping"])
 
 
+def _suggested_delta(population: int) -> float:
+    """A delta well below 1/N: the next power of ten under 1/(10 N)."""
+    import math
+
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * population)) + 1e-9)
