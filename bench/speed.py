@@ -21,7 +21,7 @@ three ways, each in its own process (so each one's peak memory is its own):
 All runners: 1 torch thread per process; the fedsim config (Hydra, conf/) is composed in the
 pfl and floor processes from the same overrides, so `fedsim.data.load_dataset` gives them the
 same per-device arrays (`dataset.device_data(i)`, on demand, as fedsim's workers load them)
-and `fedsim.models.build_model` the same initial weights; every runner trains round r's
+and `fedsim.models.model_for` the same initial weights; every runner trains round r's
 cohort `fedsim.sampling.sample_cohort(seed, r)` (fixed size 50, distinct devices). Device
 updates per second = devices trained per round / seconds per round. Peak memory = the sum
 over a runner's processes of their peak RSS (`ru_maxrss`); for fedsim, server + workers x the
@@ -60,6 +60,14 @@ Workloads (`--workloads`, default all; cohort 50, 1 local epoch, batch 10, seed 
   sum, noise, divide by q n). pfl 0.6.0 has no per-example DP-SGD (its DP mechanisms act on
   the whole update), so this variant has no pfl row.
 - pop10k, pop100k: mlp at populations 10,000 and 100,000 (cohort still 50).
+- shakespeare: next-character prediction on the bundled Tiny Shakespeare, one device per
+  speaking role (141 roles with at least 1,000 characters), LEAF's LSTM (embedding 8, 2 x
+  LSTM 256; 820,185 parameters), 80-character windows labelled with the next character (LEAF's
+  recipe, `dataset.targets=last`), lr 0.8 (LEAF's); each device's training windows evenly
+  thinned to 50 (`dataset.max_train_windows=50`: 5 steps of batch 10, as in mlp and cnn),
+  central test set thinned to 500 windows. fedsim trains the LSTM one device at a time
+  (`simulation.vectorize=auto`: nn.LSTM's fused kernel has no batching rule), as do pfl and
+  the floor.
 
 Commands (the exact fedsim command lines: `python bench/speed.py --print-commands`):
 
@@ -172,6 +180,10 @@ MLP = (
     "dataset=synthetic", "dataset.examples_per_device=56", "model=mlp", "model.hidden_sizes=[32]",
     "algorithm.lr=0.1",
 )  # fmt: skip
+SHAKESPEARE = (
+    "dataset=shakespeare", "dataset.max_train_windows=50", "dataset.max_test_examples=500", "model=lstm",
+    "algorithm.lr=0.8",
+)  # fmt: skip
 CNN = (
     "dataset=fashion_mnist", "dataset.path=/usr/share/datasets/fashion-mnist", "dataset.partition=iid",
     "dataset.max_test_examples=1000", "model=cnn", "model.cnn_channels=[32,64]", "model.cnn_dense=256",
@@ -210,6 +222,7 @@ WORKLOADS = {
         Workload("mlp_dp", 1_000, MLP, ("user", "sample")),
         Workload("pop10k", 10_000, MLP),
         Workload("pop100k", 100_000, MLP),
+        Workload("shakespeare", 141, SHAKESPEARE),
     )
 }
 
@@ -383,10 +396,10 @@ def child_main(args: argparse.Namespace) -> None:
     cfg = compose(workload.fedsim_overrides(args.variant, args.rounds))
     torch.set_num_threads(cfg.simulation.torch_threads)
     from fedsim.data import load_dataset
-    from fedsim.models import build_model
+    from fedsim.models import model_for
 
     dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    model = model_for(cfg, dataset)
     if args.child == "pfl":
         measured = run_pfl(cfg, dataset, model, args.variant)
     else:

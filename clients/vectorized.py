@@ -454,7 +454,7 @@ class VectorizedTrainer:
         if key not in self._activation_bytes:
             params = {name: p.detach().requires_grad_() for name, p in zip(self._names, self._params, strict=True)}
             one, two = (
-                self._saved_bytes(params, x[:1].expand(size, *x.shape[1:]), y[:1].expand(size)) for size in (1, 2)
+                self._saved_bytes(params, x[:1].expand(size, *x.shape[1:]), y[:1].expand(size, *y.shape[1:])) for size in (1, 2)
             )
             self._activation_bytes[key] = max(two - one, 0)
         return self._activation_bytes[key]
@@ -547,7 +547,9 @@ def _secure_noise(reference: torch.Tensor, std: float, generator: torch.Generato
 
 
 def _per_example_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-example losses of a batch-mean loss: loss_fn on each example alone (cross-entropy: reduction="none")."""
+    """Per-example losses of a batch-mean loss: loss_fn on each example alone (cross-entropy:
+    reduction="none", averaged over any further label positions, [n, classes, T] against [n, T],
+    as the batch mean averages them)."""
     if loss_fn is F.cross_entropy:
-        return lambda out, y: F.cross_entropy(out, y, reduction="none")
+        return lambda out, y: F.cross_entropy(out, y, reduction="none").reshape(y.shape[0], -1).mean(1)
     return vmap(lambda out, y: loss_fn(out.unsqueeze(0), y.unsqueeze(0)))

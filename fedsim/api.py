@@ -114,7 +114,7 @@ def load_result(run_dir: str | Path) -> SimulationResult:
     import yaml
 
     from fedsim.data import load_dataset
-    from fedsim.models import build_model, checked_model
+    from fedsim.models import checked_model, model_for
 
     run_dir = Path(run_dir)
     cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
@@ -124,7 +124,7 @@ def load_result(run_dir: str | Path) -> SimulationResult:
     if (run_dir / "model.pt").is_file():
         saved = torch.load(run_dir / "model.pt", weights_only=False)
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
-        model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+        model = model_for(cfg, dataset)
         if cfg.privacy.dpsgd is not None:
             model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)  # the architecture that trained
         model.load_state_dict(saved["state_dict"])

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from fedsim.audit_stats import gaussian_fit_epsilon, one_run_lower_bound
 from fedsim.config import FedsimConfig
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, FedsimError
 
 AUDIT_FILE = "audit.json"
 _STREAM = 0xA0D17  # the audit's own stream of the run seed
@@ -127,6 +127,20 @@ class UserLevelAudit:
         self.previous = self.initial.clone()
         self.max_round_cosine = np.full(self.m, -np.inf)
         self.participations = np.zeros(self.m, dtype=np.int64)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the statistics so far (directions and inclusion are redrawn
+        from the config; the previous model is the checkpoint's)."""
+        return {"initial": self.initial.clone(), "max_round_cosine": self.max_round_cosine.tolist(),
+                "participations": self.participations.tolist()}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], params: torch.Tensor) -> None:
+        self.initial = state["initial"].clone()
+        self.previous = params.detach().clone()
+        self.max_round_cosine = np.asarray(state["max_round_cosine"], dtype=np.float64)
+        self.participations = np.asarray(state["participations"], dtype=np.int64)
+        if self.max_round_cosine.shape != (self.m,) or self.participations.shape != (self.m,) or self.initial.shape != self.previous.shape:
+            raise FedsimError("resume: the checkpoint's user-level audit state does not match audit.canaries or the model")
 
     def canary_sum(self, round_num: int, clip_norm: float) -> tuple[torch.Tensor, int]:
         """The float64 sum of this round's sampled canaries' clipped updates, and their number."""
@@ -292,6 +306,23 @@ class SampleLevelAudit:
                 self.ledger.record(device_id, DPSGDEvent(noise_multiplier=z, sample_rate=q, steps=steps))
                 self.trained.add(device_id)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the canaries' scores, the canary devices' ledger and who trained."""
+        return {"scores": self.scores.tolist(), "ledger": self.ledger.to_json(), "trained": sorted(self.trained)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from fedsim.privacy import PrivacyLedger
+
+        scores = np.asarray(state["scores"], dtype=np.float64)
+        if scores.shape != self.scores.shape:
+            raise FedsimError("resume: the checkpoint's sample-level audit state does not match audit.canary_examples")
+        self.scores = scores
+        try:
+            self.ledger = PrivacyLedger.from_json(state["ledger"], self.ledger.accountant)
+        except ValueError as err:
+            raise FedsimError(f"resume: the checkpoint's canary-device ledger is unusable: {err}") from None
+        self.trained = {int(d) for d in state["trained"]}
+
     def claimed_epsilon(self) -> float:
         """The largest epsilon a canary device reached (0 before any trained)."""
         return max((self.ledger.epsilon(d) for d in self.trained), default=0.0)
@@ -331,9 +362,28 @@ class RunAudit:
         """The run's audit (None without canaries and without a broken mechanism)."""
         if not (cfg.audit.canaries or cfg.audit.canary_examples or broken(cfg) != "none"):
             return None
-        if setup.resume is not None and (cfg.audit.canaries or cfg.audit.canary_examples):
-            raise ConfigError("resume", "an audited run cannot be resumed (its canary statistics are not checkpointed)")
-        return cls(cfg, setup.dataset, setup.model, params)
+        audit = cls(cfg, setup.dataset, setup.model, params)
+        if setup.resume is not None:
+            state = setup.resume.get("audit")
+            if state is None and (cfg.audit.canaries or cfg.audit.canary_examples):
+                raise FedsimError("resume: the checkpoint holds no audit state (written before audited runs were checkpointed)")
+            if state is not None:
+                audit.load_state_dict(state, params)
+        return audit
+
+    def state_dict(self) -> dict[str, Any]:
+        """The audit's statistics so far, for a checkpoint (resumed runs score the same canaries)."""
+        return {"user": self.user.state_dict() if self.user else None,
+                "sample": self.sample.state_dict() if self.sample else None, "seconds": self.seconds}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], params: torch.Tensor) -> None:
+        if (state.get("user") is None) != (self.user is None) or (state.get("sample") is None) != (self.sample is None):
+            raise FedsimError("resume: the checkpoint's audit does not match audit.canaries / audit.canary_examples")
+        if self.user:
+            self.user.load_state_dict(state["user"], params)
+        if self.sample:
+            self.sample.load_state_dict(state["sample"])
+        self.seconds = float(state.get("seconds", 0.0))
 
     def describe(self) -> str:
         parts = []
@@ -508,10 +558,10 @@ def _recheck_final(cfg: FedsimConfig, model_file: Path, stats: dict[str, Any]) -
     seed); replaces the saved ones. True when they agree with what the run saved."""
     from clients import flat_params
     from fedsim.data import load_dataset
-    from fedsim.models import build_model, checked_model
+    from fedsim.models import checked_model, model_for
 
     dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    model = model_for(cfg, dataset)
     if cfg.privacy.dpsgd is not None:
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
     user = UserLevelAudit(cfg, flat_params(model))

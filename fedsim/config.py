@@ -101,6 +101,10 @@ class ShakespeareConfig:
     name: str = "shakespeare"
     path: str | None = None  # a text of NAME: speeches (Tiny Shakespeare's format); None = the bundled Tiny Shakespeare
     seq_len: int = 80  # characters a model reads to predict the next one (LEAF: 80)
+    # What a training window teaches: "last", the character after it (LEAF); "every", the next
+    # character at each of its positions (TFF's recipe: seq_len labels per window, for the same
+    # compute). Evaluation always scores the character after each test window.
+    targets: str = "last"
     min_chars: int = 1000  # roles with fewer characters are left out (the count is printed)
     test_fraction: float = 0.2  # last share of each role's windows, by position, held out (LEAF: 0.2)
     max_train_windows: int | None = None  # evenly thin each device's training windows to this many (None = all)
@@ -488,6 +492,11 @@ def validate(cfg: FedsimConfig) -> None:
         _positive(ds.max_train_windows, "dataset.max_train_windows")
         _positive(ds.max_test_examples, "dataset.max_test_examples")
         _positive(ds.sample_chars, "dataset.sample_chars", allow_zero=True)
+        _choice(ds.targets, "dataset.targets", ("last", "every"))
+        if ds.targets == "every" and cfg.model.name not in ("lstm", "transformer"):
+            raise ConfigError("dataset.targets", f"every: needs a sequence model; allowed models: lstm, transformer (got {cfg.model.name})")
+        if ds.targets == "every" and cfg.audit.canary_examples:
+            raise ConfigError("dataset.targets", "every: example canaries carry one label each; allowed with audit.canary_examples: last")
 
     m = cfg.model
     _choice(m.name, "model.name", MODELS)

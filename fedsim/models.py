@@ -17,15 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from typing import TYPE_CHECKING
+
 from fedsim.config import ModelConfig
+
+if TYPE_CHECKING:
+    from fedsim.config import FedsimConfig
+    from fedsim.data.base import FederatedDataset
 from fedsim.errors import ConfigError
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, seed: int) -> nn.Module:
+def model_for(cfg: FedsimConfig, dataset: FederatedDataset) -> nn.Module:
+    """The run's model for `dataset` (server, workers, API and audit all build it here)."""
+    return build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed,
+                       sequence_targets=dataset.sequence_targets)  # fmt: skip
+
+
+def build_model(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, seed: int, sequence_targets: bool = False
+) -> nn.Module:
     """The model `cfg.name` for inputs of `input_shape` (one example, no batch dimension).
 
     "auto" picks the cnn for images (C, H, W) and the mlp otherwise. Weights are a
     deterministic function of `seed`; torch's global RNG is left exactly as it was.
+    `sequence_targets` (lstm, transformer): in training mode the model gives logits at every
+    position, [batch, num_classes, seq_len], for labels [batch, seq_len] (F.cross_entropy
+    reads that layout as is); in eval mode always the last position's [batch, num_classes].
     """
     input_shape = tuple(input_shape)
     name = cfg.name
@@ -47,8 +64,13 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
                     "model.name", f"{name} reads sequences of character indices; dataset gives {input_shape}"
                 )
             if name == "lstm":
-                return CharLSTM(num_classes, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers)
-            return CharTransformer(num_classes, input_shape[0], width=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
+                model: nn.Module = CharLSTM(num_classes, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers)
+            else:
+                model = CharTransformer(num_classes, input_shape[0], width=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
+            model.sequence_targets = sequence_targets
+            return model
+        if sequence_targets:
+            raise ConfigError("dataset.targets", f"every: needs a sequence model (lstm, transformer), not {name}")
         if name == "custom":
             return _custom(cfg.target or "", input_shape, num_classes)
     raise ConfigError(
@@ -69,6 +91,7 @@ class CharLSTM(nn.Module):
     # recurrent steps were slower than Opacus's DPLSTM hooks (README, Shakespeare).
     vectorize_auto = False
     reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
+    sequence_targets = False  # training mode: logits at every position (build_model)
 
     def __init__(self, vocabulary: int, *, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
@@ -78,6 +101,8 @@ class CharLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embedding(x.long()))
+        if self.training and self.sequence_targets:
+            return self.head(out).transpose(1, 2)
         return self.head(out[:, -1])
 
 
@@ -95,6 +120,7 @@ class CharTransformer(nn.Module):
     # faster without (README, Shakespeare); simulation.vectorize=on still batches it.
     vectorize_auto = False
     reads_tokens = True  # inputs must be token indices (FederatedDataset.token_inputs)
+    sequence_targets = False  # training mode: logits at every position (build_model)
 
     def __init__(self, vocabulary: int, seq_len: int, *, width: int = 128, layers: int = 2, heads: int = 4) -> None:
         super().__init__()
@@ -112,6 +138,8 @@ class CharTransformer(nn.Module):
         h = self.token(tokens) + self.position(positions)
         for block in self.blocks:
             h = block(h)
+        if self.training and self.sequence_targets:
+            return self.head(self.norm(h)).transpose(1, 2)
         return self.head(self.norm(h[:, -1]))
 
 

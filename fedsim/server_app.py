@@ -32,7 +32,7 @@ from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError, RunInterrupted
-from fedsim.models import build_model, checked_model
+from fedsim.models import checked_model, model_for
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
@@ -72,7 +72,7 @@ class RunSetup:
 def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: dict | None = None) -> RunSetup:
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    model = model_for(cfg, dataset)
     if getattr(model, "reads_tokens", False) and not dataset.token_inputs:
         raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
                           "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
@@ -243,7 +243,7 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start)
+                save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start, audit)
             if stopped:
                 break
     except BaseException:
@@ -420,6 +420,7 @@ def save_checkpoint(
     user_dp: UserLevelDP | None,
     runlog: RunLog,
     elapsed_s: float,
+    audit: RunAudit | None = None,
 ) -> None:
     checkpoint.save(
         checkpoint.checkpoint_path(run_dir, round_num),
@@ -432,6 +433,7 @@ def save_checkpoint(
             "user_level": user_dp.state_dict() if user_dp else None,
             "rows": runlog.row_dicts(),
             "elapsed_s": elapsed_s,
+            "audit": audit.state_dict() if audit else None,
         },
         keep=cfg.checkpoint.keep,
     )

@@ -34,7 +34,7 @@ from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
-from fedsim.models import build_model, checked_model
+from fedsim.models import checked_model, model_for
 from fedsim.privacy.user_level import clip_update
 
 
@@ -77,7 +77,7 @@ def build_trainer(cfg: FedsimConfig, model: torch.nn.Module) -> LocalTrainer | D
 
 def worker_model(cfg: FedsimConfig, dataset: FederatedDataset) -> torch.nn.Module:
     """The run's model as the server builds it (with DP-SGD: checked, and fixed on request)."""
-    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, seed=cfg.seed)
+    model = model_for(cfg, dataset)
     if cfg.privacy.dpsgd is not None:
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)  # the server's layout (prepare)
     return model

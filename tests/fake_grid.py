@@ -92,9 +92,14 @@ def run_local(cfg, run_dir, workers: int | None = None) -> dict:  # noqa: ANN001
 
     from fedsim.server_app import prepare, run_rounds
 
+    state = None
+    if cfg.resume:  # as `fedsim resume=DIR` does: the checkpoint's config, directory and state
+        from fedsim.run import _resumed
+
+        cfg, run_dir, state = _resumed(cfg)
     with (
         mock.patch.object(TaskIdentity, "_run_id", 1),
         mock.patch.object(TaskIdentity, "_node_id", 0),
         mock.patch.object(TaskIdentity, "_task_id", 1),
     ):
-        return run_rounds(cfg, LocalGrid(workers or cfg.num_workers), run_dir, prepare(cfg))
+        return run_rounds(cfg, LocalGrid(workers or cfg.num_workers), run_dir, prepare(cfg, resume=state))

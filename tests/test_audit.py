@@ -208,6 +208,37 @@ def test_audited_run_reports_both_audits_and_leaves_the_accounting_alone(tmp_pat
     assert again["sample_level"]["epsilon_lower_bound"] == sample["epsilon_lower_bound"]
 
 
+def test_an_audited_run_resumed_from_a_checkpoint_scores_the_canaries_of_the_whole_run(tmp_path: Path) -> None:
+    import shutil
+
+    from fake_grid import run_local
+
+    raw = run_cfg(tmp_path, canaries=20, canary_examples=20, canary_devices=4, bootstrap=20)
+    raw["checkpoint"] = {"every": 1, "keep": 10}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    done = run_local(from_dict(raw), whole)
+    # The same run stopped after round 2: its directory as the round-2 checkpoint left it.
+    shutil.copytree(whole, part)
+    from fedsim.checkpoint import checkpoint_path
+
+    for leftover in [part / "summary.json", part / "audit.json", checkpoint_path(part, 3), checkpoint_path(part, 4)]:
+        leftover.unlink()
+    assert checkpoint_rounds(part) == [1, 2]
+    resumed = run_local(from_dict({**raw, "resume": str(part)}), part)
+    assert resumed["resumed_from_round"] == 2 and resumed["model_sha256"] == done["model_sha256"]
+    saved = [json.loads((d / "audit.json").read_text()) for d in (part, whole)]
+    assert saved[0].pop("config")["resume"] and saved[1].pop("config")["resume"] is None
+    assert saved[0] == saved[1]  # every canary's statistic, as the uninterrupted run saved it
+    for level in ("user_level", "sample_level"):
+        a, b = dict(done["audit"][level]), dict(resumed["audit"][level])
+        assert a == b, level
+    assert resumed["audit"]["user_level"]["canary_participations"] > 0
+
+
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("round_*.pt"))
+
+
 def test_fedsim_audit_on_a_run_without_an_audit_is_one_line_and_status_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert audit.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clients.dp import DPSGDConfig, DPSGDTrainer
 from clients.params import flatten_list, load_flat_params, trainable_params
@@ -254,6 +255,96 @@ def test_text_models_on_a_feature_dataset_are_refused_before_the_run_starts() ->
 def test_config_rejects_heads_that_do_not_divide_the_width() -> None:
     with pytest.raises(ConfigError, match="model.heads"):
         from_dict({"model": {"name": "transformer", "hidden": 30, "heads": 4}})
+
+
+# ----------------------------------------------------------------------------- targets=every
+
+
+def test_every_position_targets_are_the_window_shifted_by_one_and_test_labels_stay_the_next_character(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, PLAY)
+    last, every = dataset(path, 2), dataset(path, 2, targets="every")
+    for device in range(2):
+        x, y = last.device_data(device)
+        xe, ye = every.device_data(device)
+        assert torch.equal(xe, x) and ye.shape == (len(x), SEQ) and ye.dtype == torch.int64
+        assert torch.equal(ye[:, :-1], x[:, 1:].long())  # each position's next character...
+        assert torch.equal(ye[:, -1], y)  # ...and the last one is LEAF's label
+        assert torch.equal(every.device_test_data(device)[1], last.device_test_data(device)[1])
+    assert torch.equal(every.test_data()[1], last.test_data()[1])
+
+
+def every_model(name: str, *, dp: bool = False) -> torch.nn.Module:
+    cfg = ModelConfig(name=name, embed=4, hidden=16, layers=2, heads=2)
+    model = build_model(cfg, (SEQ,), VOCABULARY_SIZE, seed=0, sequence_targets=True)
+    return checked_model(model, fix=False) if dp else model
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_sequence_models_train_on_every_position_and_evaluate_the_last(name: str) -> None:
+    x = torch.randint(0, VOCABULARY_SIZE, (5, SEQ)).float()
+    model = every_model(name).train()
+    logits = model(x)
+    assert logits.shape == (5, VOCABULARY_SIZE, SEQ)  # F.cross_entropy's [n, classes, positions]
+    model.eval()
+    assert torch.allclose(model(x), logits[:, :, -1], atol=1e-6)
+    assert torch.equal(tiny_model(name).eval()(x), model(x))  # same weights as the one-target model
+
+
+@pytest.mark.parametrize("name", ["lstm", "transformer"])
+def test_every_position_loss_is_the_mean_over_windows_and_positions_for_all_three_trainers(name: str) -> None:
+    from clients.training import LocalTrainer
+
+    x = torch.randint(0, VOCABULARY_SIZE, (20, SEQ)).float()
+    y = torch.randint(0, VOCABULARY_SIZE, (20, SEQ))
+    config = TrainConfig(lr=0.5, batch_size=10)
+    model = every_model(name)
+    start = flatten_list(trainable_params(model)).clone()
+    # One full batch of plain SGD: the update is -lr x the gradient of the mean over windows and
+    # positions, computed here by hand from the [n, classes, positions] logits.
+    plain = LocalTrainer(model, TrainConfig(lr=0.5, batch_size=20)).fit(start, (x, y), seed=3)
+    by_hand = every_model(name).train()
+    logits = by_hand(x)
+    loss = torch.stack([F.cross_entropy(logits[i].T, y[i]) for i in range(20)]).mean()
+    grads = torch.autograd.grad(loss, list(by_hand.parameters()))
+    assert torch.allclose(plain.update, -0.5 * flatten_list(list(grads)), atol=1e-6)
+    # DP-SGD without noise and a clip so large nothing is clipped: Opacus's per-example
+    # gradients of the per-window loss sum to the plain batch gradient, and the vectorized
+    # trainer's per-example loss (mean over positions) gives the same update.
+    dp = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=1e6)
+    private = DPSGDTrainer(every_model(name, dp=True), config, dp).fit(start, (x, y), seed=7)
+    assert private.metrics["clip_fraction"] == 0.0
+    vectorized = VectorizedTrainer(every_model(name, dp=True), config, dp).fit_many(start, [(x, y)], [7])[0]
+    assert torch.allclose(vectorized.update, private.update, atol=1e-5)
+    # Clipped: each window's gradient is clipped whole (its positions together are one example).
+    dp_clip = DPSGDConfig(noise_multiplier=0.0, max_grad_norm=0.01)
+    clipped = DPSGDTrainer(every_model(name, dp=True), config, dp_clip).fit(start, (x, y), seed=7)
+    steps = int(clipped.metrics["steps"])
+    assert clipped.metrics["clip_fraction"] == 1.0
+    assert 0 < clipped.update.norm() <= 0.5 * 0.01 * steps * 20 / 10 + 1e-6
+
+
+def test_dp_sgd_on_text_states_that_an_example_is_an_overlapping_window(tmp_path: Path) -> None:
+    from fedsim.privacy.sample_level import SampleLevelDP
+
+    path = write(tmp_path, PLAY)
+    cfg = from_dict({"population": 2, "cohort": {"size": 2}, "privacy": {"dpsgd": {"noise_multiplier": 1.0}},
+                     "dataset": {"name": "shakespeare", "path": str(path), "seq_len": SEQ, "min_chars": 50},
+                     "model": {"name": "lstm"}})  # fmt: skip
+    adjacency = SampleLevelDP(cfg, dataset(path, 2)).assumptions()["adjacency"]
+    assert f"up to k = {SEQ + 1} examples" in adjacency and "not (epsilon, delta)" in adjacency
+
+
+def test_targets_every_is_refused_for_models_that_read_one_label_and_with_example_canaries() -> None:
+    base = {"dataset": {"name": "shakespeare", "targets": "every"}}
+    with pytest.raises(ConfigError, match="dataset.targets.*allowed models: lstm, transformer"):
+        from_dict({**base, "model": {"name": "mlp"}})
+    with pytest.raises(ConfigError, match="dataset.targets"):
+        from_dict({"dataset": {"name": "shakespeare", "targets": "all"}, "model": {"name": "lstm"}})
+    with pytest.raises(ConfigError, match="dataset.targets.*canaries"):
+        from_dict({**base, "model": {"name": "lstm"}, "privacy": {"dpsgd": {}},
+                   "audit": {"canary_examples": 20, "canary_devices": 10}})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -23,6 +23,9 @@ class FederatedDataset(ABC):
     input_shape: tuple[int, ...]  # shape of one example, e.g. (60,) or (1, 28, 28)
     num_classes: int
     token_inputs: bool = False  # examples are token indices in [0, num_classes) (text), not features
+    # Training labels are the next token at every input position: y int64 [n, seq_len], and the
+    # model gives logits [n, num_classes, seq_len] in training mode (test labels stay [n]).
+    sequence_targets: bool = False
 
     @property
     @abstractmethod

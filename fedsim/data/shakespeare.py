@@ -122,6 +122,7 @@ class ShakespeareDataset(FederatedDataset):
         self.cfg = cfg
         self.input_shape = (cfg.seq_len,)
         self.num_classes = VOCABULARY_SIZE
+        self.sequence_targets = cfg.targets == "every"
         self._path = Path(cfg.path) if cfg.path is not None else bundled_path("shakespeare")
         roles = parse_roles(read_text(self._path), source=str(self._path))
         minimum = max(cfg.min_chars, cfg.seq_len + 2)  # one training and one test window at least
@@ -152,14 +153,17 @@ class ShakespeareDataset(FederatedDataset):
         test = max(1, math.floor(windows * self.cfg.test_fraction))
         return start, windows - test, windows
 
-    def _windows(self, start: int, first: int, stop: int, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, start: int, first: int, stop: int, keep: int | None, *, every: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows first..stop-1 of the role starting at `start`, evenly thinned to `keep`."""
-        return self._cut(_thin(start + np.arange(first, stop), keep))
+        return self._cut(_thin(start + np.arange(first, stop), keep), every=every)
 
-    def _cut(self, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """The windows beginning at these offsets of the character array, and their next characters."""
-        x = self._chars[starts[:, None] + np.arange(self.cfg.seq_len)[None, :]]
-        y = self._chars[starts + self.cfg.seq_len]
+    def _cut(self, starts: np.ndarray, *, every: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows beginning at these offsets of the character array, and their next
+        characters: the one after each window [n], or with `every` the one after each of its
+        positions [n, seq_len] (the window shifted by one; its last column is the former)."""
+        positions = starts[:, None] + np.arange(self.cfg.seq_len)[None, :]
+        x = self._chars[positions]
+        y = self._chars[positions + 1] if every else self._chars[starts + self.cfg.seq_len]
         return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
 
     def num_examples(self, device_id: int) -> int:
@@ -170,7 +174,7 @@ class ShakespeareDataset(FederatedDataset):
     def device_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_device_id(device_id)
         start, train, _ = self._split(device_id)
-        return self._windows(start, 0, train, self.cfg.max_train_windows)
+        return self._windows(start, 0, train, self.cfg.max_train_windows, every=self.sequence_targets)
 
     def device_test_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Held-out windows of one device: the last test_fraction of its windows, by position."""

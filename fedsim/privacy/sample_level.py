@@ -204,7 +204,8 @@ class SampleLevelDP:
         mode, reason = randomness.resolve(self.cfg)
         return {
             "accountant": f"{self.accountant.name} on each device's ledger history (computed by the server)",
-            "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)",
+            "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)"
+            + _overlap_note(self.cfg),
             "sampling": "each DP-SGD step samples a device's n examples by Poisson with q = 1 / ceil(n / batch_size), "
             "empty batches included as noise-only steps; the device's n is treated as public",
             "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
@@ -225,3 +226,20 @@ class SampleLevelDP:
             self.ledger = PrivacyLedger.from_json(data, self.accountant)
         except ValueError as err:
             raise FedsimError(f"resume: the checkpoint's privacy ledger is unusable: {err}") from None
+
+
+def _overlap_note(cfg: FedsimConfig) -> str:
+    """What an "example" protects when examples overlap (text windows)."""
+    from fedsim.config import ShakespeareConfig
+
+    ds = cfg.dataset
+    if not isinstance(ds, ShakespeareConfig):
+        return ""
+    group = ds.seq_len + 1
+    return (
+        f"; an example is one window of {ds.seq_len} characters with its label(s), and windows overlap: one "
+        f"character of a role's text is in up to {group} of its windows, so for a character, a word or a line "
+        f"the guarantee is group privacy over up to k = {group} examples, (k epsilon, k e^((k-1) epsilon) delta) "
+        "(group privacy, Dwork and Roth 2014, Sec. 2.3), not (epsilon, delta); the user-level guarantee "
+        "(privacy=dpfedavg) covers a role's whole text"
+    )
