@@ -1,0 +1,83 @@
+"""Tuning under a privacy budget: an offline Optuna sweep of experiment=tune_dpsgd, its trials
+ranked by accuracy at equal epsilon in the report, and the whole sweep's epsilon checked
+against an independent RDP composition of the trials' ledgers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from analysis import build_report
+from analysis.privacy import check_delta
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[tune]'")
+
+REPO = Path(__file__).resolve().parent.parent
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("tune")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", "-m", "experiment=tune_dpsgd", "hydra.sweeper.n_trials=4",
+         "population=24", "rounds=1", "cohort.size=6", "dataset.size_max=60", "simulation.num_workers=1",
+         "output.progress=false", f"simulation.ray_temp_dir={tmp / 'ray'}", f"hydra.sweep.dir={tmp / 'sweep'}"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "FLWR_LOG_LEVEL": "WARNING", "FLWR_TELEMETRY_ENABLED": "0"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "sweep"
+
+
+@pytest.mark.ray
+def test_an_optuna_sweep_maximizes_the_accuracy_fedsim_returns(sweep: Path) -> None:
+    accuracies = [json.loads((sweep / str(i) / "summary.json").read_text())["final_test_accuracy"] for i in range(4)]
+    results = (sweep / "optimization_results.yaml").read_text()
+    assert f"best_value: {max(accuracies)}" in results  # the sweeper read each trial's accuracy
+    overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in range(4)]
+    assert len(set(overrides)) == 4 and all("algorithm.lr=" in o and "privacy.dpsgd.max_grad_norm=" in o for o in overrides)
+
+
+@pytest.mark.ray
+def test_report_ranks_the_four_trials_by_accuracy_at_equal_epsilon(sweep: Path) -> None:
+    report = build_report(sweep)
+    (tuning,) = report.tuning
+    assert [t.rank for t in tuning.trials] == [1, 2, 3, 4]
+    accuracies = [t.accuracy for t in tuning.trials]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert {t.target_epsilon for t in tuning.trials} == {8.0}
+    assert all(0 < t.epsilon_max <= 8.0 for t in tuning.trials)  # type: ignore[operator]
+    assert tuning.tuned == ["algorithm.lr", "privacy.dpsgd.max_grad_norm", "algorithm.batch_size", "algorithm.local_epochs"]
+    text = report.report_md.read_text()
+    assert "## Tuning: trials ranked by accuracy at equal epsilon" in text
+    assert "4 trials read (4 configured)" in text and "Papernot & Steinke" in text
+    assert f"| 1 | {tuning.trials[0].run.name} |" in text
+
+
+@pytest.mark.ray
+def test_the_whole_sweeps_epsilon_composes_every_trial_of_every_device(sweep: Path) -> None:
+    (tuning,) = build_report(sweep).tuning
+    # Independently of fedsim's accountants: Opacus's RDP of every (sigma, q, steps x count) a
+    # device spent in any trial, summed over trials (Mironov 2017, Prop. 1), at the ledgers' delta.
+    spent: dict[str, list[list[float]]] = {}
+    delta = None
+    for i in range(4):
+        ledger = json.loads((sweep / str(i) / "ledger.json").read_text())
+        delta = check_delta(ledger["delta"])
+        for device, entries in ledger["devices"].items():
+            spent.setdefault(device, []).extend(entries)
+    assert delta is not None
+    epsilons = []
+    for entries in spent.values():
+        rdp = sum(opacus_rdp.compute_rdp(q=q, noise_multiplier=z, steps=int(steps * count), orders=ALPHAS)
+                  for z, q, steps, count in entries)  # fmt: skip
+        epsilons.append(opacus_rdp.get_privacy_spent(orders=ALPHAS, rdp=rdp, delta=delta)[0])
+    assert tuning.epsilon_all_trials == pytest.approx(max(epsilons), rel=1e-9)
+    assert tuning.epsilon_all_trials >= max(t.epsilon_max for t in tuning.trials)  # type: ignore[type-var]
