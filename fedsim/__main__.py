@@ -34,6 +34,8 @@ from fedsim.errors import ConfigError, FedsimError
 # The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
 CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
 EXIT_BAD_INPUT = 2
+# Hydra configs that an optional extra brings: a missing one is named with what to install.
+FROM_EXTRAS = {"hydra/sweeper/optuna": "Hydra's Optuna sweeper is not installed: pip install 'fedsim[tune]'"}
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -110,7 +112,8 @@ def precheck(argv: list[str]) -> None:
                 try:
                     dcfg = compose(config_name=args.config_name or "config", overrides=overrides)
                 except Exception as err:
-                    fail(_one_line(err))
+                    message = _one_line(err)
+                    fail(next((f"{message} ({hint})" for path, hint in FROM_EXTRAS.items() if f"'{path}'" in message), message))
                 try:
                     check_fits(config_from_hydra(dcfg))
                 except FedsimError as err:

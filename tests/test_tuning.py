@@ -16,14 +16,35 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from analysis import build_report
 from analysis.privacy import check_delta
 
-pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[tune]'")
-
 REPO = Path(__file__).resolve().parent.parent
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
 
 
+# Hydra finds its plugins under the hydra_plugins namespace: without the sweeper's directory
+# there, fedsim sees what a user without the `tune` extra sees.
+WITHOUT_OPTUNA = """
+import os, runpy, sys
+import hydra_plugins
+hydra_plugins.__path__ = [p for p in hydra_plugins.__path__ if not os.path.isdir(os.path.join(p, "hydra_optuna_sweeper"))]
+sys.argv = ["fedsim", *sys.argv[1:]]
+runpy.run_module("fedsim", run_name="__main__")
+"""
+
+
+def test_tuning_without_the_optuna_sweeper_says_what_to_install_in_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OPTUNA, "-m", "experiment=tune_dpsgd", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "Could not find 'hydra/sweeper/optuna'" in lines[0] and "pip install 'fedsim[tune]'" in lines[0]
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[tune]'")
     tmp = tmp_path_factory.mktemp("tune")
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim", "-m", "experiment=tune_dpsgd", "hydra.sweeper.n_trials=4",
