@@ -122,11 +122,19 @@ def precheck(argv: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+_SWEEP_RUNS: dict[str, int] = {}  # a -m sweep's directory -> its jobs that ran in this process
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> float | None:
+    from hydra.types import RunMode
+
     from fedsim.run import run
 
     started = time.perf_counter()
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep_dir = str(Path(HydraConfig.get().sweep.dir).absolute())
+        _SWEEP_RUNS[sweep_dir] = _SWEEP_RUNS.get(sweep_dir, 0) + 1
     try:
         cfg = config_from_hydra(dcfg)
         run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
@@ -199,6 +207,9 @@ def _find_user_error(err: BaseException | None) -> FedsimError | None:
 def main() -> None:
     precheck(sys.argv[1:])
     _hydra_main()
+    for sweep_dir, jobs in _SWEEP_RUNS.items():
+        # Each job ended with its own lines; the sweep as a whole is read by the report.
+        sys.stderr.write(f"[fedsim] sweep: {jobs} runs in {sweep_dir}; compare them with: fedsim-report {sweep_dir}\n")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env={**os.environ, "PYTHONPATH": str(REPO), "FLWR_LOG_LEVEL": "WARNING", "FLWR_TELEMETRY_ENABLED": "0"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The sweep ends by saying where its runs are and how to compare them.
+    assert proc.stderr.splitlines()[-1] == f"[fedsim] sweep: 4 runs in {tmp / 'sweep'}; compare them with: fedsim-report {tmp / 'sweep'}"
     return tmp / "sweep"
 
 
