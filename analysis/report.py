@@ -24,6 +24,7 @@ from analysis.plots import (
 from analysis.privacy import DeviceEpsilons, check_accountant, check_delta, device_epsilons, user_level_epsilon
 from analysis.runs import Run, SkippedRun, config_differences, find_runs, format_value, run_labels
 from analysis.table import Table, build_table, final_results
+from analysis.tuning import Sweep, optuna_sweeps
 
 SIGNIFICANT_DIGITS = 4
 REPORT_MD = "report.md"
@@ -69,6 +70,7 @@ class Report:
     figures: list[tuple[str, str, list[Path]]] = field(default_factory=list)  # (title, caption, files)
     skipped_plots: list[tuple[str, str]] = field(default_factory=list)  # (title, reason)
     frontiers: dict[str, list[str]] = field(default_factory=dict)  # level -> runs on the Pareto frontier
+    tuning: list[Sweep] = field(default_factory=list)  # Optuna sweeps among the runs (analysis.tuning)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -306,6 +308,9 @@ def _document(report: Report) -> Document:
             + " - no other run has both a lower epsilon and a higher final accuracy."
         )
 
+    for sweep in report.tuning:
+        _tuning_section(doc, sweep)
+
     if outside:
         doc.heading("Metrics outside the privacy guarantee")
         doc.paragraph(
@@ -366,6 +371,46 @@ def _document(report: Report) -> Document:
     return doc
 
 
+def _param(value: str) -> str:
+    """A tuned value as the trial's override wrote it; floats to the report's precision."""
+    try:
+        return fmt(float(value)) if any(c in value for c in ".eE") else value
+    except ValueError:
+        return value
+
+
+def _tuning_section(doc: Document, sweep: Sweep) -> None:
+    """An Optuna sweep's trials ranked by accuracy at equal epsilon, and what the whole sweep spent."""
+    doc.heading("Tuning: trials ranked by accuracy at equal epsilon")
+    finished = [t for t in sweep.trials if t.accuracy is not None]
+    doc.paragraph(
+        f"Optuna study in `{sweep.directory}`: {len(sweep.trials)} trials read "
+        f"({sweep.n_trials} configured), {sweep.sampler}, objective = final test accuracy ({sweep.direction}). "
+        "Trials are ranked within each (target epsilon, delta): every trial's sigma is calibrated for its "
+        "target, so they are compared at equal privacy. Tuned: " + ", ".join(f"`{k}`" for k in sweep.tuned) + "."
+    )
+    doc.table(
+        ["rank", "run", "final test accuracy", "target epsilon", "delta", "epsilon max (this trial)", "sigma"]
+        + [key.rsplit(".", 1)[-1] for key in sweep.tuned],
+        [[fmt(t.rank), t.run.name, fmt(t.accuracy), fmt(t.target_epsilon), fmt(t.delta), fmt(t.epsilon_max),
+          fmt(t.noise_multiplier)] + [_param(t.params[key]) for key in sweep.tuned] for t in sweep.trials],
+        highlight=[t.rank == 1 for t in sweep.trials],
+    )  # fmt: skip
+    composed = (
+        f"All {len(sweep.trials)} trials composed: epsilon {fmt(sweep.epsilon_all_trials)} per device "
+        f"(the largest over devices; {sweep.epsilon_note})"
+        if sweep.epsilon_all_trials is not None else f"All trials composed: {sweep.epsilon_note}"
+    )  # fmt: skip
+    doc.paragraph(
+        f"Tuning on private data spends privacy too. A trial's epsilon is that trial's guarantee alone: it does "
+        f"not cover choosing the best of these {len(finished)} trials from their results (Papernot & Steinke "
+        f"2022, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR). {composed}: this bounds the "
+        "chosen model too, assuming the objective is computed on the server's held-out test set (not device "
+        "data) and every trial trains on the same population. The best trial's accuracy was selected on that "
+        "same test set, so it is an optimistic estimate: confirm it on data the sweep did not see."
+    )
+
+
 def build_report(
     run_dir_or_sweep_dir: str | Path,
     out: str | Path | None = None,
@@ -402,6 +447,7 @@ def build_report(
         for row in report.table.rows + report.final.rows:
             row["status"] = status[row["run"]]
         _figures(report)
+        report.tuning = optuna_sweeps(runs)
     report.table.to_csv(out_dir / TABLE_CSV)
     doc = _document(report)
     (out_dir / REPORT_MD).write_text(doc.markdown(), encoding="utf-8")

@@ -34,6 +34,8 @@ from fedsim.errors import ConfigError, FedsimError
 # The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
 CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
 EXIT_BAD_INPUT = 2
+# Hydra configs that an optional extra brings: a missing one is named with what to install.
+FROM_EXTRAS = {"hydra/sweeper/optuna": "Hydra's Optuna sweeper is not installed: pip install 'fedsim[tune]'"}
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -110,7 +112,8 @@ def precheck(argv: list[str]) -> None:
                 try:
                     dcfg = compose(config_name=args.config_name or "config", overrides=overrides)
                 except Exception as err:
-                    fail(_one_line(err))
+                    message = _one_line(err)
+                    fail(next((f"{message} ({hint})" for path, hint in FROM_EXTRAS.items() if f"'{path}'" in message), message))
                 try:
                     check_fits(config_from_hydra(dcfg))
                 except FedsimError as err:
@@ -119,11 +122,19 @@ def precheck(argv: list[str]) -> None:
         GlobalHydra.instance().clear()
 
 
+_SWEEP_RUNS: dict[str, int] = {}  # a -m sweep's directory -> its jobs that ran in this process
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(dcfg: DictConfig) -> float | None:
+    from hydra.types import RunMode
+
     from fedsim.run import run
 
     started = time.perf_counter()
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        sweep_dir = str(Path(HydraConfig.get().sweep.dir).absolute())
+        _SWEEP_RUNS[sweep_dir] = _SWEEP_RUNS.get(sweep_dir, 0) + 1
     try:
         cfg = config_from_hydra(dcfg)
         run_dir = cfg.output.dir or HydraConfig.get().runtime.output_dir
@@ -196,6 +207,9 @@ def _find_user_error(err: BaseException | None) -> FedsimError | None:
 def main() -> None:
     precheck(sys.argv[1:])
     _hydra_main()
+    for sweep_dir, jobs in _SWEEP_RUNS.items():
+        # Each job ended with its own lines; the sweep as a whole is read by the report.
+        sys.stderr.write(f"[fedsim] sweep: {jobs} runs in {sweep_dir}; compare them with: fedsim-report {sweep_dir}\n")
 
 
 if __name__ == "__main__":

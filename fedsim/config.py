@@ -113,14 +113,29 @@ class ShakespeareConfig:
     sample_chars: int = 200  # characters sampled after the prompt
 
 
+@dataclass
+class CustomDatasetConfig:
+    """A user's own population: `package.module:factory`, called as factory(population=N, seed=S).
+
+    The factory returns a `fedsim.data.FederatedDataset` with exactly N devices; workers import
+    the same target, so its module must be importable there too (on the launcher's sys.path).
+    """
+
+    name: str = "custom"
+    target: str | None = None  # "package.module:factory" (required)
+
+
 DATASETS: dict[str, type] = {
     "synthetic": SyntheticConfig,
     "femnist": FemnistConfig,
     "fashion_mnist": FashionMnistConfig,
     "huggingface": HuggingFaceConfig,
     "shakespeare": ShakespeareConfig,
+    "custom": CustomDatasetConfig,
 }
-DatasetConfig = SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFaceConfig | ShakespeareConfig
+DatasetConfig = (
+    SyntheticConfig | FemnistConfig | FashionMnistConfig | HuggingFaceConfig | ShakespeareConfig | CustomDatasetConfig
+)
 
 # ----------------------------------------------------------------------------- the rest
 
@@ -497,6 +512,8 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError("dataset.targets", f"every: needs a sequence model; allowed models: lstm, transformer (got {cfg.model.name})")
         if ds.targets == "every" and cfg.audit.canary_examples:
             raise ConfigError("dataset.targets", "every: example canaries carry one label each; allowed with audit.canary_examples: last")
+    elif isinstance(ds, CustomDatasetConfig) and (not ds.target or ":" not in ds.target):
+        raise ConfigError("dataset.target", f"dataset=custom needs dataset.target='package.module:factory', got {ds.target!r}")
 
     m = cfg.model
     _choice(m.name, "model.name", MODELS)

@@ -3,12 +3,14 @@
 synthetic (LEAF/FedProx Synthetic(alpha, beta), any population), femnist (LEAF JSON files,
 one device per writer), fashion_mnist (idx files, iid/Dirichlet/shard partitions) and
 huggingface (any Hugging Face dataset through flwr-datasets; imported only when used),
-shakespeare (next-character prediction, one device per speaking role).
+shakespeare (next-character prediction, one device per speaking role), and custom (a user's
+own FederatedDataset from `dataset.target`, fedsim.data.custom).
 """
 
 from __future__ import annotations
 
 from fedsim.config import (
+    CustomDatasetConfig,
     DatasetConfig,
     FashionMnistConfig,
     FemnistConfig,
@@ -17,6 +19,7 @@ from fedsim.config import (
     SyntheticConfig,
 )
 from fedsim.data.base import FederatedDataset
+from fedsim.data.custom import custom_dataset
 from fedsim.data.fashion_mnist import FashionMnistDataset
 from fedsim.data.huggingface import HuggingFaceDataset  # imports flwr-datasets only when built
 from fedsim.data.leaf import FemnistDataset
@@ -38,4 +41,6 @@ def load_dataset(cfg: DatasetConfig, *, population: int, seed: int) -> Federated
         return HuggingFaceDataset(cfg, population=population, seed=seed)
     if isinstance(cfg, ShakespeareConfig):
         return ShakespeareDataset(cfg, population=population)
+    if isinstance(cfg, CustomDatasetConfig):
+        return custom_dataset(cfg.target or "", population=population, seed=seed)
     raise TypeError(f"load_dataset: unsupported dataset config {type(cfg).__name__}")
