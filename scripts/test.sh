@@ -10,12 +10,12 @@ export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 marker="not slow"
 if [ "${FEDSIM_SLOW:-0}" = "1" ]; then marker=""; fi
 set +e
-# Three test processes (pytest-xdist), one test file each at a time (module fixtures run once):
-# most time goes to Ray/Flower start-up, SuperNode polling and fault timeouts, during which a
-# process waits (a 2-core CI run used 40% of its CPU with two processes), so a third process
-# on 2 cores fills that idle time.
+# Two test processes (pytest-xdist), one test file each at a time (module fixtures run once):
+# most time goes to Ray/Flower start-up and SuperNode polling, which overlap well on 2 cores.
+# Three were slower, though a 2-process run uses ~40% of its CPU: clean-clone .ci/run took
+# 25.3 min with -n 3 against 21.5 min with -n 2 (Ray start-ups and torch imports contend).
 # The 30 slowest tests are listed at the end, so CI logs show where the time goes.
-.venv/bin/python -m pytest -m "$marker" -n "${FEDSIM_TEST_PROCESSES:-3}" --dist loadfile --durations=30 "$@"
+.venv/bin/python -m pytest -m "$marker" -n "${FEDSIM_TEST_PROCESSES:-2}" --dist loadfile --durations=30 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
