@@ -17,6 +17,7 @@ from analysis import build_report
 from analysis.privacy import check_delta
 
 REPO = Path(__file__).resolve().parent.parent
+TRIALS = 3  # the sweep test's trials: each starts Ray (~25 s)
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
 
 
@@ -47,7 +48,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="pip install -e '.[tune]'")
     tmp = tmp_path_factory.mktemp("tune")
     proc = subprocess.run(
-        [sys.executable, "-m", "fedsim", "-m", "experiment=tune_dpsgd", "hydra.sweeper.n_trials=3",
+        [sys.executable, "-m", "fedsim", "-m", "experiment=tune_dpsgd", f"hydra.sweeper.n_trials={TRIALS}",
          "population=24", "rounds=1", "cohort.size=6", "dataset.size_max=60", "simulation.num_workers=1",
          "output.progress=false", f"simulation.ray_temp_dir={tmp / 'ray'}", f"hydra.sweep.dir={tmp / 'sweep'}"],
         capture_output=True, text=True, timeout=900, cwd=REPO,
@@ -55,24 +56,24 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     # The sweep ends by saying where its runs are and how to compare them.
-    assert proc.stderr.splitlines()[-1] == f"[fedsim] sweep: 3 runs in {tmp / 'sweep'}; compare them with: fedsim-report {tmp / 'sweep'}"
+    assert proc.stderr.splitlines()[-1] == f"[fedsim] sweep: {TRIALS} runs in {tmp / 'sweep'}; compare them with: fedsim-report {tmp / 'sweep'}"
     return tmp / "sweep"
 
 
 @pytest.mark.ray
 def test_an_optuna_sweep_maximizes_the_accuracy_fedsim_returns(sweep: Path) -> None:
-    accuracies = [json.loads((sweep / str(i) / "summary.json").read_text())["final_test_accuracy"] for i in range(3)]
+    accuracies = [json.loads((sweep / str(i) / "summary.json").read_text())["final_test_accuracy"] for i in range(TRIALS)]
     results = (sweep / "optimization_results.yaml").read_text()
     assert f"best_value: {max(accuracies)}" in results  # the sweeper read each trial's accuracy
-    overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in range(3)]
-    assert len(set(overrides)) == 3 and all("algorithm.lr=" in o and "privacy.dpsgd.max_grad_norm=" in o for o in overrides)
+    overrides = [(sweep / str(i) / ".hydra" / "overrides.yaml").read_text() for i in range(TRIALS)]
+    assert len(set(overrides)) == TRIALS and all("algorithm.lr=" in o and "privacy.dpsgd.max_grad_norm=" in o for o in overrides)
 
 
 @pytest.mark.ray
 def test_report_ranks_the_three_trials_by_accuracy_at_equal_epsilon(sweep: Path) -> None:
     report = build_report(sweep)
     (tuning,) = report.tuning
-    assert [t.rank for t in tuning.trials] == [1, 2, 3]
+    assert [t.rank for t in tuning.trials] == list(range(1, TRIALS + 1))
     accuracies = [t.accuracy for t in tuning.trials]
     assert accuracies == sorted(accuracies, reverse=True)
     assert {t.target_epsilon for t in tuning.trials} == {8.0}
@@ -80,7 +81,7 @@ def test_report_ranks_the_three_trials_by_accuracy_at_equal_epsilon(sweep: Path)
     assert tuning.tuned == ["algorithm.lr", "privacy.dpsgd.max_grad_norm", "algorithm.batch_size", "algorithm.local_epochs"]
     text = report.report_md.read_text()
     assert "## Tuning: trials ranked by accuracy at equal epsilon" in text
-    assert "3 trials read (3 configured)" in text and "Papernot & Steinke" in text
+    assert f"{TRIALS} trials read ({TRIALS} configured)" in text and "Papernot & Steinke" in text
     assert f"| 1 | {tuning.trials[0].run.name} |" in text
 
 
@@ -91,7 +92,7 @@ def test_the_whole_sweeps_epsilon_composes_every_trial_of_every_device(sweep: Pa
     # device spent in any trial, summed over trials (Mironov 2017, Prop. 1), at the ledgers' delta.
     spent: dict[str, list[list[float]]] = {}
     delta = None
-    for i in range(3):
+    for i in range(TRIALS):
         ledger = json.loads((sweep / str(i) / "ledger.json").read_text())
         delta = check_delta(ledger["delta"])
         for device, entries in ledger["devices"].items():
