@@ -174,9 +174,10 @@ def run_cfg(tmp: Path, **audit_keys: object) -> dict:
 
 @pytest.mark.ray
 def test_audited_run_reports_both_audits_and_leaves_the_accounting_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fake_grid import run_local
     from fedsim.run import run
 
-    plain = run(from_dict(run_cfg(tmp_path)), tmp_path / "plain")
+    plain = run_local(from_dict(run_cfg(tmp_path)), tmp_path / "plain")  # the audited run is the one on Ray
     audited = run(from_dict(run_cfg(tmp_path, canaries=50, canary_examples=40, canary_devices=8, bootstrap=50)), tmp_path / "audited")
     rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("plain", "audited")}
     # The accounting is untouched: the same user-level epsilon every round (a function of the

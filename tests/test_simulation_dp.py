@@ -34,7 +34,7 @@ def dp_config(tmp: Path, **dpsgd: object) -> dict:
 
 
 def test_dpsgd_run_reports_epsilon_and_saves_a_ledger_that_recomputes_it(tmp_path: Path) -> None:
-    summary = run(from_dict(dp_config(tmp_path)), tmp_path / "run")
+    summary = run_local(from_dict(dp_config(tmp_path)), tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eps_max = [r["sample_epsilon_max"] for r in rows]
     assert all(e > 0 for e in eps_max) and eps_max == sorted(eps_max)  # budgets only grow
@@ -122,7 +122,7 @@ def reference_user_epsilon(q: float, z: float, rounds: int, delta: float) -> flo
 @pytest.fixture(scope="module")
 def both_levels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("both")
-    run(from_dict(user_config(tmp)), tmp / "run")
+    run_local(from_dict(user_config(tmp)), tmp / "run")
     return tmp / "run"
 
 
@@ -140,7 +140,7 @@ def test_run_with_both_levels_reports_both_guarantees(both_levels: Path) -> None
 def test_failing_devices_neither_abort_rounds_nor_change_user_accounting(both_levels: Path, tmp_path: Path) -> None:
     raw = user_config(tmp_path)
     raw["faults"] = {"device_failure_rate": 0.1}
-    run(from_dict(raw), tmp_path / "faulty")
+    run_local(from_dict(raw), tmp_path / "faulty")
     clean = [json.loads(line) for line in (both_levels / "metrics.jsonl").read_text().splitlines()]
     faulty = [json.loads(line) for line in (tmp_path / "faulty" / "metrics.jsonl").read_text().splitlines()]
     assert len(faulty) == len(clean) == 4

@@ -53,7 +53,7 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
     received: list[tuple[str, object]] = []
     secure_rounds.RECEIVED.append(lambda stage, content: received.append((stage, content)))
     try:
-        run(from_dict(secure_config(tmp_path)), tmp_path / "secure")
+        run_local(from_dict(secure_config(tmp_path)), tmp_path / "secure")
     finally:
         secure_rounds.RECEIVED.clear()
     assert all(r["secagg_survivors_unmask"] == 8 for r in rows(tmp_path / "secure"))
@@ -61,7 +61,7 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
     # would have another randomness fingerprint, hence other cohorts): the same devices, clipped,
     # no noise, summed in the clear. Only 20-bit stochastic rounding separates the two models.
     cfg = from_dict(secure_config(tmp_path, rounds=1))
-    run(cfg, tmp_path / "secure1")
+    run_local(cfg, tmp_path / "secure1")
     worker = Worker(cfg)
     start = flat_params(worker.model)
     cohort = sample_cohort(population=30, cohort_size=8, method="fixed", rng=randomness.streams(cfg).numpy("cohort", 1))
@@ -108,7 +108,7 @@ def test_dropouts_at_every_stage_still_give_a_round(tmp_path: Path) -> None:
            "secagg.drop_masked_input": 0.08, "secagg.drop_unmask": 0.08,
            "secagg.max_corrupt_fraction": 0.1, "secagg.correctness_bits": 3},
     )  # fmt: skip
-    run(from_dict(raw), tmp_path / "drops")
+    run_local(from_dict(raw), tmp_path / "drops")
     rs = rows(tmp_path / "drops")
     assert len(rs) == 3
     trained = [r for r in rs if "secagg_aborted" not in r]
@@ -124,7 +124,7 @@ def test_too_few_survivors_abort_the_round_and_the_next_one_trains(tmp_path: Pat
     # against the 0 colluders of gamma = 0.1 at cohort 8, but aborts often at 40% dropout.
     raw = secure_config(tmp_path, rounds=6, **{"secagg.drop_masked_input": 0.4, "secagg.max_corrupt_fraction": 0.1,
                                                 "secagg.neighbours": 7, "secagg.threshold": 5})  # fmt: skip
-    summary = run(from_dict(raw), tmp_path / "abort")
+    summary = run_local(from_dict(raw), tmp_path / "abort")
     rs = rows(tmp_path / "abort")
     aborted = [r for r in rs if "secagg_aborted" in r]
     trained = [r for r in rs if "secagg_aborted" not in r]
@@ -168,7 +168,7 @@ def test_server_view_cannot_remove_the_distributed_noise_and_sees_no_per_device_
     secure_rounds.RECEIVED.append(lambda stage, content: received.append((stage, content)))
     raw = distributed_config(tmp_path)
     try:
-        summary = run(from_dict(raw), tmp_path / "secure")
+        summary = run_local(from_dict(raw), tmp_path / "secure")
     finally:
         secure_rounds.RECEIVED.clear()
     assert summary["privacy"]["user_level"]["distributed_noise"]["randomness"] == "secure"  # auto, distributed
@@ -197,7 +197,7 @@ def test_server_view_cannot_remove_the_distributed_noise_and_sees_no_per_device_
 
 def test_reproducible_distributed_noise_is_removable_and_the_run_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     raw = distributed_config(tmp_path, **{"privacy.randomness": "reproducible"})
-    summary = run(from_dict(raw), tmp_path / "repro")
+    summary = run_local(from_dict(raw), tmp_path / "repro")
     cfg = from_dict(raw)
     cohort = sample_cohort(population=30, cohort_size=8, method="fixed", rng=randomness.streams(cfg).numpy("cohort", 1))
     left, noise_std, worker = server_attack(raw, tmp_path / "repro", cohort)
@@ -222,7 +222,7 @@ def test_calibrated_distributed_run_never_ends_above_its_target_with_dropouts(tm
            "privacy.dpfedavg.noise": "distributed", "secagg.drop_masked_input": 0.3,
            "secagg.max_corrupt_fraction": 0.1, "secagg.correctness_bits": 6},
     )  # fmt: skip
-    summary = run(from_dict(raw), tmp_path / "target")
+    summary = run_local(from_dict(raw), tmp_path / "target")
     rs = [r for r in rows(tmp_path / "target") if "secagg_aborted" not in r]
     assert rs and any(r["devices_trained"] < 12 for r in rs)
     assert all(r["user_epsilon"] <= 2.0 for r in rs)
@@ -236,7 +236,7 @@ def test_rounds_at_30_percent_masked_input_dropout_abort_at_most_at_the_configur
         tmp_path, rounds=4, population=60, cohort={"size": 30, "sampling": "fixed"},
         **{"secagg.drop_masked_input": 0.3, "secagg.max_corrupt_fraction": 0.1},
     )  # fmt: skip
-    summary = run(from_dict(raw), tmp_path / "d30")
+    summary = run_local(from_dict(raw), tmp_path / "d30")
     rs = rows(tmp_path / "d30")
     # k and t are chosen for 30% dropout: a round aborts with probability <= 2^-20, so none of these does.
     assert [r.get("secagg_aborted") for r in rs] == [None] * 4
@@ -293,7 +293,7 @@ def test_active_threat_model_rounds_sum_every_device_through_the_consistency_che
     # would train on other cohorts and could not be compared bit for bit.)
     from fedsim.secagg import ThreatModel, choose_params
 
-    active = run(from_dict(secure_config(tmp_path, **{"secagg.threat_model": "active"})), tmp_path / "active")
+    active = run_local(from_dict(secure_config(tmp_path, **{"secagg.threat_model": "active"})), tmp_path / "active")
     rs = rows(tmp_path / "active")
     assert len(rs) == 2 and not any("secagg_aborted" in r for r in rs)
     assert all(r["secagg_survivors_consistency"] == 8 and r["secagg_survivors_unmask"] == 8 for r in rs)
