@@ -12,6 +12,10 @@ its calibrated noise multipliers and its final epsilons are functions of the cod
 `check` compares each with the file and fails (exit status 1) on any difference, naming the
 run and the value.
 
+A run added to MATRIX must be recorded on the code before the change it guards: extract that
+commit (`git archive COMMIT | tar -x -C DIR`), copy this script into DIR/scripts and record
+there (it imports the fedsim beside it), then check the other runs agree with this file.
+
 The hashes hold for the torch/numpy/opacus versions the file was recorded with (stored in
 it): float kernels may change between versions, so `check` refuses to compare across torch
 versions rather than report a refactor as the cause.
@@ -87,6 +91,7 @@ MATRIX: dict[str, list[str]] = {
     ],  # fmt: skip
     "secagg_distributed_target": [*SECAGG, *DISTRIBUTED, "privacy.dpfedavg.noise_multiplier=null", "privacy.dpfedavg.target_epsilon=20"],
     "audit_user": ["privacy=dpfedavg", "audit=user", "audit.canaries=10"],
+    "audit_sample": ["privacy=dpsgd", "audit=sample", "audit.canary_examples=20", "audit.canary_devices=4"],
     "shakespeare_lstm": [
         "dataset=shakespeare", "population=141", "cohort.size=4", "rounds=2", "model=lstm", "model.hidden=16",
         "model.layers=1", "dataset.max_train_windows=20", "dataset.max_test_examples=100", "dataset.sample_chars=20",
