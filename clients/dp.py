@@ -63,6 +63,7 @@ from opacus.validators import ModuleValidator
 from opacus.validators.errors import IllegalModuleConfigurationError, ShouldReplaceModuleError
 from torch import nn
 
+from clients.events import DPSGDEvent
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
 from clients.training import (
     Batch,
@@ -114,15 +115,6 @@ class DPSGDConfig:
             raise ValueError(
                 f"grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, got {self.grad_sample_mode!r}"
             )
-
-
-@dataclass(frozen=True)
-class DPSGDEvent:
-    """The privacy event one fit spent: `steps` subsampled Gaussian mechanisms (what the ledger records)."""
-
-    noise_multiplier: float
-    sample_rate: float  # Poisson rate q of this device's examples per step
-    steps: int  # noisy optimizer steps taken, empty batches included
 
 
 class DPSGDTrainer:

@@ -22,18 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from clients.events import DPSGDEvent
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
 from clients.seeding import SeedLike, child_seed, seed_generator
-
-if TYPE_CHECKING:  # only for the annotation: clients.dp imports this module (and Opacus)
-    from clients.dp import DPSGDEvent
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Data = tuple[torch.Tensor, torch.Tensor] | Dataset

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from clients.events import DPSGDEvent
 from clients.params import trainable_params, unflatten_views
 from clients.training import (
     Data,
@@ -386,8 +387,6 @@ class VectorizedTrainer:
         updates = torch.cat([p.reshape(num, -1) for p in params], dim=1).float().sub_(global_flat.float())
         loss_list = loss_sum.tolist()
         if dp is not None:
-            from clients.dp import DPSGDEvent
-
             nonempty_list, clipped_list = nonempty.tolist(), clipped.tolist()
         for d, p in enumerate(plans):
             metrics = {"loss": loss_list[d] / p.steps, "steps": float(p.steps)}

@@ -63,22 +63,28 @@ import torch
 import torch.nn.functional as F
 
 from fedsim.audit_stats import gaussian_fit_epsilon, one_run_lower_bound
+from fedsim.canaries import (  # the audit's streams and what canary devices hold (workers read it too)
+    BOOTSTRAP,
+    CANARY_SAMPLING,
+    DEVICE_SAMPLING,
+    DIRECTIONS,
+    STREAM,
+    USER_INCLUSION,
+    audit_rng,
+    canary_examples,
+    canary_slices,
+    reference_inputs,
+)
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
 
 AUDIT_FILE = "audit.json"
-_STREAM = 0xA0D17  # the audit's own stream of the run seed
-_DIRECTIONS, _CANARY_SAMPLING, _EXAMPLES, _INCLUSION, _DEVICE_SAMPLING, _FILLER, _BOOTSTRAP, _USER_INCLUSION = range(1, 9)
 _MAX_DIRECTION_VALUES = 50_000_000  # 2K x d float32 canary directions kept in memory (200 MB)
 BROKEN_LABEL = "BROKEN MECHANISM (audit.break_mechanism={}): this run is NOT private; for tests only"
 _ASSUMPTIONS = [
     "canaries' statistics are treated as independent trials, though they share one training run",
     "a lower bound says the mechanism leaks at least that much; it never says the mechanism is private",
 ]
-
-
-def _rng(cfg: FedsimConfig, *ints: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, _STREAM, *ints])
 
 
 def broken(cfg: FedsimConfig) -> str:
@@ -90,7 +96,7 @@ def canary_sampled(cfg: FedsimConfig, stream: int, round_num: int, count: int) -
     """Which of `count` canaries take part in round `round_num`: Poisson with the devices' rate
     q = cohort.size / population (fixed-size cohorts: the same inclusion probability)."""
     q = cfg.cohort.size / cfg.population
-    return _rng(cfg, stream, round_num).random(count) < q
+    return audit_rng(cfg, stream, round_num).random(count) < q
 
 
 # ----------------------------------------------------------------------------- user level
@@ -105,7 +111,7 @@ def canary_directions(cfg: FedsimConfig, num_params: int) -> torch.Tensor:
             f"{k} canaries x 2 x {num_params:,} parameters exceed {_MAX_DIRECTION_VALUES:,} values in memory; "
             f"allowed: at most {_MAX_DIRECTION_VALUES // (2 * num_params)} for this model",
         )
-    z = _rng(cfg, _DIRECTIONS).standard_normal((2 * k, num_params))
+    z = audit_rng(cfg, DIRECTIONS).standard_normal((2 * k, num_params))
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     return torch.from_numpy(z.astype(np.float32))
 
@@ -122,7 +128,7 @@ class UserLevelAudit:
         self.cfg = cfg
         self.m = 2 * cfg.audit.canaries
         self.directions = canary_directions(cfg, len(initial_params))
-        self.included = _rng(cfg, _USER_INCLUSION).random(self.m) < 0.5
+        self.included = audit_rng(cfg, USER_INCLUSION).random(self.m) < 0.5
         self.initial = initial_params.detach().clone()
         self.previous = self.initial.clone()
         self.max_round_cosine = np.full(self.m, -np.inf)
@@ -147,7 +153,7 @@ class UserLevelAudit:
         from fedsim.privacy.user_level import clip_update
 
         # Every candidate draws its Poisson coin, inserted or not: sampling never depends on inclusion.
-        sampled = np.flatnonzero(canary_sampled(self.cfg, _CANARY_SAMPLING, round_num, self.m) & self.included)
+        sampled = np.flatnonzero(canary_sampled(self.cfg, CANARY_SAMPLING, round_num, self.m) & self.included)
         total = torch.zeros(self.directions.shape[1], dtype=torch.float64)
         for j in sampled:
             update, _, _ = clip_update(self.directions[j] * clip_norm, clip_norm)  # at C already: clipping is a no-op
@@ -195,7 +201,7 @@ def score_user_level(stats: dict[str, list], *, delta: float, confidence: float,
         values = np.asarray(stats[key], dtype=np.float64)
         fit = gaussian_fit_epsilon(
             values[included], values[~included], delta=delta, confidence=confidence, bootstrap=bootstrap,
-            rng=np.random.default_rng([seed, _STREAM, _BOOTSTRAP, len(key)]),
+            rng=np.random.default_rng([seed, STREAM, BOOTSTRAP, len(key)]),
         )  # fmt: skip
         bound = one_run_lower_bound(values, included, delta=delta, confidence=confidence)
         out[name] = fit.to_dict() | {"epsilon_lower_bound": bound.epsilon_lower_bound, "lower_bound": bound.to_dict()}
@@ -203,53 +209,6 @@ def score_user_level(stats: dict[str, list], *, delta: float, confidence: float,
 
 
 # ----------------------------------------------------------------------------- sample level
-
-
-def canary_examples(cfg: FedsimConfig, input_shape: tuple[int, ...], num_classes: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(x, y, included) of the m canary examples: inputs N(0, (2 s_f)^2) per feature f, with s_f
-    the spread of `like` (real training inputs), labels uniform over the classes; each included
-    with probability 1/2."""
-    m = cfg.audit.canary_examples
-    rng = _rng(cfg, _EXAMPLES)
-    flat = like.reshape(len(like), -1).to(torch.float64)
-    std = flat.std(0).numpy() if len(flat) > 1 else np.ones(int(np.prod(input_shape)))
-    # Centred at zero, twice the data's spread: canaries far from the data and from each other
-    # (a shared mean would make their gradients alike, and an excluded canary look included).
-    x = 2 * np.maximum(std, 1e-3) * rng.standard_normal((m, std.size))
-    y = rng.integers(0, num_classes, m)
-    included = _rng(cfg, _INCLUSION).random(m) < 0.5
-    return torch.from_numpy(x.astype(np.float32)).reshape(m, *input_shape), torch.from_numpy(y.astype(np.int64)), included
-
-
-def canary_slices(cfg: FedsimConfig) -> list[slice]:
-    """Which canary examples each canary device holds (near-equal contiguous shares)."""
-    bounds = np.linspace(0, cfg.audit.canary_examples, cfg.audit.canary_devices + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def is_canary_device(cfg: FedsimConfig, device_id: int) -> bool:
-    """Canary devices have ids population .. population + audit.canary_devices - 1."""
-    return bool(cfg.audit.canary_examples) and cfg.population <= device_id < cfg.population + cfg.audit.canary_devices
-
-
-def filler_device(cfg: FedsimConfig, index: int) -> int:
-    """The real device whose data canary device `index` copies (its ordinary examples)."""
-    return int(_rng(cfg, _FILLER, index).integers(0, cfg.population))
-
-
-def canary_device_data(cfg: FedsimConfig, dataset: Any, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A canary device's training data: a real device's examples plus its included canaries."""
-    index = device_id - cfg.population
-    fx, fy = dataset.device_data(filler_device(cfg, index))
-    cx, cy, included = canary_examples(cfg, dataset.input_shape, dataset.num_classes, _reference_inputs(cfg, dataset))
-    part = canary_slices(cfg)[index]
-    keep = np.flatnonzero(included[part]) + part.start
-    return torch.cat([fx, cx[keep]]), torch.cat([fy, cy[keep]])
-
-
-def _reference_inputs(cfg: FedsimConfig, dataset: Any) -> torch.Tensor:
-    """Real inputs the canary inputs imitate: the first device's (the same on server and workers)."""
-    return dataset.device_data(0)[0]
 
 
 class SampleLevelAudit:
@@ -261,7 +220,7 @@ class SampleLevelAudit:
         dp = cfg.privacy.dpsgd
         assert dp is not None
         self.cfg, self.model = cfg, model
-        self.x, self.y, self.included = canary_examples(cfg, dataset.input_shape, dataset.num_classes, _reference_inputs(cfg, dataset))
+        self.x, self.y, self.included = canary_examples(cfg, dataset.input_shape, dataset.num_classes, reference_inputs(cfg, dataset))
         self.slices = canary_slices(cfg)
         self.scores = np.zeros(cfg.audit.canary_examples)
         # The canary devices' own ledger: never the run's (their epsilon is the claim under test).
@@ -271,7 +230,7 @@ class SampleLevelAudit:
 
     def sampled(self, round_num: int) -> list[int]:
         """The canary devices (by id) taking part in this round."""
-        chosen = canary_sampled(self.cfg, _DEVICE_SAMPLING, round_num, self.cfg.audit.canary_devices)
+        chosen = canary_sampled(self.cfg, DEVICE_SAMPLING, round_num, self.cfg.audit.canary_devices)
         return [self.cfg.population + int(i) for i in np.flatnonzero(chosen)]
 
     def _alignments(self, params: torch.Tensor, part: slice, update: torch.Tensor) -> np.ndarray:
@@ -492,13 +451,15 @@ def train_canary_devices(
 ) -> list[Any]:
     """Train the round's canary devices on the workers (plain messages, one by one, never
     aggregated) and return their reports."""
-    from fedsim import server_app, wire
+    from fedsim import wire  # Flower's records: loaded only when canary devices train
+    from fedsim.placement import assign_devices
+    from fedsim.reports import reject_non_finite
     from fedsim.transport import send_with_retries
 
     alive = workers.alive(grid)
     if not alive:
         return []
-    plan = server_app.assign_devices(ids, alive, "multiplexed")
+    plan = assign_devices(ids, alive, "multiplexed")
     jobs = [
         (node, wire.write_job(round_num=round_num, device_ids=part, config_json=config_json, global_params=params.numpy(),
                               clip_norm=None, groups=None))
@@ -511,7 +472,7 @@ def train_canary_devices(
             report = wire.read_report(reply.content, len(params))
         except wire.BadReply:
             continue
-        server_app.reject_non_finite(report)
+        reject_non_finite(report)
         reports.append(report)
     return reports
 

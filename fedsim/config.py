@@ -81,7 +81,7 @@ class HuggingFaceConfig:
     """Any Hugging Face dataset through flwr-datasets (online), or local files (offline)."""
 
     name: str = "huggingface"
-    hf_name: str = "parquet"  # a Hub dataset id, or a builder (parquet, csv, json) with data_files
+    hf_name: str = "ylecun/mnist"  # a Hub dataset id, or a builder (parquet, csv, json) with data_files
     data_files: dict[str, str] | None = None  # split -> file or glob, for local builders
     train_split: str = "train"  # split partitioned over devices
     test_split: str | None = "test"  # central test split (None = no central evaluation)
@@ -303,7 +303,7 @@ class OutputConfig:
 class FedsimConfig:
     seed: int = 0  # seeds sampling, model init and every device's training
     population: int = 1000  # devices in the population (femnist: at most its writers; shakespeare: its roles)
-    rounds: int = 20  # federated rounds
+    rounds: int = 30  # federated rounds
     eval_every: int = 1  # central evaluation every k rounds (and always after the last)
     cohort: CohortConfig = field(default_factory=CohortConfig)
     dataset: DatasetConfig = field(default_factory=SyntheticConfig)

@@ -93,6 +93,7 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
 
     from fedsim.client_app import app as client_app
+    from fedsim.flower_adapter import fast_dispatch, replace_dead_actors
     from fedsim.server_app import make_server_app
 
     _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
@@ -106,8 +107,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
     with (
         _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir,
-        _fast_dispatch(cfg.num_workers),
-        _replace_dead_actors(),
+        fast_dispatch(cfg.num_workers),
+        replace_dead_actors(),
         _stop_on_ctrl_c(),
     ):
         if ray_dir:
@@ -264,71 +265,6 @@ def _stop_on_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _fast_dispatch(num_nodes: int) -> Iterator[None]:
-    """Poll for new messages every 2 ms instead of Flower's 100 ms when there are few workers.
-
-    Flower's simulation engine moves server messages to its workers in a loop that sleeps
-    100 ms between passes over all nodes (flwr/server/superlink/fleet/vce/vce_api.py,
-    add_messages_to_queue). fedsim sends one message per worker per stage, so that sleep is
-    most of a small round (and four times that under SecAgg+). With few nodes a pass is
-    cheap, so fedsim polls every 2 ms; with many (the classic layout) it keeps Flower's 100 ms.
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    original = vce_api.add_messages_to_queue
-    interval = 0.002 if num_nodes <= 64 else 0.1
-
-    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
-        while not f_stop.is_set():
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            f_stop.wait(interval)
-
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    try:
-        yield
-    finally:
-        vce_api.add_messages_to_queue = original
-
-
-@contextlib.contextmanager
-def _replace_dead_actors() -> Iterator[None]:
-    """Replace a Ray worker actor whose process died, instead of reusing it.
-
-    Flower's actor pool (flwr/simulation/ray_transport/ray_actor.py, BasicActorPool) puts an
-    actor back into the pool after its job raised, even when the actor's process is gone
-    (SIGKILL, OOM killer): every later message it gets fails at once, and with all actors dead
-    the run can no longer train. Here the dead actor is dropped and a new one takes its place,
-    so a killed worker process costs one resent job.
-    """
-    import ray
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-
-    fetch, give_back = BasicActorPool.fetch_result_and_return_actor_to_pool, BasicActorPool.add_actor_back_to_pool
-
-    def fetch_result_and_return_actor_to_pool(self: Any, future: Any) -> Any:
-        try:
-            return fetch(self, future)
-        except ray.exceptions.RayActorError:
-            self._future_to_actor.pop(future, None)
-            self.pool.append(self.create_actor_fn())
-            raise
-
-    def add_actor_back_to_pool(self: Any, future: Any) -> None:
-        if future in self._future_to_actor:  # not the dead actor replaced above
-            give_back(self, future)
-
-    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_result_and_return_actor_to_pool
-    BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool
-    try:
-        yield
-    finally:
-        BasicActorPool.fetch_result_and_return_actor_to_pool = fetch
-        BasicActorPool.add_actor_back_to_pool = give_back
 
 
 @contextlib.contextmanager

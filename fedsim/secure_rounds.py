@@ -81,7 +81,9 @@ from fedsim.secagg import (
     skellam_tail_bound,
 )
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
-from fedsim.worker import DeviceReport, Worker, keep_in_groups
+from fedsim.secure_grid import encoding_clip
+from fedsim.reports import DeviceReport
+from fedsim.worker import Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
 # Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
@@ -157,17 +159,6 @@ def decode_stats(names: tuple[str, ...], sums: np.ndarray) -> dict[str, float]:
         scale = {"loss": LOSS_RANGE / STAT_LEVELS, "clip_fraction": 1.0 / STAT_LEVELS}.get(name, 1.0)
         out[name] = value * scale
     return out
-
-
-def encoding_clip(cfg: FedsimConfig) -> float:
-    """The per-coordinate range r of the round's grid."""
-    sa, user = cfg.secagg, cfg.privacy.dpfedavg
-    return sa.clip_range or (user.clip_norm if user is not None and not user.adaptive_clipping else 1.0)
-
-
-def grid_step(cfg: FedsimConfig) -> float:
-    """The grid spacing r / (2^(b-1) - 1) of every SecAgg+ round of `cfg`."""
-    return FixedPoint(encoding_clip(cfg), cfg.secagg.bits, 64).step
 
 
 def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0, other_abs_sum: int = 0) -> FixedPoint:

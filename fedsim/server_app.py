@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
@@ -35,7 +34,9 @@ from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.models import checked_model, model_for
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
+from fedsim.placement import assign_devices
 from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
+from fedsim.reports import DeviceReport, reject_non_finite
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.secure_rounds import secure_round
@@ -103,7 +104,7 @@ class RoundOutcome:
     total: torch.Tensor | None  # float64 (weighted) sum of the updates; None: nothing released
     count: int  # devices in the sum
     weight: float  # the sum's denominator for FedAvg (examples, or devices under SecAgg+)
-    reports: list[wire.DeviceReport]
+    reports: list[DeviceReport]
     stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
     count_sum: float | None = None  # SecAgg+ with adaptive clipping: secure sum of (2 b_i - 1) (+ device noise)
     aborted: str | None = None  # SecAgg+ aborted the round before the server could unmask a sum
@@ -456,7 +457,7 @@ def restore(
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 
 
-def round_stats(reports: list[wire.DeviceReport]) -> dict:
+def round_stats(reports: list[DeviceReport]) -> dict:
     """Loss, examples, time and memory of a round, from the workers' reports."""
     examples = sum(sum(r.num_examples) for r in reports)
     loss_sum = sum(loss * n for r in reports for loss, n in zip(r.losses, r.num_examples, strict=True))
@@ -471,11 +472,11 @@ def round_stats(reports: list[wire.DeviceReport]) -> dict:
 
 def collect(
     replies: list[Message], num_params: int, *, weighted: bool = True
-) -> tuple[RunningSum, dict, list[wire.DeviceReport]]:
+) -> tuple[RunningSum, dict, list[DeviceReport]]:
     """Sum the device updates of all replies (device-id order, weighted by examples or by 1)
     and gather round statistics."""
     total = RunningSum(num_params)
-    reports: list[wire.DeviceReport] = []
+    reports: list[DeviceReport] = []
     rows: list[tuple[int, torch.Tensor, float]] = []
     received = 0
     for reply in replies:
@@ -501,55 +502,6 @@ def collect(
     total.add_all(rows)
     stats = round_stats(reports) | {"bytes_received": received}
     return total, stats, reports
-
-
-def reject_non_finite(report: wire.DeviceReport) -> None:
-    """Move devices whose update has NaN/inf values (or a non-positive example count) to the
-    report's failures, in place."""
-    keep = [
-        i
-        for i, (u, n) in enumerate(zip(report.updates, report.num_examples, strict=True))
-        if n > 0 and np.isfinite(u).all()
-    ]
-    if len(keep) == len(report.device_ids):
-        return
-    for i in sorted(set(range(len(report.device_ids))) - set(keep)):
-        report.failed_ids.append(report.device_ids[i])
-        report.failures.append("rejected by the server: update has NaN/inf values or no examples")
-    report.keep_rows(keep)
-
-
-def assign_devices(
-    cohort: list[int], nodes: list[int], layout: str, device_group: int | None = None
-) -> list[wire.Assignment]:
-    """(node id, device ids) per worker that has work this round; `.groups` the group sizes.
-
-    multiplexed: the sorted cohort is cut into near-equal contiguous chunks, one per worker.
-    With `device_group` (vectorized training, RunSetup.device_group), the sorted cohort is
-    first cut into near-equal groups, which depend on the cohort alone, never on the workers:
-    a device's batched update depends on its group, so this keeps runs bit-identical whatever
-    the number of workers. The number of groups is ceil(len / device_group) rounded up to an
-    even number (machines have an even number of cores: a cohort of 50 in groups of at most
-    32 is 2 x 25, so 2 workers share it evenly). Whole groups then go to the workers,
-    contiguously, near-equal group counts per worker.
-    classic: device d is simulated by the d-th SuperNode (nodes sorted by id), alone.
-    """
-    if layout == "classic":
-        return [wire.Assignment(nodes[d], [d]) for d in cohort]
-    if device_group is None:
-        chunks = np.array_split(np.asarray(cohort, dtype=np.int64), len(nodes))
-        return [wire.Assignment(node, chunk.tolist()) for node, chunk in zip(nodes, chunks, strict=True) if len(chunk)]
-    if not cohort:
-        return []
-    ordered = np.sort(np.asarray(cohort, dtype=np.int64))
-    count = -(-len(ordered) // device_group)
-    count = min(count + count % 2, len(ordered))
-    groups = np.array_split(ordered, count)
-    per_worker = np.array_split(np.arange(len(groups)), min(len(nodes), len(groups)))  # nodes idle past the groups
-    return [
-        wire.Assignment(node, [int(d) for g in mine for d in groups[g]], [len(groups[g]) for g in mine])
-        for node, mine in zip(nodes, per_worker, strict=False)
-    ]
 
 
 def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:

@@ -46,6 +46,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsim import wire
 from fedsim.errors import FedsimError
+from fedsim.flower_adapter import in_process_grid
 
 log = logging.getLogger("fedsim")
 
@@ -77,11 +78,6 @@ class GridLike(Protocol):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: ...
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...
-
-
-def in_process_grid(grid: object) -> bool:
-    """Flower's InMemoryGrid (the simulation engine), as opposed to a SuperLink over the network."""
-    return hasattr(grid, "pull_interval")
 
 
 def send_and_receive(

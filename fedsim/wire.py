@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedsim.worker import DeviceReport
+from fedsim.reports import DeviceReport
 
 __all__ = [
     "Assignment",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,13 +28,14 @@ import torch
 from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
-from fedsim.audit import canary_device_data, is_canary_device
+from fedsim.canaries import canary_device_data, is_canary_device
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import checked_model, model_for
 from fedsim.privacy.user_level import clip_update
+from fedsim.reports import DeviceReport
 
 
 def train_config(cfg: FedsimConfig) -> TrainConfig:
@@ -173,34 +173,6 @@ def keep_in_groups(device_ids: list[int], groups: list[int] | None, keep: set[in
     if groups is None:
         return None
     return [n for n in (sum(d in keep for d in group) for group in split_groups(device_ids, groups)) if n]
-
-
-@dataclass
-class DeviceReport:
-    """The outcome of one round on one worker: a row per trained device, and failures."""
-
-    device_ids: list[int] = field(default_factory=list)
-    updates: list[np.ndarray] = field(default_factory=list)
-    num_examples: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    # Sample-level DP (empty without it): the event each device spent, its clipped fraction.
-    dp_events: list[tuple[float, float, int]] = field(default_factory=list)  # (noise_multiplier, sample_rate, steps)
-    clip_fractions: list[float] = field(default_factory=list)
-    # User-level DP (empty without it): was the device's update norm within the clip norm C?
-    within_bound: list[bool] = field(default_factory=list)
-    failed_ids: list[int] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    train_time_s: float = 0.0
-    peak_rss_mb: float = 0.0
-
-    PER_DEVICE = ("device_ids", "updates", "num_examples", "losses", "dp_events", "clip_fractions", "within_bound")
-
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only these rows of every per-device list (lists left empty stay empty)."""
-        for name in self.PER_DEVICE:
-            values = getattr(self, name)
-            if values:
-                setattr(self, name, [values[i] for i in rows])
 
 
 class Worker:

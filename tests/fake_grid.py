@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from flwr.app import Context, Message, RecordDict
 
+from fedsim.flower_adapter import set_message_id, task_identity, task_identity_patches
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -22,11 +24,8 @@ class FakeClock:
 
 def set_flower_identity(monkeypatch) -> None:
     """Flower's Message needs the ids the engine sets in a real ServerApp/ClientApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    for target, name, value in task_identity_patches():
+        monkeypatch.setattr(target, name, value)
 
 
 class ClockedGrid:
@@ -52,7 +51,7 @@ class ClockedGrid:
         ids = []
         for m in messages:
             mid = f"msg{len(self.sent)}"
-            m.metadata.__dict__["_message_id"] = mid  # what Flower's grids do
+            set_message_id(m, mid)  # what Flower's grids do
             node = m.metadata.dst_node_id
             self.sent.append((node, m))
             ids.append(mid)
@@ -86,10 +85,6 @@ def run_local(cfg, run_dir, workers: int | None = None) -> dict:  # noqa: ANN001
     """The run `fedsim.run.run(cfg, run_dir)` makes, on `LocalGrid` in this process (no Ray):
     the same ClientApp and round loop, so the same model bit for bit. Tests compare one Ray run
     with this instead of paying Ray's start-up for every reference run."""
-    from unittest import mock
-
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedsim.server_app import prepare, run_rounds
 
     state = None
@@ -97,9 +92,5 @@ def run_local(cfg, run_dir, workers: int | None = None) -> dict:  # noqa: ANN001
         from fedsim.run import _resumed
 
         cfg, run_dir, state = _resumed(cfg)
-    with (
-        mock.patch.object(TaskIdentity, "_run_id", 1),
-        mock.patch.object(TaskIdentity, "_node_id", 0),
-        mock.patch.object(TaskIdentity, "_task_id", 1),
-    ):
+    with task_identity():
         return run_rounds(cfg, LocalGrid(workers or cfg.num_workers), run_dir, prepare(cfg, resume=state))

@@ -121,7 +121,7 @@ def test_train_loss_and_other_statistics_are_labelled_with_what_each_path_comput
     from fedsim.privacy.published import outside_guarantee
     from fedsim.secure_rounds import cohort_metrics
     from fedsim.server_app import round_stats
-    from fedsim.worker import DeviceReport
+    from fedsim.reports import DeviceReport
 
     keys = ["train_loss", "num_examples", "update_clipped_fraction"]
     plain = outside_guarantee(from_dict(tiny_user_level(tmp_path)), keys)

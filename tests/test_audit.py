@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedsim import audit
+from fedsim import audit, canaries
 from fedsim.audit import SampleLevelAudit, UserLevelAudit, score_user_level
 from fedsim.config import from_dict
 from fedsim.errors import ConfigError
@@ -148,11 +148,11 @@ def test_sample_level_audit_catches_noise_drawn_but_not_added(monkeypatch: pytes
 def test_canary_device_data_is_a_real_device_plus_its_included_canaries() -> None:
     cfg = sample_cfg(1.0)
     worker = Worker(cfg)
-    x, y, included = audit.canary_examples(cfg, worker.dataset.input_shape, worker.dataset.num_classes, worker.dataset.device_data(0)[0])
+    x, y, included = canaries.canary_examples(cfg, worker.dataset.input_shape, worker.dataset.num_classes, worker.dataset.device_data(0)[0])
     for index in (0, 7):
-        fx, fy = worker.dataset.device_data(audit.filler_device(cfg, index))
-        cx, cy = audit.canary_device_data(cfg, worker.dataset, cfg.population + index)
-        part = audit.canary_slices(cfg)[index]
+        fx, fy = worker.dataset.device_data(canaries.filler_device(cfg, index))
+        cx, cy = canaries.canary_device_data(cfg, worker.dataset, cfg.population + index)
+        part = canaries.canary_slices(cfg)[index]
         keep = np.flatnonzero(included[part]) + part.start
         assert torch.equal(cx, torch.cat([fx, x[keep]])) and torch.equal(cy, torch.cat([fy, y[keep]]))
 

@@ -565,7 +565,7 @@ def parquet_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
 
 
 def _hf(files: dict[str, str], population: int, **options: object) -> FederatedDataset:
-    cfg = HuggingFaceConfig(data_files=files, **options)  # type: ignore[arg-type]
+    cfg = HuggingFaceConfig(hf_name="parquet", data_files=files, **options)  # type: ignore[arg-type]
     return load_dataset(cfg, population=population, seed=0)
 
 

@@ -7,7 +7,7 @@ import torch
 from fedsim.aggregation import RunningSum
 from fedsim.config import from_dict
 from fedsim.privacy.dpfedavg import UserLevelDP
-from fedsim.worker import DeviceReport
+from fedsim.reports import DeviceReport
 
 
 def user_dp(**dpfedavg: object) -> UserLevelDP:

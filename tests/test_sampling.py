@@ -7,7 +7,7 @@ import pytest
 
 from fedsim import randomness
 from fedsim.sampling import sample_cohort
-from fedsim.server_app import assign_devices
+from fedsim.placement import assign_devices
 
 
 def cohorts(n_rounds: int, *, seed: int, **kw: object) -> list[list[int]]:

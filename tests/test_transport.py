@@ -18,7 +18,7 @@ from fake_grid import ClockedGrid, FakeClock, set_flower_identity
 from fedsim import wire
 from fedsim.server_app import collect
 from fedsim.transport import Workers, send_with_retries
-from fedsim.worker import DeviceReport
+from fedsim.reports import DeviceReport
 
 NUM_PARAMS = 3
 TIMEOUT = 10.0

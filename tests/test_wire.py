@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import wire
 from fedsim.server_app import collect
-from fedsim.worker import DeviceReport
+from fedsim.reports import DeviceReport
 
 
 def report(ids: list[int], num_params: int = 4) -> DeviceReport:

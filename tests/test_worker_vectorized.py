@@ -15,8 +15,9 @@ from fedsim import wire
 from fedsim.config import from_dict
 from fedsim.errors import ConfigError
 from fedsim.models import build_model
-from fedsim.server_app import assign_devices
-from fedsim.worker import DeviceReport, Worker, keep_in_groups, split_groups, use_vectorized
+from fedsim.placement import assign_devices
+from fedsim.reports import DeviceReport
+from fedsim.worker import Worker, keep_in_groups, split_groups, use_vectorized
 from helpers import set_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")

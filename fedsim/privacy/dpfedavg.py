@@ -63,8 +63,9 @@ from fedsim.privacy.user_level import (
     gaussian_sum_noise,
     update_noise_multiplier,
 )
+from fedsim.reports import DeviceReport
 from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
-from fedsim.worker import DeviceReport
+from fedsim.secure_grid import grid_step
 
 #: Printed and recorded when distributed noise is derived from the run seed (privacy.randomness=reproducible).
 SIMULATION_ONLY = (
@@ -104,8 +105,6 @@ class UserLevelDP:
         if cfg.secagg.name == "secaggplus":
             if num_params is None:
                 raise ValueError("UserLevelDP under SecAgg+ needs num_params (the rounding bound depends on it)")
-            from fedsim.secure_rounds import grid_step  # the round's encoding (imports Flower: only here)
-
             self.grid_step = grid_step(cfg)
         self.expected_cohort = float(cfg.cohort.size)  # Poisson: q N = cohort.size; fixed: k
         # Andrew et al. 2021 suggest sigma_b = expected cohort / 20 for the noisy count.

@@ -23,7 +23,7 @@ from fedsim.privacy.accountants import choose_pld_interval, create_accountant
 from fedsim.privacy.calibration import calibrate_noise_multiplier
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
-from fedsim.worker import DeviceReport
+from fedsim.reports import DeviceReport
 
 LEDGER_FILE = "ledger.json"
 

@@ -1,0 +1,128 @@
+"""Every Flower internal fedsim reaches into, in one place.
+
+fedsim builds on Flower's public Message API (`flwr.app`, `flwr.serverapp`, `flwr.clientapp`)
+and its simulation launcher (`flwr.simulation.run_simulation`). A few things it needs are not
+public; they live here, each checked against Flower 1.42.0 (pyproject.toml pins
+flwr>=1.42,<1.43, and tests/test_layers.py fails when the installed minor version differs from
+FLOWER_CHECKED, so an upgrade means re-reading the Flower sources named below). No other module
+imports anything under `flwr.` outside those public modules or spells a name of INTERNALS
+(tests/test_layers.py checks both).
+
+- `fast_dispatch`: the simulation engine's loop that hands server messages to workers sleeps
+  100 ms per pass (flwr/server/superlink/fleet/vce/vce_api.py, `add_messages_to_queue`); fedsim
+  sends one message per worker per stage, so that sleep would be most of a small round.
+- `replace_dead_actors`: Flower's Ray actor pool (flwr/simulation/ray_transport/ray_actor.py,
+  `BasicActorPool`) reuses an actor whose process died; fedsim's chaos faults kill workers.
+- `in_process_grid`: whether a grid is the simulation engine's InMemoryGrid (it has a
+  `pull_interval`, flwr/superlink/grid/inmemory_grid.py), to pick how often to pull replies.
+- `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
+  process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
+  in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+FLOWER_CHECKED = "1.42.0"  # the Flower version every internal below was read against
+
+# Names of Flower internals (attributes, classes, functions) used only in this module.
+INTERNALS = {
+    "add_messages_to_queue": "vce_api's dispatch loop, replaced by fast_dispatch",
+    "BasicActorPool": "Flower's Ray actor pool, patched by replace_dead_actors",
+    "pull_interval": "InMemoryGrid's pull pause, the mark of an in-process grid",
+    "TaskIdentity": "the ids a Message needs in its process, set by task_identity",
+    "_message_id": "a Message's id, set by Flower's grids when they push it",
+}
+
+
+def in_process_grid(grid: object) -> bool:
+    """Flower's InMemoryGrid (the simulation engine), as opposed to a SuperLink over the network."""
+    return hasattr(grid, "pull_interval")
+
+
+@contextlib.contextmanager
+def fast_dispatch(num_nodes: int) -> Iterator[None]:
+    """Poll for new messages every 2 ms instead of Flower's 100 ms when there are few workers.
+
+    With few nodes a pass over them is cheap, so fedsim polls every 2 ms; with many (the
+    classic layout) it keeps Flower's 100 ms. The loop is otherwise Flower's own.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    original = vce_api.add_messages_to_queue
+    interval = 0.002 if num_nodes <= 64 else 0.1
+
+    def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        while not f_stop.is_set():
+            for node_id in nodes_mapping.keys():
+                for msg in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(msg)
+            f_stop.wait(interval)
+
+    vce_api.add_messages_to_queue = add_messages_to_queue
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
+@contextlib.contextmanager
+def replace_dead_actors() -> Iterator[None]:
+    """Replace a Ray worker actor whose process died, instead of reusing it.
+
+    Flower's actor pool puts an actor back into the pool after its job raised, even when the
+    actor's process is gone (SIGKILL, OOM killer): every later message it gets fails at once,
+    and with all actors dead the run can no longer train. Here the dead actor is dropped and a
+    new one takes its place, so a killed worker process costs one resent job.
+    """
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    fetch, give_back = BasicActorPool.fetch_result_and_return_actor_to_pool, BasicActorPool.add_actor_back_to_pool
+
+    def fetch_result_and_return_actor_to_pool(self: Any, future: Any) -> Any:
+        try:
+            return fetch(self, future)
+        except ray.exceptions.RayActorError:
+            self._future_to_actor.pop(future, None)
+            self.pool.append(self.create_actor_fn())
+            raise
+
+    def add_actor_back_to_pool(self: Any, future: Any) -> None:
+        if future in self._future_to_actor:  # not the dead actor replaced above
+            give_back(self, future)
+
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_result_and_return_actor_to_pool
+    BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool
+    try:
+        yield
+    finally:
+        BasicActorPool.fetch_result_and_return_actor_to_pool = fetch
+        BasicActorPool.add_actor_back_to_pool = give_back
+
+
+def task_identity_patches(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> list[tuple[Any, str, int]]:
+    """(object, attribute, value) to set for the process identity Flower's engines set before a
+    ServerApp or ClientApp runs (a Message cannot be made without it); for pytest's monkeypatch."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    return [(TaskIdentity, "_run_id", run_id), (TaskIdentity, "_node_id", node_id), (TaskIdentity, "_task_id", task_id)]
+
+
+@contextlib.contextmanager
+def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> Iterator[None]:
+    """`task_identity_patches` while the block runs: both apps in this process without an engine."""
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for target, name, value in task_identity_patches(run_id, node_id, task_id):
+            stack.enter_context(mock.patch.object(target, name, value))
+        yield
+
+
+def set_message_id(message: Any, message_id: str) -> None:
+    """Give a pushed Message its id, as Flower's grids do (its metadata has no public setter)."""
+    message.metadata.__dict__["_message_id"] = message_id
