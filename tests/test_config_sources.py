@@ -41,6 +41,8 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "model=mlp": {"model.name"},
     "model=transformer": {"model.name", "model.hidden"},
     "privacy=dpfedavg_target": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"},
+    "privacy=dpfedavg_production": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon",
+                                    "privacy.dpfedavg.noise_cohort_size"},
     "privacy=dpsgd_target": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon"},
     "secagg=secaggplus": {"secagg.name"},
     "simulation=classic": {"simulation.layout"},
@@ -108,3 +110,14 @@ def test_group_option_differs_from_the_defaults_only_where_it_means_to(hydra: No
 def test_every_option_is_compared() -> None:
     assert {"dataset=huggingface", "model=auto", "privacy=dpsgd", "simulation=default"} <= set(OPTIONS)
     assert set(DIFFERS_ON_PURPOSE) <= set(OPTIONS)
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_privacy_none_makes_every_experiment_non_private(hydra: None, experiment: str) -> None:
+    # The README's non-private rows (`fedsim experiment=X privacy=none`): an experiment that set
+    # privacy keys in its own body would keep a mechanism after privacy=none, silently private.
+    raw = composed([f"experiment={experiment}", "privacy=none"])
+    assert C.from_dict(raw).privacy.dpsgd is None and C.from_dict(raw).privacy.dpfedavg is None, raw["privacy"]
