@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fake_grid import LocalGrid, set_flower_identity
+from fake_grid import LocalGrid, run_local, set_flower_identity
 from fedsim.config import from_dict
 from fedsim.run import run
 from fedsim.server_app import run_rounds
@@ -62,11 +62,11 @@ def test_a_secure_round_restarts_when_a_worker_misses_a_stage_and_ends_where_the
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # two 30-round runs, workers frozen for longer than the timeout: minutes on 2 loaded cores
+@pytest.mark.slow  # a 30-round Ray run, workers frozen for longer than the timeout: minutes on 2 loaded cores
 def test_thirty_rounds_of_dpfedavg_and_secagg_with_workers_killed_and_frozen_end_like_the_fault_free_run(
     tmp_path: Path,
 ) -> None:
-    clean = run(from_dict(chaos_config(tmp_path, rounds=30)), tmp_path / "clean")
+    clean = run_local(from_dict(chaos_config(tmp_path, rounds=30)), tmp_path / "clean")  # fault-free, in-process grid
     chaos = run(from_dict(chaos_config(tmp_path, rounds=30, worker_kill_rate=0.1, worker_pause_rate=0.1,
                                        worker_pause_s=12)), tmp_path / "chaos")  # fmt: skip
     rows = [json.loads(line) for line in (tmp_path / "chaos" / "metrics.jsonl").read_text().splitlines()]
