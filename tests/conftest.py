@@ -30,3 +30,13 @@ def fashion_dir() -> Path:
     if not FASHION_DIR.is_dir():
         pytest.skip("apt-get install dataset-fashion-mnist (done by .ci/run)")
     return FASHION_DIR
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    """A SuperLink on loopback (tests/deployment_cluster.py); SuperNodes are added by the test."""
+    from deployment_cluster import Cluster
+
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
