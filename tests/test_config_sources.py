@@ -120,4 +120,5 @@ def test_privacy_none_makes_every_experiment_non_private(hydra: None, experiment
     # The README's non-private rows (`fedsim experiment=X privacy=none`): an experiment that set
     # privacy keys in its own body would keep a mechanism after privacy=none, silently private.
     raw = composed([f"experiment={experiment}", "privacy=none"])
-    assert C.from_dict(raw).privacy.dpsgd is None and C.from_dict(raw).privacy.dpfedavg is None, raw["privacy"]
+    privacy = C.from_dict(raw).privacy
+    assert privacy.dpsgd is None and privacy.dpfedavg is None, raw["privacy"]
