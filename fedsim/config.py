@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import ConfigError
+from fedsim.registry import STRATEGIES
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -158,7 +159,7 @@ class ModelConfig:
 class AlgorithmConfig:
     """Local training on devices and the server's update (Reddi et al. 2021, Alg. 2)."""
 
-    name: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
+    name: str = "fedavg"  # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
     lr: float = 0.05  # device (client) SGD learning rate
     local_epochs: int = 1  # passes over a device's data per round
     batch_size: int = 10  # device minibatch size
@@ -166,9 +167,9 @@ class AlgorithmConfig:
     weight_decay: float = 0.0  # device SGD weight decay
     proximal_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
     server_lr: float = 1.0  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
-    beta1: float = 0.9  # FedAdam/FedYogi first-moment decay
+    beta1: float = 0.9  # FedAdam/FedYogi/FedAdagrad first-moment decay
     beta2: float = 0.99  # FedAdam/FedYogi second-moment decay
-    tau: float = 1e-3  # FedAdam/FedYogi adaptivity (epsilon in the denominator)
+    tau: float = 1e-3  # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
 
 
 @dataclass
@@ -441,7 +442,6 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 
 
 MODELS = ("auto", "logreg", "mlp", "cnn", "lstm", "transformer", "custom")
-ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 
 def validate(cfg: FedsimConfig) -> None:
@@ -535,7 +535,7 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("model.heads", f"must divide model.hidden ({m.hidden}) for the transformer, got {m.heads}")
 
     a = cfg.algorithm
-    _choice(a.name, "algorithm.name", ALGORITHMS)
+    STRATEGIES.check(a.name)
     _positive(a.lr, "algorithm.lr")
     _positive(a.local_epochs, "algorithm.local_epochs")
     _positive(a.batch_size, "algorithm.batch_size")

@@ -24,8 +24,8 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, secure_rounds, wire
-from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
+from fedsim import checkpoint, randomness, secure_rounds, strategies, wire
+from fedsim.aggregation import RunningSum
 from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
@@ -77,6 +77,7 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     if getattr(model, "reads_tokens", False) and not dataset.token_inputs:
         raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
                           "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
+    strategies.strategy_class(cfg).check(cfg)  # e.g. SCAFFOLD under SecAgg+: refused before any start-up
     sample_dp = None
     if cfg.privacy.dpsgd is not None:
         # The workers apply the same check (and fix), so their flat parameters match ours.
@@ -120,7 +121,7 @@ def run_rounds(
     model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
-    optimizer = build_server_optimizer(cfg.algorithm)
+    strategy = strategies.build(cfg, len(params), run_dir)
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(
@@ -135,8 +136,10 @@ def run_rounds(
     runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
-        params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
+        params, first_round, elapsed_before = restore(setup.resume, strategy, sample_dp, user_dp, runlog)
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
+    if (line := strategy.describe()) is not None:
+        runlog.note(line)
     for mechanism in (sample_dp, user_dp, audit):
         if mechanism:
             runlog.note(mechanism.describe())
@@ -181,7 +184,7 @@ def run_rounds(
                 return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
                                       cfg.simulation.layout, setup.device_group)  # fmt: skip
 
-            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
+            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan, strategy)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
             if audit:  # user-level canaries join the released sum; sample-level canary devices train apart
                 out.total = audit.during_round(out, round_num, params, user_dp, grid, workers, config_json)
@@ -214,10 +217,12 @@ def run_rounds(
                         out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
                         noise_only=noise_only,
                     )  # fmt: skip
-                    params = optimizer.step(params, noised)
+                    params = strategy.step(params, noised)
                     privacy |= user_dp.round_metrics()
                 elif out.count:
-                    params = optimizer.step(params, (out.total / out.weight).to(torch.float32))
+                    params = strategy.step(params, (out.total / out.weight).to(torch.float32))
+                if out.count and strategy.needs_device_updates:
+                    privacy |= strategy.observe(round_num, out.reports)
             if out.total is None or (out.count == 0 and not user_dp):
                 log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
@@ -244,11 +249,12 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start, audit)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, sample_dp, user_dp, runlog, now - start, audit)
             if stopped:
                 break
     except BaseException:
         runlog.close()
+        strategy.close()
         raise
     load_flat_params(model, params)
     extra = {
@@ -269,6 +275,8 @@ def run_rounds(
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     if cfg.secagg.name == "secaggplus":
         extra["secagg"] = secure_rounds.summary(cfg)
+    extra["strategy"] = strategy.summary()
+    strategy.close()
     extra["privacy"] = {}
     if sample_dp:
         with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
@@ -299,6 +307,7 @@ def exchange(
     user_dp: UserLevelDP | None,
     workers: Workers,
     replan: Callable[[list[int]], list[wire.Assignment]] | None = None,
+    strategy: strategies.Strategy | None = None,
 ) -> RoundOutcome:
     """Send the round to the workers and bring back the (sum of the) device updates.
     (`replan(nodes)`: the round's plan over other workers, for a SecAgg+ round that restarts.)"""
@@ -344,6 +353,7 @@ def exchange(
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
             clip_norm=clip_norm, groups=wire.groups_of(part),
+            arrays=strategy.job_arrays(round_num, part[1]) if strategy else None,
         ))
         for part in plan
     ]  # fmt: skip
@@ -416,7 +426,7 @@ def save_checkpoint(
     run_dir: Path,
     round_num: int,
     params: torch.Tensor,
-    optimizer: ServerOptimizer,
+    strategy: strategies.Strategy,
     sample_dp: SampleLevelDP | None,
     user_dp: UserLevelDP | None,
     runlog: RunLog,
@@ -429,7 +439,7 @@ def save_checkpoint(
             "round": round_num,
             "config": cfg.to_dict(),
             "params": params.clone(),
-            "server_optimizer": optimizer.state_dict(),
+            "server_optimizer": strategy.state_dict(),
             "sample_ledger": sample_dp.ledger.to_json() if sample_dp else None,
             "user_level": user_dp.state_dict() if user_dp else None,
             "rows": runlog.row_dicts(),
@@ -438,17 +448,18 @@ def save_checkpoint(
         },
         keep=cfg.checkpoint.keep,
     )
+    strategy.checkpointed(round_num, checkpoint.kept_rounds(run_dir))
 
 
 def restore(
     state: dict,
-    optimizer: ServerOptimizer,
+    strategy: strategies.Strategy,
     sample_dp: SampleLevelDP | None,
     user_dp: UserLevelDP | None,
     runlog: RunLog,
 ) -> tuple[torch.Tensor, int, float]:
     """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
-    optimizer.load_state_dict(state["server_optimizer"])
+    strategy.load_state_dict(state["server_optimizer"])
     if sample_dp:
         sample_dp.load_ledger(state["sample_ledger"])
     if user_dp:

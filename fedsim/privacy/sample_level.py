@@ -21,6 +21,7 @@ from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.accountants import choose_pld_interval, create_accountant
 from fedsim.privacy.calibration import calibrate_noise_multiplier
+from clients import plan
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
 from fedsim.reports import DeviceReport
@@ -30,8 +31,8 @@ LEDGER_FILE = "ledger.json"
 
 def dpsgd_event(*, num_examples: int, batch_size: int, local_epochs: int, noise_multiplier: float) -> DPSGDEvent:
     """The event of one participation of a device with `num_examples` (Opacus DPDataLoader semantics)."""
-    batches = math.ceil(num_examples / batch_size)
-    return DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches, steps=local_epochs * batches)
+    ev = plan.dpsgd_event(num_examples, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=noise_multiplier)
+    return DPSGDEvent(noise_multiplier=ev.noise_multiplier, sample_rate=ev.sample_rate, steps=ev.steps)
 
 
 def _median_low(counts: dict[int, float]) -> int:
