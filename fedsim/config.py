@@ -175,7 +175,7 @@ class AlgorithmConfig:
 @dataclass
 class CohortConfig:
     size: int = 50  # devices per round: exact (fixed) or expected (poisson, rate q = size/population)
-    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement)
+    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement) | cyclic (each device once per population // size rounds, no randomness: DP-FTRL)
 
 
 @dataclass
@@ -223,7 +223,8 @@ class DPFedAvgPrivacyConfig:
     clip_learning_rate: float = 0.2  # adaptive: eta_C of the geometric update
     count_noise_multiplier: float | None = None  # adaptive: sigma_b of the noisy count (null: cohort / 20)
     noise_cohort_size: int | None = None  # add noise as if the cohort had this many devices (a labelled simulation)
-    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+)
+    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+) | tree (DP-FTRL: central noise through tree aggregation, Kairouz et al. 2021; needs cohort.sampling=cyclic)
+    tree_restart_every: int | None = None  # noise=tree: a new tree every k rounds (null: one cycle, population // cohort.size rounds)
 
 
 @dataclass
@@ -444,6 +445,13 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 MODELS = ("auto", "logreg", "mlp", "cnn", "lstm", "transformer", "custom")
 
 
+# Values a run derives from others when they are null: calibration solves the noise multiplier
+# for target_epsilon (fedsim.privacy.sample_level, fedsim.privacy.dpfedavg) and writes it into
+# the run's config (config.yaml, the workers' copy, the randomness fingerprint). A resume given
+# null here and the same target is the same run (fedsim.run.changed_keys).
+CALIBRATED_KEYS = ("privacy.dpsgd.noise_multiplier", "privacy.dpfedavg.noise_multiplier")
+
+
 def validate(cfg: FedsimConfig) -> None:
     """Check ranges and cross-key constraints that types alone do not express."""
     if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**64:
@@ -453,7 +461,7 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(cfg.rounds, "rounds")
     _positive(cfg.eval_every, "eval_every")
     _positive(cfg.cohort.size, "cohort.size")
-    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed"))
+    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed", "cyclic"))
     if cfg.cohort.size > cfg.population:
         raise ConfigError(
             "cohort.size", f"{cfg.cohort.size} is larger than the population ({cfg.population}); allowed: 1..{cfg.population}"
@@ -614,7 +622,29 @@ def validate(cfg: FedsimConfig) -> None:
                 "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)",
             )
     if user is not None:
-        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed"))
+        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed", "tree"))
+        _positive(user.tree_restart_every, "privacy.dpfedavg.tree_restart_every")
+        if user.noise == "tree":
+            # DP-FTRL's accounting (fedsim.privacy.tree) is for a fixed, public participation
+            # pattern and one clip norm; the combinations below are not covered by it.
+            if cfg.cohort.sampling != "cyclic":
+                raise ConfigError("cohort.sampling", f"{cfg.cohort.sampling}: DP-FTRL (privacy.dpfedavg.noise=tree) is "
+                                                     "accounted for the cyclic schedule, without amplification by sampling; "
+                                                     "allowed: cyclic")  # fmt: skip
+            for key, bad, allowed in (
+                ("adaptive_clipping", user.adaptive_clipping, "false"),
+                ("noise_cohort_size", user.noise_cohort_size is not None, "null"),
+            ):
+                if bad:
+                    raise ConfigError(f"privacy.dpfedavg.{key}", f"not accounted with noise=tree (DP-FTRL); allowed: {allowed}")
+            if cfg.secagg.name != "none":
+                raise ConfigError("secagg.name", "secure aggregation with noise=tree (DP-FTRL) is not built yet; allowed: none")
+            if cfg.audit.canaries:
+                raise ConfigError("audit.canaries", "the user-level audit assumes fresh noise each round, not DP-FTRL's "
+                                                    "tree-correlated noise; allowed with privacy.dpfedavg.noise=tree: 0")  # fmt: skip
+        elif cfg.cohort.sampling == "cyclic":
+            raise ConfigError("cohort.sampling", "cyclic: DP-FedAvg's accountants assume random cohorts (amplification "
+                                                 "by sampling); allowed: poisson, fixed, or privacy.dpfedavg.noise=tree")  # fmt: skip
         if user.noise == "distributed" and cfg.secagg.name == "none":
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"

@@ -173,6 +173,7 @@ def run_rounds(
                 cohort_size=cfg.cohort.size,
                 method=cfg.cohort.sampling,
                 rng=streams.numpy("cohort", round_num),
+                round_num=round_num,
             )
             cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
             alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again

@@ -46,6 +46,7 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "privacy=dpfedavg_production": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon",
                                     "privacy.dpfedavg.noise_cohort_size"},
     "privacy=dpsgd_target": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon"},
+    "privacy=dpftrl": {"privacy.dpfedavg.noise"},
     "secagg=secaggplus": {"secagg.name"},
     "simulation=classic": {"simulation.layout"},
 }
