@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import ConfigError
-from fedsim.registry import STRATEGIES
+from fedsim.registry import LOGGERS, STRATEGIES
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -299,6 +299,11 @@ class OutputConfig:
     progress: bool = True  # one line per round on stderr
     report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
     private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
+    # Experiment trackers fed as the run goes (fedsim.trackers; extra: pip install -e ".[trackers]"):
+    # tensorboard (<run dir>/tensorboard/) | mlflow (a file store in <run dir>/mlruns/)
+    loggers: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None  # loggers=[mlflow]: another tracking URI (sqlite:///..., http://...); None = <run dir>/mlruns
+    mlflow_experiment: str = "fedsim"  # loggers=[mlflow]: the MLflow experiment the run is logged under
 
 
 @dataclass
@@ -685,6 +690,7 @@ def validate(cfg: FedsimConfig) -> None:
             "output.private_metrics_only",
             "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
         )
+    validate_output(cfg.output)
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
@@ -729,6 +735,21 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(f"secagg.drop_{stage}", f"must be in [0, 1), got {rate}")
     if sa.name != "none" and cfg.cohort.size < 2:
         raise ConfigError("cohort.size", "secure aggregation needs cohorts of at least 2 devices")
+
+
+def validate_output(out: OutputConfig) -> None:
+    """Logger names come from fedsim.registry.LOGGERS. Whether their packages are installed is
+    checked where the run starts (fedsim.run, the command line's precheck, RunLog), not here:
+    workers and readers of a finished run's config.yaml do not need them."""
+    for i, name in enumerate(out.loggers):
+        if name not in LOGGERS:
+            raise ConfigError("output.loggers", f"unknown logger {name!r}; allowed: {', '.join(LOGGERS)}")
+        if name in out.loggers[:i]:
+            raise ConfigError("output.loggers", f"{name!r} is listed twice; allowed: each of {', '.join(LOGGERS)} once")
+    if not out.mlflow_experiment.strip():
+        raise ConfigError("output.mlflow_experiment", "must name an MLflow experiment, got an empty string")
+    if out.mlflow_uri is not None and not out.mlflow_uri.strip():
+        raise ConfigError("output.mlflow_uri", "must be a tracking URI (sqlite:///..., http://..., a directory) or null")
 
 
 BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1

@@ -37,6 +37,7 @@ class Registry:
         self.kind = kind  # "strategy", "logger", ...
         self.key = key  # the config key that names one: "algorithm.name", ...
         self._entries: dict[str, Entry] = {}
+        self._objects: dict[str, Any] = {}  # registered as objects (registry[name] = obj)
 
     def add(self, name: str, target: str, doc: str) -> None:
         """Register `name` for the implementation at `target` ("module:attribute")."""
@@ -47,7 +48,7 @@ class Registry:
         self._entries[name] = Entry(name, target, doc)
 
     def names(self) -> tuple[str, ...]:
-        return tuple(self._entries)
+        return tuple(self._entries) + tuple(n for n in self._objects if n not in self._entries)
 
     def entries(self) -> tuple[Entry, ...]:
         return tuple(self._entries.values())
@@ -55,13 +56,46 @@ class Registry:
     def check(self, name: str) -> None:
         """ConfigError naming the key and the allowed names unless `name` is registered (or
         is itself a "module:attribute" path, a plug-in named directly)."""
-        if name not in self._entries and not _is_target(name):
-            raise ConfigError(self.key, f"unknown value {name!r}; allowed: {', '.join(self._entries)} "
+        if name not in self and not _is_target(name):
+            raise ConfigError(self.key, f"unknown value {name!r}; allowed: {', '.join(self.names())} "
                                         "(or package.module:Class for your own)")  # fmt: skip
+
+    # A mapping of names to implementations, too: `name in registry`, `registry[name]` (imported
+    # now), iteration over the names; `registry[name] = obj` registers an object directly (a
+    # plug-in defined in a notebook, a test's stand-in) and `del registry[name]` removes it.
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._objects
+
+    def __iter__(self) -> Any:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._objects:
+            return self._objects[name]
+        if name not in self._entries:
+            raise KeyError(name)
+        return self.load(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __setitem__(self, name: str, obj: Any) -> None:
+        self._objects[name] = obj
+
+    def __delitem__(self, name: str) -> None:
+        if name in self._objects:
+            del self._objects[name]
+        else:
+            del self._entries[name]
 
     def load(self, name: str) -> Any:
         """The implementation registered as `name` (imported now)."""
         self.check(name)
+        if name in self._objects:
+            return self._objects[name]
         target = self._entries[name].target if name in self._entries else name
         module_name, _, attr = target.partition(":")
         try:
@@ -86,3 +120,8 @@ STRATEGIES.add("fedyogi", "fedsim.strategies.adaptive:FedYogi", "FedYogi (Reddi 
 STRATEGIES.add("fedadagrad", "fedsim.strategies.adaptive:FedAdagrad", "FedAdagrad (Reddi et al. 2021, Alg. 2)")
 STRATEGIES.add("scaffold", "fedsim.strategies.scaffold:Scaffold",
                "SCAFFOLD (Karimireddy et al. 2020, Alg. 1, option II): control variates correct client drift")  # fmt: skip
+
+# Experiment trackers (fedsim.trackers.Tracker), for output.loggers.
+LOGGERS = Registry("logger", "output.loggers")
+LOGGERS.add("tensorboard", "fedsim.trackers:TensorBoardTracker", "TensorBoard event files in <run dir>/tensorboard/")
+LOGGERS.add("mlflow", "fedsim.trackers:MLflowTracker", "MLflow runs in a local file store (<run dir>/mlruns) or output.mlflow_uri")

@@ -22,6 +22,7 @@ from fedsim.capacity import check_fits
 from fedsim.config import CALIBRATED_KEYS, FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
 from fedsim.runlog import locked
+from fedsim.trackers import check_installed
 
 
 class _DropDeprecation(logging.Filter):
@@ -74,6 +75,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
     if cfg.resume:
         cfg, run_dir, resume_state = _resumed(cfg, overrides)
     check_fits(cfg)  # a population whose state would not fit is refused here, not OOM-killed mid-run
+    check_installed(cfg.output.loggers)  # a tracker's missing package: one line now, not after Ray started
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     cfg.output.dir = str(run_dir)
