@@ -644,6 +644,12 @@ def validate(cfg: FedsimConfig) -> None:
                     raise ConfigError(f"privacy.dpfedavg.{key}", f"not accounted with noise=tree (DP-FTRL); allowed: {allowed}")
             if cfg.secagg.name != "none":
                 raise ConfigError("secagg.name", "secure aggregation with noise=tree (DP-FTRL) is not built yet; allowed: none")
+            if cfg.privacy.dpsgd is not None and cfg.privacy.dpsgd.target_epsilon is not None:
+                # Sample-level budgets stop the run when too few devices have budget left, which
+                # depends on the devices' example counts: the number of releases would depend on data.
+                raise ConfigError("privacy.dpsgd.target_epsilon", "a sample-level budget stops the run at a round that "
+                                                                  "depends on the devices' data, which DP-FTRL's accounting "
+                                                                  "does not cover; allowed with noise=tree: null")  # fmt: skip
             if cfg.audit.canaries:
                 raise ConfigError("audit.canaries", "the user-level audit assumes fresh noise each round, not DP-FTRL's "
                                                     "tree-correlated noise; allowed with privacy.dpfedavg.noise=tree: 0")  # fmt: skip

@@ -47,6 +47,7 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
                                     "privacy.dpfedavg.noise_cohort_size"},
     "privacy=dpsgd_target": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon"},
     "privacy=dpftrl": {"privacy.dpfedavg.noise"},
+    "privacy=dpftrl_target": {"privacy.dpfedavg.noise", "privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"},
     "secagg=secaggplus": {"secagg.name"},
     "simulation=classic": {"simulation.layout"},
 }

@@ -183,6 +183,9 @@ def test_dpftrl_calibrates_z_to_the_target_and_resumes_bit_identically(tmp_path:
         ({"privacy": {"dpfedavg": {"noise": "tree", "adaptive_clipping": True}}}, "privacy.dpfedavg.adaptive_clipping"),
         ({"privacy": {"dpfedavg": {"noise": "tree", "noise_cohort_size": 1000}}}, "privacy.dpfedavg.noise_cohort_size"),
         ({"privacy": {"dpfedavg": {"noise": "central", "accountant": "rdp"}}}, "cohort.sampling"),  # cyclic needs tree
+        # a sample-level budget stops the run at a round that depends on the devices' data
+        ({"privacy": {"dpfedavg": {"noise": "tree"}, "dpsgd": {"target_epsilon": 4.0, "noise_multiplier": None}}},
+         "privacy.dpsgd.target_epsilon"),
     ],
 )
 def test_dpftrl_refuses_what_its_accounting_does_not_cover(tmp_path: Path, change: dict, key: str) -> None:
@@ -203,3 +206,31 @@ def test_resume_with_the_same_command_accepts_the_calibrated_noise() -> None:
     assert changed_keys(saved, same, None) == []
     other = {"privacy": {"dpfedavg": {"noise_multiplier": None, "target_epsilon": 4.0}, "dpsgd": None}, "rounds": 6}
     assert changed_keys(saved, other, None) == ["privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"]
+
+
+def test_secure_randomness_refuses_checkpoints_that_would_hold_the_open_nodes_noise(tmp_path: Path) -> None:
+    from fedsim.server_app import prepare
+
+    raw = config(tmp_path)
+    raw["privacy"]["randomness"] = "secure"
+    raw["checkpoint"] = {"every": 1}
+    with pytest.raises(ConfigError, match="config key 'checkpoint.every'"):
+        prepare(from_dict(raw))
+
+
+def test_summary_states_zero_out_adjacency_and_the_replace_one_epsilon(tmp_path: Path) -> None:
+    summary = run_local(from_dict(config(tmp_path, noise_multiplier=1.0)), tmp_path / "run")
+    user = summary["privacy"]["user_level"]
+    assert user["accountant"] == "gdp"
+    assert user["assumes"]["adjacency"].startswith("zero-out")
+    assert "no amplification" in user["assumes"]["sampling"]
+    mu = math.sqrt(user["tree"]["mu_squared_times_z_squared"]) / 1.0
+    assert user["epsilon_replace_one"] == pytest.approx(tree.gdp_epsilon(2 * mu, 1e-5), rel=1e-9)
+    assert user["epsilon_replace_one"] > user["epsilon"]
+
+
+def test_gdp_conversion_does_not_overflow_at_large_mu() -> None:
+    eps = tree.gdp_epsilon(40.0, 1e-5)  # e^epsilon overflows a float in the direct formula
+    assert math.isfinite(eps) and eps > 40 * 40 / 2 - 1
+    assert tree.gdp_delta(2000.0, 1.0) == 0.0
+    assert tree.gdp_mu(800.0, 1e-5) > 30  # a large target: no overflow

@@ -104,6 +104,12 @@ class UserLevelDP:
         # DP-FTRL (noise=tree): tree-aggregated central noise over the cyclic schedule (fedsim.privacy.tree).
         self.tree = user.noise == "tree"
         self.tree_restart_every = user.tree_restart_every or cyclic_period(cfg.population, cfg.cohort.size)
+        if self.tree and cfg.checkpoint.every and randomness.mode(cfg) == "secure":
+            # A checkpoint would hold the noise of the open tree nodes, which the released prefixes
+            # still contain: whoever reads it could remove that noise (and a resume would re-release
+            # the rounds after it with fresh noise).
+            raise ConfigError("checkpoint.every", "with privacy.dpfedavg.noise=tree and privacy.randomness=secure a "
+                                                  "checkpoint would hold the open tree nodes' noise; allowed: 0")  # fmt: skip
         # Under SecAgg+ devices send randomly rounded integer vectors: the sensitivity is the
         # norm bound after conditional rounding (D2 grid steps), not C (fedsim.privacy.skellam).
         self.grid_step: float | None = None
@@ -188,6 +194,14 @@ class UserLevelDP:
         self.last_released_round = 0  # noise=tree: the horizon of the released prefixes
         self.tree_noise = tree_dp.TreeNoise(self.tree_restart_every, self._tree_node_noise) if self.tree else None
 
+    def _tree_epsilon(self, horizon: int, factor: float = 1.0) -> float:
+        """Epsilon of the worst device over rounds 1..horizon (factor 2: replace-one adjacency)."""
+        if not horizon:
+            return 0.0
+        if self.noise_multiplier <= 0:
+            return math.inf
+        return tree_dp.gdp_epsilon(factor * math.sqrt(self._tree_mu_squared(horizon)) / self.noise_multiplier, self.user.delta)
+
     def _tree_mu_squared(self, horizon: int) -> int:
         return tree_dp.cyclic_mu_squared(horizon=horizon, restart_every=self.tree_restart_every,
                                          period=cyclic_period(self.cfg.population, self.cfg.cohort.size))  # fmt: skip
@@ -261,8 +275,7 @@ class UserLevelDP:
         if not rounds:
             return 0.0
         if self.tree:
-            return tree_dp.gdp_epsilon(math.sqrt(self._tree_mu_squared(rounds)) / self.noise_multiplier, self.user.delta) \
-                if self.noise_multiplier > 0 else math.inf
+            return self._tree_epsilon(rounds)
         if self.distributed:
             done = [self._skellam_round(c, sampling=sampling) for c in self.released_clips[:rounds]]
             ahead = [self._skellam_round(self.clip_norm, sampling=sampling)] * (rounds - len(done))
@@ -403,9 +416,10 @@ class UserLevelDP:
                 if not self.tree else "DP-FTRL (Kairouz et al. 2021): device-side clipping, central Gaussian noise "
                 "through tree aggregation with restarts (each round releases a difference of noisy prefix sums)",
                 "tree": self._tree_summary() if self.tree else None,
+                "epsilon_replace_one": self._tree_epsilon(self._horizon(), factor=2.0) if self.tree else None,
                 "assumes": self.assumptions(),
                 "accounting": self._accounting_text(),
-                "accountant": self.user.accountant,
+                "accountant": "gdp" if self.tree else self.user.accountant,
                 "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
                 "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
                 "delta": self.user.delta,
@@ -572,6 +586,8 @@ class UserLevelDP:
         """What the user-level epsilon rests on, each stated (summary.json `assumes`)."""
         mode, reason = randomness.resolve(self.cfg)
         fixed = self.cfg.cohort.sampling == "fixed"
+        if self.tree:
+            return self._tree_assumptions(mode, reason)
         return {
             "accountant": (
                 f"dp_accounting {'RDP' if self.user.accountant == 'rdp' or fixed else 'PLD'}"
@@ -607,6 +623,37 @@ class UserLevelDP:
                     "training gives a non-finite update drops, assumed not to happen for private data)"
                     if self.cfg.secagg.name != "none" else ""
                 )  # fmt: skip
+            ),
+            "randomness": f"{mode} ({reason})"
+            + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
+        }
+
+    def _tree_assumptions(self, mode: str, reason: str) -> dict[str, str]:
+        period = cyclic_period(self.cfg.population, self.cfg.cohort.size)
+        return {
+            "accountant": "Gaussian DP of the released tree nodes (Dong, Roth, Su 2022, Cor. 2.13 and 3.3): exact for "
+                          "the Gaussian mechanism, no discretisation",
+            "adjacency": (
+                "zero-out: one device's whole data set replaced by none (its updates become 0) in a population whose "
+                "size, and so the cyclic schedule and the denominator, are public; sensitivity C per participation. "
+                "Replace-one (one device's data swapped for another's) doubles mu: epsilon_replace_one"
+            ),
+            "sampling": (
+                f"cyclic, no randomness: device i trains in the rounds r with (r - 1) mod {period} = i mod {period}, "
+                "fixed before the run and public; no amplification by sampling is claimed"
+            ),
+            "rounds": "every prefix up to the last released round counts as released (a round that released nothing "
+                      "only removes nodes and contributions)",
+            "delta": (
+                f"delta = {self.user.delta:g} against {self.accounted_population():,} devices: "
+                + ("below 1/population" if self.user.delta * self.accounted_population() < 1 else "NOT below 1/population, see delta_vs_population")
+            ),
+            "threat_model": (
+                "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
+                "server is trusted to clip-check and add the noise, and sees each clipped update; a node's noise is "
+                "drawn once and kept while a prefix uses it"
+                + ("; with privacy.randomness=secure checkpoints are refused (they would hold the open nodes' noise)"
+                   if mode == "secure" else "")  # fmt: skip
             ),
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),

@@ -25,6 +25,7 @@ from clients import plan
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
 from fedsim.reports import DeviceReport
+from fedsim.sampling import cyclic_period
 
 LEDGER_FILE = "ledger.json"
 
@@ -87,6 +88,8 @@ class SampleLevelDP:
     def _planned_participations(self) -> int:
         dp = self.cfg.privacy.dpsgd
         assert dp is not None
+        if self.cfg.cohort.sampling == "cyclic":  # each device once per cycle
+            return dp.assumed_participations or math.ceil(self.cfg.rounds / cyclic_period(self.cfg.population, self.cfg.cohort.size))
         return dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
 
     def _calibrate(self, sizes: dict[int, float]) -> float:

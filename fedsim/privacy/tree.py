@@ -13,7 +13,9 @@ SGD step with a constant rate follows the FTRL iterate theta_t = theta_0 + eta S
 server step is post-processing. Restarts (Sec. 4, "tree restarts"): every `restart_every`
 rounds a new tree starts, with fresh noise and a prefix sum starting again at 0.
 
-Privacy (add/remove one device; each contribution clipped to L2 norm C). The released node
+Privacy (zero-out adjacency: one device's data replaced by none, its updates 0, in a population
+whose size, hence the schedule, is public; each contribution clipped to L2 norm C; replace-one
+adjacency doubles every sensitivity and is reported beside it). The released node
 sums form one Gaussian mechanism: a device that took part in the rounds P of a tree moves node
 v's sum by at most n_v C, n_v = |P intersect v|, so the L2 sensitivity over the released nodes is
 C sqrt(sum_v n_v^2). Every node is released once, with independent noise, as an adaptively
@@ -32,6 +34,7 @@ pattern gives the largest mu. A node that is never used in a prefix is never dra
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -55,9 +58,10 @@ def node_rounds(node: Node) -> range:
     return range(index * 2**level + 1, (index + 1) * 2**level + 1)
 
 
-def released_nodes(horizon: int) -> set[Node]:
+@functools.lru_cache(maxsize=64)
+def released_nodes(horizon: int) -> frozenset[Node]:
     """Every node some prefix S~_1 .. S~_horizon uses."""
-    return {node for t in range(1, horizon + 1) for node in decomposition(t)}
+    return frozenset(node for t in range(1, horizon + 1) for node in decomposition(t))
 
 
 def sensitivity_squared(rounds: list[int], horizon: int) -> int:
@@ -76,6 +80,7 @@ def sensitivity_squared(rounds: list[int], horizon: int) -> int:
     return sum(n * n for node, n in counts.items() if node in used)
 
 
+@functools.lru_cache(maxsize=256)
 def cyclic_mu_squared(*, horizon: int, restart_every: int, period: int) -> int:
     """The largest sum_trees sum_v n_v^2 (mu^2 z^2) over the devices of a cyclic schedule: device
     class b takes part in the rounds b+1, b+1+period, ... (1-based) up to `horizon`; trees
@@ -96,7 +101,9 @@ def gdp_delta(epsilon: float, mu: float) -> float:
     """delta(epsilon) of a mu-GDP mechanism (Dong, Roth, Su 2022, Cor. 2.13)."""
     if mu <= 0:
         return 0.0
-    return float(norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2))
+    # e^epsilon Phi(b) as exp(epsilon + log Phi(b)): no overflow at large epsilon.
+    second = math.exp(min(epsilon + float(norm.logcdf(-epsilon / mu - mu / 2)), 700.0))
+    return max(0.0, float(norm.cdf(-epsilon / mu + mu / 2)) - second)
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -106,7 +113,7 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     hi = 1.0
     while gdp_delta(hi, mu) > delta:
         hi *= 2
-        if hi > 1e6:
+        if hi > 1e7:
             return math.inf
     return float(brentq(lambda e: gdp_delta(e, mu) - delta, 0.0, hi, xtol=1e-12, rtol=1e-12))
 
@@ -116,6 +123,8 @@ def gdp_mu(epsilon: float, delta: float) -> float:
     lo, hi = 1e-9, 1.0
     while gdp_delta(epsilon, hi) < delta:
         hi *= 2
+        if hi > 1e7:
+            raise ValueError(f"no Gaussian mechanism has epsilon {epsilon:g} at delta {delta:g} below mu = 1e7")
     return float(brentq(lambda m: gdp_delta(epsilon, m) - delta, lo, hi, xtol=1e-14, rtol=1e-12))
 
 
