@@ -31,11 +31,12 @@ from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError, RunInterrupted
+from fedsim.mechanisms import Mechanism
 from fedsim.models import checked_model, model_for
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.placement import assign_devices
-from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
+from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.reports import DeviceReport, reject_non_finite
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
@@ -135,14 +136,16 @@ def run_rounds(
     covered = frozenset(published.covered_metrics(cfg))
     runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
+    # The active privacy mechanisms, in their documented order (fedsim.mechanisms).
+    mechanisms: list[Mechanism] = [m for m in (sample_dp, user_dp) if m is not None]
     if setup.resume is not None:
-        params, first_round, elapsed_before = restore(setup.resume, strategy, sample_dp, user_dp, runlog)
+        params, first_round, elapsed_before = restore(setup.resume, strategy, mechanisms, runlog)
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
     if (line := strategy.describe()) is not None:
         runlog.note(line)
-    for mechanism in (sample_dp, user_dp, audit):
-        if mechanism:
-            runlog.note(mechanism.describe())
+    for described in (*mechanisms, audit):
+        if described:
+            runlog.note(described.describe())
     for line in setup.dataset.notes():
         runlog.note(line)
     setup.dataset.save(run_dir)
@@ -161,10 +164,8 @@ def run_rounds(
             try:
                 if STOP.is_set():
                     raise RunInterrupted(f"interrupted after round {round_num - 1}; continue with: fedsim resume={run_dir}")
-                if sample_dp:
-                    sample_dp.check_enough_left(cfg.cohort.size)
-                if user_dp:
-                    user_dp.check_budget(round_num)
+                for mechanism in mechanisms:
+                    mechanism.before_round(round_num)
             except FedsimError as err:
                 stopped = err
                 break
@@ -175,7 +176,9 @@ def run_rounds(
                 rng=streams.numpy("cohort", round_num),
                 round_num=round_num,
             )
-            cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
+            cohort = sampled
+            for mechanism in mechanisms:
+                cohort = mechanism.admit(cohort)  # leave out devices over budget
             alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again
             if not alive:
                 stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
@@ -208,11 +211,8 @@ def run_rounds(
                 privacy |= user_dp.round_metrics()
             if out.total is not None:
                 # Privacy spent is recorded (and, with checkpoints, saved) before the update that spent it.
-                if sample_dp:
-                    privacy |= sample_dp.account(out.reports)
-                    if cfg.checkpoint.every:
-                        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
-                            sample_dp.save(run_dir)
+                for mechanism in mechanisms:
+                    privacy |= mechanism.after_devices(round_num, out.reports, run_dir)
                 if user_dp:
                     noised = user_dp.aggregate(
                         out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
@@ -250,7 +250,7 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, strategy, sample_dp, user_dp, runlog, now - start, audit)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, mechanisms, runlog, now - start, audit)
             if stopped:
                 break
     except BaseException:
@@ -279,12 +279,9 @@ def run_rounds(
     extra["strategy"] = strategy.summary()
     strategy.close()
     extra["privacy"] = {}
-    if sample_dp:
-        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
-            sample_dp.save(run_dir)
-        extra["privacy"] |= sample_dp.summary()
-    if user_dp:
-        extra["privacy"] |= user_dp.summary()
+    for mechanism in mechanisms:
+        mechanism.finish(run_dir)
+        extra["privacy"] |= mechanism.summary()
     if audit:
         extra["audit"] = audit.summary(run_dir, params, user_dp)
     language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
@@ -428,8 +425,7 @@ def save_checkpoint(
     round_num: int,
     params: torch.Tensor,
     strategy: strategies.Strategy,
-    sample_dp: SampleLevelDP | None,
-    user_dp: UserLevelDP | None,
+    mechanisms: list[Mechanism],
     runlog: RunLog,
     elapsed_s: float,
     audit: RunAudit | None = None,
@@ -441,8 +437,9 @@ def save_checkpoint(
             "config": cfg.to_dict(),
             "params": params.clone(),
             "server_optimizer": strategy.state_dict(),
-            "sample_ledger": sample_dp.ledger.to_json() if sample_dp else None,
-            "user_level": user_dp.state_dict() if user_dp else None,
+            "sample_ledger": None,  # each mechanism's state under its checkpoint_key
+            "user_level": None,
+            **{m.checkpoint_key: m.state_dict() for m in mechanisms},
             "rows": runlog.row_dicts(),
             "elapsed_s": elapsed_s,
             "audit": audit.state_dict() if audit else None,
@@ -455,16 +452,13 @@ def save_checkpoint(
 def restore(
     state: dict,
     strategy: strategies.Strategy,
-    sample_dp: SampleLevelDP | None,
-    user_dp: UserLevelDP | None,
+    mechanisms: list[Mechanism],
     runlog: RunLog,
 ) -> tuple[torch.Tensor, int, float]:
     """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
     strategy.load_state_dict(state["server_optimizer"])
-    if sample_dp:
-        sample_dp.load_ledger(state["sample_ledger"])
-    if user_dp:
-        user_dp.load_state_dict(state["user_level"])
+    for mechanism in mechanisms:
+        mechanism.load_state_dict(state[mechanism.checkpoint_key])
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 

@@ -65,6 +65,7 @@ from fedsim.privacy.user_level import (
     gaussian_sum_noise,
     update_noise_multiplier,
 )
+from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport
 from fedsim.sampling import cyclic_period
 from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
@@ -92,7 +93,7 @@ class SecureEncoding:
     count_variance: float = 0.0
 
 
-class UserLevelDP:
+class UserLevelDP(Mechanism):
     """The run's user-level DP state: clip norm, central noise, accounting, budget."""
 
     def __init__(self, cfg: FedsimConfig, *, num_params: int | None = None) -> None:
@@ -658,6 +659,12 @@ class UserLevelDP:
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
+
+    # The round loop's interface (fedsim.mechanisms.Mechanism); the release is `aggregate` / `no_release`.
+    checkpoint_key = "user_level"
+
+    def before_round(self, round_num: int) -> None:
+        self.check_budget(round_num)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the accounting and the clipping exactly."""
