@@ -65,7 +65,7 @@ from torch import nn
 
 from clients.events import DPSGDEvent
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
-from clients.plan import batches_per_epoch, local_steps, poisson_rate
+from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate
 from clients.training import (
     Batch,
     Data,
@@ -251,9 +251,9 @@ class DPSGDTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         clipped = torch.zeros((), dtype=torch.int64)
         nonempty = drawn = 0
-        for _ in range(steps):
-            # Exactly UniformWithReplacementSampler's draw; rand is in [0, 1), so q = 1 takes all.
-            indices = (torch.rand(n, generator=generator) < sample_rate).nonzero().view(-1)
+        masks = poisson_masks(n, sample_rate, steps, generator)  # the batch plan (clients.plan)
+        for step in range(steps):
+            indices = masks[step].nonzero().view(-1)
             for p in params:  # what DPOptimizer.zero_grad clears, without its per-step logging
                 p.grad = None
                 p.grad_sample = None

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from clients.events import DPSGDEvent
 
 
@@ -40,3 +42,13 @@ def dpsgd_event(
         sample_rate=poisson_rate(num_examples, batch_size),
         steps=local_steps(num_examples, local_epochs=local_epochs, batch_size=batch_size, max_steps=max_steps),
     )
+
+
+def poisson_masks(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """bool [steps, num_examples]: step s uses example j iff mask[s, j]. Each step draws
+    torch.rand(n) < q from `generator` in turn (Opacus's UniformWithReplacementSampler's draw;
+    rand is in [0, 1), so q = 1 takes every example); clients.dp and clients.vectorized both
+    take their batches from here, so a device's batches do not depend on the trainer."""
+    if steps == 0:
+        return torch.zeros((0, num_examples), dtype=torch.bool)
+    return torch.stack([torch.rand(num_examples, generator=generator) < sample_rate for _ in range(steps)])
