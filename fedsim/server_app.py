@@ -9,13 +9,14 @@ A device is not a Flower node: workers are SuperNodes that simulate many devices
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, secure_rounds, strategies, wire
+from fedsim import checkpoint, randomness, runstate, secure_rounds, strategies, wire
 from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
@@ -57,9 +58,13 @@ class RunSetup:
     resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
     device_group: int | None = None  # vectorized training: devices per batched group (None: one by one)
     vectorized_why: str = ""  # why the run trains vectorized or not (fedsim.worker.use_vectorized)
+    derived: dict[str, float] = field(default_factory=dict)  # calibrated values (fedsim.runstate)
 
 
 def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: dict | None = None) -> RunSetup:
+    """Data, model, privacy mechanisms (calibrated) and checks; `cfg` is left as given, the
+    calibrated values are in `RunSetup.derived` (fedsim.runstate)."""
+    given, cfg = cfg, copy.deepcopy(cfg)  # calibration writes into the copy
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
     model = model_for(cfg, dataset)
@@ -81,7 +86,8 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
     return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
-                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why)  # fmt: skip
+                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why,
+                    derived=runstate.derived_values(given, cfg))  # fmt: skip
 
 
 STOP = threading.Event()  # set by Ctrl-C (fedsim.run): the loop stops at the next round boundary
@@ -94,6 +100,7 @@ def run_rounds(
     (`clock`: what worker timeouts are measured with; tests pass a fake one.)"""
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
+    cfg = runstate.effective(cfg, setup.derived)  # what config.yaml, the workers and the fingerprint see
     model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
@@ -247,6 +254,7 @@ def run_rounds(
         "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
     extra["randomness"] = random_desc
+    extra["derived"] = dict(setup.derived)  # values the run solved for (calibrated noise multipliers)
     extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     if cfg.secagg.name == "secaggplus":

@@ -234,3 +234,22 @@ def test_gdp_conversion_does_not_overflow_at_large_mu() -> None:
     assert math.isfinite(eps) and eps > 40 * 40 / 2 - 1
     assert tree.gdp_delta(2000.0, 1.0) == 0.0
     assert tree.gdp_mu(800.0, 1e-5) > 30  # a large target: no overflow
+
+
+def test_prepare_leaves_the_given_config_alone_and_records_the_calibrated_noise(tmp_path: Path) -> None:
+    """Calibration is a derived value (fedsim.runstate): the caller's config keeps null, the run's
+    config.yaml and summary.json carry the solved z."""
+    import yaml
+
+    from fedsim.server_app import prepare
+
+    cfg = from_dict(config(tmp_path, noise_multiplier=None, target_epsilon=3.0))
+    setup = prepare(cfg)
+    assert cfg.privacy.dpfedavg.noise_multiplier is None
+    z = setup.derived["privacy.dpfedavg.noise_multiplier"]
+    assert z > 0
+    summary = run_local(cfg, tmp_path / "run")
+    assert summary["derived"] == {"privacy.dpfedavg.noise_multiplier": z}
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["privacy"]["dpfedavg"]["noise_multiplier"] == z
+    assert cfg.privacy.dpfedavg.noise_multiplier is None
