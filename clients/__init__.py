@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from clients.params import flat_params, load_flat_params, num_params
+from clients.plan import dpsgd_event, local_steps, poisson_rate
 from clients.seeding import new_generator, seed_generator
 from clients.training import LocalTrainer, TrainConfig, TrainResult, evaluate, train_local
 
@@ -36,11 +37,14 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "check_model",
+    "dpsgd_event",
     "evaluate",
     "flat_params",
     "load_flat_params",
+    "local_steps",
     "new_generator",
     "num_params",
+    "poisson_rate",
     "seed_generator",
     "train_local",
 ]

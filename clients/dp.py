@@ -65,6 +65,7 @@ from torch import nn
 
 from clients.events import DPSGDEvent
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
+from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate
 from clients.training import (
     Batch,
     Data,
@@ -72,7 +73,9 @@ from clients.training import (
     Seed,
     TrainConfig,
     TrainResult,
+    _add_correction,
     _add_proximal_grad,
+    _correction_views,
     _collate,
     _Items,
     _source,
@@ -181,7 +184,9 @@ class DPSGDTrainer:
         """Read-only: the DPOptimizer was built from it."""
         return self._dp
 
-    def fit(self, global_params: torch.Tensor, data: Data, *, seed: Seed) -> TrainResult:
+    def fit(
+        self, global_params: torch.Tensor, data: Data, *, seed: Seed, correction: torch.Tensor | None = None
+    ) -> TrainResult:
         """DP-SGD from `global_params` on one device's `data`; the model keeps the local weights.
 
         Metrics: "loss" (mean batch loss over the non-empty steps, nan if every batch was
@@ -195,11 +200,9 @@ class DPSGDTrainer:
         n = source.n
         if n == 0:
             raise ValueError("device has no training examples")
-        num_batches = math.ceil(n / cfg.batch_size)
-        sample_rate = 1.0 / num_batches
-        steps = cfg.local_epochs * num_batches
-        if cfg.max_steps is not None:
-            steps = min(steps, cfg.max_steps)
+        num_batches = batches_per_epoch(n, cfg.batch_size)
+        sample_rate = poisson_rate(n, cfg.batch_size)
+        steps = local_steps(n, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
 
         sample_generator = self._seeded(seed)
         seed_generator(self._noise_generator, child_seed(sample_generator))
@@ -209,15 +212,16 @@ class DPSGDTrainer:
         if not all(m.training for m in self._all_modules):
             self.model.train()
         anchors = unflatten_views(global_flat, self._params) if cfg.proximal_mu > 0 else None
+        shifts = _correction_views(correction, self._params)
 
         self._interrupted = True
         if self._uses_global_rng:
             dropout_seed = child_seed(sample_generator)
             with torch.random.fork_rng(devices=[]):
                 seed_generator(torch.default_generator, dropout_seed)
-                loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors)
+                loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors, shifts)
         else:
-            loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors)
+            loss_sum, nonempty, drawn, clipped = self._dpsgd(source, sample_rate, steps, sample_generator, anchors, shifts)
         self._interrupted = False
 
         update = flatten_list(self._params).sub_(global_flat)
@@ -236,6 +240,7 @@ class DPSGDTrainer:
         steps: int,
         generator: torch.Generator,
         anchors: list[torch.Tensor] | None,
+        shifts: list[torch.Tensor] | None = None,
     ) -> tuple[float, int, int, int]:
         """The step loop; returns (summed batch losses, non-empty steps, examples drawn, clipped)."""
         module, loss_fn, optimizer, params = self.grad_sample_module, self.loss_fn, self.optimizer, self._params
@@ -246,9 +251,9 @@ class DPSGDTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         clipped = torch.zeros((), dtype=torch.int64)
         nonempty = drawn = 0
-        for _ in range(steps):
-            # Exactly UniformWithReplacementSampler's draw; rand is in [0, 1), so q = 1 takes all.
-            indices = (torch.rand(n, generator=generator) < sample_rate).nonzero().view(-1)
+        masks = poisson_masks(n, sample_rate, steps, generator)  # the batch plan (clients.plan)
+        for step in range(steps):
+            indices = masks[step].nonzero().view(-1)
             for p in params:  # what DPOptimizer.zero_grad clears, without its per-step logging
                 p.grad = None
                 p.grad_sample = None
@@ -272,6 +277,8 @@ class DPSGDTrainer:
             optimizer.pre_step()
             if anchors is not None:
                 _add_proximal_grad(params, anchors, mu)
+            if shifts is not None:  # SCAFFOLD's c - c_i: after the noise, so post-processing
+                _add_correction(params, shifts)
             optimizer.original_optimizer.step()
         return loss_sum.item(), nonempty, drawn, int(clipped)
 

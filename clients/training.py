@@ -113,12 +113,16 @@ class LocalTrainer:
         """Read-only: the optimizer was built from it (make a new trainer to change it)."""
         return self._config
 
-    def fit(self, global_params: torch.Tensor, data: Data, *, seed: Seed) -> TrainResult:
+    def fit(
+        self, global_params: torch.Tensor, data: Data, *, seed: Seed, correction: torch.Tensor | None = None
+    ) -> TrainResult:
         """Train from `global_params` on one device's `data`; the model keeps the local weights.
 
         `global_params` is only read, and must not share memory with the model's parameters
         (it is the anchor of the update and of the proximal term). Raises ValueError("device has no training examples")
         for an empty device: it has no update to contribute and its weight would be 0.
+        `correction`: a flat tensor added to every step's gradient (SCAFFOLD's c - c_i,
+        Karimireddy et al. 2020, Alg. 1 line 10); None: plain SGD.
         """
         cfg = self._config
         source = _source(data)
@@ -132,21 +136,24 @@ class LocalTrainer:
         if not all(m.training for m in self._all_modules):
             self.model.train()
         anchors = unflatten_views(global_flat, self._params) if cfg.proximal_mu > 0 else None
+        shifts = _correction_views(correction, self._params)
         batches = source.shuffled_batches(cfg, generator)
 
         if self._uses_global_rng:
             dropout_seed = child_seed(generator)
             with torch.random.fork_rng(devices=[]):
                 seed_generator(torch.default_generator, dropout_seed)
-                loss_sum, steps = self._sgd(batches, anchors)
+                loss_sum, steps = self._sgd(batches, anchors, shifts)
         else:
-            loss_sum, steps = self._sgd(batches, anchors)
+            loss_sum, steps = self._sgd(batches, anchors, shifts)
 
         update = flatten_list(self._params).sub_(global_flat)
         metrics = {"loss": loss_sum / steps, "steps": float(steps)}
         return TrainResult(update=update, num_examples=source.n, metrics=metrics)
 
-    def _sgd(self, batches: Iterator[Batch], anchors: list[torch.Tensor] | None) -> tuple[float, int]:
+    def _sgd(
+        self, batches: Iterator[Batch], anchors: list[torch.Tensor] | None, shifts: list[torch.Tensor] | None = None
+    ) -> tuple[float, int]:
         """The step loop; returns the summed batch losses and the number of steps."""
         model, loss_fn, optimizer, params = self.model, self.loss_fn, self.optimizer, self._params
         mu = self._config.proximal_mu
@@ -162,6 +169,8 @@ class LocalTrainer:
             loss.backward()
             if anchors is not None:
                 _add_proximal_grad(params, anchors, mu)
+            if shifts is not None:
+                _add_correction(params, shifts)
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
@@ -225,6 +234,25 @@ def _add_proximal_grad(params: list[nn.Parameter], anchors: list[torch.Tensor], 
     # without it this costs 12 us per step instead of 7.
     with torch.no_grad():
         torch._foreach_add_([p.grad for p in params], torch._foreach_sub(params, anchors), alpha=mu)
+
+
+def _correction_views(correction: torch.Tensor | None, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
+    """A flat per-step gradient correction as views shaped like the parameters (None: none)."""
+    if correction is None:
+        return None
+    total = sum(p.numel() for p in params)
+    if correction.shape != (total,):
+        raise ValueError(f"correction has shape {tuple(correction.shape)}, expected ({total},)")
+    return unflatten_views(correction.detach().to(params[0].dtype), params)
+
+
+def _add_correction(params: list[nn.Parameter], shifts: list[torch.Tensor]) -> None:
+    """grad += correction (a constant vector: the gradient of <correction, w>)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        torch._foreach_add_([p.grad for p in params], shifts)
 
 
 def _source(data: Data) -> _Tensors | _Items:

@@ -66,6 +66,7 @@ from torch.func import functional_call, grad, vmap
 
 from clients.events import DPSGDEvent
 from clients.params import trainable_params, unflatten_views
+from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate
 from clients.training import (
     Data,
     LossFn,
@@ -509,13 +510,11 @@ def _plain_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: Train
 
 def _dp_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainConfig, g: torch.Generator) -> _Plan:
     """DPSGDTrainer's draws: the noise seed first, then one Poisson mask per step."""
-    num_batches = math.ceil(n / cfg.batch_size)
-    sample_rate = 1.0 / num_batches
-    steps = cfg.local_epochs * num_batches
-    if cfg.max_steps is not None:
-        steps = min(steps, cfg.max_steps)
+    num_batches = batches_per_epoch(n, cfg.batch_size)
+    sample_rate = poisson_rate(n, cfg.batch_size)
+    steps = local_steps(n, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
     noise_generator = seed_generator(torch.Generator(), child_seed(g))
-    masks = torch.stack([torch.rand(n, generator=g) < sample_rate for _ in range(steps)])
+    masks = poisson_masks(n, sample_rate, steps, g)
     counts = masks.sum(dim=1)
     width = int(counts.max())
     # A stable sort puts each step's sampled examples first, in ascending order (as nonzero() gives them).

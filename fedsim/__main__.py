@@ -30,6 +30,7 @@ from fedsim import resources
 from fedsim.capacity import check_fits
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import ConfigError, FedsimError
+from fedsim.trackers import check_installed
 
 # The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
 CONF_DIR = resources.resource_dir("conf") or resources.candidates("conf")[1]
@@ -115,7 +116,10 @@ def precheck(argv: list[str]) -> None:
                     message = _one_line(err)
                     fail(next((f"{message} ({hint})" for path, hint in FROM_EXTRAS.items() if f"'{path}'" in message), message))
                 try:
-                    check_fits(config_from_hydra(dcfg))
+                    cfg = config_from_hydra(dcfg)
+                    check_fits(cfg)
+                    if cfg.engine == "simulation":  # deployment: the trackers run beside the SuperLink
+                        check_installed(cfg.output.loggers)
                 except FedsimError as err:
                     fail(str(err))
     finally:

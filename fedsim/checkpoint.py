@@ -39,6 +39,17 @@ def checkpoint_path(run_dir: Path, round_num: int) -> Path:
     return run_dir / CHECKPOINT_DIR / f"round_{round_num:06d}.pt"
 
 
+def kept_rounds(run_dir: Path) -> list[int]:
+    """Rounds of the checkpoints on disk in `run_dir` (the ones a resume can go back to)."""
+    rounds = []
+    for p in (run_dir / CHECKPOINT_DIR).glob("round_*.pt"):
+        try:
+            rounds.append(int(p.stem.split("_", 1)[1]))
+        except ValueError:
+            continue
+    return sorted(rounds)
+
+
 def save(path: Path, state: dict[str, Any], *, keep: int) -> None:
     """Write `state` to `path` atomically, then keep only the newest `keep` checkpoints there.
 

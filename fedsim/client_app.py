@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
         # one line: the server logs it and puts it in the round's metrics (worker_errors).
         reason = f"{type(err).__name__} on {socket.gethostname()}: {err}".splitlines()[0][:300]
         return Message(Error(code=WORKER_SETUP_FAILED, reason=f"worker setup failed: {reason}"), reply_to=msg)
-    report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm, groups=job.groups)
+    report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm, groups=job.groups,
+                          arrays=job.arrays)  # fmt: skip
     return Message(content=wire.write_report(report), reply_to=msg)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import ConfigError
+from fedsim.registry import LOGGERS, STRATEGIES
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -158,7 +159,7 @@ class ModelConfig:
 class AlgorithmConfig:
     """Local training on devices and the server's update (Reddi et al. 2021, Alg. 2)."""
 
-    name: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
+    name: str = "fedavg"  # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
     lr: float = 0.05  # device (client) SGD learning rate
     local_epochs: int = 1  # passes over a device's data per round
     batch_size: int = 10  # device minibatch size
@@ -166,15 +167,15 @@ class AlgorithmConfig:
     weight_decay: float = 0.0  # device SGD weight decay
     proximal_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
     server_lr: float = 1.0  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
-    beta1: float = 0.9  # FedAdam/FedYogi first-moment decay
+    beta1: float = 0.9  # FedAdam/FedYogi/FedAdagrad first-moment decay
     beta2: float = 0.99  # FedAdam/FedYogi second-moment decay
-    tau: float = 1e-3  # FedAdam/FedYogi adaptivity (epsilon in the denominator)
+    tau: float = 1e-3  # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
 
 
 @dataclass
 class CohortConfig:
     size: int = 50  # devices per round: exact (fixed) or expected (poisson, rate q = size/population)
-    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement)
+    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement) | cyclic (each device once per population // size rounds, no randomness: DP-FTRL)
 
 
 @dataclass
@@ -222,7 +223,8 @@ class DPFedAvgPrivacyConfig:
     clip_learning_rate: float = 0.2  # adaptive: eta_C of the geometric update
     count_noise_multiplier: float | None = None  # adaptive: sigma_b of the noisy count (null: cohort / 20)
     noise_cohort_size: int | None = None  # add noise as if the cohort had this many devices (a labelled simulation)
-    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+)
+    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+) | tree (DP-FTRL: central noise through tree aggregation, Kairouz et al. 2021; needs cohort.sampling=cyclic)
+    tree_restart_every: int | None = None  # noise=tree: a new tree every k rounds (null: one cycle, population // cohort.size rounds)
 
 
 @dataclass
@@ -297,6 +299,11 @@ class OutputConfig:
     progress: bool = True  # one line per round on stderr
     report: bool = False  # write report.md/html (fedsim-report) into the run directory at the end
     private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
+    # Experiment trackers fed as the run goes (fedsim.trackers; extra: pip install -e ".[trackers]"):
+    # tensorboard (<run dir>/tensorboard/) | mlflow (a file store in <run dir>/mlruns/)
+    loggers: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None  # loggers=[mlflow]: another tracking URI (sqlite:///..., http://...); None = <run dir>/mlruns
+    mlflow_experiment: str = "fedsim"  # loggers=[mlflow]: the MLflow experiment the run is logged under
 
 
 @dataclass
@@ -441,7 +448,13 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
 
 
 MODELS = ("auto", "logreg", "mlp", "cnn", "lstm", "transformer", "custom")
-ALGORITHMS = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+# Values a run derives from others when they are null: calibration solves the noise multiplier
+# for target_epsilon (fedsim.privacy.sample_level, fedsim.privacy.dpfedavg) and writes it into
+# the run's config (config.yaml, the workers' copy, the randomness fingerprint). A resume given
+# null here and the same target is the same run (fedsim.run.changed_keys).
+CALIBRATED_KEYS = ("privacy.dpsgd.noise_multiplier", "privacy.dpfedavg.noise_multiplier")
 
 
 def validate(cfg: FedsimConfig) -> None:
@@ -453,7 +466,7 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(cfg.rounds, "rounds")
     _positive(cfg.eval_every, "eval_every")
     _positive(cfg.cohort.size, "cohort.size")
-    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed"))
+    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed", "cyclic"))
     if cfg.cohort.size > cfg.population:
         raise ConfigError(
             "cohort.size", f"{cfg.cohort.size} is larger than the population ({cfg.population}); allowed: 1..{cfg.population}"
@@ -535,7 +548,7 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("model.heads", f"must divide model.hidden ({m.hidden}) for the transformer, got {m.heads}")
 
     a = cfg.algorithm
-    _choice(a.name, "algorithm.name", ALGORITHMS)
+    STRATEGIES.check(a.name)
     _positive(a.lr, "algorithm.lr")
     _positive(a.local_epochs, "algorithm.local_epochs")
     _positive(a.batch_size, "algorithm.batch_size")
@@ -614,7 +627,35 @@ def validate(cfg: FedsimConfig) -> None:
                 "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)",
             )
     if user is not None:
-        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed"))
+        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed", "tree"))
+        _positive(user.tree_restart_every, "privacy.dpfedavg.tree_restart_every")
+        if user.noise == "tree":
+            # DP-FTRL's accounting (fedsim.privacy.tree) is for a fixed, public participation
+            # pattern and one clip norm; the combinations below are not covered by it.
+            if cfg.cohort.sampling != "cyclic":
+                raise ConfigError("cohort.sampling", f"{cfg.cohort.sampling}: DP-FTRL (privacy.dpfedavg.noise=tree) is "
+                                                     "accounted for the cyclic schedule, without amplification by sampling; "
+                                                     "allowed: cyclic")  # fmt: skip
+            for key, bad, allowed in (
+                ("adaptive_clipping", user.adaptive_clipping, "false"),
+                ("noise_cohort_size", user.noise_cohort_size is not None, "null"),
+            ):
+                if bad:
+                    raise ConfigError(f"privacy.dpfedavg.{key}", f"not accounted with noise=tree (DP-FTRL); allowed: {allowed}")
+            if cfg.secagg.name != "none":
+                raise ConfigError("secagg.name", "secure aggregation with noise=tree (DP-FTRL) is not built yet; allowed: none")
+            if cfg.privacy.dpsgd is not None and cfg.privacy.dpsgd.target_epsilon is not None:
+                # Sample-level budgets stop the run when too few devices have budget left, which
+                # depends on the devices' example counts: the number of releases would depend on data.
+                raise ConfigError("privacy.dpsgd.target_epsilon", "a sample-level budget stops the run at a round that "
+                                                                  "depends on the devices' data, which DP-FTRL's accounting "
+                                                                  "does not cover; allowed with noise=tree: null")  # fmt: skip
+            if cfg.audit.canaries:
+                raise ConfigError("audit.canaries", "the user-level audit assumes fresh noise each round, not DP-FTRL's "
+                                                    "tree-correlated noise; allowed with privacy.dpfedavg.noise=tree: 0")  # fmt: skip
+        elif cfg.cohort.sampling == "cyclic":
+            raise ConfigError("cohort.sampling", "cyclic: DP-FedAvg's accountants assume random cohorts (amplification "
+                                                 "by sampling); allowed: poisson, fixed, or privacy.dpfedavg.noise=tree")  # fmt: skip
         if user.noise == "distributed" and cfg.secagg.name == "none":
             raise ConfigError(
                 "privacy.dpfedavg.noise", "distributed noise needs secure aggregation; allowed: secagg=secaggplus, or noise=central"
@@ -655,6 +696,7 @@ def validate(cfg: FedsimConfig) -> None:
             "output.private_metrics_only",
             "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
         )
+    validate_output(cfg.output)
     _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
     _positive(cfg.checkpoint.keep, "checkpoint.keep")
     _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
@@ -699,6 +741,21 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(f"secagg.drop_{stage}", f"must be in [0, 1), got {rate}")
     if sa.name != "none" and cfg.cohort.size < 2:
         raise ConfigError("cohort.size", "secure aggregation needs cohorts of at least 2 devices")
+
+
+def validate_output(out: OutputConfig) -> None:
+    """Logger names come from fedsim.registry.LOGGERS. Whether their packages are installed is
+    checked where the run starts (fedsim.run, the command line's precheck, RunLog), not here:
+    workers and readers of a finished run's config.yaml do not need them."""
+    for i, name in enumerate(out.loggers):
+        if name not in LOGGERS:
+            raise ConfigError("output.loggers", f"unknown logger {name!r}; allowed: {', '.join(LOGGERS)}")
+        if name in out.loggers[:i]:
+            raise ConfigError("output.loggers", f"{name!r} is listed twice; allowed: each of {', '.join(LOGGERS)} once")
+    if not out.mlflow_experiment.strip():
+        raise ConfigError("output.mlflow_experiment", "must name an MLflow experiment, got an empty string")
+    if out.mlflow_uri is not None and not out.mlflow_uri.strip():
+        raise ConfigError("output.mlflow_uri", "must be a tracking URI (sqlite:///..., http://..., a directory) or null")
 
 
 BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1

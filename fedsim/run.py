@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.capacity import check_fits
-from fedsim.config import FedsimConfig, resolve_paths
+from fedsim.config import CALIBRATED_KEYS, FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
 from fedsim.runlog import locked
+from fedsim.trackers import check_installed
 
 
 class _DropDeprecation(logging.Filter):
@@ -74,6 +75,7 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
     if cfg.resume:
         cfg, run_dir, resume_state = _resumed(cfg, overrides)
     check_fits(cfg)  # a population whose state would not fit is refused here, not OOM-killed mid-run
+    check_installed(cfg.output.loggers)  # a tracker's missing package: one line now, not after Ray started
     resolve_paths(cfg)
     run_dir = Path(run_dir).absolute()
     cfg.output.dir = str(run_dir)
@@ -228,11 +230,28 @@ def changed_keys(saved: dict[str, Any], given: dict[str, Any], overrides: Iterab
     """Dotted config keys whose values differ, limited to those under (or above) an override
     (None: all), except the RESUME_MAY_CHANGE groups. An override that is not a config key
     (experiment=...) sets keys we cannot name: then every key is compared."""
-    diff = [k for k in _diff(saved, given, "") if k.split(".")[0] not in RESUME_MAY_CHANGE]
+    diff = [k for k in _diff(saved, given, "") if k.split(".")[0] not in RESUME_MAY_CHANGE and not _calibrated(k, saved, given)]
     keys = list(overrides) if overrides is not None else None
     if keys is None or any(k.split(".")[0] not in saved for k in keys):
         return diff
     return [d for d in diff if any(d == k or d.startswith(k + ".") or k.startswith(d + ".") for k in keys)]
+
+
+def _calibrated(key: str, saved: dict[str, Any], given: dict[str, Any]) -> bool:
+    """A derived key (fedsim.config.CALIBRATED_KEYS) that the run filled in from the same target:
+    null in the given config, a number in the saved one."""
+    if key not in CALIBRATED_KEYS:
+        return False
+    *parent, _ = key.split(".")
+
+    def at(d: Any, path: list[str]) -> Any:
+        for part in path:
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    mine, theirs = at(given, parent), at(saved, parent)
+    return (isinstance(mine, dict) and isinstance(theirs, dict) and at(given, key.split(".")) is None
+            and mine.get("target_epsilon") == theirs.get("target_epsilon") is not None)  # fmt: skip
 
 
 def _diff(a: Any, b: Any, path: str) -> list[str]:

@@ -7,6 +7,10 @@ A run directory holds:
     summary.json   final numbers, timings and the model's sha256 (written last: a run
                    directory without it did not finish)
     .fedsim.lock   while a run writes it: the pid and host of that run (`locked`)
+and, with `output.loggers` (fedsim.trackers), what the experiment trackers write:
+    tensorboard/   TensorBoard event files
+    mlruns/        MLflow's file store (unless output.mlflow_uri names another tracking URI)
+    mlflow_run.json  the tracking URI and ids of the run's MLflow run
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import socket
@@ -28,9 +33,12 @@ from typing import Any, TextIO
 import torch
 import yaml
 
+from fedsim import trackers
 from fedsim.checkpoint import atomic_write, writing
 from fedsim.config import FedsimConfig
 from fedsim.errors import StorageError
+
+log = logging.getLogger("fedsim")
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -65,7 +73,13 @@ def model_sha256(flat_params: torch.Tensor) -> str:
 
 
 class RunLog:
-    """Writes the run directory and prints progress."""
+    """Writes the run directory, prints progress, and feeds the experiment trackers.
+
+    The trackers of `output.loggers` (fedsim.trackers) are RunLog's: started once the run
+    directory is set up, given each round after metrics.jsonl has its row and the summary after
+    summary.json is written, closed at the end (`finish`) or on failure (`close`). The run's
+    own files always come first; a tracker that raises is dropped with one warning line.
+    """
 
     def __init__(
         self, run_dir: Path, cfg: FedsimConfig, *, stream: TextIO = sys.stderr, keep: frozenset[str] | None = None
@@ -76,12 +90,15 @@ class RunLog:
         self.keys: set[str] = set()  # every metric key a round produced, left-out ones included
         self.cfg = cfg
         self.stream = stream
+        # A missing package is a ConfigError here, before any file (fedsim.run checks it earlier still).
+        self.trackers = trackers.build(cfg.output.loggers)
         with writing("run directory", run_dir / CONFIG):
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._metrics = open(run_dir / METRICS, "w", buffering=1)  # noqa: SIM115 - closed in close()
         self.rows: list[RoundMetrics] = []
         self._full: list[str] = []  # every round's metrics, left-out keys included (for checkpoints)
+        self._track("on_start", cfg, run_dir)
 
     def row_dicts(self) -> list[dict[str, Any]]:
         """Every round's metrics so far, as dicts (for checkpoints; keys `keep` leaves out included)."""
@@ -93,9 +110,12 @@ class RunLog:
         self._metrics.truncate()
         self._full = []
         self.rows = []
+        restored = []
         for row in rows:
-            self._write(row)
+            shown = self._write(row)
             self.rows.append(RoundMetrics(**{k: row[k] for k in ROUND_FIELDS}))
+            restored.append((row["round"], trackers.numeric(shown)))
+        self._track("on_resume", restored)  # not on_round: the run that wrote them logged them
 
     def note(self, text: str) -> None:
         """A line about the run's set-up (calibration, budgets) on the terminal."""
@@ -106,18 +126,40 @@ class RunLog:
     def round(self, row: RoundMetrics, extra: dict[str, Any] | None = None) -> None:
         """Log one round; `extra` holds the privacy metrics of the mechanisms that are on."""
         self.rows.append(row)
-        self._write({**dataclasses.asdict(row), **(extra or {})})
+        shown = self._write({**dataclasses.asdict(row), **(extra or {})})
         if self.cfg.output.progress:
             self.stream.write(self._progress_line(row) + "\n")
             self.stream.flush()
+        self._track("on_round", row.round, trackers.numeric(shown))
 
-    def _write(self, values: dict[str, Any]) -> None:
+    def _write(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Append one round to metrics.jsonl; returns the row as written (what `keep` shows)."""
         values = _finite(values)
         self.keys |= set(values)
         self._full.append(json.dumps(values))
         shown = values if self.keep is None else {k: v for k, v in values.items() if k in self.keep}
         with writing("metrics", self.dir / METRICS):
             self._metrics.write(json.dumps(shown) + "\n")
+        return shown
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Call `method` on every tracker; one that raises is dropped with one warning line."""
+        for entry in list(self.trackers):
+            name, tracker = entry
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # noqa: BLE001 - a tracker never fails the run
+                self.trackers.remove(entry)
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                log.warning("output.loggers: %s failed in %s (%s: %s); it is off for the rest of the run",
+                            name, method, type(err).__name__, reason)  # fmt: skip
+                if method != "close":
+                    with contextlib.suppress(Exception):
+                        tracker.close()
+
+    def _close_trackers(self) -> None:
+        self._track("close")
+        self.trackers = []
 
     def _progress_line(self, row: RoundMetrics) -> str:
         rounds = self.cfg.rounds
@@ -134,6 +176,19 @@ class RunLog:
         return "[fedsim] " + " | ".join(parts)
 
     def finish(self, model: torch.nn.Module, flat_params: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+        """Write model.pt and summary.json (last), then give the trackers the summary; returns it."""
+        try:
+            summary, text = self._write_outputs(model, flat_params, extra)
+        except BaseException:
+            self.close()  # the trackers end too (a failed MLflow run), whatever stopped the outputs
+            raise
+        self._track("on_finish", json.loads(text))  # summary.json as written
+        self._close_trackers()
+        return summary
+
+    def _write_outputs(
+        self, model: torch.nn.Module, flat_params: torch.Tensor, extra: dict[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
         sha = model_sha256(flat_params)
         if self.cfg.output.save_model:
             state = {"state_dict": model.state_dict(), "flat_params": flat_params, "sha256": sha, "config": self.cfg.to_dict()}
@@ -159,10 +214,12 @@ class RunLog:
         with writing("summary", self.dir / SUMMARY):
             atomic_write(self.dir / SUMMARY, lambda f: f.write(text))
         self._metrics.close()
-        return summary
+        return summary, text
 
     def close(self) -> None:
+        """End a run that failed: metrics.jsonl and the trackers are closed."""
         self._metrics.close()
+        self._close_trackers()
 
 
 LOCK = ".fedsim.lock"

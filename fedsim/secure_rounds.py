@@ -367,7 +367,7 @@ def secure_round(
         base["clip_norm"] = float(clip_norm)
 
     # `send(grid, messages, timeout=...)`: the server's transport (late workers, a restart of
-    # the round when a worker misses a stage before unmasking: fedsim.server_app.exchange).
+    # the round when a worker misses a stage before unmasking: fedsim.exchange.exchange).
     if send is None:
         from fedsim.transport import send_and_receive as send
 

@@ -9,47 +9,37 @@ A device is not a Flower node: workers are SuperNodes that simulate many devices
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, secure_rounds, wire
-from fedsim.aggregation import RunningSum, ServerOptimizer, build_server_optimizer
+from fedsim import checkpoint, randomness, runstate, secure_rounds, strategies, wire
 from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError, RunInterrupted
+from fedsim.mechanisms import Mechanism
 from fedsim.models import checked_model, model_for
 from fedsim.privacy import published
 from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.placement import assign_devices
-from fedsim.privacy.sample_level import LEDGER_FILE, SampleLevelDP
-from fedsim.reports import DeviceReport, reject_non_finite
+from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
-from fedsim.secure_rounds import secure_round
-from fedsim.transport import (
-    SYSTEM_CLOCK,
-    Clock,
-    Workers,
-    send_and_receive,
-    send_with_retries,
-    wait_for_workers,
-    with_fault,
-    worker_faults,
-)
+from fedsim.exchange import exchange
+from fedsim.transport import SYSTEM_CLOCK, Clock, Workers, wait_for_workers
 from fedsim.worker import use_vectorized
 
 log = logging.getLogger("fedsim")
@@ -68,15 +58,20 @@ class RunSetup:
     resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
     device_group: int | None = None  # vectorized training: devices per batched group (None: one by one)
     vectorized_why: str = ""  # why the run trains vectorized or not (fedsim.worker.use_vectorized)
+    derived: dict[str, float] = field(default_factory=dict)  # calibrated values (fedsim.runstate)
 
 
 def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: dict | None = None) -> RunSetup:
+    """Data, model, privacy mechanisms (calibrated) and checks; `cfg` is left as given, the
+    calibrated values are in `RunSetup.derived` (fedsim.runstate)."""
+    given, cfg = cfg, copy.deepcopy(cfg)  # calibration writes into the copy
     if dataset is None:
         dataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
     model = model_for(cfg, dataset)
     if getattr(model, "reads_tokens", False) and not dataset.token_inputs:
         raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
                           "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
+    strategies.strategy_class(cfg).check(cfg)  # e.g. SCAFFOLD under SecAgg+: refused before any start-up
     sample_dp = None
     if cfg.privacy.dpsgd is not None:
         # The workers apply the same check (and fix), so their flat parameters match ours.
@@ -91,23 +86,11 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
     return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
-                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why)  # fmt: skip
+                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why,
+                    derived=runstate.derived_values(given, cfg))  # fmt: skip
 
 
 STOP = threading.Event()  # set by Ctrl-C (fedsim.run): the loop stops at the next round boundary
-
-
-@dataclass
-class RoundOutcome:
-    """What came back from the devices in one round, before the server's update."""
-
-    total: torch.Tensor | None  # float64 (weighted) sum of the updates; None: nothing released
-    count: int  # devices in the sum
-    weight: float  # the sum's denominator for FedAvg (examples, or devices under SecAgg+)
-    reports: list[DeviceReport]
-    stats: dict  # metrics of the round (loss, bytes, time, secagg stages, ...)
-    count_sum: float | None = None  # SecAgg+ with adaptive clipping: secure sum of (2 b_i - 1) (+ device noise)
-    aborted: str | None = None  # SecAgg+ aborted the round before the server could unmask a sum
 
 
 def run_rounds(
@@ -117,10 +100,11 @@ def run_rounds(
     (`clock`: what worker timeouts are measured with; tests pass a fake one.)"""
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
+    cfg = runstate.effective(cfg, setup.derived)  # what config.yaml, the workers and the fingerprint see
     model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
-    optimizer = build_server_optimizer(cfg.algorithm)
+    strategy = strategies.build(cfg, len(params), run_dir)
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(
@@ -134,12 +118,16 @@ def run_rounds(
     covered = frozenset(published.covered_metrics(cfg))
     runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
+    # The active privacy mechanisms, in their documented order (fedsim.mechanisms).
+    mechanisms: list[Mechanism] = [m for m in (sample_dp, user_dp) if m is not None]
     if setup.resume is not None:
-        params, first_round, elapsed_before = restore(setup.resume, optimizer, sample_dp, user_dp, runlog)
+        params, first_round, elapsed_before = restore(setup.resume, strategy, mechanisms, runlog)
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
-    for mechanism in (sample_dp, user_dp, audit):
-        if mechanism:
-            runlog.note(mechanism.describe())
+    if (line := strategy.describe()) is not None:
+        runlog.note(line)
+    for described in (*mechanisms, audit):
+        if described:
+            runlog.note(described.describe())
     for line in setup.dataset.notes():
         runlog.note(line)
     setup.dataset.save(run_dir)
@@ -158,10 +146,8 @@ def run_rounds(
             try:
                 if STOP.is_set():
                     raise RunInterrupted(f"interrupted after round {round_num - 1}; continue with: fedsim resume={run_dir}")
-                if sample_dp:
-                    sample_dp.check_enough_left(cfg.cohort.size)
-                if user_dp:
-                    user_dp.check_budget(round_num)
+                for mechanism in mechanisms:
+                    mechanism.before_round(round_num)
             except FedsimError as err:
                 stopped = err
                 break
@@ -170,8 +156,11 @@ def run_rounds(
                 cohort_size=cfg.cohort.size,
                 method=cfg.cohort.sampling,
                 rng=streams.numpy("cohort", round_num),
+                round_num=round_num,
             )
-            cohort = sample_dp.admit(sampled) if sample_dp else sampled  # leave out devices over budget
+            cohort = sampled
+            for mechanism in mechanisms:
+                cohort = mechanism.admit(cohort)  # leave out devices over budget
             alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again
             if not alive:
                 stopped = FedsimError(f"round {round_num}: every worker is lost: " + "; ".join(
@@ -181,7 +170,7 @@ def run_rounds(
                 return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
                                       cfg.simulation.layout, setup.device_group)  # fmt: skip
 
-            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan)
+            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan, strategy)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
             if audit:  # user-level canaries join the released sum; sample-level canary devices train apart
                 out.total = audit.during_round(out, round_num, params, user_dp, grid, workers, config_json)
@@ -204,20 +193,19 @@ def run_rounds(
                 privacy |= user_dp.round_metrics()
             if out.total is not None:
                 # Privacy spent is recorded (and, with checkpoints, saved) before the update that spent it.
-                if sample_dp:
-                    privacy |= sample_dp.account(out.reports)
-                    if cfg.checkpoint.every:
-                        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
-                            sample_dp.save(run_dir)
+                for mechanism in mechanisms:
+                    privacy |= mechanism.after_devices(round_num, out.reports, run_dir)
                 if user_dp:
                     noised = user_dp.aggregate(
                         out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
                         noise_only=noise_only,
                     )  # fmt: skip
-                    params = optimizer.step(params, noised)
+                    params = strategy.step(params, noised)
                     privacy |= user_dp.round_metrics()
                 elif out.count:
-                    params = optimizer.step(params, (out.total / out.weight).to(torch.float32))
+                    params = strategy.step(params, (out.total / out.weight).to(torch.float32))
+                if out.count and strategy.needs_device_updates:
+                    privacy |= strategy.observe(round_num, out.reports)
             if out.total is None or (out.count == 0 and not user_dp):
                 log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
@@ -244,11 +232,12 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, optimizer, sample_dp, user_dp, runlog, now - start, audit)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, mechanisms, runlog, now - start, audit)
             if stopped:
                 break
     except BaseException:
         runlog.close()
+        strategy.close()
         raise
     load_flat_params(model, params)
     extra = {
@@ -265,17 +254,17 @@ def run_rounds(
         "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
     }
     extra["randomness"] = random_desc
+    extra["derived"] = dict(setup.derived)  # values the run solved for (calibrated noise multipliers)
     extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     if cfg.secagg.name == "secaggplus":
         extra["secagg"] = secure_rounds.summary(cfg)
+    extra["strategy"] = strategy.summary()
+    strategy.close()
     extra["privacy"] = {}
-    if sample_dp:
-        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
-            sample_dp.save(run_dir)
-        extra["privacy"] |= sample_dp.summary()
-    if user_dp:
-        extra["privacy"] |= user_dp.summary()
+    for mechanism in mechanisms:
+        mechanism.finish(run_dir)
+        extra["privacy"] |= mechanism.summary()
     if audit:
         extra["audit"] = audit.summary(run_dir, params, user_dp)
     language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
@@ -289,136 +278,13 @@ def run_rounds(
     return summary
 
 
-def exchange(
-    cfg: FedsimConfig,
-    grid: Grid,
-    plan: list[tuple[int, list[int]]],
-    params: torch.Tensor,
-    round_num: int,
-    config_json: str,
-    user_dp: UserLevelDP | None,
-    workers: Workers,
-    replan: Callable[[list[int]], list[wire.Assignment]] | None = None,
-) -> RoundOutcome:
-    """Send the round to the workers and bring back the (sum of the) device updates.
-    (`replan(nodes)`: the round's plan over other workers, for a SecAgg+ round that restarts.)"""
-    clip_norm = user_dp.clip_norm if user_dp else None
-    f = cfg.faults
-    faults = worker_faults(seed=cfg.seed, round_num=round_num, nodes=[node for node, _ in plan], kill_rate=f.worker_kill_rate,
-                           pause_rate=f.worker_pause_rate, pause_s=f.worker_pause_s)  # fmt: skip
-    if cfg.secagg.name == "secaggplus":
-        # SecAgg+: the server only ever holds the sum of the survivors' updates.
-        secure, restarts = None, 0
-        for attempt in range(1 + cfg.simulation.retries):
-            if attempt:
-                alive = workers.wait_for_alive(grid)
-                if not alive or replan is None:
-                    break
-                plan = replan(alive)
-            sender = SecureStages(workers, round_num, faults if attempt == 0 else {}, last=attempt == cfg.simulation.retries)
-            try:
-                secure = secure_round(
-                    cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
-                    config_json=config_json, clip_norm=clip_norm,
-                    encoding=user_dp.secure_encoding() if user_dp else None,
-                    send=sender,
-                )  # fmt: skip
-                break
-            except StageMissed as missed:
-                restarts += 1
-                log.warning("round %d: %s; the secure round starts again (fresh session) on the other workers", round_num, missed)
-        if secure is None:  # every worker was lost during the restarts
-            stats = round_stats([]) | {"bytes_sent": 0, "bytes_received": 0, "worker_retries": restarts}
-            return RoundOutcome(None, 0, 0.0, [], stats | {"secagg_aborted": "no worker left"})
-        stats = round_stats(secure.reports) | {"bytes_sent": 0, "bytes_received": 0} | secure.metrics
-        stats |= {"worker_retries": restarts}
-        if secure.aborted:
-            log.warning("round %d aborted (model, ledger and accounting unchanged): %s", round_num, secure.aborted)
-            stats["secagg_aborted"] = secure.aborted
-        # Under SecAgg+ devices are weighted equally: the sum is all the server gets.
-        return RoundOutcome(
-            secure.total, secure.count, float(secure.count), secure.reports, stats, secure.sums.get("within_bound"),
-            secure.aborted,
-        )  # fmt: skip
-    jobs = [
-        (part[0], wire.write_job(
-            round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
-            clip_norm=clip_norm, groups=wire.groups_of(part),
-        ))
-        for part in plan
-    ]  # fmt: skip
-    sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
-    # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-    running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
-    stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
-              "workers_late": len(sent.late)}  # fmt: skip
-    if sent.errors:
-        stats["worker_errors"] = sorted(set(sent.errors))
-        # Every worker answered with an error: a setup problem. Late workers are not failed ones.
-        stats["all_workers_failed"] = not sent.replies and not sent.late
-    if not sent.replies:  # nothing came back: no update, no noise step, no privacy spent
-        return RoundOutcome(None, 0, 0.0, reports, stats)
-    return RoundOutcome(running.total, running.count, running.weight, reports, stats)
-
-
-class StageMissed(Exception):
-    """A worker missed a SecAgg+ stage before unmasking: the round starts again."""
-
-
-class SecureStages:
-    """How `secure_round` sends a stage: through the transport (late workers are suspended like
-    in plain rounds), with the round's chaos faults on the masked-input stage of the first
-    attempt, and raising StageMissed when a worker gives no answer (or an error) in a stage
-    before unmasking, unless this is the last attempt.
-
-    Why a restart is safe and changes nothing (threat model: an honest-but-curious server
-    that follows the protocol): the abandoned attempt never reached the unmask stage, so the
-    server never asked for (and never holds) the shares that would remove its masks, and its
-    masked vectors are uniformly random to it; the new attempt uses a fresh session (new keys,
-    new self-masks). Device training and quantization are seeded by (seed, round, device),
-    so the restarted round's sum is the one the fault-free round would have had. A worker
-    that misses the unmask stage is handled by SecAgg+'s own dropout recovery instead.
-    """
-
-    def __init__(self, workers: Workers, round_num: int, faults: dict[int, str], *, last: bool) -> None:
-        self.workers, self.round_num, self.faults, self.last = workers, round_num, faults, last
-
-    def __call__(self, grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
-        if not messages:
-            return {}
-        stage = str(messages[0].content.config_records["job"]["stage"])
-        if stage == "masked_input" and self.faults:
-            messages = [
-                Message(with_fault(m.content, self.faults[m.metadata.dst_node_id]), dst_node_id=m.metadata.dst_node_id,
-                        message_type=m.metadata.message_type, group_id=m.metadata.group_id)
-                if m.metadata.dst_node_id in self.faults else m
-                for m in messages
-            ]  # fmt: skip
-        replies = send_and_receive(grid, messages, timeout=timeout, clock=self.workers.clock)
-        missed, silent = [], []
-        for i, m in enumerate(messages):
-            node, reply = m.metadata.dst_node_id, replies.get(i)
-            if reply is None:
-                silent.append((node, m.metadata.message_id, f"no answer within {timeout:g} s in round {self.round_num} ({stage})"))
-                missed.append(f"worker {node} gave no answer in {stage}")
-            elif reply.has_error():
-                missed.append(f"worker {node} failed in {stage}: {(reply.error.reason or '').strip()[:200]}")
-            else:
-                self.workers.answered(node)
-        self.workers.missed_many(silent)
-        if missed and stage != "unmask" and not self.last:
-            raise StageMissed("; ".join(missed))
-        return replies
-
-
 def save_checkpoint(
     cfg: FedsimConfig,
     run_dir: Path,
     round_num: int,
     params: torch.Tensor,
-    optimizer: ServerOptimizer,
-    sample_dp: SampleLevelDP | None,
-    user_dp: UserLevelDP | None,
+    strategy: strategies.Strategy,
+    mechanisms: list[Mechanism],
     runlog: RunLog,
     elapsed_s: float,
     audit: RunAudit | None = None,
@@ -429,79 +295,31 @@ def save_checkpoint(
             "round": round_num,
             "config": cfg.to_dict(),
             "params": params.clone(),
-            "server_optimizer": optimizer.state_dict(),
-            "sample_ledger": sample_dp.ledger.to_json() if sample_dp else None,
-            "user_level": user_dp.state_dict() if user_dp else None,
+            "server_optimizer": strategy.state_dict(),
+            "sample_ledger": None,  # each mechanism's state under its checkpoint_key
+            "user_level": None,
+            **{m.checkpoint_key: m.state_dict() for m in mechanisms},
             "rows": runlog.row_dicts(),
             "elapsed_s": elapsed_s,
             "audit": audit.state_dict() if audit else None,
         },
         keep=cfg.checkpoint.keep,
     )
+    strategy.checkpointed(round_num, checkpoint.kept_rounds(run_dir))
 
 
 def restore(
     state: dict,
-    optimizer: ServerOptimizer,
-    sample_dp: SampleLevelDP | None,
-    user_dp: UserLevelDP | None,
+    strategy: strategies.Strategy,
+    mechanisms: list[Mechanism],
     runlog: RunLog,
 ) -> tuple[torch.Tensor, int, float]:
     """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
-    optimizer.load_state_dict(state["server_optimizer"])
-    if sample_dp:
-        sample_dp.load_ledger(state["sample_ledger"])
-    if user_dp:
-        user_dp.load_state_dict(state["user_level"])
+    strategy.load_state_dict(state["server_optimizer"])
+    for mechanism in mechanisms:
+        mechanism.load_state_dict(state[mechanism.checkpoint_key])
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
-
-
-def round_stats(reports: list[DeviceReport]) -> dict:
-    """Loss, examples, time and memory of a round, from the workers' reports."""
-    examples = sum(sum(r.num_examples) for r in reports)
-    loss_sum = sum(loss * n for r in reports for loss, n in zip(r.losses, r.num_examples, strict=True))
-    return {
-        "num_examples": examples,
-        "devices_late": sum(f.startswith("DeadlineMissed") for r in reports for f in r.failures),
-        "train_loss": loss_sum / examples if examples else None,
-        "train_time_s": max((r.train_time_s for r in reports), default=0.0),
-        "worker_peak_rss_mb": max((r.peak_rss_mb for r in reports), default=0.0),
-    }
-
-
-def collect(
-    replies: list[Message], num_params: int, *, weighted: bool = True
-) -> tuple[RunningSum, dict, list[DeviceReport]]:
-    """Sum the device updates of all replies (device-id order, weighted by examples or by 1)
-    and gather round statistics."""
-    total = RunningSum(num_params)
-    reports: list[DeviceReport] = []
-    rows: list[tuple[int, torch.Tensor, float]] = []
-    received = 0
-    for reply in replies:
-        if reply.has_error():
-            log.warning("a worker failed: %s", (reply.error.reason or "").splitlines()[0] if reply.error.reason else reply.error.code)
-            continue
-        received += wire.payload_bytes(reply.content)
-        try:
-            report = wire.read_report(reply.content, num_params)
-        except wire.BadReply as err:
-            log.warning("skipping a worker's reply: %s", err)
-            continue
-        reject_non_finite(report)  # device replies are input: a NaN must not reach the model
-        reports.append(report)
-        for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
-            log.warning("device %d failed: %s", device_id, reason)
-        rows += [
-            (d, torch.from_numpy(u), float(n) if weighted else 1.0)
-            for d, u, n in zip(report.device_ids, report.updates, report.num_examples, strict=True)
-        ]
-    # One sorted pass over every reply's rows: the float64 sum is in device-id order whatever
-    # order the replies (or resent jobs) came in, so the model does not depend on it.
-    total.add_all(rows)
-    stats = round_stats(reports) | {"bytes_received": received}
-    return total, stats, reports
 
 
 def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:

@@ -6,6 +6,8 @@ Server -> worker ("train"):
                          "clip_norm": float (user-level DP only),
                          "groups": [int] (vectorized training only: sizes of consecutive runs of
                                    device_ids trained as one batch; absent = each device alone)}
+    arrays["strategy"] = {name: float32 array}  (only for strategies that send more than the
+                          weights, e.g. SCAFFOLD's control variates; Strategy.job_arrays)
 Worker -> server:
     arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
     configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
@@ -75,6 +77,7 @@ class Job:
     global_params: torch.Tensor
     clip_norm: float | None = None  # user-level DP: clip each device's update to this L2 norm
     groups: list[int] | None = None  # vectorized training: sizes of consecutive device groups
+    arrays: dict[str, np.ndarray] | None = None  # the strategy's extra inputs (Strategy.job_arrays)
 
 
 def write_job(
@@ -85,6 +88,7 @@ def write_job(
     global_params: np.ndarray,
     clip_norm: float | None = None,
     groups: list[int] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> RecordDict:
     job: dict = {"round": round_num, "device_ids": device_ids, "config": config_json}
     if clip_norm is not None:
@@ -93,7 +97,10 @@ def write_job(
         if any(g < 1 for g in groups) or sum(groups) != len(device_ids):
             raise ValueError(f"group sizes {groups} do not partition the job's {len(device_ids)} devices")
         job["groups"] = [int(g) for g in groups]
-    return RecordDict({"global": ArrayRecord({"params": Array(global_params)}), "job": ConfigRecord(job)})
+    content = RecordDict({"global": ArrayRecord({"params": Array(global_params)}), "job": ConfigRecord(job)})
+    if arrays:
+        content["strategy"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return content
 
 
 def read_job(content: RecordDict) -> Job:
@@ -106,6 +113,8 @@ def read_job(content: RecordDict) -> Job:
         global_params=torch.from_numpy(params),
         clip_norm=float(job["clip_norm"]) if "clip_norm" in job else None,  # type: ignore[arg-type]
         groups=[int(g) for g in job["groups"]] if "groups" in job else None,  # type: ignore[union-attr]
+        arrays={k: a.numpy() for k, a in content.array_records["strategy"].items()}
+        if "strategy" in content.array_records else None,
     )
 
 

@@ -36,6 +36,7 @@ from fedsim.errors import ConfigError
 from fedsim.models import checked_model, model_for
 from fedsim.privacy.user_level import clip_update
 from fedsim.reports import DeviceReport
+from fedsim.strategies import strategy_class
 
 
 def train_config(cfg: FedsimConfig) -> TrainConfig:
@@ -112,6 +113,11 @@ def use_vectorized(
         return False, "simulation.vectorize=off"
     if cfg.simulation.layout == "classic":
         return False, "classic layout: one device per worker, nothing to batch"
+    if not strategy_class(cfg).vectorizable:
+        if mode == "on":
+            raise ConfigError("simulation.vectorize", f"on, but algorithm.name={cfg.algorithm.name} trains each device "
+                                                      "with inputs of its own; allowed with it: auto, off")  # fmt: skip
+        return False, f"{cfg.algorithm.name}: each device trains with inputs of its own"
     key = hashlib.sha256((cfg.to_json() + "\0" + repr(model)).encode()).hexdigest()
     if key not in _DECISIONS:
         _DECISIONS[key] = _decide(cfg, model, dataset)  # raises ConfigError for "on" and a model it cannot train
@@ -189,6 +195,7 @@ class Worker:
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
         self.model = worker_model(cfg, self.dataset)
         self.trainer = build_trainer(cfg, self.model)
+        self.strategy = strategy_class(cfg)  # its device side: what a job's extra arrays mean to a device
         # A model of its own: Opacus's hooks on self.model would fire inside vmap.
         model = worker_model(cfg, self.dataset)
         self.vectorized: VectorizedTrainer | None = None
@@ -205,6 +212,7 @@ class Worker:
         *,
         clip_norm: float | None = None,
         groups: list[int] | None = None,
+        arrays: dict[str, np.ndarray] | None = None,
     ) -> DeviceReport:
         """Train each device from the global weights; with `clip_norm` (user-level DP), clip each
         update to that L2 norm before it leaves the device (McMahan et al. 2018).
@@ -212,12 +220,14 @@ class Worker:
         `groups`: sizes of consecutive groups of `device_ids` (None: each device alone). With
         vectorization on, the devices of a group that pass the failure and deadline checks
         train as one batched computation; a group left with one device trains it one by one,
-        like a worker without vectorization.
+        like a worker without vectorization. `arrays`: the strategy's extra inputs of this job
+        (rows in `device_ids` order; Strategy.device_correction reads them).
         """
         report = DeviceReport()
         start = time.perf_counter()
         cfg, streams = self.cfg, self.streams
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
+        row_of = {d: i for i, d in enumerate(device_ids)}
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []
@@ -244,7 +254,9 @@ class Worker:
                 results = []
                 for device_id, data in ready:
                     try:
-                        results.append(self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id)))
+                        correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
+                        results.append(self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
+                                                        correction=correction))  # fmt: skip
                     except Exception as err:
                         results.append(err)
             for (device_id, _), result in zip(ready, results, strict=True):

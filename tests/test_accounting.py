@@ -120,7 +120,7 @@ def test_train_loss_and_other_statistics_are_labelled_with_what_each_path_comput
     # the cohort sum of each device's mean loss, so train_loss is a device-weighted mean there.
     from fedsim.privacy.published import outside_guarantee
     from fedsim.secure_rounds import cohort_metrics
-    from fedsim.server_app import round_stats
+    from fedsim.exchange import round_stats
     from fedsim.reports import DeviceReport
 
     keys = ["train_loss", "num_examples", "update_clipped_fraction"]

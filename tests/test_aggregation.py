@@ -1,12 +1,17 @@
-"""Server-side aggregation: the weighted mean and the server optimizers of Reddi et al. 2021."""
+"""Server-side aggregation: the weighted mean and the strategies' server steps (Reddi et al. 2021)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fedsim.aggregation import RunningSum, build_server_optimizer
-from fedsim.config import AlgorithmConfig
+from fedsim import strategies
+from fedsim.aggregation import RunningSum
+from fedsim.config import AlgorithmConfig, FedsimConfig
+
+
+def build_server_optimizer(algorithm: AlgorithmConfig) -> strategies.Strategy:
+    return strategies.build(FedsimConfig(algorithm=algorithm), num_params=2)
 
 
 def test_weighted_mean_weights_by_examples() -> None:
@@ -72,3 +77,36 @@ def test_fedyogi_second_moment_is_additive_with_sign() -> None:
     other.load_state_dict(state)
     y = torch.tensor([0.3], dtype=torch.float64)
     assert torch.equal(opt.step(y, y), other.step(y, y))
+
+
+def test_fedadagrad_matches_reddi_algorithm_2_by_hand() -> None:
+    cfg = AlgorithmConfig(name="fedadagrad", server_lr=0.1, beta1=0.9, tau=1e-3)
+    opt = build_server_optimizer(cfg)
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    deltas = [torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)]
+    y = x
+    for d in deltas:
+        y = opt.step(y, d)
+    m, v, ref = torch.zeros(2, dtype=torch.float64), torch.full((2,), 1e-6, dtype=torch.float64), x.clone()
+    for d in deltas:
+        m = 0.9 * m + 0.1 * d
+        v = v + d * d  # Adagrad: the squares add up, no decay
+        ref = ref + 0.1 * m / (v.sqrt() + 1e-3)
+    assert torch.allclose(y, ref, rtol=0, atol=1e-12)
+
+
+def test_every_registered_strategy_builds_and_names_itself() -> None:
+    from fedsim.registry import STRATEGIES
+
+    for name in STRATEGIES.names():
+        strategy = strategies.build(FedsimConfig(algorithm=AlgorithmConfig(name=name)), num_params=3)
+        assert strategy.summary()["name"] == name
+        strategy.close()
+
+
+def test_unknown_strategy_names_the_key_and_the_allowed_names() -> None:
+    from fedsim.config import validate
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algorithm.name.*'fedsgd'.*fedavg, fedprox, fedadam, fedyogi, fedadagrad, scaffold"):
+        validate(FedsimConfig(algorithm=AlgorithmConfig(name="fedsgd")))

@@ -29,6 +29,8 @@ OPTIONS = [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_D
 DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "algorithm=fedadam": {"algorithm.name", "algorithm.server_lr"},
     "algorithm=fedyogi": {"algorithm.name", "algorithm.server_lr"},
+    "algorithm=fedadagrad": {"algorithm.name", "algorithm.server_lr"},
+    "algorithm=scaffold": {"algorithm.name"},
     "algorithm=fedprox": {"algorithm.name", "algorithm.proximal_mu"},
     "audit=sample": {"audit.canary_examples"},
     "audit=user": {"audit.canaries"},
@@ -44,6 +46,8 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "privacy=dpfedavg_production": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon",
                                     "privacy.dpfedavg.noise_cohort_size"},
     "privacy=dpsgd_target": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon"},
+    "privacy=dpftrl": {"privacy.dpfedavg.noise"},
+    "privacy=dpftrl_target": {"privacy.dpfedavg.noise", "privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"},
     "secagg=secaggplus": {"secagg.name"},
     "simulation=classic": {"simulation.layout"},
 }
@@ -122,3 +126,12 @@ def test_privacy_none_makes_every_experiment_non_private(hydra: None, experiment
     raw = composed([f"experiment={experiment}", "privacy=none"])
     privacy = C.from_dict(raw).privacy
     assert privacy.dpsgd is None and privacy.dpfedavg is None, raw["privacy"]
+
+
+def test_every_registered_strategy_has_its_config_option() -> None:
+    """`fedsim algorithm=<name>` works for each name the registry allows, and no option names
+    a strategy the registry does not know."""
+    from fedsim.registry import STRATEGIES
+
+    options = {p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml")}
+    assert options == set(STRATEGIES.names())

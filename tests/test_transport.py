@@ -16,7 +16,7 @@ from flwr.app import Error, Message
 
 from fake_grid import ClockedGrid, FakeClock, set_flower_identity
 from fedsim import wire
-from fedsim.server_app import collect
+from fedsim.exchange import collect
 from fedsim.transport import Workers, send_with_retries
 from fedsim.reports import DeviceReport
 

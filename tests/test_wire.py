@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fedsim import wire
-from fedsim.server_app import collect
+from fedsim.exchange import collect
 from fedsim.reports import DeviceReport
 
 

@@ -44,6 +44,7 @@ run, not a Gaussian of the same variance).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.calibration import solve_noise_multiplier
 from fedsim.privacy.skellam import SkellamBlock, SkellamRound, l1_bound, rounded_norm_bound, skellam_epsilon
+from fedsim.privacy import tree as tree_dp
 from fedsim.privacy.accountants import choose_pld_interval
 from fedsim.privacy.user_level import (
     PLD_VALUE_DISCRETIZATION_INTERVAL,
@@ -63,7 +65,9 @@ from fedsim.privacy.user_level import (
     gaussian_sum_noise,
     update_noise_multiplier,
 )
+from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport
+from fedsim.sampling import cyclic_period
 from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
 from fedsim.secure_grid import grid_step
 
@@ -89,7 +93,7 @@ class SecureEncoding:
     count_variance: float = 0.0
 
 
-class UserLevelDP:
+class UserLevelDP(Mechanism):
     """The run's user-level DP state: clip norm, central noise, accounting, budget."""
 
     def __init__(self, cfg: FedsimConfig, *, num_params: int | None = None) -> None:
@@ -98,6 +102,15 @@ class UserLevelDP:
         assert user is not None
         self.cfg, self.user = cfg, user
         self.distributed = user.noise == "distributed"
+        # DP-FTRL (noise=tree): tree-aggregated central noise over the cyclic schedule (fedsim.privacy.tree).
+        self.tree = user.noise == "tree"
+        self.tree_restart_every = user.tree_restart_every or cyclic_period(cfg.population, cfg.cohort.size)
+        if self.tree and cfg.checkpoint.every and randomness.mode(cfg) == "secure":
+            # A checkpoint would hold the noise of the open tree nodes, which the released prefixes
+            # still contain: whoever reads it could remove that noise (and a resume would re-release
+            # the rounds after it with fresh noise).
+            raise ConfigError("checkpoint.every", "with privacy.dpfedavg.noise=tree and privacy.randomness=secure a "
+                                                  "checkpoint would hold the open tree nodes' noise; allowed: 0")  # fmt: skip
         # Under SecAgg+ devices send randomly rounded integer vectors: the sensitivity is the
         # norm bound after conditional rounding (D2 grid steps), not C (fedsim.privacy.skellam).
         self.grid_step: float | None = None
@@ -106,7 +119,9 @@ class UserLevelDP:
             if num_params is None:
                 raise ValueError("UserLevelDP under SecAgg+ needs num_params (the rounding bound depends on it)")
             self.grid_step = grid_step(cfg)
-        self.expected_cohort = float(cfg.cohort.size)  # Poisson: q N = cohort.size; fixed: k
+        # Poisson: q N = cohort.size; fixed: k; cyclic: population / cycle length (cohorts of its floor or ceil)
+        self.expected_cohort = (cfg.population / cyclic_period(cfg.population, cfg.cohort.size)
+                                if cfg.cohort.sampling == "cyclic" else float(cfg.cohort.size))  # fmt: skip
         # Andrew et al. 2021 suggest sigma_b = expected cohort / 20 for the noisy count.
         self.count_noise = (user.count_noise_multiplier or self.expected_cohort / 20) if user.adaptive_clipping else None
         # noise_cohort_size: the noise of a mean over M' devices, on a mean over m devices.
@@ -115,7 +130,10 @@ class UserLevelDP:
         if user.noise_multiplier is None:
             assert user.target_epsilon is not None
             try:
-                if self.distributed:  # calibrated on the Skellam accounting of the mechanism actually run
+                if self.tree:  # mu-GDP is exact: z = sqrt(max sum n_v^2) / mu(target epsilon, delta)
+                    user.noise_multiplier = math.sqrt(self._tree_mu_squared(cfg.rounds)) / tree_dp.gdp_mu(
+                        user.target_epsilon, user.delta)  # fmt: skip
+                elif self.distributed:  # calibrated on the Skellam accounting of the mechanism actually run
                     first, sigma_b = user.clip_norm, self.count_noise
 
                     def epsilon(z: float) -> float:
@@ -143,11 +161,12 @@ class UserLevelDP:
         self.streams = randomness.streams(cfg)
         # PLD: the coarsest discretisation within 1% of the 1e-4 epsilon over the planned rounds.
         self.pld_interval, self.pld_intervals_tried = PLD_VALUE_DISCRETIZATION_INTERVAL, {}
-        if user.accountant == "pld" and self.noise_multiplier > 0:
+        if user.accountant == "pld" and self.noise_multiplier > 0 and not self.tree:
             self.pld_interval, self.pld_intervals_tried = choose_pld_interval(
                 lambda interval: self._accounting(self.noise_multiplier, interval).epsilon(rounds=cfg.rounds, delta=user.delta)
             )
-        self.accounting = self._accounting(self.noise_multiplier, self.pld_interval)
+        # noise=tree is accounted by fedsim.privacy.tree (epsilon), not by a sampled-Gaussian accountant.
+        self.accounting = None if self.tree else self._accounting(self.noise_multiplier, self.pld_interval)
         if self.count_noise is not None:
             try:
                 self.update_noise = update_noise_multiplier(
@@ -173,6 +192,30 @@ class UserLevelDP:
         self.released_clips: list[float] = []
         self.rounds_noise_only = 0  # of those, rounds whose sum was over no device (noise alone)
         self.not_released: list[dict[str, Any]] = []  # rounds that ran and released nothing: round, reason
+        self.last_released_round = 0  # noise=tree: the horizon of the released prefixes
+        self.tree_noise = tree_dp.TreeNoise(self.tree_restart_every, self._tree_node_noise) if self.tree else None
+
+    def _tree_epsilon(self, horizon: int, factor: float = 1.0) -> float:
+        """Epsilon of the worst device over rounds 1..horizon (factor 2: replace-one adjacency)."""
+        if not horizon:
+            return 0.0
+        if self.noise_multiplier <= 0:
+            return math.inf
+        return tree_dp.gdp_epsilon(factor * math.sqrt(self._tree_mu_squared(horizon)) / self.noise_multiplier, self.user.delta)
+
+    def _tree_mu_squared(self, horizon: int) -> int:
+        return tree_dp.cyclic_mu_squared(horizon=horizon, restart_every=self.tree_restart_every,
+                                         period=cyclic_period(self.cfg.population, self.cfg.cohort.size))  # fmt: skip
+
+    def _tree_node_noise(self, tree: int, level: int, index: int) -> torch.Tensor:
+        """One tree node's N(0, (z C)^2 I): its own stream, so a node is the same draw whichever
+        round first needs it (secure mode: fresh OS entropy, kept in checkpoints)."""
+        assert self.num_params is not None
+        generator = self.streams.torch("dpftrl-node", tree, level, index)
+        noise = gaussian_sum_noise(self.num_params, std=self.noise_std, generator=generator, secure=self.streams.mode == "secure")
+        if self.cfg.audit.break_mechanism == "no_noise":  # tests only (fedsim.audit): drawn, not added
+            noise = torch.zeros_like(noise)
+        return noise
 
     def _accounting(self, z: float, pld_interval: float = PLD_VALUE_DISCRETIZATION_INTERVAL) -> UserLevelAccounting:
         return UserLevelAccounting(
@@ -232,6 +275,8 @@ class UserLevelDP:
         "none" gives the guarantee against the server, which knows the cohort."""
         if not rounds:
             return 0.0
+        if self.tree:
+            return self._tree_epsilon(rounds)
         if self.distributed:
             done = [self._skellam_round(c, sampling=sampling) for c in self.released_clips[:rounds]]
             ahead = [self._skellam_round(self.clip_norm, sampling=sampling)] * (rounds - len(done))
@@ -250,7 +295,8 @@ class UserLevelDP:
 
     def check_budget(self, round_num: int) -> None:
         """Stop before the round that would take the run past its user-level budget."""
-        target, released = self.user.target_epsilon, self.rounds_released + 1
+        # noise=tree: the horizon is the round number (every prefix up to it counts as released)
+        target, released = self.user.target_epsilon, round_num if self.tree else self.rounds_released + 1
         if target is not None and self.epsilon(released) > target * (1 + 1e-9):
             raise FedsimError(
                 f"user-level privacy budget reached: round {round_num} would make epsilon "
@@ -260,7 +306,7 @@ class UserLevelDP:
 
     def describe(self) -> str:
         text = (
-            f"DP-FedAvg (user-level): z={self.noise_multiplier:.4g}, clip_norm={self.clip_norm:g}"
+            f"{'DP-FTRL' if self.tree else 'DP-FedAvg'} (user-level): z={self.noise_multiplier:.4g}, clip_norm={self.clip_norm:g}"
             f"{' (adaptive, quantile ' + str(self.user.target_quantile) + ')' if self.clipping else ''}, "
             f"denominator={self.expected_cohort:g}; {self._accounting_text().rstrip('.')}; "
             f"epsilon after {self.cfg.rounds} rounds = {self.epsilon(self.cfg.rounds):.4g} at delta={self.user.delta:g}"
@@ -305,6 +351,11 @@ class UserLevelDP:
             # The devices' shares are already in `total`, at least the guaranteed noise.
             self.released_clips.append(clip)
             mean = (total / self.expected_cohort).to(torch.float32)
+        elif self.tree_noise is not None:
+            # DP-FTRL: this round's release is S~_t - S~_{t-1}, its noise the difference of two
+            # prefixes' node noises (fedsim.privacy.tree.TreeNoise); the sum itself is this round's.
+            noise = self.tree_noise.residual(round_num)
+            mean = ((total + noise) / self.expected_cohort).to(torch.float32)
         else:
             generator = self.streams.torch("dpfedavg-noise", round_num)
             noise = gaussian_sum_noise(total.numel(), std=std, generator=generator, secure=self.streams.mode == "secure")
@@ -312,6 +363,7 @@ class UserLevelDP:
                 noise = torch.zeros_like(noise)
             mean = ((total + noise.to(torch.float64)) / self.expected_cohort).to(torch.float32)
         self.rounds_released += 1
+        self.last_released_round = round_num
         self.rounds_noise_only += noise_only
         within = [b for r in reports for b in r.within_bound]
         if count_sum is None:
@@ -323,14 +375,14 @@ class UserLevelDP:
                 count_gen = self.streams.torch("dpfedavg-count", round_num)
                 self.clipping.update_with_count(count_sum / 2, generator=count_gen)
         self._last = {
-            "user_epsilon": self.epsilon(self.rounds_released),
+            "user_epsilon": self.epsilon(self._horizon()),
             "user_delta": self.user.delta,
             "user_noise_multiplier": self.noise_multiplier,
             "clip_norm": clip,
             # sum_i (2 b_i - 1) = 2 (in bound) - n; with distributed noise, the noisy count
             "update_clipped_fraction": 0.5 - count_sum / (2 * count_devices) if count_devices else None,
             "user_noise_std": std,
-            "user_noise": "distributed" if self.distributed else "central",
+            "user_noise": self.user.noise,
             "simulated_cohort_size": self.user.noise_cohort_size,
             "user_release": "noise_only" if noise_only else "noised_sum",
         }
@@ -342,24 +394,33 @@ class UserLevelDP:
         """Record a round that ran and released nothing (not accounted; see the module doc)."""
         self.not_released.append({"round": round_num, "reason": reason})
         self._last = {
-            "user_epsilon": self.epsilon(self.rounds_released),
+            "user_epsilon": self.epsilon(self._horizon()),
             "user_delta": self.user.delta,
             "user_release": "none",
             "user_release_reason": reason,
         }
 
     def round_metrics(self) -> dict[str, Any]:
-        return self._last or {"user_epsilon": self.epsilon(self.rounds_released), "user_delta": self.user.delta}
+        return self._last or {"user_epsilon": self.epsilon(self._horizon()), "user_delta": self.user.delta}
+
+    def _horizon(self) -> int:
+        """What `epsilon` composes now: released rounds (noise=tree: the last released round
+        number, since every prefix up to it may have been released)."""
+        return self.last_released_round if self.tree else self.rounds_released
 
     def summary(self) -> dict[str, Any]:
         rounds_done = self.rounds_released
         return {
             "user_level": {
                 "mechanism": "DP-FedAvg (McMahan et al. 2018): device-side clipping, "
-                + ("distributed Skellam noise" if self.distributed else "central Gaussian noise"),
+                + ("distributed Skellam noise" if self.distributed else "central Gaussian noise")
+                if not self.tree else "DP-FTRL (Kairouz et al. 2021): device-side clipping, central Gaussian noise "
+                "through tree aggregation with restarts (each round releases a difference of noisy prefix sums)",
+                "tree": self._tree_summary() if self.tree else None,
+                "epsilon_replace_one": self._tree_epsilon(self._horizon(), factor=2.0) if self.tree else None,
                 "assumes": self.assumptions(),
                 "accounting": self._accounting_text(),
-                "accountant": self.user.accountant,
+                "accountant": "gdp" if self.tree else self.user.accountant,
                 "pld_discretization": self.pld_interval if self.user.accountant == "pld" else None,
                 "pld_planned_epsilon_by_discretization": {f"{k:g}": v for k, v in self.pld_intervals_tried.items()} or None,
                 "delta": self.user.delta,
@@ -368,7 +429,7 @@ class UserLevelDP:
                 "update_noise_multiplier": self.update_noise,
                 "adaptive_clipping": self.clipping is not None,
                 "final_clip_norm": self.clip_norm,
-                "epsilon": self.epsilon(rounds_done),
+                "epsilon": self.epsilon(self._horizon()),
                 "rounds": rounds_done,
                 "rounds_noise_only": self.rounds_noise_only,
                 "rounds_not_released": list(self.not_released),
@@ -393,7 +454,24 @@ class UserLevelDP:
             }
         }
 
+    def _tree_summary(self) -> dict[str, Any]:
+        horizon = self._horizon()
+        return {
+            "restart_every": self.tree_restart_every,
+            "cycle_rounds": cyclic_period(self.cfg.population, self.cfg.cohort.size),
+            "mu_squared_times_z_squared": self._tree_mu_squared(horizon) if horizon else 0,
+            "gdp_mu": math.sqrt(self._tree_mu_squared(horizon)) / self.noise_multiplier if horizon and self.noise_multiplier else None,
+            "last_released_round": self.last_released_round,
+        }
+
     def _accounting_text(self) -> str:
+        if self.tree:
+            return (
+                f"DP-FTRL tree aggregation: Gaussian DP (Dong, Roth, Su 2022) of every released tree node, for the device "
+                f"of the cyclic schedule (a cycle of {cyclic_period(self.cfg.population, self.cfg.cohort.size)} rounds) "
+                f"with the largest sensitivity, trees restarted every {self.tree_restart_every} rounds; no amplification "
+                "by sampling"
+            )
         if not self.distributed:
             return self.accounting.describe()
         return (
@@ -509,6 +587,8 @@ class UserLevelDP:
         """What the user-level epsilon rests on, each stated (summary.json `assumes`)."""
         mode, reason = randomness.resolve(self.cfg)
         fixed = self.cfg.cohort.sampling == "fixed"
+        if self.tree:
+            return self._tree_assumptions(mode, reason)
         return {
             "accountant": (
                 f"dp_accounting {'RDP' if self.user.accountant == 'rdp' or fixed else 'PLD'}"
@@ -549,6 +629,43 @@ class UserLevelDP:
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
 
+    def _tree_assumptions(self, mode: str, reason: str) -> dict[str, str]:
+        period = cyclic_period(self.cfg.population, self.cfg.cohort.size)
+        return {
+            "accountant": "Gaussian DP of the released tree nodes (Dong, Roth, Su 2022, Cor. 2.13 and 3.3): exact for "
+                          "the Gaussian mechanism, no discretisation",
+            "adjacency": (
+                "zero-out: one device's whole data set replaced by none (its updates become 0) in a population whose "
+                "size, and so the cyclic schedule and the denominator, are public; sensitivity C per participation. "
+                "Replace-one (one device's data swapped for another's) doubles mu: epsilon_replace_one"
+            ),
+            "sampling": (
+                f"cyclic, no randomness: device i trains in the rounds r with (r - 1) mod {period} = i mod {period}, "
+                "fixed before the run and public; no amplification by sampling is claimed"
+            ),
+            "rounds": "every prefix up to the last released round counts as released (a round that released nothing "
+                      "only removes nodes and contributions)",
+            "delta": (
+                f"delta = {self.user.delta:g} against {self.accounted_population():,} devices: "
+                + ("below 1/population" if self.user.delta * self.accounted_population() < 1 else "NOT below 1/population, see delta_vs_population")
+            ),
+            "threat_model": (
+                "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
+                "server is trusted to clip-check and add the noise, and sees each clipped update; a node's noise is "
+                "drawn once and kept while a prefix uses it"
+                + ("; with privacy.randomness=secure checkpoints are refused (they would hold the open nodes' noise)"
+                   if mode == "secure" else "")  # fmt: skip
+            ),
+            "randomness": f"{mode} ({reason})"
+            + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
+        }
+
+    # The round loop's interface (fedsim.mechanisms.Mechanism); the release is `aggregate` / `no_release`.
+    checkpoint_key = "user_level"
+
+    def before_round(self, round_num: int) -> None:
+        self.check_budget(round_num)
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to continue the accounting and the clipping exactly."""
         return {
@@ -557,6 +674,8 @@ class UserLevelDP:
             "rounds_noise_only": self.rounds_noise_only,
             "not_released": list(self.not_released),
             "clipping": self.clipping.state_dict() if self.clipping else None,
+            "last_released_round": self.last_released_round,
+            "tree_noise": self.tree_noise.state_dict() if self.tree_noise else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -566,6 +685,9 @@ class UserLevelDP:
         self.not_released = list(state.get("not_released", []))
         if self.clipping is not None and state.get("clipping"):
             self.clipping.load_state_dict(state["clipping"])
+        self.last_released_round = int(state.get("last_released_round", self.rounds_released))
+        if self.tree_noise is not None and state.get("tree_noise"):
+            self.tree_noise.load_state_dict(state["tree_noise"])
 
 
 def _suggested_delta(population: int) -> float:

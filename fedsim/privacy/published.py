@@ -32,7 +32,7 @@ _USER = {
     "user_epsilon": "accounted from public parameters (z, q, rounds)",
     "user_delta": "configuration",
     "user_noise_multiplier": "configuration (or calibrated from public parameters)",
-    "user_noise_std": "z times the clip norm (public)",
+    "user_noise_std": "z times the clip norm (public; noise=tree: the std of each tree node)",
     "user_noise": "configuration",
     "clip_norm": "fixed by the config, or updated from the noisy clipped count only (accounted)",
     "simulated_cohort_size": "configuration",

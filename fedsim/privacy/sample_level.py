@@ -21,17 +21,21 @@ from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.accountants import choose_pld_interval, create_accountant
 from fedsim.privacy.calibration import calibrate_noise_multiplier
+from clients import plan
+from fedsim import checkpoint
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
+from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport
+from fedsim.sampling import cyclic_period
 
 LEDGER_FILE = "ledger.json"
 
 
 def dpsgd_event(*, num_examples: int, batch_size: int, local_epochs: int, noise_multiplier: float) -> DPSGDEvent:
     """The event of one participation of a device with `num_examples` (Opacus DPDataLoader semantics)."""
-    batches = math.ceil(num_examples / batch_size)
-    return DPSGDEvent(noise_multiplier=noise_multiplier, sample_rate=1.0 / batches, steps=local_epochs * batches)
+    ev = plan.dpsgd_event(num_examples, batch_size=batch_size, local_epochs=local_epochs, noise_multiplier=noise_multiplier)
+    return DPSGDEvent(noise_multiplier=ev.noise_multiplier, sample_rate=ev.sample_rate, steps=ev.steps)
 
 
 def _median_low(counts: dict[int, float]) -> int:
@@ -45,7 +49,7 @@ def _median_low(counts: dict[int, float]) -> int:
     return max(counts)
 
 
-class SampleLevelDP:
+class SampleLevelDP(Mechanism):
     """The run's sample-level DP state: one ledger, one accountant, one budget per device."""
 
     def __init__(self, cfg: FedsimConfig, dataset: FederatedDataset) -> None:
@@ -86,6 +90,8 @@ class SampleLevelDP:
     def _planned_participations(self) -> int:
         dp = self.cfg.privacy.dpsgd
         assert dp is not None
+        if self.cfg.cohort.sampling == "cyclic":  # each device once per cycle
+            return dp.assumed_participations or math.ceil(self.cfg.rounds / cyclic_period(self.cfg.population, self.cfg.cohort.size))
         return dp.assumed_participations or math.ceil(self.cfg.rounds * self.cfg.cohort.size / self.cfg.population)
 
     def _calibrate(self, sizes: dict[int, float]) -> float:
@@ -213,6 +219,29 @@ class SampleLevelDP:
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
+
+    # The round loop's interface (fedsim.mechanisms.Mechanism).
+    checkpoint_key = "sample_ledger"
+
+    def before_round(self, round_num: int) -> None:
+        self.check_enough_left(self.cfg.cohort.size)
+
+    def after_devices(self, round_num: int, reports: list[DeviceReport], run_dir: Path) -> dict[str, Any]:
+        metrics = self.account(reports)
+        if self.cfg.checkpoint.every:  # the spent privacy is on disk before the update that spent it
+            with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+                self.save(run_dir)
+        return metrics
+
+    def finish(self, run_dir: Path) -> None:
+        with checkpoint.writing("privacy ledger", run_dir / LEDGER_FILE):
+            self.save(run_dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ledger.to_json()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_ledger(state)
 
     def save(self, run_dir: Path) -> None:
         """Write ledger.json atomically (a crash mid-write leaves the previous ledger)."""
