@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.errors import ConfigError
-from fedsim.registry import LOGGERS, STRATEGIES
+from fedsim.registry import LOGGERS, MODELS, STRATEGIES
 
 # ----------------------------------------------------------------------------- datasets
 
@@ -447,7 +447,6 @@ def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-MODELS = ("auto", "logreg", "mlp", "cnn", "lstm", "transformer", "custom")
 
 
 # Values a run derives from others when they are null: calibration solves the noise multiplier
@@ -529,7 +528,7 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("dataset.target", f"dataset=custom needs dataset.target='package.module:factory', got {ds.target!r}")
 
     m = cfg.model
-    _choice(m.name, "model.name", MODELS)
+    MODELS.check(m.name)
     for i, h in enumerate(m.hidden_sizes):
         _positive(h, f"model.hidden_sizes[{i}]")
     if len(m.cnn_channels) != 2:

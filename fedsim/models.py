@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fedsim.config import FedsimConfig
     from fedsim.data.base import FederatedDataset
 from fedsim.errors import ConfigError
+from fedsim.registry import MODELS
 
 
 def model_for(cfg: FedsimConfig, dataset: FederatedDataset) -> nn.Module:
@@ -48,34 +49,63 @@ def build_model(
     name = cfg.name
     if name == "auto":
         name = "cnn" if len(input_shape) == 3 else "mlp"
+    MODELS.check(name)
+    builder = MODELS.load(name)
+    if sequence_targets and not getattr(builder, "sequence_model", False):
+        raise ConfigError("dataset.targets", f"every: needs a sequence model (lstm, transformer), not {name}")
     # Layer constructors draw their initial weights from the global RNG: fork it, so the
     # caller's random stream is untouched and the weights depend on `seed` alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "logreg":
-            return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
-        if name == "mlp":
-            return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes)
-        if name == "cnn":
-            return _cnn(cfg, input_shape, num_classes)
-        if name in ("lstm", "transformer"):
-            if len(input_shape) != 1:
-                raise ConfigError(
-                    "model.name", f"{name} reads sequences of character indices; dataset gives {input_shape}"
-                )
-            if name == "lstm":
-                model: nn.Module = CharLSTM(num_classes, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers)
-            else:
-                model = CharTransformer(num_classes, input_shape[0], width=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
-            model.sequence_targets = sequence_targets
-            return model
-        if sequence_targets:
-            raise ConfigError("dataset.targets", f"every: needs a sequence model (lstm, transformer), not {name}")
-        if name == "custom":
-            return _custom(cfg.target or "", input_shape, num_classes)
-    raise ConfigError(
-        "model.name", f"unknown model {cfg.name!r}; allowed: auto, logreg, mlp, cnn, lstm, transformer, custom"
-    )
+        return builder(cfg, input_shape, num_classes, sequence_targets=sequence_targets)
+
+
+# The builders fedsim.registry.MODELS names: (model config, input shape, classes) -> module.
+
+
+def logreg(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened input."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """ReLU MLP with model.hidden_sizes."""
+    return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes)
+
+
+def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """The LEAF/McMahan-style CNN with GroupNorm, for images (C, H, W)."""
+    return _cnn(cfg, input_shape, num_classes)
+
+
+def _sequence(name: str, input_shape: tuple[int, ...]) -> None:
+    if len(input_shape) != 1:
+        raise ConfigError("model.name", f"{name} reads sequences of character indices; dataset gives {input_shape}")
+
+
+def lstm(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """LEAF's Shakespeare LSTM (CharLSTM)."""
+    _sequence("lstm", input_shape)
+    model = CharLSTM(num_classes, embed=cfg.embed, hidden=cfg.hidden, layers=cfg.layers)
+    model.sequence_targets = sequence_targets
+    return model
+
+
+def transformer(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """A small causal transformer over characters (CharTransformer)."""
+    _sequence("transformer", input_shape)
+    model = CharTransformer(num_classes, input_shape[0], width=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
+    model.sequence_targets = sequence_targets
+    return model
+
+
+lstm.sequence_model = True  # type: ignore[attr-defined]  # logits at every position with dataset.targets=every
+transformer.sequence_model = True  # type: ignore[attr-defined]
+
+
+def custom(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """Any nn.Module from model.target = 'package.module:factory(input_shape, num_classes)'."""
+    return _custom(cfg.target or "", input_shape, num_classes)
 
 
 class CharLSTM(nn.Module):

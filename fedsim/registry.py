@@ -33,9 +33,10 @@ class Entry:
 class Registry:
     """Names of one kind of plug-in (strategies, loggers, ...) and where their code is."""
 
-    def __init__(self, kind: str, key: str) -> None:
+    def __init__(self, kind: str, key: str, *, targets: bool = True) -> None:
         self.kind = kind  # "strategy", "logger", ...
         self.key = key  # the config key that names one: "algorithm.name", ...
+        self.targets = targets  # a "module:attribute" path is a valid name too
         self._entries: dict[str, Entry] = {}
         self._objects: dict[str, Any] = {}  # registered as objects (registry[name] = obj)
 
@@ -56,9 +57,9 @@ class Registry:
     def check(self, name: str) -> None:
         """ConfigError naming the key and the allowed names unless `name` is registered (or
         is itself a "module:attribute" path, a plug-in named directly)."""
-        if name not in self and not _is_target(name):
-            raise ConfigError(self.key, f"unknown value {name!r}; allowed: {', '.join(self.names())} "
-                                        "(or package.module:Class for your own)")  # fmt: skip
+        if name not in self and not (self.targets and _is_target(name)):
+            own = " (or package.module:Class for your own)" if self.targets else ""
+            raise ConfigError(self.key, f"unknown value {name!r}; allowed: {', '.join(self.names())}{own}")
 
     # A mapping of names to implementations, too: `name in registry`, `registry[name]` (imported
     # now), iteration over the names; `registry[name] = obj` registers an object directly (a
@@ -125,3 +126,24 @@ STRATEGIES.add("scaffold", "fedsim.strategies.scaffold:Scaffold",
 LOGGERS = Registry("logger", "output.loggers")
 LOGGERS.add("tensorboard", "fedsim.trackers:TensorBoardTracker", "TensorBoard event files in <run dir>/tensorboard/")
 LOGGERS.add("mlflow", "fedsim.trackers:MLflowTracker", "MLflow runs in a local file store (<run dir>/mlruns) or output.mlflow_uri")
+
+# Models (fedsim.models.build_model): (model config, input shape, classes) -> nn.Module. "auto"
+# is resolved before (cnn for images, else mlp); your own module: model.name=custom model.target=...
+MODELS = Registry("model", "model.name", targets=False)
+MODELS.add("auto", "fedsim.models:mlp", "cnn for images (C, H, W), mlp otherwise (resolved by build_model)")
+MODELS.add("logreg", "fedsim.models:logreg", "multinomial logistic regression")
+MODELS.add("mlp", "fedsim.models:mlp", "ReLU MLP (model.hidden_sizes)")
+MODELS.add("cnn", "fedsim.models:cnn", "LEAF/McMahan CNN with GroupNorm (DP-SGD compatible)")
+MODELS.add("lstm", "fedsim.models:lstm", "LEAF's Shakespeare LSTM (Opacus DPLSTM under DP-SGD)")
+MODELS.add("transformer", "fedsim.models:transformer", "small causal character transformer")
+MODELS.add("custom", "fedsim.models:custom", "any nn.Module from model.target='pkg.module:factory'")
+
+# Datasets (fedsim.data.load_dataset): (dataset config, population, seed) -> FederatedDataset.
+# Each name's config dataclass (the schema of dataset.*) is fedsim.config.DATASETS[name].
+DATASETS = Registry("dataset", "dataset.name", targets=False)
+DATASETS.add("synthetic", "fedsim.data.loaders:synthetic", "LEAF or FedProx synthetic data, any population")
+DATASETS.add("femnist", "fedsim.data.loaders:femnist", "LEAF FEMNIST, one device per writer")
+DATASETS.add("fashion_mnist", "fedsim.data.loaders:fashion_mnist", "Fashion-MNIST, iid/Dirichlet/shards partitions")
+DATASETS.add("huggingface", "fedsim.data.loaders:huggingface", "any Hugging Face dataset through flwr-datasets")
+DATASETS.add("shakespeare", "fedsim.data.loaders:shakespeare", "Tiny Shakespeare, one device per speaking role")
+DATASETS.add("custom", "fedsim.data.loaders:custom", "your own FederatedDataset from dataset.target")

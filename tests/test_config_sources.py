@@ -135,3 +135,12 @@ def test_every_registered_strategy_has_its_config_option() -> None:
 
     options = {p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml")}
     assert options == set(STRATEGIES.names())
+
+
+def test_registries_and_config_groups_name_the_same_models_and_datasets() -> None:
+    """The names a config may use come from fedsim.registry; conf/ has an option for each and
+    fedsim.config a dataclass for each dataset."""
+    from fedsim.registry import DATASETS, MODELS
+
+    assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} == set(MODELS.names())
+    assert {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")} == set(DATASETS.names()) == set(C.DATASETS)
