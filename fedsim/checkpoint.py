@@ -2,12 +2,15 @@
 
 A checkpoint is a plain dict saved with torch.save (open it with torch.load):
     version, round (last completed), config (the resolved run config), params (flat float32),
-    server_optimizer (its state_dict), sample_ledger (ledger.json content or None),
-    user_level (released rounds, distributed noise: each released round's clip norm, adaptive-clipping state or None),
-    rows (metrics.jsonl so far), elapsed_s.
-Nothing random is stored because nothing random is carried between rounds: cohorts, device
-training and server noise are seeded by (seed, round, ...), so a run resumed at round r ends
-with the same model, bit for bit, as the uninterrupted run.
+    server_optimizer (the strategy's state_dict: FedAdam's moments, SCAFFOLD's c and the index of
+    its control-variate file), sample_ledger (ledger.json content or None),
+    user_level (released rounds, distributed noise: each released round's clip norm, adaptive-clipping
+    state, DP-FTRL's open tree nodes, or None), rows (metrics.jsonl so far), elapsed_s, audit.
+Cohorts, device training and server noise are seeded by (seed, round, ...), so a run resumed at
+round r ends with the same model, bit for bit, as the uninterrupted run. The one random state
+carried between rounds is DP-FTRL's open tree nodes (noise still inside the released prefix
+sums); with privacy.randomness=secure that would be secret noise on disk, so DP-FTRL refuses
+checkpoints in that mode.
 
 Writes are atomic (a temporary file in the same directory, fsync, os.replace): a crash while
 writing leaves the previous checkpoint as it was. Reading checks everything it restores and
