@@ -21,6 +21,54 @@ from typing import Any
 from fedsim.errors import ConfigError
 from fedsim.registry import LOGGERS, MODELS, STRATEGIES
 
+def _positive(value: float | int | None, key: str, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+# Field checks next to the field: `field(default=..., metadata=checked(positive()))`. A check is
+# called as check(value, "group.key") and raises ConfigError; `check_fields` runs every check of
+# a config group (validate calls it where the group's checks belong). Cross-key constraints stay
+# in validate, each raised under the key it refuses.
+Check = Any
+
+
+def checked(*checks: Check) -> dict[str, Any]:
+    return {"checks": checks}
+
+
+def positive(*, allow_zero: bool = False) -> Check:
+    return lambda value, key: _positive(value, key, allow_zero=allow_zero)
+
+
+def one_of(*allowed: str) -> Check:
+    return lambda value, key: _choice(value, key, allowed)
+
+
+def in_unit_interval(value: float, key: str) -> None:
+    """[0, 1)"""
+    if not 0 <= value < 1:
+        raise ConfigError(key, f"must be in [0, 1), got {value}")
+
+
+def registered(registry: Any) -> Check:
+    return lambda value, key: registry.check(value)
+
+
+def check_fields(group: Any, prefix: str) -> None:
+    """Run the checks declared on the fields of the config dataclass `group` (not nested groups)."""
+    for f in dataclasses.fields(group):
+        for check in f.metadata.get("checks", ()):
+            check(getattr(group, f.name), f"{prefix}.{f.name}")
+
+
 # ----------------------------------------------------------------------------- datasets
 
 
@@ -159,23 +207,25 @@ class ModelConfig:
 class AlgorithmConfig:
     """Local training on devices and the server's update (Reddi et al. 2021, Alg. 2)."""
 
-    name: str = "fedavg"  # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
-    lr: float = 0.05  # device (client) SGD learning rate
-    local_epochs: int = 1  # passes over a device's data per round
-    batch_size: int = 10  # device minibatch size
-    momentum: float = 0.0  # device SGD momentum
-    weight_decay: float = 0.0  # device SGD weight decay
-    proximal_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
-    server_lr: float = 1.0  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
-    beta1: float = 0.9  # FedAdam/FedYogi/FedAdagrad first-moment decay
-    beta2: float = 0.99  # FedAdam/FedYogi second-moment decay
-    tau: float = 1e-3  # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
+    # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
+    name: str = field(default="fedavg", metadata=checked(registered(STRATEGIES)))
+    lr: float = field(default=0.05, metadata=checked(positive()))  # device (client) SGD learning rate
+    local_epochs: int = field(default=1, metadata=checked(positive()))  # passes over a device's data per round
+    batch_size: int = field(default=10, metadata=checked(positive()))  # device minibatch size
+    momentum: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))  # device SGD momentum
+    weight_decay: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))  # device SGD weight decay
+    # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
+    proximal_mu: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))
+    server_lr: float = field(default=1.0, metadata=checked(positive()))  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
+    beta1: float = field(default=0.9, metadata=checked(in_unit_interval))  # FedAdam/FedYogi/FedAdagrad first-moment decay
+    beta2: float = field(default=0.99, metadata=checked(in_unit_interval))  # FedAdam/FedYogi second-moment decay
+    tau: float = field(default=1e-3, metadata=checked(positive()))  # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
 
 
 @dataclass
 class CohortConfig:
-    size: int = 50  # devices per round: exact (fixed) or expected (poisson, rate q = size/population)
-    sampling: str = "poisson"  # poisson (each device independently with rate q) | fixed (k without replacement) | cyclic (each device once per population // size rounds, no randomness: DP-FTRL)
+    size: int = field(default=50, metadata=checked(positive()))  # devices per round: exact (fixed) or expected (poisson, rate q = size/population)
+    sampling: str = field(default="poisson", metadata=checked(one_of("poisson", "fixed", "cyclic")))  # poisson (each device independently with rate q) | fixed (k without replacement) | cyclic (each device once per population // size rounds, no randomness: DP-FTRL)
 
 
 @dataclass
@@ -435,16 +485,6 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     return value
 
 
-def _positive(value: float | int | None, key: str, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def _choice(value: str, key: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(key, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
 
@@ -464,8 +504,7 @@ def validate(cfg: FedsimConfig) -> None:
     _positive(cfg.population, "population")
     _positive(cfg.rounds, "rounds")
     _positive(cfg.eval_every, "eval_every")
-    _positive(cfg.cohort.size, "cohort.size")
-    _choice(cfg.cohort.sampling, "cohort.sampling", ("poisson", "fixed", "cyclic"))
+    check_fields(cfg.cohort, "cohort")
     if cfg.cohort.size > cfg.population:
         raise ConfigError(
             "cohort.size", f"{cfg.cohort.size} is larger than the population ({cfg.population}); allowed: 1..{cfg.population}"
@@ -546,20 +585,7 @@ def validate(cfg: FedsimConfig) -> None:
     if m.name == "transformer" and m.hidden % m.heads:
         raise ConfigError("model.heads", f"must divide model.hidden ({m.hidden}) for the transformer, got {m.heads}")
 
-    a = cfg.algorithm
-    STRATEGIES.check(a.name)
-    _positive(a.lr, "algorithm.lr")
-    _positive(a.local_epochs, "algorithm.local_epochs")
-    _positive(a.batch_size, "algorithm.batch_size")
-    _positive(a.momentum, "algorithm.momentum", allow_zero=True)
-    _positive(a.weight_decay, "algorithm.weight_decay", allow_zero=True)
-    _positive(a.proximal_mu, "algorithm.proximal_mu", allow_zero=True)
-    _positive(a.server_lr, "algorithm.server_lr")
-    for key in ("beta1", "beta2"):
-        v = getattr(a, key)
-        if not 0 <= v < 1:
-            raise ConfigError(f"algorithm.{key}", f"must be in [0, 1), got {v}")
-    _positive(a.tau, "algorithm.tau")
+    check_fields(cfg.algorithm, "algorithm")
 
     s = cfg.simulation
     _choice(s.layout, "simulation.layout", ("multiplexed", "classic"))

@@ -144,3 +144,35 @@ def test_registries_and_config_groups_name_the_same_models_and_datasets() -> Non
 
     assert {p.stem for p in (CONF_DIR / "model").glob("*.yaml")} == set(MODELS.names())
     assert {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")} == set(DATASETS.names()) == set(C.DATASETS)
+
+
+@pytest.mark.parametrize("group", ["algorithm", "cohort"])
+def test_checks_declared_on_fields_run_in_validate(group: str) -> None:
+    """A field's own check (metadata=checked(...), next to the field) refuses a bad value with
+    the field's key when the whole config is validated."""
+    from fedsim.errors import ConfigError
+
+    cls = type(getattr(C.FedsimConfig(), group))
+    checked_fields = [f for f in dataclasses.fields(cls) if f.metadata.get("checks")]
+    assert checked_fields
+    for f in checked_fields:
+        key = f"{group}.{f.name}"
+        bad = next(v for v in (-1, 1.5, "no-such-name") if _refused(f, v, key))
+        cfg = C.FedsimConfig()
+        setattr(getattr(cfg, group), f.name, bad)
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            C.validate(cfg)
+
+
+def _refused(f: dataclasses.Field, value: object, key: str) -> bool:
+    """Does the field's own check refuse `value` (a value of the field's type)?"""
+    from fedsim.errors import ConfigError
+
+    if isinstance(value, str) != (f.type in ("str", str)):
+        return False
+    try:
+        for check in f.metadata["checks"]:
+            check(value, key)
+    except ConfigError:
+        return True
+    return False
