@@ -227,7 +227,7 @@ class Worker:
         start = time.perf_counter()
         cfg, streams = self.cfg, self.streams
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
-        row_of = {d: i for i, d in enumerate(device_ids)}
+        row_of = {d: i for i, d in enumerate(device_ids)} if arrays else {}  # the strategy's rows per device
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []

@@ -19,6 +19,7 @@ import torch
 
 from clients import LocalTrainer, flat_params
 from fake_grid import run_local
+from helpers import set_keys
 from fedsim import randomness
 from fedsim.config import from_dict
 from fedsim.data import load_dataset
@@ -42,13 +43,7 @@ def config(tmp: Path, **over: object) -> dict:
         "simulation": {"num_workers": 2, "ray_temp_dir": str(tmp / "ray")},
         "output": {"progress": False},
     }
-    for key, value in over.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return raw
+    return set_keys(raw, over)
 
 
 def final_params(run_dir: Path) -> torch.Tensor:
