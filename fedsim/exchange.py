@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from fedsim import wire
 from fedsim.aggregation import RunningSum
 from fedsim.config import FedsimConfig
-from fedsim.privacy.dpfedavg import UserLevelDP
+from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport, reject_non_finite
 from fedsim.secure_rounds import secure_round
 from fedsim.strategies import Strategy
@@ -47,14 +47,14 @@ def exchange(
     params: torch.Tensor,
     round_num: int,
     config_json: str,
-    user_dp: UserLevelDP | None,
+    release: Mechanism | None,
     workers: Workers,
     replan: Callable[[list[int]], list[wire.Assignment]] | None = None,
     strategy: Strategy | None = None,
 ) -> RoundOutcome:
     """Send the round to the workers and bring back the (sum of the) device updates.
     (`replan(nodes)`: the round's plan over other workers, for a SecAgg+ round that restarts.)"""
-    clip_norm = user_dp.clip_norm if user_dp else None
+    clip_norm = release.clip_norm if release else None  # the releasing mechanism's per-device clip
     f = cfg.faults
     faults = worker_faults(seed=cfg.seed, round_num=round_num, nodes=[node for node, _ in plan], kill_rate=f.worker_kill_rate,
                            pause_rate=f.worker_pause_rate, pause_s=f.worker_pause_s)  # fmt: skip
@@ -72,7 +72,7 @@ def exchange(
                 secure = secure_round(
                     cfg=cfg, grid=grid, plan=plan, params_vec=params, round_num=round_num,
                     config_json=config_json, clip_norm=clip_norm,
-                    encoding=user_dp.secure_encoding() if user_dp else None,
+                    encoding=release.secure_encoding() if release else None,
                     send=sender,
                 )  # fmt: skip
                 break
@@ -102,7 +102,7 @@ def exchange(
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-    running, stats, reports = collect(sent.replies, len(params), weighted=user_dp is None)
+    running, stats, reports = collect(sent.replies, len(params), weighted=release is None)
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:

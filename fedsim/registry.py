@@ -147,3 +147,16 @@ DATASETS.add("fashion_mnist", "fedsim.data.loaders:fashion_mnist", "Fashion-MNIS
 DATASETS.add("huggingface", "fedsim.data.loaders:huggingface", "any Hugging Face dataset through flwr-datasets")
 DATASETS.add("shakespeare", "fedsim.data.loaders:shakespeare", "Tiny Shakespeare, one device per speaking role")
 DATASETS.add("custom", "fedsim.data.loaders:custom", "your own FederatedDataset from dataset.target")
+
+# Privacy mechanisms (fedsim.mechanisms.Mechanism), in the order a run composes them: what the
+# devices do first, the user-level release next, how the sum travels last. Each class decides
+# from the config whether it is active (`enabled(cfg)`); the config groups privacy= and secagg=
+# switch them.
+MECHANISMS = Registry("privacy mechanism", "privacy", targets=False)
+MECHANISMS.add("dpsgd", "fedsim.privacy.sample_level:SampleLevelDP",
+               "sample-level DP-SGD on each device (Abadi et al. 2016) with a per-device ledger and budget")  # fmt: skip
+MECHANISMS.add("dpfedavg", "fedsim.privacy.dpfedavg:UserLevelDP",
+               "user-level DP-FedAvg (McMahan et al. 2018), distributed noise (Kairouz et al. 2021a), "
+               "or DP-FTRL tree noise (Kairouz et al. 2021b)")  # fmt: skip
+MECHANISMS.add("secaggplus", "fedsim.secure_rounds:SecureAggregation",
+               "SecAgg+ (Bell et al. 2020): the server sees only the cohort's sum")  # fmt: skip

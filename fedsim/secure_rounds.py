@@ -66,6 +66,7 @@ from flwr.serverapp import Grid
 from fedsim import pki, randomness, wire
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError
+from fedsim.mechanisms import Mechanism
 from fedsim.secagg import (
     FixedPoint,
     GraphChoice,
@@ -287,6 +288,34 @@ def summary(cfg: FedsimConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- server side
+
+
+class SecureAggregation(Mechanism):
+    """SecAgg+ as one of the run's mechanisms (fedsim.mechanisms): it decides how the round's sum
+    travels (fedsim.exchange runs `secure_round` while it is active), not what is released, so
+    it adds no noise and no accounting; it checks its parameters before the run, states its
+    guarantee in the run log and in summary.json["secagg"]."""
+
+    summary_key = "secagg"
+
+    def __init__(self, cfg: FedsimConfig) -> None:
+        self.cfg = cfg
+        prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
+
+    @classmethod
+    def enabled(cls, cfg: FedsimConfig) -> bool:
+        return cfg.secagg.name == "secaggplus"
+
+    @classmethod
+    def create(cls, cfg: FedsimConfig, dataset: object, model: torch.nn.Module) -> tuple[SecureAggregation, torch.nn.Module]:
+        del dataset
+        return cls(cfg), model
+
+    def describe(self) -> str:
+        return summary(self.cfg)["guarantee"]
+
+    def summary(self) -> dict:
+        return summary(self.cfg)
 
 
 def secure_round(

@@ -24,18 +24,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
-from fedsim import checkpoint, randomness, runstate, secure_rounds, strategies, wire
+from fedsim import checkpoint, mechanisms, randomness, runstate, strategies, wire
 from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.mechanisms import Mechanism
-from fedsim.models import checked_model, model_for
+from fedsim.models import model_for
 from fedsim.privacy import published
-from fedsim.privacy.dpfedavg import SIMULATION_ONLY, UserLevelDP
 from fedsim.placement import assign_devices
-from fedsim.privacy.sample_level import SampleLevelDP
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
 from fedsim.sampling import sample_cohort
 from fedsim.exchange import exchange
@@ -53,8 +51,9 @@ class RunSetup:
 
     dataset: FederatedDataset
     model: torch.nn.Module
-    sample_dp: SampleLevelDP | None  # sample-level DP-SGD: ledger, accountant, budgets
-    user_dp: UserLevelDP | None  # user-level DP-FedAvg: clipping, central noise, accounting
+    # The active privacy mechanisms in their composition order (fedsim.mechanisms: DP-SGD's
+    # ledger and budgets, the user-level release, SecAgg+), built and calibrated.
+    mechanisms: list[Mechanism]
     resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
     device_group: int | None = None  # vectorized training: devices per batched group (None: one by one)
     vectorized_why: str = ""  # why the run trains vectorized or not (fedsim.worker.use_vectorized)
@@ -72,20 +71,11 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
         raise ConfigError("model.name", f"{cfg.model.name} reads character indices, which dataset {cfg.dataset.name} "
                           "does not give; allowed with it: auto, logreg, mlp, cnn, custom (lstm/transformer: dataset=shakespeare)")  # fmt: skip
     strategies.strategy_class(cfg).check(cfg)  # e.g. SCAFFOLD under SecAgg+: refused before any start-up
-    sample_dp = None
-    if cfg.privacy.dpsgd is not None:
-        # The workers apply the same check (and fix), so their flat parameters match ours.
-        model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
-        sample_dp = SampleLevelDP(cfg, dataset)  # may calibrate sigma: before the config goes out
-    # may calibrate z; under SecAgg+ the rounding bound depends on the model's size
-    user_dp = UserLevelDP(cfg, num_params=len(flat_params(model))) if cfg.privacy.dpfedavg is not None else None
-    if user_dp is not None and "warning" in (delta_check := user_dp.delta_check()):
-        log.warning("%s", delta_check["warning"])
-    if cfg.secagg.name == "secaggplus":
-        secure_rounds.prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
+    # Calibration (sigma, z) happens here, into the copy, before the config goes out.
+    active, model = mechanisms.build(cfg, dataset, model)
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
-    return RunSetup(dataset=dataset, model=model, sample_dp=sample_dp, user_dp=user_dp, resume=resume,
+    return RunSetup(dataset=dataset, model=model, mechanisms=active, resume=resume,
                     device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why,
                     derived=runstate.derived_values(given, cfg))  # fmt: skip
 
@@ -101,7 +91,8 @@ def run_rounds(
     torch.set_num_threads(cfg.simulation.torch_threads)
     setup = setup or prepare(cfg)
     cfg = runstate.effective(cfg, setup.derived)  # what config.yaml, the workers and the fingerprint see
-    model, sample_dp, user_dp = setup.model, setup.sample_dp, setup.user_dp
+    model, active = setup.model, setup.mechanisms
+    release = mechanisms.releaser(active)  # the user-level release (DP-FedAvg, DP-FTRL) or None: the plain mean
     test_x, test_y = setup.dataset.test_data()
     params = flat_params(model)
     strategy = strategies.build(cfg, len(params), run_dir)
@@ -118,14 +109,12 @@ def run_rounds(
     covered = frozenset(published.covered_metrics(cfg))
     runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
-    # The active privacy mechanisms, in their documented order (fedsim.mechanisms).
-    mechanisms: list[Mechanism] = [m for m in (sample_dp, user_dp) if m is not None]
     if setup.resume is not None:
-        params, first_round, elapsed_before = restore(setup.resume, strategy, mechanisms, runlog)
+        params, first_round, elapsed_before = restore(setup.resume, strategy, active, runlog)
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
     if (line := strategy.describe()) is not None:
         runlog.note(line)
-    for described in (*mechanisms, audit):
+    for described in (*active, audit):
         if described:
             runlog.note(described.describe())
     for line in setup.dataset.notes():
@@ -134,10 +123,6 @@ def run_rounds(
     random_desc = randomness.describe(cfg)
     runlog.note(f"randomness: {random_desc['mode']} ({random_desc['reason']})" + (
         f"; {random_desc['warning']}" if "warning" in random_desc else ""))  # fmt: skip
-    if cfg.secagg.name == "secaggplus":
-        runlog.note(secure_rounds.summary(cfg)["guarantee"])
-    if user_dp and user_dp.distributed and randomness.mode(cfg) != "secure":
-        log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
     stopped: FedsimError | None = None
     start = time.perf_counter() - elapsed_before
     try:
@@ -146,7 +131,7 @@ def run_rounds(
             try:
                 if STOP.is_set():
                     raise RunInterrupted(f"interrupted after round {round_num - 1}; continue with: fedsim resume={run_dir}")
-                for mechanism in mechanisms:
+                for mechanism in active:
                     mechanism.before_round(round_num)
             except FedsimError as err:
                 stopped = err
@@ -159,7 +144,7 @@ def run_rounds(
                 round_num=round_num,
             )
             cohort = sampled
-            for mechanism in mechanisms:
+            for mechanism in active:
                 cohort = mechanism.admit(cohort)  # leave out devices over budget
             alive = workers.wait_for_alive(grid)  # when every worker is late: until one answers again
             if not alive:
@@ -170,10 +155,10 @@ def run_rounds(
                 return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
                                       cfg.simulation.layout, setup.device_group)  # fmt: skip
 
-            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, user_dp, workers, replan, strategy)
+            out = exchange(cfg, grid, replan(alive), params, round_num, config_json, release, workers, replan, strategy)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
             if audit:  # user-level canaries join the released sum; sample-level canary devices train apart
-                out.total = audit.during_round(out, round_num, params, user_dp, grid, workers, config_json)
+                out.total = audit.during_round(out, round_num, params, release, grid, workers, config_json)
             out.stats["devices_failed"] = len(cohort) - out.count
             out.stats["workers_lost"] = len(workers.lost)
             out.stats.setdefault("workers_late", 0)
@@ -184,29 +169,29 @@ def run_rounds(
 
             privacy: dict = {}
             noise_only = False
-            if user_dp and out.total is None and out.aborted is None and not stopped:
+            if release and out.total is None and out.aborted is None and not stopped:
                 # The round ran: with no device update (empty Poisson cohort, every reply lost)
                 # the release is the noise alone, and it is accounted (issue 14, defect 4).
                 out.total, noise_only = torch.zeros(len(params), dtype=torch.float64), True
-            if user_dp and out.total is None:
-                user_dp.no_release(round_num, out.aborted or str(stopped))
-                privacy |= user_dp.round_metrics()
+            if release and out.total is None:
+                release.no_release(round_num, out.aborted or str(stopped))
+                privacy |= release.round_metrics()
             if out.total is not None:
                 # Privacy spent is recorded (and, with checkpoints, saved) before the update that spent it.
-                for mechanism in mechanisms:
+                for mechanism in active:
                     privacy |= mechanism.after_devices(round_num, out.reports, run_dir)
-                if user_dp:
-                    noised = user_dp.aggregate(
+                if release:
+                    noised = release.release(
                         out.total, out.reports, round_num, count_sum=out.count_sum, count_devices=out.count,
                         noise_only=noise_only,
                     )  # fmt: skip
                     params = strategy.step(params, noised)
-                    privacy |= user_dp.round_metrics()
+                    privacy |= release.round_metrics()
                 elif out.count:
                     params = strategy.step(params, (out.total / out.weight).to(torch.float32))
                 if out.count and strategy.needs_device_updates:
                     privacy |= strategy.observe(round_num, out.reports)
-            if out.total is None or (out.count == 0 and not user_dp):
+            if out.total is None or (out.count == 0 and not release):
                 log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
             test_acc = test_loss = None
@@ -215,7 +200,7 @@ def run_rounds(
                 ev = evaluate(model, (test_x, test_y))
                 test_acc, test_loss = ev["accuracy"], ev["loss"]
             if audit:
-                privacy |= audit.after_round(params, evaluated=test_acc is not None, user_dp=user_dp)
+                privacy |= audit.after_round(params, evaluated=test_acc is not None, user_dp=release)
             now = time.perf_counter()
             runlog.round(
                 RoundMetrics(
@@ -232,7 +217,7 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, strategy, mechanisms, runlog, now - start, audit)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, active, runlog, now - start, audit)
             if stopped:
                 break
     except BaseException:
@@ -257,16 +242,14 @@ def run_rounds(
     extra["derived"] = dict(setup.derived)  # values the run solved for (calibrated noise multipliers)
     extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
-    if cfg.secagg.name == "secaggplus":
-        extra["secagg"] = secure_rounds.summary(cfg)
     extra["strategy"] = strategy.summary()
     strategy.close()
     extra["privacy"] = {}
-    for mechanism in mechanisms:
+    for mechanism in active:
         mechanism.finish(run_dir)
-        extra["privacy"] |= mechanism.summary()
+        extra[mechanism.summary_key] = extra.get(mechanism.summary_key, {}) | mechanism.summary()
     if audit:
-        extra["audit"] = audit.summary(run_dir, params, user_dp)
+        extra["audit"] = audit.summary(run_dir, params, release)
     language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
     if language:
         # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.
@@ -284,7 +267,7 @@ def save_checkpoint(
     round_num: int,
     params: torch.Tensor,
     strategy: strategies.Strategy,
-    mechanisms: list[Mechanism],
+    active: list[Mechanism],
     runlog: RunLog,
     elapsed_s: float,
     audit: RunAudit | None = None,
@@ -298,7 +281,7 @@ def save_checkpoint(
             "server_optimizer": strategy.state_dict(),
             "sample_ledger": None,  # each mechanism's state under its checkpoint_key
             "user_level": None,
-            **{m.checkpoint_key: m.state_dict() for m in mechanisms},
+            **{m.checkpoint_key: m.state_dict() for m in active if m.checkpoint_key},
             "rows": runlog.row_dicts(),
             "elapsed_s": elapsed_s,
             "audit": audit.state_dict() if audit else None,
@@ -311,13 +294,14 @@ def save_checkpoint(
 def restore(
     state: dict,
     strategy: strategies.Strategy,
-    mechanisms: list[Mechanism],
+    active: list[Mechanism],
     runlog: RunLog,
 ) -> tuple[torch.Tensor, int, float]:
     """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
     strategy.load_state_dict(state["server_optimizer"])
-    for mechanism in mechanisms:
-        mechanism.load_state_dict(state[mechanism.checkpoint_key])
+    for mechanism in active:
+        if mechanism.checkpoint_key:
+            mechanism.load_state_dict(state[mechanism.checkpoint_key])
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 

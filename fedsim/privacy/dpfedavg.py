@@ -44,12 +44,14 @@ run, not a Gaussian of the same variance).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from clients import flat_params
 from fedsim import randomness
 from fedsim.config import FedsimConfig
 from fedsim.errors import ConfigError, FedsimError
@@ -70,6 +72,8 @@ from fedsim.reports import DeviceReport
 from fedsim.sampling import cyclic_period
 from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
 from fedsim.secure_grid import grid_step
+
+log = logging.getLogger("fedsim")
 
 #: Printed and recorded when distributed noise is derived from the run seed (privacy.randomness=reproducible).
 SIMULATION_ONLY = (
@@ -660,8 +664,37 @@ class UserLevelDP(Mechanism):
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
 
-    # The round loop's interface (fedsim.mechanisms.Mechanism); the release is `aggregate` / `no_release`.
+    # The round loop's interface (fedsim.mechanisms.Mechanism): the releasing mechanism.
     checkpoint_key = "user_level"
+    releases = True
+
+    @classmethod
+    def enabled(cls, cfg: FedsimConfig) -> bool:
+        return cfg.privacy.dpfedavg is not None
+
+    @classmethod
+    def create(cls, cfg: FedsimConfig, dataset: Any, model: torch.nn.Module) -> tuple[UserLevelDP, torch.nn.Module]:
+        del dataset
+        # May calibrate z (into cfg: prepare's working copy); under SecAgg+ the rounding bound
+        # depends on the model's size.
+        user_dp = cls(cfg, num_params=len(flat_params(model)))
+        if "warning" in (delta_check := user_dp.delta_check()):
+            log.warning("%s", delta_check["warning"])
+        if user_dp.distributed and randomness.mode(cfg) != "secure":
+            log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
+        return user_dp, model
+
+    def release(
+        self,
+        total: torch.Tensor,
+        reports: list[DeviceReport],
+        round_num: int,
+        *,
+        count_sum: float | None = None,
+        count_devices: int = 0,
+        noise_only: bool = False,
+    ) -> torch.Tensor:
+        return self.aggregate(total, reports, round_num, count_sum=count_sum, count_devices=count_devices, noise_only=noise_only)
 
     def before_round(self, round_num: int) -> None:
         self.check_budget(round_num)

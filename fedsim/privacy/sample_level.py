@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedsim.config import FedsimConfig
 from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
@@ -26,6 +28,7 @@ from fedsim import checkpoint
 from fedsim.privacy.events import DPSGDEvent
 from fedsim.privacy.ledger import PrivacyLedger
 from fedsim.mechanisms import Mechanism
+from fedsim.models import checked_model
 from fedsim.reports import DeviceReport
 from fedsim.sampling import cyclic_period
 
@@ -222,6 +225,16 @@ class SampleLevelDP(Mechanism):
 
     # The round loop's interface (fedsim.mechanisms.Mechanism).
     checkpoint_key = "sample_ledger"
+
+    @classmethod
+    def enabled(cls, cfg: FedsimConfig) -> bool:
+        return cfg.privacy.dpsgd is not None
+
+    @classmethod
+    def create(cls, cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) -> tuple[SampleLevelDP, torch.nn.Module]:
+        # The workers apply the same check (and fix), so their flat parameters match the server's.
+        model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
+        return cls(cfg, dataset), model  # may calibrate sigma (into cfg: prepare's working copy)
 
     def before_round(self, round_num: int) -> None:
         self.check_enough_left(self.cfg.cohort.size)
