@@ -196,6 +196,9 @@ class ModelConfig:
     cnn_channels: list[int] = field(default_factory=lambda: [32, 64])  # the two 5x5 conv layers
     cnn_dense: int = 256  # width of the cnn's dense layer
     norm_groups: int = 8  # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
+    # mlp and cnn hidden activation: relu, or tanh (a tempered sigmoid: bounded activations keep
+    # DP-SGD's clipped gradients more informative; Papernot et al. 2021, AAAI, Sec. 4)
+    activation: str = field(default="relu", metadata=checked(one_of("relu", "tanh")))
     target: str | None = None  # name=custom: "package.module:factory", called as factory(input_shape, num_classes)
     embed: int = 8  # lstm: character embedding width (LEAF: 8); transformer: ignored (embeds at model.hidden)
     hidden: int = 256  # lstm: hidden units per layer (LEAF: 256); transformer: the model width
@@ -568,6 +571,7 @@ def validate(cfg: FedsimConfig) -> None:
 
     m = cfg.model
     MODELS.check(m.name)
+    check_fields(m, "model")
     for i, h in enumerate(m.hidden_sizes):
         _positive(h, f"model.hidden_sizes[{i}]")
     if len(m.cnn_channels) != 2:

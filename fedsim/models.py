@@ -70,7 +70,7 @@ def logreg(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, 
 
 def mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
     """ReLU MLP with model.hidden_sizes."""
-    return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes)
+    return _mlp(math.prod(input_shape), cfg.hidden_sizes, num_classes, cfg.activation)
 
 
 def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
@@ -216,18 +216,22 @@ def _custom(target: str, input_shape: tuple[int, ...], num_classes: int) -> nn.M
     return model
 
 
-def _mlp(in_features: int, hidden_sizes: list[int], num_classes: int) -> nn.Sequential:
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}  # model.activation
+
+
+def _mlp(in_features: int, hidden_sizes: list[int], num_classes: int, activation: str = "relu") -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for hidden in hidden_sizes:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[activation]()]
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
 
 def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
-    """Two 5x5 conv blocks (conv, GroupNorm, ReLU, 2x2 max-pool), a dense layer, the output.
+    """Two 5x5 conv blocks (conv, GroupNorm, activation, 2x2 max-pool), a dense layer, the output
+    (activation: model.activation, ReLU by default).
 
     The architecture of McMahan et al. 2017 and LEAF's FEMNIST baseline, with GroupNorm
     (Wu & He 2018) added after each convolution.
@@ -249,18 +253,19 @@ def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
             )
     # padding=2 keeps 5x5 convolutions size-preserving; each pooling floors H and W by half.
     flat = ch1 * (height // 4) * (width // 4)
+    act = ACTIVATIONS[cfg.activation]
     return nn.Sequential(
         nn.Conv2d(channels, ch0, kernel_size=5, padding=2),
         nn.GroupNorm(cfg.norm_groups, ch0),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2),
         nn.Conv2d(ch0, ch1, kernel_size=5, padding=2),
         nn.GroupNorm(cfg.norm_groups, ch1),
-        nn.ReLU(),
+        act(),
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(flat, cfg.cnn_dense),
-        nn.ReLU(),
+        act(),
         nn.Linear(cfg.cnn_dense, num_classes),
     )
 

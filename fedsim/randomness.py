@@ -60,7 +60,7 @@ _FAULTS_NOT_IN_FINGERPRINT = ("worker_kill_rate", "worker_pause_rate", "worker_p
 # Keys added after runs were recorded, with the value that keeps the old behaviour: left out of
 # the fingerprint at that value, so a run that does not use them keeps its randomness (and its
 # model, bit for bit: scripts/golden.py). A new key of a fingerprinted group goes here too.
-_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None}
+_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None, ("model", "activation"): "relu"}
 
 
 def resolve(cfg: FedsimConfig) -> tuple[str, str]:

@@ -79,6 +79,20 @@ def test_opacus_accepts_every_model(name: str, shape: tuple[int, ...]) -> None:
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@pytest.mark.parametrize(("name", "shape"), [("mlp", VECTOR), ("cnn", IMAGE)])
+def test_tanh_activation_replaces_every_relu_and_keeps_the_weights(name: str, shape: tuple[int, ...]) -> None:
+    relu = build_model(ModelConfig(name=name), shape, 10, seed=3)
+    tanh = build_model(ModelConfig(name=name, activation="tanh"), shape, 10, seed=3)
+    kinds = [type(m) for m in tanh.modules()]
+    assert torch.nn.Tanh in kinds and torch.nn.ReLU not in kinds
+    assert kinds.count(torch.nn.Tanh) == [type(m) for m in relu.modules()].count(torch.nn.ReLU)
+    for a, b in zip(relu.parameters(), tanh.parameters()):  # same initial weights: only the function differs
+        assert torch.equal(a, b)
+    x = torch.randn(4, *shape)
+    assert tanh(x).shape == (4, 10) and not torch.equal(tanh(x), relu(x))
+    assert ModuleValidator.validate(tanh, strict=False) == []
+
+
 def test_cnn_on_vector_input_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         build_model(ModelConfig(name="cnn"), VECTOR, 10, seed=0)
