@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,36 @@ def test_non_private_runs_only_skip_the_privacy_plots_with_a_note(tmp_path: Path
     assert not (tmp_path / "report" / "epsilon_vs_round.png").exists()
     # No overrides.yaml: runs are named by their config differences.
     assert {r["label"] for r in md_table(report, "## Final accuracy and privacy per run")} == {"a", "b"}
+
+
+def _bench_module(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.browser
+def test_the_html_report_renders_in_a_real_browser(sweep: Path, tmp_path: Path) -> None:
+    """report.html in headless Chromium (bench/report_screenshot.py): every image is there, the
+    plots are drawn on the rendered page, legends are short labels; and the check is not blind:
+    the same page with its images gone fails it."""
+    shots = _bench_module("report_screenshot")
+    if shots.browser() is None:
+        if os.environ.get("CI") == "true":  # .ci/run installs it: a skip there would hide a missing install step
+            pytest.fail("CI=true and no Chromium: .ci/run must install it (apt-get install chromium)")
+        pytest.skip("needs headless Chromium (apt-get install chromium; .ci/run installs it)")
+    from analysis import build_report
+
+    report = build_report(sweep, tmp_path / "report")
+    png = tmp_path / "shot.png"
+    shots.screenshot(tmp_path / "report" / "report.html", png)
+    assert shots.check(tmp_path / "report", png, report.labels) == []
+    for image in (tmp_path / "report").glob("*.png"):
+        image.unlink()
+    shots.screenshot(tmp_path / "report" / "report.html", broken := tmp_path / "broken.png")
+    problems = shots.check(tmp_path / "report", broken, report.labels)
+    assert any("not drawn" in p for p in problems) and any("not in" in p for p in problems)
