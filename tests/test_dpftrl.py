@@ -224,6 +224,7 @@ def test_summary_states_zero_out_adjacency_and_the_replace_one_epsilon(tmp_path:
     assert user["accountant"] == "gdp"
     assert user["assumes"]["adjacency"].startswith("zero-out")
     assert "no amplification" in user["assumes"]["sampling"]
+    assert "tree node" in user["rounds_accounted"] and "Poisson" not in user["rounds_accounted"]
     mu = math.sqrt(user["tree"]["mu_squared_times_z_squared"]) / 1.0
     assert user["epsilon_replace_one"] == pytest.approx(tree.gdp_epsilon(2 * mu, 1e-5), rel=1e-9)
     assert user["epsilon_replace_one"] > user["epsilon"]

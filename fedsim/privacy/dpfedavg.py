@@ -438,10 +438,17 @@ class UserLevelDP(Mechanism):
                 "rounds_noise_only": self.rounds_noise_only,
                 "rounds_not_released": list(self.not_released),
                 "rounds_accounted": (
-                    "every round that ran and released: a round with no device update (empty Poisson cohort, every "
-                    "device failed) released the noise alone and is accounted like any other; rounds in "
-                    "rounds_not_released released no aggregate (SecAgg+ aborted before unmasking, or every worker "
-                    "failed and the run stopped) and are not accounted, assuming aborts do not depend on private data"
+                    (
+                        "every released tree node up to the last released round: DP-FTRL composes the nodes of all "
+                        "prefixes up to it, whatever each round's cohort was (a round with no device update released "
+                        "its noise alone); "
+                        if self.tree
+                        else "every round that ran and released: a round with no device update (empty Poisson "
+                        "cohort, every device failed) released the noise alone and is accounted like any other; "
+                    )
+                    + "rounds in rounds_not_released released no aggregate (SecAgg+ aborted before unmasking, or "
+                    "every worker failed and the run stopped) and are not accounted, assuming aborts do not depend "
+                    "on private data"
                 ),
                 "target_epsilon": self.user.target_epsilon,
                 "calibrated": self.calibrated,
