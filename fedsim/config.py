@@ -52,21 +52,121 @@ def one_of(*allowed: str) -> Check:
     return lambda value, key: _choice(value, key, allowed)
 
 
-def in_unit_interval(value: float, key: str) -> None:
-    """[0, 1)"""
-    if not 0 <= value < 1:
+def in_unit_interval(value: float | None, key: str) -> None:
+    """[0, 1) (None passes: an optional field left unset)"""
+    if value is not None and not 0 <= value < 1:
         raise ConfigError(key, f"must be in [0, 1), got {value}")
+
+
+def in_open_unit_interval(value: float, key: str) -> None:
+    """(0, 1)"""
+    if not 0 < value < 1:
+        raise ConfigError(key, f"must be in (0, 1), got {value}")
+
+
+def at_least(n: int) -> Check:
+    def check(value: int, key: str) -> None:
+        if value < n:
+            raise ConfigError(key, f"must be >= {n}, got {value}")
+
+    return check
+
+
+def in_range(lo: int, hi: int, *, integer: bool = False) -> Check:
+    """lo..hi, both included."""
+
+    def check(value: int, key: str) -> None:
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"must be {'an integer ' if integer else ''}in {lo}..{hi}, got {value}")
+
+    return check
+
+
+def zero_or_at_least(n: int, why: str) -> Check:
+    """0 (off), or at least n."""
+
+    def check(value: int, key: str) -> None:
+        if 0 < value < n:
+            raise ConfigError(key, f"must be 0 (off) or at least {n} ({why}), got {value}")
+
+    return check
+
+
+def unsigned_64(value: int, key: str) -> None:
+    """An integer in [0, 2**64) (a seed)."""
+    if isinstance(value, bool) or not 0 <= value < 2**64:
+        raise ConfigError(key, f"must be an integer in [0, 2**64), got {value}")
+
+
+def version_of(*versions: int) -> Check:
+    def check(value: int, key: str) -> None:
+        if value not in versions:
+            raise ConfigError(key, f"unknown version {value}; allowed: {', '.join(map(str, versions))}")
+
+    return check
+
+
+def not_blank(message: str) -> Check:
+    """A string with more than white space in it (None passes: an optional field left unset)."""
+
+    def check(value: str | None, key: str) -> None:
+        if value is not None and not value.strip():
+            raise ConfigError(key, message)
+
+    return check
+
+
+def import_target(needed_by: str) -> Check:
+    """A "package.module:factory" path, which `needed_by` needs."""
+
+    def check(value: str | None, key: str) -> None:
+        if not value or ":" not in value:
+            raise ConfigError(key, f"{needed_by} needs {key}='package.module:factory', got {value!r}")
+
+    return check
+
+
+def length(n: int, what: str) -> Check:
+    def check(value: list, key: str) -> None:
+        if len(value) != n:
+            raise ConfigError(key, f"must list exactly {n} {what}, got {value}")
+
+    return check
+
+
+def each(check: Check) -> Check:
+    """Run `check` on every element of a list field, naming it key[i]."""
+
+    def check_each(value: list, key: str) -> None:
+        for i, item in enumerate(value):
+            check(item, f"{key}[{i}]")
+
+    return check_each
 
 
 def registered(registry: Any) -> Check:
     return lambda value, key: registry.check(value)
 
 
+def registered_once(registry: Any, kind: str) -> Check:
+    """A list of names registered in `registry` (no "module:attribute" paths), none twice."""
+
+    def check(value: list[str], key: str) -> None:
+        for i, name in enumerate(value):
+            if name not in registry:
+                raise ConfigError(key, f"unknown {kind} {name!r}; allowed: {', '.join(registry)}")
+            if name in value[:i]:
+                raise ConfigError(key, f"{name!r} is listed twice; allowed: each of {', '.join(registry)} once")
+
+    return check
+
+
 def check_fields(group: Any, prefix: str) -> None:
-    """Run the checks declared on the fields of the config dataclass `group` (not nested groups)."""
+    """Run the checks declared on the fields of the config dataclass `group` (not nested groups),
+    in the order of the fields; prefix "" for the top-level keys."""
     for f in dataclasses.fields(group):
         for check in f.metadata.get("checks", ()):
-            check(getattr(group, f.name), f"{prefix}.{f.name}")
+            check(getattr(group, f.name), f"{prefix}.{f.name}" if prefix else f.name)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -86,22 +186,33 @@ class SyntheticConfig:
     """
 
     name: str = "synthetic"
-    recipe: str = "leaf"  # leaf (devices share structure through Q) | fedprox (independent models)
-    num_clusters: int = 1  # leaf: clusters of device models (LEAF's default prob_clusters is [1.0])
-    model_noise: float = 0.1  # leaf: spread of a device's model_info around its cluster mean
-    alpha: float = 1.0  # fedprox: spread of the per-device models (u_k ~ N(0, alpha))
-    beta: float = 1.0  # fedprox: spread of the per-device feature means (B_k ~ N(0, beta))
-    num_features: int = 60  # input dimension (LEAF: 60)
-    num_classes: int = 10  # output classes
-    size_mu: float = 3.0  # device sizes: floor(lognormal(size_mu, size_sigma)) + size_min, ...
-    size_sigma: float = 2.0  # ... (LEAF: lognormal(3, 2) + 5, at most 1000)
-    size_min: int = 5  # ... every device has at least this many examples ...
-    size_max: int = 1000  # ... and at most this many
-    examples_per_device: int | None = None  # fixed size for every device (overrides lognormal)
-    test_fraction: float = 0.1  # share of each device's examples held out (LEAF: 10%)
-    eval_devices: int = 200  # central test set = held-out part of devices 0..eval_devices-1
+    # leaf (devices share structure through Q) | fedprox (independent models)
+    recipe: str = field(default="leaf", metadata=checked(one_of("leaf", "fedprox")))
+    # leaf: clusters of device models (LEAF's default prob_clusters is [1.0])
+    num_clusters: int = field(default=1, metadata=checked(positive()))
+    # leaf: spread of a device's model_info around its cluster mean
+    model_noise: float = field(default=0.1, metadata=checked(positive(allow_zero=True)))
+    # fedprox: spread of the per-device models (u_k ~ N(0, alpha))
+    alpha: float = field(default=1.0, metadata=checked(positive(allow_zero=True)))
+    # fedprox: spread of the per-device feature means (B_k ~ N(0, beta))
+    beta: float = field(default=1.0, metadata=checked(positive(allow_zero=True)))
+    num_features: int = field(default=60, metadata=checked(positive()))  # input dimension (LEAF: 60)
+    num_classes: int = field(default=10, metadata=checked(at_least(2)))  # output classes
+    # device sizes: floor(lognormal(size_mu, size_sigma)) + size_min, at most size_max: every device
+    # has at least size_min and at most size_max examples (LEAF: lognormal(3, 2) + 5, at most 1000)
+    size_mu: float = 3.0
+    size_sigma: float = field(default=2.0, metadata=checked(positive(allow_zero=True)))
+    size_min: int = field(default=5, metadata=checked(positive()))
+    size_max: int = field(default=1000, metadata=checked(positive()))
+    # fixed size for every device (overrides lognormal)
+    examples_per_device: int | None = field(default=None, metadata=checked(positive()))
+    # share of each device's examples held out (LEAF: 10%)
+    test_fraction: float = field(default=0.1, metadata=checked(in_open_unit_interval))
+    # central test set = held-out part of devices 0..eval_devices-1
+    eval_devices: int = field(default=200, metadata=checked(positive()))
     iid: bool = False  # True: one shared model and feature mean (LEAF's synthetic_iid)
-    recipe_version: int = 2  # 2: sizes from (seed, device id), O(1) memory | 1: sizes drawn up front (runs before 2026-11-30)
+    # 2: sizes from (seed, device id), O(1) memory | 1: sizes drawn up front (runs before 2026-11-30)
+    recipe_version: int = field(default=2, metadata=checked(version_of(1, 2)))
 
 
 @dataclass
@@ -110,7 +221,7 @@ class FemnistConfig:
 
     name: str = "femnist"
     path: str | None = None  # directory holding train/ and test/ (or the JSON files); None = the bundled 105 writers
-    max_test_examples: int | None = None  # cap on the central test set (None = all)
+    max_test_examples: int | None = field(default=None, metadata=checked(positive()))  # cap on the central test set (None = all)
 
 
 @dataclass
@@ -119,10 +230,12 @@ class FashionMnistConfig:
 
     name: str = "fashion_mnist"
     path: str = "/usr/share/datasets/fashion-mnist"  # directory with the four idx(.gz) files
-    partition: str = "iid"  # iid | dirichlet | shards
-    dirichlet_alpha: float = 0.5  # label skew for partition=dirichlet (smaller = more skewed)
-    shards_per_device: int = 2  # label-sorted shards per device for partition=shards
-    max_test_examples: int | None = None  # cap on the central test set (None = all 10,000)
+    partition: str = field(default="iid", metadata=checked(one_of("iid", "dirichlet", "shards")))  # iid | dirichlet | shards
+    # label skew for partition=dirichlet (smaller = more skewed)
+    dirichlet_alpha: float = field(default=0.5, metadata=checked(positive()))
+    shards_per_device: int = field(default=2, metadata=checked(positive()))  # label-sorted shards per device for partition=shards
+    # cap on the central test set (None = all 10,000)
+    max_test_examples: int | None = field(default=None, metadata=checked(positive()))
 
 
 @dataclass
@@ -134,13 +247,14 @@ class HuggingFaceConfig:
     data_files: dict[str, str] | None = None  # split -> file or glob, for local builders
     train_split: str = "train"  # split partitioned over devices
     test_split: str | None = "test"  # central test split (None = no central evaluation)
-    partition: str = "iid"  # iid | dirichlet | natural (natural groups by partition_by)
+    # iid | dirichlet | natural (natural groups by partition_by)
+    partition: str = field(default="iid", metadata=checked(one_of("iid", "dirichlet", "natural")))
     partition_by: str = "label"  # label column for dirichlet, grouping column for natural
-    dirichlet_alpha: float = 0.5  # label skew for partition=dirichlet
+    dirichlet_alpha: float = field(default=0.5, metadata=checked(positive()))  # label skew for partition=dirichlet
     feature_key: str = "image"  # column holding the input (image or vector)
     label_key: str = "label"  # column holding the integer class
-    num_classes: int | None = None  # None = 1 + the largest label in the train split
-    max_test_examples: int | None = None  # cap on the central test set
+    num_classes: int | None = field(default=None, metadata=checked(positive()))  # None = 1 + the largest label in the train split
+    max_test_examples: int | None = field(default=None, metadata=checked(positive()))  # cap on the central test set
 
 
 @dataclass
@@ -149,17 +263,21 @@ class ShakespeareConfig:
 
     name: str = "shakespeare"
     path: str | None = None  # a text of NAME: speeches (Tiny Shakespeare's format); None = the bundled Tiny Shakespeare
-    seq_len: int = 80  # characters a model reads to predict the next one (LEAF: 80)
+    seq_len: int = field(default=80, metadata=checked(positive()))  # characters a model reads to predict the next one (LEAF: 80)
     # What a training window teaches: "last", the character after it (LEAF); "every", the next
     # character at each of its positions (TFF's recipe: seq_len labels per window, for the same
     # compute). Evaluation always scores the character after each test window.
-    targets: str = "last"
-    min_chars: int = 1000  # roles with fewer characters are left out (the count is printed)
-    test_fraction: float = 0.2  # last share of each role's windows, by position, held out (LEAF: 0.2)
-    max_train_windows: int | None = None  # evenly thin each device's training windows to this many (None = all)
-    max_test_examples: int | None = 5000  # evenly thin the central test set (None = every role's test windows)
+    targets: str = field(default="last", metadata=checked(one_of("last", "every")))
+    # roles with fewer characters are left out (the count is printed)
+    min_chars: int = field(default=1000, metadata=checked(positive(allow_zero=True)))
+    # last share of each role's windows, by position, held out (LEAF: 0.2)
+    test_fraction: float = field(default=0.2, metadata=checked(in_open_unit_interval))
+    # evenly thin each device's training windows to this many (None = all)
+    max_train_windows: int | None = field(default=None, metadata=checked(positive()))
+    # evenly thin the central test set (None = every role's test windows)
+    max_test_examples: int | None = field(default=5000, metadata=checked(positive()))
     prompt: str = "ROMEO:\n"  # the run ends by sampling a continuation of this text (summary.json)
-    sample_chars: int = 200  # characters sampled after the prompt
+    sample_chars: int = field(default=200, metadata=checked(positive(allow_zero=True)))  # characters sampled after the prompt
 
 
 @dataclass
@@ -171,7 +289,8 @@ class CustomDatasetConfig:
     """
 
     name: str = "custom"
-    target: str | None = None  # "package.module:factory" (required)
+    # "package.module:factory" (required)
+    target: str | None = field(default=None, metadata=checked(import_target("dataset=custom")))
 
 
 DATASETS: dict[str, type] = {
@@ -191,19 +310,26 @@ DatasetConfig = (
 
 @dataclass
 class ModelConfig:
-    name: str = "auto"  # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | lstm | transformer | custom
-    hidden_sizes: list[int] = field(default_factory=lambda: [64])  # mlp hidden layer widths
-    cnn_channels: list[int] = field(default_factory=lambda: [32, 64])  # the two 5x5 conv layers
-    cnn_dense: int = 256  # width of the cnn's dense layer
-    norm_groups: int = 8  # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
+    # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | lstm | transformer | custom
+    name: str = field(default="auto", metadata=checked(registered(MODELS)))
+    hidden_sizes: list[int] = field(default_factory=lambda: [64], metadata=checked(each(positive())))  # mlp hidden layer widths
+    # the two 5x5 conv layers
+    cnn_channels: list[int] = field(
+        default_factory=lambda: [32, 64], metadata=checked(length(2, "conv widths"), each(positive()))
+    )
+    cnn_dense: int = field(default=256, metadata=checked(positive()))  # width of the cnn's dense layer
+    # GroupNorm groups in the cnn (no BatchNorm: DP-SGD needs per-example grads)
+    norm_groups: int = field(default=8, metadata=checked(positive()))
     # mlp and cnn hidden activation: relu, or tanh (a tempered sigmoid: bounded activations keep
     # DP-SGD's clipped gradients more informative; Papernot et al. 2021, AAAI, Sec. 4)
     activation: str = field(default="relu", metadata=checked(one_of("relu", "tanh")))
     target: str | None = None  # name=custom: "package.module:factory", called as factory(input_shape, num_classes)
-    embed: int = 8  # lstm: character embedding width (LEAF: 8); transformer: ignored (embeds at model.hidden)
-    hidden: int = 256  # lstm: hidden units per layer (LEAF: 256); transformer: the model width
-    layers: int = 2  # lstm / transformer: stacked layers (LEAF's LSTM: 2)
-    heads: int = 4  # transformer: attention heads (must divide model.hidden)
+    # lstm: character embedding width (LEAF: 8); transformer: ignored (embeds at model.hidden)
+    embed: int = field(default=8, metadata=checked(positive()))
+    # lstm: hidden units per layer (LEAF: 256); transformer: the model width
+    hidden: int = field(default=256, metadata=checked(positive()))
+    layers: int = field(default=2, metadata=checked(positive()))  # lstm / transformer: stacked layers (LEAF's LSTM: 2)
+    heads: int = field(default=4, metadata=checked(positive()))  # transformer: attention heads (must divide model.hidden)
 
 
 @dataclass
@@ -219,10 +345,12 @@ class AlgorithmConfig:
     weight_decay: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))  # device SGD weight decay
     # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al. 2020)
     proximal_mu: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))
-    server_lr: float = field(default=1.0, metadata=checked(positive()))  # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
+    # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
+    server_lr: float = field(default=1.0, metadata=checked(positive()))
     beta1: float = field(default=0.9, metadata=checked(in_unit_interval))  # FedAdam/FedYogi/FedAdagrad first-moment decay
     beta2: float = field(default=0.99, metadata=checked(in_unit_interval))  # FedAdam/FedYogi second-moment decay
-    tau: float = field(default=1e-3, metadata=checked(positive()))  # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
+    # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
+    tau: float = field(default=1e-3, metadata=checked(positive()))
 
 
 @dataclass
@@ -233,32 +361,48 @@ class CohortConfig:
 
 @dataclass
 class SimulationConfig:
-    layout: str = "multiplexed"  # multiplexed (workers train many devices) | classic (one SuperNode per device)
-    num_workers: int | None = None  # worker SuperNodes (None = one per CPU); ignored by classic
-    cpus_per_worker: float = 1.0  # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
-    torch_threads: int = 1  # torch threads per worker (more is 10-35x slower on small models)
-    round_timeout_s: float | None = 600.0  # give up on a worker's reply after this long
-    retries: int = 2  # resend a failed (or silent) worker's job this many times per round
-    max_missed_rounds: int = 5  # drop a late worker after this many deadlines (round_timeout_s) missed in a row
-    log_level: str = "WARNING"  # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
+    # multiplexed (workers train many devices) | classic (one SuperNode per device)
+    layout: str = field(default="multiplexed", metadata=checked(one_of("multiplexed", "classic")))
+    # worker SuperNodes (None = one per CPU); ignored by classic
+    num_workers: int | None = field(default=None, metadata=checked(positive()))
+    # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
+    cpus_per_worker: float = field(default=1.0, metadata=checked(positive()))
+    # torch threads per worker (more is 10-35x slower on small models)
+    torch_threads: int = field(default=1, metadata=checked(positive()))
+    # give up on a worker's reply after this long
+    round_timeout_s: float | None = field(default=600.0, metadata=checked(positive()))
+    # resend a failed (or silent) worker's job this many times per round
+    retries: int = field(default=2, metadata=checked(positive(allow_zero=True)))
+    # drop a late worker after this many deadlines (round_timeout_s) missed in a row
+    max_missed_rounds: int = field(default=5, metadata=checked(positive()))
+    # Flower and Ray log level (DEBUG | INFO | WARNING | ERROR)
+    log_level: str = field(default="WARNING", metadata=checked(one_of("DEBUG", "INFO", "WARNING", "ERROR")))
     ray_temp_dir: str | None = None  # Ray's session directory (None = Ray's default /tmp/ray)
-    ray_address: str | None = None  # attach to a running Ray cluster ("auto" or HOST:PORT); None = start Ray here
-    vectorize: str = "auto"  # train a worker's devices as one batched computation: auto | on | off
-    device_group: int = 32  # at most this many devices per batched computation (groups depend on the cohort only)
+    # attach to a running Ray cluster ("auto" or HOST:PORT); None = start Ray here
+    ray_address: str | None = field(default=None, metadata=checked(not_blank("must be 'auto', HOST:PORT or null")))
+    # train a worker's devices as one batched computation: auto | on | off
+    vectorize: str = field(default="auto", metadata=checked(one_of("auto", "on", "off")))
+    # at most this many devices per batched computation (groups depend on the cohort only)
+    device_group: int = field(default=32, metadata=checked(positive()))
 
 
 @dataclass
 class DPSGDPrivacyConfig:
     """Sample-level DP: every device trains with DP-SGD (Abadi et al. 2016) through Opacus."""
 
-    noise_multiplier: float | None = 1.0  # sigma; null: calibrate it from target_epsilon before training
-    max_grad_norm: float = 1.0  # C, the per-example L2 clipping bound
-    target_epsilon: float | None = None  # per-device budget; devices that would exceed it are not sampled
-    delta: float = 1e-5  # the delta of every reported (epsilon, delta)
-    accountant: str = "rdp"  # rdp (Opacus) | prv (Opacus) | pld (dp-accounting)
-    grad_sample_mode: str = "hooks"  # Opacus per-example gradients: hooks | ew | functorch
+    # sigma; null: calibrate it from target_epsilon before training
+    noise_multiplier: float | None = field(default=1.0, metadata=checked(positive(allow_zero=True)))
+    max_grad_norm: float = field(default=1.0, metadata=checked(positive()))  # C, the per-example L2 clipping bound
+    # per-device budget; devices that would exceed it are not sampled
+    target_epsilon: float | None = field(default=None, metadata=checked(positive()))
+    delta: float = field(default=1e-5, metadata=checked(in_open_unit_interval))  # the delta of every reported (epsilon, delta)
+    # rdp (Opacus) | prv (Opacus) | pld (dp-accounting)
+    accountant: str = field(default="rdp", metadata=checked(one_of("rdp", "prv", "pld")))
+    # Opacus per-example gradients: hooks | ew | functorch
+    grad_sample_mode: str = field(default="hooks", metadata=checked(one_of("hooks", "ew", "functorch")))
     fix_model: bool = False  # let Opacus's ModuleValidator replace incompatible layers (BatchNorm -> GroupNorm)
-    assumed_participations: int | None = None  # calibration: rounds a device joins (null: ceil(rounds * q))
+    # calibration: rounds a device joins (null: ceil(rounds * q))
+    assumed_participations: int | None = field(default=None, metadata=checked(positive()))
 
 
 @dataclass
@@ -266,40 +410,54 @@ class DPFedAvgPrivacyConfig:
     """User-level DP: DP-FedAvg (McMahan et al. 2018), each device's whole update clipped to C,
     Gaussian noise z*C on the sum, divided by the expected cohort size."""
 
-    noise_multiplier: float | None = 1.0  # z; null: calibrate it from target_epsilon over the planned rounds
-    clip_norm: float = 1.0  # C (the initial C with adaptive clipping)
-    target_epsilon: float | None = None  # user-level budget of the run; the run stops before exceeding it
-    delta: float = 1e-5  # should be below 1 / population
-    accountant: str = "pld"  # pld (dp-accounting, Poisson cohorts) | rdp (dp-accounting; also fixed-size cohorts)
+    # z; null: calibrate it from target_epsilon over the planned rounds
+    noise_multiplier: float | None = field(default=1.0, metadata=checked(positive(allow_zero=True)))
+    clip_norm: float = field(default=1.0, metadata=checked(positive()))  # C (the initial C with adaptive clipping)
+    # user-level budget of the run; the run stops before exceeding it
+    target_epsilon: float | None = field(default=None, metadata=checked(positive()))
+    delta: float = field(default=1e-5, metadata=checked(in_open_unit_interval))  # should be below 1 / population
+    # pld (dp-accounting, Poisson cohorts) | rdp (dp-accounting; also fixed-size cohorts)
+    accountant: str = field(default="pld", metadata=checked(one_of("pld", "rdp")))
     adaptive_clipping: bool = False  # track a quantile of update norms (Andrew et al. 2021)
-    target_quantile: float = 0.5  # adaptive: fraction of updates that should fall within C
-    clip_learning_rate: float = 0.2  # adaptive: eta_C of the geometric update
-    count_noise_multiplier: float | None = None  # adaptive: sigma_b of the noisy count (null: cohort / 20)
-    noise_cohort_size: int | None = None  # add noise as if the cohort had this many devices (a labelled simulation)
-    noise: str = "central"  # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+) | tree (DP-FTRL: central noise through tree aggregation, Kairouz et al. 2021; needs cohort.sampling=cyclic)
-    tree_restart_every: int | None = None  # noise=tree: a new tree every k rounds (null: one cycle, population // cohort.size rounds)
+    # adaptive: fraction of updates that should fall within C
+    target_quantile: float = field(default=0.5, metadata=checked(in_open_unit_interval))
+    clip_learning_rate: float = field(default=0.2, metadata=checked(positive()))  # adaptive: eta_C of the geometric update
+    # adaptive: sigma_b of the noisy count (null: cohort / 20)
+    count_noise_multiplier: float | None = field(default=None, metadata=checked(positive()))
+    # add noise as if the cohort had this many devices (a labelled simulation)
+    noise_cohort_size: int | None = field(default=None, metadata=checked(positive()))
+    # central (the server adds it) | distributed (devices add Skellam shares under SecAgg+) | tree (DP-FTRL: central noise through tree aggregation, Kairouz et al. 2021; needs cohort.sampling=cyclic)
+    noise: str = field(default="central", metadata=checked(one_of("central", "distributed", "tree")))
+    # noise=tree: a new tree every k rounds (null: one cycle, population // cohort.size rounds)
+    tree_restart_every: int | None = field(default=None, metadata=checked(positive()))
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # write a checkpoint every k rounds, at the end and on Ctrl-C (0: never)
-    keep: int = 2  # newest checkpoints kept in <run dir>/checkpoints/
+    # write a checkpoint every k rounds, at the end and on Ctrl-C (0: never)
+    every: int = field(default=0, metadata=checked(positive(allow_zero=True)))
+    keep: int = field(default=2, metadata=checked(positive()))  # newest checkpoints kept in <run dir>/checkpoints/
 
 
 @dataclass
 class FaultsConfig:
-    device_failure_rate: float = 0.0  # each sampled device raises instead of training, seeded per (round, device)
-    nan_update_rate: float = 0.0  # each sampled device sends an all-NaN update (a faulty device), seeded likewise
-    straggler_rate: float = 0.0  # each sampled device is a straggler this round with this probability
-    straggler_slowdown: float = 10.0  # a straggler computes this many times slower
-    seconds_per_example: float = 0.001  # simulated device compute time per example and epoch
-    round_deadline_s: float | None = None  # simulated seconds: devices that would finish later drop out
+    # each sampled device raises instead of training, seeded per (round, device)
+    device_failure_rate: float = field(default=0.0, metadata=checked(in_unit_interval))
+    # each sampled device sends an all-NaN update (a faulty device), seeded likewise
+    nan_update_rate: float = field(default=0.0, metadata=checked(in_unit_interval))
+    # each sampled device is a straggler this round with this probability
+    straggler_rate: float = field(default=0.0, metadata=checked(in_unit_interval))
+    straggler_slowdown: float = field(default=10.0, metadata=checked(positive()))  # a straggler computes this many times slower
+    # simulated device compute time per example and epoch
+    seconds_per_example: float = field(default=0.001, metadata=checked(positive()))
+    # simulated seconds: devices that would finish later drop out
+    round_deadline_s: float | None = field(default=None, metadata=checked(positive()))
     # Worker faults (chaos): per round, with these probabilities, one worker (a seeded choice) is
     # told in its job to SIGKILL its own process, or to SIGSTOP it for worker_pause_s (a detached
     # helper sends SIGCONT). Only the first send of a job carries the fault.
-    worker_kill_rate: float = 0.0
-    worker_pause_rate: float = 0.0
-    worker_pause_s: float = 5.0
+    worker_kill_rate: float = field(default=0.0, metadata=checked(in_unit_interval))
+    worker_pause_rate: float = field(default=0.0, metadata=checked(in_unit_interval))
+    worker_pause_s: float = field(default=5.0, metadata=checked(positive()))
 
 
 @dataclass
@@ -308,41 +466,61 @@ class PrivacyConfig:
 
     dpsgd: DPSGDPrivacyConfig | None = None  # sample-level DP-SGD on every device
     dpfedavg: DPFedAvgPrivacyConfig | None = None  # user-level DP-FedAvg
-    randomness: str = "auto"  # auto | reproducible (seed + config) | secure (OS entropy); see fedsim.randomness
+    # auto | reproducible (seed + config) | secure (OS entropy); see fedsim.randomness
+    randomness: str = field(default="auto", metadata=checked(one_of("auto", "reproducible", "secure")))
 
 
 @dataclass
 class SecAggConfig:
     """Secure aggregation: SecAgg+ (Bell et al. 2020) over the round's cohort."""
 
-    name: str = "none"  # none | secaggplus
-    bits: int = 16  # fixed-point bits per coordinate (signed grid of 2^bits - 1 levels)
-    clip_range: float | None = None  # per-coordinate range [-r, r] (null: the DP-FedAvg clip norm, else 1.0)
+    name: str = field(default="none", metadata=checked(one_of("none", "secaggplus")))  # none | secaggplus
+    # fixed-point bits per coordinate (signed grid of 2^bits - 1 levels); 2..32: a signed grid
+    # [-L, L], L = 2^(bits-1) - 1, needs 2 bits
+    bits: int = field(default=16, metadata=checked(in_range(2, 32)))
+    # per-coordinate range [-r, r] (null: the DP-FedAvg clip norm, else 1.0)
+    clip_range: float | None = field(default=None, metadata=checked(positive()))
     modulus_bits: int | None = None  # sums live mod 2^m (null: the smallest m that cannot overflow)
     # What the protocol must withstand (fedsim.secagg.params): k and t are chosen from these.
-    threat_model: str = "semi_honest"  # semi_honest (honest-but-curious server) | active (it may lie about dropouts)
-    max_corrupt_fraction: float = 0.33  # gamma: fraction of the cohort that may collude with the server
-    max_dropout_fraction: float | None = None  # delta (null: from the drop_* rates and faults.*_rate, w.p. 1 - 2^-(eta+1))
-    security_bits: int = 40  # sigma: the guarantee fails with probability <= 2^-sigma
-    correctness_bits: int = 20  # eta: a round aborts with probability <= 2^-eta
-    neighbours: int | None = None  # k of the neighbour graph (null: the cheapest k meeting the threat model)
-    threshold: int | None = None  # Shamir threshold t (null: the smallest t the threat model allows); checked against it
-    drop_advertise_keys: float = 0.0  # fault model: each device drops at this stage with this probability
-    drop_share_keys: float = 0.0
-    drop_masked_input: float = 0.0
-    drop_unmask: float = 0.0
+    # semi_honest (honest-but-curious server) | active (it may lie about dropouts)
+    threat_model: str = field(default="semi_honest", metadata=checked(one_of("semi_honest", "active")))
+    # gamma: fraction of the cohort that may collude with the server
+    max_corrupt_fraction: float = field(default=0.33, metadata=checked(in_unit_interval))
+    # delta (null: from the drop_* rates and faults.*_rate, w.p. 1 - 2^-(eta+1))
+    max_dropout_fraction: float | None = field(default=None, metadata=checked(in_unit_interval))
+    # sigma: the guarantee fails with probability <= 2^-sigma
+    security_bits: int = field(default=40, metadata=checked(in_range(1, 128, integer=True)))
+    # eta: a round aborts with probability <= 2^-eta
+    correctness_bits: int = field(default=20, metadata=checked(in_range(1, 128, integer=True)))
+    # k of the neighbour graph (null: the cheapest k meeting the threat model)
+    neighbours: int | None = field(default=None, metadata=checked(positive()))
+    # Shamir threshold t (null: the smallest t the threat model allows); checked against it
+    threshold: int | None = field(default=None, metadata=checked(positive()))
+    # fault model: each device drops at this stage with this probability
+    drop_advertise_keys: float = field(default=0.0, metadata=checked(in_unit_interval))
+    drop_share_keys: float = field(default=0.0, metadata=checked(in_unit_interval))
+    drop_masked_input: float = field(default=0.0, metadata=checked(in_unit_interval))
+    drop_unmask: float = field(default=0.0, metadata=checked(in_unit_interval))
 
 
 @dataclass
 class AuditConfig:
     """Empirical privacy auditing: an epsilon measured on the run next to the accountant's (fedsim.audit)."""
 
-    canaries: int = 0  # user-level (DP-FedAvg): 2x this many candidate canary devices, each inserted w.p. 1/2 (0: off)
-    canary_examples: int = 0  # sample-level (DP-SGD): canary examples, each included with probability 1/2 (0: off)
-    canary_devices: int = 10  # sample-level: canary devices that hold the canary examples (sampled like any device)
-    confidence: float = 0.95  # of every interval and lower bound the audit reports
-    bootstrap: int = 200  # resamples for the interval of the user-level estimate
-    break_mechanism: str = "none"  # TESTS ONLY (needs FEDSIM_ALLOW_BROKEN=1): none | no_noise (noise drawn, not added)
+    # user-level (DP-FedAvg): 2x this many candidate canary devices, each inserted w.p. 1/2 (0: off)
+    canaries: int = field(
+        default=0, metadata=checked(positive(allow_zero=True), zero_or_at_least(10, "Gaussians are fitted to them"))
+    )
+    # sample-level (DP-SGD): canary examples, each included with probability 1/2 (0: off)
+    canary_examples: int = field(default=0, metadata=checked(positive(allow_zero=True)))
+    # sample-level: canary devices that hold the canary examples (sampled like any device)
+    canary_devices: int = field(default=10, metadata=checked(positive()))
+    # of every interval and lower bound the audit reports
+    confidence: float = field(default=0.95, metadata=checked(in_open_unit_interval))
+    # resamples for the interval of the user-level estimate
+    bootstrap: int = field(default=200, metadata=checked(positive(allow_zero=True)))
+    # TESTS ONLY (needs FEDSIM_ALLOW_BROKEN=1): none | no_noise (noise drawn, not added)
+    break_mechanism: str = field(default="none", metadata=checked(one_of("none", "no_noise")))
 
 
 @dataclass
@@ -354,17 +532,25 @@ class OutputConfig:
     private_metrics_only: bool = False  # metrics.jsonl keeps only what the DP guarantee covers (fedsim.privacy.published)
     # Experiment trackers fed as the run goes (fedsim.trackers; extra: pip install -e ".[trackers]"):
     # tensorboard (<run dir>/tensorboard/) | mlflow (a file store in <run dir>/mlruns/)
-    loggers: list[str] = field(default_factory=list)
-    mlflow_uri: str | None = None  # loggers=[mlflow]: another tracking URI (sqlite:///..., http://...); None = <run dir>/mlruns
-    mlflow_experiment: str = "fedsim"  # loggers=[mlflow]: the MLflow experiment the run is logged under
+    loggers: list[str] = field(default_factory=list, metadata=checked(registered_once(LOGGERS, "logger")))
+    # loggers=[mlflow]: another tracking URI (sqlite:///..., http://...); None = <run dir>/mlruns
+    mlflow_uri: str | None = field(
+        default=None, metadata=checked(not_blank("must be a tracking URI (sqlite:///..., http://..., a directory) or null"))
+    )
+    # loggers=[mlflow]: the MLflow experiment the run is logged under
+    mlflow_experiment: str = field(
+        default="fedsim", metadata=checked(not_blank("must name an MLflow experiment, got an empty string"))
+    )
 
 
 @dataclass
 class FedsimConfig:
-    seed: int = 0  # seeds sampling, model init and every device's training
-    population: int = 1000  # devices in the population (femnist: at most its writers; shakespeare: its roles)
-    rounds: int = 30  # federated rounds
-    eval_every: int = 1  # central evaluation every k rounds (and always after the last)
+    seed: int = field(default=0, metadata=checked(unsigned_64))  # seeds sampling, model init and every device's training
+    # devices in the population (femnist: at most its writers; shakespeare: its roles)
+    population: int = field(default=1000, metadata=checked(positive()))
+    rounds: int = field(default=30, metadata=checked(positive()))  # federated rounds
+    # central evaluation every k rounds (and always after the last)
+    eval_every: int = field(default=1, metadata=checked(positive()))
     cohort: CohortConfig = field(default_factory=CohortConfig)
     dataset: DatasetConfig = field(default_factory=SyntheticConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -377,7 +563,8 @@ class FedsimConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str | None = None  # a checkpoint file or run directory: continue that run (its config wins)
-    engine: str = "simulation"  # simulation (Flower's simulation engine, Ray) | deployment (a running SuperLink)
+    # simulation (Flower's simulation engine, Ray) | deployment (a running SuperLink)
+    engine: str = field(default="simulation", metadata=checked(one_of("simulation", "deployment")))
     superlink: str | None = None  # deployment: the SuperLink's HOST:PORT, or a connection name in $FLWR_HOME/config.toml
     superlink_ca: str | None = None  # deployment: CA certificate (PEM) to reach the SuperLink over TLS; None = insecure
 
@@ -501,12 +688,8 @@ CALIBRATED_KEYS = ("privacy.dpsgd.noise_multiplier", "privacy.dpfedavg.noise_mul
 
 def validate(cfg: FedsimConfig) -> None:
     """Check ranges and cross-key constraints that types alone do not express."""
-    if isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**64:
-        raise ConfigError("seed", f"must be an integer in [0, 2**64), got {cfg.seed}")
-    _choice(cfg.privacy.randomness, "privacy.randomness", ("auto", "reproducible", "secure"))
-    _positive(cfg.population, "population")
-    _positive(cfg.rounds, "rounds")
-    _positive(cfg.eval_every, "eval_every")
+    check_fields(cfg, "")  # seed, population, rounds, eval_every, engine
+    check_fields(cfg.privacy, "privacy")  # randomness (its mechanisms' groups are checked below)
     check_fields(cfg.cohort, "cohort")
     if cfg.cohort.size > cfg.population:
         raise ConfigError(
@@ -514,26 +697,10 @@ def validate(cfg: FedsimConfig) -> None:
         )
 
     ds = cfg.dataset
+    check_fields(ds, "dataset")
     if isinstance(ds, SyntheticConfig):
-        _choice(ds.recipe, "dataset.recipe", ("leaf", "fedprox"))
-        _positive(ds.num_clusters, "dataset.num_clusters")
-        _positive(ds.model_noise, "dataset.model_noise", allow_zero=True)
-        _positive(ds.alpha, "dataset.alpha", allow_zero=True)
-        _positive(ds.beta, "dataset.beta", allow_zero=True)
-        _positive(ds.num_features, "dataset.num_features")
-        if ds.num_classes < 2:
-            raise ConfigError("dataset.num_classes", f"must be >= 2, got {ds.num_classes}")
-        _positive(ds.size_sigma, "dataset.size_sigma", allow_zero=True)
-        _positive(ds.size_min, "dataset.size_min")
-        _positive(ds.size_max, "dataset.size_max")
         if ds.size_max < ds.size_min:
             raise ConfigError("dataset.size_max", f"must be >= dataset.size_min ({ds.size_min}), got {ds.size_max}")
-        _positive(ds.examples_per_device, "dataset.examples_per_device")
-        if not 0 < ds.test_fraction < 1:
-            raise ConfigError("dataset.test_fraction", f"must be in (0, 1), got {ds.test_fraction}")
-        _positive(ds.eval_devices, "dataset.eval_devices")
-        if ds.recipe_version not in (1, 2):
-            raise ConfigError("dataset.recipe_version", f"unknown version {ds.recipe_version}; allowed: 1, 2")
         if ds.recipe_version == 2 and ds.size_max - ds.size_min > 1_000_000:
             # The size distribution is a table with one entry per possible size (fedsim/data/synthetic.py).
             raise ConfigError(
@@ -541,73 +708,29 @@ def validate(cfg: FedsimConfig) -> None:
                 f"at most dataset.size_min + 1,000,000 ({ds.size_min + 1_000_000}) with dataset.recipe_version=2, "
                 f"got {ds.size_max}",
             )
-    elif isinstance(ds, FashionMnistConfig):
-        _choice(ds.partition, "dataset.partition", ("iid", "dirichlet", "shards"))
-        _positive(ds.dirichlet_alpha, "dataset.dirichlet_alpha")
-        _positive(ds.shards_per_device, "dataset.shards_per_device")
-        _positive(ds.max_test_examples, "dataset.max_test_examples")
-    elif isinstance(ds, HuggingFaceConfig):
-        _choice(ds.partition, "dataset.partition", ("iid", "dirichlet", "natural"))
-        _positive(ds.dirichlet_alpha, "dataset.dirichlet_alpha")
-        _positive(ds.num_classes, "dataset.num_classes")
-        _positive(ds.max_test_examples, "dataset.max_test_examples")
-    elif isinstance(ds, FemnistConfig):
-        _positive(ds.max_test_examples, "dataset.max_test_examples")
     elif isinstance(ds, ShakespeareConfig):
-        _positive(ds.seq_len, "dataset.seq_len")
-        _positive(ds.min_chars, "dataset.min_chars", allow_zero=True)
-        if not 0 < ds.test_fraction < 1:
-            raise ConfigError("dataset.test_fraction", f"must be in (0, 1), got {ds.test_fraction}")
-        _positive(ds.max_train_windows, "dataset.max_train_windows")
-        _positive(ds.max_test_examples, "dataset.max_test_examples")
-        _positive(ds.sample_chars, "dataset.sample_chars", allow_zero=True)
-        _choice(ds.targets, "dataset.targets", ("last", "every"))
         if ds.targets == "every" and cfg.model.name not in ("lstm", "transformer"):
             raise ConfigError("dataset.targets", f"every: needs a sequence model; allowed models: lstm, transformer (got {cfg.model.name})")
         if ds.targets == "every" and cfg.audit.canary_examples:
             raise ConfigError("dataset.targets", "every: example canaries carry one label each; allowed with audit.canary_examples: last")
-    elif isinstance(ds, CustomDatasetConfig) and (not ds.target or ":" not in ds.target):
-        raise ConfigError("dataset.target", f"dataset=custom needs dataset.target='package.module:factory', got {ds.target!r}")
 
     m = cfg.model
-    MODELS.check(m.name)
-    check_fields(m, "model")
-    for i, h in enumerate(m.hidden_sizes):
-        _positive(h, f"model.hidden_sizes[{i}]")
-    if len(m.cnn_channels) != 2:
-        raise ConfigError("model.cnn_channels", f"must list exactly 2 conv widths, got {m.cnn_channels}")
-    for i, c in enumerate(m.cnn_channels):
-        _positive(c, f"model.cnn_channels[{i}]")
+    check_fields(m, "model")  # norm_groups > 0 before it divides the channel counts below
+    for c in m.cnn_channels:
         if c % m.norm_groups:
             raise ConfigError("model.norm_groups", f"must divide every cnn channel count ({m.cnn_channels}), got {m.norm_groups}")
-    _positive(m.cnn_dense, "model.cnn_dense")
     if m.name == "custom" and (not m.target or ":" not in m.target):
         raise ConfigError("model.target", f"model.name=custom needs model.target='package.module:factory', got {m.target!r}")
-    _positive(m.norm_groups, "model.norm_groups")
-    for key in ("embed", "hidden", "layers", "heads"):
-        _positive(getattr(m, key), f"model.{key}")
     if m.name == "transformer" and m.hidden % m.heads:
         raise ConfigError("model.heads", f"must divide model.hidden ({m.hidden}) for the transformer, got {m.heads}")
 
     check_fields(cfg.algorithm, "algorithm")
 
     s = cfg.simulation
-    _choice(s.layout, "simulation.layout", ("multiplexed", "classic"))
-    _positive(s.num_workers, "simulation.num_workers")
-    _positive(s.cpus_per_worker, "simulation.cpus_per_worker")
+    check_fields(s, "simulation")
     ncpu = os.cpu_count() or 1
     if s.cpus_per_worker > ncpu and not s.ray_address:
         raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs of this machine")
-    _positive(s.torch_threads, "simulation.torch_threads")
-    _positive(s.round_timeout_s, "simulation.round_timeout_s")
-    _positive(s.retries, "simulation.retries", allow_zero=True)
-    _positive(s.max_missed_rounds, "simulation.max_missed_rounds")
-    _choice(s.log_level, "simulation.log_level", ("DEBUG", "INFO", "WARNING", "ERROR"))
-    _choice(s.vectorize, "simulation.vectorize", ("auto", "on", "off"))
-    _positive(s.device_group, "simulation.device_group")
-    if s.ray_address is not None and not s.ray_address.strip():
-        raise ConfigError("simulation.ray_address", "must be 'auto', HOST:PORT or null")
-    _choice(cfg.engine, "engine", ("simulation", "deployment"))
     if cfg.engine == "deployment":
         if not cfg.superlink:
             raise ConfigError("superlink", "engine=deployment needs the SuperLink: superlink=HOST:PORT (or a connection name)")
@@ -620,31 +743,14 @@ def validate(cfg: FedsimConfig) -> None:
 
     dp = cfg.privacy.dpsgd
     if dp is not None:
-        _positive(dp.noise_multiplier, "privacy.dpsgd.noise_multiplier", allow_zero=True)
-        _positive(dp.max_grad_norm, "privacy.dpsgd.max_grad_norm")
-        _positive(dp.target_epsilon, "privacy.dpsgd.target_epsilon")
-        if not 0 < dp.delta < 1:
-            raise ConfigError("privacy.dpsgd.delta", f"must be in (0, 1), got {dp.delta}")
-        _choice(dp.accountant, "privacy.dpsgd.accountant", ("rdp", "prv", "pld"))
-        _choice(dp.grad_sample_mode, "privacy.dpsgd.grad_sample_mode", ("hooks", "ew", "functorch"))
-        _positive(dp.assumed_participations, "privacy.dpsgd.assumed_participations")
+        check_fields(dp, "privacy.dpsgd")
         if dp.noise_multiplier is None and dp.target_epsilon is None:
             raise ConfigError(
                 "privacy.dpsgd.noise_multiplier", "is null, so privacy.dpsgd.target_epsilon must be set to calibrate it"
             )
     user = cfg.privacy.dpfedavg
     if user is not None:
-        _positive(user.noise_multiplier, "privacy.dpfedavg.noise_multiplier", allow_zero=True)
-        _positive(user.clip_norm, "privacy.dpfedavg.clip_norm")
-        _positive(user.target_epsilon, "privacy.dpfedavg.target_epsilon")
-        if not 0 < user.delta < 1:
-            raise ConfigError("privacy.dpfedavg.delta", f"must be in (0, 1), got {user.delta}")
-        _choice(user.accountant, "privacy.dpfedavg.accountant", ("pld", "rdp"))
-        if not 0 < user.target_quantile < 1:
-            raise ConfigError("privacy.dpfedavg.target_quantile", f"must be in (0, 1), got {user.target_quantile}")
-        _positive(user.clip_learning_rate, "privacy.dpfedavg.clip_learning_rate")
-        _positive(user.count_noise_multiplier, "privacy.dpfedavg.count_noise_multiplier")
-        _positive(user.noise_cohort_size, "privacy.dpfedavg.noise_cohort_size")
+        check_fields(user, "privacy.dpfedavg")
         if user.noise_multiplier is None and user.target_epsilon is None:
             raise ConfigError(
                 "privacy.dpfedavg.noise_multiplier", "is null, so privacy.dpfedavg.target_epsilon must be set to calibrate it"
@@ -655,9 +761,6 @@ def validate(cfg: FedsimConfig) -> None:
                 "fixed-size cohorts have no PLD accountant in dp-accounting; allowed: cohort.sampling=poisson, "
                 "or privacy.dpfedavg.accountant=rdp (replace-one adjacency)",
             )
-    if user is not None:
-        _choice(user.noise, "privacy.dpfedavg.noise", ("central", "distributed", "tree"))
-        _positive(user.tree_restart_every, "privacy.dpfedavg.tree_restart_every")
         if user.noise == "tree":
             # DP-FTRL's accounting (fedsim.privacy.tree) is for a fixed, public participation
             # pattern and one clip norm; the combinations below are not covered by it.
@@ -726,27 +829,13 @@ def validate(cfg: FedsimConfig) -> None:
             "no differential-privacy mechanism is on, so no metric is covered; allowed: privacy=dpsgd and/or dpfedavg",
         )
     validate_output(cfg.output)
-    _positive(cfg.checkpoint.every, "checkpoint.every", allow_zero=True)
-    _positive(cfg.checkpoint.keep, "checkpoint.keep")
-    _positive(cfg.faults.straggler_slowdown, "faults.straggler_slowdown")
-    _positive(cfg.faults.seconds_per_example, "faults.seconds_per_example")
-    _positive(cfg.faults.round_deadline_s, "faults.round_deadline_s")
-    _positive(cfg.faults.worker_pause_s, "faults.worker_pause_s")
-    for key in ("device_failure_rate", "nan_update_rate", "straggler_rate", "worker_kill_rate", "worker_pause_rate"):
-        rate = getattr(cfg.faults, key)
-        if not 0 <= rate < 1:
-            raise ConfigError(f"faults.{key}", f"must be in [0, 1), got {rate}")
+    check_fields(cfg.checkpoint, "checkpoint")
+    check_fields(cfg.faults, "faults")
     validate_audit(cfg)
     sa = cfg.secagg
-    _choice(sa.name, "secagg.name", ("none", "secaggplus"))
-    if not 2 <= sa.bits <= 32:  # a signed grid [-L, L], L = 2^(bits-1) - 1, needs 2 bits
-        raise ConfigError("secagg.bits", f"must be in 2..32, got {sa.bits}")
-    _positive(sa.clip_range, "secagg.clip_range")
+    check_fields(sa, "secagg")
     if sa.modulus_bits is not None and not sa.bits <= sa.modulus_bits <= 64:
         raise ConfigError("secagg.modulus_bits", f"must be in {sa.bits}..64 (secagg.bits..64), got {sa.modulus_bits}")
-    _positive(sa.neighbours, "secagg.neighbours")
-    _positive(sa.threshold, "secagg.threshold")
-    _choice(sa.threat_model, "secagg.threat_model", ("semi_honest", "active"))
     if sa.name != "none" and sa.threat_model == "active" and cfg.engine == "deployment":
         # The active model needs a key registry the SuperNodes reach without the server (fedsim.pki);
         # a deployment has none, and keys the server could relay or derive would void the check.
@@ -755,19 +844,8 @@ def validate(cfg: FedsimConfig) -> None:
             "active needs a key registry the devices reach without the server, which engine=deployment does not "
             "have; allowed with engine=deployment: semi_honest (or engine=simulation for active)",
         )
-    for key in ("max_corrupt_fraction", "max_dropout_fraction"):
-        value = getattr(sa, key)
-        if value is not None and not 0 <= value < 1:
-            raise ConfigError(f"secagg.{key}", f"must be in [0, 1), got {value}")
-    for key in ("security_bits", "correctness_bits"):
-        if not 1 <= getattr(sa, key) <= 128:
-            raise ConfigError(f"secagg.{key}", f"must be an integer in 1..128, got {getattr(sa, key)}")
     if sa.threshold is not None and sa.neighbours is None:
         raise ConfigError("secagg.threshold", "needs secagg.neighbours too (a threshold only means something for a given k)")
-    for stage in ("advertise_keys", "share_keys", "masked_input", "unmask"):
-        rate = getattr(sa, f"drop_{stage}")
-        if not 0 <= rate < 1:
-            raise ConfigError(f"secagg.drop_{stage}", f"must be in [0, 1), got {rate}")
     if sa.name != "none" and cfg.cohort.size < 2:
         raise ConfigError("cohort.size", "secure aggregation needs cohorts of at least 2 devices")
 
@@ -775,16 +853,9 @@ def validate(cfg: FedsimConfig) -> None:
 def validate_output(out: OutputConfig) -> None:
     """Logger names come from fedsim.registry.LOGGERS. Whether their packages are installed is
     checked where the run starts (fedsim.run, the command line's precheck, RunLog), not here:
-    workers and readers of a finished run's config.yaml do not need them."""
-    for i, name in enumerate(out.loggers):
-        if name not in LOGGERS:
-            raise ConfigError("output.loggers", f"unknown logger {name!r}; allowed: {', '.join(LOGGERS)}")
-        if name in out.loggers[:i]:
-            raise ConfigError("output.loggers", f"{name!r} is listed twice; allowed: each of {', '.join(LOGGERS)} once")
-    if not out.mlflow_experiment.strip():
-        raise ConfigError("output.mlflow_experiment", "must name an MLflow experiment, got an empty string")
-    if out.mlflow_uri is not None and not out.mlflow_uri.strip():
-        raise ConfigError("output.mlflow_uri", "must be a tracking URI (sqlite:///..., http://..., a directory) or null")
+    workers and readers of a finished run's config.yaml do not need them. The output group's
+    checks are all on single fields, declared next to them."""
+    check_fields(out, "output")
 
 
 BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1
@@ -792,21 +863,13 @@ BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless th
 
 def validate_audit(cfg: FedsimConfig) -> None:
     au = cfg.audit
-    _positive(au.canaries, "audit.canaries", allow_zero=True)
-    _positive(au.canary_examples, "audit.canary_examples", allow_zero=True)
-    _positive(au.canary_devices, "audit.canary_devices")
-    _positive(au.bootstrap, "audit.bootstrap", allow_zero=True)
-    if not 0 < au.confidence < 1:
-        raise ConfigError("audit.confidence", f"must be in (0, 1), got {au.confidence}")
-    if 0 < au.canaries < 10:
-        raise ConfigError("audit.canaries", f"must be 0 (off) or at least 10 (Gaussians are fitted to them), got {au.canaries}")
+    check_fields(au, "audit")
     if au.canaries and cfg.privacy.dpfedavg is None:
         raise ConfigError("audit.canaries", "audits user-level DP: it needs privacy=dpfedavg (or privacy.dpfedavg set)")
     if au.canary_examples and cfg.privacy.dpsgd is None:
         raise ConfigError("audit.canary_examples", "audits sample-level DP: it needs privacy=dpsgd (or privacy.dpsgd set)")
     if au.canary_examples and au.canary_examples < au.canary_devices:
         raise ConfigError("audit.canary_examples", f"must be 0 or at least audit.canary_devices ({au.canary_devices})")
-    _choice(au.break_mechanism, "audit.break_mechanism", ("none", "no_noise"))
     if au.break_mechanism != "none" and os.environ.get(BROKEN_ENV) != "1":
         raise ConfigError(
             "audit.break_mechanism",

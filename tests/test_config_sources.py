@@ -11,6 +11,8 @@ disagreement. (Experiments, conf/experiment/, are deliberate overrides and are n
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 
 from fedsim import config as C
 from fedsim.__main__ import CONF_DIR
+from helpers import set_keys
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
 OPTIONS = [f"{group}={path.stem}" for group in GROUPS for path in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -146,33 +149,109 @@ def test_registries_and_config_groups_name_the_same_models_and_datasets() -> Non
     assert {p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")} == set(DATASETS.names()) == set(C.DATASETS)
 
 
-@pytest.mark.parametrize("group", ["algorithm", "cohort"])
-def test_checks_declared_on_fields_run_in_validate(group: str) -> None:
+# Every config dataclass that declares checks on its fields: the top level, each group, each
+# dataset's group and the optional privacy groups (found in fedsim.config, so a new one is covered).
+CHECKED_GROUPS = [
+    cls
+    for cls in vars(C).values()
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls) and any(f.metadata.get("checks") for f in dataclasses.fields(cls))
+]
+# Values tried on each checked field (those of the field's type): every one its own checks refuse
+# must be refused by validate with the same key and message.
+CANDIDATES: tuple[Any, ...] = (-1, 0, 1, 1.5, 2**64, "no-such-name", " ", [-1], [1], ["no-such-name"])
+
+
+def _config_with(cls: type) -> tuple[C.FedsimConfig, Any, str]:
+    """A valid config in which the group `cls` is active: (the config, the group, its key prefix)."""
+    cfg = C.FedsimConfig()
+    if cls is C.FedsimConfig:
+        return cfg, cfg, ""
+    if cls in C.DATASETS.values():
+        cfg.dataset = cls(target="package.module:factory") if cls is C.CustomDatasetConfig else cls()
+        return cfg, cfg.dataset, "dataset"
+    if cls is C.DPSGDPrivacyConfig:
+        cfg.privacy.dpsgd = cls()
+        return cfg, cfg.privacy.dpsgd, "privacy.dpsgd"
+    if cls is C.DPFedAvgPrivacyConfig:
+        cfg.privacy.dpfedavg = cls()
+        return cfg, cfg.privacy.dpfedavg, "privacy.dpfedavg"
+    (name,) = [f.name for f in dataclasses.fields(C.FedsimConfig) if type(getattr(cfg, f.name)) is cls]
+    return cfg, getattr(cfg, name), name
+
+
+def test_every_config_group_with_a_check_is_walked() -> None:
+    names = {cls.__name__ for cls in CHECKED_GROUPS}
+    assert names >= {
+        "FedsimConfig", "CohortConfig", "AlgorithmConfig", "ModelConfig", "SimulationConfig", "PrivacyConfig",
+        "DPSGDPrivacyConfig", "DPFedAvgPrivacyConfig", "SecAggConfig", "OutputConfig", "FaultsConfig", "AuditConfig",
+        "CheckpointConfig", *(cls.__name__ for cls in C.DATASETS.values()),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", CHECKED_GROUPS, ids=lambda cls: cls.__name__)
+def test_checks_declared_on_fields_run_in_validate(cls: type) -> None:
     """A field's own check (metadata=checked(...), next to the field) refuses a bad value with
-    the field's key when the whole config is validated."""
+    the field's key and message when the whole config is validated, with the group active."""
     from fedsim.errors import ConfigError
 
-    cls = type(getattr(C.FedsimConfig(), group))
+    cfg, _, prefix = _config_with(cls)
+    C.validate(cfg)  # valid as built
+    hints = typing.get_type_hints(cls)
     checked_fields = [f for f in dataclasses.fields(cls) if f.metadata.get("checks")]
     assert checked_fields
     for f in checked_fields:
-        key = f"{group}.{f.name}"
-        bad = next(v for v in (-1, 1.5, "no-such-name") if _refused(f, v, key))
-        cfg = C.FedsimConfig()
-        setattr(getattr(cfg, group), f.name, bad)
-        with pytest.raises(ConfigError, match=f"config key '{key}'"):
-            C.validate(cfg)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        refused = [(v, err) for v in CANDIDATES if _fits(hints[f.name], v) and (err := _refusal(f, v, key))]
+        assert refused, f"no candidate value is refused by the checks of {key}"
+        for bad, own in refused:
+            assert own.key == key or own.key.startswith(f"{key}["), own  # a list's element: key[i]
+            cfg, group, _ = _config_with(cls)
+            setattr(group, f.name, bad)
+            with pytest.raises(ConfigError) as err:
+                C.validate(cfg)
+            assert str(err.value) == str(own), (key, bad)
 
 
-def _refused(f: dataclasses.Field, value: object, key: str) -> bool:
-    """Does the field's own check refuse `value` (a value of the field's type)?"""
+def _fits(tp: Any, value: object) -> bool:
+    """Is `value` of type `tp` (as from_dict would build it)?"""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_fits(a, value) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_fits(item, v) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return tp in (str, bool) and isinstance(value, tp)
+
+
+def _refusal(f: dataclasses.Field, value: object, key: str) -> Exception | None:
+    """The ConfigError the field's own checks raise for `value`, or None if they accept it."""
     from fedsim.errors import ConfigError
 
-    if isinstance(value, str) != (f.type in ("str", str)):
-        return False
     try:
         for check in f.metadata["checks"]:
             check(value, key)
-    except ConfigError:
-        return True
-    return False
+    except ConfigError as err:
+        return err
+    return None
+
+
+@pytest.mark.parametrize(
+    ("over", "key", "message"),
+    [
+        # model.norm_groups divides the cnn channel counts: 0 raised ZeroDivisionError before its own check ran
+        ({"model.norm_groups": 0}, "model.norm_groups", "must be > 0, got 0"),
+        ({"model.norm_groups": -8}, "model.norm_groups", "must be > 0, got -8"),
+        ({"model.name": "transformer", "model.heads": 0}, "model.heads", "must be > 0, got 0"),
+        ({"secagg.bits": 1, "secagg.modulus_bits": 8}, "secagg.bits", "must be in 2..32, got 1"),
+        ({"dataset.size_min": 0, "dataset.size_max": 0}, "dataset.size_min", "must be > 0, got 0"),
+    ],
+)
+def test_a_fields_own_check_runs_before_the_cross_key_checks_that_read_it(over: dict, key: str, message: str) -> None:
+    from fedsim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        C.from_dict(set_keys({}, over))
+    assert (err.value.key, str(err.value)) == (key, f"config key '{key}': {message}")
