@@ -336,7 +336,7 @@ class ModelConfig:
 class AlgorithmConfig:
     """Local training on devices and the server's update (Reddi et al. 2021, Alg. 2)."""
 
-    # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedadam | fedyogi | fedadagrad | scaffold
+    # a registered strategy (fedsim.registry.STRATEGIES): fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | scaffold
     name: str = field(default="fedavg", metadata=checked(registered(STRATEGIES)))
     lr: float = field(default=0.05, metadata=checked(positive()))  # device (client) SGD learning rate
     local_epochs: int = field(default=1, metadata=checked(positive()))  # passes over a device's data per round
@@ -347,7 +347,7 @@ class AlgorithmConfig:
     proximal_mu: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))
     # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
     server_lr: float = field(default=1.0, metadata=checked(positive()))
-    beta1: float = field(default=0.9, metadata=checked(in_unit_interval))  # FedAdam/FedYogi/FedAdagrad first-moment decay
+    beta1: float = field(default=0.9, metadata=checked(in_unit_interval))  # FedAdam/FedYogi/FedAdagrad first-moment decay; FedAvgM's server momentum
     beta2: float = field(default=0.99, metadata=checked(in_unit_interval))  # FedAdam/FedYogi second-moment decay
     # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)
     tau: float = field(default=1e-3, metadata=checked(positive()))

@@ -116,6 +116,8 @@ STRATEGIES = Registry("strategy", "algorithm.name")
 STRATEGIES.add("fedavg", "fedsim.strategies.fedavg:FedAvg", "FedAvg (McMahan et al. 2017): x <- x + eta * mean update")
 STRATEGIES.add("fedprox", "fedsim.strategies.fedavg:FedProx",
                "FedProx (Li et al. 2020): FedAvg's server step, devices add mu/2 ||w - x||^2 (algorithm.proximal_mu)")  # fmt: skip
+STRATEGIES.add("fedavgm", "fedsim.strategies.momentum:FedAvgM",
+               "FedAvgM (Hsu et al. 2019): server momentum v <- beta1 v + Delta, x <- x + eta v")  # fmt: skip
 STRATEGIES.add("fedadam", "fedsim.strategies.adaptive:FedAdam", "FedAdam (Reddi et al. 2021, Alg. 2)")
 STRATEGIES.add("fedyogi", "fedsim.strategies.adaptive:FedYogi", "FedYogi (Reddi et al. 2021, Alg. 2)")
 STRATEGIES.add("fedadagrad", "fedsim.strategies.adaptive:FedAdagrad", "FedAdagrad (Reddi et al. 2021, Alg. 2)")

@@ -95,6 +95,28 @@ def test_fedadagrad_matches_reddi_algorithm_2_by_hand() -> None:
     assert torch.allclose(y, ref, rtol=0, atol=1e-12)
 
 
+def test_fedavgm_is_server_momentum_by_hand_and_resumes_exactly() -> None:
+    cfg = AlgorithmConfig(name="fedavgm", server_lr=0.5, beta1=0.8)
+    opt = build_server_optimizer(cfg)
+    deltas = [torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64),
+              torch.tensor([-1.0, 0.25], dtype=torch.float64)]  # fmt: skip
+    x = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y = opt.step(opt.step(x, deltas[0]), deltas[1])
+    resumed = build_server_optimizer(cfg)
+    resumed.load_state_dict(opt.state_dict())  # a checkpoint after round 2
+    y3, y3_resumed = opt.step(y, deltas[2]), resumed.step(y, deltas[2])
+    v, ref = torch.zeros(2, dtype=torch.float64), x.clone()
+    for d in deltas:
+        v = 0.8 * v + d  # Hsu et al. 2019: v <- beta v + Delta; x <- x + eta v
+        ref = ref + 0.5 * v
+    assert torch.allclose(y3, ref, rtol=0, atol=1e-12)
+    assert torch.equal(y3_resumed, y3)
+    momentum_free = build_server_optimizer(AlgorithmConfig(name="fedavgm", server_lr=0.5, beta1=0.0))
+    plain = build_server_optimizer(AlgorithmConfig(name="fedavg", server_lr=0.5))
+    for d in deltas:  # beta = 0 is FedAvg
+        assert torch.equal(momentum_free.step(x, d), plain.step(x, d))
+
+
 def test_every_registered_strategy_builds_and_names_itself() -> None:
     from fedsim.registry import STRATEGIES
 
@@ -108,5 +130,5 @@ def test_unknown_strategy_names_the_key_and_the_allowed_names() -> None:
     from fedsim.config import validate
     from fedsim.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"algorithm.name.*'fedsgd'.*fedavg, fedprox, fedadam, fedyogi, fedadagrad, scaffold"):
+    with pytest.raises(ConfigError, match=r"algorithm.name.*'fedsgd'.*fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"):
         validate(FedsimConfig(algorithm=AlgorithmConfig(name="fedsgd")))

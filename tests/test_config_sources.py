@@ -33,6 +33,7 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "algorithm=fedadam": {"algorithm.name", "algorithm.server_lr"},
     "algorithm=fedyogi": {"algorithm.name", "algorithm.server_lr"},
     "algorithm=fedadagrad": {"algorithm.name", "algorithm.server_lr"},
+    "algorithm=fedavgm": {"algorithm.name", "algorithm.server_lr"},
     "algorithm=scaffold": {"algorithm.name"},
     "algorithm=fedprox": {"algorithm.name", "algorithm.proximal_mu"},
     "audit=sample": {"audit.canary_examples"},

@@ -39,14 +39,16 @@ class Strategy:
         if not cls.needs_device_updates:
             return
         name = cfg.algorithm.name
+        from fedsim.registry import STRATEGIES
+
+        sum_only = ", ".join(n for n in STRATEGIES.names() if not STRATEGIES[n].needs_device_updates)
         if cfg.secagg.name != "none":
             raise ConfigError("algorithm.name", f"{name} reads each device's update, which secagg={cfg.secagg.name} "
-                                                "hides from the server; allowed with it: strategies that need only the sum "
-                                                "(fedavg, fedprox, fedadam, fedyogi, fedadagrad)")  # fmt: skip
+                                                f"hides from the server; allowed with it: strategies that need only the sum "
+                                                f"({sum_only})")  # fmt: skip
         if cfg.privacy.dpfedavg is not None:
             raise ConfigError("algorithm.name", f"{name} keeps state computed from each device's un-noised update, "
-                                                "outside DP-FedAvg's guarantee; allowed with privacy.dpfedavg: fedavg, "
-                                                "fedprox, fedadam, fedyogi, fedadagrad")  # fmt: skip
+                                                f"outside DP-FedAvg's guarantee; allowed with privacy.dpfedavg: {sum_only}")  # fmt: skip
 
     def __init__(self, cfg: FedsimConfig, num_params: int, run_dir: Path | None = None) -> None:
         self.cfg = cfg
