@@ -120,3 +120,13 @@ def test_custom_dataset_bad_target_is_one_line_and_exit_2(tmp_path: Path, overri
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(message)
+
+
+@pytest.mark.ray
+def test_custom_algorithm_example_runs_the_users_server_step(tmp_path: Path) -> None:
+    out = _example("custom_algorithm.py", "--population", "60", "--rounds", "3", "--cohort", "10", "--out", str(tmp_path / "run"),
+                   "output.progress=false", f"simulation.ray_temp_dir={tmp_path / 'ray'}")  # fmt: skip
+    assert "strategy: custom_algorithm:DecayingMomentum" in out
+    lrs = [float(x) for x in re.search(r"server learning rates: (.*)", out).group(1).split()]
+    assert lrs == pytest.approx([0.5, 0.5 / 2**0.5, 0.5 / 3**0.5], abs=1e-6)  # its own step ran, once per round
+    assert 0.0 <= _number(r"final test accuracy: ([\d.]+)", out) <= 1.0
