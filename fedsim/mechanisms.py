@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedsim.errors import ConfigError
-from fedsim.registry import MECHANISMS
+from fedsim.registry import MECHANISM_SWITCHES, MECHANISMS
 from fedsim.reports import DeviceReport
 
 if TYPE_CHECKING:
@@ -125,6 +125,8 @@ def build(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) 
     """The run's active mechanisms in the registry's order, and the model they leave to train."""
     active: list[Mechanism] = []
     for name in MECHANISMS:
+        if name in MECHANISM_SWITCHES and _value(cfg, MECHANISM_SWITCHES[name]) in (None, "none"):
+            continue  # switched off: not even imported
         cls = MECHANISMS[name]
         if cls.enabled(cfg):
             mechanism, model = cls.create(cfg, dataset, model)
@@ -134,6 +136,13 @@ def build(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) 
         raise ConfigError("privacy", "at most one mechanism may release the round's update; these would: "
                           + ", ".join(type(m).__name__ for m in releasing))  # fmt: skip
     return active, model
+
+
+def _value(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
 
 
 def releaser(mechanisms: list[Mechanism]) -> Mechanism | None:

@@ -162,3 +162,7 @@ MECHANISMS.add("dpfedavg", "fedsim.privacy.dpfedavg:UserLevelDP",
                "or DP-FTRL tree noise (Kairouz et al. 2021b)")  # fmt: skip
 MECHANISMS.add("secaggplus", "fedsim.secure_rounds:SecureAggregation",
                "SecAgg+ (Bell et al. 2020): the server sees only the cohort's sum")  # fmt: skip
+# The config key that switches each built-in mechanism on (null or "none": off). `mechanisms.build`
+# imports a mechanism only when its key is set (the accountants take seconds to import);
+# the class's own `enabled(cfg)` decides. A mechanism without an entry here is always imported.
+MECHANISM_SWITCHES = {"dpsgd": "privacy.dpsgd", "dpfedavg": "privacy.dpfedavg", "secaggplus": "secagg.name"}

@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from clients import DPSGDConfig, DPSGDTrainer, LocalTrainer, TrainConfig, TrainResult
+from clients import LocalTrainer, TrainConfig, TrainResult
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
 from fedsim.canaries import canary_device_data, is_canary_device
@@ -34,9 +35,11 @@ from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import checked_model, model_for
-from fedsim.privacy.user_level import clip_update
 from fedsim.reports import DeviceReport
 from fedsim.strategies import strategy_class
+
+if TYPE_CHECKING:  # DP-SGD's trainer imports Opacus (~2 s): only runs with privacy.dpsgd load it
+    from clients import DPSGDConfig, DPSGDTrainer
 
 
 def train_config(cfg: FedsimConfig) -> TrainConfig:
@@ -58,6 +61,8 @@ def dp_config(cfg: FedsimConfig) -> DPSGDConfig | None:
         return None
     if dp.noise_multiplier is None:
         raise ValueError("privacy.dpsgd.noise_multiplier must be resolved (calibrated) before workers start")
+    from clients import DPSGDConfig
+
     # audit.break_mechanism=no_noise (tests only, fedsim.audit): the noise is drawn but not added.
     sigma = 0.0 if cfg.audit.break_mechanism == "no_noise" else dp.noise_multiplier
     return DPSGDConfig(
@@ -73,6 +78,8 @@ def build_trainer(cfg: FedsimConfig, model: torch.nn.Module) -> LocalTrainer | D
     dp = dp_config(cfg)
     if dp is None:
         return LocalTrainer(model, train_config(cfg))
+    from clients import DPSGDTrainer
+
     return DPSGDTrainer(model, train_config(cfg), dp)
 
 
@@ -90,6 +97,7 @@ def worker_model(cfg: FedsimConfig, dataset: FederatedDataset) -> torch.nn.Modul
 # (measured: 2.3-2.8x faster for the tiny MLP, 0.5-0.9x for the 870k-parameter FEMNIST CNN);
 # with DP-SGD it pays off for both (4.6-5.2x MLP, 1.1-1.5x CNN).
 AUTO_MAX_PARAMS = 50_000
+VMAP_TESTED_MODELS = ("auto", "logreg", "mlp", "cnn")  # model.name values vectorized in tests: no trial step
 _DECISIONS: dict[str, tuple[bool, str]] = {}
 
 
@@ -134,12 +142,18 @@ def _decide(cfg: FedsimConfig, model: torch.nn.Module, dataset: FederatedDataset
         return False, f"auto: {size:,} parameters > {AUTO_MAX_PARAMS:,} without DP-SGD (one by one is as fast)"
     dp = None
     if dpsgd is not None:  # sigma may still be uncalibrated here: any value does for the check
+        from clients import DPSGDConfig
+
         dp = DPSGDConfig(
             noise_multiplier=1.0 if dpsgd.noise_multiplier is None else dpsgd.noise_multiplier,
             max_grad_norm=dpsgd.max_grad_norm,
             grad_sample_mode=dpsgd.grad_sample_mode,
         )
-    reason = vectorizable(model, train_config(cfg), dp, example=_trial_example(dataset))
+    # A trial step on real inputs catches a forward torch.func cannot vmap; the built-in
+    # feed-forward models are known to vmap (tests/test_vectorized.py), and the trial's first
+    # vmap costs ~2 s of torch start-up in the server process.
+    trial = cfg.model.name not in VMAP_TESTED_MODELS
+    reason = vectorizable(model, train_config(cfg), dp, example=_trial_example(dataset) if trial else None)
     if reason is not None:
         if mode == "on":
             raise ConfigError("simulation.vectorize", f"on, but the model cannot be trained vectorized: {reason}")
@@ -228,6 +242,8 @@ class Worker:
         cfg, streams = self.cfg, self.streams
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
         row_of = {d: i for i, d in enumerate(device_ids)} if arrays else {}  # the strategy's rows per device
+        if clip_norm is not None:  # user-level DP only: fedsim.privacy imports the accountants (~2 s)
+            from fedsim.privacy.user_level import clip_update
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []

@@ -146,6 +146,24 @@ def test_use_vectorized_decides_from_the_config() -> None:
     assert not decide("on", **{"simulation.layout": "classic"})[0]  # one device per worker
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_the_models_that_skip_the_trial_step_do_vmap(activation: str) -> None:
+    """use_vectorized skips its trial vectorized step for VMAP_TESTED_MODELS (it costs ~2 s of
+    torch start-up in the server): each of them must pass that trial, with DP-SGD too."""
+    from clients import DPSGDConfig
+    from clients.vectorized import vectorizable
+    from fedsim.config import ModelConfig
+    from fedsim.worker import VMAP_TESTED_MODELS
+
+    shapes = {"logreg": (60,), "mlp": (60,), "cnn": (1, 28, 28), "auto": (1, 28, 28)}
+    assert set(VMAP_TESTED_MODELS) == set(shapes)
+    for name, shape in shapes.items():
+        model = build_model(ModelConfig(name=name, cnn_channels=[8, 8], cnn_dense=16, activation=activation), shape, 10, seed=0)
+        example = (torch.randn(2, *shape), torch.tensor([1, 3]))
+        for dp in (None, DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)):
+            assert vectorizable(model, None, dp, example=example) is None, (name, dp)
+
+
 def test_vectorize_on_with_a_model_it_cannot_train_is_a_config_error() -> None:
     cfg = from_dict(worker_config("on"))
     model = torch.nn.Sequential(torch.nn.Linear(60, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 10))
