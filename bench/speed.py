@@ -31,6 +31,8 @@ Steady-state seconds per round = median of the round times of rounds 3..N-1: the
 rounds warm up (Ray workers start, lazy imports, first allocations), and fedsim's last round
 also runs its final central evaluation (fedsim always evaluates after the last round), which
 pfl and the floor do not do, so round N is left out for every runner. Hence --rounds >= 4.
+"round 1" is the first round's time apart (fedsim: Ray's start and the worker processes'
+start, imports and set-up fall in it; README "Start-up").
 
 Workloads (`--workloads`, default all; cohort 50, 1 local epoch, batch 10, seed 0, FedAvg):
 
@@ -264,6 +266,7 @@ class Row:
     runner: str
     cores: int
     s_per_round: float | None = None
+    first_round_s: float | None = None  # round 1 (fedsim: Ray's and the workers' start included; pfl/floor: their round 1)
     updates_per_s: float | None = None
     peak_mb: float | None = None
     peak_detail: str = ""
@@ -674,6 +677,7 @@ def measure(
     steady = slice(WARMUP_ROUNDS, len(m.round_times) - 1)
     row.round_times = m.round_times
     row.s_per_round = statistics.median(m.round_times[steady])
+    row.first_round_s = m.round_times[0] if m.round_times else None
     row.updates_per_s = statistics.median(m.devices[steady]) / row.s_per_round
     row.peak_mb = sum(m.rss_mb)
     if runner.kind == "fedsim":
@@ -701,7 +705,7 @@ def add_ratios(rows: list[Row]) -> None:
 def print_table(rows: list[Row], rounds: int) -> None:
     print(f"\ncohort {COHORT}, {rounds} rounds; s/round = median of rounds {WARMUP_ROUNDS + 1}..{rounds - 1}")
     head = (
-        f"{'workload':<8} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'updates/s':>9} | "
+        f"{'workload':<8} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'updates/s':>9} | "
         f"{'peak MB':>7} | {'per process MB':<14} | {'acc':>5} | {'/pfl':>6} | {'/floor':>6}"
     )
     print(head)
@@ -716,6 +720,7 @@ def print_table(rows: list[Row], rounds: int) -> None:
             continue
         print(
             f"{r.workload:<8} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | {num(r.s_per_round, '.4f'):>8} | "
+            f"{num(r.first_round_s, '.2f'):>7} | "
             f"{num(r.updates_per_s, '.0f'):>9} | {num(r.peak_mb, '.0f'):>7} | {r.peak_detail:<14} | "
             f"{num(r.final_test_accuracy, '.3f'):>5} | {num(r.vs_pfl, '.2f'):>6} | {num(r.vs_floor, '.2f'):>6}"
         )
