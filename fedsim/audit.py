@@ -62,7 +62,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedsim.audit_stats import gaussian_fit_epsilon, one_run_lower_bound
 from fedsim.canaries import (  # the audit's streams and what canary devices hold (workers read it too)
     BOOTSTRAP,
     CANARY_SAMPLING,
@@ -195,6 +194,8 @@ class UserLevelAudit:
 
 def score_user_level(stats: dict[str, list], *, delta: float, confidence: float, bootstrap: int, seed: int) -> dict[str, Any]:
     """Both threat models' estimates (with intervals) and one-run lower bounds from saved statistics."""
+    from fedsim.audit_stats import gaussian_fit_epsilon, one_run_lower_bound  # scipy: loaded by audited runs only
+
     included = np.asarray(stats["included"], dtype=bool)
     out: dict[str, Any] = {}
     for name, key in (("final_model", "final"), ("all_rounds", "max_round")):
@@ -294,11 +295,15 @@ class SampleLevelAudit:
         }
 
     def round_metrics(self) -> dict[str, Any]:
+        from fedsim.audit_stats import one_run_lower_bound
+
         bound = one_run_lower_bound(self.scores, self.included, delta=self.delta, confidence=self.cfg.audit.confidence)
         return {"audit_sample_epsilon_lower_bound": bound.epsilon_lower_bound, "audit_sample_epsilon_claimed": self.claimed_epsilon()}
 
 
 def score_sample_level(stats: dict[str, Any], *, delta: float, confidence: float) -> dict[str, Any]:
+    from fedsim.audit_stats import one_run_lower_bound
+
     bound = one_run_lower_bound(stats["scores"], [bool(b) for b in stats["included"]], delta=delta, confidence=confidence)
     return bound.to_dict()
 

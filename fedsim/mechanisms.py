@@ -30,7 +30,8 @@ mean. At the end `finish(run_dir)` and `summary()`, merged into summary.json[sum
 through checkpoints. The audit (fedsim.audit.RunAudit) observes the run and is not in the list.
 
 To add a mechanism: a subclass in a new module, one `MECHANISMS.add` line in fedsim/registry.py
-at its place in the order, and the config key its `enabled` reads (docs/architecture.md).
+at its place in the order, and the config key its `enabled` reads (docs/architecture.md); a
+`MECHANISM_SWITCHES` entry naming that key lets runs without it skip the import.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedsim.errors import ConfigError
 from fedsim.registry import MECHANISM_SWITCHES, MECHANISMS
+from fedsim.runstate import config_value
 from fedsim.reports import DeviceReport
 
 if TYPE_CHECKING:
@@ -125,7 +127,7 @@ def build(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) 
     """The run's active mechanisms in the registry's order, and the model they leave to train."""
     active: list[Mechanism] = []
     for name in MECHANISMS:
-        if name in MECHANISM_SWITCHES and _value(cfg, MECHANISM_SWITCHES[name]) in (None, "none"):
+        if name in MECHANISM_SWITCHES and config_value(cfg, MECHANISM_SWITCHES[name]) in (None, "none"):
             continue  # switched off: not even imported
         cls = MECHANISMS[name]
         if cls.enabled(cfg):
@@ -136,13 +138,6 @@ def build(cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) 
         raise ConfigError("privacy", "at most one mechanism may release the round's update; these would: "
                           + ", ".join(type(m).__name__ for m in releasing))  # fmt: skip
     return active, model
-
-
-def _value(cfg: Any, key: str) -> Any:
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part, None)
-    return node
 
 
 def releaser(mechanisms: list[Mechanism]) -> Mechanism | None:

@@ -17,7 +17,8 @@ from typing import Any
 from fedsim.config import CALIBRATED_KEYS, FedsimConfig
 
 
-def _get(cfg: FedsimConfig, key: str) -> Any:
+def config_value(cfg: FedsimConfig, key: str) -> Any:
+    """The value at dotted `key` ("privacy.dpsgd.noise_multiplier"); None under a null group."""
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part, None) if node is not None else None
@@ -26,8 +27,8 @@ def _get(cfg: FedsimConfig, key: str) -> Any:
 
 def derived_values(given: FedsimConfig, solved: FedsimConfig) -> dict[str, float]:
     """The calibrated keys that are null in `given` and set in `solved`."""
-    return {key: float(_get(solved, key)) for key in CALIBRATED_KEYS
-            if _get(given, key) is None and _get(solved, key) is not None}  # fmt: skip
+    return {key: float(config_value(solved, key)) for key in CALIBRATED_KEYS
+            if config_value(given, key) is None and config_value(solved, key) is not None}  # fmt: skip
 
 
 def effective(cfg: FedsimConfig, derived: dict[str, float]) -> FedsimConfig:

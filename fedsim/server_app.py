@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import Context
@@ -26,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients import evaluate, flat_params, load_flat_params
 from fedsim import checkpoint, mechanisms, randomness, runstate, strategies, wire
+from fedsim.audit import RunAudit
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
@@ -111,7 +111,7 @@ def run_rounds(
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
         params, first_round, elapsed_before = restore(setup.resume, strategy, active, runlog)
-    audit = _start_audit(cfg, setup, params)  # canaries (fedsim.audit), or None
+    audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
     if (line := strategy.describe()) is not None:
         runlog.note(line)
     for described in (*active, audit):
@@ -261,17 +261,6 @@ def run_rounds(
     return summary
 
 
-def _start_audit(cfg: FedsimConfig, setup: RunSetup, params: torch.Tensor) -> Any:
-    """The run's audit (fedsim.audit.RunAudit), or None; fedsim.audit (scipy's statistics, ~1 s
-    to import) is loaded only for a run that audits."""
-    a = cfg.audit
-    if not (a.canaries or a.canary_examples or a.break_mechanism != "none"):
-        return None
-    from fedsim.audit import RunAudit
-
-    return RunAudit.start(cfg, setup, params)
-
-
 def save_checkpoint(
     cfg: FedsimConfig,
     run_dir: Path,
@@ -281,7 +270,7 @@ def save_checkpoint(
     active: list[Mechanism],
     runlog: RunLog,
     elapsed_s: float,
-    audit: Any = None,  # fedsim.audit.RunAudit
+    audit: RunAudit | None = None,
 ) -> None:
     checkpoint.save(
         checkpoint.checkpoint_path(run_dir, round_num),

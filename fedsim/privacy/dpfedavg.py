@@ -691,17 +691,7 @@ class UserLevelDP(Mechanism):
             log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
         return user_dp, model
 
-    def release(
-        self,
-        total: torch.Tensor,
-        reports: list[DeviceReport],
-        round_num: int,
-        *,
-        count_sum: float | None = None,
-        count_devices: int = 0,
-        noise_only: bool = False,
-    ) -> torch.Tensor:
-        return self.aggregate(total, reports, round_num, count_sum=count_sum, count_devices=count_devices, noise_only=noise_only)
+    release = aggregate  # the interface's name for it
 
     def before_round(self, round_num: int) -> None:
         self.check_budget(round_num)
