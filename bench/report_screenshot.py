@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         print("report_screenshot: no Chromium on this machine (apt-get install chromium)", file=sys.stderr)
         return 2
     root = Path(args.dir) if args.dir else _small_runs(Path(tempfile.mkdtemp(prefix="fedsim-report-")))
-    from analysis import build_report
+    from analysis import NoRunsError, build_report
 
-    report = build_report(root)
+    try:
+        report = build_report(root)
+    except NoRunsError as err:
+        print(f"report_screenshot: {err}", file=sys.stderr)
+        return 2
     report_dir = root / "report"
     png = Path(args.out) if args.out else report_dir / "screenshot.png"
     screenshot(report_dir / "report.html", png)
