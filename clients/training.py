@@ -49,6 +49,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, Eq. 2)
     max_steps: int | None = None  # stop after this many optimizer steps (None = full epochs)
+    # How LocalTrainer lays out image tensors: "auto" = channels_last (NHWC) for models with a
+    # 2-D convolution (oneDNN's convolutions and max-pooling are 1.6x faster that way on CPU for
+    # fedsim's CNN: 6.4 vs 10.0 ms per step, batch 10), "contiguous" = torch's default NCHW.
+    # Same function, other float rounding: the two give close, not identical, weights.
+    memory_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -62,6 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(f"memory_format must be auto, channels_last or contiguous, got {self.memory_format!r}")
 
 
 @dataclass
@@ -107,6 +114,11 @@ class LocalTrainer:
         self._generator = torch.Generator()
         self._all_modules = list(model.modules())
         self._uses_global_rng = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._all_modules)
+        has_conv = any(isinstance(m, nn.Conv2d) for m in self._all_modules)
+        self._channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and has_conv)
+        if self._channels_last:
+            # The parameters' strides change, not their values (flat_params reads logical order).
+            model.to(memory_format=torch.channels_last)
 
     @property
     def config(self) -> TrainConfig:
@@ -160,7 +172,10 @@ class LocalTrainer:
         # Summed as a tensor: one .item() at the end instead of a sync per step.
         loss_sum = torch.zeros((), dtype=torch.float64)
         steps = 0
+        channels_last = self._channels_last
         for xb, yb in batches:
+            if channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             # Same as optimizer.zero_grad(set_to_none=True) for plain SGD, without its
             # profiler hooks (about 6 us per step, 5% of a small model's fit).
             for p in params:

@@ -259,7 +259,7 @@ class SampleLevelAudit:
         for report in reports:
             for device_id, update, (z, q, steps) in zip(report.device_ids, report.updates, report.dp_events, strict=True):
                 part = self.slices[device_id - self.cfg.population]
-                aligned = self._alignments(params, part, torch.from_numpy(np.asarray(update)))
+                aligned = self._alignments(params, part, torch.from_numpy(np.array(update)))
                 # Centred per device: what the update does to all its canaries alike (the filler
                 # data's pull) says nothing about any one canary's inclusion.
                 self.scores[part] += aligned - aligned.mean()

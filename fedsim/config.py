@@ -382,7 +382,9 @@ class SimulationConfig:
     ray_address: str | None = field(default=None, metadata=checked(not_blank("must be 'auto', HOST:PORT or null")))
     # train a worker's devices as one batched computation: auto | on | off
     vectorize: str = field(default="auto", metadata=checked(one_of("auto", "on", "off")))
-    # at most this many devices per batched computation (groups depend on the cohort only)
+    # at most this many devices per group (groups depend on the cohort only): a group trains as one
+    # batched computation (vectorized) and is summed on its worker (fedsim.aggregation); a cohort of n
+    # has ceil(n / device_group) groups rounded up to even, so more workers than that stay idle
     device_group: int = field(default=32, metadata=checked(positive()))
 
 

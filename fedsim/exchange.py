@@ -8,18 +8,21 @@ gets a `RoundOutcome` and never sees a message.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsim import wire
-from fedsim.aggregation import RunningSum
+from fedsim.aggregation import RunningSum, group_sum
 from fedsim.config import FedsimConfig
 from fedsim.mechanisms import Mechanism
-from fedsim.reports import DeviceReport, reject_non_finite
+from fedsim.placement import cohort_groups
+from fedsim.reports import DeviceReport, all_finite, device_weight, reject_non_finite
 from fedsim.secure_rounds import secure_round
 from fedsim.strategies import Strategy
 from fedsim.transport import Workers, send_and_receive, send_with_retries, with_fault, worker_faults
@@ -92,17 +95,24 @@ def exchange(
             secure.total, secure.count, float(secure.count), secure.reports, stats, secure.sums.get("within_bound"),
             secure.aborted,
         )  # fmt: skip
+    # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
+    weighting = "examples" if release is None else "ones"
+    # Workers ship one sum per device group unless the strategy reads each device's update
+    # (SCAFFOLD) or a worker holds one device (the classic layout): then rows, which the server
+    # folds into the same groups.
+    groups = cohort_groups([d for _, ids in plan for d in ids], cfg.simulation.device_group)
+    ship_sums = cfg.simulation.layout == "multiplexed" and not (strategy and strategy.needs_device_updates)
     jobs = [
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
             clip_norm=clip_norm, groups=wire.groups_of(part),
             arrays=strategy.job_arrays(round_num, part[1]) if strategy else None,
+            sums=weighting if ship_sums and wire.groups_of(part) is not None else None,
         ))
         for part in plan
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
-    # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
-    running, stats, reports = collect(sent.replies, len(params), weighted=release is None)
+    running, stats, reports = collect(sent.replies, len(params), weighting=weighting, groups=groups)
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
@@ -178,13 +188,24 @@ def round_stats(reports: list[DeviceReport]) -> dict:
 
 
 def collect(
-    replies: list[Message], num_params: int, *, weighted: bool = True
+    replies: list[Message], num_params: int, *, weighting: str = "examples", groups: list[list[int]] | None = None
 ) -> tuple[RunningSum, dict, list[DeviceReport]]:
-    """Sum the device updates of all replies (device-id order, weighted by examples or by 1)
-    and gather round statistics."""
+    """Sum the device updates of all replies and gather round statistics.
+
+    `groups`: the round's device groups (fedsim.placement.cohort_groups; None: the whole reply
+    set is one group). A reply brings a row per device (the server folds the rows of each group
+    into its float64 sum, in device-id order) or, for a job that asked for it, one sum per group
+    its worker trained; the group sums are then added in group order (fedsim.aggregation), so
+    the total does not depend on the workers, their number or the order of the replies.
+    `weighting`: each device's weight, "examples" (FedAvg) or "ones" (clipped updates under
+    user-level DP, fedsim.reports.device_weight).
+    """
+    key_of = {d: group[0] for group in groups for d in group} if groups is not None else None
     total = RunningSum(num_params)
     reports: list[DeviceReport] = []
-    rows: list[tuple[int, torch.Tensor, float]] = []
+    entries: list[tuple[int, np.ndarray, float, int]] = []  # (group key, sum, weight, devices)
+    rows: dict[int, list[tuple[int, np.ndarray, float]]] = defaultdict(list)  # group key -> (device, row, weight)
+    counted: set[int] = set()
     received = 0
     for reply in replies:
         if reply.has_error():
@@ -193,19 +214,55 @@ def collect(
         received += wire.payload_bytes(reply.content)
         try:
             report = wire.read_report(reply.content, num_params)
+            check_groups(report, key_of, counted)
         except wire.BadReply as err:
             log.warning("skipping a worker's reply: %s", err)
             continue
         reject_non_finite(report)  # device replies are input: a NaN must not reach the model
+        reject_non_finite_sums(report, key_of)
+        counted.update(report.device_ids)
         reports.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
-        rows += [
-            (d, torch.from_numpy(u), float(n) if weighted else 1.0)
-            for d, u, n in zip(report.device_ids, report.updates, report.num_examples, strict=True)
-        ]
-    # One sorted pass over every reply's rows: the float64 sum is in device-id order whatever
-    # order the replies (or resent jobs) came in, so the model does not depend on it.
-    total.add_all(rows)
+        weight = {d: device_weight(n, weighting) for d, n in zip(report.device_ids, report.num_examples, strict=True)}
+        for key, vector in zip(report.sum_keys, report.sums, strict=True):
+            mine = [d for d in report.device_ids if key_of[d] == key]  # type: ignore[index]
+            entries.append((key, vector, sum(weight[d] for d in mine), len(mine)))
+        for d, u in zip(report.device_ids if not report.sums else [], report.updates, strict=True):
+            rows[key_of[d] if key_of is not None else 0].append((d, u, weight[d]))
+    for key, members in rows.items():
+        members.sort(key=lambda t: t[0])  # device-id order within the group
+        entries.append((key, group_sum([(u, w) for _, u, w in members], num_params), sum(w for *_, w in members), len(members)))
+    total.add_groups(entries)
     stats = round_stats(reports) | {"bytes_received": received}
     return total, stats, reports
+
+
+def check_groups(report: DeviceReport, key_of: dict[int, int] | None, counted: set[int]) -> None:
+    """Refuse (BadReply) a reply naming a device outside the round's groups or one another reply
+    already brought, or whose sums are not exactly one per group of its devices."""
+    ids = report.device_ids
+    if len(set(ids)) != len(ids) or counted.intersection(ids):
+        raise wire.BadReply("the reply lists a device twice, or one another reply already brought")
+    if key_of is None:
+        if report.sums:
+            raise wire.BadReply("the reply brings group sums, which the round did not ask for")
+        return
+    if any(d not in key_of for d in ids):
+        raise wire.BadReply("the reply lists a device that is not in this round's cohort")
+    if report.sums and sorted(report.sum_keys) != sorted({key_of[d] for d in ids}):
+        raise wire.BadReply(f"the reply's sums are for groups {report.sum_keys}, not the groups of its devices")
+
+
+def reject_non_finite_sums(report: DeviceReport, key_of: dict[int, int] | None) -> None:
+    """A group sum with NaN/inf values fails its group's devices (moved to the failures), in place."""
+    bad = {key for key, vector in zip(report.sum_keys, report.sums, strict=True) if not all_finite(vector)}
+    if not bad or key_of is None:
+        return
+    for d in report.device_ids:
+        if key_of[d] in bad:
+            report.failed_ids.append(d)
+            report.failures.append("rejected by the server: its group's sum has NaN/inf values")
+    report.keep_rows([i for i, d in enumerate(report.device_ids) if key_of[d] not in bad])
+    kept = [i for i, key in enumerate(report.sum_keys) if key not in bad]
+    report.sum_keys, report.sums = [report.sum_keys[i] for i in kept], [report.sums[i] for i in kept]

@@ -28,6 +28,10 @@ class DeviceReport:
     within_bound: list[bool] = field(default_factory=list)
     failed_ids: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Shipped sums (instead of `updates`): per device group, its first device id (the group's
+    # key) and sum_i w_i u_i over its devices in this report, float64 (fedsim.aggregation).
+    sum_keys: list[int] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)
     train_time_s: float = 0.0
     peak_rss_mb: float = 0.0
 
@@ -41,13 +45,49 @@ class DeviceReport:
                 setattr(self, name, [values[i] for i in rows])
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite. For float32 (or narrower) values one float64 sum decides
+    it in a single pass without a temporary: NaN and inf propagate through it, and no sum of
+    finite float32 values can overflow float64; wider values are checked one by one."""
+    values = np.asarray(values)
+    if values.dtype.itemsize <= 4:
+        return bool(np.isfinite(np.add.reduce(values.ravel(), dtype=np.float64)))
+    return bool(np.isfinite(values).all())
+
+
+def device_weight(num_examples: int, weighting: str) -> float:
+    """A device's weight in the round's sum: its example count (FedAvg, "examples") or 1 (a
+    clipped update under user-level DP, "ones": a device moves the sum by at most C)."""
+    return float(num_examples) if weighting == "examples" else 1.0
+
+
+def fold_into_groups(report: DeviceReport, groups: list[list[int]], weighting: str, num_params: int) -> None:
+    """Replace the report's rows by one float64 sum per group (`groups`: device ids per group,
+    in group order, as the job named them), in place. The server's acceptance check
+    (`reject_non_finite`) runs on the rows first, so a NaN device fails alone and never enters
+    a sum; per-device metadata (ids, example counts, losses, privacy events) stays."""
+    from fedsim.aggregation import group_sum  # numpy only
+
+    reject_non_finite(report)
+    row = {d: i for i, d in enumerate(report.device_ids)}
+    for group in groups:
+        rows = [(report.updates[row[d]], device_weight(report.num_examples[row[d]], weighting)) for d in group if d in row]
+        if rows:
+            report.sum_keys.append(int(group[0]))
+            report.sums.append(group_sum(rows, num_params))
+    report.updates = []
+
+
 def reject_non_finite(report: DeviceReport) -> None:
     """Move devices whose update has NaN/inf values (or a non-positive example count) to the
-    report's failures, in place."""
+    report's failures, in place. A report of shipped sums has no rows: its devices were
+    checked where they were summed (`fold_into_groups`), its sums by `fedsim.wire.read_report`."""
+    if not report.updates:
+        return
     keep = [
         i
         for i, (u, n) in enumerate(zip(report.updates, report.num_examples, strict=True))
-        if n > 0 and np.isfinite(u).all()
+        if n > 0 and all_finite(u)
     ]
     if len(keep) == len(report.device_ids):
         return

@@ -459,7 +459,7 @@ def secure_round(
         shares = device_payloads(replies)
         survivors["share_keys"] = len(shares)
         req3 = server.collect_shares(shares)
-        global_record = {"global": ArrayRecord({"params": Array(params_vec.numpy())})}
+        global_record = {"global": ArrayRecord({"params": wire.pack(params_vec.numpy())})}
         replies = exchange("masked_input", req3, global_record)
         bad = device_payloads(replies)
         masked: dict[int, dict] = {}
@@ -467,7 +467,7 @@ def secure_round(
         for content in replies:
             arrays = content.array_records.get("masked")
             for key, arr in (arrays or {}).items():
-                masked[int(key)] = {"masked": arr.numpy(), "bad": list(bad.get(int(key), {}).get("bad", []))}
+                masked[int(key)] = {"masked": wire.unpack(arr), "bad": list(bad.get(int(key), {}).get("bad", []))}
             reports.append(wire.read_report(content, None))
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked)
@@ -563,7 +563,7 @@ def _masked_input(
     mu, mu_count = float(job["skellam_mu"]), float(job["skellam_mu_count"])  # type: ignore[arg-type]
     norm_bound = float(job["norm_bound"]) if "norm_bound" in job else None  # type: ignore[arg-type]
     names = tuple(str(n) for n in job["stats"])  # type: ignore[union-attr]
-    global_params = torch.from_numpy(msg.content.array_records["global"]["params"].numpy())
+    global_params = torch.from_numpy(wire.unpack(msg.content.array_records["global"]["params"]).copy())
     clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     # The plan's groups (vectorized training) without the devices that dropped here.
@@ -600,7 +600,7 @@ def _masked_input(
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
             continue
-        masked[str(p)] = Array(reply["masked"])
+        masked[str(p)] = wire.pack(reply["masked"])
         if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
             masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
         states[str(p)] = dev.export_state()

@@ -55,7 +55,7 @@ class RunSetup:
     # ledger and budgets, the user-level release, SecAgg+), built and calibrated.
     mechanisms: list[Mechanism]
     resume: dict | None = None  # a checked checkpoint to continue from (fedsim.checkpoint.load)
-    device_group: int | None = None  # vectorized training: devices per batched group (None: one by one)
+    vectorized: bool = False  # devices train in batched groups (fedsim.worker.use_vectorized), not one by one
     vectorized_why: str = ""  # why the run trains vectorized or not (fedsim.worker.use_vectorized)
     derived: dict[str, float] = field(default_factory=dict)  # calibrated values (fedsim.runstate)
 
@@ -76,7 +76,7 @@ def prepare(cfg: FedsimConfig, dataset: FederatedDataset | None = None, resume: 
     # simulation.vectorize=on with a model torch.func cannot batch fails here (ConfigError).
     vectorized, why = use_vectorized(cfg, model, dataset)
     return RunSetup(dataset=dataset, model=model, mechanisms=active, resume=resume,
-                    device_group=cfg.simulation.device_group if vectorized else None, vectorized_why=why,
+                    vectorized=vectorized, vectorized_why=why,
                     derived=runstate.derived_values(given, cfg))  # fmt: skip
 
 
@@ -153,7 +153,7 @@ def run_rounds(
                 break
             def replan(nodes: list[int], cohort: list[int] = cohort) -> list[wire.Assignment]:
                 return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
-                                      cfg.simulation.layout, setup.device_group)  # fmt: skip
+                                      cfg.simulation.layout, cfg.simulation.device_group)  # fmt: skip
 
             out = exchange(cfg, grid, replan(alive), params, round_num, config_json, release, workers, replan, strategy)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered
@@ -236,7 +236,7 @@ def run_rounds(
         "stopped_early": str(stopped) if stopped else None,
         "resumed_from_round": first_round - 1 if setup.resume is not None else None,
         # how devices trained: "vectorized (auto: DP-SGD)", "one by one (simulation.vectorize=off)", ...
-        "device_training": ("vectorized" if setup.device_group else "one by one") + f" ({setup.vectorized_why})",
+        "device_training": ("vectorized" if setup.vectorized else "one by one") + f" ({setup.vectorized_why})",
     }
     extra["randomness"] = random_desc
     extra["derived"] = dict(setup.derived)  # values the run solved for (calibrated noise multipliers)

@@ -8,16 +8,23 @@ Server -> worker ("train"):
                                    device_ids trained as one batch; absent = each device alone)}
     arrays["strategy"] = {name: float32 array}  (only for strategies that send more than the
                           weights, e.g. SCAFFOLD's control variates; Strategy.job_arrays)
+                         "sums": "examples" | "ones" (reply with one float64 sum per group,
+                                  weighted by example counts or by 1; absent = a row per device)}
 Worker -> server:
-    arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order)
+    arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order), or
+                        {"sums": float64 [groups, params]}  (job with "sums": one per group
+                        with a trained device, in group order; fedsim.aggregation)
     configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
-                          "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction", "within_bound"}
+                          "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction", "within_bound",
+                          "sum_keys" (with sums: each sum's group, named by its first device id)}
                           (dp_* and clip_fraction: sample-level DP; within_bound: user-level DP)
     metrics["worker"] = {"train_time_s", "peak_rss_mb"}
 
-The global weights go once per worker, not once per device; the config JSON is a few kB.
-A reply that does not follow this format raises `BadReply`, which the server counts and
-skips rather than crash on.
+The global weights go once per worker, not once per device, and a worker's devices come back
+as one vector per group (Flower's Array with stype RAW: the array's little-endian bytes with no
+header, so writing costs one copy and reading none; `pack` / `unpack`); the config JSON is a
+few kB. A reply that does not follow this format raises `BadReply`, which the server counts
+and skips rather than crash on.
 """
 
 from __future__ import annotations
@@ -44,6 +51,34 @@ __all__ = [
 
 class BadReply(ValueError):
     """A worker's reply is missing records or has inconsistent shapes."""
+
+
+RAW = "fedsim.raw-le"  # Array.stype of `pack`: C-order little-endian bytes, no header
+SUMS = ("examples", "ones")  # a job's "sums": how the worker weights each device in its group sums
+
+
+def pack(array: np.ndarray) -> Array:
+    """`array` as a Flower Array of its raw little-endian bytes (one copy; np.save's header and
+    buffer would be two)."""
+    array = np.ascontiguousarray(array)
+    array = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return Array(dtype=array.dtype.newbyteorder("=").name, shape=tuple(int(n) for n in array.shape), stype=RAW,
+                 data=array.tobytes())  # fmt: skip
+
+
+def unpack(array: Array) -> np.ndarray:
+    """The numpy array of a Flower Array: a read-only view of a `pack`ed one's bytes (no copy),
+    or np.load for Flower's own format. Raises BadReply when the bytes do not match the shape."""
+    if array.stype != RAW:
+        return array.numpy()
+    try:
+        dtype = np.dtype(array.dtype).newbyteorder("<")
+        shape = tuple(int(n) for n in array.shape)
+    except TypeError as err:
+        raise BadReply(f"array of unknown dtype {array.dtype!r}") from err
+    if len(array.data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise BadReply(f"array of shape {shape} and dtype {dtype.name} with {len(array.data)} bytes")
+    return np.frombuffer(array.data, dtype=dtype).reshape(shape)
 
 
 class Assignment(tuple):
@@ -78,6 +113,7 @@ class Job:
     clip_norm: float | None = None  # user-level DP: clip each device's update to this L2 norm
     groups: list[int] | None = None  # vectorized training: sizes of consecutive device groups
     arrays: dict[str, np.ndarray] | None = None  # the strategy's extra inputs (Strategy.job_arrays)
+    sums: str | None = None  # "examples" | "ones": reply with a sum per group (None: a row per device)
 
 
 def write_job(
@@ -89,6 +125,7 @@ def write_job(
     clip_norm: float | None = None,
     groups: list[int] | None = None,
     arrays: dict[str, np.ndarray] | None = None,
+    sums: str | None = None,
 ) -> RecordDict:
     job: dict = {"round": round_num, "device_ids": device_ids, "config": config_json}
     if clip_norm is not None:
@@ -97,15 +134,19 @@ def write_job(
         if any(g < 1 for g in groups) or sum(groups) != len(device_ids):
             raise ValueError(f"group sizes {groups} do not partition the job's {len(device_ids)} devices")
         job["groups"] = [int(g) for g in groups]
-    content = RecordDict({"global": ArrayRecord({"params": Array(global_params)}), "job": ConfigRecord(job)})
+    if sums is not None:
+        if sums not in SUMS or groups is None:
+            raise ValueError(f"sums={sums!r} needs groups and one of {SUMS}")
+        job["sums"] = sums
+    content = RecordDict({"global": ArrayRecord({"params": pack(global_params)}), "job": ConfigRecord(job)})
     if arrays:
-        content["strategy"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        content["strategy"] = ArrayRecord({k: pack(v) for k, v in arrays.items()})
     return content
 
 
 def read_job(content: RecordDict) -> Job:
     job = content.config_records["job"]
-    params = content.array_records["global"]["params"].numpy()
+    params = unpack(content.array_records["global"]["params"]).copy()  # the one copy: trainers write into it
     return Job(
         round_num=int(job["round"]),
         device_ids=[int(i) for i in job["device_ids"]],  # type: ignore[union-attr]
@@ -113,16 +154,20 @@ def read_job(content: RecordDict) -> Job:
         global_params=torch.from_numpy(params),
         clip_norm=float(job["clip_norm"]) if "clip_norm" in job else None,  # type: ignore[arg-type]
         groups=[int(g) for g in job["groups"]] if "groups" in job else None,  # type: ignore[union-attr]
-        arrays={k: a.numpy() for k, a in content.array_records["strategy"].items()}
+        arrays={k: unpack(a) for k, a in content.array_records["strategy"].items()}
         if "strategy" in content.array_records else None,
+        sums=str(job["sums"]) if "sums" in job else None,
     )
 
 
 def write_report(report: DeviceReport) -> RecordDict:
-    updates = np.stack(report.updates) if report.updates else np.zeros((0, 0), dtype=np.float32)
+    if report.sums:
+        vectors = {"sums": pack(np.stack(report.sums))}
+    else:
+        vectors = {"updates": pack(np.stack(report.updates) if report.updates else np.zeros((0, 0), dtype=np.float32))}
     return RecordDict(
         {
-            "updates": ArrayRecord({"updates": Array(updates)}),
+            "updates": ArrayRecord(vectors),
             "devices": ConfigRecord(
                 {
                     "device_ids": report.device_ids,
@@ -135,6 +180,7 @@ def write_report(report: DeviceReport) -> RecordDict:
                     "within_bound": report.within_bound,
                     "failed_ids": report.failed_ids,
                     "failures": report.failures,
+                    "sum_keys": report.sum_keys,
                 }
             ),
             "worker": MetricRecord({"train_time_s": report.train_time_s, "peak_rss_mb": report.peak_rss_mb}),
@@ -147,7 +193,10 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
     per-device values (updates, losses, example counts, clipping bits or fractions) at all."""
     try:
         devices = content.config_records["devices"]
-        updates = content.array_records["updates"]["updates"].numpy()
+        vectors = content.array_records["updates"]
+        shipped = unpack(vectors["sums"]) if "sums" in vectors else None
+        updates = unpack(vectors["updates"]) if shipped is None else np.zeros((0, 0), dtype=np.float32)
+        sum_keys = [int(k) for k in devices["sum_keys"]] if "sum_keys" in devices else []  # type: ignore[union-attr]
         worker = content.metric_records["worker"]
         report = DeviceReport(
             device_ids=[int(i) for i in devices["device_ids"]],  # type: ignore[union-attr]
@@ -171,7 +220,8 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
     n = len(report.device_ids)
     if num_params is None:
         # Secure aggregation: per-device values travel only inside the masked vectors.
-        if updates.size or report.num_examples or report.losses or report.within_bound or report.clip_fractions:
+        if updates.size or shipped is not None or report.num_examples or report.losses or report.within_bound \
+                or report.clip_fractions:
             raise BadReply("a secure-aggregation reply carries per-device values in the clear")
         if report.dp_events and len(report.dp_events) != n:
             raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
@@ -182,6 +232,14 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
         raise BadReply(f"reply lists {n} devices but {len(report.within_bound)} clipping bits")
     if report.dp_events and len(report.dp_events) != n:
         raise BadReply(f"reply lists {n} devices but {len(report.dp_events)} privacy events")
+    if shipped is not None:
+        if any(k <= 0 for k in report.num_examples):  # rows with none are rejected one by one (reject_non_finite)
+            raise BadReply("a reply of sums lists a device with no examples")
+        if shipped.dtype != np.float64 or shipped.shape != (len(sum_keys), num_params) or not 0 < len(sum_keys) <= n:
+            raise BadReply(f"sums have shape {shipped.shape} ({shipped.dtype}) for {len(sum_keys)} groups of {n} devices, "
+                           f"expected float64 ({len(sum_keys)}, {num_params})")  # fmt: skip
+        report.sum_keys, report.sums = sum_keys, list(shipped)
+        return report
     if n and updates.shape != (n, num_params):
         raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
     report.updates = list(updates) if n else []

@@ -35,7 +35,7 @@ from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import checked_model, model_for
-from fedsim.reports import DeviceReport
+from fedsim.reports import DeviceReport, all_finite, fold_into_groups
 from fedsim.strategies import strategy_class
 
 if TYPE_CHECKING:  # DP-SGD's trainer imports Opacus (~2 s): only runs with privacy.dpsgd load it
@@ -227,6 +227,7 @@ class Worker:
         clip_norm: float | None = None,
         groups: list[int] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
+        sums: str | None = None,
     ) -> DeviceReport:
         """Train each device from the global weights; with `clip_norm` (user-level DP), clip each
         update to that L2 norm before it leaves the device (McMahan et al. 2018).
@@ -235,8 +236,12 @@ class Worker:
         vectorization on, the devices of a group that pass the failure and deadline checks
         train as one batched computation; a group left with one device trains it one by one,
         like a worker without vectorization. `arrays`: the strategy's extra inputs of this job
-        (rows in `device_ids` order; Strategy.device_correction reads them).
+        (rows in `device_ids` order; Strategy.device_correction reads them). `sums` ("examples" or
+        "ones", with `groups`): the report carries one float64 sum per group instead of a row per
+        device, after the server's own per-device check (fedsim.reports.fold_into_groups).
         """
+        if sums is not None and groups is None:
+            raise ValueError("a job asking for group sums must name its groups")
         report = DeviceReport()
         start = time.perf_counter()
         cfg, streams = self.cfg, self.streams
@@ -281,7 +286,7 @@ class Worker:
                     continue
                 try:
                     update, within = result.update, None
-                    if not torch.isfinite(update).all():
+                    if not all_finite(update.detach().numpy()):
                         raise ValueError("update has NaN or inf values")  # rejected here, never aggregated
                     if clip_norm is not None:
                         update, _, within = clip_update(update, clip_norm)  # raises on NaN/inf
@@ -295,6 +300,8 @@ class Worker:
         if cfg.audit.break_mechanism == "no_noise" and cfg.privacy.dpsgd is not None:
             # Tests only: the accountant is told the configured sigma, as a buggy mechanism would.
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
+        if sums is not None:
+            fold_into_groups(report, split_groups(device_ids, groups), sums, len(global_params))
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
         return report

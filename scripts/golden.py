@@ -16,9 +16,11 @@ A run added to MATRIX must be recorded on the code before the change it guards: 
 commit (`git archive COMMIT | tar -x -C DIR`), copy this script into DIR/scripts and record
 there (it imports the fedsim beside it), then check the other runs agree with this file.
 
-The hashes hold for the torch/numpy/opacus versions the file was recorded with (stored in
-it): float kernels may change between versions, so `check` refuses to compare across torch
-versions rather than report a refactor as the cause.
+The hashes hold for the torch/numpy/opacus versions and the CPU the file was recorded with
+(stored in it): float kernels change between versions, and torch picks other kernels on CPUs
+with other vector instructions (the same commit gave 31 other values on a CPU without the
+recording machine's), so `check` refuses to compare across torch versions or CPUs rather than
+report a refactor as the cause: re-record at the base commit on this machine, then check.
 """
 
 from __future__ import annotations
@@ -107,8 +109,20 @@ def versions() -> dict[str, str]:
 
     return {
         "torch": torch.__version__, "numpy": numpy.__version__, "opacus": opacus.__version__,
-        "flwr": flwr.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "flwr": flwr.__version__, "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu(),
     }  # fmt: skip
+
+
+def cpu() -> str:
+    """The CPU's model name and the vector-instruction flags that decide torch's kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    vector = sorted(f for f in flags if f.startswith(("avx", "fma", "amx", "sse4")))
+    return f"{model}; {' '.join(vector)}"
 
 
 def overrides(name: str) -> list[str]:
@@ -181,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     now = versions()
     if golden["versions"]["torch"] != now["torch"]:
         print(f"recorded with torch {golden['versions']['torch']}, this is torch {now['torch']}: re-record on the old code")
+        return 1
+    if golden["versions"].get("cpu") != now["cpu"]:
+        print(f"recorded on another CPU ({golden['versions'].get('cpu', 'not recorded')}), this is {now['cpu']}: torch's "
+              "kernels differ between them; re-record at the base commit on this machine, then check")
         return 1
     names = [n for n in golden["runs"] if args.only in n]
     missing = [n for n in names if n not in MATRIX]

@@ -298,3 +298,28 @@ def test_import_clients_pulls_in_no_flower_hydra_or_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def _small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 5, padding=2), nn.GroupNorm(4, 8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))  # fmt: skip
+
+
+def test_conv_models_train_channels_last_by_default_with_the_same_function_and_reproducibly() -> None:
+    x, y = torch.randn(30, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(30) % 10
+    start = flat_params(_small_cnn())
+    fast = LocalTrainer(_small_cnn(), TrainConfig(lr=0.1, batch_size=10, momentum=0.9))
+    plain = LocalTrainer(_small_cnn(), TrainConfig(lr=0.1, batch_size=10, momentum=0.9, memory_format="contiguous"))
+    conv = fast.model[4].weight  # (the first conv's, with one input channel, is both layouts at once)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert torch.equal(flat_params(fast.model), start)  # the layout moved, not the values
+    a = fast.fit(start, (x, y), seed=3)
+    b = plain.fit(start, (x, y), seed=3)
+    assert torch.equal(a.update, fast.fit(start, (x, y), seed=3).update)  # bit for bit again
+    assert not torch.equal(a.update, b.update)  # other kernels: other float rounding...
+    torch.testing.assert_close(a.update, b.update, rtol=1e-4, atol=1e-5)  # ...of the same function
+    mlp = LocalTrainer(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), TrainConfig(lr=0.1))
+    assert not mlp._channels_last  # auto: only models with 2-D convolutions
+    with pytest.raises(ValueError, match="memory_format"):
+        TrainConfig(lr=0.1, memory_format="nhwc")

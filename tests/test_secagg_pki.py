@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.app import ConfigRecord
 
 from fake_grid import LocalGrid, set_flower_identity
-from fedsim import pki
+from fedsim import pki, wire
 from fedsim.config import ConfigError, from_dict
 from fedsim.secagg import crypto
 from fedsim.secagg.protocol import KeyRegistry, SecAggDevice, SecAggParams, survivors_message
@@ -95,7 +95,7 @@ def _server_material(grid: ForgingGrid, cfg_json: str) -> list[bytes]:
             walk(dict(record))
         for record in content.array_records.values():
             for arr in record.values():
-                walk(arr.numpy().tobytes()[:4096])
+                walk(wire.unpack(arr).tobytes()[:4096])
     for job in grid.jobs.values():
         walk(job)
     for reqs in grid.requests.values():

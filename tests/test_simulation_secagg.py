@@ -12,7 +12,7 @@ import torch
 from scipy import stats
 
 from clients import flat_params
-from fedsim import randomness, secure_rounds
+from fedsim import randomness, secure_rounds, wire
 from fedsim.config import from_dict
 from fedsim.privacy.dpfedavg import UserLevelDP
 from fedsim.run import run
@@ -85,7 +85,7 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
         fp.encode(u, streams.numpy(secure_rounds.ROUNDING_STREAM, 1, d), max_norm=bound)
         for d, u in zip(report.device_ids, report.updates, strict=True)
     ]
-    masked = [arr.numpy() for stage, content in received if stage == "masked_input"
+    masked = [wire.unpack(arr) for stage, content in received if stage == "masked_input"
               for arr in content.array_records["masked"].values()]  # fmt: skip
     assert len(masked) == 16  # 8 devices x 2 rounds, each seen only masked
     for vector in masked:
@@ -96,7 +96,7 @@ def test_secure_sum_matches_the_plain_sum_up_to_quantization(tmp_path: Path) -> 
     for stage, content in received:
         for record in content.array_records.values():
             for arr in record.values():
-                values = arr.numpy()
+                values = wire.unpack(arr)
                 assert not any(np.array_equal(values[: len(x)], x) for x in plain), stage
 
 
