@@ -62,6 +62,9 @@ Workloads (`--workloads`, default all; cohort 50, 1 local epoch, batch 10, seed 
   sum, noise, divide by q n). pfl 0.6.0 has no per-example DP-SGD (its DP mechanisms act on
   the whole update), so this variant has no pfl row.
 - pop10k, pop100k: mlp at populations 10,000 and 100,000 (cohort still 50).
+- cohort1000: mlp with 1,000 devices per round of a population of 100,000 (the cohort size
+  of production keyboard-model training; fedsim's workers train their 16 groups of 31-32
+  devices each as batched computations and ship one float64 sum per group).
 - shakespeare: next-character prediction on the bundled Tiny Shakespeare, one device per
   speaking role (141 roles with at least 1,000 characters), LEAF's LSTM (embedding 8, 2 x
   LSTM 256; 820,185 parameters), 80-character windows labelled with the next character (LEAF's
@@ -172,10 +175,10 @@ REPO = Path(__file__).resolve().parent.parent
 COHORT = 50
 WARMUP_ROUNDS = 2
 
-# Every run of every workload: fixed cohorts of 50, one local epoch of SGD with batch 10, no
-# central evaluation before the last round.
+# Every run of every workload: fixed cohorts (of 50 but in cohort1000), one local epoch of SGD
+# with batch 10, no central evaluation before the last round.
 COMMON = (
-    "seed=0", f"cohort.size={COHORT}", "cohort.sampling=fixed", "algorithm.local_epochs=1",
+    "seed=0", "cohort.sampling=fixed", "algorithm.local_epochs=1",
     "algorithm.batch_size=10", "eval_every=1000",
 )  # fmt: skip
 MLP = (
@@ -210,10 +213,12 @@ class Workload:
     population: int
     overrides: tuple[str, ...]
     variants: tuple[str, ...] = ("-",)
+    cohort: int = COHORT
 
     def fedsim_overrides(self, variant: str, rounds: int) -> list[str]:
         """The run's fedsim config: the same for fedsim's command line and the pfl/floor processes."""
-        return [*COMMON, f"rounds={rounds}", f"population={self.population}", *self.overrides, *VARIANTS[variant]]
+        return [*COMMON, f"cohort.size={self.cohort}", f"rounds={rounds}", f"population={self.population}",
+                *self.overrides, *VARIANTS[variant]]  # fmt: skip
 
 
 WORKLOADS = {
@@ -224,6 +229,7 @@ WORKLOADS = {
         Workload("mlp_dp", 1_000, MLP, ("user", "sample")),
         Workload("pop10k", 10_000, MLP),
         Workload("pop100k", 100_000, MLP),
+        Workload("cohort1000", 100_000, MLP, cohort=1_000),
         Workload("shakespeare", 141, SHAKESPEARE),
     )
 }
@@ -702,10 +708,19 @@ def add_ratios(rows: list[Row]) -> None:
             row.vs_floor = row.s_per_round / floor.s_per_round
 
 
-def print_table(rows: list[Row], rounds: int) -> None:
-    print(f"\ncohort {COHORT}, {rounds} rounds; s/round = median of rounds {WARMUP_ROUNDS + 1}..{rounds - 1}")
+def torch_device() -> str:
+    """Where fedsim's workers train here (simulation.device=auto): asked of a child process, since
+    this one never imports torch. pfl and the floor train on the CPU."""
+    probe = "import torch; print(f'cuda ({torch.cuda.get_device_name(0)})' if torch.cuda.is_available() else 'cpu')"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or f"unknown ({_last_lines(out.stderr, 1)})"
+
+
+def print_table(rows: list[Row], rounds: int, device: str) -> None:
+    print(f"\nfedsim's workers trained on: {device}; pfl and the floor on the CPU")
+    print(f"cohort {COHORT} (cohort1000: 1,000), {rounds} rounds; s/round = median of rounds {WARMUP_ROUNDS + 1}..{rounds - 1}")
     head = (
-        f"{'workload':<8} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'updates/s':>9} | "
+        f"{'workload':<11} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'updates/s':>9} | "
         f"{'peak MB':>7} | {'per process MB':<14} | {'acc':>5} | {'/pfl':>6} | {'/floor':>6}"
     )
     print(head)
@@ -716,10 +731,10 @@ def print_table(rows: list[Row], rounds: int) -> None:
 
     for r in rows:
         if r.error:
-            print(f"{r.workload:<8} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | failed: {r.error[:160]}")
+            print(f"{r.workload:<11} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | failed: {r.error[:160]}")
             continue
         print(
-            f"{r.workload:<8} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | {num(r.s_per_round, '.4f'):>8} | "
+            f"{r.workload:<11} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | {num(r.s_per_round, '.4f'):>8} | "
             f"{num(r.first_round_s, '.2f'):>7} | "
             f"{num(r.updates_per_s, '.0f'):>9} | {num(r.peak_mb, '.0f'):>7} | {r.peak_detail:<14} | "
             f"{num(r.final_test_accuracy, '.3f'):>5} | {num(r.vs_pfl, '.2f'):>6} | {num(r.vs_floor, '.2f'):>6}"
@@ -773,11 +788,12 @@ def main() -> None:
                 result = f"failed: {row.error}" if row.error else f"{row.s_per_round:.4f} s/round"
                 print(f"{workload.name} {variant} {runner.label}: {result} ({time.perf_counter() - t:.0f} s)", flush=True)
     add_ratios(rows)
-    print_table(rows, args.rounds)
+    device = torch_device()
+    print_table(rows, args.rounds, device)
     if args.json:
         meta = {
-            "rounds": args.rounds, "cohort": COHORT, "fedsim_overrides": args.fedsim_override,
-            "steady_rounds": [WARMUP_ROUNDS + 1, args.rounds - 1], "cpus": os.cpu_count(),
+            "rounds": args.rounds, "cohort": {w.name: w.cohort for w, _ in plan}, "fedsim_overrides": args.fedsim_override,
+            "steady_rounds": [WARMUP_ROUNDS + 1, args.rounds - 1], "cpus": os.cpu_count(), "device": device,
         }  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
         print(f"\nwrote {args.json}")

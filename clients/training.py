@@ -98,6 +98,12 @@ class LocalTrainer:
     Modules that draw random numbers from torch's global generator (dropout) are run under
     `torch.random.fork_rng`, seeded from the fit's seed, so they are reproducible too and
     the caller's global RNG is left as it was. Custom stochastic modules are not detected.
+    (On a CUDA model dropout draws from the CUDA generator, which is not reseeded: such fits
+    are not reproducible.)
+
+    The trainer trains on the device the model's parameters are on when it is built (move
+    the model first: `model.to("cuda")`); `global_params` and data may be on the CPU, and
+    `TrainResult.update` is always on the CPU.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, loss_fn: LossFn = F.cross_entropy) -> None:
@@ -114,6 +120,9 @@ class LocalTrainer:
         self._generator = torch.Generator()
         self._all_modules = list(model.modules())
         self._uses_global_rng = any(isinstance(m, nn.modules.dropout._DropoutNd) for m in self._all_modules)
+        # Trains where the model's parameters are (a CUDA model: batches move there, the update
+        # comes back to the CPU); the CPU path runs the same code with no-op moves.
+        self._device = self._params[0].device
         has_conv = any(isinstance(m, nn.Conv2d) for m in self._all_modules)
         self._channels_last = config.memory_format == "channels_last" or (config.memory_format == "auto" and has_conv)
         if self._channels_last:
@@ -141,7 +150,7 @@ class LocalTrainer:
         if source.n == 0:
             raise ValueError("device has no training examples")
         generator = self._seeded(seed)
-        global_flat = global_params.detach()
+        global_flat = global_params.detach().to(self._device)
         load_list(self._params, global_flat)
         self.optimizer.state.clear()  # momentum buffers of the previous device
         # Checking the flags costs 0.3 us; model.train() walks the module tree for 7 us.
@@ -159,7 +168,7 @@ class LocalTrainer:
         else:
             loss_sum, steps = self._sgd(batches, anchors, shifts)
 
-        update = flatten_list(self._params).sub_(global_flat)
+        update = flatten_list(self._params).sub_(global_flat).cpu()
         metrics = {"loss": loss_sum / steps, "steps": float(steps)}
         return TrainResult(update=update, num_examples=source.n, metrics=metrics)
 
@@ -170,10 +179,11 @@ class LocalTrainer:
         model, loss_fn, optimizer, params = self.model, self.loss_fn, self.optimizer, self._params
         mu = self._config.proximal_mu
         # Summed as a tensor: one .item() at the end instead of a sync per step.
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self._device)
         steps = 0
-        channels_last = self._channels_last
+        channels_last, device = self._channels_last, self._device
         for xb, yb in batches:
+            xb, yb = xb.to(device), yb.to(device)  # no-ops on the CPU
             if channels_last and xb.dim() == 4:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             # Same as optimizer.zero_grad(set_to_none=True) for plain SGD, without its
@@ -221,13 +231,15 @@ def evaluate(
         return {"loss": math.nan, "accuracy": math.nan, "num_examples": 0.0}
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    device = next(model.parameters(), torch.empty(0)).device  # evaluates where the model is
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     try:
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
                 xb, yb = source.batch(start, stop)
+                xb, yb = xb.to(device), yb.to(device)
                 out = model(xb)
                 # Weight each batch mean by its size so a short last batch counts right.
                 loss_sum += loss_fn(out, yb).double() * (stop - start)
@@ -258,7 +270,7 @@ def _correction_views(correction: torch.Tensor | None, params: list[nn.Parameter
     total = sum(p.numel() for p in params)
     if correction.shape != (total,):
         raise ValueError(f"correction has shape {tuple(correction.shape)}, expected ({total},)")
-    return unflatten_views(correction.detach().to(params[0].dtype), params)
+    return unflatten_views(correction.detach().to(params[0].device, params[0].dtype), params)
 
 
 def _add_correction(params: list[nn.Parameter], shifts: list[torch.Tensor]) -> None:

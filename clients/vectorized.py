@@ -190,6 +190,10 @@ class VectorizedTrainer:
         if [id(p) for _, p in named] != [id(p) for p in self._params]:  # both walk parameters() order
             raise ValueError("cannot vectorize training: named and flat parameter orders differ")
         self._num_params = sum(p.numel() for p in self._params)
+        # Trains where the model's parameters are (as LocalTrainer): data, indices and the
+        # stacked weights move there; the random draws stay on the CPU (the seeded generators
+        # are CPU ones) and the updates come back to it.
+        self._device = self._params[0].device
         self._activation_bytes: dict[tuple, int] = {}  # per (example shape, dtype): bytes saved for backward
         self._plain_step = vmap(grad(self._batch_loss, has_aux=True))
         self._dp_step = vmap(self._clipped_sum)
@@ -249,7 +253,8 @@ class VectorizedTrainer:
             plans.append(plan)
         if plans:
             anchors = [
-                a.to(p.dtype) for a, p in zip(unflatten_views(global_flat, self._params), self._params, strict=True)
+                a.to(p.device, p.dtype)
+                for a, p in zip(unflatten_views(global_flat, self._params), self._params, strict=True)
             ]
             plans.sort(key=lambda p: (-p.steps, -p.n, p.index))
             was_training = [(m, m.training) for m in self.model.modules()]
@@ -326,8 +331,9 @@ class VectorizedTrainer:
         offsets = [0]
         for n in lengths[:-1]:
             offsets.append(offsets[-1] + n)
-        x_all = torch.cat([p.x for p in plans])
-        y_all = torch.cat([p.y for p in plans])
+        dev = self._device
+        x_all = torch.cat([p.x for p in plans]).to(dev)
+        y_all = torch.cat([p.y for p in plans]).to(dev)
         width = max(p.idx.shape[1] for p in plans)
         # idx[d, s, j]: row of x_all of device d's j-th example at step s (padding: its first example).
         idx = torch.tensor(offsets).view(num, 1, 1).repeat(1, total_steps, width)
@@ -337,17 +343,17 @@ class VectorizedTrainer:
             counts[d, : p.steps] = p.counts
         batch_max = counts.max(dim=0).values.tolist()
         active = [sum(1 for p in plans if p.steps > s) for s in range(total_steps)]  # a prefix: sorted by steps
-        positions = torch.arange(width)
+        idx, counts, positions = idx.to(dev), counts.to(dev), torch.arange(width, device=dev)
 
         params = [a.unsqueeze(0).expand(num, *a.shape).clone() for a in anchors]
         moments = [torch.zeros_like(p) for p in params] if cfg.momentum else None
-        loss_sum = torch.zeros(num, dtype=torch.float64)
+        loss_sum = torch.zeros(num, dtype=torch.float64, device=dev)
         if dp is not None:
-            nonempty = torch.zeros(num, dtype=torch.long)
-            clipped = torch.zeros(num, dtype=torch.long)
+            nonempty = torch.zeros(num, dtype=torch.long, device=dev)
+            clipped = torch.zeros(num, dtype=torch.long, device=dev)
             std = dp.noise_multiplier * dp.max_grad_norm
             noise_generators = [p.noise_generator for p in plans]
-            scale = torch.tensor([p.expected_batch_size for p in plans], dtype=params[0].dtype)
+            scale = torch.tensor([p.expected_batch_size for p in plans], dtype=params[0].dtype, device=dev)
 
         for s in range(total_steps):
             k, bmax = active[s], batch_max[s]
@@ -374,18 +380,18 @@ class VectorizedTrainer:
                     grads = [torch.zeros_like(p) for p in ps]
                 if std != 0:  # Opacus's _generate_noise draws nothing for std 0
                     for g in grads:
-                        noise = torch.empty_like(g)
+                        noise = torch.empty(g.shape, dtype=g.dtype)  # drawn on the CPU: the generators are CPU ones
                         for d in range(k):  # each device's own generator, parameter by parameter
                             if dp.secure_mode:
                                 noise[d] = _secure_noise(noise[d], std, noise_generators[d])
                             else:
                                 noise[d].normal_(0.0, std, generator=noise_generators[d])
-                        g.add_(noise)
+                        g.add_(noise.to(dev))
                 for g in grads:  # divided by each device's own expected batch size n / ceil(n / B)
                     g.div_(scale[:k].view((k,) + (1,) * (g.dim() - 1)))
             self._sgd_step(ps, grads, anchors, moments, k)
 
-        updates = torch.cat([p.reshape(num, -1) for p in params], dim=1).float().sub_(global_flat.float())
+        updates = torch.cat([p.reshape(num, -1) for p in params], dim=1).float().sub_(global_flat.float().to(dev)).cpu()
         loss_list = loss_sum.tolist()
         if dp is not None:
             nonempty_list, clipped_list = nonempty.tolist(), clipped.tolist()
@@ -468,7 +474,7 @@ class VectorizedTrainer:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            self.loss_fn(functional_call(self.model, params, (x.contiguous(),)), y.contiguous())
+            self.loss_fn(functional_call(self.model, params, (x.contiguous().to(self._device),)), y.contiguous().to(self._device))
         return saved
 
 

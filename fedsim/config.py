@@ -382,6 +382,10 @@ class SimulationConfig:
     ray_address: str | None = field(default=None, metadata=checked(not_blank("must be 'auto', HOST:PORT or null")))
     # train a worker's devices as one batched computation: auto | on | off
     vectorize: str = field(default="auto", metadata=checked(one_of("auto", "on", "off")))
+    # where workers train: cpu | cuda (every worker's torch must see a GPU; workers share them as
+    # fractional Ray GPUs) | auto (cuda where torch sees one, else cpu). Results equal the CPU's
+    # to float tolerance, not bit for bit (other kernels).
+    device: str = field(default="auto", metadata=checked(one_of("auto", "cpu", "cuda")))
     # at most this many devices per group (groups depend on the cohort only): a group trains as one
     # batched computation (vectorized) and is summed on its worker (fedsim.aggregation); a cohort of n
     # has ceil(n / device_group) groups rounded up to even, so more workers than that stay idle

@@ -23,6 +23,7 @@ imports anything under `flwr.` outside those public modules or spells a name of 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,9 @@ def in_process_grid(grid: object) -> bool:
     return hasattr(grid, "pull_interval")
 
 
+IDLE_POLL_FRACTION = 0.01  # an idle poller waits at most this fraction of the time it has waited
+
+
 @contextlib.contextmanager
 def fast_dispatch(num_nodes: int) -> Iterator[None]:
     """Poll for new messages every 2 ms instead of Flower's 100 ms when there are few workers.
@@ -56,11 +60,16 @@ def fast_dispatch(num_nodes: int) -> Iterator[None]:
     interval = 0.002 if num_nodes <= 64 else 0.1
 
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        last = time.monotonic()
         while not f_stop.is_set():
             for node_id in nodes_mapping.keys():
                 for msg in state.get_message_ins(node_id=node_id, limit=1):
                     queue.put(msg)
-            f_stop.wait(interval)
+                    last = time.monotonic()
+            # Idle for long (workers training a large model): poll less, at most 1% later than
+            # the idle time so far and never past 50 ms, so the polls do not take CPU from the
+            # workers (measured: 2 ms polls made a 2-worker CNN round's training 8% slower).
+            f_stop.wait(max(interval, min(IDLE_POLL_FRACTION * (time.monotonic() - last), 0.05)))
 
     vce_api.add_messages_to_queue = add_messages_to_queue
     try:

@@ -122,7 +122,7 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
             client_app=client_app,
             num_supernodes=cfg.num_workers,
             backend_config={
-                "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": gpus_per_worker(cfg)},
                 "init_args": init_args,
             },
             verbose_logging=sim.log_level == "DEBUG",
@@ -130,6 +130,23 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
+
+
+def gpus_per_worker(cfg: FedsimConfig) -> float:
+    """Ray GPUs per worker: with simulation.device cuda (or auto on a machine whose torch sees
+    GPUs) the workers share this machine's GPUs, min(1, GPUs / workers) each (fractional: Ray
+    then places several workers on one GPU); 0 on the CPU."""
+    if cfg.simulation.device == "cpu":
+        return 0.0
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        if cfg.simulation.device == "cuda" and not cfg.simulation.ray_address:
+            raise ConfigError("simulation.device", "cuda, but torch sees no CUDA device on this machine "
+                              "(torch.cuda.is_available() is False); allowed here: auto, cpu")  # fmt: skip
+        return 0.0
+    return min(1.0, count / cfg.num_workers)
 
 
 def _start_key_registry(init_args: dict[str, Any]) -> None:

@@ -46,7 +46,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedsim import wire
 from fedsim.errors import FedsimError
-from fedsim.flower_adapter import in_process_grid
+from fedsim.flower_adapter import IDLE_POLL_FRACTION, in_process_grid
 
 log = logging.getLogger("fedsim")
 
@@ -89,7 +89,8 @@ def send_and_receive(
     Grid.send_and_receive does the same but sleeps between pulls: 100 ms in-process and 3 s
     on the deployment engine (flwr/superlink/grid/http_grid.py), most of a small round.
     Here the pause grows from 1 ms to 4 ms (in-process: a pull is a dictionary lookup) or
-    from 5 ms to 200 ms (over the network).
+    from 5 ms to 200 ms (over the network); in-process, a wait longer than 0.4 s lets it grow
+    to 1% of the time waited (at most 50 ms), so the polls leave the CPU to the workers.
     """
     if not messages:
         return {}
@@ -98,7 +99,8 @@ def send_and_receive(
     index = {m.metadata.message_id: i for i, m in enumerate(messages) if m.metadata.message_id in pushed}
     waiting = set(index)
     replies: dict[int, Message] = {}
-    deadline = None if timeout is None else clock.monotonic() + timeout
+    started = clock.monotonic()
+    deadline = None if timeout is None else started + timeout
     pause, longest = (0.001, 0.004) if in_process_grid(grid) else (0.005, 0.2)
     while waiting:
         for reply in grid.pull_messages(waiting):
@@ -109,7 +111,9 @@ def send_and_receive(
         if not waiting or (deadline is not None and clock.monotonic() >= deadline):
             break
         clock.sleep(pause)
-        pause = min(pause * 2, longest)
+        # A long wait (a large model training) polls less: at most 1% of the time waited so far
+        # later (measured: 2-4 ms pulls made a 2-worker CNN round's training 8% slower).
+        pause = min(pause * 2, max(longest, min(IDLE_POLL_FRACTION * (clock.monotonic() - started), 0.05)))
     return replies
 
 

@@ -83,6 +83,19 @@ def build_trainer(cfg: FedsimConfig, model: torch.nn.Module) -> LocalTrainer | D
     return DPSGDTrainer(model, train_config(cfg), dp)
 
 
+def worker_device(cfg: FedsimConfig) -> torch.device:
+    """Where this worker trains (simulation.device): the CPU, or the GPU Ray gave it (cuda, or
+    auto where torch sees one). Raises ConfigError for cuda on a worker without a CUDA device."""
+    if cfg.simulation.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if cfg.simulation.device == "cuda":
+        raise ConfigError("simulation.device", "cuda, but this worker's torch sees no CUDA device "
+                          "(torch.cuda.is_available() is False); allowed here: auto, cpu")  # fmt: skip
+    return torch.device("cpu")
+
+
 def worker_model(cfg: FedsimConfig, dataset: FederatedDataset) -> torch.nn.Module:
     """The run's model as the server builds it (with DP-SGD: checked, and fixed on request)."""
     model = model_for(cfg, dataset)
@@ -199,7 +212,9 @@ class Worker:
     """Dataset, model and trainer of one run, reused for every device this worker trains.
 
     With vectorization on for the run (`use_vectorized`), also a VectorizedTrainer on a model
-    of its own (Opacus's hooks on `self.model` would fire inside vmap).
+    of its own (Opacus's hooks on `self.model` would fire inside vmap). Both train on
+    `worker_device(cfg)` (simulation.device), except DP-SGD's one-by-one trainer (Opacus),
+    which stays on the CPU; updates come back on the CPU either way.
     """
 
     def __init__(self, cfg: FedsimConfig) -> None:
@@ -207,7 +222,10 @@ class Worker:
         self.streams = randomness.streams(cfg)
         torch.set_num_threads(cfg.simulation.torch_threads)
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
+        self.device = worker_device(cfg)
         self.model = worker_model(cfg, self.dataset)
+        if cfg.privacy.dpsgd is None:  # Opacus's one-by-one DP-SGD draws its noise from CPU generators: it stays there
+            self.model.to(self.device)
         self.trainer = build_trainer(cfg, self.model)
         self.strategy = strategy_class(cfg)  # its device side: what a job's extra arrays mean to a device
         # A model of its own: Opacus's hooks on self.model would fire inside vmap.
@@ -216,7 +234,7 @@ class Worker:
         if use_vectorized(cfg, model, self.dataset)[0]:  # decided as the server did (prepare)
             # The default memory budget and no device cap: the chunks inside a group depend on
             # the group alone, never on the worker.
-            self.vectorized = VectorizedTrainer(model, train_config(cfg), dp_config(cfg))
+            self.vectorized = VectorizedTrainer(model.to(self.device), train_config(cfg), dp_config(cfg))
 
     def train(
         self,

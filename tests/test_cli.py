@@ -59,6 +59,12 @@ def test_bad_config_gives_one_line_and_exit_2(override: str, fragments: tuple[st
     assert_one_line_error(fedsim(override), *fragments)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_on_a_machine_without_one_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    proc = fedsim("simulation.device=cuda", "rounds=1", f"hydra.run.dir={tmp_path / 'run'}", f"output.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "simulation.device", "no CUDA device", "allowed here: auto, cpu")
+
+
 def test_bad_value_inside_a_sweep_is_caught_before_any_job(tmp_path: Path) -> None:
     proc = fedsim("-m", "algorithm.lr=0.1,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert_one_line_error(proc, "algorithm.lr", "> 0")
