@@ -477,6 +477,8 @@ def train_canary_devices(
             report = wire.read_report(reply.content, len(params))
         except wire.BadReply:
             continue
+        if report.sums or len(report.dp_events) != len(report.device_ids):
+            continue  # canary jobs ask for rows, and every canary device's event is scored
         reject_non_finite(report)
         reports.append(report)
     return reports

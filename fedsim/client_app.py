@@ -66,7 +66,7 @@ def train(msg: Message, context: Context) -> Message:
         reason = f"{type(err).__name__} on {socket.gethostname()}: {err}".splitlines()[0][:300]
         return Message(Error(code=WORKER_SETUP_FAILED, reason=f"worker setup failed: {reason}"), reply_to=msg)
     report = worker.train(job.global_params, job.round_num, job.device_ids, clip_norm=job.clip_norm, groups=job.groups,
-                          arrays=job.arrays, sums=job.sums)  # fmt: skip
+                          arrays=job.arrays, sums=job.sums, sum_range=job.sum_range)  # fmt: skip
     return Message(content=wire.write_report(report), reply_to=msg)
 
 

@@ -386,9 +386,8 @@ class SimulationConfig:
     # fractional Ray GPUs) | auto (cuda where torch sees one, else cpu). Results equal the CPU's
     # to float tolerance, not bit for bit (other kernels).
     device: str = field(default="auto", metadata=checked(one_of("auto", "cpu", "cuda")))
-    # at most this many devices per group (groups depend on the cohort only): a group trains as one
-    # batched computation (vectorized) and is summed on its worker (fedsim.aggregation); a cohort of n
-    # has ceil(n / device_group) groups rounded up to even, so more workers than that stay idle
+    # at most this many devices per batched computation (vectorized training; the groups depend on the
+    # cohort only: ceil(n / device_group) of them, rounded up to even, so more workers than that stay idle)
     device_group: int = field(default=32, metadata=checked(positive()))
 
 

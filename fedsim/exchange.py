@@ -7,8 +7,8 @@ gets a `RoundOutcome` and never sees a message.
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,10 +18,9 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsim import wire
-from fedsim.aggregation import RunningSum, group_sum
+from fedsim.aggregation import Node, RunningSum, leaf, tree_nodes
 from fedsim.config import FedsimConfig
 from fedsim.mechanisms import Mechanism
-from fedsim.placement import cohort_groups
 from fedsim.reports import DeviceReport, all_finite, device_weight, reject_non_finite
 from fedsim.secure_rounds import secure_round
 from fedsim.strategies import Strategy
@@ -97,22 +96,28 @@ def exchange(
         )  # fmt: skip
     # DP-FedAvg sums clipped updates with weight 1: a device's influence is at most C.
     weighting = "examples" if release is None else "ones"
-    # Workers ship one sum per device group unless the strategy reads each device's update
-    # (SCAFFOLD) or a worker holds one device (the classic layout): then rows, which the server
-    # folds into the same groups.
-    groups = cohort_groups([d for _, ids in plan for d in ids], cfg.simulation.device_group)
+    # Workers ship the sums of the cohort tree's nodes over their devices unless the strategy
+    # reads each device's update (SCAFFOLD) or a worker holds one device (the classic layout):
+    # then rows, which the server makes into the same tree's leaves (fedsim.aggregation).
+    cohort = sorted(d for _, ids in plan for d in ids)
     ship_sums = cfg.simulation.layout == "multiplexed" and not (strategy and strategy.needs_device_updates)
+
+    def sum_range(ids: list[int]) -> tuple[int, int] | None:
+        start = bisect.bisect_left(cohort, ids[0]) if ids else 0
+        return (start, len(cohort)) if ship_sums and ids and cohort[start : start + len(ids)] == list(ids) else None
+
     jobs = [
         (part[0], wire.write_job(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
             clip_norm=clip_norm, groups=wire.groups_of(part),
             arrays=strategy.job_arrays(round_num, part[1]) if strategy else None,
-            sums=weighting if ship_sums and wire.groups_of(part) is not None else None,
+            sums=weighting if sum_range(part[1]) else None, sum_range=sum_range(part[1]),
         ))
         for part in plan
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
-    running, stats, reports = collect(sent.replies, len(params), weighting=weighting, groups=groups)
+    running, stats, reports = collect(sent.replies, len(params), weighting=weighting, cohort=cohort, sums_asked=ship_sums,
+                                      events_required=cfg.privacy.dpsgd is not None)  # fmt: skip
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
@@ -188,24 +193,30 @@ def round_stats(reports: list[DeviceReport]) -> dict:
 
 
 def collect(
-    replies: list[Message], num_params: int, *, weighting: str = "examples", groups: list[list[int]] | None = None
+    replies: list[Message],
+    num_params: int,
+    *,
+    weighting: str = "examples",
+    cohort: list[int] | None = None,
+    sums_asked: bool = True,
+    events_required: bool = False,
 ) -> tuple[RunningSum, dict, list[DeviceReport]]:
     """Sum the device updates of all replies and gather round statistics.
 
-    `groups`: the round's device groups (fedsim.placement.cohort_groups; None: the whole reply
-    set is one group). A reply brings a row per device (the server folds the rows of each group
-    into its float64 sum, in device-id order) or, for a job that asked for it, one sum per group
-    its worker trained; the group sums are then added in group order (fedsim.aggregation), so
-    the total does not depend on the workers, their number or the order of the replies.
+    `cohort`: the round's devices, sorted (None: the devices of the replies); position i is
+    the i-th leaf of the tree the sum follows (fedsim.aggregation). A reply brings a row per
+    device (the server makes each into its leaf) or, for a job that asked for it, the sums of
+    the tree's nodes over its devices; the server finishes the tree over both, so the total
+    does not depend on the workers, their number or the order of the replies.
     `weighting`: each device's weight, "examples" (FedAvg) or "ones" (clipped updates under
-    user-level DP, fedsim.reports.device_weight).
+    user-level DP, fedsim.reports.device_weight). A reply is refused (skipped, with a warning)
+    when it brings sums the round did not ask for (`sums_asked` False: the strategy reads each
+    device's row), lacks a device's DP-SGD event (`events_required`), names devices outside
+    the cohort or already counted, or brings node sums that are not exactly the tree's nodes
+    over its devices; a node whose sum is NaN/inf or beyond what float32 updates can sum to
+    fails its devices, so the total stays finite and its mean within float32.
     """
-    key_of = {d: group[0] for group in groups for d in group} if groups is not None else None
-    total = RunningSum(num_params)
     reports: list[DeviceReport] = []
-    entries: list[tuple[int, np.ndarray, float, int]] = []  # (group key, sum, weight, devices)
-    rows: dict[int, list[tuple[int, np.ndarray, float]]] = defaultdict(list)  # group key -> (device, row, weight)
-    counted: set[int] = set()
     received = 0
     for reply in replies:
         if reply.has_error():
@@ -214,55 +225,95 @@ def collect(
         received += wire.payload_bytes(reply.content)
         try:
             report = wire.read_report(reply.content, num_params)
-            check_groups(report, key_of, counted)
+        except wire.BadReply as err:
+            log.warning("skipping a worker's reply: %s", err)
+            continue
+        reports.append(report)
+    if cohort is None:
+        cohort = sorted(d for r in reports for d in (*r.device_ids, *r.failed_ids))
+    position = {d: i for i, d in enumerate(cohort)}
+    n = len(cohort)
+    total = RunningSum(num_params)
+    parts: dict[Node, np.ndarray] = {}
+    kept: list[DeviceReport] = []
+    counted: set[int] = set()
+    weight_sum, count = 0.0, 0
+    for report in reports:
+        try:
+            check_reply(report, position, n, counted, sums_asked=sums_asked, events_required=events_required)
         except wire.BadReply as err:
             log.warning("skipping a worker's reply: %s", err)
             continue
         reject_non_finite(report)  # device replies are input: a NaN must not reach the model
-        reject_non_finite_sums(report, key_of)
-        counted.update(report.device_ids)
-        reports.append(report)
+        weight = {d: device_weight(k, weighting) for d, k in zip(report.device_ids, report.num_examples, strict=True)}
+        reject_bad_sums(report, position, weight)
+        counted.update(report.device_ids, report.failed_ids)
+        kept.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
-        weight = {d: device_weight(n, weighting) for d, n in zip(report.device_ids, report.num_examples, strict=True)}
-        for key, vector in zip(report.sum_keys, report.sums, strict=True):
-            mine = [d for d in report.device_ids if key_of[d] == key]  # type: ignore[index]
-            entries.append((key, vector, sum(weight[d] for d in mine), len(mine)))
+        parts.update(zip(report.sum_nodes, report.sums, strict=True))
         for d, u in zip(report.device_ids if not report.sums else [], report.updates, strict=True):
-            rows[key_of[d] if key_of is not None else 0].append((d, u, weight[d]))
-    for key, members in rows.items():
-        members.sort(key=lambda t: t[0])  # device-id order within the group
-        entries.append((key, group_sum([(u, w) for _, u, w in members], num_params), sum(w for *_, w in members), len(members)))
-    total.add_groups(entries)
-    stats = round_stats(reports) | {"bytes_received": received}
-    return total, stats, reports
+            parts[(position[d], position[d] + 1)] = leaf(u, weight[d])
+        weight_sum += sum(weight.values())
+        count += len(report.device_ids)
+    total.add_tree(parts, n, weight_sum, count)
+    stats = round_stats(kept) | {"bytes_received": received}
+    return total, stats, kept
 
 
-def check_groups(report: DeviceReport, key_of: dict[int, int] | None, counted: set[int]) -> None:
-    """Refuse (BadReply) a reply naming a device outside the round's groups or one another reply
-    already brought, or whose sums are not exactly one per group of its devices."""
-    ids = report.device_ids
-    if len(set(ids)) != len(ids) or counted.intersection(ids):
+def check_reply(
+    report: DeviceReport, position: dict[int, int], n: int, counted: set[int], *, sums_asked: bool, events_required: bool
+) -> None:
+    """Refuse (BadReply) a reply naming a device outside the cohort, twice, or already brought by
+    another reply; one of sums the round did not ask for, or lacking a device's DP-SGD event;
+    and one whose node sums are not exactly the tree's nodes over its devices that hold a
+    trained device."""
+    listed = [*report.device_ids, *report.failed_ids]
+    if len(set(listed)) != len(listed) or counted.intersection(listed):
         raise wire.BadReply("the reply lists a device twice, or one another reply already brought")
-    if key_of is None:
-        if report.sums:
-            raise wire.BadReply("the reply brings group sums, which the round did not ask for")
-        return
-    if any(d not in key_of for d in ids):
+    if any(d not in position for d in listed):
         raise wire.BadReply("the reply lists a device that is not in this round's cohort")
-    if report.sums and sorted(report.sum_keys) != sorted({key_of[d] for d in ids}):
-        raise wire.BadReply(f"the reply's sums are for groups {report.sum_keys}, not the groups of its devices")
-
-
-def reject_non_finite_sums(report: DeviceReport, key_of: dict[int, int] | None) -> None:
-    """A group sum with NaN/inf values fails its group's devices (moved to the failures), in place."""
-    bad = {key for key, vector in zip(report.sum_keys, report.sums, strict=True) if not all_finite(vector)}
-    if not bad or key_of is None:
+    if events_required and len(report.dp_events) != len(report.device_ids):
+        raise wire.BadReply(f"the reply lists {len(report.device_ids)} devices but {len(report.dp_events)} "
+                            "DP-SGD events: a device the server cannot account for is not aggregated")  # fmt: skip
+    if not report.sums:
         return
+    if not sums_asked:
+        raise wire.BadReply("the reply brings sums, but the round asked for a row per device")
+    places = sorted(position[d] for d in listed)
+    if places != list(range(places[0], places[0] + len(places))):
+        raise wire.BadReply("the reply's devices are not a contiguous range of the cohort")
+    trained = {position[d] for d in report.device_ids}
+    expected = [node for node in tree_nodes(places[0], places[-1] + 1, n) if any(node[0] <= p < node[1] for p in trained)]
+    if report.sum_nodes != expected:
+        raise wire.BadReply(f"the reply's sums are for tree nodes {report.sum_nodes}, expected {expected}")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def reject_bad_sums(report: DeviceReport, position: dict[int, int], weight: dict[int, float]) -> None:
+    """A node sum with NaN/inf values, or an entry beyond (the node's weight) x float32's
+    largest value (more than the node's float32 updates can sum to: the float64 total then
+    cannot overflow, nor its mean leave float32), fails the node's devices (moved to the
+    failures), in place."""
+    if not report.sums:
+        return
+    bad: list[Node] = []
+    for (lo, hi), vector in zip(report.sum_nodes, report.sums, strict=True):
+        limit = FLOAT32_MAX * sum(w for d, w in weight.items() if lo <= position[d] < hi)
+        if not all_finite(vector) or float(np.abs(vector).max(initial=0.0)) > limit:
+            bad.append((lo, hi))
+    if not bad:
+        return
+
+    def in_bad(d: int) -> bool:
+        return any(lo <= position[d] < hi for lo, hi in bad)
+
     for d in report.device_ids:
-        if key_of[d] in bad:
+        if in_bad(d):
             report.failed_ids.append(d)
-            report.failures.append("rejected by the server: its group's sum has NaN/inf values")
-    report.keep_rows([i for i, d in enumerate(report.device_ids) if key_of[d] not in bad])
-    kept = [i for i, key in enumerate(report.sum_keys) if key not in bad]
-    report.sum_keys, report.sums = [report.sum_keys[i] for i in kept], [report.sums[i] for i in kept]
+            report.failures.append("rejected by the server: its sum has NaN/inf or out-of-range values")
+    report.keep_rows([i for i, d in enumerate(report.device_ids) if not in_bad(d)])
+    kept = [i for i, node in enumerate(report.sum_nodes) if node not in bad]
+    report.sum_nodes, report.sums = [report.sum_nodes[i] for i in kept], [report.sums[i] for i in kept]

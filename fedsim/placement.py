@@ -12,11 +12,10 @@ from fedsim import wire
 
 
 def cohort_groups(cohort: list[int], device_group: int) -> list[list[int]]:
-    """The round's device groups: the sorted cohort cut into near-equal contiguous groups of
-    at most `device_group` devices. They depend on the cohort alone, never on the workers: a
-    group trains as one batched computation (vectorized training) and is summed where it
-    trained (fedsim.aggregation), so the model is the same bits whatever the number of
-    workers. The number of groups is ceil(len / device_group) rounded up to an even number
+    """The round's device groups for vectorized training: the sorted cohort cut into near-equal
+    contiguous groups of at most `device_group` devices. They depend on the cohort alone, never
+    on the workers: a group trains as one batched computation, so a device's update depends on
+    its group, and the model is the same bits whatever the number of workers. The number of groups is ceil(len / device_group) rounded up to an even number
     (machines have an even number of cores: a cohort of 50 in groups of at most 32 is 2 x 25,
     so 2 workers share it evenly), and at most one group per device.
     """
@@ -33,18 +32,17 @@ def assign_devices(
 ) -> list[wire.Assignment]:
     """(node id, device ids) per worker that has work this round; `.groups` the group sizes.
 
-    multiplexed with `device_group` (every round of the loop): the cohort's groups
-    (`cohort_groups`) go to the workers whole, contiguously, near-equal group counts per
-    worker; a worker past the last group has no job. Without `device_group` (the audit's
-    canary devices, trained apart): the sorted cohort in near-equal contiguous chunks, one per
-    worker, no groups.
-    classic: device d is simulated by the d-th SuperNode (nodes sorted by id), alone; the
-    server still sums it in its cohort group.
+    multiplexed: the sorted cohort is cut into near-equal contiguous chunks, one per worker (a
+    worker's devices are then a contiguous range of the cohort: fedsim.aggregation's tree sums
+    follow from it). With `device_group` (vectorized training, RunSetup.vectorized), the
+    cohort's groups (`cohort_groups`) go to the workers whole, contiguously, near-equal group
+    counts per worker; a worker past the last group has no job.
+    classic: device d is simulated by the d-th SuperNode (nodes sorted by id), alone.
     """
     if layout == "classic":
         return [wire.Assignment(nodes[d], [d]) for d in cohort]
     if device_group is None:
-        chunks = np.array_split(np.asarray(cohort, dtype=np.int64), len(nodes))
+        chunks = np.array_split(np.sort(np.asarray(cohort, dtype=np.int64)), len(nodes))
         return [wire.Assignment(node, chunk.tolist()) for node, chunk in zip(nodes, chunks, strict=True) if len(chunk)]
     groups = cohort_groups(cohort, device_group)
     if not groups:

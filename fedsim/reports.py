@@ -28,9 +28,9 @@ class DeviceReport:
     within_bound: list[bool] = field(default_factory=list)
     failed_ids: list[int] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-    # Shipped sums (instead of `updates`): per device group, its first device id (the group's
-    # key) and sum_i w_i u_i over its devices in this report, float64 (fedsim.aggregation).
-    sum_keys: list[int] = field(default_factory=list)
+    # Shipped sums (instead of `updates`): the cohort tree's nodes [lo, hi) inside this job's
+    # range that hold a trained device, and each node's float64 sum (fedsim.aggregation).
+    sum_nodes: list[tuple[int, int]] = field(default_factory=list)
     sums: list[np.ndarray] = field(default_factory=list)
     train_time_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -61,27 +61,33 @@ def device_weight(num_examples: int, weighting: str) -> float:
     return float(num_examples) if weighting == "examples" else 1.0
 
 
-def fold_into_groups(report: DeviceReport, groups: list[list[int]], weighting: str, num_params: int) -> None:
-    """Replace the report's rows by one float64 sum per group (`groups`: device ids per group,
-    in group order, as the job named them), in place. The server's acceptance check
+def fold_into_tree(report: DeviceReport, device_ids: list[int], start: int, n: int, weighting: str) -> None:
+    """Replace the report's rows by the float64 sums of the cohort tree's nodes over its range,
+    in place (`device_ids`: the job's devices, at cohort positions start, start + 1, ...; n: the
+    cohort's size; fedsim.aggregation). The server's acceptance check
     (`reject_non_finite`) runs on the rows first, so a NaN device fails alone and never enters
     a sum; per-device metadata (ids, example counts, losses, privacy events) stays."""
-    from fedsim.aggregation import group_sum  # numpy only
+    from fedsim.aggregation import leaf, tree_nodes, tree_total  # numpy only
 
     reject_non_finite(report)
-    row = {d: i for i, d in enumerate(report.device_ids)}
-    for group in groups:
-        rows = [(report.updates[row[d]], device_weight(report.num_examples[row[d]], weighting)) for d in group if d in row]
-        if rows:
-            report.sum_keys.append(int(group[0]))
-            report.sums.append(group_sum(rows, num_params))
+    position = {d: start + i for i, d in enumerate(device_ids)}
+    leaves = {
+        (position[d], position[d] + 1): leaf(u, device_weight(k, weighting))
+        for d, u, k in zip(report.device_ids, report.updates, report.num_examples, strict=True)
+    }
+    if device_ids:
+        for node in tree_nodes(start, start + len(device_ids), n):
+            total = tree_total(leaves, *node)
+            if total is not None:
+                report.sum_nodes.append(node)
+                report.sums.append(total)
     report.updates = []
 
 
 def reject_non_finite(report: DeviceReport) -> None:
     """Move devices whose update has NaN/inf values (or a non-positive example count) to the
     report's failures, in place. A report of shipped sums has no rows: its devices were
-    checked where they were summed (`fold_into_groups`), its sums by `fedsim.wire.read_report`."""
+    checked where they were summed (`fold_into_tree`), its sums by `fedsim.exchange.collect`."""
     if not report.updates:
         return
     keep = [

@@ -153,7 +153,7 @@ def run_rounds(
                 break
             def replan(nodes: list[int], cohort: list[int] = cohort) -> list[wire.Assignment]:
                 return assign_devices(cohort, workers.nodes if cfg.simulation.layout == "classic" else nodes,
-                                      cfg.simulation.layout, cfg.simulation.device_group)  # fmt: skip
+                                      cfg.simulation.layout, cfg.simulation.device_group if setup.vectorized else None)  # fmt: skip
 
             out = exchange(cfg, grid, replan(alive), params, round_num, config_json, release, workers, replan, strategy)
             workers.drop_unclaimed()  # late copies of this round's jobs that another copy answered

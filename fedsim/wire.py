@@ -8,15 +8,18 @@ Server -> worker ("train"):
                                    device_ids trained as one batch; absent = each device alone)}
     arrays["strategy"] = {name: float32 array}  (only for strategies that send more than the
                           weights, e.g. SCAFFOLD's control variates; Strategy.job_arrays)
-                         "sums": "examples" | "ones" (reply with one float64 sum per group,
-                                  weighted by example counts or by 1; absent = a row per device)}
+                         "sums": "examples" | "ones" (reply with the float64 sums of the cohort
+                                  tree's nodes over the job's devices, weighted by example counts
+                                  or by 1; absent = a row per device),
+                         "sum_range": [start, n] (with sums: the cohort position of the job's
+                                  first device, and the cohort's size; fedsim.aggregation)}
 Worker -> server:
     arrays["updates"] = {"updates": float32 [devices, params]}  (rows in device_ids order), or
-                        {"sums": float64 [groups, params]}  (job with "sums": one per group
-                        with a trained device, in group order; fedsim.aggregation)
+                        {"sums": float64 [nodes, params]}  (job with "sums": one per tree node
+                        inside the job's range that holds a trained device; fedsim.aggregation)
     configs["devices"] = {"device_ids", "num_examples", "loss", "failed_ids", "failures",
                           "dp_noise_multiplier", "dp_sample_rate", "dp_steps", "clip_fraction", "within_bound",
-                          "sum_keys" (with sums: each sum's group, named by its first device id)}
+                          "sum_nodes" (with sums: each sum's node [lo, hi), flattened lo0, hi0, lo1, ...)}
                           (dp_* and clip_fraction: sample-level DP; within_bound: user-level DP)
     metrics["worker"] = {"train_time_s", "peak_rss_mb"}
 
@@ -54,7 +57,7 @@ class BadReply(ValueError):
 
 
 RAW = "fedsim.raw-le"  # Array.stype of `pack`: C-order little-endian bytes, no header
-SUMS = ("examples", "ones")  # a job's "sums": how the worker weights each device in its group sums
+SUMS = ("examples", "ones")  # a job's "sums": how the worker weights each device in its tree sums
 
 
 def pack(array: np.ndarray) -> Array:
@@ -74,8 +77,10 @@ def unpack(array: Array) -> np.ndarray:
     try:
         dtype = np.dtype(array.dtype).newbyteorder("<")
         shape = tuple(int(n) for n in array.shape)
-    except TypeError as err:
-        raise BadReply(f"array of unknown dtype {array.dtype!r}") from err
+    except (TypeError, ValueError) as err:
+        raise BadReply(f"array of unknown dtype {array.dtype!r} or shape {array.shape!r}") from err
+    if any(n < 0 for n in shape):
+        raise BadReply(f"array of negative shape {shape}")
     if len(array.data) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
         raise BadReply(f"array of shape {shape} and dtype {dtype.name} with {len(array.data)} bytes")
     return np.frombuffer(array.data, dtype=dtype).reshape(shape)
@@ -113,7 +118,8 @@ class Job:
     clip_norm: float | None = None  # user-level DP: clip each device's update to this L2 norm
     groups: list[int] | None = None  # vectorized training: sizes of consecutive device groups
     arrays: dict[str, np.ndarray] | None = None  # the strategy's extra inputs (Strategy.job_arrays)
-    sums: str | None = None  # "examples" | "ones": reply with a sum per group (None: a row per device)
+    sums: str | None = None  # "examples" | "ones": reply with tree-node sums (None: a row per device)
+    sum_range: tuple[int, int] | None = None  # with sums: (cohort position of the first device, cohort size)
 
 
 def write_job(
@@ -126,6 +132,7 @@ def write_job(
     groups: list[int] | None = None,
     arrays: dict[str, np.ndarray] | None = None,
     sums: str | None = None,
+    sum_range: tuple[int, int] | None = None,
 ) -> RecordDict:
     job: dict = {"round": round_num, "device_ids": device_ids, "config": config_json}
     if clip_norm is not None:
@@ -135,9 +142,10 @@ def write_job(
             raise ValueError(f"group sizes {groups} do not partition the job's {len(device_ids)} devices")
         job["groups"] = [int(g) for g in groups]
     if sums is not None:
-        if sums not in SUMS or groups is None:
-            raise ValueError(f"sums={sums!r} needs groups and one of {SUMS}")
-        job["sums"] = sums
+        start, n = sum_range if sum_range is not None else (-1, 0)
+        if sums not in SUMS or not (0 <= start and start + len(device_ids) <= n):
+            raise ValueError(f"sums={sums!r} needs one of {SUMS} and the job's range in the cohort, got {sum_range}")
+        job["sums"], job["sum_range"] = sums, [int(start), int(n)]
     content = RecordDict({"global": ArrayRecord({"params": pack(global_params)}), "job": ConfigRecord(job)})
     if arrays:
         content["strategy"] = ArrayRecord({k: pack(v) for k, v in arrays.items()})
@@ -157,6 +165,7 @@ def read_job(content: RecordDict) -> Job:
         arrays={k: unpack(a) for k, a in content.array_records["strategy"].items()}
         if "strategy" in content.array_records else None,
         sums=str(job["sums"]) if "sums" in job else None,
+        sum_range=(int(job["sum_range"][0]), int(job["sum_range"][1])) if "sum_range" in job else None,  # type: ignore[index]
     )
 
 
@@ -180,7 +189,7 @@ def write_report(report: DeviceReport) -> RecordDict:
                     "within_bound": report.within_bound,
                     "failed_ids": report.failed_ids,
                     "failures": report.failures,
-                    "sum_keys": report.sum_keys,
+                    "sum_nodes": [int(x) for node in report.sum_nodes for x in node],
                 }
             ),
             "worker": MetricRecord({"train_time_s": report.train_time_s, "peak_rss_mb": report.peak_rss_mb}),
@@ -196,7 +205,8 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
         vectors = content.array_records["updates"]
         shipped = unpack(vectors["sums"]) if "sums" in vectors else None
         updates = unpack(vectors["updates"]) if shipped is None else np.zeros((0, 0), dtype=np.float32)
-        sum_keys = [int(k) for k in devices["sum_keys"]] if "sum_keys" in devices else []  # type: ignore[union-attr]
+        flat = [int(x) for x in devices["sum_nodes"]] if "sum_nodes" in devices else []  # type: ignore[union-attr]
+        sum_nodes = list(zip(flat[0::2], flat[1::2], strict=True))
         worker = content.metric_records["worker"]
         report = DeviceReport(
             device_ids=[int(i) for i in devices["device_ids"]],  # type: ignore[union-attr]
@@ -235,13 +245,15 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
     if shipped is not None:
         if any(k <= 0 for k in report.num_examples):  # rows with none are rejected one by one (reject_non_finite)
             raise BadReply("a reply of sums lists a device with no examples")
-        if shipped.dtype != np.float64 or shipped.shape != (len(sum_keys), num_params) or not 0 < len(sum_keys) <= n:
-            raise BadReply(f"sums have shape {shipped.shape} ({shipped.dtype}) for {len(sum_keys)} groups of {n} devices, "
-                           f"expected float64 ({len(sum_keys)}, {num_params})")  # fmt: skip
-        report.sum_keys, report.sums = sum_keys, list(shipped)
+        if shipped.dtype != np.float64 or shipped.shape != (len(sum_nodes), num_params) or not 0 < len(sum_nodes) <= n:
+            raise BadReply(f"sums have shape {shipped.shape} ({shipped.dtype}) for {len(sum_nodes)} nodes of {n} devices, "
+                           f"expected float64 ({len(sum_nodes)}, {num_params})")  # fmt: skip
+        report.sum_nodes, report.sums = sum_nodes, list(shipped)
         return report
     if n and updates.shape != (n, num_params):
         raise BadReply(f"updates have shape {updates.shape}, expected ({n}, {num_params})")
+    if n and updates.dtype not in (np.float16, np.float32):  # what a model's float32 (or half) weights give
+        raise BadReply(f"updates of dtype {updates.dtype}, expected float32")
     report.updates = list(updates) if n else []
     return report
 

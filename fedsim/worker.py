@@ -35,7 +35,7 @@ from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
 from fedsim.models import checked_model, model_for
-from fedsim.reports import DeviceReport, all_finite, fold_into_groups
+from fedsim.reports import DeviceReport, all_finite, fold_into_tree
 from fedsim.strategies import strategy_class
 
 if TYPE_CHECKING:  # DP-SGD's trainer imports Opacus (~2 s): only runs with privacy.dpsgd load it
@@ -246,6 +246,7 @@ class Worker:
         groups: list[int] | None = None,
         arrays: dict[str, np.ndarray] | None = None,
         sums: str | None = None,
+        sum_range: tuple[int, int] | None = None,
     ) -> DeviceReport:
         """Train each device from the global weights; with `clip_norm` (user-level DP), clip each
         update to that L2 norm before it leaves the device (McMahan et al. 2018).
@@ -255,11 +256,12 @@ class Worker:
         train as one batched computation; a group left with one device trains it one by one,
         like a worker without vectorization. `arrays`: the strategy's extra inputs of this job
         (rows in `device_ids` order; Strategy.device_correction reads them). `sums` ("examples" or
-        "ones", with `groups`): the report carries one float64 sum per group instead of a row per
-        device, after the server's own per-device check (fedsim.reports.fold_into_groups).
+        "ones", with `sum_range` = (cohort position of the first device, cohort size)): the
+        report carries the float64 sums of the cohort tree's nodes over its devices instead of a
+        row per device, after the server's own per-device check (fedsim.reports.fold_into_tree).
         """
-        if sums is not None and groups is None:
-            raise ValueError("a job asking for group sums must name its groups")
+        if sums is not None and sum_range is None:
+            raise ValueError("a job asking for sums must give its devices' range in the cohort")
         report = DeviceReport()
         start = time.perf_counter()
         cfg, streams = self.cfg, self.streams
@@ -319,7 +321,7 @@ class Worker:
             # Tests only: the accountant is told the configured sigma, as a buggy mechanism would.
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
         if sums is not None:
-            fold_into_groups(report, split_groups(device_ids, groups), sums, len(global_params))
+            fold_into_tree(report, device_ids, *sum_range, sums)  # type: ignore[misc]
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
         return report
