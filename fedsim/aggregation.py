@@ -12,7 +12,8 @@ sums, or over leaves it makes from devices' rows (the classic layout, strategies
 device's update). Either way the same additions run on the same values in the same tree, so
 the model is the same bits with 1, 2 or 16 workers, with rows or sums, in the classic layout,
 whatever order the replies arrive in. numpy's elementwise multiply and add are exact IEEE
-operations (no fused multiply-add), so worker and server agree.
+operations (no fused multiply-add), and IEEE addition is commutative, so adding in place into
+either child gives the same bits as left + right: the tree runs with O(depth) live vectors.
 """
 
 from __future__ import annotations
@@ -23,47 +24,73 @@ import numpy as np
 import torch
 
 Node = tuple[int, int]  # [lo, hi): the tree node over cohort positions lo..hi-1
+Row = tuple[np.ndarray, float]  # a device's update (float32) and its weight: the leaf w * u
 
 
-def leaf(update: np.ndarray, weight: float) -> np.ndarray:
-    """One device's w_i u_i in float64 (a fresh array)."""
-    return np.multiply(np.asarray(update, dtype=np.float64), weight)
+def leaf(update: np.ndarray, weight: float, out: np.ndarray | None = None) -> np.ndarray:
+    """One device's w_i u_i in float64 (into `out` if given, else a fresh array)."""
+    return np.multiply(np.asarray(update, dtype=np.float64), weight, out=out)
 
 
 def tree_nodes(lo: int, hi: int, n: int) -> list[Node]:
     """The maximal nodes of the balanced binary tree over [0, n) that lie inside [lo, hi), left
     to right (a node [a, b) splits at (a + b) // 2)."""
     out: list[Node] = []
-
-    def walk(a: int, b: int) -> None:
-        if b <= lo or a >= hi:
-            return
-        if lo <= a and b <= hi:
-            out.append((a, b))
-            return
-        mid = (a + b) // 2
-        walk(a, mid)
-        walk(mid, b)
-
     if 0 <= lo < hi <= n:
-        walk(0, n)
+        _nodes(0, n, lo, hi, out)
     return out
 
 
-def tree_total(parts: Mapping[Node, np.ndarray], lo: int, hi: int) -> np.ndarray | None:
-    """The tree's sum over node [lo, hi) from `parts` (node sums and/or leaves (p, p + 1)), or None
-    when no part lies inside it. A part's array is never written to."""
-    if (lo, hi) in parts:
-        return parts[(lo, hi)]
-    if hi - lo <= 1:
+def _nodes(a: int, b: int, lo: int, hi: int, out: list[Node]) -> None:
+    if b <= lo or a >= hi:
+        return
+    if lo <= a and b <= hi:
+        out.append((a, b))
+        return
+    mid = (a + b) // 2
+    _nodes(a, mid, lo, hi, out)
+    _nodes(mid, b, lo, hi, out)
+
+
+def tree_total(
+    lo: int, hi: int, *, sums: Mapping[Node, np.ndarray] | None = None, rows: Mapping[int, Row] | None = None
+) -> np.ndarray | None:
+    """The tree's sum over node [lo, hi), from node sums already made (`sums`, never written to)
+    and from devices' rows at their positions (`rows`, made into leaves as the walk reaches
+    them), or None when nothing lies inside it. The result may be one of `sums`' arrays."""
+    if lo >= hi:
         return None
-    mid = (lo + hi) // 2
-    left, right = tree_total(parts, lo, mid), tree_total(parts, mid, hi)
-    if left is None:
-        return right
-    if right is None:
-        return left
-    return left + right
+    # (A module-level walk, not a recursive closure: a closure that calls itself is a reference
+    # cycle, which kept every row of the round alive until the garbage collector ran.)
+    return _walk(lo, hi, sums or {}, rows or {}, [])[0]
+
+
+def _walk(
+    a: int, b: int, sums: Mapping[Node, np.ndarray], rows: Mapping[int, Row], scratch: list[np.ndarray]
+) -> tuple[np.ndarray | None, bool]:
+    """(sum over [a, b), owned: a fresh array the walk may write into)."""
+    if (a, b) in sums:
+        return sums[(a, b)], False
+    if b - a == 1:
+        row = rows.get(a)
+        return (leaf(*row), True) if row is not None else (None, False)
+    mid = (a + b) // 2
+    left, left_owned = _walk(a, mid, sums, rows, scratch)
+    if left is not None and left_owned and b - mid == 1 and mid in rows and (mid, b) not in sums:  # a right leaf, via scratch
+        if not scratch:
+            scratch.append(np.empty_like(left))
+        left += leaf(*rows[mid], out=scratch[0])
+        return left, True
+    right, right_owned = _walk(mid, b, sums, rows, scratch)
+    if left is None or right is None:
+        return (right, right_owned) if left is None else (left, left_owned)
+    if left_owned:
+        left += right
+        return left, True
+    if right_owned:
+        right += left  # = left + right: IEEE addition commutes
+        return right, True
+    return left + right, True
 
 
 class RunningSum:
@@ -74,12 +101,15 @@ class RunningSum:
         self.weight = 0.0
         self.count = 0
 
-    def add_tree(self, parts: Mapping[Node, np.ndarray], n: int, weight: float, count: int) -> None:
-        """Set the total to the tree's root over `parts` (see the module doc); `weight` and
-        `count` are the summed weights and devices of the parts."""
-        root = tree_total(parts, 0, n)
+    def add_tree(
+        self, n: int, weight: float, count: int, *, sums: Mapping[Node, np.ndarray] | None = None,
+        rows: Mapping[int, Row] | None = None,
+    ) -> None:  # fmt: skip
+        """Set the total to the tree's root over [0, n) from node sums and rows (`tree_total`);
+        `weight` and `count` are the summed weights and devices of what went in."""
+        root = tree_total(0, n, sums=sums, rows=rows)
         if root is not None:
-            self.total = torch.from_numpy(np.array(root, dtype=np.float64))  # a copy: parts may be read-only views
+            self.total = torch.from_numpy(np.array(root, dtype=np.float64))  # a copy: sums may be read-only views
         self.weight += weight
         self.count += count
 
@@ -88,9 +118,9 @@ class RunningSum:
         device-id ranks, whatever order the rows come in."""
         if self.count:
             raise ValueError("add_all sets a round's total once; make a new RunningSum")
-        rows = sorted(updates, key=lambda t: t[0])
-        parts = {(i, i + 1): leaf(np.asarray(u), w) for i, (_, u, w) in enumerate(rows)}
-        self.add_tree(parts, len(rows), sum(w for _, _, w in rows), len(rows))
+        ordered = sorted(updates, key=lambda t: t[0])
+        rows = {i: (np.asarray(u), w) for i, (_, u, w) in enumerate(ordered)}
+        self.add_tree(len(ordered), sum(w for _, _, w in ordered), len(ordered), rows=rows)
 
     def mean(self) -> torch.Tensor:
         if self.weight <= 0:

@@ -18,7 +18,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedsim import wire
-from fedsim.aggregation import Node, RunningSum, leaf, tree_nodes
+from fedsim.aggregation import Node, RunningSum, tree_nodes
 from fedsim.config import FedsimConfig
 from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport, all_finite, device_weight, reject_non_finite
@@ -234,7 +234,8 @@ def collect(
     position = {d: i for i, d in enumerate(cohort)}
     n = len(cohort)
     total = RunningSum(num_params)
-    parts: dict[Node, np.ndarray] = {}
+    sums: dict[Node, np.ndarray] = {}
+    rows: dict[int, tuple[np.ndarray, float]] = {}
     kept: list[DeviceReport] = []
     counted: set[int] = set()
     weight_sum, count = 0.0, 0
@@ -251,12 +252,12 @@ def collect(
         kept.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
             log.warning("device %d failed: %s", device_id, reason)
-        parts.update(zip(report.sum_nodes, report.sums, strict=True))
+        sums.update(zip(report.sum_nodes, report.sums, strict=True))
         for d, u in zip(report.device_ids if not report.sums else [], report.updates, strict=True):
-            parts[(position[d], position[d] + 1)] = leaf(u, weight[d])
+            rows[position[d]] = (u, weight[d])
         weight_sum += sum(weight.values())
         count += len(report.device_ids)
-    total.add_tree(parts, n, weight_sum, count)
+    total.add_tree(n, weight_sum, count, sums=sums, rows=rows)
     stats = round_stats(kept) | {"bytes_received": received}
     return total, stats, kept
 

@@ -67,17 +67,17 @@ def fold_into_tree(report: DeviceReport, device_ids: list[int], start: int, n: i
     cohort's size; fedsim.aggregation). The server's acceptance check
     (`reject_non_finite`) runs on the rows first, so a NaN device fails alone and never enters
     a sum; per-device metadata (ids, example counts, losses, privacy events) stays."""
-    from fedsim.aggregation import leaf, tree_nodes, tree_total  # numpy only
+    from fedsim.aggregation import tree_nodes, tree_total  # numpy only
 
     reject_non_finite(report)
     position = {d: start + i for i, d in enumerate(device_ids)}
-    leaves = {
-        (position[d], position[d] + 1): leaf(u, device_weight(k, weighting))
+    rows = {
+        position[d]: (u, device_weight(k, weighting))
         for d, u, k in zip(report.device_ids, report.updates, report.num_examples, strict=True)
     }
     if device_ids:
         for node in tree_nodes(start, start + len(device_ids), n):
-            total = tree_total(leaves, *node)
+            total = tree_total(*node, rows=rows)
             if total is not None:
                 report.sum_nodes.append(node)
                 report.sums.append(total)

@@ -65,16 +65,22 @@ def test_the_tree_decomposes_any_range_into_the_nodes_whose_sums_give_the_root()
     assert tree_nodes(0, 6, 12) == [(0, 6)] and tree_nodes(6, 12, 12) == [(6, 12)]  # 2 workers: one vector each
     assert tree_nodes(4, 9, 12) == [(4, 6), (6, 9)]
     rng = np.random.default_rng(0)
-    leaves = {(p, p + 1): rng.standard_normal(50) * 10.0 ** rng.integers(-8, 8) for p in range(12) if p != 7}
-    root = tree_total(leaves, 0, 12)
+    rows = {p: (rng.standard_normal(50) * 10.0 ** rng.integers(-8, 8), float(rng.integers(1, 9))) for p in range(12) if p != 7}
+    frozen = {p: (u.copy(), w) for p, (u, w) in rows.items()}
+    root = tree_total(0, 12, rows=rows)
     for cuts in ([0, 12], [0, 5, 12], [0, 1, 2, 9, 12], list(range(13))):
-        parts = {}
+        sums = {}
         for lo, hi in zip(cuts, cuts[1:]):
             for node in tree_nodes(lo, hi, 12):
-                if (total := tree_total(leaves, *node)) is not None:
-                    parts[node] = total
-        assert np.array_equal(tree_total(parts, 0, 12), root)  # same bits whatever the ranges
-    assert not np.array_equal(root, sum(leaves[k] for k in sorted(leaves)))  # (not the sequential sum's bits)
+                if (total := tree_total(*node, rows=rows)) is not None:
+                    sums[node] = total
+        assert np.array_equal(tree_total(0, 12, sums=sums), root)  # same bits whatever the ranges
+    # Finished partly from node sums, partly from rows (a rows reply beside a sums reply).
+    some = {node: tree_total(*node, rows=rows) for node in tree_nodes(5, 12, 12)}
+    assert np.array_equal(tree_total(0, 12, sums=some, rows={p: r for p, r in rows.items() if p < 5}), root)
+    assert all(np.array_equal(rows[p][0], frozen[p][0]) for p in rows)  # inputs never written to
+    leaves = [w * u.astype(np.float64) for p, (u, w) in sorted(rows.items())]
+    assert not np.array_equal(root, sum(leaves))  # (not the sequential sum's bits)
 
 
 @pytest.mark.parametrize("weighting", ["examples", "ones"])
