@@ -17,11 +17,13 @@ arrives as one framed line and ends this command with exit status 2, like a loca
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -96,17 +98,32 @@ def run_deployment(cfg: FedsimConfig, run_dir: str | Path) -> dict[str, Any]:
     return json.loads(summary.read_text())
 
 
+STOP_TIMEOUT_S = 45.0  # for `flwr stop` to answer after Ctrl-C
+
+
 def stop_run(flwr: str, run_id: int | None, connection: str, env: dict[str, str], superlink: str | None) -> str:
     """`flwr stop RUN_ID`; returns the line to show."""
     if run_id is None:
         return f"interrupted before the SuperLink {superlink} started the run"
+    # Its own process group, killed whole on timeout: subprocess.run(timeout=) kills only the
+    # child and then waits without a timeout for pipes that a grandchild may still hold open.
     try:
-        done = subprocess.run([flwr, "stop", str(run_id), connection], env=env, capture_output=True, text=True, timeout=60)
-        if done.returncode == 0:
+        proc = subprocess.Popen([flwr, "stop", str(run_id), connection], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    except OSError as err:
+        return f"interrupted, but run {run_id} could not be stopped on {superlink} ({err}): flwr stop {run_id}"
+    try:
+        out, _ = proc.communicate(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)
+        why = f"flwr stop gave no answer within {STOP_TIMEOUT_S:g} s"
+    else:
+        if proc.returncode == 0:
             return f"interrupted: run {run_id} stopped on the SuperLink {superlink}"
-        why = " ".join((done.stdout + done.stderr).strip().splitlines()[-1:])
-    except (OSError, subprocess.TimeoutExpired) as err:
-        why = str(err)
+        why = " ".join((out or "").strip().splitlines()[-1:])
     return f"interrupted, but run {run_id} could not be stopped on {superlink} ({why}): flwr stop {run_id}"
 
 

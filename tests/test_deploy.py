@@ -7,6 +7,8 @@ import io
 import os
 from pathlib import Path
 
+import pytest
+
 from fedsim import deploy
 
 
@@ -64,3 +66,21 @@ def test_superlink_connection_is_insecure_or_tls_with_the_given_ca(tmp_path: Pat
     ca = tmp_path / "ca.pem"
     text = deploy.superlink_toml("link.example.org:8000", str(ca))
     assert f'root-certificates = "{ca}"' in text and "insecure = false" in text
+
+
+def test_flwr_stop_that_hangs_holding_its_pipe_through_a_grandchild_is_given_up_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C on the deployment engine runs `flwr stop`; one that never answers (and whose
+    grandchild keeps the output pipe open, which made subprocess.run(timeout=) wait forever)
+    must not keep fedsim from exiting."""
+    import time
+
+    fake = tmp_path / "flwr"
+    fake.write_text("#!/bin/sh\nsleep 600 &\nsleep 600\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(deploy, "STOP_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    line = deploy.stop_run(str(fake), 7, "fedsim", dict(os.environ), "127.0.0.1:9093")
+    assert time.monotonic() - start < 10
+    assert line.startswith("interrupted, but run 7 could not be stopped") and "no answer within 1 s" in line
