@@ -16,6 +16,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path
@@ -209,6 +210,11 @@ def _find_user_error(err: BaseException | None) -> FedsimError | None:
 
 
 def main() -> None:
+    # Ctrl-C must reach this command: a parent may have left SIGINT blocked in the signal mask it
+    # handed down (blocked signals stay pending across exec; Ray's process starter blocks it),
+    # which made Ctrl-C on the deployment engine a no-op. An ignored SIGINT (a background job)
+    # is the caller's choice and stays ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     precheck(sys.argv[1:])
     _hydra_main()
     for sweep_dir, jobs in _SWEEP_RUNS.items():

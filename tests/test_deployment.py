@@ -97,6 +97,10 @@ def test_when_no_worker_has_the_data_the_run_stops_with_one_line(
     assert len(rows) == 1 and rows[0]["devices_trained"] == 0 and "/nonexistent/femnist" in rows[0]["worker_errors"][0]
 
 
+def _terminal_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_run_on_the_superlink_too(cluster: Cluster, tmp_path: Path) -> None:
     cluster.add_node()
     out = tmp_path / "deployed"
@@ -105,8 +109,10 @@ def test_ctrl_c_stops_the_run_on_the_superlink_too(cluster: Cluster, tmp_path: P
         "cohort.size=8", "dataset.size_max=60", "simulation.num_workers=1", f"output.dir={out}", f"hydra.run.dir={out}",
     ]  # fmt: skip
     # Its own session, like a terminal's foreground job: Ctrl-C reaches fedsim and its `flwr run`.
+    # And with SIGINT as a terminal leaves it (default action), whatever this test process's
+    # earlier tests (in-process Ray and Flower runs) did to its own disposition.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+                            text=True, start_new_session=True, preexec_fn=_terminal_sigint)  # fmt: skip
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not (metrics.is_file() and metrics.read_text().strip()):
