@@ -50,8 +50,8 @@ class TrainConfig:
     proximal_mu: float = 0.0  # FedProx: adds mu/2 * ||w - w_global||^2 to the loss (Li et al. 2020, Eq. 2)
     max_steps: int | None = None  # stop after this many optimizer steps (None = full epochs)
     # How LocalTrainer lays out image tensors: "auto" = channels_last (NHWC) for models with a
-    # 2-D convolution (oneDNN's convolutions and max-pooling are 1.6x faster that way on CPU for
-    # fedsim's CNN: 6.4 vs 10.0 ms per step, batch 10), "contiguous" = torch's default NCHW.
+    # 2-D convolution (oneDNN's convolutions and max-pooling are faster that way on CPU: fedsim's
+    # CNN round in bench/speed.py, one worker, 2.19 -> 2.02-2.06 s), "contiguous" = torch's NCHW.
     # Same function, other float rounding: the two give close, not identical, weights.
     memory_format: str = "auto"
 

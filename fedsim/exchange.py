@@ -111,9 +111,10 @@ def exchange(
             round_num=round_num, device_ids=part[1], config_json=config_json, global_params=params.numpy(),
             clip_norm=clip_norm, groups=wire.groups_of(part),
             arrays=strategy.job_arrays(round_num, part[1]) if strategy else None,
-            sums=weighting if sum_range(part[1]) else None, sum_range=sum_range(part[1]),
+            sums=weighting if span else None, sum_range=span,
         ))
         for part in plan
+        for span in [sum_range(part[1])]
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     running, stats, reports = collect(sent.replies, len(params), weighting=weighting, cohort=cohort, sums_asked=ship_sums,

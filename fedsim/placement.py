@@ -15,9 +15,10 @@ def cohort_groups(cohort: list[int], device_group: int) -> list[list[int]]:
     """The round's device groups for vectorized training: the sorted cohort cut into near-equal
     contiguous groups of at most `device_group` devices. They depend on the cohort alone, never
     on the workers: a group trains as one batched computation, so a device's update depends on
-    its group, and the model is the same bits whatever the number of workers. The number of groups is ceil(len / device_group) rounded up to an even number
-    (machines have an even number of cores: a cohort of 50 in groups of at most 32 is 2 x 25,
-    so 2 workers share it evenly), and at most one group per device.
+    its group, and the model is the same bits whatever the number of workers. The number of
+    groups is ceil(len / device_group) rounded up to an even number (machines have an even
+    number of cores: a cohort of 50 in groups of at most 32 is 2 x 25, so 2 workers share it
+    evenly), and at most one group per device.
     """
     if not cohort:
         return []
