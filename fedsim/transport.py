@@ -277,7 +277,11 @@ def worker_faults(
         return {}
     rng = np.random.default_rng([seed, _FAULT_STREAM, round_num])
     kill, pause = rng.random() < kill_rate, rng.random() < pause_rate
-    victims = rng.permutation(sorted(nodes)).tolist()
+    # Permute positions, not the ids: Flower's node ids are uint64, and numpy turns a mix of ids
+    # below and above 2**63 into float64 (the faults then matched no node: the chaos test ran
+    # fault-free whenever a worker's id was >= 2**63). Same draws as permuting the ids.
+    ordered = sorted(nodes)
+    victims = [ordered[i] for i in rng.permutation(len(ordered))]
     out: dict[int, str] = {}
     if kill:
         out[victims[0]] = "kill"

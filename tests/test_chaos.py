@@ -41,6 +41,15 @@ def test_worker_faults_are_seeded_per_round_and_leave_other_randomness_alone() -
     assert 4 <= kinds.count("kill") <= 20 and 4 <= kinds.count("pause:7") <= 20
     assert all(len(set(faults)) == len(faults) for faults in plan)  # never two faults on one worker
     assert worker_faults(seed=5, round_num=1, nodes=nodes, kill_rate=0, pause_rate=0, pause_s=7) == {}
+    # Flower's node ids are uint64: ids on both sides of 2**63 are faulted as themselves (numpy
+    # had made them floats, which matched no node, and the slow chaos run went fault-free).
+    big = [6535255403393455422, 11730454361926632953]
+    hits = [worker_faults(seed=5, round_num=r, nodes=big, kill_rate=0.5, pause_rate=0.5, pause_s=7) for r in range(1, 21)]
+    assert {type(n) for faults in hits for n in faults} == {int} and {n for faults in hits for n in faults} == set(big)
+    assert [sorted(f.values()) for f in hits] == [
+        sorted(worker_faults(seed=5, round_num=r, nodes=[1, 2], kill_rate=0.5, pause_rate=0.5, pause_s=7).values())
+        for r in range(1, 21)
+    ]
 
 
 def test_a_secure_round_restarts_when_a_worker_misses_a_stage_and_ends_where_the_fault_free_run_ends(
