@@ -465,10 +465,19 @@ def secure_round(
         masked: dict[int, dict] = {}
         reports: list[DeviceReport] = []
         for content in replies:
+            try:
+                report = wire.read_report(content, None)
+            except wire.BadReply as err:  # its devices are left out whole: no vector without its accounting
+                log.warning("round %d: skipping a worker's masked input: %s", round_num, err)
+                continue
             arrays = content.array_records.get("masked")
             for key, arr in (arrays or {}).items():
-                masked[int(key)] = {"masked": wire.unpack(arr), "bad": list(bad.get(int(key), {}).get("bad", []))}
-            reports.append(wire.read_report(content, None))
+                try:
+                    vector = wire.unpack(arr)
+                except wire.BadReply:
+                    vector = None  # malformed: SecAggServer.collect_masked rejects this device
+                masked[int(key)] = {"masked": vector, "bad": list(bad.get(int(key), {}).get("bad", []))}
+            reports.append(report)
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked)
         if params.active:

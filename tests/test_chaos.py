@@ -84,3 +84,47 @@ def test_thirty_rounds_of_dpfedavg_and_secagg_with_workers_killed_and_frozen_end
     assert sum(r["devices_failed"] for r in rows) > 0  # and devices failed, the same ones in both runs
     assert chaos["model_sha256"] == clean["model_sha256"]
     assert chaos["privacy"]["user_level"]["epsilon"] == clean["privacy"]["user_level"]["epsilon"]
+
+
+class GarblingGrid(LocalGrid):
+    """A LocalGrid whose first worker's masked-input reply arrives malformed: its report
+    without its device list, or one masked vector cut short (`how`)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(2)
+        self.how, self.garbled = how, 0
+
+    def answer(self, message, node):  # noqa: ANN001, ANN201 - as LocalGrid.answer
+        reply = super().answer(message, node)
+        job = message.content.config_records.get("job")
+        if node != self.nodes[0] or job is None or job.get("stage") != "masked_input" or reply.has_error():
+            return reply
+        self.garbled += 1
+        if self.how == "report":
+            del reply.content.config_records["devices"]
+        else:
+            arrays = reply.content.array_records["masked"]
+            key = next(iter(arrays))
+            arr = arrays[key]
+            arrays[key] = type(arr)(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data[:-4])
+        return reply
+
+
+@pytest.mark.parametrize("how", ["report", "vector"])
+def test_a_malformed_masked_input_reply_leaves_its_devices_out_and_the_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    set_flower_identity(monkeypatch)
+    cfg = from_dict(chaos_config(tmp_path, rounds=2))
+    clean = run_rounds(cfg, LocalGrid(2), tmp_path / "clean")
+    grid = GarblingGrid(how)
+    garbled = run_rounds(cfg, grid, tmp_path / "garbled")  # no BadReply escapes: the server goes on
+    rows = [json.loads(line) for line in (tmp_path / "garbled" / "metrics.jsonl").read_text().splitlines()]
+    clean_rows = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    assert grid.garbled == 2 and len(rows) == 2
+    # The garbled worker's devices (a whole reply, or the one device whose vector was cut) are
+    # not in the sum: fewer devices aggregated than in the clean run, and a different model.
+    for r, c in zip(rows, clean_rows, strict=True):
+        assert r["secagg_survivors_masked_input"] - r["secagg_devices_rejected"] < c["secagg_survivors_masked_input"]
+        assert r["devices_trained"] < c["devices_trained"]  # (0: too few survivors, the round aborted)
+    assert garbled["model_sha256"] != clean["model_sha256"]
