@@ -506,6 +506,10 @@ class SecAggConfig:
     drop_share_keys: float = field(default=0.0, metadata=checked(in_unit_interval))
     drop_masked_input: float = field(default=0.0, metadata=checked(in_unit_interval))
     drop_unmask: float = field(default=0.0, metadata=checked(in_unit_interval))
+    # SIMULATION ONLY, not what devices do: masks that cancel in the sum are never expanded (devices
+    # send their inputs unmasked, the server removes nothing); keys, shares, stages, survivors,
+    # aborts and the sum are the faithful protocol's, bit for bit; the server could read each input
+    simulation_shortcut: bool = False
 
 
 @dataclass
@@ -848,6 +852,12 @@ def validate(cfg: FedsimConfig) -> None:
             "secagg.threat_model",
             "active needs a key registry the devices reach without the server, which engine=deployment does not "
             "have; allowed with engine=deployment: semi_honest (or engine=simulation for active)",
+        )
+    if sa.name != "none" and sa.simulation_shortcut and cfg.engine == "deployment":
+        raise ConfigError(
+            "secagg.simulation_shortcut",
+            "true sends every device's update unmasked, which engine=deployment (real SuperNodes over a network) "
+            "does not allow; allowed with engine=deployment: false (or engine=simulation for the shortcut)",
         )
     if sa.threshold is not None and sa.neighbours is None:
         raise ConfigError("secagg.threshold", "needs secagg.neighbours too (a threshold only means something for a given k)")

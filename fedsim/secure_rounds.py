@@ -224,6 +224,7 @@ def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus
         num_devices=num_devices, threshold=choice.threshold, neighbours=choice.neighbours,
         modulus_bits=modulus_bits, vector_length=num_params, session_id=os.urandom(16),
         graph_seed=graph_seed, active=active, min_survivors=survivor_floor(choice) if active else 0,
+        shortcut=cfg.secagg.simulation_shortcut,
     )  # fmt: skip
 
 
@@ -275,11 +276,21 @@ def summary(cfg: FedsimConfig) -> dict:
             "noise share at least 1/h of the accounted variance); with adaptive clipping the clip norm is taken as "
             "sent (the norm bound and the noise scale with it)"
         )
+    shortcut = None
+    if cfg.secagg.simulation_shortcut:
+        shortcut = (
+            "SIMULATION SHORTCUT (secagg.simulation_shortcut=true), not what devices do: devices send their inputs "
+            "unmasked and the server removes no mask (every mask cancels in the survivors' sum), so the sum, "
+            "survivors, aborts and dropout handling are the faithful protocol's bit for bit but the server could "
+            "read each device's update: the guarantee above describes the faithful protocol, not this run"
+        )
+        assumptions.insert(0, shortcut)
     if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":
         assumptions.append("Poisson cohorts: k and t are chosen per round for the sampled size (metrics secagg_k, secagg_t)")
     return choice.as_dict() | {
         "min_survivors": survivor_floor(choice),  # max(t, n - D): fewer masked inputs abort the round
-        "guarantee": choice.describe(),
+        "guarantee": choice.describe() + (f". {shortcut}" if shortcut else ""),
+        "simulation_shortcut": cfg.secagg.simulation_shortcut,
         "assumptions": assumptions,
         "randomness": f"{mode} ({why})",
         "references": "Bell et al. 2020 (CCS) sec. 3-4 for k, t and the graph; Bonawitz et al. 2017 (CCS) sec. 6 "
@@ -573,6 +584,7 @@ def _masked_input(
     norm_bound = float(job["norm_bound"]) if "norm_bound" in job else None  # type: ignore[arg-type]
     names = tuple(str(n) for n in job["stats"])  # type: ignore[union-attr]
     global_params = torch.from_numpy(wire.unpack(msg.content.array_records["global"]["params"]).copy())
+    requests = msg.content.config_records  # once: each access rebuilds the view over every record
     clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     # The plan's groups (vectorized training) without the devices that dropped here.
@@ -605,7 +617,7 @@ def _masked_input(
         x = to_ring(np.concatenate([q, stats]), params.modulus_bits)
         try:
             dev = device(d, p)
-            reply = dev.masked_input(dict(msg.content.config_records[f"req.{p}"]), x)
+            reply = dev.masked_input(dict(requests[f"req.{p}"]), x)
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
             continue
@@ -652,6 +664,7 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
         num_devices=n, threshold=t, neighbours=k, modulus_bits=int(job["m"]),  # type: ignore[arg-type]
         vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
         graph_seed=bytes(job["graph_seed"]), active=active, min_survivors=floor,  # type: ignore[arg-type]
+        shortcut=cfg.secagg.simulation_shortcut,
     )  # fmt: skip
 
 
@@ -725,6 +738,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     positions = [int(p) for p in job["positions"]]  # type: ignore[union-attr]
     out = RecordDict()
+    requests = msg.content.config_records  # once: each access rebuilds the view over every record
     errors: dict[str, str] = {}
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
     identity_keys: dict[int, tuple[int, bytes]] = {}  # active, advertise_keys: position -> (device, public key)
@@ -740,7 +754,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors)
     else:
         for d, p in live:
-            request = dict(msg.content.config_records[f"req.{p}"]) if f"req.{p}" in msg.content.config_records else {}
+            request = dict(requests[f"req.{p}"]) if f"req.{p}" in requests else {}
             if stage != "advertise_keys" and str(p) not in states:
                 continue  # dropped or failed at an earlier stage
             try:

@@ -309,6 +309,18 @@ def test_key_agreement_and_prg():
     np.testing.assert_array_equal(m1, crypto.prg_mask(kab, 100_000, 20))
     assert not np.array_equal(m1, crypto.prg_mask(kab, 100_000, 20, crypto.NONCE_SELF_MASK))
     assert crypto.prg_mask(kab, 10, 64).dtype == np.uint64
+    # add_mask (the devices' and the server's in-place form) adds the same words, reduced mod 2^m later.
+    for m, n in ((20, 100_000), (32, 1_001), (64, 777)):
+        start = np.arange(n, dtype=crypto.mask_dtype(m))
+        y, z = start.copy(), start.copy()
+        crypto.add_mask(y, kab, crypto.NONCE_SELF_MASK)
+        crypto.add_mask(z, kab, crypto.NONCE_SELF_MASK, subtract=True)
+        reduce = np.uint64((1 << m) - 1) if m < 64 else np.uint64(2**64 - 1)
+        mask = crypto.prg_mask(kab, n, m, crypto.NONCE_SELF_MASK).astype(np.uint64)
+        np.testing.assert_array_equal(y.astype(np.uint64) & reduce, (start.astype(np.uint64) + mask) & reduce)
+        np.testing.assert_array_equal(z.astype(np.uint64) & reduce, (start.astype(np.uint64) - mask) & reduce)
+    with pytest.raises(ValueError, match="uint32/uint64"):
+        crypto.add_mask(np.zeros(4, dtype=np.int64), kab)
     ct = crypto.encrypt_share(kab, b"payload", sender=1, receiver=2, session_id=b"r1")
     assert crypto.decrypt_share(kab, ct, sender=1, receiver=2, session_id=b"r1") == b"payload"
     with pytest.raises(crypto.TamperedShare):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,7 @@ __all__ = [
     "identity_public",
     "mask_dtype",
     "prg_mask",
+    "add_mask",
     "private_from_bytes",
     "random_bytes",
     "sign",
@@ -233,3 +235,27 @@ def prg_mask(seed: bytes, length: int, modulus_bits: int, nonce: bytes = NONCE_P
     if modulus_bits not in (32, 64):
         words &= words.dtype.type((1 << modulus_bits) - 1)
     return words
+
+
+_streams = threading.local()  # one keystream buffer per thread, grown on demand
+
+
+def add_mask(target: np.ndarray, seed: bytes, nonce: bytes = NONCE_PAIR_MASK, *, subtract: bool = False) -> None:
+    """target += PRG(seed) (or -=), in place, wrapping mod 2^32 / 2^64 (target's uint32/uint64):
+    `prg_mask` without allocating a mask per call (the keystream goes into a reused buffer).
+
+    The words are not reduced mod 2^m: the caller reduces its sum once at the end, which is
+    the same mod 2^m because 2^m divides the word size. 18% faster than prg_mask + add at
+    113,620 values (80 vs 98 us here), the difference being the allocation of each mask.
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"a mask seed has {KEY_BYTES} bytes, got {len(seed)}")
+    if target.dtype not in (np.uint32, np.uint64) or not target.flags.c_contiguous or not target.flags.writeable:
+        raise ValueError(f"add_mask needs a writable contiguous uint32/uint64 array, got {target.dtype}")
+    nbytes = target.nbytes
+    buf = getattr(_streams, "buf", None)
+    if buf is None or len(buf) < nbytes + 16:
+        buf = _streams.buf = bytearray(nbytes + 16)
+    Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor().update_into(_zeros(nbytes), buf)
+    words = np.frombuffer(buf, dtype=target.dtype.newbyteorder("<"), count=target.size)
+    (np.subtract if subtract else np.add)(target, words, out=target)

@@ -87,6 +87,7 @@ from fedsim.secagg.crypto import (
     NONCE_PAIR_MASK,
     NONCE_SELF_MASK,
     TamperedShare,
+    add_mask,
     agree,
     check_public_key,
     decrypt_share,
@@ -95,7 +96,6 @@ from fedsim.secagg.crypto import (
     generate_keypair,
     identity_public,
     mask_dtype,
-    prg_mask,
     private_from_bytes,
     random_bytes,
     sign,
@@ -164,6 +164,17 @@ class SecAggParams:
     server learns only sums of at least that many inputs; Bonawitz et al. 2017 Fig. 4 demand
     |U3| >= t device-side). A device must compute it from public parameters it trusts (the run
     config and the session's n), never take it from the server.
+
+    shortcut (simulation only, `secagg.simulation_shortcut`; not what devices do): no mask is
+    expanded. Every mask of the protocol cancels in the survivors' sum: the pairwise masks of
+    two survivors cancel each other, and the server removes the survivors' self masks and
+    their masks with devices that dropped after sharing keys. So devices send y = x mod 2^m and
+    the server removes nothing, and the sum is the faithful protocol's bit for bit. Everything
+    else runs as in the faithful protocol (keys, encrypted shares, every stage, the
+    reconstruction of every secret the server would need, each abort), so survivors, aborts and
+    dropout handling are the same. The server could read each input: no security claim holds.
+    Not checked at masked input: an unusable s key forwarded by a dishonest server (the
+    faithful device refuses it when agreeing on the mask).
     """
 
     num_devices: int
@@ -175,6 +186,7 @@ class SecAggParams:
     graph_seed: bytes | None = None
     active: bool = False
     min_survivors: int = 0
+    shortcut: bool = False
 
     def __post_init__(self) -> None:
         n, k, t = self.num_devices, self.neighbours, self.threshold
@@ -324,6 +336,10 @@ def payload_nbytes(message: object) -> int:
     if isinstance(message, Mapping):
         return sum(payload_nbytes(v) for v in message.values())
     if isinstance(message, (list, tuple)):
+        if all(type(v) is bytes for v in message):  # fast paths: ciphertexts, keys, shares, ids
+            return sum(map(len, message))
+        if all(type(v) is int for v in message):
+            return 4 * len(message)
         return sum(payload_nbytes(v) for v in message)
     raise TypeError(f"unexpected message element of type {type(message).__name__}")
 
@@ -555,16 +571,13 @@ class SecAggDevice:
                 bad.append(j)
                 continue
             self._held[j] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
-        m, length = self.params.modulus_bits, self.params.vector_length
+        m = self.params.modulus_bits
         y = to_ring(x, m)  # a fresh array: x is not modified
-        y += prg_mask(self._b, length, m, NONCE_SELF_MASK)
-        for j in sorted(cts):
+        for j in () if self.params.shortcut else sorted(cts):  # shortcut: every mask cancels in the sum
             seed = agree(self._s.private, self._peer_keys[j][1], info=INFO_MASK, salt=sid)
-            mask = prg_mask(seed, length, m, NONCE_PAIR_MASK)
-            if _sign(self.id, j) > 0:
-                y += mask
-            else:
-                y -= mask
+            add_mask(y, seed, NONCE_PAIR_MASK, subtract=_sign(self.id, j) < 0)
+        if not self.params.shortcut:
+            add_mask(y, self._b, NONCE_SELF_MASK)
         if m not in (32, 64):
             y &= y.dtype.type((1 << m) - 1)
         reply = {"masked": y, "bad": bad}
@@ -914,7 +927,7 @@ class SecAggServer:
         """End of the last stage: {i: {"b_ids", "b_shares", "s_ids", "s_shares"}} -> sum of survivors' x mod 2^m (uint64)."""
         self._advance(5 if self.params.active else 4, "collect_unmask")
         p = self.params
-        t, sid, m, length = p.threshold, p.session_id, p.modulus_bits, p.vector_length
+        t, sid, m = p.threshold, p.session_id, p.modulus_bits
         b_shares: dict[int, dict[int, bytes]] = {}
         s_shares: dict[int, dict[int, bytes]] = {}
         responded = set()
@@ -946,7 +959,8 @@ class SecAggServer:
         # Remove self masks of the survivors (Bonawitz 2017 Fig. 4, Unmasking step 2).
         for i in sorted(self.masked):
             b_i = self._reconstruct(b_shares.get(i, {}), f"self-mask seed of device {i}")
-            total -= prg_mask(b_i, length, m, NONCE_SELF_MASK)
+            if not p.shortcut:  # (shortcut: rebuilt all the same, so a round aborts where the faithful one does)
+                add_mask(total, b_i, NONCE_SELF_MASK, subtract=True)
         # Remove pairwise masks survivors shared with devices that dropped after sharing keys.
         for j in sorted(self.dropped_after_sharing):
             partners = [l for l in self.graph[j] if l in self.masked]
@@ -956,13 +970,9 @@ class SecAggServer:
             key = private_from_bytes(raw)
             if key.public != self.public_keys[j][1]:
                 self._abort(f"round aborted: reconstructed mask key of device {j} does not match its public key")
-            for l in partners:
+            for l in () if p.shortcut else partners:
                 seed = agree(key.private, self.public_keys[l][1], info=INFO_MASK, salt=sid)
-                mask = prg_mask(seed, length, m, NONCE_PAIR_MASK)
-                if _sign(l, j) > 0:  # y_l contains +mask
-                    total -= mask
-                else:
-                    total += mask
+                add_mask(total, seed, NONCE_PAIR_MASK, subtract=_sign(l, j) > 0)  # y_l holds +mask if l < j
         self._total = None
         result = total.astype(np.uint64)
         if m < 64:

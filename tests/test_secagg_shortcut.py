@@ -1,0 +1,143 @@
+"""SecAgg+'s simulation shortcut (secagg.simulation_shortcut, issue 18): no mask is expanded, and
+the sum, the survivors, the aborts and the model are the faithful protocol's, bit for bit, with
+dropouts at every stage, in both threat models and with distributed noise. What would break it:
+a mask that does not cancel (a pair one side skips, a self mask the server still removes) moves
+the sum; a secret the shortcut stops rebuilding changes which rounds abort."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fake_grid import run_local
+from fedsim import randomness, secure_rounds
+from fedsim.config import from_dict
+from fedsim.errors import ConfigError
+from fedsim.secagg import SecAggAborted, SecAggParams
+from fedsim.secagg.protocol import simulate_round
+from helpers import set_keys
+
+
+def params(**over: object) -> SecAggParams:
+    base = dict(num_devices=12, threshold=3, neighbours=8, modulus_bits=20, vector_length=500, session_id=b"s1")
+    return SecAggParams(**(base | over))  # type: ignore[arg-type]
+
+
+def inputs(p: SecAggParams, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {i: rng.integers(-(2**18), 2**18, p.vector_length) for i in range(p.num_devices)}
+
+
+@pytest.mark.parametrize("active", [False, True])
+@pytest.mark.parametrize(
+    "drops",
+    [
+        {},
+        {"advertise_keys": [1], "share_keys": [2], "masked_input": [3], "unmask": [5]},
+        {"masked_input": [0, 6, 11]},  # devices whose pairwise masks the server must rebuild
+    ],
+)
+def test_the_shortcut_sums_survivors_drops_and_rejections_like_the_faithful_protocol(drops: dict, active: bool) -> None:
+    p = params(active=active, threshold=6, neighbours=10) if active else params()
+    x = inputs(p)
+    faithful = simulate_round(p, x, drop_before=drops)
+    short = simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops)
+    np.testing.assert_array_equal(short.aggregate, faithful.aggregate)
+    assert short.survivors == faithful.survivors and short.dropped_after_sharing == faithful.dropped_after_sharing
+    assert short.rejected == faithful.rejected
+    assert short.bytes_sent == faithful.bytes_sent  # the same messages, only their masks differ
+    expected = sum(x[i] for i in faithful.survivors) % (1 << p.modulus_bits)
+    np.testing.assert_array_equal(short.aggregate, expected.astype(np.uint64))
+
+
+def test_the_shortcut_aborts_where_the_faithful_protocol_aborts() -> None:
+    p = params()
+    x = inputs(p)
+    drops = {"unmask": list(range(10))}  # 2 of 12 answer unmask, t = 3: neither can rebuild a secret
+    for q in (p, dataclasses.replace(p, shortcut=True)):
+        with pytest.raises(SecAggAborted, match="unmask"):
+            simulate_round(q, x, drop_before=drops)
+
+
+def test_devices_send_their_inputs_unmasked_only_in_the_shortcut() -> None:
+    """What the label says: under the shortcut the server holds each device's input."""
+    p = params()
+    x = inputs(p, seed=1)
+    seen: dict[bool, dict[int, np.ndarray]] = {}
+    import fedsim.secagg.protocol as protocol
+
+    original = protocol.SecAggServer.collect_masked
+    for shortcut in (False, True):
+        grabbed: dict[int, np.ndarray] = {}
+
+        def spy(self, replies, grabbed=grabbed):  # noqa: ANN001, ANN202 - wraps the server method
+            grabbed.update({i: np.asarray(r["masked"]) for i, r in replies.items()})
+            return original(self, replies)
+
+        protocol.SecAggServer.collect_masked = spy
+        try:
+            simulate_round(dataclasses.replace(p, shortcut=shortcut), x)
+        finally:
+            protocol.SecAggServer.collect_masked = original
+        seen[shortcut] = grabbed
+    ring = {i: (v % (1 << p.modulus_bits)).astype(np.uint32) for i, v in x.items()}
+    assert all(np.array_equal(seen[True][i], ring[i]) for i in ring)
+    assert not any(np.array_equal(seen[False][i], ring[i]) for i in ring)
+
+
+def run_config(tmp: Path, **over: object) -> dict:
+    raw: dict = {
+        "seed": 3, "population": 40, "rounds": 3, "cohort": {"size": 12, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 40}, "model": {"name": "mlp", "hidden_sizes": [8]},
+        "privacy": {"dpfedavg": {"noise_multiplier": 0.5, "clip_norm": 0.5, "accountant": "rdp"}},
+        "secagg": {"name": "secaggplus", "bits": 20, "max_corrupt_fraction": 0.1, "correctness_bits": 3,
+                   "drop_advertise_keys": 0.05, "drop_share_keys": 0.05, "drop_masked_input": 0.1, "drop_unmask": 0.05},
+        "simulation": {"num_workers": 3}, "output": {"progress": False},
+    }  # fmt: skip
+    return set_keys(raw, over)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"secagg.threat_model": "active", "secagg.max_corrupt_fraction": 0.0},  # (gamma 0.1 does not fit n = 12)
+        # Devices add the noise; reproducible randomness so two runs can be compared bit for bit.
+        {"privacy.dpfedavg.noise": "distributed", "privacy.randomness": "reproducible"},
+    ],
+    ids=["semi_honest", "active", "distributed"],
+)
+def test_a_shortcut_run_ends_with_the_faithful_runs_model_survivors_and_epsilon(tmp_path: Path, over: dict) -> None:
+    faithful = run_local(from_dict(run_config(tmp_path, **over)), tmp_path / "faithful")
+    short_cfg = from_dict(run_config(tmp_path, **over, **{"secagg.simulation_shortcut": True}))
+    short = run_local(short_cfg, tmp_path / "short")
+
+    def rows(name: str) -> list[dict]:
+        keep = ("devices_trained", "secagg_aborted", "secagg_devices_rejected", "user_epsilon", "train_loss")
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        out = []
+        for line in lines:
+            r = json.loads(line)
+            out.append({k: v for k, v in r.items() if k in keep or k.startswith("secagg_survivors_")})
+        return out
+
+    assert rows("short") == rows("faithful")
+    assert any(r["secagg_survivors_masked_input"] < 12 for r in rows("short"))  # dropouts did happen
+    assert short["model_sha256"] == faithful["model_sha256"]
+    assert short["secagg"]["simulation_shortcut"] is True and faithful["secagg"]["simulation_shortcut"] is False
+    assert "SIMULATION SHORTCUT" in short["secagg"]["guarantee"] and "SIMULATION" not in faithful["secagg"]["guarantee"]
+    assert any(a.startswith("SIMULATION SHORTCUT") for a in short["secagg"]["assumptions"])
+
+
+def test_the_shortcut_keeps_the_runs_randomness_and_is_refused_on_the_deployment_engine(tmp_path: Path) -> None:
+    raw = run_config(tmp_path)
+    short = run_config(tmp_path, **{"secagg.simulation_shortcut": True})
+    assert randomness.fingerprint(from_dict(raw)) == randomness.fingerprint(from_dict(short))
+    with pytest.raises(ConfigError, match="secagg.simulation_shortcut"):
+        from_dict(set_keys(copy.deepcopy(short), {"engine": "deployment", "superlink": "127.0.0.1:9093"}))
+    assert secure_rounds.summary(from_dict(short))["simulation_shortcut"] is True
