@@ -24,6 +24,7 @@ features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of 
 
     python bench/secagg.py                       # cohorts 100 and 1000, fedsim 8 rounds, Flower 4 rounds
     python bench/secagg.py --rounds 6 --skip-flower --cohorts 100
+    python bench/secagg.py --skip-flower --only plain,shortcut      # some fedsim setups only
 Flower runs at cohort 100 only (one SuperNode per device).
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import statistics
@@ -107,7 +109,7 @@ def fedsim_command(overrides: list[str], rounds: int, out: Path, ray_dir: Path, 
 
 
 def run_fedsim(setup: str, overrides: list[str], rounds: int, workdir: Path, cohort: int = COHORT) -> Row:
-    out = workdir / f"{cohort}_{setup.replace(' ', '_').replace('+', 'p')}"
+    out = workdir / f"{cohort}_{re.sub(r'[^A-Za-z0-9-]+', '_', setup.replace('+', 'p'))}"  # no ',' (a Hydra sweep)
     cmd = fedsim_command(overrides, rounds, out, workdir / "ray", cohort)
     row = Row(f"{setup} (cohort {cohort})" if cohort != COHORT else setup, f"fedsim{cohort}", command=shlex.join(cmd))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -285,6 +287,8 @@ def main() -> None:
     ap.add_argument("--flower-timeout", type=float, default=600.0, help="seconds per Flower configuration")
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--cohorts", default="100,1000", help="comma-separated fedsim cohort sizes")
+    ap.add_argument("--only", default="", help="comma-separated words: run the fedsim setups whose name has one "
+                    "(e.g. 'plain,shortcut'; the plain row is the ratios' base)")
     args = ap.parse_args()
     params = model_params()
     print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
@@ -292,6 +296,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fsb", dir="/tmp") as tmp:
         for cohort in (int(c) for c in args.cohorts.split(",")):
             for setup, overrides in FEDSIM_SETUPS.items():
+                if args.only and not any(word in setup for word in args.only.split(",")):
+                    continue
                 print(f"running {setup} at cohort {cohort} ...", flush=True)
                 rows.append(run_fedsim(setup, overrides, args.rounds, Path(tmp), cohort))
     if not args.skip_flower:

@@ -351,6 +351,30 @@ def test_shamir_any_t_reconstruct_and_t_minus_1_do_not():
     for secret in (b"", b"x", os.urandom(15), os.urandom(16), os.urandom(45)):
         sh = shamir.share(secret, 2, [1, 2, 3])
         assert shamir.reconstruct({1: sh[1], 3: sh[3]}, 2) == secret
+    # Cohort-sized ids and thresholds (positions up to 10^6, t up to 40: integer Horner, batch inversion).
+    rng = np.random.default_rng(7)
+    for t in (1, 2, 36, 40):
+        ids = sorted(int(i) for i in rng.choice(10**6, size=t + 3, replace=False))
+        secret = os.urandom(32)
+        shares = shamir.share(secret, t, ids)
+        assert shamir.reconstruct({i: shares[i] for i in ids[3:]}, t) == secret
+        assert shamir.reconstruct({i: shares[i] for i in ids[:t]}, t) == secret
+
+
+def test_lagrange_weights_equal_the_term_by_term_formula():
+    p = shamir.PRIME
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 5, 36):
+        xs = tuple(sorted(int(x) + 1 for x in rng.choice(10**6, size=size, replace=False)))
+        expected = []
+        for j, xj in enumerate(xs):
+            num = den = 1
+            for m, xm in enumerate(xs):
+                if m != j:
+                    num, den = num * xm % p, den * (xm - xj) % p
+            expected.append(num * pow(den, -1, p) % p)
+        assert shamir._lagrange_at_zero(xs) == tuple(expected)
+        assert sum(shamir._lagrange_at_zero(xs)) % p == 1  # the basis interpolates the constant 1
 
 
 # --- quantization -------------------------------------------------------------------------------
