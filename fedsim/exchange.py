@@ -118,7 +118,7 @@ def exchange(
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     running, stats, reports = collect(sent.replies, len(params), weighting=weighting, cohort=cohort, sums_asked=ship_sums,
-                                      events_required=cfg.privacy.dpsgd is not None)  # fmt: skip
+                                      events_required=cfg.privacy.dpsgd is not None, clip_norm=clip_norm)  # fmt: skip
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
@@ -201,6 +201,7 @@ def collect(
     cohort: list[int] | None = None,
     sums_asked: bool = True,
     events_required: bool = False,
+    clip_norm: float | None = None,
 ) -> tuple[RunningSum, dict, list[DeviceReport]]:
     """Sum the device updates of all replies and gather round statistics.
 
@@ -215,7 +216,11 @@ def collect(
     device's row), lacks a device's DP-SGD event (`events_required`), names devices outside
     the cohort or already counted, or brings node sums that are not exactly the tree's nodes
     over its devices; a node whose sum is NaN/inf or beyond what float32 updates can sum to
-    fails its devices, so the total stays finite and its mean within float32.
+    fails its devices, so the total stays finite and its mean within float32. `clip_norm` (the
+    round's C under user-level DP, weighting "ones"): a row whose L2 norm exceeds C, or a node
+    sum whose norm exceeds C times its devices, fails its devices (`reject_over_clip`), so no
+    worker can put more than C per device into the released sum, the sensitivity DP-FedAvg's
+    accountant assumes.
     """
     reports: list[DeviceReport] = []
     received = 0
@@ -249,6 +254,8 @@ def collect(
         reject_non_finite(report)  # device replies are input: a NaN must not reach the model
         weight = {d: device_weight(k, weighting) for d, k in zip(report.device_ids, report.num_examples, strict=True)}
         reject_bad_sums(report, position, weight)
+        if clip_norm is not None and weighting == "ones":
+            reject_over_clip(report, position, clip_norm)
         counted.update(report.device_ids, report.failed_ids)
         kept.append(report)
         for device_id, reason in zip(report.failed_ids, report.failures, strict=True):
@@ -292,6 +299,40 @@ def check_reply(
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Workers clip in float32 (norm <= C (1 + 1e-7), fedsim.privacy.user_level.clip_update) and sum in
+# float64: a correctly clipped row or node stays far inside this slack.
+CLIP_SLACK = 1e-5
+
+
+def reject_over_clip(report: DeviceReport, position: dict[int, int], clip_norm: float) -> None:
+    """Under user-level DP: fail (move to the failures, in place) a device whose row has an L2
+    norm above clip_norm, or the devices of a node whose sum has a norm above clip_norm times
+    the node's devices (the triangle inequality's bound for clipped rows). The worker clips;
+    this checks it, so the accountant's sensitivity C holds whatever a worker sent."""
+    limit = clip_norm * (1 + CLIP_SLACK)
+    reason = f"rejected by the server: update norm above the clip norm {clip_norm:g} (user-level DP)"
+    if not report.sums:
+        over = {d for d, u in zip(report.device_ids, report.updates, strict=True)
+                if float(np.linalg.norm(np.asarray(u, dtype=np.float64))) > limit}  # fmt: skip
+        if over:
+            report.failed_ids.extend(d for d in report.device_ids if d in over)
+            report.failures.extend(reason for d in report.device_ids if d in over)
+            report.keep_rows([i for i, d in enumerate(report.device_ids) if d not in over])
+        return
+    places = [position[d] for d in report.device_ids]
+    bad = [
+        (lo, hi)
+        for (lo, hi), vector in zip(report.sum_nodes, report.sums, strict=True)
+        if float(np.linalg.norm(vector)) > limit * sum(1 for p in places if lo <= p < hi)
+    ]
+    if not bad:
+        return
+    out = {d for d in report.device_ids if any(lo <= position[d] < hi for lo, hi in bad)}
+    report.failed_ids.extend(d for d in report.device_ids if d in out)
+    report.failures.extend(reason.replace("update norm", "sum of its node") for d in report.device_ids if d in out)
+    report.keep_rows([i for i, d in enumerate(report.device_ids) if d not in out])
+    kept = [i for i, node in enumerate(report.sum_nodes) if node not in bad]
+    report.sum_nodes, report.sums = [report.sum_nodes[i] for i in kept], [report.sums[i] for i in kept]
 
 
 def reject_bad_sums(report: DeviceReport, position: dict[int, int], weight: dict[int, float]) -> None:

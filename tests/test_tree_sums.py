@@ -148,6 +148,26 @@ def test_a_reply_whose_sums_do_not_match_its_devices_is_refused() -> None:
         assert torch.isfinite(total.total).all()
 
 
+@pytest.mark.parametrize("sums", ["ones", None])
+def test_under_user_level_dp_the_server_fails_rows_and_sums_beyond_the_clip_norm(sums: str | None) -> None:
+    """The accountant's sensitivity is C per device: a worker that clipped correctly passes
+    (shipped sums and rows alike), one whose rows or node sums exceed C per device is failed."""
+    w = worker()
+    honest = job(w, COHORT[:6], sums, clip=0.01)
+    collected = collect([_Reply(wire.write_report(honest))], len(w.start), weighting="ones", cohort=COHORT, clip_norm=0.01)  # type: ignore[list-item,attr-defined]
+    assert collected[0].count == 6
+    unclipped = job(w, COHORT[:6], sums, clip=None)  # the same devices, not clipped (norms 0.2-0.7 here)
+    norms = [float(np.linalg.norm(u)) for u in job(w, COHORT[:6], None).updates]
+    assert min(norms) > 0.2  # so every device breaks C = 0.01 by 20x
+    total, _, reports = collect([_Reply(wire.write_report(unclipped))], len(w.start), weighting="ones", cohort=COHORT,  # type: ignore[list-item,attr-defined]
+                                clip_norm=0.01)  # fmt: skip
+    assert total.count == 0 and sorted(reports[0].failed_ids) == COHORT[:6]
+    assert all("clip norm 0.01" in f for f in reports[0].failures)
+    # Without user-level DP (FedAvg weights by examples) nothing is clipped, nothing is checked.
+    plain = job(w, COHORT[:6], "examples" if sums else None)
+    assert collect([_Reply(wire.write_report(plain))], len(w.start), cohort=COHORT, clip_norm=None)[0].count == 6  # type: ignore[list-item,attr-defined]
+
+
 def test_float32_sums_float64_rows_and_negative_shapes_are_bad_replies() -> None:
     w = worker()
     report = job(w, COHORT[:3])
