@@ -31,8 +31,10 @@ Steady-state seconds per round = median of the round times of rounds 3..N-1: the
 rounds warm up (Ray workers start, lazy imports, first allocations), and fedsim's last round
 also runs its final central evaluation (fedsim always evaluates after the last round), which
 pfl and the floor do not do, so round N is left out for every runner. Hence --rounds >= 4.
-"round 1" is the first round's time apart (fedsim: Ray's start and the worker processes'
-start, imports and set-up fall in it; README "Start-up").
+"round 1" is the first round's time apart (fedsim: the worker processes' start, imports and
+set-up fall in it; Ray is started before round 1 begins), and "launch" (fedsim only) the
+seconds from starting the fedsim command to the end of round 1, Python, Hydra, the data and
+Ray's start included (README "Start-up").
 
 Workloads (`--workloads`, default all; cohort 50, 1 local epoch, batch 10, seed 0, FedAvg):
 
@@ -263,6 +265,7 @@ class Measured:
     devices: list[int]
     rss_mb: list[float]
     final_test_accuracy: float | None = None
+    launch_to_round_1_s: float | None = None  # fedsim: from starting the command to round 1's metrics line
 
 
 @dataclass
@@ -272,7 +275,8 @@ class Row:
     runner: str
     cores: int
     s_per_round: float | None = None
-    first_round_s: float | None = None  # round 1 (fedsim: Ray's and the workers' start included; pfl/floor: their round 1)
+    first_round_s: float | None = None  # round 1's own time (fedsim: the workers' start included, Ray already up)
+    launch_to_round_1_s: float | None = None  # fedsim: from the command's start to the end of round 1
     updates_per_s: float | None = None
     peak_mb: float | None = None
     peak_detail: str = ""
@@ -295,7 +299,7 @@ def fedsim_command(workload: Workload, variant: str, runner: Runner, rounds: int
 
 
 def run_fedsim(cmd: list[str], out: Path, timeout: float) -> Measured:
-    _run_checked(cmd, timeout)
+    launch_to_round_1 = _run_checked(cmd, timeout, watch=out / "metrics.jsonl")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     workers = int(summary.get("num_workers") or 1)
@@ -305,6 +309,7 @@ def run_fedsim(cmd: list[str], out: Path, timeout: float) -> Measured:
         devices=[r["devices_trained"] for r in rows],
         rss_mb=[summary["server_peak_rss_mb"], *[worker_peak] * workers],
         final_test_accuracy=summary.get("final_test_accuracy"),
+        launch_to_round_1_s=launch_to_round_1,
     )
 
 
@@ -369,13 +374,26 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _run_checked(cmd: list[str], timeout: float) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
-    if proc.returncode:
-        raise RuntimeError(_last_lines(proc.stdout + proc.stderr))
+def _run_checked(cmd: list[str], timeout: float, watch: Path | None = None) -> float | None:
+    """Run `cmd`; RuntimeError if it fails or times out. With `watch` (a metrics.jsonl), also
+    return the seconds from starting the command to the first complete line of that file (the
+    end of round 1: Python, Hydra, data, Ray and the workers' start included), polled every 10 ms."""
+    started = time.perf_counter()
+    first: float | None = None
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+        while proc.poll() is None:
+            if time.perf_counter() - started > timeout:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"timed out after {timeout:.0f} s")
+            if watch is not None and first is None and watch.exists() and watch.read_text().endswith("\n"):
+                first = time.perf_counter() - started
+            time.sleep(0.01)
+        log.seek(0)
+        if proc.returncode:
+            raise RuntimeError(_last_lines(log.read()))
+    return first
 
 
 def _last_lines(output: str, n: int = 3) -> str:
@@ -684,6 +702,7 @@ def measure(
     row.round_times = m.round_times
     row.s_per_round = statistics.median(m.round_times[steady])
     row.first_round_s = m.round_times[0] if m.round_times else None
+    row.launch_to_round_1_s = m.launch_to_round_1_s
     row.updates_per_s = statistics.median(m.devices[steady]) / row.s_per_round
     row.peak_mb = sum(m.rss_mb)
     if runner.kind == "fedsim":
@@ -720,7 +739,7 @@ def print_table(rows: list[Row], rounds: int, device: str) -> None:
     print(f"\nfedsim's workers trained on: {device}; pfl and the floor on the CPU")
     print(f"cohort {COHORT} (cohort1000: 1,000), {rounds} rounds; s/round = median of rounds {WARMUP_ROUNDS + 1}..{rounds - 1}")
     head = (
-        f"{'workload':<11} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'updates/s':>9} | "
+        f"{'workload':<11} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'launch':>6} | {'updates/s':>9} | "
         f"{'peak MB':>7} | {'per process MB':<14} | {'acc':>5} | {'/pfl':>6} | {'/floor':>6}"
     )
     print(head)
@@ -735,7 +754,7 @@ def print_table(rows: list[Row], rounds: int, device: str) -> None:
             continue
         print(
             f"{r.workload:<11} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | {num(r.s_per_round, '.4f'):>8} | "
-            f"{num(r.first_round_s, '.2f'):>7} | "
+            f"{num(r.first_round_s, '.2f'):>7} | {num(r.launch_to_round_1_s, '.2f'):>6} | "
             f"{num(r.updates_per_s, '.0f'):>9} | {num(r.peak_mb, '.0f'):>7} | {r.peak_detail:<14} | "
             f"{num(r.final_test_accuracy, '.3f'):>5} | {num(r.vs_pfl, '.2f'):>6} | {num(r.vs_floor, '.2f'):>6}"
         )

@@ -140,6 +140,26 @@ def test_fit_independent_of_previous_fits_including_momentum() -> None:
     assert not torch.equal(first.update, other.update)
 
 
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.0, 1e-3), (0.5, 1e-2)])
+def test_plain_sgd_takes_torch_sgds_steps_bit_for_bit(momentum: float, weight_decay: float) -> None:
+    from clients.training import PlainSGD
+
+    x, y = blobs(40, seed=2)
+    ours, theirs = mlp(seed=3), mlp(seed=3)
+    frozen = [p for p in ours.parameters()][-1], [p for p in theirs.parameters()][-1]  # no grad: skipped by both
+    mine = PlainSGD([p for p in ours.parameters()], lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=momentum, weight_decay=weight_decay)
+    for step in range(6):
+        for model, opt in ((ours, mine), (theirs, ref)):
+            for p in model.parameters():
+                p.grad = None
+            nn.functional.cross_entropy(model(x[step::3]), y[step::3]).backward()
+            (frozen[0] if model is ours else frozen[1]).grad = None
+            opt.step()
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(a, b), step
+
+
 def sgd_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, seed: int) -> torch.Tensor:
     """Textbook minibatch SGD, with FedProx's proximal term written into the loss (Eq. 2)."""
     start = [p.detach().clone() for p in model.parameters()]
