@@ -218,9 +218,8 @@ def collect(
     over its devices; a node whose sum is NaN/inf or beyond what float32 updates can sum to
     fails its devices, so the total stays finite and its mean within float32. `clip_norm` (the
     round's C under user-level DP, weighting "ones"): a row whose L2 norm exceeds C, or a node
-    sum whose norm exceeds C times its devices, fails its devices (`reject_over_clip`), so no
-    worker can put more than C per device into the released sum, the sensitivity DP-FedAvg's
-    accountant assumes.
+    sum whose norm exceeds C times its devices, fails its devices (`reject_over_clip`: a sanity
+    check of the workers' clipping, which the accountant's sensitivity C rests on).
     """
     reports: list[DeviceReport] = []
     received = 0
@@ -307,8 +306,14 @@ CLIP_SLACK = 1e-5
 def reject_over_clip(report: DeviceReport, position: dict[int, int], clip_norm: float) -> None:
     """Under user-level DP: fail (move to the failures, in place) a device whose row has an L2
     norm above clip_norm, or the devices of a node whose sum has a norm above clip_norm times
-    the node's devices (the triangle inequality's bound for clipped rows). The worker clips;
-    this checks it, so the accountant's sensitivity C holds whatever a worker sent."""
+    the node's devices (the triangle inequality's bound for clipped rows).
+
+    A sanity check, not the guarantee: the sensitivity C rests on the workers' clipping, which
+    is fedsim's own code (the workers are part of the simulator, as the server is). A node sum
+    within the bound does not prove each device was clipped (unclipped updates in different
+    directions can sum to less), and a worker that means harm can put a node's whole budget on
+    one device. It catches a worker that did not clip an aligned or large update, or ships a
+    sum of the wrong scale."""
     limit = clip_norm * (1 + CLIP_SLACK)
     reason = f"rejected by the server: update norm above the clip norm {clip_norm:g} (user-level DP)"
     if not report.sums:

@@ -178,10 +178,14 @@ def _start_key_registry(init_args: dict[str, Any]) -> None:
 def _worker_runtime_env() -> dict[str, Any]:
     """What Flower's RayBackend.init_ray passes when it starts Ray itself: this process's import
     path, so workers import fedsim as the launcher does (on other machines fedsim must be
-    installed at the same path, see docs/distributed.md)."""
+    installed at the same path, see docs/distributed.md), and the simulation engine's mark
+    (`fedsim.secure_rounds.SIMULATION_ENV`)."""
+    from fedsim.secure_rounds import SIMULATION_ENV
+
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
-    return {"env_vars": {"PYTHONPATH": pythonpath}}
+    # The workers' own mark of the simulation engine (secagg.simulation_shortcut needs it).
+    return {"env_vars": {"PYTHONPATH": pythonpath, SIMULATION_ENV: "1"}}
 
 
 def _attach_ray(address: str, num_workers: int | None, cpus_per_worker: float) -> int:

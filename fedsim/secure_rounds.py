@@ -94,6 +94,10 @@ if TYPE_CHECKING:
     from fedsim.privacy.dpfedavg import SecureEncoding
 
 MESSAGE_TYPE = "train.secagg"
+#: Set to "1" in the environment of the simulation engine's worker processes by fedsim's launcher
+#: (fedsim.run), never by the server's messages: a worker accepts secagg.simulation_shortcut
+#: (its devices then send their inputs unmasked) only where it is set.
+SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 _DROP_STREAM = 0xD20B
 ROUNDING_STREAM = "secagg.rounding"
 NOISE_STREAM = "secagg.noise"
@@ -448,7 +452,7 @@ def secure_round(
         out: dict[int, dict] = {}
         for content in replies:
             for key, record in content.config_records.items():
-                if key.startswith("dev."):
+                if key.startswith("dev.") and key[4:].isdigit():  # any other key is no device's reply
                     out[int(key[4:])] = dict(record)
         return out
 
@@ -482,7 +486,13 @@ def secure_round(
                 log.warning("round %d: skipping a worker's masked input: %s", round_num, err)
                 continue
             arrays = content.array_records.get("masked")
+            # Only vectors of devices this reply's report lists (no vector without its accounting),
+            # each position once.
+            listed = {position[d] for d in report.device_ids if d in position}
             for key, arr in (arrays or {}).items():
+                if not key.isdigit() or int(key) not in listed or int(key) in masked:
+                    log.warning("round %d: skipping a masked vector under key %r: not a device of its reply", round_num, key)
+                    continue
                 try:
                     vector = wire.unpack(arr)
                 except wire.BadReply:
@@ -640,6 +650,8 @@ def _masked_input(
 def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
     """The session's parameters as the worker's devices accept them.
 
+    The simulation shortcut is refused (ValueError) unless this worker process was started by
+    fedsim's simulation engine (`SIMULATION_ENV`), whatever the config says.
     Active threat model: the server may lie, so the devices do not take the threat model, k, t
     or the survivor floor from its word: they recompute them from their own copy of the run
     config and the session's n (its devices are numbered 0..n-1, so n is what the session is) and refuse a
@@ -650,6 +662,11 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
     randomness and, with adaptive clipping, the clip norm.
     """
     n, active = int(job["n"]), cfg.secagg.threat_model == "active"  # type: ignore[arg-type]
+    if cfg.secagg.simulation_shortcut and os.environ.get(SIMULATION_ENV) != "1":
+        # The config comes with the server's message: a server could ask a real device for its
+        # update in the clear. Only this process's own environment says it is a simulation.
+        raise ValueError(f"the session asks for secagg.simulation_shortcut (inputs sent unmasked), but this worker "
+                         f"was not started by fedsim's simulation engine ({SIMULATION_ENV} is not set)")  # fmt: skip
     if bool(job["active"]) != active:
         raise ValueError(f"the session's threat model is not the run config's ({cfg.secagg.threat_model})")
     k, t, floor = int(job["k"]), int(job["t"]), 0  # type: ignore[arg-type]

@@ -6,6 +6,8 @@ Replies become visible when a fake clock reaches the time a worker would answer.
 
 from __future__ import annotations
 
+import os
+
 from flwr.app import Context, Message, RecordDict
 
 from fedsim.flower_adapter import set_message_id, task_identity, task_identity_patches
@@ -71,7 +73,9 @@ class LocalGrid(ClockedGrid):
 
     def __init__(self, num_workers: int, clock: FakeClock | None = None) -> None:
         from fedsim.client_app import app
+        from fedsim.secure_rounds import SIMULATION_ENV
 
+        os.environ[SIMULATION_ENV] = "1"  # an in-process simulation engine, as fedsim.run marks its workers
         self.app = app
         self.nodes = list(range(101, 101 + num_workers))
         super().__init__(self.nodes, clock)

@@ -88,7 +88,8 @@ def test_thirty_rounds_of_dpfedavg_and_secagg_with_workers_killed_and_frozen_end
 
 class GarblingGrid(LocalGrid):
     """A LocalGrid whose first worker's masked-input reply arrives malformed: its report
-    without its device list, or one masked vector cut short (`how`)."""
+    without its device list, one masked vector cut short, or vectors under keys that are not
+    its devices' positions (`how`)."""
 
     def __init__(self, how: str) -> None:
         super().__init__(2)
@@ -102,6 +103,11 @@ class GarblingGrid(LocalGrid):
         self.garbled += 1
         if self.how == "report":
             del reply.content.config_records["devices"]
+        elif self.how == "key":  # one vector under a key that is no position, one under another worker's
+            arrays = reply.content.array_records["masked"]
+            first, second = list(arrays)[:2]
+            arrays["x" + first] = arrays.pop(first)
+            arrays["0" if second != "0" and "0" not in arrays else "99"] = arrays.pop(second)
         else:
             arrays = reply.content.array_records["masked"]
             key = next(iter(arrays))
@@ -110,7 +116,7 @@ class GarblingGrid(LocalGrid):
         return reply
 
 
-@pytest.mark.parametrize("how", ["report", "vector"])
+@pytest.mark.parametrize("how", ["report", "vector", "key"])
 def test_a_malformed_masked_input_reply_leaves_its_devices_out_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:

@@ -58,10 +58,23 @@ def test_the_shortcut_sums_survivors_drops_and_rejections_like_the_faithful_prot
 def test_the_shortcut_aborts_where_the_faithful_protocol_aborts() -> None:
     p = params()
     x = inputs(p)
-    drops = {"unmask": list(range(10))}  # 2 of 12 answer unmask, t = 3: neither can rebuild a secret
+    drops = {"unmask": list(range(10))}  # 2 of 12 answer unmask, t = 3: too few answers
     for q in (p, dataclasses.replace(p, shortcut=True)):
         with pytest.raises(SecAggAborted, match="unmask"):
             simulate_round(q, x, drop_before=drops)
+    # Enough answers, but one survivor's self-mask seed has fewer than t shares among them: the
+    # abort comes from rebuilding the secret, which the shortcut must still do.
+    for first in range(12):
+        drops = {"unmask": [(first + i) % 12 for i in range(7)]}  # 5 of 12 answer, t = 3
+        try:
+            simulate_round(p, x, drop_before=drops)
+        except SecAggAborted as err:
+            if "cannot rebuild" in str(err):
+                break
+    else:
+        pytest.fail("no drop pattern made a secret unrecoverable")
+    with pytest.raises(SecAggAborted, match="cannot rebuild"):
+        simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops)
 
 
 def test_devices_send_their_inputs_unmasked_only_in_the_shortcut() -> None:
@@ -132,6 +145,12 @@ def test_a_shortcut_run_ends_with_the_faithful_runs_model_survivors_and_epsilon(
     assert short["secagg"]["simulation_shortcut"] is True and faithful["secagg"]["simulation_shortcut"] is False
     assert "SIMULATION SHORTCUT" in short["secagg"]["guarantee"] and "SIMULATION" not in faithful["secagg"]["guarantee"]
     assert any(a.startswith("SIMULATION SHORTCUT") for a in short["secagg"]["assumptions"])
+    # The privacy statement says what the server saw, too.
+    threat = short["privacy"]["user_level"]["assumes"]["threat_model"]
+    assert "simulation shortcut" in threat and "sees only the SecAgg+ sum" not in threat
+    assert "sees only the SecAgg+ sum" in faithful["privacy"]["user_level"]["assumes"]["threat_model"]
+    if "distributed" in str(over):
+        assert "SIMULATION SHORTCUT" in json.dumps(short["privacy"]["user_level"]["distributed_noise"])
 
 
 def test_the_shortcut_keeps_the_runs_randomness_and_is_refused_on_the_deployment_engine(tmp_path: Path) -> None:
@@ -141,3 +160,32 @@ def test_the_shortcut_keeps_the_runs_randomness_and_is_refused_on_the_deployment
     with pytest.raises(ConfigError, match="secagg.simulation_shortcut"):
         from_dict(set_keys(copy.deepcopy(short), {"engine": "deployment", "superlink": "127.0.0.1:9093"}))
     assert secure_rounds.summary(from_dict(short))["simulation_shortcut"] is True
+
+
+def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config travels in the server's message: a server asking a real device (the deployment
+    engine's SuperNodes) for the shortcut would get updates in the clear. Only the worker's own
+    environment, set by fedsim's simulation launcher, lets it through."""
+    cfg = from_dict(run_config(tmp_path, **{"secagg.simulation_shortcut": True}))
+    job = {"n": 12, "active": False, "k": 10, "t": 3, "m": 24, "length": 9, "session": b"s", "graph_seed": b"g"}
+    monkeypatch.setenv(secure_rounds.SIMULATION_ENV, "1")
+    assert secure_rounds.device_params(job, cfg).shortcut is True  # type: ignore[arg-type]
+    monkeypatch.delenv(secure_rounds.SIMULATION_ENV)
+    with pytest.raises(ValueError, match="not started by fedsim's simulation engine"):
+        secure_rounds.device_params(job, cfg)  # type: ignore[arg-type]
+    faithful = from_dict(run_config(tmp_path))
+    assert secure_rounds.device_params(job, faithful).shortcut is False  # type: ignore[arg-type]
+    # A whole round: every device refuses the session, nothing is summed.
+    from fake_grid import LocalGrid
+    from fedsim.flower_adapter import task_identity
+    from fedsim.server_app import run_rounds
+
+    grid = LocalGrid(3)  # (it marks this process as the simulation engine)
+    monkeypatch.delenv(secure_rounds.SIMULATION_ENV)
+
+    with task_identity():
+        run_rounds(from_dict(run_config(tmp_path, rounds=1, **{"secagg.simulation_shortcut": True})), grid, tmp_path / "r")
+    row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["devices_trained"] == 0 and "secagg_aborted" in row

@@ -517,6 +517,12 @@ class UserLevelDP(Mechanism):
             "mechanism": (
                 "each device adds Skellam noise (Agarwal, Kairouz, Liu 2021) to its randomly rounded integer update "
                 "before SecAgg+ masking; the sum carries the survivors' noise"
+                + (
+                    ". SIMULATION SHORTCUT (secagg.simulation_shortcut): no mask is applied, so the server sees each "
+                    "device's update with only that device's share of the noise; the epsilon holds for the released "
+                    "model, not against this run's server"
+                    if self.cfg.secagg.simulation_shortcut else ""
+                )  # fmt: skip
             ),
             "noise_sizing": (
                 "each device adds 1/h of the round's noise variance, h = max(t, n - D) - C: the server sums at least "
@@ -625,7 +631,12 @@ class UserLevelDP(Mechanism):
             "threat_model": (
                 "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
                 "server is trusted to sample, clip-check and add the noise, and "
-                + ("sees only the SecAgg+ sum of the survivors' updates" if self.cfg.secagg.name != "none" else "sees each clipped update")
+                + (
+                    "sees each clipped update (SecAgg+ simulation shortcut: inputs travel unmasked)"
+                    if self.cfg.secagg.name != "none" and self.cfg.secagg.simulation_shortcut
+                    else "sees only the SecAgg+ sum of the survivors' updates" if self.cfg.secagg.name != "none"
+                    else "sees each clipped update"
+                )  # fmt: skip
                 + "; device dropouts, worker failures and SecAgg+ aborts do not depend on private data"
                 + (
                     " (SecAgg+ runs only on fixed-size cohorts, so whether a round aborts does not depend on who was "

@@ -211,9 +211,10 @@ _ZEROS = memoryview(b"")
 def _zeros(nbytes: int) -> memoryview:
     """A read-only view of `nbytes` zero bytes (one buffer, grown on demand, shared by all masks)."""
     global _ZEROS
-    if len(_ZEROS) < nbytes:
-        _ZEROS = memoryview(bytes(max(nbytes, 2 * len(_ZEROS))))
-    return _ZEROS[:nbytes]
+    zeros = _ZEROS  # one read: another thread may replace the global meanwhile
+    if len(zeros) < nbytes:
+        zeros = _ZEROS = memoryview(bytes(max(nbytes, 2 * len(zeros))))
+    return zeros[:nbytes]
 
 
 def prg_mask(seed: bytes, length: int, modulus_bits: int, nonce: bytes = NONCE_PAIR_MASK) -> np.ndarray:
