@@ -478,6 +478,7 @@ def secure_round(
         replies = exchange("masked_input", req3, global_record)
         bad = device_payloads(replies)
         masked: dict[int, dict] = {}
+        groups: dict[int, np.ndarray | None] = {}  # simulation shortcut: a worker's sum of its devices' inputs
         reports: list[DeviceReport] = []
         for content in replies:
             try:
@@ -489,6 +490,22 @@ def secure_round(
             # Only vectors of devices this reply's report lists (no vector without its accounting),
             # each position once.
             listed = {position[d] for d in report.device_ids if d in position}
+            summed = content.array_records.get("masked_sum")
+            if summed is not None:
+                try:
+                    members = [int(p) for p in content.config_records["masked_sum_members"]["positions"]]  # type: ignore[union-attr]
+                    vector: np.ndarray | None = wire.unpack(summed["sum"])
+                except (KeyError, TypeError, ValueError):  # (wire.BadReply is a ValueError)
+                    members, vector = [], None
+                if not members or len(set(members)) != len(members) or not set(members) <= listed \
+                        or set(members) & set(masked):
+                    log.warning("round %d: skipping a worker's masked input: its sum's members are not its devices", round_num)
+                    continue
+                groups[len(groups)] = vector  # None (malformed): SecAggServer.collect_masked rejects its members
+                for p in members:
+                    masked[p] = {"masked": None, "group": len(groups) - 1, "bad": list(bad.get(p, {}).get("bad", []))}
+                reports.append(report)
+                continue
             for key, arr in (arrays or {}).items():
                 if not key.isdigit() or int(key) not in listed or int(key) in masked:
                     log.warning("round %d: skipping a masked vector under key %r: not a device of its reply", round_num, key)
@@ -500,7 +517,7 @@ def secure_round(
                 masked[int(key)] = {"masked": vector, "bad": list(bad.get(int(key), {}).get("bad", []))}
             reports.append(report)
         survivors["masked_input"] = len(masked)
-        req4 = server.collect_masked(masked)
+        req4 = server.collect_masked(masked, groups=groups)
         if params.active:
             replies = exchange("consistency", req4)
             signatures = device_payloads(replies)
@@ -603,6 +620,10 @@ def _masked_input(
     report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
     streams = randomness.streams(cfg)
     masked: dict[str, Array] = {}
+    # Simulation shortcut: the inputs travel unmasked, so the worker ships their sum mod 2^m (one
+    # vector instead of one per device; SecAggServer.collect_masked takes it as a group).
+    group_sum: np.ndarray | None = np.zeros(params.vector_length, dtype=params.dtype) if params.shortcut else None
+    members: list[int] = []
     masked_meta: dict[str, ConfigRecord] = {}
     pos_of = dict(live)
     keep = []
@@ -631,7 +652,11 @@ def _masked_input(
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
             continue
-        masked[str(p)] = wire.pack(reply["masked"])
+        if group_sum is not None:
+            group_sum += reply["masked"]  # wraps mod 2^32 / 2^64, multiples of 2^m
+            members.append(p)
+        else:
+            masked[str(p)] = wire.pack(reply["masked"])
         if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
             masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
         states[str(p)] = dev.export_state()
@@ -642,6 +667,11 @@ def _masked_input(
     report.within_bound, report.clip_fractions = [], []
     out = wire.write_report(report)
     out["masked"] = ArrayRecord(masked)
+    if group_sum is not None and members:
+        if params.modulus_bits not in (32, 64):
+            group_sum &= group_sum.dtype.type((1 << params.modulus_bits) - 1)
+        out["masked_sum"] = ArrayRecord({"sum": wire.pack(group_sum)})
+        out["masked_sum_members"] = ConfigRecord({"positions": members})
     for key, record in masked_meta.items():
         out[key] = record
     return out

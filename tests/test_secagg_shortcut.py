@@ -47,12 +47,49 @@ def test_the_shortcut_sums_survivors_drops_and_rejections_like_the_faithful_prot
     x = inputs(p)
     faithful = simulate_round(p, x, drop_before=drops)
     short = simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops)
-    np.testing.assert_array_equal(short.aggregate, faithful.aggregate)
-    assert short.survivors == faithful.survivors and short.dropped_after_sharing == faithful.dropped_after_sharing
-    assert short.rejected == faithful.rejected
-    assert short.bytes_sent == faithful.bytes_sent  # the same messages, only their masks differ
+    # As workers send them under the shortcut: each worker's devices as one sum.
+    summed = simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops, groups=[range(5), range(5, 12)])
+    for other in (short, summed):
+        np.testing.assert_array_equal(other.aggregate, faithful.aggregate)
+        assert other.survivors == faithful.survivors and other.dropped_after_sharing == faithful.dropped_after_sharing
+        assert other.rejected == faithful.rejected
+        assert other.bytes_sent == faithful.bytes_sent  # the same messages, only their masks differ
     expected = sum(x[i] for i in faithful.survivors) % (1 << p.modulus_bits)
     np.testing.assert_array_equal(short.aggregate, expected.astype(np.uint64))
+
+
+def _up_to_masked_input(p: SecAggParams, x: dict[int, np.ndarray]):  # noqa: ANN202 - (server, replies)
+    from fedsim.secagg import SecAggDevice, SecAggServer
+
+    devices = {i: SecAggDevice(i, p) for i in x}
+    server = SecAggServer(p)
+    req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+    req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
+    return server, {i: devices[i].masked_input(r, x[i]) for i, r in req3.items()}
+
+
+def test_a_summed_group_is_in_the_sum_whole_or_the_round_aborts() -> None:
+    p = params(shortcut=True)
+    x = inputs(p)
+    group = [0, 1]
+    rest = range(2, 12)
+    # A device inside a worker's sum that must be left out (a neighbour could not open its share)
+    # cannot be taken out of the sum: the round aborts, with the reason.
+    server, replies = _up_to_masked_input(p, x)
+    reporter, victim = next((i, j) for i in rest for j in p.graph[i] if j in group)
+    replies[reporter] = dict(replies[reporter]) | {"bad": [victim]}
+    total = replies[0]["masked"] + replies[1]["masked"]
+    grouped = {i: {"group": 0, "bad": list(replies[i]["bad"])} for i in group}
+    with pytest.raises(SecAggAborted, match=f"device {victim} must be left out .* inside its worker's sum"):
+        server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total})
+    # A malformed group vector rejects its devices, and only those.
+    server, replies = _up_to_masked_input(p, x)
+    server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total[:-1]})
+    assert sorted(server.rejected) == group and server.masked == frozenset(rest)
+    # Sums outside the shortcut: refused.
+    server, replies = _up_to_masked_input(params(), x)
+    with pytest.raises(SecAggAborted, match="simulation shortcut only"):
+        server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total})
 
 
 def test_the_shortcut_aborts_where_the_faithful_protocol_aborts() -> None:
@@ -88,9 +125,9 @@ def test_devices_send_their_inputs_unmasked_only_in_the_shortcut() -> None:
     for shortcut in (False, True):
         grabbed: dict[int, np.ndarray] = {}
 
-        def spy(self, replies, grabbed=grabbed):  # noqa: ANN001, ANN202 - wraps the server method
+        def spy(self, replies, groups=None, grabbed=grabbed):  # noqa: ANN001, ANN202 - wraps the server method
             grabbed.update({i: np.asarray(r["masked"]) for i, r in replies.items()})
-            return original(self, replies)
+            return original(self, replies, groups)
 
         protocol.SecAggServer.collect_masked = spy
         try:

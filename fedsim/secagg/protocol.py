@@ -828,17 +828,53 @@ class SecAggServer:
             requests[i] = {"ids": senders, "ciphertexts": [self._ciphertexts[j][i] for j in senders]}
         return self._record("masked_input", requests)
 
-    def collect_masked(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
+    def collect_masked(
+        self, replies: Mapping[int, Mapping], groups: Mapping[int, np.ndarray | None] | None = None
+    ) -> dict[int, dict]:
         """End of stage 3: {i: {"masked": y, "bad": [j]}} -> consistency requests (active) or unmask requests.
 
         A sender named in some survivor's "bad" list (its share ciphertext did not open) is
         dropped: its y is left out and its masks are removed through its other holders' shares.
+
+        Simulation shortcut only: a reply may instead name a group, {i: {"group": g, "bad": [j]}},
+        whose inputs arrive summed in `groups[g]` (a worker's devices: unmasked inputs add up
+        like single ones). A group's devices are in the sum together or not at all: a malformed
+        group vector rejects them all; a group device that must be left out while the rest of
+        its group stays (not live, a bad reply, named in a "bad" list) aborts the round, since
+        the sum cannot be split (the faithful protocol would drop that device alone; in honest
+        runs it does not happen: only a tampered ciphertext or reply leads there).
         """
         self._advance(3, "collect_masked")
         p = self.params
+        groups = dict(groups or {})
+        if groups and not p.shortcut:
+            self._abort("round aborted: summed inputs are accepted under the simulation shortcut only")
+        group_ok = {
+            g: v is not None and np.shape(v) == (p.vector_length,) and np.issubdtype(np.asarray(v).dtype, np.integer)
+            for g, v in groups.items()
+        }
         vectors: dict[int, np.ndarray] = {}
+        grouped: dict[int, int] = {}  # device -> its group (accepted so far)
         for i, reply in replies.items():
             if i not in self._live:
+                if reply.get("group") is not None:
+                    self._abort(f"round aborted: device {i} is not in the session but its input is inside a worker's sum")
+                continue
+            g = reply.get("group")
+            if g is not None:
+                if int(g) not in groups or not group_ok[int(g)]:
+                    self._reject(i, "masked_input", "its worker's sum of inputs is malformed")
+                    continue
+                try:
+                    bad = [int(j) for j in reply.get("bad", ())]
+                except (TypeError, ValueError) as exc:
+                    self._abort(f"round aborted: device {i}'s reply inside a worker's sum is malformed: {exc!r}")
+                    raise  # unreachable: _abort raises
+                senders = {j for j in self.graph[i] if j in self._live}
+                if not set(bad) <= senders:
+                    self._abort(f"round aborted: device {i} inside a worker's sum reports shares from non-senders")
+                grouped[i] = int(g)
+                self._lacks[i] = set(bad)
                 continue
             try:
                 y = np.asarray(reply["masked"])
@@ -855,14 +891,20 @@ class SecAggServer:
                 continue
             vectors[i] = y
             self._lacks[i] = set(bad)
-        for i in sorted(vectors):
+        for i in sorted([*vectors, *grouped]):
             for j in sorted(self._lacks[i]):
                 self.rejected.setdefault(j, f"masked_input: its share ciphertext to device {i} did not open")
         for j in [j for j in vectors if j in self.rejected]:
             del vectors[j]
+        for j in [j for j in grouped if j in self.rejected]:
+            self._abort(f"round aborted: device {j} must be left out ({self.rejected[j]}) but its input is inside its "
+                        "worker's sum (simulation shortcut; the faithful protocol drops it alone)")  # fmt: skip
         total = np.zeros(p.vector_length, dtype=p.dtype)
         for i in sorted(vectors):
             total += vectors[i].astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
+        for g in sorted(set(grouped.values())):
+            total += np.asarray(groups[g]).astype(p.dtype, copy=False)
+        vectors |= {i: total for i in grouped}  # (only the keys count from here on: who is in the sum)
         t, floor = p.threshold, p.survivor_floor
         if len(vectors) < floor:  # before any share is asked for: nothing is released
             need = f"t={t}" if floor == t else f"max(t, n - D) = {floor}"
@@ -1010,6 +1052,7 @@ def simulate_round(
     drop_before: Mapping[str, Iterable[int]] | None = None,
     registry: KeyRegistry | None = None,
     identities: Mapping[int, Ed25519PrivateKey] | None = None,
+    groups: Iterable[Iterable[int]] | None = None,
 ) -> RoundResult:
     """Run one full session in-process (for tests, benchmarks and a transport-free simulator).
 
@@ -1017,6 +1060,8 @@ def simulate_round(
     drop_before: {stage name in STAGES: devices that go silent from that stage on}.
     Active threat model: identity keys are made (unless given) and registered in `registry`
     (a fresh KeyRegistry unless given) under the session, device i at position i.
+    groups (simulation shortcut only): lists of devices whose masked inputs reach the server as
+    one sum, as a worker sends them (`SecAggServer.collect_masked`).
     Raises SecAggAborted if the round cannot complete.
     """
     drop_before = drop_before or {}
@@ -1045,7 +1090,14 @@ def simulate_round(
     replies2 = {i: devices[i].share_keys(requests2[i]) for i in alive("share_keys", requests2)}
     requests3 = server.collect_shares(replies2)
     replies3 = {i: devices[i].masked_input(requests3[i], inputs[i]) for i in alive("masked_input", requests3)}
-    requests4 = server.collect_masked(replies3)
+    sums: dict[int, np.ndarray] = {}
+    for g, members in enumerate(groups or ()):
+        inside = [i for i in members if i in replies3]
+        if inside:
+            sums[g] = sum((replies3[i]["masked"] for i in inside[1:]), replies3[inside[0]]["masked"].copy())
+            for i in inside:
+                replies3[i] = {"group": g, "bad": replies3[i]["bad"]}
+    requests4 = server.collect_masked(replies3, groups=sums)
     if params.active:
         replies_c = {i: devices[i].consistency(requests4[i]) for i in alive("consistency", requests4)}
         requests4 = server.collect_signatures(replies_c)
