@@ -118,7 +118,8 @@ def exchange(
     ]  # fmt: skip
     sent = send_with_retries(grid, jobs, round_num=round_num, workers=workers, retries=cfg.simulation.retries, faults=faults)
     running, stats, reports = collect(sent.replies, len(params), weighting=weighting, cohort=cohort, sums_asked=ship_sums,
-                                      events_required=cfg.privacy.dpsgd is not None, clip_norm=clip_norm)  # fmt: skip
+                                      events_required=cfg.privacy.dpsgd is not None, clip_norm=clip_norm,
+                                      job_devices=[plan[j][1] for j in sent.reply_jobs])  # fmt: skip
     stats |= {"bytes_sent": sent.bytes_sent, "workers_failed": sent.jobs_failed, "worker_retries": sent.resent,
               "workers_late": len(sent.late)}  # fmt: skip
     if sent.errors:
@@ -202,6 +203,7 @@ def collect(
     sums_asked: bool = True,
     events_required: bool = False,
     clip_norm: float | None = None,
+    job_devices: list[list[int]] | None = None,
 ) -> tuple[RunningSum, dict, list[DeviceReport]]:
     """Sum the device updates of all replies and gather round statistics.
 
@@ -220,10 +222,13 @@ def collect(
     round's C under user-level DP, weighting "ones"): a row whose L2 norm exceeds C, or a node
     sum whose norm exceeds C times its devices, fails its devices (`reject_over_clip`: a sanity
     check of the workers' clipping, which the accountant's sensitivity C rests on).
+    `job_devices` (aligned with `replies`): the devices of the job each reply answers; a reply
+    naming any other device is refused (a worker cannot report, or claim first, another job's
+    devices).
     """
     reports: list[DeviceReport] = []
     received = 0
-    for reply in replies:
+    for k, reply in enumerate(replies):
         if reply.has_error():
             log.warning("a worker failed: %s", (reply.error.reason or "").splitlines()[0] if reply.error.reason else reply.error.code)
             continue
@@ -232,6 +237,9 @@ def collect(
             report = wire.read_report(reply.content, num_params)
         except wire.BadReply as err:
             log.warning("skipping a worker's reply: %s", err)
+            continue
+        if job_devices is not None and not {*report.device_ids, *report.failed_ids} <= set(job_devices[k]):
+            log.warning("skipping a worker's reply: it names devices its job did not send it")
             continue
         reports.append(report)
     if cohort is None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -308,6 +308,7 @@ class Delivery:
     errors: list[str]  # the workers' error reasons, "worker <node>: <reason>"
     bytes_sent: int  # payload bytes of every message sent, resends included
     late: list[int]  # workers that missed this round's deadline
+    reply_jobs: list[int] = field(default_factory=list)  # the job (index into `jobs`) each good reply answers
 
 
 def send_with_retries(
@@ -333,6 +334,7 @@ def send_with_retries(
     sizes = [wire.payload_bytes(content) for _, content in jobs]
     pending: list[int] = list(range(len(jobs)))
     good: list[Message] = []
+    answered: list[int] = []  # the job of each good reply
     ever_failed: set[int] = set()
     errors: list[str] = []
     late: list[int] = []
@@ -347,6 +349,7 @@ def send_with_retries(
             if copies[mid] in pending:
                 pending.remove(copies[mid])
                 good.append(reply)
+                answered.append(copies[mid])
 
     for attempt in range(1 + retries):
         alive = workers.wait_for_alive(grid)
@@ -388,6 +391,7 @@ def send_with_retries(
             else:
                 workers.answered(node)
                 good.append(reply)
+                answered.append(job)
                 continue
             still.append(job)
         workers.missed_many(misses)
@@ -399,7 +403,7 @@ def send_with_retries(
         workers.refresh(grid)
         take_late_replies()
     ever_failed |= set(pending)  # no worker left to send them to, or retries exhausted
-    return Delivery(good, len(ever_failed), resent, errors, sent_bytes, late)
+    return Delivery(good, len(ever_failed), resent, errors, sent_bytes, late, answered)
 
 
 def wait_for_workers(

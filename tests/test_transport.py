@@ -150,6 +150,7 @@ def test_a_late_copy_that_answers_before_any_other_copy_is_used_once() -> None:
     grid.paused_until = {1: 15.0, 2: 40.0}  # the first send answers at 15 s, the resend at 40 s
     delivery = send_with_retries(grid, jobs_for({1: list(range(6))}), round_num=1, workers=workers, retries=1)
     assert summed_devices(delivery) == list(range(6)) and len(delivery.replies) == 1 and delivery.late == [1, 2]
+    assert delivery.reply_jobs == [0]  # a late copy's reply still names its job
     clock.t = 41.0
     workers.alive(grid)
     workers.drop_unclaimed()
@@ -219,6 +220,7 @@ def test_retries_exhausted_leave_the_jobs_failed_and_the_rest_delivered() -> Non
     )  # the retry of worker 1's job goes to worker 2 (the next one), which fails too
     assert summed_devices(delivery) == [2, 3] and delivery.jobs_failed == 1 and delivery.resent == 1
     assert [node for node, _ in grid.sent] == [1, 3, 2]
+    assert delivery.reply_jobs == [1]  # the one good reply answers job 1 (worker 3's), by index
 
 
 def test_a_failed_worker_job_moves_to_another_worker_and_the_sum_is_unchanged() -> None:
@@ -228,6 +230,10 @@ def test_a_failed_worker_job_moves_to_another_worker_and_the_sum_is_unchanged() 
     running, _, _ = collect(delivery.replies, NUM_PARAMS)
     assert summed_devices(delivery) == list(range(6)) and delivery.jobs_failed == 1 and delivery.resent == 1
     assert running.total.tolist() == [15.0] * NUM_PARAMS
+    # Each reply is checked against the job it answers (the resent job's reply too).
+    plan = [ids for _, ids in [(n, wire.read_job(c).device_ids) for n, c in jobs_for({1: [0, 1], 2: [2, 3], 3: [4, 5]})]]
+    checked, _, _ = collect(delivery.replies, NUM_PARAMS, job_devices=[plan[j] for j in delivery.reply_jobs])
+    assert checked.count == 6 and sorted(delivery.reply_jobs) == [0, 1, 2]
 
 
 def test_a_round_where_every_worker_is_late_does_not_stop_the_run(tmp_path) -> None:

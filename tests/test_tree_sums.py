@@ -126,6 +126,8 @@ def test_a_reply_whose_sums_do_not_match_its_devices_is_refused() -> None:
         return collect([_Reply(c)], len(w.start), cohort=COHORT, **kw)[0].count  # type: ignore[list-item,attr-defined]
 
     assert count(content) == 6
+    # Checked against the job each reply answers: a worker cannot report another job's devices.
+    assert count(content, job_devices=[COHORT[:6]]) == 6 and count(content, job_devices=[COHORT[:5]]) == 0
     lying = job(w, COHORT[:6])
     lying.sum_nodes = [(0, 3)]  # claims a node other than its range's
     assert count(lying) == 0
