@@ -248,11 +248,13 @@ def train_local(
 
 
 def evaluate(
-    model: nn.Module, data: Data, *, batch_size: int = 1000, loss_fn: LossFn = F.cross_entropy
+    model: nn.Module, data: Data, *, batch_size: int = 256, loss_fn: LossFn = F.cross_entropy
 ) -> dict[str, float]:
     """Mean loss and accuracy (argmax over the last dimension) on `data`.
 
-    Runs in eval mode without gradients and restores the model's previous mode. An empty
+    Runs in eval mode without gradients, `batch_size` examples at a time (256: a FEMNIST-size
+    CNN's activations for 1,000 examples at once added 100-130 MB to a process's peak memory),
+    and restores the model's previous mode. An empty
     data set gives loss and accuracy nan with num_examples 0, so weighted averages skip it.
     """
     if batch_size < 1:
