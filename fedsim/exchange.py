@@ -328,9 +328,7 @@ def reject_over_clip(report: DeviceReport, position: dict[int, int], clip_norm: 
         over = {d for d, u in zip(report.device_ids, report.updates, strict=True)
                 if float(np.linalg.norm(np.asarray(u, dtype=np.float64))) > limit}  # fmt: skip
         if over:
-            report.failed_ids.extend(d for d in report.device_ids if d in over)
-            report.failures.extend(reason for d in report.device_ids if d in over)
-            report.keep_rows([i for i, d in enumerate(report.device_ids) if d not in over])
+            report.fail_devices(over, reason)
         return
     places = [position[d] for d in report.device_ids]
     bad = [
@@ -338,14 +336,7 @@ def reject_over_clip(report: DeviceReport, position: dict[int, int], clip_norm: 
         for (lo, hi), vector in zip(report.sum_nodes, report.sums, strict=True)
         if float(np.linalg.norm(vector)) > limit * sum(1 for p in places if lo <= p < hi)
     ]
-    if not bad:
-        return
-    out = {d for d in report.device_ids if any(lo <= position[d] < hi for lo, hi in bad)}
-    report.failed_ids.extend(d for d in report.device_ids if d in out)
-    report.failures.extend(reason.replace("update norm", "sum of its node") for d in report.device_ids if d in out)
-    report.keep_rows([i for i, d in enumerate(report.device_ids) if d not in out])
-    kept = [i for i, node in enumerate(report.sum_nodes) if node not in bad]
-    report.sum_nodes, report.sums = [report.sum_nodes[i] for i in kept], [report.sums[i] for i in kept]
+    fail_nodes(report, position, bad, reason.replace("update norm", "sum of its node"))
 
 
 def reject_bad_sums(report: DeviceReport, position: dict[int, int], weight: dict[int, float]) -> None:
@@ -360,16 +351,13 @@ def reject_bad_sums(report: DeviceReport, position: dict[int, int], weight: dict
         limit = FLOAT32_MAX * sum(w for d, w in weight.items() if lo <= position[d] < hi)
         if not all_finite(vector) or float(np.abs(vector).max(initial=0.0)) > limit:
             bad.append((lo, hi))
+    fail_nodes(report, position, bad, "rejected by the server: its sum has NaN/inf or out-of-range values")
+
+
+def fail_nodes(report: DeviceReport, position: dict[int, int], bad: list[Node], reason: str) -> None:
+    """Drop these node sums from a report of shipped sums and fail their devices, in place."""
     if not bad:
         return
-
-    def in_bad(d: int) -> bool:
-        return any(lo <= position[d] < hi for lo, hi in bad)
-
-    for d in report.device_ids:
-        if in_bad(d):
-            report.failed_ids.append(d)
-            report.failures.append("rejected by the server: its sum has NaN/inf or out-of-range values")
-    report.keep_rows([i for i, d in enumerate(report.device_ids) if not in_bad(d)])
+    report.fail_devices({d for d in report.device_ids if any(lo <= position[d] < hi for lo, hi in bad)}, reason)
     kept = [i for i, node in enumerate(report.sum_nodes) if node not in bad]
     report.sum_nodes, report.sums = [report.sum_nodes[i] for i in kept], [report.sums[i] for i in kept]

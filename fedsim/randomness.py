@@ -54,12 +54,14 @@ if TYPE_CHECKING:
 MODES = ("auto", "reproducible", "secure")
 # Top-level config keys that never change the result of a run (see the module doc).
 _NOT_IN_FINGERPRINT = ("simulation", "output", "checkpoint", "engine", "superlink", "superlink_ca", "resume")
-# Faults of worker processes (killed, frozen): the transport resends their jobs, so by design they
-# change when a run ends, never what it computes (tests/test_chaos.py holds fedsim to that).
-_FAULTS_NOT_IN_FINGERPRINT = ("worker_kill_rate", "worker_pause_rate", "worker_pause_s")
-# How the sum is computed, never what it is: SecAgg+'s simulation shortcut gives the faithful
+# Keys of fingerprinted groups left out too. Faults of worker processes (killed, frozen): the
+# transport resends their jobs, so by design they change when a run ends, never what it computes
+# (tests/test_chaos.py holds fedsim to that). SecAgg+'s simulation shortcut changes how the sum is computed, never what it is: the faithful
 # protocol's sum bit for bit (tests/test_secagg_shortcut.py), so it keeps the run's randomness.
-_SECAGG_NOT_IN_FINGERPRINT = ("simulation_shortcut",)
+_KEYS_NOT_IN_FINGERPRINT = (
+    ("faults", "worker_kill_rate"), ("faults", "worker_pause_rate"), ("faults", "worker_pause_s"),
+    ("secagg", "simulation_shortcut"),
+)  # fmt: skip
 # Keys added after runs were recorded, with the value that keeps the old behaviour: left out of
 # the fingerprint at that value, so a run that does not use them keeps its randomness (and its
 # model, bit for bit: scripts/golden.py). A new key of a fingerprinted group goes here too.
@@ -90,10 +92,8 @@ def fingerprint(cfg: FedsimConfig) -> int:
     for key in _NOT_IN_FINGERPRINT:
         values.pop(key, None)
     values["privacy"].pop("randomness", None)
-    for key in _FAULTS_NOT_IN_FINGERPRINT:
-        values.get("faults", {}).pop(key, None)
-    for key in _SECAGG_NOT_IN_FINGERPRINT:
-        values.get("secagg", {}).pop(key, None)
+    for group, key in _KEYS_NOT_IN_FINGERPRINT:
+        values.get(group, {}).pop(key, None)
     for (*path, key), unchanged in _ADDED_LATER.items():
         group = values
         for part in path:

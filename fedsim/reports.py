@@ -37,6 +37,14 @@ class DeviceReport:
 
     PER_DEVICE = ("device_ids", "updates", "num_examples", "losses", "dp_events", "clip_fractions", "within_bound")
 
+    def fail_devices(self, devices: set[int], reason: str) -> None:
+        """Move these trained devices to the failures with `reason`, in device order, in place."""
+        for d in self.device_ids:
+            if d in devices:
+                self.failed_ids.append(d)
+                self.failures.append(reason)
+        self.keep_rows([i for i, d in enumerate(self.device_ids) if d not in devices])
+
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows of every per-device list (lists left empty stay empty)."""
         for name in self.PER_DEVICE:
@@ -97,7 +105,6 @@ def reject_non_finite(report: DeviceReport) -> None:
     ]
     if len(keep) == len(report.device_ids):
         return
-    for i in sorted(set(range(len(report.device_ids))) - set(keep)):
-        report.failed_ids.append(report.device_ids[i])
-        report.failures.append("rejected by the server: update has NaN/inf values or no examples")
-    report.keep_rows(keep)
+    kept = {report.device_ids[i] for i in keep}
+    report.fail_devices({d for d in report.device_ids if d not in kept},
+                        "rejected by the server: update has NaN/inf values or no examples")  # fmt: skip

@@ -118,7 +118,7 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         if not sim.ray_address:
             _start_ray(init_args)
         if cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
-            _start_key_registry(init_args)
+            _start_key_registry()
         run_simulation(
             server_app=make_server_app(cfg, run_dir, result, setup),
             client_app=client_app,
@@ -161,16 +161,12 @@ def _start_ray(init_args: dict[str, Any]) -> None:
         ray.init(runtime_env=_worker_runtime_env(), **init_args)
 
 
-def _start_key_registry(init_args: dict[str, Any]) -> None:
+def _start_key_registry() -> None:
     """SecAgg+'s active model: the run's key registry (fedsim.pki), a Ray actor the workers reach
-    directly, created here, before the ServerApp starts. Ray is started as Flower's
-    RayBackend.init_ray would (Flower then reuses it, as with simulation.ray_address)."""
-    import ray
-
+    directly, created here, once Ray is up (`_start_ray` or `_attach_ray`) and before the
+    ServerApp starts."""
     from fedsim import pki
 
-    if not ray.is_initialized():
-        ray.init(runtime_env=_worker_runtime_env(), **init_args)
     pki.close()  # a handle cached from an earlier run in this process belongs to a Ray session that is gone
     pki.start()
 

@@ -904,12 +904,12 @@ class SecAggServer:
             total += vectors[i].astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
         for g in sorted(set(grouped.values())):
             total += np.asarray(groups[g]).astype(p.dtype, copy=False)
-        vectors |= {i: total for i in grouped}  # (only the keys count from here on: who is in the sum)
+        in_sum = frozenset([*vectors, *grouped])
         t, floor = p.threshold, p.survivor_floor
-        if len(vectors) < floor:  # before any share is asked for: nothing is released
+        if len(in_sum) < floor:  # before any share is asked for: nothing is released
             need = f"t={t}" if floor == t else f"max(t, n - D) = {floor}"
-            self._abort(f"round aborted at unmask: {len(vectors)} masked inputs received, need >= {need}")
-        self.masked = frozenset(vectors)
+            self._abort(f"round aborted at unmask: {len(in_sum)} masked inputs received, need >= {need}")
+        self.masked = in_sum
         self.dropped_after_sharing = self._live - self.masked
         self._total = total
         # Every secret the server will need must have >= t holders among the survivors.
