@@ -310,7 +310,7 @@ DatasetConfig = (
 
 @dataclass
 class ModelConfig:
-    # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | lstm | transformer | custom
+    # auto (cnn for images, mlp for vectors) | logreg | mlp | cnn | scatternet | lstm | transformer | custom
     name: str = field(default="auto", metadata=checked(registered(MODELS)))
     hidden_sizes: list[int] = field(default_factory=lambda: [64], metadata=checked(each(positive())))  # mlp hidden layer widths
     # the two 5x5 conv layers
@@ -323,6 +323,8 @@ class ModelConfig:
     # mlp and cnn hidden activation: relu, or tanh (a tempered sigmoid: bounded activations keep
     # DP-SGD's clipped gradients more informative; Papernot et al. 2021, AAAI, Sec. 4)
     activation: str = field(default="relu", metadata=checked(one_of("relu", "tanh")))
+    # scatternet: the trainable head on the scattering features, linear | cnn (Tramer & Boneh 2021)
+    scatter_head: str = field(default="linear", metadata=checked(one_of("linear", "cnn")))
     target: str | None = None  # name=custom: "package.module:factory", called as factory(input_shape, num_classes)
     # lstm: character embedding width (LEAF: 8); transformer: ignored (embeds at model.hidden)
     embed: int = field(default=8, metadata=checked(positive()))

@@ -78,6 +78,33 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, seq
     return _cnn(cfg, input_shape, num_classes)
 
 
+def scatternet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, *, sequence_targets: bool = False) -> nn.Module:
+    """ScatterNet features + GroupNorm + a linear or CNN head (Tramer & Boneh 2021, ICLR, Sec. 3).
+
+    A fixed scattering transform (fedsim.scattering, J = 2, L = 8: 81 channels per image channel
+    at a quarter of the side) with no trainable weights, GroupNorm of its channels in 27 groups
+    without affine weights (their setting; a per-example normalisation, so it costs no privacy),
+    then `model.scatter_head`: "linear" (one linear layer) or "cnn" (the cnn below, on the
+    feature maps: model.cnn_channels, cnn_dense, norm_groups, activation apply). DP-SGD trains
+    only the head, whose parameters are few; the features carry what an end-to-end CNN would
+    have to learn from noisy gradients.
+    """
+    from fedsim.scattering import Scattering2D, output_channels
+
+    if len(input_shape) != 3:
+        raise ConfigError("model.name", f"scatternet needs image input (C, H, W); dataset gives {input_shape}")
+    channels, height, width = input_shape
+    if height % 4 or width % 4 or height < 8 or width < 8:
+        raise ConfigError(
+            "model.name", f"scatternet needs image sides that are multiples of 4, at least 8; dataset gives {input_shape}"
+        )
+    features = channels * output_channels(2, 8)
+    front = [Scattering2D((height, width), J=2, L=8), nn.GroupNorm(27, features, affine=False)]
+    if cfg.scatter_head == "cnn":
+        return nn.Sequential(*front, *_cnn(cfg, (features, height // 4, width // 4), num_classes))
+    return nn.Sequential(*front, nn.Flatten(), nn.Linear(features * (height // 4) * (width // 4), num_classes))
+
+
 def _sequence(name: str, input_shape: tuple[int, ...]) -> None:
     if len(input_shape) != 1:
         raise ConfigError("model.name", f"{name} reads sequences of character indices; dataset gives {input_shape}")

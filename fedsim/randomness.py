@@ -65,7 +65,7 @@ _KEYS_NOT_IN_FINGERPRINT = (
 # Keys added after runs were recorded, with the value that keeps the old behaviour: left out of
 # the fingerprint at that value, so a run that does not use them keeps its randomness (and its
 # model, bit for bit: scripts/golden.py). A new key of a fingerprinted group goes here too.
-_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None, ("model", "activation"): "relu"}
+_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None, ("model", "activation"): "relu", ("model", "scatter_head"): "linear"}
 
 
 def resolve(cfg: FedsimConfig) -> tuple[str, str]:

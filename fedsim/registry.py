@@ -136,6 +136,7 @@ MODELS.add("auto", "fedsim.models:mlp", "cnn for images (C, H, W), mlp otherwise
 MODELS.add("logreg", "fedsim.models:logreg", "multinomial logistic regression")
 MODELS.add("mlp", "fedsim.models:mlp", "ReLU MLP (model.hidden_sizes)")
 MODELS.add("cnn", "fedsim.models:cnn", "LEAF/McMahan CNN with GroupNorm (DP-SGD compatible)")
+MODELS.add("scatternet", "fedsim.models:scatternet", "fixed scattering features + linear or CNN head (Tramer & Boneh 2021)")
 MODELS.add("lstm", "fedsim.models:lstm", "LEAF's Shakespeare LSTM (Opacus DPLSTM under DP-SGD)")
 MODELS.add("transformer", "fedsim.models:transformer", "small causal character transformer")
 MODELS.add("custom", "fedsim.models:custom", "any nn.Module from model.target='pkg.module:factory'")

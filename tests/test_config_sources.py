@@ -45,6 +45,7 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "model=logreg": {"model.name"},
     "model=lstm": {"model.name"},
     "model=mlp": {"model.name"},
+    "model=scatternet": {"model.name"},
     "model=transformer": {"model.name", "model.hidden"},
     "privacy=dpfedavg_target": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"},
     "privacy=dpfedavg_production": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon",
