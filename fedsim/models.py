@@ -99,10 +99,32 @@ def scatternet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
             "model.name", f"scatternet needs image sides that are multiples of 4, at least 8; dataset gives {input_shape}"
         )
     features = channels * output_channels(2, 8)
-    front = [Scattering2D((height, width), J=2, L=8), nn.GroupNorm(27, features, affine=False)]
+    front = FixedFeatures(Scattering2D((height, width), J=2, L=8), nn.GroupNorm(27, features, affine=False))
     if cfg.scatter_head == "cnn":
-        return nn.Sequential(*front, *_cnn(cfg, (features, height // 4, width // 4), num_classes))
-    return nn.Sequential(*front, nn.Flatten(), nn.Linear(features * (height // 4) * (width // 4), num_classes))
+        return nn.Sequential(front, *_cnn(cfg, (features, height // 4, width // 4), num_classes))
+    return nn.Sequential(front, nn.Flatten(), nn.Linear(features * (height // 4) * (width // 4), num_classes))
+
+
+class FixedFeatures(nn.Sequential):
+    """A model's first layer that is a fixed function of each example alone: no parameters, no
+    buffers, no randomness, nothing mixed across a batch (scatternet's scattering + GroupNorm).
+
+    Training its model is training the rest on the features: a worker computes a device's
+    features once and keeps them for the device's later rounds (`split_fixed_features`,
+    fedsim.worker), the same numbers the whole model would compute at every step.
+    """
+
+
+def split_fixed_features(model: nn.Module) -> tuple[FixedFeatures | None, nn.Module]:
+    """(the fixed first layer, the rest) of an nn.Sequential that starts with FixedFeatures, else
+    (None, model). The rest holds the model's own parameter objects, in the same order (the
+    first layer has none), so flat parameter vectors of the two are the same vector."""
+    if not isinstance(model, nn.Sequential) or not len(model) or not isinstance(model[0], FixedFeatures):
+        return None, model
+    front = model[0]
+    if any(True for _ in front.parameters()) or any(True for _ in front.buffers()):
+        raise ValueError("FixedFeatures must hold no parameters and no buffers")
+    return front, model[1:]
 
 
 def _sequence(name: str, input_shape: tuple[int, ...]) -> None:

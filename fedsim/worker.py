@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,7 +35,7 @@ from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError
-from fedsim.models import checked_model, model_for
+from fedsim.models import checked_model, model_for, split_fixed_features
 from fedsim.reports import DeviceReport, all_finite, fold_into_tree
 from fedsim.strategies import strategy_class
 
@@ -110,8 +111,10 @@ def worker_model(cfg: FedsimConfig, dataset: FederatedDataset) -> torch.nn.Modul
 # (measured: 2.3-2.8x faster for the tiny MLP, 0.5-0.9x for the 870k-parameter FEMNIST CNN);
 # with DP-SGD it pays off for both (4.6-5.2x MLP, 1.1-1.5x CNN).
 AUTO_MAX_PARAMS = 50_000
-VMAP_TESTED_MODELS = ("auto", "logreg", "mlp", "cnn")  # model.name values vectorized in tests: no trial step
+VMAP_TESTED_MODELS = ("auto", "logreg", "mlp", "cnn", "scatternet")  # model.name values vectorized in tests: no trial step
 _DECISIONS: dict[str, tuple[bool, str]] = {}
+# Per worker: FEMNIST's 105 writers as scatternet features (81 x 7 x 7 floats each) take 254 MB.
+FEATURE_CACHE_MB = 384
 
 
 def use_vectorized(
@@ -208,6 +211,33 @@ def keep_in_groups(device_ids: list[int], groups: list[int] | None, keep: set[in
     return [n for n in (sum(d in keep for d in group) for group in split_groups(device_ids, groups)) if n]
 
 
+class FeatureCache:
+    """Devices' features (FixedFeatures outputs), least recently used first out, within
+    `budget_mb` (a worker's memory stays bounded whatever the population). Only speed depends on
+    it: a device's features are a function of its data alone, recomputed the same on a miss."""
+
+    def __init__(self, budget_mb: float = FEATURE_CACHE_MB) -> None:
+        self.budget = int(budget_mb * 2**20)
+        self.nbytes = 0
+        self._items: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        item = self._items.get(device_id)
+        if item is not None:
+            self._items.move_to_end(device_id)
+        return item
+
+    def put(self, device_id: int, item: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = sum(t.numel() * t.element_size() for t in item)
+        if size <= self.budget:
+            while self.nbytes + size > self.budget:
+                _, old = self._items.popitem(last=False)
+                self.nbytes -= sum(t.numel() * t.element_size() for t in old)
+            self._items[device_id] = item
+            self.nbytes += size
+        return item
+
+
 class Worker:
     """Dataset, model and trainer of one run, reused for every device this worker trains.
 
@@ -223,7 +253,10 @@ class Worker:
         torch.set_num_threads(cfg.simulation.torch_threads)
         self.dataset: FederatedDataset = load_dataset(cfg.dataset, population=cfg.population, seed=cfg.seed)
         self.device = worker_device(cfg)
-        self.model = worker_model(cfg, self.dataset)
+        # A model whose first layer is fixed (FixedFeatures) trains its rest on the features,
+        # which self.features computes once per device (the same numbers as at every step).
+        self.features, self.model = split_fixed_features(worker_model(cfg, self.dataset))
+        self._feature_cache = FeatureCache()
         if cfg.privacy.dpsgd is None:  # Opacus's one-by-one DP-SGD draws its noise from CPU generators: it stays there
             self.model.to(self.device)
         self.trainer = build_trainer(cfg, self.model)
@@ -234,7 +267,22 @@ class Worker:
         if use_vectorized(cfg, model, self.dataset)[0]:  # decided as the server did (prepare)
             # The default memory budget and no device cap: the chunks inside a group depend on
             # the group alone, never on the worker.
-            self.vectorized = VectorizedTrainer(model.to(self.device), train_config(cfg), dp_config(cfg))
+            tail = split_fixed_features(model)[1]
+            self.vectorized = VectorizedTrainer(tail.to(self.device), train_config(cfg), dp_config(cfg))
+
+    def device_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A device's training data as its trainer takes it: the dataset's examples, or for a
+        model with a fixed first layer their features (kept for later rounds, FeatureCache)."""
+        if is_canary_device(self.cfg, device_id):  # an audit's canary device: data of its own
+            x, y = canary_device_data(self.cfg, self.dataset, device_id)
+            return (x, y) if self.features is None else (self.features(x), y)
+        if self.features is None:
+            return self.dataset.device_data(device_id)
+        cached = self._feature_cache.get(device_id)
+        if cached is None:
+            x, y = self.dataset.device_data(device_id)
+            cached = self._feature_cache.put(device_id, (self.features(x), y))
+        return cached
 
     def train(
         self,
@@ -277,10 +325,10 @@ class Worker:
                     if injected_failure(cfg, streams, round_num, device_id):
                         raise RuntimeError("injected failure (faults.device_failure_rate)")
                     if is_canary_device(cfg, device_id):  # an audit's canary device: data of its own, no faults
-                        ready.append((device_id, canary_device_data(cfg, self.dataset, device_id)))
+                        ready.append((device_id, self.device_data(device_id)))
                         continue
                     check_deadline(cfg, streams, round_num, device_id, self.dataset.num_examples(device_id))
-                    ready.append((device_id, self.dataset.device_data(device_id)))
+                    ready.append((device_id, self.device_data(device_id)))
                 except Exception as err:  # one device failing must not take its worker's other devices down
                     outcome[device_id] = _failure(err)
             results: list[TrainResult | Exception]

@@ -15,10 +15,12 @@ from opacus.validators import ModuleValidator
 from clients import DPSGDConfig, DPSGDTrainer, TrainConfig
 from clients.params import flat_params
 from clients.vectorized import VectorizedTrainer, vectorizable
-from fedsim.config import ModelConfig
+from fedsim import randomness
+from fedsim.config import ModelConfig, from_dict
 from fedsim.errors import ConfigError
-from fedsim.models import build_model
+from fedsim.models import FixedFeatures, build_model, model_for, split_fixed_features
 from fedsim.scattering import Scattering2D, output_channels
+from fedsim.worker import FeatureCache, Worker, device_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -116,3 +118,54 @@ def test_scatternet_dpsgd_vectorized_equals_opacus() -> None:
         torch.testing.assert_close(o.update, r.update, rtol=1e-5, atol=1e-6)
         assert o.privacy == r.privacy
     assert (ref[0].update - ref[1].update).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- workers: features once per device
+
+
+def _femnist_cfg(vectorize: str) -> object:
+    return from_dict({
+        "seed": 3, "population": 105, "cohort": {"size": 4}, "dataset": {"name": "femnist"},
+        "model": {"name": "scatternet"}, "algorithm": {"lr": 0.5, "batch_size": 16, "local_epochs": 2},
+        "privacy": {"dpsgd": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}},
+        "simulation": {"vectorize": vectorize},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("vectorize", ["on", "off"])
+def test_worker_trains_the_head_on_features_kept_per_device(vectorize: str, monkeypatch) -> None:
+    """A worker computes a device's scattering features once and trains the head on them: the
+    updates equal DP-SGD on the whole model from the raw images (features at every step), and a
+    device's second round reads no data."""
+    cfg = _femnist_cfg(vectorize)
+    worker = Worker(cfg)
+    assert isinstance(worker.features, FixedFeatures) and list(worker.model.parameters())
+    full = model_for(cfg, worker.dataset)
+    assert split_fixed_features(full)[1][-1].weight.shape == worker.model[-1].weight.shape
+    params = torch.cat([p.detach().reshape(-1) for p in full.parameters()])
+    ids = [0, 5, 9]
+    report = worker.train(params, 1, ids, groups=[3] if vectorize == "on" else None)
+    assert report.device_ids == ids and not report.failed_ids
+    streams = randomness.streams(cfg)
+    for row, d in zip(report.updates, ids, strict=True):
+        ref = DPSGDTrainer(model_for(cfg, worker.dataset), TrainConfig(lr=0.5, batch_size=16, local_epochs=2),
+                           DPSGDConfig(noise_multiplier=1.1, max_grad_norm=1.0))  # fmt: skip
+        expected = ref.fit(params, worker.dataset.device_data(d), seed=device_seed(streams, 1, d)).update
+        torch.testing.assert_close(torch.from_numpy(np.asarray(row)), expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(report.updates[0] - report.updates[1]).max() > 1e-3
+    calls = []
+    monkeypatch.setattr(worker.dataset, "device_data", lambda d: calls.append(d) or (_ for _ in ()).throw(AssertionError))
+    again = worker.train(params, 1, ids, groups=[3] if vectorize == "on" else None)
+    assert calls == [] and all(np.array_equal(a, b) for a, b in zip(again.updates, report.updates, strict=True))
+
+
+def test_feature_cache_keeps_the_recent_devices_within_its_budget() -> None:
+    item = (torch.zeros(256, 1024), torch.zeros(0, dtype=torch.int64))  # 1 MiB
+    cache = FeatureCache(budget_mb=2.5)
+    for d in range(3):
+        cache.put(d, item)
+    assert cache.get(0) is None and cache.get(1) is not None and cache.nbytes == 2 * 2**20
+    cache.put(3, item)  # 1 was just read: 2 goes
+    assert cache.get(2) is None and cache.get(1) is not None and cache.get(3) is not None
+    big = (torch.zeros(3 * 2**18 * 4 // 4, 1), torch.zeros(0))  # 3 MiB: never kept, still returned
+    assert cache.put(9, big) is big and cache.get(9) is None and cache.nbytes == 2 * 2**20

@@ -155,7 +155,7 @@ def test_the_models_that_skip_the_trial_step_do_vmap(activation: str) -> None:
     from fedsim.config import ModelConfig
     from fedsim.worker import VMAP_TESTED_MODELS
 
-    shapes = {"logreg": (60,), "mlp": (60,), "cnn": (1, 28, 28), "auto": (1, 28, 28)}
+    shapes = {"logreg": (60,), "mlp": (60,), "cnn": (1, 28, 28), "auto": (1, 28, 28), "scatternet": (1, 28, 28)}
     assert set(VMAP_TESTED_MODELS) == set(shapes)
     for name, shape in shapes.items():
         model = build_model(ModelConfig(name=name, cnn_channels=[8, 8], cnn_dense=16, activation=activation), shape, 10, seed=0)
