@@ -31,7 +31,7 @@ from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
 from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.mechanisms import Mechanism
-from fedsim.models import model_for
+from fedsim.models import model_for, split_fixed_features
 from fedsim.privacy import published
 from fedsim.placement import assign_devices
 from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
@@ -94,6 +94,9 @@ def run_rounds(
     model, active = setup.model, setup.mechanisms
     release = mechanisms.releaser(active)  # the user-level release (DP-FedAvg, DP-FTRL) or None: the plain mean
     test_x, test_y = setup.dataset.test_data()
+    features, eval_model = split_fixed_features(model)  # a fixed first layer: the test set's features once
+    if features is not None:
+        test_x = features(test_x)
     params = flat_params(model)
     strategy = strategies.build(cfg, len(params), run_dir)
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
@@ -197,7 +200,7 @@ def run_rounds(
             test_acc = test_loss = None
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
                 load_flat_params(model, params)
-                ev = evaluate(model, (test_x, test_y))
+                ev = evaluate(eval_model, (test_x, test_y))
                 test_acc, test_loss = ev["accuracy"], ev["loss"]
             if audit:
                 privacy |= audit.after_round(params, evaluated=test_acc is not None, user_dp=release)

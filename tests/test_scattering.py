@@ -169,3 +169,28 @@ def test_feature_cache_keeps_the_recent_devices_within_its_budget() -> None:
     assert cache.get(2) is None and cache.get(1) is not None and cache.get(3) is not None
     big = (torch.zeros(3 * 2**18 * 4 // 4, 1), torch.zeros(0))  # 3 MiB: never kept, still returned
     assert cache.put(9, big) is big and cache.get(9) is None and cache.nbytes == 2 * 2**20
+
+
+def test_a_scatternet_run_evaluates_the_whole_model(tmp_path) -> None:
+    """A FEMNIST run end to end (in-process workers): the server evaluates the head on the test
+    set's features computed once, which must equal the whole model on the raw test images."""
+    import json
+
+    from clients import evaluate
+    from fake_grid import run_local
+
+    cfg = from_dict({
+        "seed": 0, "rounds": 2, "eval_every": 1, "population": 105, "cohort": {"size": 4, "sampling": "fixed"},
+        "dataset": {"name": "femnist", "max_test_examples": 300}, "model": {"name": "scatternet"},
+        "algorithm": {"lr": 0.1, "batch_size": 20}, "output": {"dir": str(tmp_path / "r"), "progress": False},
+    })  # fmt: skip
+    summary = run_local(cfg, tmp_path / "r", workers=2)
+    rounds = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["devices_trained"] for r in rounds] == [4, 4]
+    model = model_for(cfg, Worker(cfg).dataset)
+    model.load_state_dict(torch.load(tmp_path / "r" / "model.pt", weights_only=True)["state_dict"])
+    test = Worker(cfg).dataset.test_data()
+    whole = evaluate(model, test)
+    assert rounds[-1]["test_accuracy"] == pytest.approx(whole["accuracy"], abs=1e-9)
+    assert rounds[-1]["test_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert summary["final_test_accuracy"] == rounds[-1]["test_accuracy"] > 0.05  # learnt something in 2 rounds
