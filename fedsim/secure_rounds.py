@@ -254,7 +254,7 @@ def summary(cfg: FedsimConfig) -> dict:
         + (" (reproducible mode: derived from the run seed, so a server that knows the seed knows the graph "
            "before choosing colluders: simulation only)" if mode == "reproducible" else ""),  # fmt: skip
         "device secrets (X25519 keys, self-mask seeds, Shamir coefficients) come from each device's OS CSPRNG",
-        "X25519, HKDF-SHA256, AES-256-GCM and ChaCha20 are secure; the sum itself is what the server learns "
+        "X25519, HKDF-SHA256, AES-256-GCM and AES-128-CTR (the mask PRG) are secure; the sum itself is what the server learns "
         "(privacy of the sum is DP's job)",
     ]
     if cfg.secagg.threat_model == "active":

@@ -329,6 +329,25 @@ def test_key_agreement_and_prg():
         crypto.decrypt_share(kab, ct, sender=1, receiver=2, session_id=b"r2")
 
 
+def test_prg_is_aes128_ctr_of_the_seed_from_its_use_case_counter_block():
+    """Known answer, computed independently: AES-128 (ECB, one block at a time) of the counter
+    blocks label || 0, label || 1, ..., keyed with the seed's first 16 bytes, read as little-endian
+    words. A PRG keyed with other bytes, another counter layout or byte order fails this."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(32))
+    for nonce, label in ((crypto.NONCE_PAIR_MASK, b"secagg-pair!"), (crypto.NONCE_SELF_MASK, b"secagg-self!")):
+        ecb = Cipher(algorithms.AES(seed[:16]), modes.ECB()).encryptor()
+        blocks = b"".join(ecb.update(label + i.to_bytes(4, "big")) for i in range(40))
+        expected32 = np.frombuffer(blocks, dtype="<u4")[:157]
+        np.testing.assert_array_equal(crypto.prg_mask(seed, 157, 32, nonce), expected32)
+        expected64 = np.frombuffer(blocks, dtype="<u8")[:77]
+        np.testing.assert_array_equal(crypto.prg_mask(seed, 77, 64, nonce), expected64)
+        np.testing.assert_array_equal(crypto.prg_mask(seed, 157, 20, nonce), expected32 & np.uint32(2**20 - 1))
+    # The key is the seed's first half (128 bits, the level of the X25519 agreement it came from).
+    np.testing.assert_array_equal(crypto.prg_mask(seed, 50, 32), crypto.prg_mask(seed[:16] + bytes(16), 50, 32))
+
+
 # --- Shamir -------------------------------------------------------------------------------------
 
 
