@@ -349,6 +349,11 @@ class AlgorithmConfig:
     proximal_mu: float = field(default=0.0, metadata=checked(positive(allow_zero=True)))
     # server step size (eta in Reddi et al.; 1.0 = plain FedAvg)
     server_lr: float = field(default=1.0, metadata=checked(positive()))
+    # Server-side exponential moving average of the global model over rounds, evaluated and saved
+    # instead of the last round's model (parameter averaging, De et al. 2022, "Unlocking
+    # High-Accuracy Differentially Private Image Classification through Scale", Sec. 3.3): the
+    # decay per round, 0 = off. Post-processing of the models the rounds release: no privacy cost.
+    model_ema: float = field(default=0.0, metadata=checked(in_unit_interval))
     beta1: float = field(default=0.9, metadata=checked(in_unit_interval))  # FedAdam/FedYogi/FedAdagrad first-moment decay; FedAvgM's server momentum
     beta2: float = field(default=0.99, metadata=checked(in_unit_interval))  # FedAdam/FedYogi second-moment decay
     # FedAdam/FedYogi/FedAdagrad adaptivity (epsilon in the denominator)

@@ -58,9 +58,12 @@ _NOT_IN_FINGERPRINT = ("simulation", "output", "checkpoint", "engine", "superlin
 # transport resends their jobs, so by design they change when a run ends, never what it computes
 # (tests/test_chaos.py holds fedsim to that). SecAgg+'s simulation shortcut changes how the sum is computed, never what it is: the faithful
 # protocol's sum bit for bit (tests/test_secagg_shortcut.py), so it keeps the run's randomness.
+# The server's model average (algorithm.model_ema) is post-processing of the models the rounds
+# release: with or without it a run trains the same models bit for bit (tests/test_model_average.py),
+# so publishing both members of such a sweep releases one noisy trajectory, not two.
 _KEYS_NOT_IN_FINGERPRINT = (
     ("faults", "worker_kill_rate"), ("faults", "worker_pause_rate"), ("faults", "worker_pause_s"),
-    ("secagg", "simulation_shortcut"),
+    ("secagg", "simulation_shortcut"), ("algorithm", "model_ema"),
 )  # fmt: skip
 # Keys added after runs were recorded, with the value that keeps the old behaviour: left out of
 # the fingerprint at that value, so a run that does not use them keeps its randomness (and its

@@ -99,6 +99,7 @@ def run_rounds(
         test_x = features(test_x)
     params = flat_params(model)
     strategy = strategies.build(cfg, len(params), run_dir)
+    average = ModelAverage(cfg.algorithm.model_ema, params) if cfg.algorithm.model_ema else None
     # The deployment engine without simulation.num_workers: every SuperNode connected at the start.
     expected = cfg.simulation.num_workers if cfg.engine == "deployment" else cfg.num_workers
     workers = Workers(
@@ -114,6 +115,8 @@ def run_rounds(
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
         params, first_round, elapsed_before = restore(setup.resume, strategy, active, runlog)
+        if average is not None:
+            average.load_state_dict(setup.resume["model_average"])
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
     if (line := strategy.describe()) is not None:
         runlog.note(line)
@@ -197,9 +200,11 @@ def run_rounds(
             if out.total is None or (out.count == 0 and not release):
                 log.warning("round %d: no device update was aggregated; the model is unchanged", round_num)
 
+            if average is not None:
+                average.update(params)
             test_acc = test_loss = None
             if round_num % cfg.eval_every == 0 or round_num == cfg.rounds:
-                load_flat_params(model, params)
+                load_flat_params(model, released(params, average))
                 ev = evaluate(eval_model, (test_x, test_y))
                 test_acc, test_loss = ev["accuracy"], ev["loss"]
             if audit:
@@ -220,14 +225,14 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, strategy, active, runlog, now - start, audit)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, active, runlog, now - start, audit, average)
             if stopped:
                 break
     except BaseException:
         runlog.close()
         strategy.close()
         raise
-    load_flat_params(model, params)
+    load_flat_params(model, released(params, average))
     extra = {
         "num_params": len(params),
         "num_workers": len(workers.nodes),
@@ -246,6 +251,8 @@ def run_rounds(
     extra["diagnostics_outside_guarantee"] = published.outside_guarantee(cfg, runlog.keys)
     extra["metrics_outside_guarantee_written"] = not cfg.output.private_metrics_only
     extra["strategy"] = strategy.summary()
+    if average is not None:
+        extra["model_average"] = average.summary()
     strategy.close()
     extra["privacy"] = {}
     for mechanism in active:
@@ -258,7 +265,7 @@ def run_rounds(
         # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.
         losses = [row.test_loss for row in runlog.rows if row.test_loss is not None]
         extra["language"] = {"final_test_perplexity": math.exp(losses[-1]) if losses else None, **language}
-    summary = runlog.finish(model, params, extra)
+    summary = runlog.finish(model, released(params, average), extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
     return summary
@@ -274,6 +281,7 @@ def save_checkpoint(
     runlog: RunLog,
     elapsed_s: float,
     audit: RunAudit | None = None,
+    average: ModelAverage | None = None,
 ) -> None:
     checkpoint.save(
         checkpoint.checkpoint_path(run_dir, round_num),
@@ -288,6 +296,7 @@ def save_checkpoint(
             "rows": runlog.row_dicts(),
             "elapsed_s": elapsed_s,
             "audit": audit.state_dict() if audit else None,
+            "model_average": average.state_dict() if average else None,
         },
         keep=cfg.checkpoint.keep,
     )
@@ -307,6 +316,49 @@ def restore(
             mechanism.load_state_dict(state[mechanism.checkpoint_key])
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
+
+
+class ModelAverage:
+    """An exponential moving average of the global model over rounds (algorithm.model_ema):
+    after round t, avg_t = beta avg_{t-1} + (1 - beta) w_t, from avg_0 = the initial model, in
+    float64. Parameter averaging of De et al. 2022 (Sec. 3.3; per round here, where they average
+    per step). The run evaluates and saves the average; devices keep training from w_t, so the
+    rounds, their releases and the privacy accounting are those of the run without it (the
+    average is post-processing of the released models: it costs no privacy).
+    """
+
+    def __init__(self, decay: float, initial: torch.Tensor) -> None:
+        self.decay = float(decay)
+        self.avg = initial.detach().to(torch.float64).clone()
+        self.rounds = 0
+
+    def update(self, params: torch.Tensor) -> None:
+        self.avg.mul_(self.decay).add_(params.detach().to(torch.float64), alpha=1.0 - self.decay)
+        self.rounds += 1
+
+    @property
+    def params(self) -> torch.Tensor:
+        """The average as the model's float32 flat parameters."""
+        return self.avg.to(torch.float32)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "avg": self.avg.clone(), "rounds": self.rounds}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state or float(state["decay"]) != self.decay:
+            raise FedsimError("resume: the checkpoint holds no model average with algorithm.model_ema="
+                              f"{self.decay} (it was written by a run without it or with another decay)")  # fmt: skip
+        self.avg, self.rounds = state["avg"].clone().to(torch.float64), int(state["rounds"])
+
+    def summary(self) -> dict:
+        return {"decay": self.decay, "rounds_averaged": self.rounds,
+                "evaluated_and_saved": "the average (test metrics, model.pt, model_sha256)",
+                "reference": "De et al. 2022, Sec. 3.3 (parameter averaging), per round"}  # fmt: skip
+
+
+def released(params: torch.Tensor, average: ModelAverage | None) -> torch.Tensor:
+    """The model a run evaluates and saves: the average with algorithm.model_ema, else the params."""
+    return params if average is None else average.params
 
 
 def make_server_app(cfg: FedsimConfig, run_dir: Path, result: dict, setup: RunSetup | None = None) -> ServerApp:
