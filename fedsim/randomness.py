@@ -60,7 +60,8 @@ _NOT_IN_FINGERPRINT = ("simulation", "output", "checkpoint", "engine", "superlin
 # protocol's sum bit for bit (tests/test_secagg_shortcut.py), so it keeps the run's randomness.
 # The server's model average (algorithm.model_ema) is post-processing of the models the rounds
 # release: with or without it a run trains the same models bit for bit (tests/test_model_average.py),
-# so publishing both members of such a sweep releases one noisy trajectory, not two.
+# so in reproducible randomness publishing both members of such a sweep releases one noisy
+# trajectory, not two (in secure randomness every run draws fresh noise: two runs, two releases).
 _KEYS_NOT_IN_FINGERPRINT = (
     ("faults", "worker_kill_rate"), ("faults", "worker_pause_rate"), ("faults", "worker_pause_s"),
     ("secagg", "simulation_shortcut"), ("algorithm", "model_ema"),

@@ -81,6 +81,7 @@ from fedsim.secagg import (
     skellam,
     skellam_tail_bound,
 )
+from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import encoding_clip
 from fedsim.reports import DeviceReport
@@ -397,6 +398,7 @@ def secure_round(
         "length": params.vector_length,
         "session": params.session_id,
         "graph_seed": params.graph_seed,
+        "prg": PRG_NAME,  # the mask PRG the server will remove: a device with another refuses
         "active": params.active,
         "clip": fp.clip,
         "bits": fp.bits,
@@ -699,6 +701,8 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
                          f"was not started by fedsim's simulation engine ({SIMULATION_ENV} is not set)")  # fmt: skip
     if bool(job["active"]) != active:
         raise ValueError(f"the session's threat model is not the run config's ({cfg.secagg.threat_model})")
+    if job.get("prg") != PRG_NAME:  # e.g. a server of an older fedsim (ChaCha20 masks): the sum would be wrong
+        raise ValueError(f"the session's mask PRG ({job.get('prg', 'not named')}) is not this device's ({PRG_NAME})")
     k, t, floor = int(job["k"]), int(job["t"]), 0  # type: ignore[arg-type]
     if active:
         choice = graph_choice(cfg, n)

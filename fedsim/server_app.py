@@ -259,7 +259,7 @@ def run_rounds(
         mechanism.finish(run_dir)
         extra[mechanism.summary_key] = extra.get(mechanism.summary_key, {}) | mechanism.summary()
     if audit:
-        extra["audit"] = audit.summary(run_dir, params, release)
+        extra["audit"] = audit.summary(run_dir, released(params, average), release)  # the final model: the saved one
     language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
     if language:
         # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.

@@ -86,3 +86,21 @@ def test_a_decay_outside_zero_one_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         compose([*ARGS, "algorithm.model_ema=1.0"])
     assert err.value.key == "algorithm.model_ema" and "must be in [0, 1), got 1.0" in str(err.value)
+
+
+def test_the_user_level_audit_scores_the_saved_average_as_the_final_model(tmp_path: Path, capsys) -> None:
+    """The audit's final-model test scores the model the run releases (model.pt: the average), so
+    fedsim-audit's recheck against model.pt agrees with the run."""
+    from fedsim import audit
+    from fedsim.config import from_dict
+
+    cfg = from_dict({
+        "seed": 5, "population": 60, "rounds": 4, "cohort": {"size": 12},
+        "dataset": {"name": "synthetic", "size_max": 40}, "model": {"name": "mlp", "hidden_sizes": [16]},
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0}}, "audit": {"canaries": 30, "bootstrap": 20},
+        "algorithm": {"model_ema": DECAY}, "output": {"progress": False},
+    })  # fmt: skip
+    run_local(cfg, tmp_path / "r")
+    capsys.readouterr()
+    assert audit.main([str(tmp_path / "r")]) == 0
+    assert json.loads(capsys.readouterr().out)["final_model_rechecked"] is True

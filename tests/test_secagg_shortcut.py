@@ -206,7 +206,7 @@ def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
     engine's SuperNodes) for the shortcut would get updates in the clear. Only the worker's own
     environment, set by fedsim's simulation launcher, lets it through."""
     cfg = from_dict(run_config(tmp_path, **{"secagg.simulation_shortcut": True}))
-    job = {"n": 12, "active": False, "k": 10, "t": 3, "m": 24, "length": 9, "session": b"s", "graph_seed": b"g"}
+    job = {"n": 12, "active": False, "k": 10, "t": 3, "m": 24, "length": 9, "session": b"s", "graph_seed": b"g", "prg": "aes128-ctr"}
     monkeypatch.setenv(secure_rounds.SIMULATION_ENV, "1")
     assert secure_rounds.device_params(job, cfg).shortcut is True  # type: ignore[arg-type]
     monkeypatch.delenv(secure_rounds.SIMULATION_ENV)

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from fedsim import secure_rounds
 from fedsim.config import from_dict
 from fedsim.secagg import SecAggServer
+from fedsim.secagg.crypto import PRG_NAME
 from fedsim.worker import Worker
 
 N = 8
@@ -46,7 +47,7 @@ class OneWorker:
         self.base = {
             "round": 1, "config": self.cfg.to_json(), "n": N, "t": self.params.threshold, "k": self.params.neighbours,
             "m": self.params.modulus_bits, "length": length, "session": self.params.session_id,
-            "graph_seed": self.params.graph_seed, "active": False, "clip": fp.clip, "bits": fp.bits, "skellam_mu": 0.0,
+            "graph_seed": self.params.graph_seed, "prg": PRG_NAME, "active": False, "clip": fp.clip, "bits": fp.bits, "skellam_mu": 0.0,
             "skellam_mu_count": 0.0, "dim": self.num_params, "stats": list(names),
         }  # fmt: skip
 
@@ -103,6 +104,16 @@ def test_workers_refuse_a_session_whose_threat_model_or_k_t_are_not_the_run_conf
     errors = dict(reply.config_records["device_errors"])
     assert sorted(errors) == [str(i) for i in range(N)]
     assert all("refuses the session: the session's threat model is not the run config's" in e for e in errors.values())
+    # A server that would remove masks of another PRG (an older fedsim's ChaCha20): refused, nothing sent.
+    node.base["active"] = False
+    node.base["prg"] = "chacha20"
+    reply = node.stage("advertise_keys", {i: {} for i in range(N)})
+    assert _payloads(reply) == {}
+    errors = dict(reply.config_records["device_errors"])
+    assert len(errors) == N and all("mask PRG (chacha20) is not this device's (aes128-ctr)" in e for e in errors.values())
+    del node.base["prg"]
+    errors = dict(node.stage("advertise_keys", {i: {} for i in range(N)}).config_records["device_errors"])
+    assert len(errors) == N and all("mask PRG (not named)" in e for e in errors.values())
 
     active = OneWorker(tmp_path, threat_model="active", max_dropout_fraction=0.25)
     choice = secure_rounds.graph_choice(active.cfg, N)

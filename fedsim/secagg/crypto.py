@@ -82,6 +82,7 @@ INFO_ENC = b"fedsim/secagg/enc"
 NONCE_SELF_MASK = b"secagg-self!" + b"\x00" * 4
 NONCE_PAIR_MASK = b"secagg-pair!" + b"\x00" * 4
 PRG_KEY_BYTES = 16  # AES-128: the first 16 bytes of a 32-byte seed
+PRG_NAME = "aes128-ctr"  # named in every session's job: server and devices must expand masks alike
 _GCM_NONCE_BYTES = 12
 SIGNATURE_BYTES = 64
 
