@@ -89,7 +89,7 @@ def scatternet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
     only the head, whose parameters are few; the features carry what an end-to-end CNN would
     have to learn from noisy gradients.
     """
-    from fedsim.scattering import Scattering2D, output_channels
+    from fedsim.scattering import Scattering2D
 
     if len(input_shape) != 3:
         raise ConfigError("model.name", f"scatternet needs image input (C, H, W); dataset gives {input_shape}")
@@ -98,8 +98,9 @@ def scatternet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int,
         raise ConfigError(
             "model.name", f"scatternet needs image sides that are multiples of 4, at least 8; dataset gives {input_shape}"
         )
-    features = channels * output_channels(2, 8)
-    front = FixedFeatures(Scattering2D((height, width), J=2, L=8), nn.GroupNorm(27, features, affine=False))
+    scattering = Scattering2D((height, width), J=2, L=8)
+    features = channels * scattering.channels_per_input
+    front = FixedFeatures(scattering, nn.GroupNorm(27, features, affine=False))
     if cfg.scatter_head == "cnn":
         return nn.Sequential(front, *_cnn(cfg, (features, height // 4, width // 4), num_classes))
     return nn.Sequential(front, nn.Flatten(), nn.Linear(features * (height // 4) * (width // 4), num_classes))

@@ -232,7 +232,8 @@ def run_rounds(
         runlog.close()
         strategy.close()
         raise
-    load_flat_params(model, released(params, average))
+    final = released(params, average)  # the model the run saves (the average with model_ema)
+    load_flat_params(model, final)
     extra = {
         "num_params": len(params),
         "num_workers": len(workers.nodes),
@@ -259,13 +260,13 @@ def run_rounds(
         mechanism.finish(run_dir)
         extra[mechanism.summary_key] = extra.get(mechanism.summary_key, {}) | mechanism.summary()
     if audit:
-        extra["audit"] = audit.summary(run_dir, released(params, average), release)  # the final model: the saved one
+        extra["audit"] = audit.summary(run_dir, final, release)  # its final-model test scores the saved model
     language = setup.dataset.final_summary(model, streams.torch("final_sample", 0))
     if language:
         # Per-character perplexity exp(mean cross-entropy in nats) of the last central evaluation.
         losses = [row.test_loss for row in runlog.rows if row.test_loss is not None]
         extra["language"] = {"final_test_perplexity": math.exp(losses[-1]) if losses else None, **language}
-    summary = runlog.finish(model, released(params, average), extra)
+    summary = runlog.finish(model, final, extra)
     if stopped:
         raise stopped  # after the outputs are written: nothing is lost
     return summary
