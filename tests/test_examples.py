@@ -130,3 +130,12 @@ def test_custom_algorithm_example_runs_the_users_server_step(tmp_path: Path) -> 
     lrs = [float(x) for x in re.search(r"server learning rates: (.*)", out).group(1).split()]
     assert lrs == pytest.approx([0.5, 0.5 / 2**0.5, 0.5 / 3**0.5], abs=1e-6)  # its own step ran, once per round
     assert 0.0 <= _number(r"final test accuracy: ([\d.]+)", out) <= 1.0
+
+
+@pytest.mark.ray
+def test_scatternet_variants_example_trains_the_smaller_feature_model(tmp_path: Path) -> None:
+    out = _example("scatternet_variants.py", "pool3", "--rounds", "1", "--out", str(tmp_path / "run"),
+                   "cohort.size=4", "simulation.num_workers=1", f"simulation.ray_temp_dir={tmp_path / 'ray'}")  # fmt: skip
+    assert "pool3: 45260 trained parameters" in out  # 81 channels x 3 x 3 x 62 classes + 62
+    assert 0.0 <= _number(r"final test accuracy (\d\.\d+)", out) <= 1.0
+    assert (tmp_path / "run" / "summary.json").exists()
