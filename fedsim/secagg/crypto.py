@@ -27,7 +27,8 @@
   little-endian uint32/uint64 words and reduced mod 2^m. The seeds come from X25519 agreements
   (a ~128-bit security level) or the OS CSPRNG, so a 128-bit key matches the weakest link; AES
   with AES-NI expands a 113k-word mask in ~45 us here, where ChaCha20 (the PRG until 2026-12-01)
-  took ~80 us. Reducing a uniform 32/64-bit word mod 2^m (m <= word size) is exactly uniform
+  took ~80 us (a one-off micro-timing of update_into, not in bench/; bench/secagg.py measures
+  the rounds). Reducing a uniform 32/64-bit word mod 2^m (m <= word size) is exactly uniform
   (power of two).
 """
 
