@@ -58,6 +58,11 @@ def test_shapes_channels_and_no_state() -> None:
     # Channel c's coefficients are those of image c alone.
     alone = transform(x[:, 1:].detach())
     torch.testing.assert_close(out[:, 81:], alone)
+    # Per example (what leaves DP-SGD's per-example guarantee as it is): the scatternet front gives
+    # an example the same features alone as inside any batch.
+    front = _scatternet("linear")[0]
+    batch = torch.rand(5, 1, 28, 28)
+    torch.testing.assert_close(front(batch)[2:3], front(batch[2:3]), rtol=1e-5, atol=1e-6)
     # Order 0 is a local average: a constant image gives its constant there and nothing else.
     flat = transform(torch.full((1, 1, 28, 28), 0.5))
     torch.testing.assert_close(flat[0, 0], torch.full((7, 7), 0.5), rtol=1e-4, atol=1e-5)
