@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import torch
 
 from fedsim.errors import FedsimError, StorageError
 
@@ -59,6 +58,8 @@ def save(path: Path, state: dict[str, Any], *, keep: int) -> None:
     A write that fails (disk full, I/O error) raises StorageError naming the file and the
     newest checkpoint that is still valid; nothing older is removed then.
     """
+    import torch  # here, not at the top: the launcher imports this module before Ray starts (fedsim.run)
+
     with writing("checkpoint", path):
         atomic_write(path, lambda f: torch.save({"version": VERSION, **state}, f))
     for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
@@ -108,6 +109,8 @@ def latest(path: Path) -> Path:
 
 def load(path: Path) -> dict[str, Any]:
     """Read and check a checkpoint; FedsimError (one line, exit 2) when it cannot be used."""
+    import torch
+
     path = latest(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -9,11 +9,15 @@ ServerApp's round loop in this process and returns the run's summary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import queue
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,12 @@ from fedsim.config import CALIBRATED_KEYS, FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
 from fedsim.runlog import locked
 from fedsim.trackers import check_installed
+
+#: Set to "1" in the environment of the simulation engine's worker processes by this launcher
+#: (`_worker_runtime_env`), never by the server's messages: a worker accepts
+#: secagg.simulation_shortcut (its devices then send their inputs unmasked) only where it is set
+#: (fedsim.secure_rounds). Defined here, not there, so that starting Ray imports nothing heavy.
+SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 
 
 class _DropDeprecation(logging.Filter):
@@ -86,49 +96,47 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
 def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
     sim = cfg.simulation
     _quiet(sim.log_level)
-
-    from fedsim.server_app import prepare
-
-    # Data, model checks and privacy calibration here, before Ray starts: bad input fails in a second.
-    setup = prepare(cfg, resume=resume_state)
-
-    from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
-
-    from fedsim.client_app import app as client_app
-    from fedsim.flower_adapter import fast_dispatch, replace_dead_actors
-    from fedsim.server_app import make_server_app
-
-    _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
     result: dict[str, Any] = {}
     init_args: dict[str, Any] = {
         "log_to_driver": sim.log_level in ("DEBUG", "INFO"),
         "include_dashboard": False,
         "logging_level": sim.log_level,
     }
-    if sim.ray_address:
-        cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
-    with (
-        _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir,
-        fast_dispatch(cfg.num_workers),
-        replace_dead_actors(),
-        _stop_on_ctrl_c(),
-    ):
+    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir:
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
-        if not sim.ray_address:
-            _start_ray(init_args)
-        if cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
-            _start_key_registry()
-        run_simulation(
-            server_app=make_server_app(cfg, run_dir, result, setup),
-            client_app=client_app,
-            num_supernodes=cfg.num_workers,
-            backend_config={
-                "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": gpus_per_worker(cfg)},
-                "init_args": init_args,
-            },
-            verbose_logging=sim.log_level == "DEBUG",
-        )
+        # Ray's start (2.5 s here, mostly waiting for its daemons) runs on a thread while this one
+        # imports torch and the ServerApp, checks the data and model and calibrates the privacy:
+        # round 1 ended 1-1.5 s sooner (`fedsim rounds=1`, 2 cores). Bad input still fails here,
+        # before any round, once Ray's start is done and undone (a data error: 7 s, was 2.5 s).
+        # An existing cluster is attached to afterwards.
+        with _ray_starting(None if sim.ray_address else init_args):
+            from fedsim.server_app import prepare
+
+            setup = prepare(cfg, resume=resume_state)
+
+            from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
+
+            from fedsim.client_app import app as client_app
+            from fedsim.flower_adapter import fast_dispatch, replace_dead_actors
+            from fedsim.server_app import make_server_app
+
+            _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
+        if sim.ray_address:
+            cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
+        with fast_dispatch(cfg.num_workers), replace_dead_actors(), _stop_on_ctrl_c():
+            if cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
+                _start_key_registry()
+            run_simulation(
+                server_app=make_server_app(cfg, run_dir, result, setup),
+                client_app=client_app,
+                num_supernodes=cfg.num_workers,
+                backend_config={
+                    "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": gpus_per_worker(cfg)},
+                    "init_args": init_args,
+                },
+                verbose_logging=sim.log_level == "DEBUG",
+            )
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
@@ -151,14 +159,90 @@ def gpus_per_worker(cfg: FedsimConfig) -> float:
     return min(1.0, count / cfg.num_workers)
 
 
+@contextlib.contextmanager
+def _ray_starting(init_args: dict[str, Any] | None) -> Iterator[None]:
+    """Start Ray (`_start_ray`) on another thread while the body runs; on leaving, wait for it
+    (its error, if any, is raised here). If the body raises (bad data, say), Ray's start is
+    waited for and shut down before the body's error goes on: nothing of Ray outlives a refused
+    run. None: nothing to start (an existing cluster is attached to instead).
+
+    The thread is one per process and never ends (`_ray_starter`): Ray starts its daemons (GCS,
+    raylet) with PR_SET_PDEATHSIG, which kills them when the *thread* that started them exits.
+    ray.init sets a SIGTERM handler (exit, so that its atexit shutdown runs) only on the main
+    thread, so the same handler is set here."""
+    if init_args is None:
+        yield
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    done, failed = threading.Event(), []
+    _ray_starter().put((init_args, done, failed))
+    try:
+        yield
+    except BaseException:
+        done.wait()
+        if not failed:
+            import ray
+
+            ray.shutdown()
+        raise
+    done.wait()
+    if failed:
+        raise failed[0]
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    sys.exit(signum)  # the handler ray.init sets on the main thread (ray._private.worker.init)
+
+
+@functools.cache
+def _ray_starter() -> queue.SimpleQueue:
+    """The queue of the process's one Ray-starting thread (see `_ray_starting`): it takes
+    (init_args, done event, failures list) and starts Ray with `_start_ray`."""
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+
+    def serve() -> None:
+        # ray.init warns off the main thread that it sets no SIGTERM handler: _ray_starting does.
+        logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler is not set" not in r.getMessage())
+        while True:
+            init_args, done, failed = jobs.get()
+            try:
+                _start_ray(init_args)
+            except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
+                failed.append(err)
+            done.set()
+
+    threading.Thread(target=serve, name="fedsim-ray-start", daemon=True).start()
+    return jobs
+
+
 def _start_ray(init_args: dict[str, Any]) -> None:
     """Start Ray here, as Flower's RayBackend.init_ray would (Flower then reuses it), before the
     ServerApp starts: Flower otherwise starts Ray while the ServerApp's first round is already
-    waiting, and round 1's time held Ray's start (2.5 s here) on top of the workers'."""
+    waiting, and round 1's time held Ray's start (2.5 s here) on top of the workers'.
+
+    The workers' environment (`_worker_runtime_env`) is set in this process's environment while
+    Ray starts, so the raylet and every worker it starts inherit it, instead of being passed as
+    Ray's job runtime_env: the raylet starts one worker process per CPU as it starts, without a
+    runtime_env, and Flower's worker actors can only reuse those when the job has none either (a
+    runtime_env made every actor start a new process after Ray's start, 0.8 s of round 1 here).
+    Those processes import fedsim's ClientApp (torch, Flower) as they start, during Ray's start
+    (Ray's `preload_python_modules`)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(runtime_env=_worker_runtime_env(), **init_args)
+    if ray.is_initialized():
+        return
+    env = _worker_runtime_env()["env_vars"]
+    saved = {key: os.environ.get(key) for key in env if key != "PYTHONPATH"}  # PYTHONPATH stays set
+    os.environ.update(env)
+    try:
+        ray.init(**init_args, _system_config={"preload_python_modules": ["fedsim.client_app"]})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _start_key_registry() -> None:
@@ -175,9 +259,7 @@ def _worker_runtime_env() -> dict[str, Any]:
     """What Flower's RayBackend.init_ray passes when it starts Ray itself: this process's import
     path, so workers import fedsim as the launcher does (on other machines fedsim must be
     installed at the same path, see docs/distributed.md), and the simulation engine's mark
-    (`fedsim.secure_rounds.SIMULATION_ENV`)."""
-    from fedsim.secure_rounds import SIMULATION_ENV
-
+    (`SIMULATION_ENV`)."""
     pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
     os.environ["PYTHONPATH"] = pythonpath
     # The workers' own mark of the simulation engine (secagg.simulation_shortcut needs it).
@@ -292,9 +374,6 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
 @contextlib.contextmanager
 def _stop_on_ctrl_c() -> Iterator[None]:
     """First Ctrl-C: finish the round, checkpoint (if on), write the outputs, stop. Second: abort."""
-    import signal
-    import threading
-
     from fedsim.server_app import STOP
 
     STOP.clear()

@@ -28,15 +28,17 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
 import yaml
 
 from fedsim import trackers
 from fedsim.checkpoint import atomic_write, writing
 from fedsim.config import FedsimConfig
 from fedsim.errors import StorageError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the launcher imports this module before Ray starts
+    import torch
 
 log = logging.getLogger("fedsim")
 
@@ -189,6 +191,8 @@ class RunLog:
     def _write_outputs(
         self, model: torch.nn.Module, flat_params: torch.Tensor, extra: dict[str, Any]
     ) -> tuple[dict[str, Any], bytes]:
+        import torch
+
         sha = model_sha256(flat_params)
         if self.cfg.output.save_model:
             state = {"state_dict": model.state_dict(), "flat_params": flat_params, "sha256": sha, "config": self.cfg.to_dict()}

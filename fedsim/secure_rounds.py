@@ -85,6 +85,7 @@ from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import encoding_clip
 from fedsim.reports import DeviceReport
+from fedsim.run import SIMULATION_ENV
 from fedsim.worker import Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
@@ -95,10 +96,6 @@ if TYPE_CHECKING:
     from fedsim.privacy.dpfedavg import SecureEncoding
 
 MESSAGE_TYPE = "train.secagg"
-#: Set to "1" in the environment of the simulation engine's worker processes by fedsim's launcher
-#: (fedsim.run), never by the server's messages: a worker accepts secagg.simulation_shortcut
-#: (its devices then send their inputs unmasked) only where it is set.
-SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 _DROP_STREAM = 0xD20B
 ROUNDING_STREAM = "secagg.rounding"
 NOISE_STREAM = "secagg.noise"

@@ -1,0 +1,63 @@
+"""The launcher starts Ray on a thread while it loads the data (fedsim.run._ray_starting).
+
+What a user relies on: a run refused while its data load (bad data) leaves no Ray behind (no
+initialized Ray in the process, no Ray daemon still running under it), so the next run in the
+same process starts normally; and the simulation engine's mark (`SIMULATION_ENV`), which lets a
+worker take secagg.simulation_shortcut, reaches the workers but does not stay in the launcher's
+environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import ray
+
+from fedsim.config import from_dict
+from fedsim.errors import FedsimError
+from fedsim.run import SIMULATION_ENV, run
+
+
+def _children() -> list[str]:
+    """Command names of this process's live child processes (Ray's GCS and raylet are ours)."""
+    me, names = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if int(rest[1]) == me and rest[0] != "Z":
+            names.append(name)
+    return names
+
+
+def _cfg(tmp_path: Path, **dataset: object) -> dict:
+    return {
+        "rounds": 1,
+        "population": 20,
+        "cohort": {"size": 4, "sampling": "fixed"},
+        "dataset": dataset,
+        "output": {"progress": False, "save_model": False, "report": False},
+        "simulation": {"num_workers": 1, "ray_temp_dir": str(tmp_path / "ray")},
+    }
+
+
+def test_a_run_refused_at_its_data_leaves_no_ray_and_the_next_run_starts(tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    assert not ray.is_initialized()
+    with pytest.raises(FedsimError, match="has no train-images"):
+        run(from_dict(_cfg(tmp_path, name="fashion_mnist", path=str(empty))), tmp_path / "refused")
+    assert not ray.is_initialized()
+    assert not [n for n in _children() if n in ("gcs_server", "raylet")], _children()
+    assert SIMULATION_ENV not in os.environ
+    # The same process runs the next experiment (Ray started again by the same thread).
+    summary = run(from_dict(_cfg(tmp_path)), tmp_path / "ok")
+    assert summary["rounds"] == 1 and summary["devices_trained"] > 0
+    assert SIMULATION_ENV not in os.environ
+    assert not ray.is_initialized()
