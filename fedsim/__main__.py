@@ -134,8 +134,9 @@ _SWEEP_RUNS: dict[str, int] = {}  # a -m sweep's directory -> its jobs that ran 
 def _hydra_main(dcfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
-    from fedsim.run import run
+    from fedsim.run import run, server_malloc
 
+    server_malloc()  # this process is the command's own: the server's memory settings
     started = time.perf_counter()
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         sweep_dir = str(Path(HydraConfig.get().sweep.dir).absolute())

@@ -96,7 +96,6 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
 def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
     sim = cfg.simulation
     _quiet(sim.log_level)
-    _server_malloc()
     result: dict[str, Any] = {}
     init_args: dict[str, Any] = {
         "log_to_driver": sim.log_level in ("DEBUG", "INFO"),
@@ -143,8 +142,9 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     return result
 
 
-def _server_malloc() -> None:
-    """glibc's malloc settings for this process (the server), where glibc is the C library.
+def server_malloc() -> None:
+    """glibc's malloc settings for the `fedsim` command's process (the server), where glibc is
+    the C library; the command sets them, `run` does not (a notebook's process keeps its own).
 
     Large blocks (1 MB and up: a round's replies and their copies, the evaluation's activations)
     are mapped and given back to the system when freed, instead of glibc's default, whose
