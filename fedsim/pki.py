@@ -55,6 +55,7 @@ def start() -> None:
     # No CPU: the workers' actor pool is sized from the CPUs (2 cores / cpus_per_worker). A sync
     # actor runs one call at a time, which makes register-once atomic across workers.
     service = ray.remote(num_cpus=0, max_restarts=0)(KeyRegistry)
+    _found.clear()  # handles found before belong to an earlier Ray session's actor of the same name
     _owned = service.options(name=_actor_name(), namespace=NAMESPACE).remote()
     ray.get(_owned.lookup.remote(b"ready"))  # fail here, not in round 1
 

@@ -23,16 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.capacity import check_fits
-from fedsim.config import CALIBRATED_KEYS, FedsimConfig, resolve_paths
+from fedsim.config import CALIBRATED_KEYS, SIMULATION_ENV, FedsimConfig, resolve_paths
 from fedsim.errors import ConfigError
 from fedsim.runlog import locked
 from fedsim.trackers import check_installed
 
-#: Set to "1" in the environment of the simulation engine's worker processes by this launcher
-#: (`_worker_runtime_env`), never by the server's messages: a worker accepts
-#: secagg.simulation_shortcut (its devices then send their inputs unmasked) only where it is set
-#: (fedsim.secure_rounds). Defined here, not there, so that starting Ray imports nothing heavy.
-SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 
 
 class _DropDeprecation(logging.Filter):
@@ -110,7 +105,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         # round 1 ended 1-1.5 s sooner (`fedsim rounds=1`, 2 cores). Bad input still fails here,
         # before any round, once Ray's start is done and undone (a data error: 7 s, was 2.5 s).
         # An existing cluster is attached to afterwards.
-        with _ray_starting(None if sim.ray_address else init_args):
+        every_cpu = cfg.num_workers * sim.cpus_per_worker >= (os.cpu_count() or 1)
+        with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
             from fedsim.server_app import prepare
 
             setup = prepare(cfg, resume=resume_state)
@@ -122,6 +118,7 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
             from fedsim.server_app import make_server_app
 
             _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
+        _quiet(sim.log_level)  # again: Ray's start (on the other thread) sets its logger's level
         if sim.ray_address:
             cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
         with fast_dispatch(cfg.num_workers), replace_dead_actors(), _stop_on_ctrl_c():
@@ -187,11 +184,16 @@ def gpus_per_worker(cfg: FedsimConfig) -> float:
 
 
 @contextlib.contextmanager
-def _ray_starting(init_args: dict[str, Any] | None) -> Iterator[None]:
+def _ray_starting(init_args: dict[str, Any] | None, *, preload: bool) -> Iterator[None]:
     """Start Ray (`_start_ray`) on another thread while the body runs; on leaving, wait for it
-    (its error, if any, is raised here). If the body raises (bad data, say), Ray's start is
-    waited for and shut down before the body's error goes on: nothing of Ray outlives a refused
-    run. None: nothing to start (an existing cluster is attached to instead).
+    (its error, if any, is raised here). None: nothing to start (an existing cluster is attached
+    to instead, `_attach_ray`).
+
+    If the body raises (bad data, Ctrl-C, ...), Ray's start is waited for (further Ctrl-Cs are
+    held until it is done, a few seconds at most) and Ray is shut down before the error goes
+    on: nothing of Ray outlives a refused run, also in a long-lived process (a notebook). The
+    workers' environment (`_start_ray`) is put into this process's environment before the
+    starting thread runs and taken out again on every way out.
 
     The thread is one per process and never ends (`_ray_starter`): Ray starts its daemons (GCS,
     raylet) with PR_SET_PDEATHSIG, which kills them when the *thread* that started them exits.
@@ -202,39 +204,81 @@ def _ray_starting(init_args: dict[str, Any] | None) -> Iterator[None]:
         return
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    env = _worker_runtime_env()["env_vars"]
+    saved = {key: os.environ.get(key) for key in env if key != "PYTHONPATH"}  # PYTHONPATH stays set
+    os.environ.update(env)
     done, failed = threading.Event(), []
-    _ray_starter().put((init_args, done, failed))
+    _ray_starter().put((init_args, preload, done, failed))
     try:
         yield
-    except BaseException:
         done.wait()
-        if not failed:
-            import ray
+    except BaseException:
+        interrupted = _wait_through_interrupts(done)
+        _restore_environment(saved)
+        import ray
 
-            ray.shutdown()
+        ray.shutdown()  # also a half-started Ray (its start failed); nothing if none
+        if interrupted is not None:
+            raise interrupted from None
         raise
-    done.wait()
+    _restore_environment(saved)
     if failed:
         raise failed[0]
+
+
+def _wait_through_interrupts(done: threading.Event) -> BaseException | None:
+    """Wait for `done`, holding back KeyboardInterrupt / SystemExit (SIGTERM) until it is set;
+    the first one held back is returned."""
+    held: BaseException | None = None
+    while True:
+        try:
+            done.wait()
+            return held
+        except (KeyboardInterrupt, SystemExit) as err:
+            held = held or err
+
+
+def _restore_environment(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     sys.exit(signum)  # the handler ray.init sets on the main thread (ray._private.worker.init)
 
 
+def _existing_cluster(temp_dir: str | None) -> bool:
+    """Whether ray.init without an address would connect to a running cluster instead of
+    starting one: RAY_ADDRESS is set (inside a Ray job, say), or a `ray start` cluster is
+    recorded in Ray's temp dir. fedsim then attaches to it as it always did (the workers'
+    environment as the job's runtime_env) instead of starting its own Ray."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None, temp_dir) is not None
+    except Exception:  # noqa: BLE001 - a private Ray function: when it fails, Ray starts its own
+        return False
+
+
 @functools.cache
 def _ray_starter() -> queue.SimpleQueue:
     """The queue of the process's one Ray-starting thread (see `_ray_starting`): it takes
-    (init_args, done event, failures list) and starts Ray with `_start_ray`."""
+    (init_args, preload, done event, failures list) and starts Ray with `_start_ray`.
+    A process forked from this one has no such thread: it makes its own (`register_at_fork`)."""
     jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     def serve() -> None:
         # ray.init warns off the main thread that it sets no SIGTERM handler: _ray_starting does.
         logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler is not set" not in r.getMessage())
         while True:
-            init_args, done, failed = jobs.get()
+            init_args, preload, done, failed = jobs.get()
             try:
-                _start_ray(init_args)
+                _start_ray(init_args, preload=preload)
             except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
                 failed.append(err)
             done.set()
@@ -243,33 +287,34 @@ def _ray_starter() -> queue.SimpleQueue:
     return jobs
 
 
-def _start_ray(init_args: dict[str, Any]) -> None:
+os.register_at_fork(after_in_child=_ray_starter.cache_clear)
+
+
+def _start_ray(init_args: dict[str, Any], *, preload: bool = False) -> None:
     """Start Ray here, as Flower's RayBackend.init_ray would (Flower then reuses it), before the
     ServerApp starts: Flower otherwise starts Ray while the ServerApp's first round is already
     waiting, and round 1's time held Ray's start (2.5 s here) on top of the workers'.
 
-    The workers' environment (`_worker_runtime_env`) is set in this process's environment while
-    Ray starts, so the raylet and every worker it starts inherit it, instead of being passed as
-    Ray's job runtime_env: the raylet starts one worker process per CPU as it starts, without a
-    runtime_env, and Flower's worker actors can only reuse those when the job has none either (a
-    runtime_env made every actor start a new process after Ray's start, 0.8 s of round 1 here).
-    Those processes import fedsim's ClientApp (torch, Flower) as they start, during Ray's start
-    (Ray's `preload_python_modules`)."""
+    The workers' environment (`_worker_runtime_env`) is in this process's environment while Ray
+    starts (`_ray_starting` puts it there), so the raylet and every worker it starts inherit it,
+    instead of being passed as Ray's job runtime_env: the raylet starts one worker process per
+    CPU as it starts, without a runtime_env, and Flower's worker actors can only reuse those when
+    the job has none either (a runtime_env made every actor start a new process after Ray's
+    start, 0.8 s of round 1 here). With `preload` those processes import fedsim's ClientApp
+    (torch, Flower) as they start, during Ray's start (Ray's `preload_python_modules`): only
+    when the run's workers use every CPU of the machine, since the raylet starts one process per
+    CPU (on 64 cores and 8 workers, 56 idle processes would each hold torch).
+    Where ray.init would connect to a running cluster instead (`_existing_cluster`), its workers
+    get the environment as the job's runtime_env (and it takes no `_system_config`)."""
     import ray
 
     if ray.is_initialized():
         return
-    env = _worker_runtime_env()["env_vars"]
-    saved = {key: os.environ.get(key) for key in env if key != "PYTHONPATH"}  # PYTHONPATH stays set
-    os.environ.update(env)
-    try:
-        ray.init(**init_args, _system_config={"preload_python_modules": ["fedsim.client_app"]})
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    if _existing_cluster(init_args.get("_temp_dir")):
+        ray.init(runtime_env=_worker_runtime_env(), **init_args)
+    else:
+        preloaded = {"_system_config": {"preload_python_modules": ["fedsim.client_app"]}} if preload else {}
+        ray.init(**init_args, **preloaded)
 
 
 def _start_key_registry() -> None:
@@ -287,7 +332,9 @@ def _worker_runtime_env() -> dict[str, Any]:
     path, so workers import fedsim as the launcher does (on other machines fedsim must be
     installed at the same path, see docs/distributed.md), and the simulation engine's mark
     (`SIMULATION_ENV`)."""
-    pythonpath = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    given = os.environ.get("PYTHONPATH")
+    entries = [*sys.path, *(given.split(os.pathsep) if given else [])]
+    pythonpath = os.pathsep.join(dict.fromkeys(entries))  # each once: many runs in one process do not grow it
     os.environ["PYTHONPATH"] = pythonpath
     # The workers' own mark of the simulation engine (secagg.simulation_shortcut needs it).
     return {"env_vars": {"PYTHONPATH": pythonpath, SIMULATION_ENV: "1"}}

@@ -64,7 +64,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid
 
 from fedsim import pki, randomness, wire
-from fedsim.config import FedsimConfig
+from fedsim.config import SIMULATION_ENV, FedsimConfig
 from fedsim.errors import ConfigError
 from fedsim.mechanisms import Mechanism
 from fedsim.secagg import (
@@ -85,7 +85,6 @@ from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import encoding_clip
 from fedsim.reports import DeviceReport
-from fedsim.run import SIMULATION_ENV
 from fedsim.worker import Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")

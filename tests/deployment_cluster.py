@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedsim.config import from_dict
+from fedsim.config import SIMULATION_ENV, from_dict
 from fake_grid import run_local
 from helpers import free_port, listening
 
@@ -63,6 +63,9 @@ class Cluster:
         # The SuperLink starts `flower-superexec` (and SuperNodes their app processes) by name:
         # the venv's bin must be on PATH even when pytest runs as .venv/bin/python.
         self.env = {**os.environ, "FLWR_LOG_LEVEL": "WARNING", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        # Deployment processes are not the simulation engine: never hand them its mark, which this
+        # test process may carry (tests/fake_grid.py's LocalGrid sets it for in-process workers).
+        self.env.pop(SIMULATION_ENV, None)
         self.log = tmp / "superlink.log"
         link = self._start(
             ["flower-superlink", *security, "--port", str(self.port), "--disable-runtime-dependency-installation"],

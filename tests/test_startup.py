@@ -9,15 +9,18 @@ environment.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import ray
 
-from fedsim.config import from_dict
+from fedsim.config import SIMULATION_ENV, from_dict
 from fedsim.errors import FedsimError
-from fedsim.run import SIMULATION_ENV, run
+from fedsim.run import run
+
+pytestmark = pytest.mark.ray
 
 
 def _children() -> list[str]:
@@ -47,7 +50,9 @@ def _cfg(tmp_path: Path, **dataset: object) -> dict:
     }
 
 
-def test_a_run_refused_at_its_data_leaves_no_ray_and_the_next_run_starts(tmp_path: Path) -> None:
+def test_a_run_refused_at_its_data_leaves_no_ray_and_the_next_run_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An in-process LocalGrid test before this one in the same pytest process marks it (fake_grid.py).
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
     empty = tmp_path / "no-data"
     empty.mkdir()
     assert not ray.is_initialized()
@@ -61,3 +66,23 @@ def test_a_run_refused_at_its_data_leaves_no_ray_and_the_next_run_starts(tmp_pat
     assert summary["rounds"] == 1 and summary["devices_trained"] > 0
     assert SIMULATION_ENV not in os.environ
     assert not ray.is_initialized()
+
+
+def test_the_ray_workers_carry_the_simulation_mark_and_take_the_shortcut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """secagg.simulation_shortcut on Ray: the workers accept it only with the mark the launcher
+    puts in the environment Ray starts with (a worker without it refuses and its devices drop);
+    the run ends with the model the in-process engine computes, bit for bit."""
+    from fake_grid import run_local
+
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    raw = _cfg(tmp_path)
+    raw.update({"rounds": 2, "population": 30, "cohort": {"size": 8, "sampling": "fixed"},
+                "secagg": {"name": "secaggplus", "simulation_shortcut": True, "max_corrupt_fraction": 0.0},
+                "simulation": {"num_workers": 2, "ray_temp_dir": str(tmp_path / "ray")}})  # fmt: skip
+    on_ray = run(from_dict(raw), tmp_path / "ray-run")
+    assert SIMULATION_ENV not in os.environ
+    rows = [json.loads(x) for x in (tmp_path / "ray-run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("secagg_survivors_unmask") for r in rows] == [8, 8] and not any(r.get("secagg_aborted") for r in rows)
+    assert on_ray["secagg"]["simulation_shortcut"] is True
+    local = run_local(from_dict(raw), tmp_path / "local")
+    assert on_ray["model_sha256"] == local["model_sha256"]
