@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedsim import resources
 from fedsim.capacity import check_fits
 from fedsim.config import FedsimConfig, from_dict
-from fedsim.errors import ConfigError, FedsimError
+from fedsim.errors import ConfigError, FedsimError, RunInterrupted
 from fedsim.trackers import check_installed
 
 # The repository's conf/, or its copy inside an installed wheel (fedsim.resources).
@@ -147,6 +147,8 @@ def _hydra_main(dcfg: DictConfig) -> float | None:
         summary = run(cfg, run_dir, overrides=_override_keys())
     except BaseException as err:
         user_error = _find_user_error(err)
+        if user_error is None and isinstance(err, KeyboardInterrupt):  # Ctrl-C before round 1, or twice
+            fail("interrupted (Ctrl-C)", RunInterrupted.exit_code)
         if user_error is None:
             raise
         fail(str(user_error), user_error.exit_code)

@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         # round 1 ended 1-1.5 s sooner (`fedsim rounds=1`, 2 cores). Bad input still fails here,
         # before any round, once Ray's start is done and undone (a data error: 7 s, was 2.5 s).
         # An existing cluster is attached to afterwards.
-        every_cpu = cfg.num_workers * sim.cpus_per_worker >= (os.cpu_count() or 1)
+        # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
+        every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= (os.cpu_count() or 1)
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
             from fedsim.server_app import prepare
 
@@ -186,14 +187,16 @@ def gpus_per_worker(cfg: FedsimConfig) -> float:
 @contextlib.contextmanager
 def _ray_starting(init_args: dict[str, Any] | None, *, preload: bool) -> Iterator[None]:
     """Start Ray (`_start_ray`) on another thread while the body runs; on leaving, wait for it
-    (its error, if any, is raised here). None: nothing to start (an existing cluster is attached
-    to instead, `_attach_ray`).
+    (its error, if any, is raised here, once what it started is shut down). None: nothing to
+    start (an existing cluster is attached to instead, `_attach_ray`).
 
-    If the body raises (bad data, Ctrl-C, ...), Ray's start is waited for (further Ctrl-Cs are
-    held until it is done, a few seconds at most) and Ray is shut down before the error goes
-    on: nothing of Ray outlives a refused run, also in a long-lived process (a notebook). The
-    workers' environment (`_start_ray`) is put into this process's environment before the
-    starting thread runs and taken out again on every way out.
+    The workers' environment (`_start_ray`) is put into this process's environment for Ray's
+    start and taken out again on every way out; if the body raises (bad data, Ctrl-C, ...), it is
+    taken out first, then Ray's start is waited for and Ray shut down, both on the starting
+    thread, with further Ctrl-Cs / SIGTERMs held back meanwhile (bounded by Ray's own start-up
+    timeouts; one line says so), before the error goes on: nothing of Ray outlives a refused run,
+    also in a long-lived process (a notebook). Two runs at once in one process are not supported
+    (Ray is one per process).
 
     The thread is one per process and never ends (`_ray_starter`): Ray starts its daemons (GCS,
     raylet) with PR_SET_PDEATHSIG, which kills them when the *thread* that started them exits.
@@ -206,36 +209,58 @@ def _ray_starting(init_args: dict[str, Any] | None, *, preload: bool) -> Iterato
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = _worker_runtime_env()["env_vars"]
     saved = {key: os.environ.get(key) for key in env if key != "PYTHONPATH"}  # PYTHONPATH stays set
-    os.environ.update(env)
-    done, failed = threading.Event(), []
-    _ray_starter().put((init_args, preload, done, failed))
+    started: _Job | None = None
     try:
+        os.environ.update(env)
+        started = _on_ray_thread(lambda: _start_ray(init_args, env, preload=preload))
         yield
-        done.wait()
+        started.done.wait()
     except BaseException:
-        interrupted = _wait_through_interrupts(done)
         _restore_environment(saved)
-        import ray
-
-        ray.shutdown()  # also a half-started Ray (its start failed); nothing if none
-        if interrupted is not None:
-            raise interrupted from None
+        held = None
+        if started is not None:
+            held = _hold_interrupts(started.done)
+            held = _hold_interrupts(_on_ray_thread(_shutdown_ray).done) or held
+        if held is not None:
+            raise held from None
         raise
     _restore_environment(saved)
-    if failed:
-        raise failed[0]
+    if started.error is not None:
+        _hold_interrupts(_on_ray_thread(_shutdown_ray).done)  # a half-started Ray
+        raise started.error
 
 
-def _wait_through_interrupts(done: threading.Event) -> BaseException | None:
+class _Job:
+    """A call made on the Ray thread (`_on_ray_thread`): done once it returned or raised."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.call, self.done, self.error = call, threading.Event(), None
+
+
+def _on_ray_thread(call: Callable[[], None]) -> _Job:
+    job = _Job(call)
+    _ray_starter().put(job)
+    return job
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()  # nothing if Ray is not initialized
+
+
+def _hold_interrupts(done: threading.Event) -> BaseException | None:
     """Wait for `done`, holding back KeyboardInterrupt / SystemExit (SIGTERM) until it is set;
     the first one held back is returned."""
     held: BaseException | None = None
-    while True:
+    while not done.is_set():
         try:
             done.wait()
-            return held
         except (KeyboardInterrupt, SystemExit) as err:
+            if held is None:
+                sys.stderr.write("[fedsim] stopping once Ray's start is done and undone (a few seconds)\n")
             held = held or err
+    return held
 
 
 def _restore_environment(saved: dict[str, str | None]) -> None:
@@ -252,58 +277,58 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def _existing_cluster(temp_dir: str | None) -> bool:
     """Whether ray.init without an address would connect to a running cluster instead of
-    starting one: RAY_ADDRESS is set (inside a Ray job, say), or a `ray start` cluster is
-    recorded in Ray's temp dir. fedsim then attaches to it as it always did (the workers'
-    environment as the job's runtime_env) instead of starting its own Ray."""
-    if os.environ.get("RAY_ADDRESS"):
-        return True
+    starting one (RAY_ADDRESS set to a cluster, inside a Ray job say, or a `ray start` cluster
+    recorded in Ray's temp dir): Ray's own decision (a private function; if it fails, Ray starts
+    its own). fedsim then attaches to it as it always did, the workers' environment as the job's
+    runtime_env, instead of starting its own Ray."""
     try:
         from ray._private.services import canonicalize_bootstrap_address
 
         return canonicalize_bootstrap_address(None, temp_dir) is not None
-    except Exception:  # noqa: BLE001 - a private Ray function: when it fails, Ray starts its own
+    except Exception:  # noqa: BLE001 - see the docstring
         return False
 
 
 @functools.cache
 def _ray_starter() -> queue.SimpleQueue:
-    """The queue of the process's one Ray-starting thread (see `_ray_starting`): it takes
-    (init_args, preload, done event, failures list) and starts Ray with `_start_ray`.
-    A process forked from this one has no such thread: it makes its own (`register_at_fork`)."""
+    """The queue of the process's one Ray thread (see `_ray_starting`), which runs each `_Job`
+    put on it in turn. A process forked from this one has no such thread: it makes its own
+    (`register_at_fork`)."""
     jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     def serve() -> None:
         # ray.init warns off the main thread that it sets no SIGTERM handler: _ray_starting does.
         logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler is not set" not in r.getMessage())
         while True:
-            init_args, preload, done, failed = jobs.get()
+            job = jobs.get()
             try:
-                _start_ray(init_args, preload=preload)
+                job.call()
             except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
-                failed.append(err)
-            done.set()
+                job.error = err
+            job.done.set()
 
-    threading.Thread(target=serve, name="fedsim-ray-start", daemon=True).start()
+    threading.Thread(target=serve, name="fedsim-ray", daemon=True).start()
     return jobs
 
 
 os.register_at_fork(after_in_child=_ray_starter.cache_clear)
 
 
-def _start_ray(init_args: dict[str, Any], *, preload: bool = False) -> None:
+def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool = False) -> None:
     """Start Ray here, as Flower's RayBackend.init_ray would (Flower then reuses it), before the
     ServerApp starts: Flower otherwise starts Ray while the ServerApp's first round is already
     waiting, and round 1's time held Ray's start (2.5 s here) on top of the workers'.
 
-    The workers' environment (`_worker_runtime_env`) is in this process's environment while Ray
-    starts (`_ray_starting` puts it there), so the raylet and every worker it starts inherit it,
+    The workers' environment `env` (`_worker_runtime_env`) is in this process's environment while
+    Ray starts (`_ray_starting` puts it there), so the raylet and every worker it starts inherit it,
     instead of being passed as Ray's job runtime_env: the raylet starts one worker process per
     CPU as it starts, without a runtime_env, and Flower's worker actors can only reuse those when
     the job has none either (a runtime_env made every actor start a new process after Ray's
     start, 0.8 s of round 1 here). With `preload` those processes import fedsim's ClientApp
     (torch, Flower) as they start, during Ray's start (Ray's `preload_python_modules`): only
-    when the run's workers use every CPU of the machine, since the raylet starts one process per
-    CPU (on 64 cores and 8 workers, 56 idle processes would each hold torch).
+    where each of them becomes a busy worker (one CPU per worker, at least as many workers as
+    CPUs: os.cpu_count(), which in a container limited to fewer CPUs than the host's only forgoes
+    the preload); on 64 cores and 8 workers, 56 idle processes would each hold torch.
     Where ray.init would connect to a running cluster instead (`_existing_cluster`), its workers
     get the environment as the job's runtime_env (and it takes no `_system_config`)."""
     import ray
@@ -311,7 +336,7 @@ def _start_ray(init_args: dict[str, Any], *, preload: bool = False) -> None:
     if ray.is_initialized():
         return
     if _existing_cluster(init_args.get("_temp_dir")):
-        ray.init(runtime_env=_worker_runtime_env(), **init_args)
+        ray.init(runtime_env={"env_vars": env}, **init_args)
     else:
         preloaded = {"_system_config": {"preload_python_modules": ["fedsim.client_app"]}} if preload else {}
         ray.init(**init_args, **preloaded)

@@ -75,6 +75,7 @@ def test_the_ray_workers_carry_the_simulation_mark_and_take_the_shortcut(tmp_pat
     from fake_grid import run_local
 
     monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    assert not ray.is_initialized()  # a Ray left by another test would not carry the mark
     raw = _cfg(tmp_path)
     raw.update({"rounds": 2, "population": 30, "cohort": {"size": 8, "sampling": "fixed"},
                 "secagg": {"name": "secaggplus", "simulation_shortcut": True, "max_corrupt_fraction": 0.0},
@@ -84,5 +85,24 @@ def test_the_ray_workers_carry_the_simulation_mark_and_take_the_shortcut(tmp_pat
     rows = [json.loads(x) for x in (tmp_path / "ray-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("secagg_survivors_unmask") for r in rows] == [8, 8] and not any(r.get("secagg_aborted") for r in rows)
     assert on_ray["secagg"]["simulation_shortcut"] is True
+    monkeypatch.setenv(SIMULATION_ENV, "1")  # as LocalGrid sets it, undone at teardown
     local = run_local(from_dict(raw), tmp_path / "local")
     assert on_ray["model_sha256"] == local["model_sha256"]
+
+
+def test_ctrl_c_while_ray_starts_restores_the_environment_and_leaves_no_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt in the launcher while Ray starts on its thread (fedsim.run._ray_starting):
+    it goes on once Ray's start is done and undone, and the simulation mark is not left in the
+    environment (a long-lived process, a notebook, would hand it to every process it starts)."""
+    from fedsim.run import _ray_starting, _short_path
+
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    assert not ray.is_initialized()
+    with _short_path(str(tmp_path / "ray")) as ray_dir, pytest.raises(KeyboardInterrupt):
+        args = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False, "_temp_dir": ray_dir}
+        with _ray_starting(args, preload=False):
+            assert os.environ[SIMULATION_ENV] == "1"  # in the environment Ray's raylet starts with
+            raise KeyboardInterrupt
+    assert SIMULATION_ENV not in os.environ
+    assert not ray.is_initialized()
+    assert not [n for n in _children() if n in ("gcs_server", "raylet")], _children()
