@@ -102,7 +102,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
             init_args["_temp_dir"] = ray_dir
         # Ray's start (2.5 s here, mostly waiting for its daemons) runs on a thread while this one
         # imports torch and the ServerApp, checks the data and model and calibrates the privacy:
-        # round 1 ended 1-1.5 s sooner (`fedsim rounds=1`, 2 cores). Bad input still fails here,
+        # round 1 ends about 2 s sooner (`fedsim rounds=1`, 2 cores: median 8.2 s after the launch
+        # against 10.1, README "Start-up"). Bad input still fails here,
         # before any round, once Ray's start is done and undone (a data error: 7 s, was 2.5 s).
         # An existing cluster is attached to afterwards.
         # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
