@@ -1,8 +1,8 @@
 """The launcher starts Ray on a thread while it loads the data (fedsim.run._ray_starting).
 
-What a user relies on: a run refused while its data load (bad data) leaves no Ray behind (no
-initialized Ray in the process, no Ray daemon still running under it), so the next run in the
-same process starts normally; and the simulation engine's mark (`SIMULATION_ENV`), which lets a
+What a user relies on: a run refused while its data load (bad data), or stopped by Ctrl-C while
+Ray starts, leaves no Ray behind (no initialized Ray in the process, no Ray daemon still running
+under it), so the next run in the same process starts normally; and the simulation engine's mark (`SIMULATION_ENV`), which lets a
 worker take secagg.simulation_shortcut, reaches the workers but does not stay in the launcher's
 environment.
 """
