@@ -13,6 +13,21 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _simulation_mark_per_test():
+    """The simulation engine's mark (FEDSIM_SIMULATION_ENGINE) is put back after every test as it
+    was before it: fake_grid.LocalGrid sets it for its in-process workers, and it must not reach a
+    later test (a deployment SuperNode it starts, a check that the launcher leaves it unset)."""
+    from fedsim.config import SIMULATION_ENV
+
+    before = os.environ.get(SIMULATION_ENV)
+    yield
+    if before is None:
+        os.environ.pop(SIMULATION_ENV, None)
+    else:
+        os.environ[SIMULATION_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def femnist_dir() -> Path:
     """The repository's data/femnist (105 writers), sha256-checked. Never skipped: the data ship

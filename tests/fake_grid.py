@@ -75,7 +75,7 @@ class LocalGrid(ClockedGrid):
         from fedsim.client_app import app
         from fedsim.secure_rounds import SIMULATION_ENV
 
-        os.environ[SIMULATION_ENV] = "1"  # an in-process simulation engine, as fedsim.run marks its workers
+        os.environ[SIMULATION_ENV] = "1"  # an in-process simulation engine, as fedsim.run marks its workers (conftest unsets it after the test)
         self.app = app
         self.nodes = list(range(101, 101 + num_workers))
         super().__init__(self.nodes, clock)
