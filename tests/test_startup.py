@@ -51,7 +51,7 @@ def _cfg(tmp_path: Path, **dataset: object) -> dict:
 
 
 def test_a_run_refused_at_its_data_leaves_no_ray_and_the_next_run_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # An in-process LocalGrid test before this one in the same pytest process marks it (fake_grid.py).
+    # Absent whatever this test process was started with (conftest restores it afterwards).
     monkeypatch.delenv(SIMULATION_ENV, raising=False)
     empty = tmp_path / "no-data"
     empty.mkdir()
