@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-
 from fedsim.errors import FedsimError, StorageError
 
 VERSION = 1

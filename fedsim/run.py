@@ -149,8 +149,9 @@ def server_malloc() -> None:
     are mapped and given back to the system when freed, instead of glibc's default, whose
     threshold rises (up to 32 MB) each time such a block is freed, so later ones come from the
     heap and stay resident; at most two arenas (Ray's and Flower's threads would each get one).
-    The FEMNIST-size CNN of `bench/speed.py` (cohort 50, 2 workers, 8 rounds): server peak 641-645
-    MB against 792-796, seconds per round unchanged (1.43-1.45 against 1.41-1.44). The workers keep
+    The FEMNIST-size CNN of `bench/speed.py` (its fedsim command with 8 rounds, run by hand twice
+    each way): server peak 641-645 MB against 792-796, seconds per round unchanged (1.43-1.45
+    against 1.41-1.44); in `bench/speed.py` runs, 607-614 MB against 725. The workers keep
     the defaults: their training frees and allocates such blocks at every step, and the same
     settings there made a round 18% slower."""
     import ctypes
@@ -346,10 +347,9 @@ def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool 
 def _start_key_registry() -> None:
     """SecAgg+'s active model: the run's key registry (fedsim.pki), a Ray actor the workers reach
     directly, created here, once Ray is up (`_start_ray` or `_attach_ray`) and before the
-    ServerApp starts."""
+    ServerApp starts (`pki.start` forgets handles cached by an earlier run in this process)."""
     from fedsim import pki
 
-    pki.close()  # a handle cached from an earlier run in this process belongs to a Ray session that is gone
     pki.start()
 
 

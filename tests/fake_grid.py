@@ -73,9 +73,10 @@ class LocalGrid(ClockedGrid):
 
     def __init__(self, num_workers: int, clock: FakeClock | None = None) -> None:
         from fedsim.client_app import app
-        from fedsim.secure_rounds import SIMULATION_ENV
+        from fedsim.config import SIMULATION_ENV
 
-        os.environ[SIMULATION_ENV] = "1"  # an in-process simulation engine, as fedsim.run marks its workers (conftest unsets it after the test)
+        # An in-process simulation engine, as fedsim.run marks its workers (conftest puts it back after the test).
+        os.environ[SIMULATION_ENV] = "1"
         self.app = app
         self.nodes = list(range(101, 101 + num_workers))
         super().__init__(self.nodes, clock)

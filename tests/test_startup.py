@@ -2,9 +2,9 @@
 
 What a user relies on: a run refused while its data load (bad data), or stopped by Ctrl-C while
 Ray starts, leaves no Ray behind (no initialized Ray in the process, no Ray daemon still running
-under it), so the next run in the same process starts normally; and the simulation engine's mark (`SIMULATION_ENV`), which lets a
-worker take secagg.simulation_shortcut, reaches the workers but does not stay in the launcher's
-environment.
+under it), so the next run in the same process starts normally; and the simulation engine's
+mark (`SIMULATION_ENV`), which lets a worker take secagg.simulation_shortcut, reaches the workers
+but does not stay in the launcher's environment.
 """
 
 from __future__ import annotations
