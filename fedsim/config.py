@@ -415,6 +415,9 @@ class DPSGDPrivacyConfig:
     fix_model: bool = False  # let Opacus's ModuleValidator replace incompatible layers (BatchNorm -> GroupNorm)
     # calibration: rounds a device joins (null: ceil(rounds * q))
     assumed_participations: int | None = field(default=None, metadata=checked(positive()))
+    # local: each device adds all of its noise (trusts nobody) | distributed: under SecAgg+ each device sends one
+    # DP-SGD gradient sum per round with 1/h of the noise as a Skellam share (fedsim.privacy.distributed_sgd)
+    noise: str = field(default="local", metadata=checked(one_of("local", "distributed")))
 
 
 @dataclass
@@ -764,6 +767,8 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError(
                 "privacy.dpsgd.noise_multiplier", "is null, so privacy.dpsgd.target_epsilon must be set to calibrate it"
             )
+        if dp.noise == "distributed":
+            validate_distributed_dpsgd(cfg)
     user = cfg.privacy.dpfedavg
     if user is not None:
         check_fields(user, "privacy.dpfedavg")
@@ -886,6 +891,36 @@ BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless th
 #: runtime_env), never by the server's messages: a worker accepts secagg.simulation_shortcut (its
 #: devices then send their inputs unmasked) only where it is set (fedsim.secure_rounds).
 SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
+
+
+def validate_distributed_dpsgd(cfg: FedsimConfig) -> None:
+    """privacy.dpsgd.noise=distributed: what its mechanism and accounting cover
+    (fedsim.privacy.distributed_sgd): one clipped gradient sum per device and round, summed
+    under SecAgg+, no other noise or release, and the Skellam RDP accountant."""
+    a, dp = cfg.algorithm, cfg.privacy.dpsgd
+    assert dp is not None
+    checks = (
+        ("secagg.name", cfg.secagg.name != "secaggplus", f"{cfg.secagg.name}: distributed DP-SGD noise is a share of "
+         "the noise each device adds under secure aggregation; allowed: secaggplus (or privacy.dpsgd.noise=local)"),
+        ("privacy.dpfedavg", cfg.privacy.dpfedavg is not None, "is set: distributed DP-SGD noise releases the round's "
+         "sum itself; allowed: privacy.dpfedavg=null (privacy=dpsgd)"),
+        ("privacy.dpsgd.accountant", dp.accountant != "rdp", f"{dp.accountant}: distributed noise is Skellam, accounted "
+         "by its own RDP bound (Agarwal et al. 2021); allowed: rdp"),
+        ("algorithm.local_epochs", a.local_epochs != 1, f"{a.local_epochs}: with distributed noise each device takes "
+         "one DP-SGD step per round (its clipped gradient sum, DP-FedSGD); allowed: 1"),
+        ("algorithm.name", a.name in ("fedprox", "scaffold"), f"{a.name}: changes the devices' local training, which "
+         "distributed DP-SGD replaces by one gradient sum; allowed: a server optimizer (fedavg, fedavgm, fedadam, "
+         "fedadagrad, fedyogi)"),
+        ("algorithm.momentum", a.momentum != 0, f"{a.momentum}: devices take no local steps with distributed noise; "
+         "allowed: 0 (momentum on the server: algorithm=fedavgm)"),
+        ("algorithm.weight_decay", a.weight_decay != 0, f"{a.weight_decay}: devices send only their clipped "
+         "gradients with distributed noise; allowed: 0"),
+        ("audit.canary_examples", cfg.audit.canary_examples > 0, "the sample-level audit's canary devices train "
+         "apart from the secure sum, which distributed noise does not cover; allowed: 0"),
+    )
+    for key, bad, why in checks:
+        if bad:
+            raise ConfigError(key, why)
 
 
 def validate_audit(cfg: FedsimConfig) -> None:

@@ -69,7 +69,8 @@ _KEYS_NOT_IN_FINGERPRINT = (
 # Keys added after runs were recorded, with the value that keeps the old behaviour: left out of
 # the fingerprint at that value, so a run that does not use them keeps its randomness (and its
 # model, bit for bit: scripts/golden.py). A new key of a fingerprinted group goes here too.
-_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None, ("model", "activation"): "relu", ("model", "scatter_head"): "linear"}
+_ADDED_LATER = {("privacy", "dpfedavg", "tree_restart_every"): None, ("model", "activation"): "relu", ("model", "scatter_head"): "linear",
+                ("privacy", "dpsgd", "noise"): "local"}
 
 
 def resolve(cfg: FedsimConfig) -> tuple[str, str]:
@@ -79,10 +80,16 @@ def resolve(cfg: FedsimConfig) -> tuple[str, str]:
         return asked, f"privacy.randomness={asked}"
     if cfg.engine == "deployment":
         return "secure", "auto: engine=deployment runs real devices, so noise must not be derivable from the run seed"
-    user = cfg.privacy.dpfedavg
-    if cfg.secagg.name != "none" and user is not None and user.noise == "distributed":
+    if distributed_noise(cfg):
         return "secure", "auto: distributed DP noise under SecAgg+ must be unknown to the server, which knows the run seed"
     return "reproducible", "auto: a simulation without distributed noise, so same seed + config gives the same run"
+
+
+def distributed_noise(cfg: FedsimConfig) -> bool:
+    """Whether devices add the run's DP noise as shares under SecAgg+ (user- or sample-level)."""
+    user, dp = cfg.privacy.dpfedavg, cfg.privacy.dpsgd
+    return cfg.secagg.name != "none" and (
+        (user is not None and user.noise == "distributed") or (dp is not None and dp.noise == "distributed"))
 
 
 def mode(cfg: FedsimConfig) -> str:
@@ -203,7 +210,6 @@ def describe(cfg: FedsimConfig) -> dict[str, object]:
             "Braghin 2021) and central DP-FedAvg noise the same construction; torchcsprng (Opacus's CSPRNG "
             "generator) has no build for torch 2.13, so it is not used; runs are not reproducible"
         )
-    user = cfg.privacy.dpfedavg
-    if resolved == "reproducible" and cfg.secagg.name != "none" and user is not None and user.noise == "distributed":
+    if resolved == "reproducible" and distributed_noise(cfg):
         out["warning"] = SERVER_CAN_REMOVE_NOISE
     return out

@@ -56,7 +56,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -83,20 +82,21 @@ from fedsim.secagg import (
 )
 from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
-from fedsim.secure_grid import encoding_clip
+from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, encoding_clip, grid
 from fedsim.reports import DeviceReport
+from clients.params import num_params
 from fedsim.worker import Worker, keep_in_groups
 
 log = logging.getLogger("fedsim")
 # Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 
-if TYPE_CHECKING:
-    from fedsim.privacy.dpfedavg import SecureEncoding
-
 MESSAGE_TYPE = "train.secagg"
 _DROP_STREAM = 0xD20B
 ROUNDING_STREAM = "secagg.rounding"
+# Distributed DP-SGD: which examples a device samples, and the rounding of each one's gradient.
+SAMPLING_STREAM = "dpsgd.example_sampling"
+EXAMPLE_ROUNDING_STREAM = "dpsgd.example_rounding"
 NOISE_STREAM = "secagg.noise"
 #: P(the noise of a round's sum leaves the range the modulus is sized for): accuracy only (a
 #: wrapped sum is still a function of the noisy sum, so privacy holds).
@@ -163,15 +163,16 @@ def decode_stats(names: tuple[str, ...], sums: np.ndarray) -> dict[str, float]:
     return out
 
 
-def fixed_point(cfg: FedsimConfig, num_devices: int, noise_bound: int = 0, other_abs_sum: int = 0) -> FixedPoint:
-    """The round's encoding: m chosen (or the configured m checked) so the cohort's sum, noise
-    and statistics included, cannot wrap around."""
+def fixed_point(
+    cfg: FedsimConfig, num_devices: int, noise_bound: int = 0, other_abs_sum: int = 0, *, dim: int = 1,
+) -> FixedPoint:  # fmt: skip
+    """The round's encoding for a model of `dim` parameters: m chosen (or the configured m
+    checked) so the cohort's sum, noise and statistics included, cannot wrap around."""
     sa = cfg.secagg
     other = max(other_abs_sum, num_devices * STAT_LEVELS)
+    clip, bits = grid(cfg, dim)
     try:
-        return FixedPoint.for_sum(
-            encoding_clip(cfg), sa.bits, num_devices, noise_bound, modulus_bits=sa.modulus_bits, other_abs_sum=other
-        )
+        return FixedPoint.for_sum(clip, bits, num_devices, noise_bound, modulus_bits=sa.modulus_bits, other_abs_sum=other)
     except ValueError as err:
         raise ConfigError("secagg.modulus_bits", str(err)) from None
 
@@ -229,10 +230,10 @@ def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus
     )  # fmt: skip
 
 
-def prepare(cfg: FedsimConfig) -> GraphChoice:
+def prepare(cfg: FedsimConfig, dim: int = 1) -> GraphChoice:
     """Checks before the run (a bad modulus or an impossible threat model fails here, not in
     round 1); returns the guarantee at the configured cohort size."""
-    fixed_point(cfg, cfg.cohort.size)
+    fixed_point(cfg, cfg.cohort.size, dim=dim)
     return graph_choice(cfg, cfg.cohort.size)
 
 
@@ -273,9 +274,9 @@ def summary(cfg: FedsimConfig) -> dict:
             f"the run config is public and fixed before the run: each device computes t, D and the survivor floor "
             f"max(t, n - D) (= {survivor_floor(choice)} at n = {choice.n}) from it and the session's n, refuses a "
             "session whose k, t differ, and signs and unmasks only a survivor set at least that large; with DP-FedAvg "
-            "it also checks the round's encoding against the config (grid, fixed clip norm, rounding norm bound, its "
-            "noise share at least 1/h of the accounted variance); with adaptive clipping the clip norm is taken as "
-            "sent (the norm bound and the noise scale with it)"
+            "or distributed DP-SGD it also checks the round's encoding against the config (grid, fixed clip norm, "
+            "rounding norm bound, its noise share at least 1/h of the accounted variance); with adaptive clipping the "
+            "clip norm is taken as sent (the norm bound and the noise scale with it)"
         )
     shortcut = None
     if cfg.secagg.simulation_shortcut:
@@ -310,9 +311,9 @@ class SecureAggregation(Mechanism):
 
     summary_key = "secagg"
 
-    def __init__(self, cfg: FedsimConfig) -> None:
+    def __init__(self, cfg: FedsimConfig, dim: int = 1) -> None:
         self.cfg = cfg
-        prepare(cfg)  # a modulus too small or an impossible threat model fails here, not in round 1
+        prepare(cfg, dim)  # a modulus too small or an impossible threat model fails here, not in round 1
 
     @classmethod
     def enabled(cls, cfg: FedsimConfig) -> bool:
@@ -321,7 +322,7 @@ class SecureAggregation(Mechanism):
     @classmethod
     def create(cls, cfg: FedsimConfig, dataset: object, model: torch.nn.Module) -> tuple[SecureAggregation, torch.nn.Module]:
         del dataset
-        return cls(cfg), model
+        return cls(cfg, num_params(model)), model
 
     def describe(self) -> str:
         return summary(self.cfg)["guarantee"]
@@ -355,6 +356,10 @@ def secure_round(
         return SecureRoundResult(None, 0, [], aborted=f"only {len(cohort)} device(s) sampled; SecAgg+ needs 2")
     n, dim = len(cohort), len(params_vec)
     names = stats_names(cfg)
+    if encoding is None and distributed_dpsgd(cfg):  # sample-level DP with distributed noise
+        from fedsim.privacy.distributed_sgd import encoding as example_encoding
+
+        encoding = example_encoding(cfg, dim)
     try:  # k and t first: the noise shares depend on t
         params = session_params(cfg, n, dim + len(names), 64, round_num)
     except ConfigError as err:  # a Poisson cohort too small for the threat model: this round only
@@ -378,7 +383,7 @@ def secure_round(
     # The sum of all n devices' shares stays within +-B (w.p. 1 - OVERFLOW_PROB): the ring is sized for it.
     bound = skellam_tail_bound(n * mu_update, OVERFLOW_PROB / 2, dim) if mu_update > 0 else 0
     count_bound = skellam_tail_bound(n * mu_count, OVERFLOW_PROB / 2, 1) if mu_count > 0 else 0
-    fp = fixed_point(cfg, n, bound, n + count_bound)
+    fp = fixed_point(cfg, n, bound, n + count_bound, dim=dim)
     # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
     server_registry: dict[int, bytes] = {}
@@ -615,8 +620,17 @@ def _masked_input(
     # The plan's groups (vectorized training) without the devices that dropped here.
     sizes = [int(g) for g in job["groups"]] if "groups" in job else None  # type: ignore[union-attr]
     groups = keep_in_groups(device_ids, sizes, {d for d, _ in live})
-    report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
     streams = randomness.streams(cfg)
+    by_example = distributed_dpsgd(cfg)  # distributed DP-SGD: the devices' rounded gradient sums
+    if by_example:
+        if norm_bound is None:
+            raise ValueError("the session gives no rounding bound for distributed DP-SGD")
+        report = worker.gradient_sums(
+            global_params, round_num, [d for d, _ in live], norm_bound=norm_bound,
+            rngs=lambda d: (streams.numpy(SAMPLING_STREAM, round_num, d), streams.numpy(EXAMPLE_ROUNDING_STREAM, round_num, d)),
+        )  # fmt: skip
+    else:
+        report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
     masked: dict[str, Array] = {}
     # Simulation shortcut: the inputs travel unmasked, so the worker ships their sum mod 2^m (one
     # vector instead of one per device; SecAggServer.collect_masked takes it as a group).
@@ -630,7 +644,7 @@ def _masked_input(
         rounding = streams.numpy(ROUNDING_STREAM, round_num, d)
         noise_rng = streams.numpy(NOISE_STREAM, round_num, d)
         try:
-            q = fp.encode_int(report.updates[row], rounding, norm_bound)
+            q = report.updates[row] if by_example else fp.encode_int(report.updates[row], rounding, norm_bound)
         except ValueError as err:  # this device's update cannot be encoded: it drops, the others go on
             errors[str(p)] = f"masked_input: {err}"
             continue
@@ -724,15 +738,31 @@ def _user_level_dp(config_json: str, num_params: int):  # noqa: ANN202 - a UserL
 
 
 def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) -> None:
-    """Active threat model with DP-FedAvg: the round's encoding is what the run config implies.
+    """Active threat model with DP-FedAvg or distributed DP-SGD: the round's encoding is what
+    the run config implies.
 
     The grid (range, bits) must be the config's, the fixed clip norm the config's (adaptive
     clipping: the clip norm the server derived from the noisy counts is taken as sent; the
     bound and noise below scale with it), the rounding norm bound no larger than the
     accountant's for that clip norm, and, with distributed noise, each device's Skellam share
     at least 1/h of the variance the accountant assumes, h = max(t, n - D) - C from the config.
-    So a lying server cannot strip the noise or loosen the sensitivity. ValueError otherwise.
+    Distributed DP-SGD: the example grid, each example's rounding bound and the noise share,
+    from the config's (calibrated) noise multiplier. So a lying server cannot strip the noise
+    or loosen the sensitivity. ValueError otherwise.
     """
+    if distributed_dpsgd(cfg):  # each example's rounding bound and the noise share, from the config's z
+        from fedsim.privacy.distributed_sgd import encoding as example_encoding
+
+        dim = int(job["dim"])  # type: ignore[arg-type]
+        if (float(job["clip"]), int(job["bits"])) != grid(cfg, dim):  # type: ignore[arg-type]
+            raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
+        wanted = example_encoding(cfg, dim)
+        if float(job["norm_bound"]) > wanted.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
+            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {wanted.norm_bound:g}")
+        share = wanted.update_variance / (survivor_floor(choice) - choice.corrupt)
+        if float(job["skellam_mu"]) < share * (1 - 1e-12):  # type: ignore[arg-type]
+            raise ValueError(f"the session's noise share skellam_mu={job['skellam_mu']} is below the run config's {share:g}")
+        return
     user = cfg.privacy.dpfedavg
     if user is None:
         return

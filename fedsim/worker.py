@@ -40,6 +40,8 @@ from fedsim.reports import DeviceReport, all_finite, fold_into_tree
 from fedsim.strategies import strategy_class
 
 if TYPE_CHECKING:  # DP-SGD's trainer imports Opacus (~2 s): only runs with privacy.dpsgd load it
+    from collections.abc import Callable
+
     from clients import DPSGDConfig, DPSGDTrainer
 
 
@@ -257,6 +259,7 @@ class Worker:
         # which self.features computes once per device (the same numbers as at every step).
         self.features, self.model = split_fixed_features(worker_model(cfg, self.dataset))
         self._feature_cache = FeatureCache()
+        self._gradient_sums = None  # distributed DP-SGD's device side, made on first use
         if cfg.privacy.dpsgd is None:  # Opacus's one-by-one DP-SGD draws its noise from CPU generators: it stays there
             self.model.to(self.device)
         self.trainer = build_trainer(cfg, self.model)
@@ -370,6 +373,43 @@ class Worker:
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
         if sums is not None:
             fold_into_tree(report, device_ids, *sum_range, sums)  # type: ignore[misc]
+        report.train_time_s = time.perf_counter() - start
+        report.peak_rss_mb = peak_rss_mb()
+        return report
+
+    def gradient_sums(
+        self, global_params: torch.Tensor, round_num: int, device_ids: list[int], *, norm_bound: float,
+        rngs: Callable[[int], tuple[np.random.Generator, np.random.Generator]],
+    ) -> DeviceReport:  # fmt: skip
+        """Distributed DP-SGD (fedsim.privacy.distributed_sgd): each device's rounded sum of its
+        Poisson-sampled examples' clipped, scaled gradients at the global model, as int64 rows
+        of `report.updates`; `rngs(d)` gives device d's (sampling, rounding) generators. A
+        device fails alone (injected failures and deadlines as in `train`)."""
+        from fedsim.privacy.distributed_sgd import GradientSums
+
+        if self._gradient_sums is None:
+            self._gradient_sums = GradientSums(self.cfg, split_fixed_features(worker_model(self.cfg, self.dataset))[1])
+        report, start = DeviceReport(), time.perf_counter()
+        cfg, streams = self.cfg, self.streams
+        z = cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
+        for device_id in device_ids:
+            try:
+                if injected_failure(cfg, streams, round_num, device_id):
+                    raise RuntimeError("injected failure (faults.device_failure_rate)")
+                check_deadline(cfg, streams, round_num, device_id, self.dataset.num_examples(device_id))
+                x, y = self.device_data(device_id)
+                sampling, rounding = rngs(device_id)
+                out = self._gradient_sums(global_params, x, y, norm_bound=norm_bound, sampling=sampling, rounding=rounding)
+            except Exception as err:  # one device failing must not take its worker's other devices down
+                report.failed_ids.append(device_id)
+                report.failures.append(_failure(err))
+                continue
+            report.device_ids.append(device_id)
+            report.updates.append(out.ints)
+            report.num_examples.append(len(y))
+            report.losses.append(out.loss)
+            report.dp_events.append((z, out.sample_rate, 1))
+            report.clip_fractions.append(out.clip_fraction)
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
         return report

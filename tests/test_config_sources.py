@@ -51,6 +51,7 @@ DIFFERS_ON_PURPOSE: dict[str, set[str]] = {
     "privacy=dpfedavg_production": {"privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon",
                                     "privacy.dpfedavg.noise_cohort_size"},
     "privacy=dpsgd_target": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon"},
+    "privacy=dpsgd_distributed": {"privacy.dpsgd.noise_multiplier", "privacy.dpsgd.target_epsilon", "privacy.dpsgd.noise"},
     "privacy=dpftrl": {"privacy.dpfedavg.noise"},
     "privacy=dpftrl_target": {"privacy.dpfedavg.noise", "privacy.dpfedavg.noise_multiplier", "privacy.dpfedavg.target_epsilon"},
     "secagg=secaggplus": {"secagg.name"},

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -71,7 +70,7 @@ from fedsim.mechanisms import Mechanism
 from fedsim.reports import DeviceReport
 from fedsim.sampling import cyclic_period
 from fedsim.secagg.quantize import MAX_ROUNDING_DRAWS
-from fedsim.secure_grid import grid_step
+from fedsim.secure_grid import SecureEncoding, grid_step
 
 log = logging.getLogger("fedsim")
 
@@ -80,21 +79,6 @@ SIMULATION_ONLY = (
     "simulation only: the server can remove the noise (privacy.randomness=reproducible derives every device's "
     "noise from the run seed and config, which the server knows)"
 )
-
-
-@dataclass(frozen=True)
-class SecureEncoding:
-    """What a SecAgg+ round needs from user-level DP (grid units of the round's encoding).
-
-    norm_bound: D2, the L2 bound every device's rounded update is held to (conditional
-    randomized rounding). update_variance / count_variance: distributed noise, the Skellam
-    variance per coordinate that every released sum must carry, even when it holds only the
-    fewest honest inputs the protocol allows (0: the server adds central noise instead).
-    """
-
-    norm_bound: float
-    update_variance: float = 0.0
-    count_variance: float = 0.0
 
 
 class UserLevelDP(Mechanism):

@@ -11,6 +11,7 @@ sampling it, and can leave out a device whose next participation would exceed it
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -21,7 +22,11 @@ import torch
 from fedsim.config import FedsimConfig
 from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
-from fedsim.privacy.accountants import choose_pld_interval, create_accountant
+from fedsim.privacy.accountants import Accountant, choose_pld_interval, create_accountant
+from fedsim.privacy.distributed_sgd import sample_rate, sensitivity
+from fedsim.privacy.skellam import SkellamSGDAccountant
+from fedsim.secure_grid import distributed_dpsgd, example_grid
+from clients.params import num_params
 from fedsim.privacy.calibration import calibrate_noise_multiplier
 from clients import plan
 from fedsim import checkpoint
@@ -33,6 +38,7 @@ from fedsim.reports import DeviceReport
 from fedsim.sampling import cyclic_period
 
 LEDGER_FILE = "ledger.json"
+log = logging.getLogger("fedsim")
 
 
 def dpsgd_event(*, num_examples: int, batch_size: int, local_epochs: int, noise_multiplier: float) -> DPSGDEvent:
@@ -55,12 +61,23 @@ def _median_low(counts: dict[int, float]) -> int:
 class SampleLevelDP(Mechanism):
     """The run's sample-level DP state: one ledger, one accountant, one budget per device."""
 
-    def __init__(self, cfg: FedsimConfig, dataset: FederatedDataset) -> None:
+    def __init__(self, cfg: FedsimConfig, dataset: FederatedDataset, *, num_params: int | None = None) -> None:
+        """`num_params`: the model's size, needed with distributed noise (the rounding bound depends on it)."""
         dp = cfg.privacy.dpsgd
         assert dp is not None
-        self.cfg, self.dataset = cfg, dataset
+        self.cfg, self.dataset, self.num_params = cfg, dataset, num_params or 0
         self.delta, self.target = dp.delta, dp.target_epsilon
-        self.accountant = create_accountant(dp.accountant)
+        # Distributed noise (fedsim.privacy.distributed_sgd): one Skellam-noised gradient sum per
+        # device and round under SecAgg+, accounted by its own RDP bound in grid units.
+        self.distributed = distributed_dpsgd(cfg)
+        self.sensitivity: tuple[float, float] | None = None
+        if self.distributed:
+            if num_params is None:
+                raise ValueError("distributed DP-SGD needs the model's size (num_params)")
+            self.sensitivity = sensitivity(cfg, num_params)
+            self.accountant: Accountant = SkellamSGDAccountant(l2=self.sensitivity[0], l1=self.sensitivity[1])
+        else:
+            self.accountant = create_accountant(dp.accountant)
         # {examples: devices}; expected counts for a generated population (no pass over 10^9 devices).
         sizes = dataset.size_counts()
         self.calibration: dict[str, Any] | None = None
@@ -88,6 +105,8 @@ class SampleLevelDP(Mechanism):
     def event_of_size(self, n: int) -> DPSGDEvent:
         a = self.cfg.algorithm
         z = self.cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
+        if self.distributed:  # one step per round, examples sampled at q = min(1, B / n)
+            return DPSGDEvent(noise_multiplier=z, sample_rate=sample_rate(n, a.batch_size), steps=1)
         return dpsgd_event(num_examples=n, batch_size=a.batch_size, local_epochs=a.local_epochs, noise_multiplier=z)
 
     def _planned_participations(self) -> int:
@@ -103,13 +122,14 @@ class SampleLevelDP(Mechanism):
         assert dp is not None and dp.target_epsilon is not None
         median_n = _median_low(sizes)
         batches = math.ceil(median_n / a.batch_size)
+        q, steps = (sample_rate(median_n, a.batch_size), 1) if self.distributed else (1.0 / batches, a.local_epochs * batches)
         participations = self._planned_participations()
         try:
             z = calibrate_noise_multiplier(
                 target_epsilon=dp.target_epsilon,
                 delta=dp.delta,
-                sample_rate=1.0 / batches,
-                steps_per_participation=a.local_epochs * batches,
+                sample_rate=q,
+                steps_per_participation=steps,
                 participations=participations,
                 accountant=self.accountant,
             )
@@ -119,11 +139,11 @@ class SampleLevelDP(Mechanism):
             "noise_multiplier": z,
             "target_epsilon": dp.target_epsilon,
             "delta": dp.delta,
-            "accountant": dp.accountant,
+            "accountant": self.accountant.name,
             "assumed_participations": participations,
             "assumed_device_examples": median_n,
-            "assumed_sample_rate": 1.0 / batches,
-            "assumed_steps_per_participation": a.local_epochs * batches,
+            "assumed_sample_rate": q,
+            "assumed_steps_per_participation": steps,
         }
         return z
 
@@ -132,8 +152,11 @@ class SampleLevelDP(Mechanism):
         assert dp is not None
         text = (
             f"DP-SGD on every device: noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={dp.max_grad_norm}, "
-            f"accountant={dp.accountant}, delta={dp.delta:g}"
+            f"accountant={self.accountant.name}, delta={dp.delta:g}"
         )
+        if self.distributed:
+            text += (f"; distributed noise under SecAgg+: one gradient sum per device and round, Skellam variance "
+                     f"(z D2)^2 per released sum, D2={self.sensitivity[0]:.6g} grid steps per example")  # type: ignore[index]
         if self.calibration:
             c = self.calibration
             text += (
@@ -191,7 +214,13 @@ class SampleLevelDP(Mechanism):
         stats = self.ledger.epsilon_stats() if self.ledger.num_devices() else {"max": 0.0, "median": 0.0}
         return {
             "sample_level": {
-                "mechanism": "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups",
+                "mechanism": (
+                    "distributed DP-SGD: each device's Poisson-sampled, clipped, per-example-rounded gradient sum "
+                    "with a 1/h share of Skellam noise under SecAgg+ (Agarwal, Kairouz, Liu 2021; Truex et al. 2019), "
+                    "one step per device and round" if self.distributed else
+                    "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups"
+                ),
+                "distributed_noise": self._distributed_summary(),
                 "assumes": self.assumptions(),
                 "accountant": self.accountant.name,
                 "pld_discretization": getattr(self.accountant, "value_discretization_interval", None),
@@ -206,11 +235,49 @@ class SampleLevelDP(Mechanism):
             }
         }
 
+    def _distributed_summary(self) -> dict[str, Any] | None:
+        if not self.distributed:
+            return None
+        from fedsim.privacy.distributed_sgd import encoding
+
+        l2, l1 = self.sensitivity  # type: ignore[misc]
+        grid = example_grid(self.cfg, self.num_params)
+        return {
+            "example_norm_grid_steps": grid.example_norm,
+            "example_l2_sensitivity": l2,
+            "example_l1_sensitivity": l1,
+            "grid_step": grid.step,
+            "aggregate_skellam_variance": encoding(self.cfg, self.num_params).update_variance,
+            "noise_share": "each device adds 1/h of the variance, h = max(t, n - D) - C the fewest honest inputs a "
+            "released sum can hold (metrics: secagg_noise_honest_inputs)",
+        }
+
     def assumptions(self) -> dict[str, str]:
         """What every per-device epsilon rests on, each stated (summary.json `assumes`)."""
         from fedsim import randomness
 
         mode, reason = randomness.resolve(self.cfg)
+        if self.distributed:
+            from fedsim.privacy.dpfedavg import SIMULATION_ONLY
+
+            return {
+                "accountant": "Skellam RDP (Agarwal, Kairouz, Liu 2021, Cor. 3.6) of each step, amplified by the device's "
+                "Poisson sampling of its examples (Zhu and Wang 2019, Thm 5), composed over the device's ledger history "
+                "(computed by the server)",
+                "adjacency": "add/remove-one training example of one device (not a whole device)" + _overlap_note(self.cfg),
+                "sampling": "each round a device samples its n examples by Poisson with q = min(1, batch_size / n) from its "
+                "own secret randomness and sends one gradient sum; the device's n is treated as public",
+                "rounding": "each sampled example's clipped, scaled gradient is rounded alone by conditional randomized "
+                "rounding within the L2 bound D2 (Kairouz, Liu, Steinke 2021): removing an example removes one rounded "
+                "vector of L2 norm <= D2, L1 norm <= D2 min(sqrt(d), D2)",
+                "threat_model": "the devices run the mechanism faithfully; the server and anyone who sees the released models "
+                "see only SecAgg+ sums. The epsilon holds against the server only under secagg's threat model: at most C "
+                "devices of a cohort collude with it and strip their noise shares, and it follows the abort rule "
+                "(semi_honest) or the devices enforce it (active); each device adds 1/h of the variance the accountant "
+                "counts, h = max(t, n - D) - C. A device's update is not private on its own",
+                "randomness": f"{mode} ({reason})"
+                + ("; " + SIMULATION_ONLY if mode == "reproducible" else ""),
+            }
         return {
             "accountant": f"{self.accountant.name} on each device's ledger history (computed by the server)",
             "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)"
@@ -234,7 +301,14 @@ class SampleLevelDP(Mechanism):
     def create(cls, cfg: FedsimConfig, dataset: FederatedDataset, model: torch.nn.Module) -> tuple[SampleLevelDP, torch.nn.Module]:
         # The workers apply the same check (and fix), so their flat parameters match the server's.
         model = checked_model(model, fix=cfg.privacy.dpsgd.fix_model)
-        return cls(cfg, dataset), model  # may calibrate sigma (into cfg: prepare's working copy)
+        mechanism = cls(cfg, dataset, num_params=num_params(model))
+        if mechanism.distributed:
+            from fedsim import randomness
+            from fedsim.privacy.dpfedavg import SIMULATION_ONLY
+
+            if randomness.mode(cfg) != "secure":
+                log.warning(SIMULATION_ONLY)  # said even without progress lines: it voids the distributed guarantee
+        return mechanism, model  # may calibrate sigma (into cfg: prepare's working copy)
 
     def before_round(self, round_num: int) -> None:
         self.check_enough_left(self.cfg.cohort.size)
