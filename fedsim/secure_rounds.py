@@ -94,8 +94,7 @@ STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 MESSAGE_TYPE = "train.secagg"
 _DROP_STREAM = 0xD20B
 ROUNDING_STREAM = "secagg.rounding"
-# Distributed DP-SGD: which examples a device samples, and the rounding of each one's gradient.
-SAMPLING_STREAM = "dpsgd.example_sampling"
+# Distributed DP-SGD: the rounding of each example's gradient.
 EXAMPLE_ROUNDING_STREAM = "dpsgd.example_rounding"
 NOISE_STREAM = "secagg.noise"
 #: P(the noise of a round's sum leaves the range the modulus is sized for): accuracy only (a
@@ -123,6 +122,10 @@ class SecureRoundResult:
 
 def stats_names(cfg: FedsimConfig) -> tuple[str, ...]:
     """The per-device statistics a SecAgg+ round carries inside the masked vector, in order."""
+    if distributed_dpsgd(cfg):
+        # The example counts only (public): a loss or clipped fraction summed without noise would
+        # tell the server about the examples, which distributed DP-SGD's epsilon does not cover.
+        return ("num_examples",)
     names = ["loss", "num_examples"]
     if cfg.privacy.dpsgd is not None:
         names += ["clip_fraction", "clip_fraction_devices"]  # devices with no example drawn report NaN
@@ -553,7 +556,8 @@ def cohort_metrics(sums: dict[str, float], count: int) -> dict:
     train_loss is the mean over devices of each device's mean loss (a device-weighted mean:
     an example-weighted one would need each device's loss x examples, a wider coordinate).
     """
-    out: dict = {"num_examples": int(round(sums["num_examples"])), "train_loss": sums["loss"] / count if count else None}
+    loss = sums.get("loss")  # not sent under distributed DP-SGD
+    out: dict = {"num_examples": int(round(sums["num_examples"])), "train_loss": loss / count if count and loss is not None else None}
     if "clip_fraction" in sums:
         devices = sums["clip_fraction_devices"]
         out["clip_fraction"] = sums["clip_fraction"] / devices if devices else None
@@ -625,9 +629,11 @@ def _masked_input(
     if by_example:
         if norm_bound is None:
             raise ValueError("the session gives no rounding bound for distributed DP-SGD")
+        if int(job["dim"]) != len(global_params):  # type: ignore[arg-type]
+            raise ValueError(f"the session's dim {job['dim']} is not its model's size {len(global_params)}")
         report = worker.gradient_sums(
             global_params, round_num, [d for d, _ in live], norm_bound=norm_bound,
-            rngs=lambda d: (streams.numpy(SAMPLING_STREAM, round_num, d), streams.numpy(EXAMPLE_ROUNDING_STREAM, round_num, d)),
+            rounding=lambda d: streams.numpy(EXAMPLE_ROUNDING_STREAM, round_num, d),
         )  # fmt: skip
     else:
         report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
@@ -757,8 +763,10 @@ def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) ->
         if (float(job["clip"]), int(job["bits"])) != grid(cfg, dim):  # type: ignore[arg-type]
             raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
         wanted = example_encoding(cfg, dim)
-        if float(job["norm_bound"]) > wanted.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
-            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {wanted.norm_bound:g}")
+        # Exactly the accountant's bound: a tighter one would make rounding fall back (scale the
+        # example down) for large examples, a looser one would loosen the sensitivity.
+        if abs(float(job["norm_bound"]) - wanted.norm_bound) > 1e-12 * wanted.norm_bound:  # type: ignore[arg-type]
+            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} is not the accountant's {wanted.norm_bound:g}")
         share = wanted.update_variance / (survivor_floor(choice) - choice.corrupt)
         if float(job["skellam_mu"]) < share * (1 - 1e-12):  # type: ignore[arg-type]
             raise ValueError(f"the session's noise share skellam_mu={job['skellam_mu']} is below the run config's {share:g}")

@@ -379,13 +379,13 @@ class Worker:
 
     def gradient_sums(
         self, global_params: torch.Tensor, round_num: int, device_ids: list[int], *, norm_bound: float,
-        rngs: Callable[[int], tuple[np.random.Generator, np.random.Generator]],
+        rounding: Callable[[int], np.random.Generator],
     ) -> DeviceReport:  # fmt: skip
-        """Distributed DP-SGD (fedsim.privacy.distributed_sgd): each device's rounded sum of its
-        Poisson-sampled examples' clipped, scaled gradients at the global model, as int64 rows
-        of `report.updates`; `rngs(d)` gives device d's (sampling, rounding) generators. A
-        device fails alone (injected failures and deadlines as in `train`)."""
-        from fedsim.privacy.distributed_sgd import GradientSums
+        """Distributed DP-SGD (fedsim.privacy.distributed_sgd): each device's rounded sum of all
+        its examples' clipped, scaled gradients at the global model, as int64 rows of
+        `report.updates`; `rounding(d)` gives device d's rounding generator. A device fails alone
+        (injected failures and deadlines as in `train`), never because of an example's values."""
+        from fedsim.privacy.distributed_sgd import SAMPLE_RATE, GradientSums
 
         if self._gradient_sums is None:
             self._gradient_sums = GradientSums(self.cfg, split_fixed_features(worker_model(self.cfg, self.dataset))[1])
@@ -398,8 +398,7 @@ class Worker:
                     raise RuntimeError("injected failure (faults.device_failure_rate)")
                 check_deadline(cfg, streams, round_num, device_id, self.dataset.num_examples(device_id))
                 x, y = self.device_data(device_id)
-                sampling, rounding = rngs(device_id)
-                out = self._gradient_sums(global_params, x, y, norm_bound=norm_bound, sampling=sampling, rounding=rounding)
+                out = self._gradient_sums(global_params, x, y, norm_bound=norm_bound, rounding=rounding(device_id))
             except Exception as err:  # one device failing must not take its worker's other devices down
                 report.failed_ids.append(device_id)
                 report.failures.append(_failure(err))
@@ -408,7 +407,7 @@ class Worker:
             report.updates.append(out.ints)
             report.num_examples.append(len(y))
             report.losses.append(out.loss)
-            report.dp_events.append((z, out.sample_rate, 1))
+            report.dp_events.append((z, SAMPLE_RATE, 1))
             report.clip_fractions.append(out.clip_fraction)
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()

@@ -28,7 +28,7 @@ from fedsim import randomness, secure_rounds
 from fedsim.config import from_dict
 from fedsim.errors import ConfigError
 from fedsim.models import split_fixed_features
-from fedsim.privacy.distributed_sgd import encoding, round_rows, rows_per_sum, sample_rate, sensitivity
+from fedsim.privacy.distributed_sgd import SAMPLE_RATE, encoding, round_rows, rows_per_sum, sensitivity
 from fedsim.privacy.skellam import ORDERS, SkellamSGDAccountant
 from fedsim.sampling import sample_cohort
 from fedsim.secagg import skellam
@@ -83,8 +83,11 @@ def test_each_example_is_rounded_within_the_bound_and_without_bias() -> None:
     rows32 = u.astype(np.float32)
     mean = np.mean([round_rows(torch.from_numpy(rows32.copy()), rng, bound).numpy() for _ in range(200)], axis=0)
     assert np.abs(mean - rows32.astype(np.float64).sum(0)).max() < 0.6  # 16 rows: std <= 2 / sqrt(200) per coordinate
-    with pytest.raises(ValueError, match="no draw within the norm bound"):
-        round_rows(torch.from_numpy(rows32[:1].copy()), rng, norm * 0.99)
+    # A row no draw can fit (a server's too tight bound, or a 1e-43 event) is scaled into the bound
+    # and truncated: its device does not fail, whatever the example holds.
+    tight = norm * 0.9
+    q = round_rows(torch.from_numpy(rows32[:1].copy()), rng, tight).numpy()
+    assert float(q @ q) <= tight * tight and np.all(np.abs(q) <= np.abs(rows32[0]) + 1e-3)
     with pytest.raises(ValueError, match="at most"):
         round_rows(torch.zeros(rows_per_sum(bound) + 1, 3), rng, bound)
 
@@ -100,9 +103,9 @@ def test_the_grid_makes_rounding_inflate_the_sensitivity_by_under_a_thousandth(t
         assert d1 == pytest.approx(d2 * min(math.sqrt(dim), d2))
 
 
-def test_a_device_sends_its_sampled_examples_clipped_scaled_gradients(tmp_path: Path) -> None:
+def test_a_device_sends_its_examples_clipped_scaled_gradients(tmp_path: Path) -> None:
     """Against per-example autograd, one example at a time: the device's integer sum times the
-    grid step is -(lr / B) sum of clip(g_i, C) over its Poisson sample, up to rounding."""
+    grid step is -(lr / B) sum of clip(g_i, C) over all its examples, up to rounding."""
     cfg = from_dict(ddp_config(tmp_path, **{"algorithm.batch_size": 25}))
     worker = Worker(cfg)
     params = flat_params(worker.model) + 0.01
@@ -111,10 +114,9 @@ def test_a_device_sends_its_sampled_examples_clipped_scaled_gradients(tmp_path: 
     model = split_fixed_features(worker_model(cfg, worker.dataset))[1]
     for device in (0, 3):
         report = worker.gradient_sums(params, 1, [device], norm_bound=enc.norm_bound,
-                                      rngs=lambda d: (np.random.default_rng([d, 1]), np.random.default_rng([d, 2])))  # fmt: skip
+                                      rounding=lambda d: np.random.default_rng([d, 2]))  # fmt: skip
         x, y = worker.dataset.device_data(device)
-        q = sample_rate(len(y), 25)
-        chosen = np.flatnonzero(np.random.default_rng([device, 1]).random(len(y)) < q)
+        chosen = range(len(y))
         load_flat_params(model, params)
         expected = torch.zeros(len(params), dtype=torch.float64)
         clipped = 0
@@ -127,9 +129,20 @@ def test_a_device_sends_its_sampled_examples_clipped_scaled_gradients(tmp_path: 
         got = torch.from_numpy(report.updates[0].astype(np.float64)) * grid.step
         # Each example's rounding moves a coordinate by less than one step.
         assert (got - expected).abs().max() <= len(chosen) * grid.step
-        assert report.dp_events == [(Z, q, 1)]
+        assert report.dp_events == [(Z, SAMPLE_RATE, 1)] and SAMPLE_RATE == 1.0
         assert report.clip_fractions == [pytest.approx(clipped / len(chosen))]
         assert report.num_examples == [len(y)]
+    # An example whose gradient is NaN (e.g. a model that overflows on it) counts as zero: its
+    # device still sends, so whether it drops never depends on what an example holds.
+    x, y = worker.dataset.device_data(0)
+    x = x.clone()
+    x[0] = float("nan")
+    worker._feature_cache = type(worker._feature_cache)()
+    worker.dataset.device_data = lambda d: (x, y)  # type: ignore[method-assign]
+    report = worker.gradient_sums(params, 1, [0], norm_bound=enc.norm_bound, rounding=lambda d: np.random.default_rng(0))
+    assert report.failed_ids == [] and report.device_ids == [0]
+    without = worker._gradient_sums(params, x[1:], y[1:], norm_bound=enc.norm_bound, rounding=np.random.default_rng(0))
+    assert np.abs(report.updates[0] - without.ints).max() <= len(y)  # the same sum, up to rounding
 
 
 # ---- the accounting -------------------------------------------------------------------------
@@ -225,7 +238,7 @@ def test_the_server_sees_only_the_noisy_sum_and_can_remove_the_noise_only_in_rep
     streams = randomness.streams(worker.cfg)
     report = worker.gradient_sums(
         flat_params(worker.model), 1, sorted(cohort), norm_bound=encoding(worker.cfg, len(left)).norm_bound,
-        rngs=lambda d: (streams.numpy(secure_rounds.SAMPLING_STREAM, 1, d), streams.numpy(secure_rounds.EXAMPLE_ROUNDING_STREAM, 1, d)),
+        rounding=lambda d: streams.numpy(secure_rounds.EXAMPLE_ROUNDING_STREAM, 1, d),
     )  # fmt: skip
     sums = np.sum(report.updates, axis=0).astype(np.float64) * step
     if mode == "secure":
@@ -236,6 +249,10 @@ def test_the_server_sees_only_the_noisy_sum_and_can_remove_the_noise_only_in_rep
         assert np.abs(left - sums).max() < 1e-3 * noise_std
         assert "simulation only: the server can remove the noise" in caplog.text
         assert sample["assumes"]["randomness"].startswith("reproducible") and "simulation only" in sample["assumes"]["randomness"]
+    # No loss or clipped fraction reaches the server, not even as a cohort sum; the counts do.
+    row = rows(tmp_path / mode)[0]
+    assert row["train_loss"] is None and row["clip_fraction"] is None
+    assert row["num_examples"] == sum(worker.dataset.num_examples(d) for d in cohort)
     # Nothing per device in the clear in any message the server received.
     for stage, content in received:
         devices = content.config_records.get("devices")
@@ -258,9 +275,9 @@ def test_every_devices_epsilon_is_the_independent_composition_of_its_steps(tmp_p
     epsilons = []
     for device, history in ledger["devices"].items():
         n = worker.dataset.num_examples(int(device))
-        assert all((zz, q, steps) == (z, sample_rate(n, 20), 1) for zz, q, steps, _ in history), history
+        assert all((zz, q, steps) == (z, 1.0, 1) for zz, q, steps, _ in history), (n, history)
         participations = sum(count for *_, count in history)
-        epsilons.append(independent_epsilon([(z, sample_rate(n, 20), participations)], l2, l1, 1e-5))
+        epsilons.append(independent_epsilon([(z, 1.0, participations)], l2, l1, 1e-5))
     assert sample["epsilon_max"] == pytest.approx(max(epsilons), rel=1e-9)
     assert max(epsilons) <= 6.0  # calibrated for the median device; the budget admits no one above it
     assert all(r["secagg_noise_honest_inputs"] >= 1 for r in rows(tmp_path / "run"))
@@ -282,6 +299,8 @@ def test_devices_refuse_a_session_with_less_noise_a_looser_bound_or_another_grid
     for key, value, message in (
         ("skellam_mu", enc.update_variance / h * 0.99, "noise share"),
         ("norm_bound", enc.norm_bound * 1.01, "rounding norm bound"),
+        ("norm_bound", enc.norm_bound * 0.6, "rounding norm bound"),  # would make large examples fall back
+        ("dim", 1, "grid|rounding norm bound"),
         ("clip", fp.clip * 2, "grid"),
     ):
         with pytest.raises(ValueError, match=message):

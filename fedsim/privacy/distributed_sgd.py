@@ -9,27 +9,35 @@ only sees the sum, so each device adds 1/h of the noise, h the fewest honest inp
 sum can hold under the SecAgg+ threat model, and every released sum still carries at least the
 noise the accountant counts. The mechanism of one round (DP-FedSGD: one step per device):
 
-    device j:  S_j ~ Poisson(q_j) sample of its n_j examples, q_j = min(1, B / n_j)  (its own secret draws)
-               v_j = sum over i in S_j of CRR(-(lr / B) clip(g_i, C) / step)       each example rounded alone
+    device j:  v_j = sum over its n_j examples i of CRR(-(lr / B) clip(g_i, C) / step)   each example rounded alone
                y_j = v_j + Sk(mu / h)                                             its Skellam share, then masked
     server:    sum_j y_j = sum_j v_j + Sk(s mu / h), s >= h survivors              (Skellam is closed under sums)
                update = step x (sum_j y_j) / s                                   the mean of the devices' updates
 
-g_i is example i's gradient at the global model, clip(g, C) = g min(1, C / ||g||), CRR
+g_i is example i's gradient at the global model, clip(g, C) = g min(1, C / ||g||) (a row with a
+NaN or inf counts as zero: a device never drops because of what an example holds), CRR
 conditional randomized rounding (Kairouz, Liu, Steinke 2021, Sec. 4.1): each example's rounded
-vector has L2 norm <= D2 (fedsim.privacy.skellam.rounded_norm_bound of its norm lr C / B / step).
-The grid (fedsim.secure_grid.example_grid) makes that norm a power of two >= 16 sqrt(d) steps,
-so rounding inflates the sensitivity by under 0.1%. Adding or removing one example of device
-j adds or removes its own rounded vector only: the Skellam mechanism with L2 sensitivity D2 and
-L1 sensitivity D1 = D2 min(sqrt(d), D2), amplified by the device's Poisson sampling of its
-examples; the accountant is fedsim.privacy.skellam.SkellamSGDAccountant (Agarwal, Kairouz,
-Liu 2021, Cor. 3.6; Zhu and Wang 2019, Thm 5), mu = (z D2)^2 for the noise multiplier z.
+vector has L2 norm <= D2 (fedsim.privacy.skellam.rounded_norm_bound of its norm lr C / B / step;
+should every draw fail, which has probability below 1e-43, the row is scaled into the bound and
+rounded toward zero, so no example makes its device fail either). B is a public constant
+(algorithm.batch_size); a device uses all its examples every round, so no sampling rate depends
+on its size. The grid (fedsim.secure_grid.example_grid) makes that norm a power of two >= 16
+sqrt(d) steps, so rounding inflates the sensitivity by under 0.1%. Adding or removing one
+example of device j adds or removes its own rounded vector only (the others' roundings are
+independent of it): the Skellam mechanism with L2 sensitivity D2 and L1 sensitivity
+D1 = D2 min(sqrt(d), D2), once per participation; the accountant is
+fedsim.privacy.skellam.SkellamSGDAccountant (Agarwal, Kairouz, Liu 2021, Cor. 3.6) with
+mu = (z D2)^2 for the noise multiplier z. The secure vector carries only the devices' example
+counts besides the update (no loss, no clipped fraction: they would be un-noised functions of
+the examples), so the server learns nothing else from a round.
 
 What the guarantee rests on (summary.json `privacy.sample_level.assumes`): the SecAgg+ threat
 model (at most C devices of a cohort collude with the server and may strip their shares; the
-server follows the abort rule, or in the active model the devices enforce it); each device's
-sampling, rounding and noise come from secret randomness (`privacy.randomness=secure`, the
-auto default here); a device's example count n_j is public (it sets q_j), as with local DP-SGD.
+server follows the abort rule, or in the active model the devices enforce it and check the
+round's grid, bound and noise share against the run config, whose noise multiplier (calibrated
+before the run) is published with it); each device's rounding and noise come from secret
+randomness (`privacy.randomness=secure`, the auto default here); a device's example count is
+public (it is summed in the clear, and the device's update norm grows with it).
 
 This module holds the device's side (`gradient_sum`, run by fedsim.worker) and the round's
 encoding (`encoding`, run by the server and checked by the devices); it imports torch and
@@ -56,20 +64,17 @@ from fedsim.secure_grid import DEVICE_EXAMPLES_LIMIT, SecureEncoding, example_gr
 CHUNK_VALUES = 1 << 23
 
 
+#: Every device uses all its examples every round (no sampling rate that would depend on its size).
+SAMPLE_RATE = 1.0
+
+
 @dataclass
 class GradientSum:
     """One device's contribution to a distributed DP-SGD round (before its noise share)."""
 
-    ints: np.ndarray  # int64: the sum of its sampled examples' rounded contributions, grid units
-    drawn: int  # examples in its Poisson sample
-    loss: float  # mean loss of the drawn examples at the global model (NaN: none drawn)
-    clip_fraction: float  # fraction of the drawn examples whose gradient was clipped (NaN: none drawn)
-    sample_rate: float
-
-
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    """q_j = min(1, B / n_j): the expected sample is B examples (all of a smaller device's)."""
-    return min(1.0, batch_size / num_examples) if num_examples else 0.0
+    ints: np.ndarray  # int64: the sum of its examples' rounded contributions, grid units
+    loss: float  # mean loss of its examples at the global model (stays on the device)
+    clip_fraction: float  # fraction of its examples whose gradient was clipped (stays on the device)
 
 
 def sensitivity(cfg: FedsimConfig, dim: int) -> tuple[float, float]:
@@ -105,7 +110,7 @@ def round_rows(rows: torch.Tensor, rng: np.random.Generator, max_norm: float) ->
         raise ValueError(f"round_rows takes at most {rows_per_sum(max_norm)} rows at a time, got {len(rows)}")
     lo = torch.floor(rows)
     frac = rows.sub_(lo)
-    limit = math.floor(max_norm * max_norm)
+    limit = math.floor(max_norm * max_norm * (1 - 1e-12))  # below D2^2 whatever float64 rounding did
     total = torch.zeros(rows.shape[1], dtype=torch.float64)
     todo: torch.Tensor | None = None  # rows still to round (None: all)
     for _ in range(MAX_ROUNDING_DRAWS):
@@ -119,8 +124,14 @@ def round_rows(rows: torch.Tensor, rng: np.random.Generator, max_norm: float) ->
         if not len(left):
             return total
         todo = left if todo is None else todo[left]
-    raise ValueError(f"conditional rounding: an example found no draw within the norm bound {max_norm:g} "
-                     f"after {MAX_ROUNDING_DRAWS} tries")  # fmt: skip
+    # Every draw failed (probability < 1e-43 for a row within the accountant's norm; certain for a
+    # row above the bound): scale the rows left into the bound and round toward zero, which never
+    # increases a coordinate's magnitude. No example makes its device fail.
+    left_rows = (lo[todo] + frac[todo]).double()
+    norms = left_rows.norm(dim=1, keepdim=True)
+    left_rows *= (max_norm * (1 - 1e-9) / norms).clamp(max=1.0).nan_to_num(0.0)
+    total += torch.trunc(left_rows).sum(0)
+    return total
 
 
 class GradientSums:
@@ -145,18 +156,17 @@ class GradientSums:
         self._grads = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
     def __call__(
-        self, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, norm_bound: float,
-        sampling: np.random.Generator, rounding: np.random.Generator,
+        self, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, norm_bound: float, rounding: np.random.Generator,
     ) -> GradientSum:  # fmt: skip
-        """The device's rounded sum of its Poisson-sampled examples' clipped, scaled gradients."""
+        """The device's rounded sum of all its examples' clipped, scaled gradients."""
         n = len(y)
-        if n > DEVICE_EXAMPLES_LIMIT:
+        if n > DEVICE_EXAMPLES_LIMIT:  # the device's size is public: refusing it reveals no example
             raise ValueError(f"a device of distributed DP-SGD holds at most {DEVICE_EXAMPLES_LIMIT} examples, this one {n}")
-        q = sample_rate(n, self.cfg.algorithm.batch_size)
-        chosen = np.flatnonzero(sampling.random(n) < q)
-        if not len(chosen):
-            return GradientSum(np.zeros(self.dim, dtype=np.int64), 0, math.nan, math.nan, q)
+        if len(global_params) != self.dim:
+            raise ValueError(f"the session's model has {len(global_params)} parameters, this device's {self.dim}")
         total = torch.zeros(self.dim, dtype=torch.float64)
+        if not n:
+            return GradientSum(np.zeros(self.dim, dtype=np.int64), math.nan, math.nan)
         load_flat_params(self.model, global_params)
         self.model.train()
         params = {name: p.detach() for name, p in zip(self.names, self.params, strict=True)}
@@ -164,18 +174,16 @@ class GradientSums:
         scale = self.grid.scale / self.step
         chunk = max(1, min(CHUNK_VALUES // self.dim, rows_per_sum(norm_bound)))
         losses, clipped = [], 0
-        for start in range(0, len(chosen), chunk):
-            idx = torch.from_numpy(chosen[start : start + chunk])
-            grads, loss = self._grads(params, x[idx], y[idx])
+        for start in range(0, n, chunk):
+            grads, loss = self._grads(params, x[start : start + chunk], y[start : start + chunk])
             rows = torch.cat([grads[name].flatten(1) for name in self.names], dim=1)
             norms = rows.norm(dim=1, dtype=torch.float64)
-            if not bool(torch.isfinite(norms).all()):  # a NaN or inf anywhere in a row makes its norm one
-                raise ValueError("a per-example gradient has NaN or inf values")
-            factor = (self.clip / norms).clamp(max=1.0)  # 0 norm: inf, clamped to 1
+            finite = torch.isfinite(norms)  # a NaN or inf anywhere in a row makes its norm one
+            factor = torch.where(finite, (self.clip / norms).clamp(max=1.0), 0.0)  # 0 norm: inf, clamped to 1
             clipped += int((norms > self.clip).sum())
+            rows.nan_to_num_(0.0, 0.0, 0.0)
             rows *= (factor * scale).to(torch.float32).unsqueeze(1)
             total += round_rows(rows, rounding, norm_bound)
             losses.append(loss.double())
-        drawn = len(chosen)
         ints = total.numpy().astype(np.int64)
-        return GradientSum(ints, drawn, float(torch.cat(losses).mean()), clipped / drawn, q)
+        return GradientSum(ints, float(torch.cat(losses).mean()), clipped / n)

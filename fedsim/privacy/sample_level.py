@@ -23,7 +23,7 @@ from fedsim.config import FedsimConfig
 from fedsim.data import FederatedDataset
 from fedsim.errors import ConfigError, FedsimError
 from fedsim.privacy.accountants import Accountant, choose_pld_interval, create_accountant
-from fedsim.privacy.distributed_sgd import sample_rate, sensitivity
+from fedsim.privacy.distributed_sgd import SAMPLE_RATE, sensitivity
 from fedsim.privacy.skellam import SkellamSGDAccountant
 from fedsim.secure_grid import distributed_dpsgd, example_grid
 from clients.params import num_params
@@ -105,8 +105,8 @@ class SampleLevelDP(Mechanism):
     def event_of_size(self, n: int) -> DPSGDEvent:
         a = self.cfg.algorithm
         z = self.cfg.privacy.dpsgd.noise_multiplier  # type: ignore[union-attr]
-        if self.distributed:  # one step per round, examples sampled at q = min(1, B / n)
-            return DPSGDEvent(noise_multiplier=z, sample_rate=sample_rate(n, a.batch_size), steps=1)
+        if self.distributed:  # one step per round over all the device's examples
+            return DPSGDEvent(noise_multiplier=z, sample_rate=SAMPLE_RATE, steps=1)
         return dpsgd_event(num_examples=n, batch_size=a.batch_size, local_epochs=a.local_epochs, noise_multiplier=z)
 
     def _planned_participations(self) -> int:
@@ -122,7 +122,7 @@ class SampleLevelDP(Mechanism):
         assert dp is not None and dp.target_epsilon is not None
         median_n = _median_low(sizes)
         batches = math.ceil(median_n / a.batch_size)
-        q, steps = (sample_rate(median_n, a.batch_size), 1) if self.distributed else (1.0 / batches, a.local_epochs * batches)
+        q, steps = (SAMPLE_RATE, 1) if self.distributed else (1.0 / batches, a.local_epochs * batches)
         participations = self._planned_participations()
         try:
             z = calibrate_noise_multiplier(
@@ -215,7 +215,7 @@ class SampleLevelDP(Mechanism):
         return {
             "sample_level": {
                 "mechanism": (
-                    "distributed DP-SGD: each device's Poisson-sampled, clipped, per-example-rounded gradient sum "
+                    "distributed DP-SGD: each device's clipped, per-example-rounded gradient sum over all its examples "
                     "with a 1/h share of Skellam noise under SecAgg+ (Agarwal, Kairouz, Liu 2021; Truex et al. 2019), "
                     "one step per device and round" if self.distributed else
                     "DP-SGD (Abadi et al. 2016) per device: Opacus one by one, torch.func in vectorized groups"
@@ -260,24 +260,35 @@ class SampleLevelDP(Mechanism):
         if self.distributed:
             from fedsim.privacy.dpfedavg import SIMULATION_ONLY
 
-            return {
-                "accountant": "Skellam RDP (Agarwal, Kairouz, Liu 2021, Cor. 3.6) of each step, amplified by the device's "
-                "Poisson sampling of its examples (Zhu and Wang 2019, Thm 5), composed over the device's ledger history "
-                "(computed by the server)",
+            out = {
+                "accountant": "Skellam RDP (Agarwal, Kairouz, Liu 2021, Cor. 3.6) of each participation, composed over the "
+                "device's ledger history (computed by the server)",
                 "adjacency": "add/remove-one training example of one device (not a whole device)" + _overlap_note(self.cfg),
-                "sampling": "each round a device samples its n examples by Poisson with q = min(1, batch_size / n) from its "
-                "own secret randomness and sends one gradient sum; the device's n is treated as public",
-                "rounding": "each sampled example's clipped, scaled gradient is rounded alone by conditional randomized "
-                "rounding within the L2 bound D2 (Kairouz, Liu, Steinke 2021): removing an example removes one rounded "
-                "vector of L2 norm <= D2, L1 norm <= D2 min(sqrt(d), D2)",
+                "sampling": "none: each round a device sends one sum over all its examples, normalized by the public "
+                "batch_size, so no sampling rate depends on its size (its example count is summed in the clear)",
+                "rounding": "each example's clipped, scaled gradient is rounded alone by conditional randomized rounding "
+                "within the L2 bound D2 (Kairouz, Liu, Steinke 2021; after 200 failed draws, probability < 1e-43, it is "
+                "scaled into the bound and rounded toward zero): removing an example removes one rounded vector of L2 "
+                "norm <= D2, L1 norm <= D2 min(sqrt(d), D2); a row with NaN or inf counts as zero, so no example can "
+                "make its device drop",
                 "threat_model": "the devices run the mechanism faithfully; the server and anyone who sees the released models "
-                "see only SecAgg+ sums. The epsilon holds against the server only under secagg's threat model: at most C "
-                "devices of a cohort collude with it and strip their noise shares, and it follows the abort rule "
-                "(semi_honest) or the devices enforce it (active); each device adds 1/h of the variance the accountant "
-                "counts, h = max(t, n - D) - C. A device's update is not private on its own",
+                "see only SecAgg+ sums of the devices' updates and example counts (no loss or clipped fraction is sent). "
+                "The epsilon holds against the server only under secagg's threat model: at most C devices of a cohort "
+                "collude with it and strip their noise shares, and it follows the abort rule (semi_honest) or the devices "
+                "enforce it and check the round's grid, rounding bound and noise share against the run config (active); "
+                "each device adds 1/h of the variance the accountant counts, h = max(t, n - D) - C. The run config, "
+                "including the noise multiplier calibrated before the run, is public and fixed before the run. A "
+                "device's update is not private on its own",
                 "randomness": f"{mode} ({reason})"
                 + ("; " + SIMULATION_ONLY if mode == "reproducible" else ""),
             }
+            if self.cfg.secagg.simulation_shortcut:
+                out["simulation_shortcut"] = (
+                    "SIMULATION SHORTCUT (secagg.simulation_shortcut=true): workers send the unmasked sum of their "
+                    "devices' inputs, so this run's server could read each worker's partial sum (a single device's "
+                    "update, with 1/h of the noise, where a worker holds one); the epsilon describes the faithful protocol"
+                )
+            return out
         return {
             "accountant": f"{self.accountant.name} on each device's ledger history (computed by the server)",
             "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)"

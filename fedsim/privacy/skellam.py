@@ -274,8 +274,8 @@ def _sgd_step_rdp(noise_multiplier: float, sample_rate: float, l2: float, l1: fl
 class SkellamSGDAccountant(Accountant):
     """Epsilon of a device's distributed DP-SGD history (sample level, add/remove one example).
 
-    One step of a device: it Poisson-samples its examples at rate q (its own secret draws),
-    rounds each sampled example's clipped, scaled gradient on the grid by conditional
+    One step of a device: it takes its examples (all of them, q = 1, as fedsim.privacy.distributed_sgd
+    does; or a Poisson sample at a public rate q from its own secret draws), rounds each one's clipped, scaled gradient on the grid by conditional
     randomized rounding (L2 norm <= `l2` = D2 in grid units, hence L1 <= `l1` = D1) and sums
     them; the released secure sum carries Skellam noise of variance (z D2)^2 per coordinate
     (each device adds 1/h of it, h the fewest honest inputs a released sum can hold). Removing
