@@ -296,7 +296,10 @@ class SampleLevelDP(Mechanism):
             "sampling": "each DP-SGD step samples a device's n examples by Poisson with q = 1 / ceil(n / batch_size), "
             "empty batches included as noise-only steps; the device's n is treated as public",
             "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
-            "models) learns no more about one of its examples than epsilon allows",
+            "models) learns no more about one of its examples than epsilon allows from it. The server also receives, "
+            "without noise, each device's mean training loss and clipped fraction (under SecAgg+ their cohort sums): "
+            "diagnostics outside the epsilon (diagnostics_outside_guarantee), so against a server that reads them the "
+            "epsilon does not hold; privacy.dpsgd.noise=distributed sends neither",
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
