@@ -252,6 +252,7 @@ def test_the_server_sees_only_the_noisy_sum_and_can_remove_the_noise_only_in_rep
     # No loss or clipped fraction reaches the server, not even as a cohort sum; the counts do.
     row = rows(tmp_path / mode)[0]
     assert row["train_loss"] is None and row["clip_fraction"] is None
+    assert summary["diagnostics_outside_guarantee"]["train_loss"].startswith("not sent under distributed DP-SGD")
     assert row["num_examples"] == sum(worker.dataset.num_examples(d) for d in cohort)
     # Nothing per device in the clear in any message the server received.
     for stage, content in received:

@@ -39,6 +39,7 @@ _USER = {
 }
 _SAMPLE = {
     "sample_delta": "configuration",
+    "noise_multiplier": "configuration (or calibrated from public parameters before the run)",
 }
 # Why each known diagnostic is outside; keys not listed get the generic reason.
 _OUTSIDE = {
@@ -77,6 +78,13 @@ _DISTRIBUTED_OUTSIDE = {
 }
 
 
+# Distributed DP-SGD sends neither (fedsim.secure_rounds.stats_names): the keys stay, always null.
+_DISTRIBUTED_SGD_OUTSIDE = {
+    "train_loss": "not sent under distributed DP-SGD (always null): a device's loss is not covered by its epsilon",
+    "clip_fraction": "not sent under distributed DP-SGD (always null): a device's clipped fraction is not covered by its epsilon",
+}
+
+
 def covered_metrics(cfg: FedsimConfig) -> dict[str, str]:
     """Metric keys the run's guarantee covers, with why (none without a DP mechanism)."""
     if cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
@@ -100,4 +108,6 @@ def outside_guarantee(cfg: FedsimConfig, keys: Iterable[str]) -> dict[str, str]:
         user = cfg.privacy.dpfedavg
         if user is not None and user.noise == "distributed":
             reasons |= _DISTRIBUTED_OUTSIDE
+        if cfg.privacy.dpsgd is not None and cfg.privacy.dpsgd.noise == "distributed":
+            reasons |= _DISTRIBUTED_SGD_OUTSIDE
     return {k: reasons.get(k, GENERIC) for k in sorted(set(keys)) if k not in covered}
