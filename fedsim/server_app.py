@@ -315,6 +315,7 @@ def restore(
     for mechanism in active:
         if mechanism.checkpoint_key:
             mechanism.load_state_dict(state[mechanism.checkpoint_key])
+        mechanism.resumed(runlog.dir, int(state["round"]))
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 

@@ -143,3 +143,28 @@ def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path:
     assert sum(r["workers_failed"] for r in rows) >= 1, "the kill did not hit a round"
     assert all(r["devices_failed"] == 0 for r in rows)  # every failed job was resent and trained
     assert summary(tmp_path / "hit")["model_sha256"] == summary(tmp_path / "ref")["model_sha256"]
+
+
+@pytest.mark.parametrize("mode", ["secure", "reproducible"])
+def test_rounds_after_the_checkpoint_stay_counted_when_they_rerun_with_fresh_noise(tmp_path: Path, mode: str) -> None:
+    """A crash after round 3, resumed from the checkpoint of round 2: round 3 runs again. With secure
+    randomness its first release (other noise) was already out, so both count; with reproducible
+    randomness the rerun repeats it bit for bit, so it counts once."""
+    raw = {
+        "seed": 3, "population": 20, "rounds": 3, "cohort": {"size": 5, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 40}, "model": {"name": "mlp", "hidden_sizes": [4]},
+        "privacy": {"dpsgd": {"noise_multiplier": 1.0}, "randomness": mode},
+        "checkpoint": {"every": 2, "keep": 3}, "output": {"progress": False}, "simulation": {"num_workers": 1},
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    run_local(from_dict(raw), run_dir)
+    done = json.loads((run_dir / "ledger.json").read_text())["devices"]
+    (run_dir / "summary.json").unlink()  # as if the run had died after round 3's accounting
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")
+    again = json.loads((run_dir / "ledger.json").read_text())["devices"]
+    counts = {d: sum(e[3] for e in h) for d, h in again.items()}
+    first = {d: sum(e[3] for e in h) for d, h in done.items()}
+    assert sum(first.values()) == 15
+    assert sum(counts.values()) == (20 if mode == "secure" else 15)
+    assert all(counts[d] >= c for d, c in first.items())

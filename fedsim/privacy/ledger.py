@@ -130,6 +130,10 @@ class PrivacyLedger:
         """Devices that trained at least once."""
         return len(self._histories)
 
+    def participations(self) -> dict[int, int]:
+        """{device: participations recorded} for every device that trained."""
+        return {d: sum(count for _, count in h) for d, h in self._histories.items()}
+
     def distinct_histories(self) -> int:
         return len(self._population)
 

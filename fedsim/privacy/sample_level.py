@@ -344,6 +344,29 @@ class SampleLevelDP(Mechanism):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_ledger(state)
 
+    def resumed(self, run_dir: Path, round_num: int) -> None:
+        """Secure randomness: the rounds after the checkpoint run again with fresh noise, while
+        their first releases were already seen, so the privacy they spent stays counted: the
+        ledger.json those rounds wrote (before their updates, every round when checkpointing) is
+        kept when it holds more participations than the checkpoint's. Reproducible randomness
+        repeats those rounds bit for bit (the same releases), so the checkpoint's ledger is exact."""
+        from fedsim import randomness
+
+        path = run_dir / LEDGER_FILE
+        if randomness.mode(self.cfg) != "secure" or not path.exists():
+            return
+        try:
+            newer = PrivacyLedger.from_json(json.loads(path.read_text()), self.accountant)
+        except (OSError, ValueError) as err:  # (json.JSONDecodeError is a ValueError)
+            raise FedsimError(f"resume: {path} is unreadable ({err}); the rounds after the checkpoint of round "
+                              f"{round_num} ran with secure randomness and must stay counted") from None  # fmt: skip
+        old, new = self.ledger.participations(), newer.participations()
+        if any(new.get(d, 0) < c for d, c in old.items()) or sum(new.values()) <= sum(old.values()):
+            return  # not a later state of this run's ledger
+        log.warning("resume with secure randomness: %d participations of rounds after the checkpoint of round %d stay "
+                    "counted (those rounds run again with fresh noise)", sum(new.values()) - sum(old.values()), round_num)
+        self.ledger = newer
+
     def save(self, run_dir: Path) -> None:
         """Write ledger.json atomically (a crash mid-write leaves the previous ledger)."""
         tmp = run_dir / f".{LEDGER_FILE}.tmp"
