@@ -103,9 +103,10 @@ def round_rows(rows: torch.Tensor, rng: np.random.Generator, max_norm: float) ->
     """Conditional randomized rounding of each row alone (float32 rows in grid units, |values|
     < 2^23, modified in place): each coordinate rounded up with probability its fractional part
     (unbiased up to float32's resolution of that part), a row drawn again until its L2 norm,
-    computed exactly in integers, is <= max_norm. Returns the float64 sum of the rounded rows
-    (integers, exact below 2^53); at most `rows_per_sum(max_norm)` rows. ValueError when a row finds no draw within the bound after
-    MAX_ROUNDING_DRAWS (its norm exceeds what the bound fits)."""
+    computed exactly in integers, is <= max_norm; a row that finds no such draw in
+    MAX_ROUNDING_DRAWS is scaled into the bound and rounded toward zero instead (never an error,
+    whatever the row holds). Returns the float64 sum of the rounded rows (integers, exact below
+    2^53); at most `rows_per_sum(max_norm)` rows (ValueError beyond)."""
     if len(rows) > rows_per_sum(max_norm):
         raise ValueError(f"round_rows takes at most {rows_per_sum(max_norm)} rows at a time, got {len(rows)}")
     lo = torch.floor(rows)
