@@ -10,7 +10,9 @@ Cohorts, device training and server noise are seeded by (seed, round, ...), so a
 round r ends with the same model, bit for bit, as the uninterrupted run. The one random state
 carried between rounds is DP-FTRL's open tree nodes (noise still inside the released prefix
 sums); with privacy.randomness=secure that would be secret noise on disk, so DP-FTRL refuses
-checkpoints in that mode.
+checkpoints in that mode. With secure randomness a resume is not bit-identical: the rounds after
+the checkpoint run again with fresh noise, so the privacy they spent the first time stays
+counted (Mechanism.resumed: the sample-level ledger.json, the user-level rows of metrics.jsonl).
 
 Writes are atomic (a temporary file in the same directory, fsync, os.replace): a crash while
 writing leaves the previous checkpoint as it was. Reading checks everything it restores and

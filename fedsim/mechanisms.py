@@ -119,10 +119,11 @@ class Mechanism:
     def state_dict(self) -> Any:
         return None
 
-    def resumed(self, run_dir: Path, round_num: int) -> None:
-        """After `load_state_dict` on a resume from the checkpoint of `round_num`: what the run
-        directory says happened after it (the rounds about to run again) may still count."""
-        del run_dir, round_num
+    def resumed(self, run_dir: Path, round_num: int, lost: list[dict]) -> None:
+        """After `load_state_dict` on a resume from the checkpoint of `round_num`: what happened
+        after it (the run directory; `lost`, the metrics rows of the rounds about to run again)
+        may still count."""
+        del run_dir, round_num, lost
 
     def load_state_dict(self, state: Any) -> None:
         del state

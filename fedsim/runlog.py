@@ -43,6 +43,24 @@ if TYPE_CHECKING:  # torch is imported where it is used: the launcher imports th
 log = logging.getLogger("fedsim")
 
 METRICS = "metrics.jsonl"
+
+
+def rows_after(run_dir: Path, round_num: int) -> list[dict[str, Any]]:
+    """The rows metrics.jsonl holds for rounds after `round_num` (a resumed run's lost rounds;
+    read before RunLog rewrites the file). A line cut by a crash is skipped."""
+    try:
+        lines = (run_dir / METRICS).read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("round"), int) and row["round"] > round_num:
+            rows.append(row)
+    return rows
 SUMMARY = "summary.json"
 MODEL = "model.pt"
 CONFIG = "config.yaml"

@@ -34,7 +34,7 @@ from fedsim.mechanisms import Mechanism
 from fedsim.models import model_for, split_fixed_features
 from fedsim.privacy import published
 from fedsim.placement import assign_devices
-from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog
+from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog, rows_after
 from fedsim.sampling import sample_cohort
 from fedsim.exchange import exchange
 from fedsim.transport import SYSTEM_CLOCK, Clock, Workers, wait_for_workers
@@ -111,10 +111,12 @@ def run_rounds(
     config_json = cfg.to_json()
     streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
     covered = frozenset(published.covered_metrics(cfg))
+    # A resumed run's rounds after its checkpoint (their rows, before RunLog rewrites metrics.jsonl).
+    lost = rows_after(run_dir, int(setup.resume["round"])) if setup.resume is not None else []
     runlog = RunLog(run_dir, cfg, keep=covered if cfg.output.private_metrics_only else None)
     first_round, elapsed_before = 1, 0.0
     if setup.resume is not None:
-        params, first_round, elapsed_before = restore(setup.resume, strategy, active, runlog)
+        params, first_round, elapsed_before = restore(setup.resume, strategy, active, runlog, lost)
         if average is not None:
             average.load_state_dict(setup.resume["model_average"])
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
@@ -309,13 +311,15 @@ def restore(
     strategy: strategies.Strategy,
     active: list[Mechanism],
     runlog: RunLog,
+    lost: list[dict] | None = None,
 ) -> tuple[torch.Tensor, int, float]:
-    """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds)."""
+    """Put a checkpoint's state back; returns (params, first round to run, elapsed seconds).
+    `lost`: the metrics rows of rounds that ran after the checkpoint (they will run again)."""
     strategy.load_state_dict(state["server_optimizer"])
     for mechanism in active:
         if mechanism.checkpoint_key:
             mechanism.load_state_dict(state[mechanism.checkpoint_key])
-        mechanism.resumed(runlog.dir, int(state["round"]))
+        mechanism.resumed(runlog.dir, int(state["round"]), lost or [])
     runlog.restore_rows(state["rows"])
     return state["params"].clone(), int(state["round"]) + 1, float(state.get("elapsed_s", 0.0))
 

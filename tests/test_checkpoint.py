@@ -168,3 +168,21 @@ def test_rounds_after_the_checkpoint_stay_counted_when_they_rerun_with_fresh_noi
     assert sum(first.values()) == 15
     assert sum(counts.values()) == (20 if mode == "secure" else 15)
     assert all(counts[d] >= c for d, c in first.items())
+
+
+@pytest.mark.parametrize("mode", ["secure", "reproducible"])
+def test_user_level_rounds_after_the_checkpoint_stay_counted_when_they_rerun_with_fresh_noise(tmp_path: Path, mode: str) -> None:
+    raw = {
+        "seed": 3, "population": 20, "rounds": 3, "cohort": {"size": 5, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 40}, "model": {"name": "mlp", "hidden_sizes": [4]},
+        "privacy": {"dpfedavg": {"noise_multiplier": 1.0, "accountant": "rdp"}, "randomness": mode},
+        "checkpoint": {"every": 2, "keep": 3}, "output": {"progress": False}, "simulation": {"num_workers": 1},
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    first = run_local(from_dict(raw), run_dir)["privacy"]["user_level"]
+    (run_dir / "summary.json").unlink()  # as if the run had died after round 3's row
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    again = run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")["privacy"]["user_level"]
+    assert first["rounds"] == 3
+    assert again["rounds"] == (4 if mode == "secure" else 3)
+    assert (again["epsilon"] > first["epsilon"]) if mode == "secure" else (again["epsilon"] == first["epsilon"])

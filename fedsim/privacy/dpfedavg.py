@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -702,6 +703,25 @@ class UserLevelDP(Mechanism):
             "last_released_round": self.last_released_round,
             "tree_noise": self.tree_noise.state_dict() if self.tree_noise else None,
         }
+
+    def resumed(self, run_dir: Path, round_num: int, lost: list[dict]) -> None:
+        """Secure randomness: the rounds after the checkpoint run again with fresh noise while their
+        first releases were already seen, so each of them that its metrics row shows released (or
+        does not say: output.private_metrics_only) stays counted, at its clip norm. A crash after
+        a round's release and before its row was written is not seen here (at most that round).
+        Reproducible randomness repeats those rounds bit for bit: nothing to add. DP-FTRL refuses
+        checkpoints with secure randomness."""
+        del run_dir
+        if self.tree or randomness.mode(self.cfg) != "secure":
+            return
+        later = [row for row in lost if row.get("user_release") != "none"]
+        for row in later:
+            self.rounds_released += 1
+            if self.distributed:
+                self.released_clips.append(float(row.get("clip_norm") or self.clip_norm))
+        if later:
+            log.warning("resume with secure randomness: %d released rounds after the checkpoint of round %d stay counted "
+                        "(those rounds run again with fresh noise)", len(later), round_num)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds_released = int(state["rounds_released"])

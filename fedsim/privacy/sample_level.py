@@ -344,7 +344,7 @@ class SampleLevelDP(Mechanism):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_ledger(state)
 
-    def resumed(self, run_dir: Path, round_num: int) -> None:
+    def resumed(self, run_dir: Path, round_num: int, lost: list[dict]) -> None:
         """Secure randomness: the rounds after the checkpoint run again with fresh noise, while
         their first releases were already seen, so the privacy they spent stays counted: the
         ledger.json those rounds wrote (before their updates, every round when checkpointing) is
