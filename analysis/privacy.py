@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fedsim.privacy import ACCOUNTANTS, Accountant, History, PrivacyLedger, create_accountant
+from fedsim.privacy import ACCOUNTANTS, Accountant, History, PrivacyLedger
+from fedsim.privacy.skellam import ledger_accountant
 
 from analysis.runs import Run
 
@@ -65,9 +66,9 @@ def ledger_histories(data: Any) -> dict[int, History]:
     if not isinstance(data, dict):
         raise ValueError(f"ledger must be a JSON object, got {type(data).__name__}")
     name = data.get("accountant")
-    if name not in ACCOUNTANTS:
-        raise ValueError(f"ledger accountant {name!r} is not one of {', '.join(ACCOUNTANTS)}")
-    ledger = PrivacyLedger.from_json({**data, "target_epsilon": None}, create_accountant(name))
+    if name not in (*ACCOUNTANTS, "skellam"):
+        raise ValueError(f"ledger accountant {name!r} is not one of {', '.join((*ACCOUNTANTS, 'skellam'))}")
+    ledger = PrivacyLedger.from_json({**data, "target_epsilon": None}, ledger_accountant(data))
     return {int(key): ledger.history(int(key)) for key in data["devices"]}
 
 
@@ -80,9 +81,12 @@ def device_epsilons(
     pass one accountant for many runs to share the work).
     """
     histories = ledger_histories(data)
-    if accountant is None:
+    if data["accountant"] == "skellam" and accountant is not None and accountant.name != "skellam":
+        # Distributed DP-SGD's events are Skellam mechanisms: a Gaussian accountant would not bound them.
+        raise ValueError(f"a skellam ledger (distributed DP-SGD) is accounted by its own accountant, not {accountant.name}")
+    if accountant is None or data["accountant"] == "skellam":
         interval = data.get("pld_discretization") if data["accountant"] == "pld" else None
-        accountant = create_accountant(data["accountant"], **({"value_discretization_interval": float(interval)} if interval else {}))
+        accountant = ledger_accountant(data, **({"value_discretization_interval": float(interval)} if interval else {}))
     delta = check_delta(data["delta"] if delta is None else delta)
     target = data.get("target_epsilon")
     return DeviceEpsilons(

@@ -36,6 +36,16 @@ class NoRunsError(ValueError):
     """The directory holds no run directory at all."""
 
 
+def with_sensitivity(run: Run) -> dict[str, Any]:
+    """A skellam ledger with its sensitivities: from the ledger, or (a ledger written before it
+    recorded them) from summary.json's privacy.sample_level.distributed_noise."""
+    ledger = dict(run.ledger or {})
+    if "skellam_sensitivity" not in ledger:
+        noise = ((((run.summary or {}).get("privacy") or {}).get("sample_level") or {}).get("distributed_noise")) or {}
+        if "example_l2_sensitivity" in noise and "example_l1_sensitivity" in noise:
+            ledger["skellam_sensitivity"] = [noise["example_l2_sensitivity"], noise["example_l1_sensitivity"]]
+    return ledger
+
 def fmt(value: Any) -> str:
     """A number for the report: 4 significant digits for floats, as is for ints, "-" for missing."""
     if value is None:
@@ -105,8 +115,13 @@ def _privacy_numbers(report: Report, accountant: str | None, delta: float | None
         if run.ledger is not None:
             try:
                 name = str(accountant or run.ledger.get("accountant"))
-                check_accountant(name)
-                d = device_epsilons(run.ledger, get(name, run.ledger), delta)
+                if run.ledger.get("accountant") == "skellam":  # distributed DP-SGD: only its own accountant bounds it
+                    if accountant not in (None, "skellam"):
+                        raise ValueError(f"a skellam ledger (distributed DP-SGD) is not recomputed with {accountant}")
+                    d = device_epsilons(with_sensitivity(run), None, delta)
+                else:
+                    check_accountant(name)
+                    d = device_epsilons(run.ledger, get(name, run.ledger), delta)
             except (ValueError, KeyError, TypeError) as err:
                 run.problems.append(f"ledger.json unusable ({err}); no per-device epsilon")
             else:

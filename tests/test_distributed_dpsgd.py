@@ -280,6 +280,15 @@ def test_every_devices_epsilon_is_the_independent_composition_of_its_steps(tmp_p
         participations = sum(count for *_, count in history)
         epsilons.append(independent_epsilon([(z, 1.0, participations)], l2, l1, 1e-5))
     assert sample["epsilon_max"] == pytest.approx(max(epsilons), rel=1e-9)
+    # The analysis module recomputes the same from ledger.json (its sensitivities are recorded),
+    # and will not account Skellam events with a Gaussian accountant.
+    from analysis.privacy import device_epsilons
+    from fedsim.privacy.accountants import create_accountant
+
+    assert ledger["skellam_sensitivity"] == [l2, l1]
+    assert device_epsilons(ledger).max == pytest.approx(max(epsilons), rel=1e-9)
+    with pytest.raises(ValueError, match="its own accountant"):
+        device_epsilons(ledger, create_accountant("rdp"))
     assert max(epsilons) <= 6.0  # calibrated for the median device; the budget admits no one above it
     assert all(r["secagg_noise_honest_inputs"] >= 1 for r in rows(tmp_path / "run"))
 

@@ -36,7 +36,7 @@ from fedsim.privacy.events import (
     make_history,
 )
 
-_JSON_KEYS = {"accountant", "delta", "target_epsilon", "devices", "last_events", "pld_discretization"}
+_JSON_KEYS = {"accountant", "delta", "target_epsilon", "devices", "last_events", "pld_discretization", "skellam_sensitivity"}
 
 
 def _check_device_id(device_id: Any) -> int:
@@ -197,6 +197,9 @@ class PrivacyLedger:
             "devices": devices,
             # PLD: the discretisation the run chose (fedsim.privacy.accountants.choose_pld_interval)
             **({"pld_discretization": self.accountant.value_discretization_interval} if self.accountant.name == "pld" else {}),
+            # Skellam (distributed DP-SGD): one example's L2 and L1 sensitivity in grid steps, which
+            # the accountant needs to recompute any epsilon (fedsim.privacy.skellam.SkellamSGDAccountant)
+            **({"skellam_sensitivity": [self.accountant.l2, self.accountant.l1]} if self.accountant.name == "skellam" else {}),  # type: ignore[attr-defined]
         }
         if last:
             data["last_events"] = last

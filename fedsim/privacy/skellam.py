@@ -67,6 +67,7 @@ __all__ = [
     "SkellamBlock",
     "SkellamRound",
     "SkellamSGDAccountant",
+    "ledger_accountant",
     "l1_bound",
     "poisson_subsampled_rdp",
     "rounded_norm_bound",
@@ -313,4 +314,19 @@ class SkellamSGDAccountant(Accountant):
 
     def __repr__(self) -> str:
         return f"SkellamSGDAccountant(l2={self.l2:g}, l1={self.l1:g})"
+
+
+def ledger_accountant(data: dict, **pld: float) -> Accountant:
+    """The accountant a ledger.json was kept with: its name, and what that accountant needs
+    from the run (Skellam: the recorded sensitivities; PLD: `value_discretization_interval`).
+    ValueError when the ledger does not say enough."""
+    from fedsim.privacy.accountants import create_accountant
+
+    name = data.get("accountant") if isinstance(data, dict) else None
+    if name == "skellam":
+        sens = data.get("skellam_sensitivity")
+        if not (isinstance(sens, list) and len(sens) == 2 and all(isinstance(v, (int, float)) for v in sens)):
+            raise ValueError("a skellam ledger needs skellam_sensitivity [l2, l1]")
+        return SkellamSGDAccountant(l2=float(sens[0]), l1=float(sens[1]))
+    return create_accountant(str(name), **pld)
 
