@@ -132,7 +132,9 @@ def load(path: Path) -> dict[str, Any]:
             raise FedsimError(f"resume: {path} has no privacy ledger although DP-SGD is on: refusing to reset budgets")
         participations = sum(int(e[3]) for entries in ledger["devices"].values() for e in entries)
         trained = sum(int(r.get("devices_trained") or 0) for r in state["rows"])
-        if participations != trained:
+        # More participations than the metrics' rounds is privacy carried from rounds that ran again
+        # after a resume with secure randomness (Mechanism.resumed); fewer would reset budgets.
+        if participations < trained:
             raise FedsimError(
                 f"resume: {path} ledger records {participations} device participations but the metrics "
                 f"{trained}: the ledger is inconsistent, refusing to resume"

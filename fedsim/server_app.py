@@ -120,6 +120,10 @@ def run_rounds(
         if average is not None:
             average.load_state_dict(setup.resume["model_average"])
     audit = RunAudit.start(cfg, setup, params)  # canaries (fedsim.audit), or None
+    if lost and randomness.mode(cfg) == "secure":
+        # The privacy of the rounds after the checkpoint stays counted (Mechanism.resumed): written
+        # into that checkpoint now, so a second crash before the next checkpoint keeps it too.
+        save_checkpoint(cfg, run_dir, first_round - 1, params, strategy, active, runlog, elapsed_before, audit, average)
     if (line := strategy.describe()) is not None:
         runlog.note(line)
     for described in (*active, audit):

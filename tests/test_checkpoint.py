@@ -168,6 +168,12 @@ def test_rounds_after_the_checkpoint_stay_counted_when_they_rerun_with_fresh_noi
     assert sum(first.values()) == 15
     assert sum(counts.values()) == (20 if mode == "secure" else 15)
     assert all(counts[d] >= c for d, c in first.items())
+    # A second crash before any new checkpoint, resumed from the same one: round 3 three times.
+    (run_dir / "summary.json").unlink()
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")
+    third = json.loads((run_dir / "ledger.json").read_text())["devices"]
+    assert sum(e[3] for h in third.values() for e in h) == (25 if mode == "secure" else 15)
 
 
 @pytest.mark.parametrize("mode", ["secure", "reproducible"])
@@ -186,3 +192,9 @@ def test_user_level_rounds_after_the_checkpoint_stay_counted_when_they_rerun_wit
     assert first["rounds"] == 3
     assert again["rounds"] == (4 if mode == "secure" else 3)
     assert (again["epsilon"] > first["epsilon"]) if mode == "secure" else (again["epsilon"] == first["epsilon"])
+    # A second crash before any new checkpoint, resumed from the same one: round 3 has now been
+    # released three times (the carried count was written into the checkpoint on the first resume).
+    (run_dir / "summary.json").unlink()
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    third = run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")["privacy"]["user_level"]
+    assert third["rounds"] == (5 if mode == "secure" else 3)

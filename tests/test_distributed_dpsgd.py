@@ -135,13 +135,15 @@ def test_a_device_sends_its_examples_clipped_scaled_gradients(tmp_path: Path) ->
     # An example whose gradient is NaN (e.g. a model that overflows on it) counts as zero: its
     # device still sends, so whether it drops never depends on what an example holds.
     x, y = worker.dataset.device_data(0)
-    x = x.clone()
+    x, y = x.clone(), y.clone()
     x[0] = float("nan")
+    y[1] = 10_000  # a label the model has no class for: cross-entropy raises on it
+    # (its device still sends; examples 0 and 1 count as zero)
     worker._feature_cache = type(worker._feature_cache)()
     worker.dataset.device_data = lambda d: (x, y)  # type: ignore[method-assign]
     report = worker.gradient_sums(params, 1, [0], norm_bound=enc.norm_bound, rounding=lambda d: np.random.default_rng(0))
     assert report.failed_ids == [] and report.device_ids == [0]
-    without = worker._gradient_sums(params, x[1:], y[1:], norm_bound=enc.norm_bound, rounding=np.random.default_rng(0))
+    without = worker._gradient_sums(params, x[2:], y[2:], norm_bound=enc.norm_bound, rounding=np.random.default_rng(0))
     assert np.abs(report.updates[0] - without.ints).max() <= len(y)  # the same sum, up to rounding
 
 

@@ -19,7 +19,8 @@ NaN or inf counts as zero: a device never drops because of what an example holds
 conditional randomized rounding (Kairouz, Liu, Steinke 2021, Sec. 4.1): each example's rounded
 vector has L2 norm <= D2 (fedsim.privacy.skellam.rounded_norm_bound of its norm lr C / B / step;
 should every draw fail, which has probability below 1e-43, the row is scaled into the bound and
-rounded toward zero, so no example makes its device fail either). B is a public constant
+rounded toward zero; an example the model cannot take, e.g. a label out of range, counts as zero
+too: no example makes its device fail). B is a public constant
 (algorithm.batch_size); a device uses all its examples every round, so no sampling rate depends
 on its size. The grid (fedsim.secure_grid.example_grid) makes that norm a power of two >= 16
 sqrt(d) steps, so rounding inflates the sensitivity by under 0.1%. Adding or removing one
@@ -156,6 +157,25 @@ class GradientSums:
 
         self._grads = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0), randomness="different")
 
+    def _rows(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example gradients as rows (and losses). Should the batch fail (an example the model
+        cannot take, e.g. a label out of range), each example is taken alone and one that fails
+        gives a NaN row, which counts as zero: no example makes its device fail."""
+        try:
+            grads, loss = self._grads(params, x, y)
+            return torch.cat([grads[name].flatten(1) for name in self.names], dim=1), loss
+        except Exception:
+            rows, losses = [], []
+            for i in range(len(y)):
+                try:
+                    grads, loss = self._grads(params, x[i : i + 1], y[i : i + 1])
+                    rows.append(torch.cat([grads[name].flatten(1) for name in self.names], dim=1))
+                    losses.append(loss)
+                except Exception:
+                    rows.append(torch.full((1, self.dim), math.nan))
+                    losses.append(torch.full((1,), math.nan))
+            return torch.cat(rows), torch.cat(losses)
+
     def __call__(
         self, global_params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, norm_bound: float, rounding: np.random.Generator,
     ) -> GradientSum:  # fmt: skip
@@ -176,8 +196,7 @@ class GradientSums:
         chunk = max(1, min(CHUNK_VALUES // self.dim, rows_per_sum(norm_bound)))
         losses, clipped = [], 0
         for start in range(0, n, chunk):
-            grads, loss = self._grads(params, x[start : start + chunk], y[start : start + chunk])
-            rows = torch.cat([grads[name].flatten(1) for name in self.names], dim=1)
+            rows, loss = self._rows(params, x[start : start + chunk], y[start : start + chunk])
             norms = rows.norm(dim=1, dtype=torch.float64)
             finite = torch.isfinite(norms)  # a NaN or inf anywhere in a row makes its norm one
             factor = torch.where(finite, (self.clip / norms).clamp(max=1.0), 0.0)  # 0 norm: inf, clamped to 1

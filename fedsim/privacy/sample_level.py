@@ -353,16 +353,24 @@ class SampleLevelDP(Mechanism):
         from fedsim import randomness
 
         path = run_dir / LEDGER_FILE
-        if randomness.mode(self.cfg) != "secure" or not path.exists():
+        if randomness.mode(self.cfg) != "secure":
+            return
+        if not path.exists():
+            log.warning("resume with secure randomness: no %s in %s; rounds after the checkpoint of round %d are not "
+                        "counted twice", LEDGER_FILE, run_dir, round_num)
             return
         try:
-            newer = PrivacyLedger.from_json(json.loads(path.read_text()), self.accountant)
+            data = json.loads(path.read_text())
+            newer = PrivacyLedger.from_json(data, self.accountant)
         except (OSError, ValueError) as err:  # (json.JSONDecodeError is a ValueError)
             raise FedsimError(f"resume: {path} is unreadable ({err}); the rounds after the checkpoint of round "
                               f"{round_num} ran with secure randomness and must stay counted") from None  # fmt: skip
+        recorded = data.get("skellam_sensitivity")
+        same = (newer.delta, newer.target_epsilon) == (self.ledger.delta, self.ledger.target_epsilon) and (
+            recorded is None or self.sensitivity is None or list(recorded) == list(self.sensitivity))
         old, new = self.ledger.participations(), newer.participations()
-        if any(new.get(d, 0) < c for d, c in old.items()) or sum(new.values()) <= sum(old.values()):
-            return  # not a later state of this run's ledger
+        if not same or any(new.get(d, 0) < c for d, c in old.items()) or sum(new.values()) <= sum(old.values()):
+            return  # not a later state of this run's ledger (another run's file, or nothing ran after the checkpoint)
         log.warning("resume with secure randomness: %d participations of rounds after the checkpoint of round %d stay "
                     "counted (those rounds run again with fresh noise)", sum(new.values()) - sum(old.values()), round_num)
         self.ledger = newer
