@@ -27,7 +27,9 @@ the released mean (`release`; a round that ran but could not release anything: `
 its `round_metrics()` join the round's metrics); without one the release is the plain weighted
 mean. At the end `finish(run_dir)` and `summary()`, merged into summary.json[summary_key]
 ("privacy", or "secagg"); `checkpoint_key`, `state_dict` and `load_state_dict` carry each
-through checkpoints. The audit (fedsim.audit.RunAudit) observes the run and is not in the list.
+through checkpoints, and `resumed(run_dir, round, lost)` lets a mechanism keep counting what the
+rounds after the checkpoint spent (secure randomness: they run again with fresh noise). The
+audit (fedsim.audit.RunAudit) observes the run and is not in the list.
 
 To add a mechanism: a subclass in a new module, one `MECHANISMS.add` line in fedsim/registry.py
 at its place in the order, and the config key its `enabled` reads (docs/architecture.md); a
