@@ -69,16 +69,9 @@ class ExampleGrid:
 
     clip: float  # FixedPoint range: levels x step
     bits: int
+    step: float  # FixedPoint(clip, bits).step, the grid spacing
     scale: float
     example_norm: float
-
-    @property
-    def fixed_point(self) -> FixedPoint:
-        return FixedPoint(self.clip, self.bits, 64)
-
-    @property
-    def step(self) -> float:
-        return self.fixed_point.step
 
 
 def example_levels(dim: int) -> int:
@@ -97,7 +90,7 @@ def example_grid(cfg: FedsimConfig, dim: int) -> ExampleGrid:
     half = (1 << (bits - 1)) - 1
     clip = per_example / levels * half
     step = FixedPoint(clip, bits, 64).step
-    return ExampleGrid(clip=clip, bits=bits, scale=-a.lr / a.batch_size, example_norm=per_example / step)
+    return ExampleGrid(clip=clip, bits=bits, step=step, scale=-a.lr / a.batch_size, example_norm=per_example / step)
 
 
 def grid(cfg: FedsimConfig, dim: int) -> tuple[float, int]:

@@ -82,7 +82,7 @@ from fedsim.secagg import (
 )
 from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
-from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, encoding_clip, grid
+from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, grid
 from fedsim.reports import DeviceReport
 from clients.params import num_params
 from fedsim.worker import Worker, keep_in_groups
@@ -756,32 +756,27 @@ def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) ->
     from the config's (calibrated) noise multiplier. So a lying server cannot strip the noise
     or loosen the sensitivity. ValueError otherwise.
     """
-    if distributed_dpsgd(cfg):  # each example's rounding bound and the noise share, from the config's z
+    user = cfg.privacy.dpfedavg
+    if user is None and not distributed_dpsgd(cfg):
+        return
+    dim = int(job["dim"])  # type: ignore[arg-type]
+    if (float(job["clip"]), int(job["bits"])) != grid(cfg, dim):  # type: ignore[arg-type]
+        raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
+    if user is None:  # distributed DP-SGD: each example's bound and the noise from the config's z
         from fedsim.privacy.distributed_sgd import encoding as example_encoding
 
-        dim = int(job["dim"])  # type: ignore[arg-type]
-        if (float(job["clip"]), int(job["bits"])) != grid(cfg, dim):  # type: ignore[arg-type]
-            raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
-        wanted = example_encoding(cfg, dim)
+        expected = example_encoding(cfg, dim)
         # Exactly the accountant's bound: a tighter one would make rounding fall back (scale the
         # example down) for large examples, a looser one would loosen the sensitivity.
-        if abs(float(job["norm_bound"]) - wanted.norm_bound) > 1e-12 * wanted.norm_bound:  # type: ignore[arg-type]
-            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} is not the accountant's {wanted.norm_bound:g}")
-        share = wanted.update_variance / (survivor_floor(choice) - choice.corrupt)
-        if float(job["skellam_mu"]) < share * (1 - 1e-12):  # type: ignore[arg-type]
-            raise ValueError(f"the session's noise share skellam_mu={job['skellam_mu']} is below the run config's {share:g}")
-        return
-    user = cfg.privacy.dpfedavg
-    if user is None:
-        return
-    if float(job["clip"]) != encoding_clip(cfg) or int(job["bits"]) != cfg.secagg.bits:  # type: ignore[arg-type]
-        raise ValueError(f"the session's grid (range {job['clip']}, {job['bits']} bits) is not the run config's")
-    clip = float(job["clip_norm"])  # type: ignore[arg-type]
-    if not user.adaptive_clipping and clip != user.clip_norm:
-        raise ValueError(f"the session's clip norm {clip:g} is not the run config's ({user.clip_norm:g})")
-    expected = _user_level_dp(str(job["config"]), int(job["dim"])).secure_encoding(clip)  # type: ignore[arg-type]
-    if float(job["norm_bound"]) > expected.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
-        raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {expected.norm_bound:g}")
+        if abs(float(job["norm_bound"]) - expected.norm_bound) > 1e-12 * expected.norm_bound:  # type: ignore[arg-type]
+            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} is not the accountant's {expected.norm_bound:g}")
+    else:
+        clip = float(job["clip_norm"])  # type: ignore[arg-type]
+        if not user.adaptive_clipping and clip != user.clip_norm:
+            raise ValueError(f"the session's clip norm {clip:g} is not the run config's ({user.clip_norm:g})")
+        expected = _user_level_dp(str(job["config"]), dim).secure_encoding(clip)
+        if float(job["norm_bound"]) > expected.norm_bound * (1 + 1e-12):  # type: ignore[arg-type]
+            raise ValueError(f"the session's rounding norm bound {job['norm_bound']} exceeds the accountant's {expected.norm_bound:g}")
     honest = survivor_floor(choice) - choice.corrupt
     for key, variance in (("skellam_mu", expected.update_variance), ("skellam_mu_count", expected.count_variance)):
         if variance > 0 and float(job[key]) < variance / honest * (1 - 1e-12):  # type: ignore[arg-type]
