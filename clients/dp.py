@@ -65,7 +65,7 @@ from torch import nn
 
 from clients.events import DPSGDEvent
 from clients.params import flatten_list, load_list, trainable_params, unflatten_views
-from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate
+from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate, public_count
 from clients.training import (
     Batch,
     Data,
@@ -185,9 +185,24 @@ class DPSGDTrainer:
         return self._dp
 
     def fit(
-        self, global_params: torch.Tensor, data: Data, *, seed: Seed, correction: torch.Tensor | None = None
+        self,
+        global_params: torch.Tensor,
+        data: Data,
+        *,
+        seed: Seed,
+        correction: torch.Tensor | None = None,
+        public_examples: int | None = None,
     ) -> TrainResult:
         """DP-SGD from `global_params` on one device's `data`; the model keeps the local weights.
+
+        `public_examples`: the device's example count as the world knows it before the fit
+        (in fedsim, the count the server holds for the device). It alone sets the sampling rate
+        q = 1 / ceil(count / B), the number of steps, Opacus's expected batch size and the
+        returned `num_examples`: none of them follows the data actually given, so a data set with
+        one example more or less runs the same mechanism, which is what the add/remove-one
+        epsilon of the event assumes (with q and steps read from len(data), adding one example
+        to a device of exactly k batches adds a step, and the update's noise shows it). None:
+        len(data) (the caller treats the data's size as public).
 
         Metrics: "loss" (mean batch loss over the non-empty steps, nan if every batch was
         empty), "steps" and "clip_fraction" (the fraction of the fit's per-example gradients
@@ -200,15 +215,16 @@ class DPSGDTrainer:
         n = source.n
         if n == 0:
             raise ValueError("device has no training examples")
-        num_batches = batches_per_epoch(n, cfg.batch_size)
-        sample_rate = poisson_rate(n, cfg.batch_size)
-        steps = local_steps(n, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
+        public = public_count(public_examples, n)
+        num_batches = batches_per_epoch(public, cfg.batch_size)
+        sample_rate = poisson_rate(public, cfg.batch_size)
+        steps = local_steps(public, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
 
         sample_generator = self._seeded(seed)
         seed_generator(self._noise_generator, child_seed(sample_generator))
         global_flat = global_params.detach()
         load_list(self._params, global_flat)
-        self._reset(expected_batch_size=n / num_batches)
+        self._reset(expected_batch_size=public / num_batches)
         if not all(m.training for m in self._all_modules):
             self.model.train()
         anchors = unflatten_views(global_flat, self._params) if cfg.proximal_mu > 0 else None
@@ -231,7 +247,7 @@ class DPSGDTrainer:
             "clip_fraction": clipped / drawn if drawn else math.nan,
         }
         event = DPSGDEvent(noise_multiplier=self._dp.noise_multiplier, sample_rate=sample_rate, steps=steps)
-        return TrainResult(update=update, num_examples=n, metrics=metrics, privacy=event)
+        return TrainResult(update=update, num_examples=public, metrics=metrics, privacy=event)
 
     def _dpsgd(
         self,

@@ -33,6 +33,16 @@ def poisson_rate(num_examples: int, batch_size: int) -> float:
     return 1.0 / batches_per_epoch(num_examples, batch_size)
 
 
+def public_count(public_examples: int | None, n: int) -> int:
+    """The count that sets DP-SGD's q, steps and expected batch size: `public_examples` if
+    given (a positive int), else n, the size of the data given (then treated as public)."""
+    if public_examples is None:
+        return n
+    if isinstance(public_examples, bool) or not isinstance(public_examples, int) or public_examples < 1:
+        raise ValueError(f"public_examples must be a positive int, got {public_examples!r}")
+    return public_examples
+
+
 def dpsgd_event(
     num_examples: int, *, batch_size: int, local_epochs: int, noise_multiplier: float, max_steps: int | None = None
 ) -> DPSGDEvent:

@@ -66,7 +66,7 @@ from torch.func import functional_call, grad, vmap
 
 from clients.events import DPSGDEvent
 from clients.params import trainable_params, unflatten_views
-from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate
+from clients.plan import batches_per_epoch, local_steps, poisson_masks, poisson_rate, public_count
 from clients.training import (
     Data,
     LossFn,
@@ -210,7 +210,12 @@ class VectorizedTrainer:
     # ------------------------------------------------------------------------- public API
 
     def fit_many(
-        self, global_params: torch.Tensor, datas: Sequence[Data], seeds: Sequence[Seed]
+        self,
+        global_params: torch.Tensor,
+        datas: Sequence[Data],
+        seeds: Sequence[Seed],
+        *,
+        public_examples: Sequence[int | None] | None = None,
     ) -> list[TrainResult | Exception]:
         """Train every device from `global_params`; one result per device, in input order.
 
@@ -224,9 +229,14 @@ class VectorizedTrainer:
         `global_params` is only read. Seeds are as for `LocalTrainer.fit`: an int, a
         sequence of ints, or a torch.Generator (used as given, and advanced). The updates
         of one chunk of devices are rows (views) of one [devices, params] float32 tensor.
+        `public_examples` (DP-SGD only, one entry per device): as for `DPSGDTrainer.fit`, the
+        count that sets each device's q, steps, expected batch size and `num_examples`.
         """
         if len(datas) != len(seeds):
             raise ValueError(f"got {len(datas)} data sets but {len(seeds)} seeds")
+        publics = [None] * len(datas) if public_examples is None else list(public_examples)
+        if len(publics) != len(datas):
+            raise ValueError(f"got {len(datas)} data sets but {len(publics)} public example counts")
         global_flat = global_params.detach()
         if global_flat.dim() != 1 or global_flat.numel() != self._num_params:
             raise ValueError(
@@ -238,7 +248,7 @@ class VectorizedTrainer:
         reference: tuple | None = None
         for i, (data, seed) in enumerate(zip(datas, seeds, strict=True)):
             try:
-                plan = self._plan(i, data, seed)
+                plan = self._plan(i, data, seed, publics[i])
                 signature = (tuple(plan.x.shape[1:]), plan.x.dtype, tuple(plan.y.shape[1:]), plan.y.dtype)
                 if reference is None:
                     reference = signature
@@ -270,7 +280,7 @@ class VectorizedTrainer:
 
     # ------------------------------------------------------------------------- the draws
 
-    def _plan(self, index: int, data: Data, seed: Seed) -> _Plan:
+    def _plan(self, index: int, data: Data, seed: Seed, public_examples: int | None = None) -> _Plan:
         """One device's data and every random draw of its fit that does not depend on the weights."""
         cfg = self._config
         source = _source(data)
@@ -284,7 +294,7 @@ class VectorizedTrainer:
         generator = seed if isinstance(seed, torch.Generator) else new_generator(seed)
         if self._dp is None:
             return _plain_plan(index, x, y, n, cfg, generator)
-        return _dp_plan(index, x, y, n, cfg, generator)
+        return _dp_plan(index, x, y, n, cfg, generator, public_count(public_examples, n))
 
     # ------------------------------------------------------------------------- the compute
 
@@ -406,7 +416,8 @@ class VectorizedTrainer:
                     "clip_fraction": clipped_list[d] / drawn if drawn else math.nan,
                 }
                 privacy = DPSGDEvent(noise_multiplier=dp.noise_multiplier, sample_rate=p.sample_rate, steps=p.steps)
-            results[p.index] = TrainResult(update=updates[d], num_examples=p.n, metrics=metrics, privacy=privacy)
+            num_examples = p.public if dp is not None else p.n
+            results[p.index] = TrainResult(update=updates[d], num_examples=num_examples, metrics=metrics, privacy=privacy)
 
     def _sgd_step(
         self,
@@ -498,6 +509,7 @@ class _Plan:
     sample_rate: float = 0.0  # DP only
     expected_batch_size: float = 0.0  # DP only
     noise_generator: torch.Generator | None = None  # DP only
+    public: int = 0  # DP only: the public example count (TrainResult.num_examples)
 
 
 def _plain_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainConfig, g: torch.Generator) -> _Plan:
@@ -514,11 +526,14 @@ def _plain_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: Train
     return _Plan(index, x, y, n, len(counts), idx, torch.tensor(counts, dtype=torch.long))
 
 
-def _dp_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainConfig, g: torch.Generator) -> _Plan:
-    """DPSGDTrainer's draws: the noise seed first, then one Poisson mask per step."""
-    num_batches = batches_per_epoch(n, cfg.batch_size)
-    sample_rate = poisson_rate(n, cfg.batch_size)
-    steps = local_steps(n, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
+def _dp_plan(
+    index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainConfig, g: torch.Generator, public: int
+) -> _Plan:
+    """DPSGDTrainer's draws: the noise seed first, then one Poisson mask per step over the n
+    examples given; q, steps and the expected batch size from the public count."""
+    num_batches = batches_per_epoch(public, cfg.batch_size)
+    sample_rate = poisson_rate(public, cfg.batch_size)
+    steps = local_steps(public, local_epochs=cfg.local_epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
     noise_generator = seed_generator(torch.Generator(), child_seed(g))
     masks = poisson_masks(n, sample_rate, steps, g)
     counts = masks.sum(dim=1)
@@ -535,7 +550,8 @@ def _dp_plan(index: int, x: torch.Tensor, y: torch.Tensor, n: int, cfg: TrainCon
         idx,
         counts,
         sample_rate=sample_rate,
-        expected_batch_size=n / num_batches,
+        expected_batch_size=public / num_batches,
+        public=public,
         noise_generator=noise_generator,
     )
 

@@ -64,6 +64,16 @@ def canary_device_data(cfg: FedsimConfig, dataset: Any, device_id: int) -> tuple
     return torch.cat([fx, cx[keep]]), torch.cat([fy, cy[keep]])
 
 
+def canary_public_examples(cfg: FedsimConfig, dataset: Any, device_id: int) -> int:
+    """A canary device's public example count: its filler's count plus all its canary slots.
+
+    Fixed before the draw of which canaries are included, so DP-SGD's q and steps on this
+    device do not depend on that draw (the audit measures the mechanism the ledger accounts)."""
+    index = device_id - cfg.population
+    part = canary_slices(cfg)[index]
+    return int(dataset.num_examples(filler_device(cfg, index))) + part.stop - part.start
+
+
 def reference_inputs(cfg: FedsimConfig, dataset: Any) -> torch.Tensor:
     """Real inputs the canary inputs imitate: the first device's (the same on server and workers)."""
     return dataset.device_data(0)[0]

@@ -30,7 +30,7 @@ import torch
 from clients import LocalTrainer, TrainConfig, TrainResult
 from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
-from fedsim.canaries import canary_device_data, is_canary_device
+from fedsim.canaries import canary_device_data, canary_public_examples, is_canary_device
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, load_dataset
@@ -287,6 +287,16 @@ class Worker:
             cached = self._feature_cache.put(device_id, (self.features(x), y))
         return cached
 
+    def public_examples(self, device_id: int) -> int:
+        """The device's public example count: what the server holds for it before the round
+        (`dataset.num_examples`; for an audit's canary device, its filler's count plus every
+        canary slot it holds, included or not). Under DP-SGD it, never the size of the data the
+        device trains on, sets q, the steps and the count the device reports, so one example
+        more or less changes none of them (the add/remove-one adjacency the ledger assumes)."""
+        if is_canary_device(self.cfg, device_id):
+            return canary_public_examples(self.cfg, self.dataset, device_id)
+        return self.dataset.num_examples(device_id)
+
     def train(
         self,
         global_params: torch.Tensor,
@@ -320,6 +330,7 @@ class Worker:
         row_of = {d: i for i, d in enumerate(device_ids)} if arrays else {}  # the strategy's rows per device
         if clip_norm is not None:  # user-level DP only: fedsim.privacy imports the accountants (~2 s)
             from fedsim.privacy.user_level import clip_update
+        dpsgd = cfg.privacy.dpsgd is not None  # local DP-SGD: q and steps from each device's public count
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []
@@ -338,8 +349,9 @@ class Worker:
             if len(ready) > 1:
                 try:
                     results = self.vectorized.fit_many(  # type: ignore[union-attr]
-                        global_params, [data for _, data in ready], [device_seed(streams, round_num, d) for d, _ in ready]
-                    )
+                        global_params, [data for _, data in ready], [device_seed(streams, round_num, d) for d, _ in ready],
+                        **({"public_examples": [self.public_examples(d) for d, _ in ready]} if dpsgd else {}),
+                    )  # fmt: skip
                 except Exception as err:  # the batched computation failed: the group's devices fail alike
                     results = [err] * len(ready)
             else:
@@ -347,8 +359,9 @@ class Worker:
                 for device_id, data in ready:
                     try:
                         correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
+                        public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
                         results.append(self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
-                                                        correction=correction))  # fmt: skip
+                                                        correction=correction, **public))  # fmt: skip
                     except Exception as err:
                         results.append(err)
             for (device_id, _), result in zip(ready, results, strict=True):
@@ -405,7 +418,7 @@ class Worker:
                 continue
             report.device_ids.append(device_id)
             report.updates.append(out.ints)
-            report.num_examples.append(len(y))
+            report.num_examples.append(self.public_examples(device_id))  # summed in the clear: never len(y)
             report.losses.append(out.loss)
             report.dp_events.append((z, SAMPLE_RATE, 1))
             report.clip_fractions.append(out.clip_fraction)

@@ -308,6 +308,46 @@ def test_event_has_opacus_sample_rate_and_step_count(n, batch_size, epochs, max_
     assert torch.isfinite(result.update).all() and math.isfinite(result.metrics["loss"])
 
 
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_one_example_more_or_less_runs_the_same_mechanism_under_a_public_count(vectorized: bool) -> None:
+    """The attack this closes: with q and steps read from len(data), a device of exactly k
+    batches (n = kB) takes k + 1 steps once one example is added, so its update carries one
+    more step of noise (its squared norm grows by ~1/k, which 10^5 coordinates measure to
+    0.5%) and the add/remove-one epsilon of its event is false. With the public count the
+    neighbouring data sets (n - 1, n, n + 1 examples) run the same q, the same steps, the
+    same expected batch size, and report the same count."""
+    from clients.vectorized import VectorizedTrainer
+
+    cfg, dp = TrainConfig(lr=0.05, batch_size=10, local_epochs=1), DPSGDConfig(1.0, 1.0)
+    x, y = blobs(21, seed=3)
+    neighbours = [(x[:19], y[:19]), (x[:20], y[:20]), (x, y)]  # public count 20 = 2 batches of 10
+    assert fit(DPSGDTrainer(mlp(6), cfg, dp), neighbours[2], seed=0).privacy.steps == 3  # from len(data): the leak
+    if vectorized:
+        trainer = VectorizedTrainer(mlp(6), cfg, dp)
+        results = trainer.fit_many(flat_params(trainer.model), neighbours, [0, 0, 0], public_examples=[20, 20, 20])
+    else:
+        trainer = DPSGDTrainer(mlp(6), cfg, dp)
+        start = flat_params(trainer.model).clone()
+        results = [trainer.fit(start, data, seed=0, public_examples=20) for data in neighbours]
+    for r in results:
+        assert r.privacy == DPSGDEvent(noise_multiplier=1.0, sample_rate=0.5, steps=2)
+        assert r.num_examples == 20 and r.metrics["steps"] == 2
+    with pytest.raises(ValueError, match="public_examples must be a positive int"):
+        DPSGDTrainer(mlp(6), cfg, dp).fit(flat_params(mlp(6)), neighbours[0], seed=0, public_examples=0)
+
+
+def test_the_public_count_scales_the_noise_like_the_data_size_it_replaces() -> None:
+    """Noise std = sigma C / (public / batches): the normalization follows the public count,
+    not the data given (pure-noise updates: every per-example gradient is 0)."""
+    cfg = TrainConfig(lr=1.0, batch_size=100, local_epochs=1)
+    trainer = DPSGDTrainer(mlp(1), cfg, DPSGDConfig(2.0, 0.5), loss_fn=zero_grad_loss)
+    start = flat_params(trainer.model).clone()
+    data = blobs(7, seed=1)  # one batch: q = 1, expected batch size = the public count 40
+    updates = torch.stack([trainer.fit(start, data, seed=s, public_examples=40).update for s in range(40)])
+    ratio, ok = noise_std_check(updates, 2.0 * 0.5 / 40, known_mean=torch.zeros(updates.shape[1]))
+    assert ok, ratio
+
+
 def test_plain_trainer_records_no_privacy_event() -> None:
     assert fit(LocalTrainer(mlp(0), TrainConfig(lr=0.1)), blobs(10, seed=0), seed=0).privacy is None
 

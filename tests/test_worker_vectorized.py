@@ -241,3 +241,26 @@ def test_vectorized_run_is_bit_identical_with_one_or_two_workers(tmp_path: Path)
     assert one["final_test_accuracy"] == pytest.approx(off["final_test_accuracy"], abs=0.02)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["devices_trained"] == 16 and r["devices_failed"] == 0 for r in rows)
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_dpsgd_devices_take_q_steps_and_count_from_the_server_s_count(monkeypatch: pytest.MonkeyPatch, vectorize: str) -> None:
+    """A device whose data holds one example more than the count the server has for it (the
+    add-one neighbour) runs and reports the same event and count: nothing in the report
+    follows the private data's size (Worker.public_examples)."""
+    over = {"privacy.dpsgd.noise_multiplier": 1.0, "privacy.dpsgd.max_grad_norm": 1.0, "algorithm.momentum": 0.0}
+    worker = Worker(from_dict(worker_config(vectorize, **over)))
+    start = flat_params(worker.model)
+    before = worker.train(start, 2, DEVICES, groups=GROUPS)
+    real = worker.dataset.device_data
+
+    def one_more(device_id: int):
+        x, y = real(device_id)
+        return torch.cat([x, x[:1]]), torch.cat([y, y[:1]])
+
+    monkeypatch.setattr(worker.dataset, "device_data", one_more)
+    after = worker.train(start, 2, DEVICES, groups=GROUPS)
+    assert after.dp_events == before.dp_events and after.num_examples == before.num_examples
+    assert before.num_examples == [worker.dataset.num_examples(d) for d in DEVICES]
+    # The data did change: some update differs.
+    assert any(not np.array_equal(a, b) for a, b in zip(before.updates, after.updates, strict=True))

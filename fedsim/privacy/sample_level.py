@@ -6,6 +6,9 @@ itself (devices never compute epsilon). A device's event is a function of its si
 with batch size B, Opacus's Poisson sampling uses rate q = 1 / ceil(n / B) for
 local_epochs * ceil(n / B) steps, so the server knows each device's next event before
 sampling it, and can leave out a device whose next participation would exceed its budget.
+n is the device's public count (the dataset's count, `Worker.public_examples`), never the size
+of the data the device trains on: a data set with one example more or less runs the same q
+and steps and reports the same count, as the add/remove-one analysis of each event assumes.
 """
 
 from __future__ import annotations
@@ -265,7 +268,8 @@ class SampleLevelDP(Mechanism):
                 "device's ledger history (computed by the server)",
                 "adjacency": "add/remove-one training example of one device (not a whole device)" + _overlap_note(self.cfg),
                 "sampling": "none: each round a device sends one sum over all its examples, normalized by the public "
-                "batch_size, so no sampling rate depends on its size (its example count is summed in the clear)",
+                "batch_size, so no sampling rate depends on its size (its public example count, the server's, not its "
+                "data's, is summed in the clear)",
                 "rounding": "each example's clipped, scaled gradient is rounded alone by conditional randomized rounding "
                 "within the L2 bound D2 (Kairouz, Liu, Steinke 2021; after 200 failed draws, probability < 1e-43, it is "
                 "scaled into the bound and rounded toward zero): removing an example removes one rounded vector of L2 "
@@ -293,8 +297,11 @@ class SampleLevelDP(Mechanism):
             "accountant": f"{self.accountant.name} on each device's ledger history (computed by the server)",
             "adjacency": "add/remove-one training example of one device (not a whole device: see user_level for that)"
             + _overlap_note(self.cfg),
-            "sampling": "each DP-SGD step samples a device's n examples by Poisson with q = 1 / ceil(n / batch_size), "
-            "empty batches included as noise-only steps; the device's n is treated as public",
+            "sampling": "each DP-SGD step samples a device's examples by Poisson with q = 1 / ceil(n / batch_size) for "
+            "local_epochs * ceil(n / batch_size) steps, empty batches included as noise-only steps, where n is the "
+            "device's public example count (the count the server holds before the run), never the size of the data "
+            "it trains on: one example more or less changes neither q, the steps, the normalization nor the count it "
+            "reports (an audit's canary device: its filler's count plus all its canary slots)",
             "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
             "models) learns no more about one of its examples than epsilon allows from it. The server also receives, "
             "without noise, each device's mean training loss and clipped fraction (under SecAgg+ their cohort sums): "
