@@ -517,8 +517,9 @@ class SecAggConfig:
     drop_masked_input: float = field(default=0.0, metadata=checked(in_unit_interval))
     drop_unmask: float = field(default=0.0, metadata=checked(in_unit_interval))
     # SIMULATION ONLY, not what devices do: masks that cancel in the sum are never expanded (devices
-    # send their inputs unmasked, the server removes nothing); keys, shares, stages, survivors,
-    # aborts and the sum are the faithful protocol's, bit for bit; the server could read each input
+    # send their inputs unmasked, the server removes nothing) and shares travel unencrypted (no key
+    # agreement); keys, Shamir shares, stages, survivors, aborts and the sum are the faithful
+    # protocol's, bit for bit; the server could read each input and each share
     simulation_shortcut: bool = False
 
 

@@ -285,9 +285,10 @@ def summary(cfg: FedsimConfig) -> dict:
     if cfg.secagg.simulation_shortcut:
         shortcut = (
             "SIMULATION SHORTCUT (secagg.simulation_shortcut=true), not what devices do: devices send their inputs "
-            "unmasked and the server removes no mask (every mask cancels in the survivors' sum), so the sum, "
-            "survivors, aborts and dropout handling are the faithful protocol's bit for bit but the server could "
-            "read each device's update: the guarantee above describes the faithful protocol, not this run"
+            "unmasked and the server removes no mask (every mask cancels in the survivors' sum), and the Shamir "
+            "shares travel unencrypted, so the sum, survivors, aborts and dropout handling are the faithful "
+            "protocol's bit for bit but the server could read each device's update: the guarantee above describes "
+            "the faithful protocol, not this run"
         )
         assumptions.insert(0, shortcut)
     if choice.n != cfg.cohort.size or cfg.cohort.sampling == "poisson":

@@ -563,3 +563,46 @@ def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_abo
 
     assert aborts(choice.neighbours, choice.threshold) == 0
     assert aborts(10, 6) >= 2  # fedsim's old rule at cohort 30: k = 2 ceil(log2 30), t = k/2 + 1
+
+
+def _encode_int_reference(fp: FixedPoint, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None) -> np.ndarray:
+    """encode_int written with fresh arrays (the formula of the quantize module's docstring)."""
+    u = np.clip(np.array(x, dtype=np.float64), -fp.clip, fp.clip) / fp.step
+    lo = np.floor(u)
+    for _ in range(200):
+        q = np.clip((lo + (rng.random(u.shape) < u - lo)).astype(np.int64), -fp.levels, fp.levels)
+        if max_norm is None or int(np.dot(q, q)) <= math.floor(max_norm * max_norm):
+            return q
+    raise AssertionError("no draw")
+
+
+def test_encode_int_reuses_its_buffers_without_changing_a_bit() -> None:
+    """encode_int works in per-thread buffers kept between calls: interleaved lengths, float32 and
+    float64 inputs, 2-D input, conditional redraws and other threads give the reference's bits."""
+    import threading
+
+    cases = []
+    for n, dtype, clip, bits in ((113_610, np.float32, 0.05, 16), (7, np.float64, 1.0, 8), (113_610, np.float64, 0.02, 12)):
+        fp = FixedPoint(clip, bits, 32)
+        x = (np.random.default_rng(n).standard_normal(n) * clip).astype(dtype)
+        u = np.clip(x.astype(np.float64), -clip, clip) / fp.step
+        frac = u - np.floor(u)
+        median_norm = math.sqrt(float(np.sum(np.floor(u) ** 2 + frac * (2 * np.floor(u) + 1))))  # E||q||^2
+        cases += [(fp, x, None), (fp, x, median_norm)]  # the second redraws about half the time
+    results: dict[int, list[np.ndarray]] = {}
+
+    def run(key: int) -> None:
+        results[key] = [fp.encode_int(x, np.random.default_rng(i), m) for i, (fp, x, m) in enumerate(cases)]
+
+    run(0)
+    threads = [threading.Thread(target=run, args=(k,)) for k in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in (0, 1, 2):
+        for i, ((fp, x, m), got) in enumerate(zip(cases, results[key], strict=True)):
+            want = _encode_int_reference(fp, x, np.random.default_rng(i), m)
+            assert got.dtype == np.int64 and np.array_equal(got, want)
+    fp, x, _ = cases[0]
+    assert np.array_equal(fp.encode_int(x.reshape(2, -1), np.random.default_rng(0)).ravel(), results[0][0])

@@ -226,3 +226,45 @@ def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
         run_rounds(from_dict(run_config(tmp_path, rounds=1, **{"secagg.simulation_shortcut": True})), grid, tmp_path / "r")
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["devices_trained"] == 0 and "secagg_aborted" in row
+
+
+def test_shortcut_shares_fail_where_encrypted_ones_fail_and_need_no_key_agreement(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shortcut sends Shamir shares in the clear (crypto.seal_clear_share): a flipped byte,
+    a truncation, two swapped senders or another session's envelope must still be rejected like
+    an AES-GCM ciphertext, or faults would drop other devices than in the faithful protocol;
+    and no device runs a key agreement (what the shortcut saves)."""
+    from fedsim.secagg import SecAggDevice, SecAggServer, crypto
+
+    def to_masked_input(p: SecAggParams):  # noqa: ANN202
+        devices = {i: SecAggDevice(i, p) for i in range(p.num_devices)}
+        server = SecAggServer(p)
+        req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
+        return devices, server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
+
+    outcomes = {}
+    for shortcut in (False, True):
+        p = params(shortcut=shortcut)
+        devices, req3 = to_masked_input(p)
+        _, other_session = to_masked_input(params(shortcut=shortcut, session_id=b"s2"))
+        r = req3[0]
+        cts = list(r["ciphertexts"])
+        flipped = bytearray(cts[0])
+        flipped[20] ^= 0x01
+        cts[0] = bytes(flipped)
+        cts[1], cts[2] = cts[2], cts[1]  # misrouted: swapped senders
+        cts[3] = cts[3][:-1]  # truncated
+        cts[4] = other_session[0]["ciphertexts"][4]  # replayed from another round
+        reply = devices[0].masked_input({"ids": r["ids"], "ciphertexts": cts}, np.zeros(p.vector_length, dtype=np.int64))
+        outcomes[shortcut] = (reply["bad"], sorted(devices[0]._held))
+        assert len(cts[5]) == len(r["ciphertexts"][5])
+    assert outcomes[True] == outcomes[False] and outcomes[True][0] == sorted(params().graph[0][:5])
+
+    def no_agreement(*args, **kwargs):  # noqa: ANN202
+        raise AssertionError("a key agreement ran under the shortcut")
+
+    monkeypatch.setattr("fedsim.secagg.protocol.agree", no_agreement)
+    p = params(shortcut=True)
+    result = simulate_round(p, inputs(p), drop_before={"masked_input": [3]})
+    assert result.dropped_after_sharing == {3}
+    assert crypto.open_clear_share(crypto.seal_clear_share(b"x" * 100, sender=1, receiver=2, session_id=b"s"),
+                                   sender=1, receiver=2, session_id=b"s") == b"x" * 100  # fmt: skip

@@ -34,10 +34,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -66,9 +67,12 @@ __all__ = [
     "generate_keypair",
     "identity_public",
     "mask_dtype",
+    "open_clear_share",
+    "seal_clear_share",
     "prg_mask",
     "add_mask",
     "private_from_bytes",
+    "restored_keypair",
     "random_bytes",
     "sign",
     "verify",
@@ -97,16 +101,35 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
-@dataclass(frozen=True)
 class KeyPair:
-    """An X25519 key pair; `public` is the raw 32-byte encoding sent to the server."""
+    """An X25519 key pair; `public` is the raw 32-byte encoding sent to the server.
 
-    private: X25519PrivateKey
-    public: bytes
+    The private key object is built on first use of `private`: a device's state is restored
+    at every stage, and most stages use neither key (the simulation shortcut uses neither ever).
+    """
+
+    __slots__ = ("_private", "_raw", "public")
+
+    def __init__(self, raw: bytes, public: bytes, private: X25519PrivateKey | None = None) -> None:
+        self._raw, self.public, self._private = raw, public, private
+
+    @property
+    def private(self) -> X25519PrivateKey:
+        if self._private is None:
+            self._private = X25519PrivateKey.from_private_bytes(self._raw)
+        return self._private
 
     def private_bytes(self) -> bytes:
         """The raw 32-byte private key (what gets Shamir-shared for the s key)."""
-        return self.private.private_bytes_raw()
+        return self._raw
+
+
+def restored_keypair(raw: bytes, public: bytes) -> KeyPair:
+    """A key pair from its own saved (raw private, public) bytes, with no curve operation: for a
+    device's state written by its own host (`SecAggDevice.export_state`), never for peer input."""
+    if len(raw) != KEY_BYTES or len(public) != KEY_BYTES:
+        raise ValueError(f"X25519 keys have {KEY_BYTES} bytes, got {len(raw)} and {len(public)}")
+    return KeyPair(raw, public)
 
 
 def private_from_bytes(raw: bytes) -> KeyPair:
@@ -114,7 +137,7 @@ def private_from_bytes(raw: bytes) -> KeyPair:
     if len(raw) != KEY_BYTES:
         raise ValueError(f"an X25519 private key has {KEY_BYTES} bytes, got {len(raw)}")
     private = X25519PrivateKey.from_private_bytes(raw)
-    return KeyPair(private, private.public_key().public_bytes_raw())
+    return KeyPair(bytes(raw), private.public_key().public_bytes_raw(), private)
 
 
 def generate_keypair() -> KeyPair:
@@ -201,6 +224,41 @@ def decrypt_share(key: bytes, ciphertext: bytes, *, sender: int, receiver: int, 
             f"share ciphertext from device {sender} to device {receiver} failed authentication "
             "(tampered, misrouted or from another session)"
         ) from None
+
+
+_CLEAR_LABEL = b"fedsim/secagg/clear-share"
+_TAG_BYTES = 16
+
+
+def _clear_tag(body: bytes, sender: int, receiver: int, session_id: bytes) -> bytes:
+    return hashlib.sha256(_CLEAR_LABEL + _associated_data(sender, receiver, session_id) + body).digest()[:_TAG_BYTES]
+
+
+def seal_clear_share(plaintext: bytes, *, sender: int, receiver: int, session_id: bytes) -> bytes:
+    """Simulation shortcut only (`secagg.simulation_shortcut`): the share payload IN THE CLEAR,
+    in an envelope the size of `encrypt_share`'s (12 zero bytes || plaintext || 16-byte tag).
+
+    The tag is SHA-256 of (sender, receiver, session, body): no key, so it authenticates
+    nothing against an adversary, but a flipped byte, a truncation, a misrouted or another
+    round's envelope fails `open_clear_share` as AES-GCM would fail `decrypt_share`, so faults
+    drop the same devices as in the faithful protocol. No key agreement and no cipher run: the
+    server of a shortcut run could read every share (it reads every input already).
+    """
+    body = bytes(_GCM_NONCE_BYTES) + plaintext
+    return body + _clear_tag(body, sender, receiver, session_id)
+
+
+def open_clear_share(envelope: bytes, *, sender: int, receiver: int, session_id: bytes) -> bytes:
+    """Inverse of `seal_clear_share`; raises TamperedShare where `decrypt_share` would."""
+    if len(envelope) < _GCM_NONCE_BYTES + _TAG_BYTES:
+        raise TamperedShare(f"share ciphertext from {sender} to {receiver} is truncated ({len(envelope)} bytes)")
+    body, tag = envelope[:-_TAG_BYTES], envelope[-_TAG_BYTES:]
+    if not hmac.compare_digest(tag, _clear_tag(body, sender, receiver, session_id)):
+        raise TamperedShare(
+            f"share ciphertext from device {sender} to device {receiver} failed authentication "
+            "(tampered, misrouted or from another session)"
+        )
+    return body[_GCM_NONCE_BYTES:]
 
 
 def mask_dtype(modulus_bits: int) -> type[np.unsignedinteger]:

@@ -96,8 +96,11 @@ from fedsim.secagg.crypto import (
     generate_keypair,
     identity_public,
     mask_dtype,
+    open_clear_share,
     private_from_bytes,
     random_bytes,
+    restored_keypair,
+    seal_clear_share,
     sign,
     verify,
 )
@@ -169,12 +172,16 @@ class SecAggParams:
     expanded. Every mask of the protocol cancels in the survivors' sum: the pairwise masks of
     two survivors cancel each other, and the server removes the survivors' self masks and
     their masks with devices that dropped after sharing keys. So devices send y = x mod 2^m and
-    the server removes nothing, and the sum is the faithful protocol's bit for bit. Everything
-    else runs as in the faithful protocol (keys, encrypted shares, every stage, the
-    reconstruction of every secret the server would need, each abort), so survivors, aborts and
-    dropout handling are the same. The server could read each input: no security claim holds.
-    Not checked at masked input: an unusable s key forwarded by a dishonest server (the
-    faithful device refuses it when agreeing on the mask).
+    the server removes nothing, and the sum is the faithful protocol's bit for bit. Nor is a
+    share encrypted: no key agreement runs on a device; each share payload travels in the
+    clear in an envelope of the ciphertext's size whose hash tag fails where AES-GCM's would
+    (crypto.seal_clear_share: a garbled, truncated, misrouted or replayed share is rejected
+    alike). Everything else runs as in the faithful protocol (keys, Shamir shares, every
+    stage, the reconstruction of every secret the server would need, each abort), so
+    survivors, aborts and dropout handling are the same. The server could read each input and
+    each share: no security claim holds. Not checked on a device: an unusable c or s key
+    forwarded by a dishonest server (the faithful device refuses it when agreeing on the share
+    key or the mask).
     """
 
     num_devices: int
@@ -410,8 +417,8 @@ class SecAggDevice:
         state = {
             "id": self.id,
             "stage": self._stage,
-            "c": self._c.private_bytes() if self._c else None,
-            "s": self._s.private_bytes() if self._s else None,
+            "c": (self._c.private_bytes(), self._c.public) if self._c else None,
+            "s": (self._s.private_bytes(), self._s.public) if self._s else None,
             "b": self._b,
             "peer_keys": self._peer_keys,
             "enc_keys": self._enc_keys,
@@ -440,8 +447,8 @@ class SecAggDevice:
             identity = Ed25519PrivateKey.from_private_bytes(state["identity"])
         device = cls(state["id"], params, identity=identity, registry=registry)
         device._stage = state["stage"]
-        device._c = private_from_bytes(state["c"]) if state["c"] else None
-        device._s = private_from_bytes(state["s"]) if state["s"] else None
+        device._c = restored_keypair(*state["c"]) if state["c"] else None
+        device._s = restored_keypair(*state["s"]) if state["s"] else None
         device._b = state["b"]
         device._peer_keys = state["peer_keys"]
         device._enc_keys = state["enc_keys"]
@@ -528,6 +535,9 @@ class SecAggDevice:
         b_shares = shamir.share(self._b, t, holders)
         ciphertexts = []
         for j in holders:
+            if self.params.shortcut:  # the share in the clear, same size and same fault detection (class doc)
+                ciphertexts.append(seal_clear_share(s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
+                continue
             try:  # a low-order key fails here (the s key at masked_input): only a dishonest server forwards one
                 key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
             except ValueError as err:
@@ -563,7 +573,10 @@ class SecAggDevice:
         bad = []
         for j in sorted(cts):
             try:
-                plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
+                if self.params.shortcut:
+                    plain = open_clear_share(bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
+                else:
+                    plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
                 if len(plain) != 2 * _SHARE_BYTES:
                     raise TamperedShare(f"share payload from device {j} has {len(plain)} bytes, expected {2 * _SHARE_BYTES}")
             except (TamperedShare, TypeError) as err:
