@@ -266,6 +266,10 @@ def payload_bytes(content: RecordDict) -> int:
         if isinstance(value, (str, bytes)):
             return len(value)
         if isinstance(value, list):
+            if all(type(v) is bytes for v in value):  # fast paths: SecAgg+ ciphertexts, keys, shares
+                return sum(map(len, value))
+            if all(type(v) is int for v in value):  # ids, positions
+                return 8 * len(value)
             return sum(size(v) for v in value)
         return 8
 
