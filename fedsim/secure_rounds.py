@@ -126,8 +126,9 @@ def stats_names(cfg: FedsimConfig) -> tuple[str, ...]:
         # The example counts only (public): a loss or clipped fraction summed without noise would
         # tell the server about the examples, which distributed DP-SGD's epsilon does not cover.
         return ("num_examples",)
-    names = ["loss", "num_examples"]
-    if cfg.privacy.dpsgd is not None:
+    keep = cfg.output.private_metrics_only  # the un-noised diagnostics stay on the devices (worker.keep_diagnostics)
+    names = ["num_examples"] if keep else ["loss", "num_examples"]
+    if cfg.privacy.dpsgd is not None and not keep:
         names += ["clip_fraction", "clip_fraction_devices"]  # devices with no example drawn report NaN
     user = cfg.privacy.dpfedavg
     if user is not None and user.adaptive_clipping:

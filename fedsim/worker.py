@@ -19,6 +19,7 @@ groups, not the workers, fix the result: the same groups give the same bits on a
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import time
 from collections import OrderedDict
@@ -386,6 +387,7 @@ class Worker:
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
         if sums is not None:
             fold_into_tree(report, device_ids, *sum_range, sums)  # type: ignore[misc]
+        keep_diagnostics(cfg, report)
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
         return report
@@ -422,6 +424,7 @@ class Worker:
             report.losses.append(out.loss)
             report.dp_events.append((z, SAMPLE_RATE, 1))
             report.clip_fractions.append(out.clip_fraction)
+        keep_diagnostics(cfg, report)
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
         return report
@@ -443,6 +446,16 @@ class Worker:
             ev = result.privacy
             report.dp_events.append((ev.noise_multiplier, ev.sample_rate, ev.steps))
             report.clip_fractions.append(float(result.metrics["clip_fraction"]))
+
+
+def keep_diagnostics(cfg: FedsimConfig, report: DeviceReport) -> None:
+    """With output.private_metrics_only, the devices' training losses and clipped fractions stay
+    on the devices (NaN in the report): computed from their data without noise, they are outside
+    every epsilon, so a run that publishes only covered metrics does not let the server see them
+    either (fedsim.privacy.published; under SecAgg+ they leave the masked vector, stats_names)."""
+    if cfg.output.private_metrics_only:
+        report.losses = [math.nan] * len(report.losses)
+        report.clip_fractions = [math.nan] * len(report.clip_fractions)
 
 
 def _failure(err: BaseException) -> str:

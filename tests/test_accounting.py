@@ -6,10 +6,12 @@ References are computed independently with dp_accounting, never through fedsim's
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import dp_accounting
 import pytest
+import torch
 from dp_accounting.pld import pld_privacy_accountant
 
 from analysis.privacy import user_level_epsilon
@@ -297,3 +299,48 @@ def _composed_fixed(q: float, zs: list[float], delta: float) -> float:
     for z in zs:
         acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(40, 12, dp_accounting.GaussianDpEvent(z / 2)))
     return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("secagg", ["none", "secaggplus"])
+def test_private_metrics_only_keeps_losses_and_clipped_fractions_on_the_devices(tmp_path: Path, secagg: str) -> None:
+    """Under DP-SGD a device's training loss and clipped fraction are un-noised functions of its
+    examples. With output.private_metrics_only the server never receives them (plain path: NaN
+    in every report; SecAgg+: not in the masked vector), and the run's threat model says which
+    case holds. Without it they reach the server, and the statement says so."""
+    from fake_grid import run_local
+    from fedsim import exchange, secure_rounds
+    from fedsim.worker import Worker
+
+    def raw(private: bool) -> dict:
+        return {
+            "seed": 3, "population": 20, "rounds": 2, "cohort": {"size": 6, "sampling": "fixed"},
+            "dataset": {"name": "synthetic", "size_max": 30}, "model": {"name": "mlp", "hidden_sizes": [8]},
+            "privacy": {"dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}, "secagg": {"name": secagg},
+            "output": {"dir": str(tmp_path / f"p{int(private)}"), "private_metrics_only": private, "progress": False},
+            "eval_every": 10,
+        }  # fmt: skip
+
+    received: list = []
+    real_read = exchange.wire.read_report
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(exchange.wire, "read_report", lambda content, n: received.append(real_read(content, n)) or received[-1])
+    try:
+        for private in (False, True):
+            cfg = from_dict(raw(private))
+            received.clear()
+            summary = run_local(cfg, tmp_path / f"p{int(private)}")
+            threat = summary["privacy"]["sample_level"]["assumes"]["threat_model"]
+            names = secure_rounds.stats_names(cfg)
+            if private:
+                assert "keep their training losses" in threat
+                assert "loss" not in names and "clip_fraction" not in names
+                assert all(math.isnan(x) for r in received for x in [*r.losses, *r.clip_fractions])
+            else:
+                assert "without noise, each device's mean training loss" in threat and "loss" in names
+                if secagg == "none":
+                    assert any(not math.isnan(x) for r in received for x in r.losses)
+            worker = Worker(cfg)
+            report = worker.train(torch.cat([p.detach().reshape(-1) for p in worker.model.parameters()]), 1, [0, 1, 2])
+            assert all(math.isnan(x) for x in report.losses + report.clip_fractions) == private
+    finally:
+        monkey.undo()

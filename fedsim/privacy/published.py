@@ -8,7 +8,8 @@ cohort's mean training loss, example and device counts, clipped fractions, timin
 computed from the devices' data without noise: useful to debug a simulation, and outside every
 epsilon the run reports (issue 14, defect 6). `summary.json` lists those keys under
 `diagnostics_outside_guarantee` with the reason, and `output.private_metrics_only=true` leaves
-them out of metrics.jsonl.
+them out of metrics.jsonl; it also keeps the devices' training losses and clipped fractions on
+the devices (fedsim.worker.keep_diagnostics), so the server never receives those either.
 
 Assumption behind "covered": the central test set belongs to the server (it is not device
 training data), so evaluating a released model on it is post-processing.
@@ -85,6 +86,14 @@ _DISTRIBUTED_SGD_OUTSIDE = {
 }
 
 
+# output.private_metrics_only: the devices keep them (fedsim.worker.keep_diagnostics), so the
+# server never receives them either.
+_KEPT_ON_DEVICES = {
+    "train_loss": "not sent with output.private_metrics_only (the devices keep their training losses)",
+    "clip_fraction": "not sent with output.private_metrics_only (the devices keep their clipped fractions)",
+}
+
+
 def covered_metrics(cfg: FedsimConfig) -> dict[str, str]:
     """Metric keys the run's guarantee covers, with why (none without a DP mechanism)."""
     if cfg.privacy.dpsgd is None and cfg.privacy.dpfedavg is None:
@@ -110,4 +119,6 @@ def outside_guarantee(cfg: FedsimConfig, keys: Iterable[str]) -> dict[str, str]:
             reasons |= _DISTRIBUTED_OUTSIDE
         if cfg.privacy.dpsgd is not None and cfg.privacy.dpsgd.noise == "distributed":
             reasons |= _DISTRIBUTED_SGD_OUTSIDE
+    if cfg.output.private_metrics_only:
+        reasons |= _KEPT_ON_DEVICES
     return {k: reasons.get(k, GENERIC) for k in sorted(set(keys)) if k not in covered}

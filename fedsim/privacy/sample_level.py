@@ -303,10 +303,16 @@ class SampleLevelDP(Mechanism):
             "it trains on: one example more or less changes neither q, the steps, the normalization nor the count it "
             "reports (an audit's canary device: its filler's count plus all its canary slots)",
             "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
-            "models) learns no more about one of its examples than epsilon allows from it. The server also receives, "
-            "without noise, each device's mean training loss and clipped fraction (under SecAgg+ their cohort sums): "
-            "diagnostics outside the epsilon (diagnostics_outside_guarantee), so against a server that reads them the "
-            "epsilon does not hold; privacy.dpsgd.noise=distributed sends neither",
+            "models) learns no more about one of its examples than epsilon allows from it. "
+            + (
+                "The devices keep their training losses and clipped fractions (output.private_metrics_only): the "
+                "server receives only the noised updates, the events and the public example counts"
+                if self.cfg.output.private_metrics_only
+                else "The server also receives, without noise, each device's mean training loss and clipped fraction "
+                "(under SecAgg+ their cohort sums): diagnostics outside the epsilon (diagnostics_outside_guarantee), so "
+                "against a server that reads them the epsilon does not hold; output.private_metrics_only=true keeps "
+                "them on the devices"
+            ),
             "randomness": f"{mode} ({reason})"
             + ("; the noise is a function of the seed and the config, so whoever knows both can remove it" if mode == "reproducible" else ""),
         }
