@@ -509,6 +509,31 @@ def test_fashion_mnist_truncated_files_are_data_errors(tiny_idx: tuple[Path, np.
     assert "6 images" in str(err.value) and "5 labels" in str(err.value)
 
 
+def test_fashion_mnist_checks_the_training_images_whole_but_reads_them_on_first_use(
+    tiny_idx: tuple[Path, np.ndarray, np.ndarray],
+) -> None:
+    """The server builds the dataset to partition and never trains: it must not hold the
+    training pixels (47 MB of Fashion-MNIST), yet a bad images file is still refused before any
+    round, with one line, gzipped or not."""
+    path, images, labels = tiny_idx
+    ds = _fashion(path, 4, partition="iid")
+    assert ds._train_images is None  # type: ignore[attr-defined]
+    x, _ = ds.device_data(1)
+    assert ds._train_images is not None and np.allclose(x.numpy(), images[ds.partition.part(1)][:, None] / 255.0)  # type: ignore[attr-defined]
+    whole = _idx_images(images)
+    (path / "train-images-idx3-ubyte").unlink()
+    for name, content, words in (
+        ("train-images-idx3-ubyte.gz", gzip.compress(whole + b"\x00"), "longer than its header says"),
+        ("train-images-idx3-ubyte.gz", gzip.compress(whole)[:-40], "not a readable gzip file"),
+        ("train-images-idx3-ubyte.gz", gzip.compress(whole[:-1]), "truncated"),
+    ):
+        (path / name).write_bytes(content)
+        with pytest.raises(DataError) as err:
+            _fashion(path, 2)
+        assert_one_line_naming(err, name)
+        assert words in str(err.value)
+
+
 def test_fashion_mnist_missing_file_is_a_data_error(tiny_idx: tuple[Path, np.ndarray, np.ndarray]) -> None:
     path, _, _ = tiny_idx
     (path / "t10k-images-idx3-ubyte.gz").unlink()

@@ -41,14 +41,17 @@ class FashionMnistDataset(FederatedDataset):
         root = Path(cfg.path)
         if not root.is_dir():
             raise DataError(f"fashion_mnist: {root} is not a directory (expected the four Fashion-MNIST idx files in it)")
-        self._train_images, self._train_labels = read_idx_pair(root, "train")
+        # The training images are checked here and read on the first device_data call: the
+        # server partitions by the labels and never trains, so it never holds the 47 MB of pixels.
+        self._images_path, train_shape, self._train_labels = read_idx_pair(root, "train", load_images=False)
+        self._train_images: np.ndarray | None = None
         test_images, test_labels = read_idx_pair(root, "t10k")
-        if test_images.shape[1:] != self._train_images.shape[1:]:
+        if test_images.shape[1:] != train_shape[1:]:
             raise DataError(
-                f"fashion_mnist: {root} has train images of size {self._train_images.shape[1:]} "
+                f"fashion_mnist: {root} has train images of size {train_shape[1:]} "
                 f"but t10k images of size {test_images.shape[1:]}"
             )
-        self.input_shape = (1, *self._train_images.shape[1:])
+        self.input_shape = (1, *train_shape[1:])
 
         num_train = len(self._train_labels)
         if not 1 <= population <= num_train:
@@ -79,6 +82,8 @@ class FashionMnistDataset(FederatedDataset):
     def device_data(self, device_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         self.check_device_id(device_id)
         owned = self.partition.part(device_id)
+        if self._train_images is None:
+            self._train_images = read_idx(self._images_path, IMAGES_MAGIC)
         return _to_tensors(self._train_images[owned], self._train_labels[owned])
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,11 +102,14 @@ def partition_labels(cfg: FashionMnistConfig, labels: np.ndarray, *, population:
     raise ConfigError("dataset.partition", f"unknown value {cfg.partition!r}; allowed: iid, dirichlet, shards")
 
 
-def read_idx_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images uint8 [n, rows, cols] and labels int64 [n] of `<prefix>-images/labels` in root."""
+def read_idx_pair(root: Path, prefix: str, *, load_images: bool = True) -> tuple:
+    """Images uint8 [n, rows, cols] and labels int64 [n] of `<prefix>-images/labels` in root.
+
+    load_images=False: (images path, images shape, labels), the images file checked whole
+    (header, size, gzip stream) without being kept."""
     images_path = _find(root, f"{prefix}-images-idx3-ubyte")
     labels_path = _find(root, f"{prefix}-labels-idx1-ubyte")
-    images = read_idx(images_path, IMAGES_MAGIC)
+    images = read_idx(images_path, IMAGES_MAGIC, keep=load_images)
     labels = read_idx(labels_path, LABELS_MAGIC).astype(np.int64)
     if len(images) != len(labels):
         raise DataError(
@@ -109,29 +117,79 @@ def read_idx_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
         )
     if len(labels) and labels.max() >= FASHION_CLASSES:
         raise DataError(f"fashion_mnist: {labels_path} has labels outside 0..{FASHION_CLASSES - 1}")
-    return images, labels
+    return (images, labels) if load_images else (images_path, images.shape, labels)
 
 
-def read_idx(path: Path, expected_magic: int) -> np.ndarray:
-    """The uint8 array stored in one idx file (plain or .gz), checked against its header."""
-    raw = _read_bytes(path)
+class _Shape(tuple):
+    """The dims of an idx array checked but not kept (len() = its first dimension)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self)
+
+    def __len__(self) -> int:
+        return self[0] if tuple.__len__(self) else 0
+
+
+def read_idx(path: Path, expected_magic: int, *, keep: bool = True) -> np.ndarray:
+    """The uint8 array stored in one idx file (plain or .gz), checked against its header.
+
+    Read straight into one array of the size the header gives (a gzip file decompressed into
+    it in place: no second copy of the file's bytes). keep=False: the whole file is checked the
+    same way, in 1 MB pieces, and only its dims are returned (an object with .shape and len)."""
     num_dims = expected_magic & 0xFF
     header_size = 4 + 4 * num_dims
-    if len(raw) < header_size:
+    try:
+        with _open(path) as stream:
+            header = stream.read(header_size)
+            if len(header) < header_size:
+                raise DataError(
+                    f"fashion_mnist: {path} is truncated ({len(header)} bytes, shorter than the {header_size}-byte idx header)"
+                )
+            magic = int.from_bytes(header[:4], "big")
+            if magic != expected_magic:
+                raise DataError(f"fashion_mnist: {path} has idx magic number 0x{magic:08x}; expected 0x{expected_magic:08x}")
+            dims = tuple(int(d) for d in np.frombuffer(header, dtype=">u4", count=num_dims, offset=4))
+            size = int(np.prod(dims))
+            if keep:
+                out = np.empty(size, dtype=np.uint8)
+                got = _read_into(stream, memoryview(out))
+            else:
+                out, got, piece = None, 0, bytearray(1 << 20)
+                while got <= size:
+                    n = stream.readinto(piece)
+                    if not n:
+                        break
+                    got += n
+            extra = got == size and len(stream.read(1)) > 0
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(f"fashion_mnist: {path} is not a readable gzip file ({reason}; truncated?)") from None
+    except OSError as err:
+        raise DataError(f"fashion_mnist: cannot read {path} ({err.strerror or err})") from None
+    if got != size or extra:
+        total = header_size + got + (1 if extra else 0)
+        problem = "truncated" if got < size else "longer than its header says"
         raise DataError(
-            f"fashion_mnist: {path} is truncated ({len(raw)} bytes, shorter than the {header_size}-byte idx header)"
+            f"fashion_mnist: {path} is {problem} ({'at least ' if extra else ''}{total} bytes; dimensions {dims} need "
+            f"{header_size + size})"
         )
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expected_magic:
-        raise DataError(f"fashion_mnist: {path} has idx magic number 0x{magic:08x}; expected 0x{expected_magic:08x}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=num_dims, offset=4))
-    expected_size = header_size + int(np.prod(dims))
-    if len(raw) != expected_size:
-        problem = "truncated" if len(raw) < expected_size else "longer than its header says"
-        raise DataError(
-            f"fashion_mnist: {path} is {problem} ({len(raw)} bytes; dimensions {dims} need {expected_size})"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims)
+    return out.reshape(dims) if keep else _Shape(dims)
+
+
+def _open(path: Path):  # noqa: ANN202 - a binary stream with readinto
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else path.open("rb")
+
+
+def _read_into(stream, view: memoryview) -> int:  # noqa: ANN001 - a binary stream
+    """Fill `view` from `stream` (fewer bytes only at the end of the stream); the count read."""
+    got = 0
+    while got < len(view):
+        n = stream.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -139,19 +197,6 @@ def _find(root: Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(f"fashion_mnist: {root} has no {stem} or {stem}.gz")
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as stream:
-                return stream.read()
-        return path.read_bytes()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise DataError(f"fashion_mnist: {path} is not a readable gzip file ({reason}; truncated?)") from None
-    except OSError as err:
-        raise DataError(f"fashion_mnist: cannot read {path} ({err.strerror or err})") from None
 
 
 def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
