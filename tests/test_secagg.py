@@ -187,7 +187,7 @@ def test_byte_counts_per_stage():
     result = simulate_round(params, _inputs(params))
     sent = result.bytes_sent[0]
     assert sent["advertise_keys"] == 64
-    # per neighbour: 4-byte id + 12 nonce + 2 x 50-byte shares + 16 tag
+    # per neighbour: 4-byte id + 12 nonce + 2 x 46-byte shares + 16 tag
     assert sent["share_keys"] == K * (4 + 12 + 2 * shamir.share_size(32) + 16)
     assert sent["masked_input"] == L * 4  # m=20 -> uint32, no "bad" senders
     assert sent["unmask"] == K * (4 + shamir.share_size(32))
@@ -270,7 +270,7 @@ def test_server_never_sees_plaintext_shares():
     params = _params()
     devices, server, req3 = _run_to_stage3(params)
     secret_b = devices[0]._b
-    b_shares = shamir.share(secret_b, T, [1, 2, 3])  # any share of b is 50 bytes of field elements
+    b_shares = shamir.share(secret_b, T, [1, 2, 3])  # any share of b is 46 bytes of field elements
     for request in req3.values():
         for ct in request["ciphertexts"]:
             assert secret_b not in ct and len(ct) == 12 + 2 * len(b_shares[1]) + 16
@@ -378,6 +378,36 @@ def test_shamir_any_t_reconstruct_and_t_minus_1_do_not():
         shares = shamir.share(secret, t, ids)
         assert shamir.reconstruct({i: shares[i] for i in ids[3:]}, t) == secret
         assert shamir.reconstruct({i: shares[i] for i in ids[:t]}, t) == secret
+
+
+def test_shamir_shares_are_the_polynomials_evaluated_exactly(monkeypatch: pytest.MonkeyPatch):
+    """The int64 matrix product (coefficients split in 16-bit halves) against Python integers:
+    an overflow or a missed reduction would give wrong shares that still decode. Also: the
+    coefficient draw rejects 2^31 - 1 (the only 31-bit value outside the field), and
+    share_many draws independent polynomials per secret."""
+    p = shamir.PRIME
+    rng = np.random.default_rng(11)
+    for t, n_ids in ((1, 3), (2, 5), (36, 40), (40, 45)):
+        ids = sorted(int(i) for i in rng.choice(10**6, size=n_ids, replace=False))
+        secrets = [os.urandom(32), os.urandom(7)]
+        drawn: list[np.ndarray] = []
+        real = shamir._random_elements
+        monkeypatch.setattr(shamir, "_random_elements", lambda count: drawn.append(real(count)) or drawn[-1])
+        shares = shamir.share_many(secrets, t, ids)
+        monkeypatch.undo()
+        for secret, coeff_draw, got in zip(secrets, drawn or [np.zeros(0)] * 2, shares, strict=True):
+            chunks = [int.from_bytes(secret[k : k + 3], "big") for k in range(0, len(secret), 3)]
+            coeffs = [chunks] + coeff_draw.reshape(t - 1, len(chunks)).tolist()
+            for i in ids:
+                want = [sum(coeffs[k][c] * (i + 1) ** k for k in range(t)) % p for c in range(len(chunks))]
+                assert got[i] == len(secret).to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in want)
+            assert shamir.reconstruct(got, t) == secret
+        if t > 1:
+            assert len(drawn) == 2 and not np.array_equal(drawn[0][:5], drawn[1][:5])
+    # 31-bit draws (little-endian words >> 1): 2^31 - 1 and 1, then the rejected one again as 5.
+    blocks = iter([b"\xff\xff\xff\xff\x02\x00\x00\x00", b"\x0a\x00\x00\x00"])
+    monkeypatch.setattr(shamir.os, "urandom", lambda n: next(blocks))
+    assert shamir._random_elements(2).tolist() == [5, 1]
 
 
 def test_lagrange_weights_equal_the_term_by_term_formula():

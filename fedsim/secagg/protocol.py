@@ -531,8 +531,7 @@ class SecAggDevice:
         self._peer_keys = {j: (bytes(c_pks[j]), bytes(s_pks[j])) for j in sorted(c_pks)}
         holders = sorted(self._peer_keys)
         self._b = random_bytes(KEY_BYTES)
-        s_shares = shamir.share(self._s.private_bytes(), t, holders)
-        b_shares = shamir.share(self._b, t, holders)
+        s_shares, b_shares = shamir.share_many([self._s.private_bytes(), self._b], t, holders)
         ciphertexts = []
         for j in holders:
             if self.params.shortcut:  # the share in the clear, same size and same fault detection (class doc)
