@@ -404,6 +404,11 @@ def test_shamir_shares_are_the_polynomials_evaluated_exactly(monkeypatch: pytest
             assert shamir.reconstruct(got, t) == secret
         if t > 1:
             assert len(drawn) == 2 and not np.array_equal(drawn[0][:5], drawn[1][:5])
+    # Inner sizes above one reduction block (a complete graph of 40,000 devices has t up to that).
+    a = rng.integers(0, p, (3, 40_000), dtype=np.int64)
+    b = rng.integers(0, p, (40_000, 2), dtype=np.int64)
+    want = [[sum(int(x) * int(y) for x, y in zip(a[i], b[:, j], strict=True)) % p for j in range(2)] for i in range(3)]
+    assert shamir._mod_matmul(a, b).tolist() == want
     # 31-bit draws (little-endian words >> 1): 2^31 - 1 and 1, then the rejected one again as 5.
     blocks = iter([b"\xff\xff\xff\xff\x02\x00\x00\x00", b"\x0a\x00\x00\x00"])
     monkeypatch.setattr(shamir.os, "urandom", lambda n: next(blocks))

@@ -110,13 +110,26 @@ def share_many(secrets: Sequence[bytes], t: int, n_ids: Sequence[int]) -> list[d
         coeffs = np.empty((t, len(chunks)), dtype=np.int64)
         coeffs[0] = chunks
         coeffs[1:] = _random_elements((t - 1) * len(chunks)).reshape(t - 1, len(chunks))
-        # y = powers @ coeffs mod PRIME, exact in int64: coefficients split in 16-bit halves, so
-        # each sum of t products stays below t * 2^31 * 2^16 < 2^63 (t < 2^15).
-        high = (powers @ (coeffs >> 16)) % PRIME
-        y = ((high << 16) + powers @ (coeffs & 0xFFFF)) % PRIME
+        y = _mod_matmul(powers, coeffs)
         header = len(secret).to_bytes(_LEN, "big")
         rows = y.astype(">u4")
         out.append({i: header + rows[r].tobytes() for r, i in enumerate(ids)})
+    return out
+
+
+_BLOCK = 1 << 14  # terms summed before a reduction: _BLOCK * 2^31 * 2^16 < 2^62
+
+
+def _mod_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b mod PRIME for int64 matrices with entries in [0, PRIME), exact in int64: b is split
+    in 16-bit halves, so each product is below 2^47, and at most _BLOCK of them are summed
+    before a reduction (any inner size)."""
+    out = np.zeros((a.shape[0], b.shape[1]), dtype=np.int64)
+    for start in range(0, a.shape[1], _BLOCK):
+        part_a, part_b = a[:, start : start + _BLOCK], b[start : start + _BLOCK]
+        high = (part_a @ (part_b >> 16)) % PRIME
+        out += ((high << 16) + part_a @ (part_b & 0xFFFF)) % PRIME
+        out %= PRIME
     return out
 
 
