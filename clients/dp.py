@@ -208,13 +208,16 @@ class DPSGDTrainer:
         empty), "steps" and "clip_fraction" (the fraction of the fit's per-example gradients
         whose L2 norm over all parameters exceeded max_grad_norm, nan if no example was
         drawn). `result.privacy` is the fit's DPSGDEvent. Raises ValueError for a device
-        without examples, like LocalTrainer.
+        without examples, like LocalTrainer, unless `public_examples` is given (then its steps
+        are noise only).
         """
         cfg = self._config
         source = _source(data)
         n = source.n
-        if n == 0:
+        if n == 0 and public_examples is None:
             raise ValueError("device has no training examples")
+        # With a public count, no data runs the same steps, each a noise-only step: a device
+        # that lost its only example must not fail where it would otherwise have trained.
         public = public_count(public_examples, n)
         num_batches = batches_per_epoch(public, cfg.batch_size)
         sample_rate = poisson_rate(public, cfg.batch_size)

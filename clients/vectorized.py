@@ -230,7 +230,8 @@ class VectorizedTrainer:
         sequence of ints, or a torch.Generator (used as given, and advanced). The updates
         of one chunk of devices are rows (views) of one [devices, params] float32 tensor.
         `public_examples` (DP-SGD only, one entry per device): as for `DPSGDTrainer.fit`, the
-        count that sets each device's q, steps, expected batch size and `num_examples`.
+        count that sets each device's q, steps, expected batch size and `num_examples` (a
+        device without examples still fails here: `DPSGDTrainer.fit` runs it as noise only).
         """
         if len(datas) != len(seeds):
             raise ValueError(f"got {len(datas)} data sets but {len(seeds)} seeds")
@@ -266,7 +267,8 @@ class VectorizedTrainer:
                 a.to(p.device, p.dtype)
                 for a, p in zip(unflatten_views(global_flat, self._params), self._params, strict=True)
             ]
-            plans.sort(key=lambda p: (-p.steps, -p.n, p.index))
+            # Under DP the order (hence the chunks and their padding) follows public counts only.
+            plans.sort(key=lambda p: (-p.steps, -(p.public if self._dp is not None else p.n), p.index))
             was_training = [(m, m.training) for m in self.model.modules()]
             self.model.train()
             try:

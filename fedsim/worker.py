@@ -295,8 +295,8 @@ class Worker:
         device trains on, sets q, the steps and the count the device reports, so one example
         more or less changes none of them (the add/remove-one adjacency the ledger assumes)."""
         if is_canary_device(self.cfg, device_id):
-            return canary_public_examples(self.cfg, self.dataset, device_id)
-        return self.dataset.num_examples(device_id)
+            return int(canary_public_examples(self.cfg, self.dataset, device_id))
+        return int(self.dataset.num_examples(device_id))
 
     def train(
         self,
@@ -346,25 +346,36 @@ class Worker:
                     ready.append((device_id, self.device_data(device_id)))
                 except Exception as err:  # one device failing must not take its worker's other devices down
                     outcome[device_id] = _failure(err)
-            results: list[TrainResult | Exception]
-            if len(ready) > 1:
+            def alone(device_id: int, data: object) -> TrainResult | Exception:
                 try:
-                    results = self.vectorized.fit_many(  # type: ignore[union-attr]
-                        global_params, [data for _, data in ready], [device_seed(streams, round_num, d) for d, _ in ready],
-                        **({"public_examples": [self.public_examples(d) for d, _ in ready]} if dpsgd else {}),
-                    )  # fmt: skip
-                except Exception as err:  # the batched computation failed: the group's devices fail alike
-                    results = [err] * len(ready)
-            else:
-                results = []
-                for device_id, data in ready:
+                    correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
+                    public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
+                    return self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
+                                            correction=correction, **public)  # fmt: skip
+                except Exception as err:
+                    return err
+
+            if len(ready) > 1:
+                # Under DP-SGD a device whose data is empty trains alone (noise-only steps): the
+                # batched trainer needs a row, and failing would show that it has none.
+                batched = [i for i, (_, data) in enumerate(ready) if not (dpsgd and len(data[1]) == 0)]  # type: ignore[index]
+                results: list[TrainResult | Exception | None] = [None] * len(ready)
+                if batched:
                     try:
-                        correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
-                        public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
-                        results.append(self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
-                                                        correction=correction, **public))  # fmt: skip
-                    except Exception as err:
-                        results.append(err)
+                        done = self.vectorized.fit_many(  # type: ignore[union-attr]
+                            global_params, [ready[i][1] for i in batched],
+                            [device_seed(streams, round_num, ready[i][0]) for i in batched],
+                            **({"public_examples": [self.public_examples(ready[i][0]) for i in batched]} if dpsgd else {}),
+                        )  # fmt: skip
+                    except Exception as err:  # the batched computation failed: the group's devices fail alike
+                        done = [err] * len(batched)
+                    for i, result in zip(batched, done, strict=True):
+                        results[i] = result
+                for i, (device_id, data) in enumerate(ready):
+                    if results[i] is None:
+                        results[i] = alone(device_id, data)
+            else:
+                results = [alone(device_id, data) for device_id, data in ready]
             for (device_id, _), result in zip(ready, results, strict=True):
                 if isinstance(result, Exception):  # this device's own error (e.g. no training examples)
                     outcome[device_id] = _failure(result)

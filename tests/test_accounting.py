@@ -331,6 +331,7 @@ def test_private_metrics_only_keeps_losses_and_clipped_fractions_on_the_devices(
             summary = run_local(cfg, tmp_path / f"p{int(private)}")
             threat = summary["privacy"]["sample_level"]["assumes"]["threat_model"]
             names = secure_rounds.stats_names(cfg)
+            assert received  # the server did read the workers' reports
             if private:
                 assert "keep their training losses" in threat
                 assert "loss" not in names and "clip_fraction" not in names

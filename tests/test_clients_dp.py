@@ -434,3 +434,21 @@ def test_check_model_fix_replaces_batchnorm_and_the_result_trains() -> None:
     trainer = DPSGDTrainer(fixed, TrainConfig(lr=0.1, batch_size=5), DPSGDConfig(1.0, 1.0))
     result = fit(trainer, blobs(20, seed=15), seed=0)
     assert torch.isfinite(result.update).all() and result.update.abs().sum() > 0
+
+
+def test_a_device_whose_data_is_empty_takes_noise_only_steps_under_a_public_count() -> None:
+    """One example removed from a device of one: without a public count the fit raises (the
+    device would fail, which the server sees); with it, the same event and count as with the
+    example, and an update of pure noise."""
+    cfg, dp = TrainConfig(lr=1.0, batch_size=10, local_epochs=2), DPSGDConfig(1.0, 1.0)
+    trainer = DPSGDTrainer(mlp(2), cfg, dp)
+    start = flat_params(trainer.model).clone()
+    x, y = blobs(1, seed=4)
+    empty = (x[:0], y[:0])
+    with pytest.raises(ValueError, match="no training examples"):
+        trainer.fit(start, empty, seed=0)
+    one = trainer.fit(start, (x, y), seed=0, public_examples=1)
+    none = trainer.fit(start, empty, seed=0, public_examples=1)
+    assert none.privacy == one.privacy == DPSGDEvent(noise_multiplier=1.0, sample_rate=1.0, steps=2)
+    assert none.num_examples == one.num_examples == 1 and math.isnan(none.metrics["loss"])
+    assert torch.isfinite(none.update).all() and none.update.abs().sum() > 0

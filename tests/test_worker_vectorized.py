@@ -264,3 +264,18 @@ def test_dpsgd_devices_take_q_steps_and_count_from_the_server_s_count(monkeypatc
     assert before.num_examples == [worker.dataset.num_examples(d) for d in DEVICES]
     # The data did change: some update differs.
     assert any(not np.array_equal(a, b) for a, b in zip(before.updates, after.updates, strict=True))
+
+
+@pytest.mark.parametrize("vectorize", ["off", "on"])
+def test_a_dpsgd_device_that_lost_every_example_still_trains(monkeypatch: pytest.MonkeyPatch, vectorize: str) -> None:
+    """The remove-one neighbour of a one-example device has no data: it must run its noise-only
+    steps (alone, outside the batched trainer) rather than fail where the server sees it."""
+    over = {"privacy.dpsgd.noise_multiplier": 1.0, "privacy.dpsgd.max_grad_norm": 1.0, "algorithm.momentum": 0.0}
+    worker = Worker(from_dict(worker_config(vectorize, **over)))
+    start = flat_params(worker.model)
+    before = worker.train(start, 2, DEVICES, groups=GROUPS)
+    real = worker.dataset.device_data
+    monkeypatch.setattr(worker.dataset, "device_data", lambda d: (lambda x, y: (x[:0], y[:0]))(*real(d)) if d == DEVICES[1] else real(d))
+    after = worker.train(start, 2, DEVICES, groups=GROUPS)
+    assert not after.failed_ids and after.device_ids == before.device_ids
+    assert after.dp_events == before.dp_events and after.num_examples == before.num_examples

@@ -181,7 +181,7 @@ class GradientSums:
     ) -> GradientSum:  # fmt: skip
         """The device's rounded sum of all its examples' clipped, scaled gradients."""
         n = len(y)
-        if n > DEVICE_EXAMPLES_LIMIT:  # the device's size is public: refusing it reveals no example
+        if n > DEVICE_EXAMPLES_LIMIT:  # the integer sum's bound: only a data set at exactly 2^24 examples fails on one more
             raise ValueError(f"a device of distributed DP-SGD holds at most {DEVICE_EXAMPLES_LIMIT} examples, this one {n}")
         if len(global_params) != self.dim:
             raise ValueError(f"the session's model has {len(global_params)} parameters, this device's {self.dim}")

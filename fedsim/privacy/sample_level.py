@@ -305,8 +305,10 @@ class SampleLevelDP(Mechanism):
             "threat_model": "the device runs DP-SGD faithfully; anyone who sees its update (the server, the released "
             "models) learns no more about one of its examples than epsilon allows from it. "
             + (
-                "The devices keep their training losses and clipped fractions (output.private_metrics_only): the "
-                "server receives only the noised updates, the events and the public example counts"
+                "The devices keep their training losses and clipped fractions (output.private_metrics_only): of "
+                "each device the server receives the noised update, its event and its public example count; it also "
+                "receives each worker's training time and peak memory and any failure's reason, diagnostics outside "
+                "the epsilon (with one device per worker, its timing follows its data size)"
                 if self.cfg.output.private_metrics_only
                 else "The server also receives, without noise, each device's mean training loss and clipped fraction "
                 "(under SecAgg+ their cohort sums): diagnostics outside the epsilon (diagnostics_outside_guarantee), so "
