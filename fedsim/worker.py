@@ -19,8 +19,8 @@ groups, not the workers, fix the result: the same groups give the same bits on a
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
