@@ -263,12 +263,15 @@ class Worker:
         self._gradient_sums = None  # distributed DP-SGD's device side, made on first use
         if cfg.privacy.dpsgd is None:  # Opacus's one-by-one DP-SGD draws its noise from CPU generators: it stays there
             self.model.to(self.device)
-        self.trainer = build_trainer(cfg, self.model)
         self.strategy = strategy_class(cfg)  # its device side: what a job's extra arrays mean to a device
-        # A model of its own: Opacus's hooks on self.model would fire inside vmap.
-        model = worker_model(cfg, self.dataset)
         self.vectorized: VectorizedTrainer | None = None
-        if use_vectorized(cfg, model, self.dataset)[0]:  # decided as the server did (prepare)
+        # Distributed DP-SGD devices only send gradient sums (gradient_sums): no local trainer
+        # (Opacus's, ~2 s to import and build) and no batched one.
+        self.distributed_sgd = cfg.privacy.dpsgd is not None and cfg.privacy.dpsgd.noise == "distributed"
+        self.trainer: LocalTrainer | DPSGDTrainer | None = None if self.distributed_sgd else build_trainer(cfg, self.model)
+        # A model of its own: Opacus's hooks on self.model would fire inside vmap.
+        model = None if self.distributed_sgd else worker_model(cfg, self.dataset)
+        if model is not None and use_vectorized(cfg, model, self.dataset)[0]:  # decided as the server did (prepare)
             # The default memory budget and no device cap: the chunks inside a group depend on
             # the group alone, never on the worker.
             tail = split_fixed_features(model)[1]
@@ -328,6 +331,8 @@ class Worker:
         start = time.perf_counter()
         cfg, streams = self.cfg, self.streams
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
+        if self.trainer is None:
+            raise RuntimeError("under distributed DP-SGD devices send gradient sums (Worker.gradient_sums), they do not train")
         row_of = {d: i for i, d in enumerate(device_ids)} if arrays else {}  # the strategy's rows per device
         if clip_norm is not None:  # user-level DP only: fedsim.privacy imports the accountants (~2 s)
             from fedsim.privacy.user_level import clip_update

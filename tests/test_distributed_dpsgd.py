@@ -335,3 +335,16 @@ def test_configurations_the_accounting_does_not_cover_are_refused(tmp_path: Path
     with pytest.raises(ConfigError) as err:
         from_dict(ddp_config(tmp_path, **{key: value}))
     assert err.value.key == names
+
+
+def test_a_distributed_worker_builds_no_trainer_and_refuses_to_train(tmp_path: Path) -> None:
+    """Devices of distributed DP-SGD only send gradient sums: the worker skips Opacus's trainer
+    and the batched one (seconds of start-up), and a job asking it to train gets one clear error."""
+    worker = Worker(from_dict(ddp_config(tmp_path)))
+    assert worker.trainer is None and worker.vectorized is None
+    params = flat_params(worker.model)
+    with pytest.raises(RuntimeError, match="gradient sums"):
+        worker.train(params, 1, [0, 1])
+    enc = encoding(from_dict(ddp_config(tmp_path)), len(params))
+    report = worker.gradient_sums(params, 1, [0, 1], norm_bound=enc.norm_bound, rounding=lambda d: np.random.default_rng(d))
+    assert report.device_ids == [0, 1] and not report.failed_ids
