@@ -110,33 +110,23 @@ def read_idx_pair(root: Path, prefix: str, *, load_images: bool = True) -> tuple
     images_path = _find(root, f"{prefix}-images-idx3-ubyte")
     labels_path = _find(root, f"{prefix}-labels-idx1-ubyte")
     images = read_idx(images_path, IMAGES_MAGIC, keep=load_images)
+    shape = images.shape if isinstance(images, np.ndarray) else images
     labels = read_idx(labels_path, LABELS_MAGIC).astype(np.int64)
-    if len(images) != len(labels):
+    if shape[0] != len(labels):
         raise DataError(
-            f"fashion_mnist: {images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels"
+            f"fashion_mnist: {images_path} holds {shape[0]} images but {labels_path} holds {len(labels)} labels"
         )
     if len(labels) and labels.max() >= FASHION_CLASSES:
         raise DataError(f"fashion_mnist: {labels_path} has labels outside 0..{FASHION_CLASSES - 1}")
-    return (images, labels) if load_images else (images_path, images.shape, labels)
+    return (images, labels) if load_images else (images_path, shape, labels)
 
 
-class _Shape(tuple):
-    """The dims of an idx array checked but not kept (len() = its first dimension)."""
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self)
-
-    def __len__(self) -> int:
-        return self[0] if tuple.__len__(self) else 0
-
-
-def read_idx(path: Path, expected_magic: int, *, keep: bool = True) -> np.ndarray:
+def read_idx(path: Path, expected_magic: int, *, keep: bool = True) -> np.ndarray | tuple[int, ...]:
     """The uint8 array stored in one idx file (plain or .gz), checked against its header.
 
     Read straight into one array of the size the header gives (a gzip file decompressed into
     it in place: no second copy of the file's bytes). keep=False: the whole file is checked the
-    same way, in 1 MB pieces, and only its dims are returned (an object with .shape and len)."""
+    same way, in 1 MB pieces, and only its dims are returned."""
     num_dims = expected_magic & 0xFF
     header_size = 4 + 4 * num_dims
     try:
@@ -174,7 +164,7 @@ def read_idx(path: Path, expected_magic: int, *, keep: bool = True) -> np.ndarra
             f"fashion_mnist: {path} is {problem} ({'at least ' if extra else ''}{total} bytes; dimensions {dims} need "
             f"{header_size + size})"
         )
-    return out.reshape(dims) if keep else _Shape(dims)
+    return out.reshape(dims) if keep else dims
 
 
 def _open(path: Path):  # noqa: ANN202 - a binary stream with readinto
