@@ -337,6 +337,16 @@ class Worker:
         if clip_norm is not None:  # user-level DP only: fedsim.privacy imports the accountants (~2 s)
             from fedsim.privacy.user_level import clip_update
         dpsgd = cfg.privacy.dpsgd is not None  # local DP-SGD: q and steps from each device's public count
+
+        def alone(device_id: int, data: object) -> TrainResult | Exception:
+            try:
+                correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
+                public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
+                return self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
+                                        correction=correction, **public)  # fmt: skip
+            except Exception as err:
+                return err
+
         for batch in batches:
             outcome: dict[int, tuple[TrainResult, torch.Tensor, bool | None] | str] = {}
             ready: list[tuple[int, object]] = []
@@ -351,15 +361,6 @@ class Worker:
                     ready.append((device_id, self.device_data(device_id)))
                 except Exception as err:  # one device failing must not take its worker's other devices down
                     outcome[device_id] = _failure(err)
-            def alone(device_id: int, data: object) -> TrainResult | Exception:
-                try:
-                    correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
-                    public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
-                    return self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
-                                            correction=correction, **public)  # fmt: skip
-                except Exception as err:
-                    return err
-
             if len(ready) > 1:
                 # Under DP-SGD a device whose data is empty trains alone (noise-only steps): the
                 # batched trainer needs a row, and failing would show that it has none.
