@@ -12,6 +12,8 @@
     (active) consistency    server -> workers: the survivor set; workers -> server: each device's signature on it
     stage 4 unmask          server -> workers: which neighbours survived stage 3 (active: + their signatures)
                             workers -> server: b-shares of survivors, s-shares of the dropped
+Each message's per-device part is one bytes value per device under its cohort position
+(requests in configs["req"], replies in configs["dev"]: `fedsim.wire.pack_payload`).
 The server then removes the masks and decodes the sum (fedsim.secagg.SecAggServer). It
 never receives a device's unmasked update: `RECEIVED` hooks let a test record everything
 that reaches the server. A device's secrets stay on its worker, in the worker node's
@@ -54,7 +56,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -435,8 +437,8 @@ def secure_round(
             if stage == "masked_input" and wire.groups_of(part) is not None:  # vectorized training
                 job["groups"] = keep_in_groups(ids, wire.groups_of(part), set(mine))
             content = RecordDict({"job": ConfigRecord(job)})
-            for d in mine:
-                content[f"req.{position[d]}"] = ConfigRecord(requests[position[d]])
+            if any(requests[position[d]] for d in mine):  # (advertise_keys asks nothing of a device)
+                content["req"] = wire.payload_record({position[d]: requests[position[d]] for d in mine})
             for key, record in (extra or {}).items():
                 content[key] = record
             bytes_out[stage] = bytes_out.get(stage, 0) + wire.payload_bytes(content)
@@ -459,9 +461,7 @@ def secure_round(
     def device_payloads(replies: list[RecordDict]) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for content in replies:
-            for key, record in content.config_records.items():
-                if key.startswith("dev.") and key[4:].isdigit():  # any other key is no device's reply
-                    out[int(key[4:])] = dict(record)
+            out |= wire.read_payloads(content.config_records.get("dev"))  # type: ignore[arg-type]
         return out
 
     survivors: dict[str, int] = {}
@@ -606,6 +606,15 @@ def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> b
 _DEVICE_FAULTS = (SecAggAborted, ValueError, TypeError, KeyError)
 
 
+def request_of(requests: Mapping[str, ConfigRecord], position: int) -> dict:
+    """The server's request to the device at `position` this stage ({} if it sent none); BadReply
+    (a ValueError: that device drops alone) if it does not unpack."""
+    record = requests.get("req")
+    if record is None or str(position) not in record:
+        return {}
+    return wire.unpack_payload(record[str(position)])  # type: ignore[arg-type]
+
+
 def _masked_input(
     msg: Message, job: ConfigRecord, worker: Worker, params: SecAggParams, live: list[tuple[int, int]],
     round_num: int, device: Callable[[int, int], SecAggDevice], states: dict[str, bytes], errors: dict[str, str],
@@ -644,15 +653,20 @@ def _masked_input(
     # vector instead of one per device; SecAggServer.collect_masked takes it as a group).
     group_sum: np.ndarray | None = np.zeros(params.vector_length, dtype=params.dtype) if params.shortcut else None
     members: list[int] = []
-    masked_meta: dict[str, ConfigRecord] = {}
+    bad_senders: dict[int, dict] = {}
     pos_of = dict(live)
     keep = []
+    full = np.empty(params.vector_length, dtype=np.int64)  # one device's grid values then statistics (reused)
+    q = full[: params.vector_length - len(names)]
     for row, d in enumerate(report.device_ids):
         p = pos_of[d]
         rounding = streams.numpy(ROUNDING_STREAM, round_num, d)
         noise_rng = streams.numpy(NOISE_STREAM, round_num, d)
         try:
-            q = report.updates[row] if by_example else fp.encode_int(report.updates[row], rounding, norm_bound)
+            if by_example:
+                q[:] = report.updates[row]
+            else:
+                fp.encode_int(report.updates[row], rounding, norm_bound, out=q)
         except ValueError as err:  # this device's update cannot be encoded: it drops, the others go on
             errors[str(p)] = f"masked_input: {err}"
             continue
@@ -665,10 +679,11 @@ def _masked_input(
         )  # fmt: skip
         if mu_count > 0 and "within_bound" in names:
             stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]
-        x = to_ring(np.concatenate([q, stats]), params.modulus_bits)
+        full[len(q) :] = stats
+        x = to_ring(full, params.modulus_bits)  # a fresh array: `full` is reused
         try:
             dev = device(d, p)
-            reply = dev.masked_input(dict(requests[f"req.{p}"]), x)
+            reply = dev.masked_input(request_of(requests, p), x)
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
             continue
@@ -678,7 +693,7 @@ def _masked_input(
         else:
             masked[str(p)] = wire.pack(reply["masked"])
         if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
-            masked_meta[f"dev.{p}"] = ConfigRecord({"bad": [int(j) for j in reply["bad"]]})
+            bad_senders[p] = {"bad": [int(j) for j in reply["bad"]]}
         states[str(p)] = dev.export_state()
         keep.append(row)
     report.keep_rows(keep)
@@ -692,8 +707,8 @@ def _masked_input(
             group_sum &= group_sum.dtype.type((1 << params.modulus_bits) - 1)
         out["masked_sum"] = ArrayRecord({"sum": wire.pack(group_sum)})
         out["masked_sum_members"] = ConfigRecord({"positions": members})
-    for key, record in masked_meta.items():
-        out[key] = record
+    if bad_senders:
+        out["dev"] = wire.payload_record(bad_senders)
     return out
 
 
@@ -824,6 +839,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     errors: dict[str, str] = {}
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
     identity_keys: dict[int, tuple[int, bytes]] = {}  # active, advertise_keys: position -> (device, public key)
+    payloads: dict[int, dict] = {}  # position -> this stage's reply (not masked_input's: arrays)
 
     def device(d: int, p: int) -> SecAggDevice:
         kw = {"registry": registry} if params.active else {}
@@ -836,10 +852,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors)
     else:
         for d, p in live:
-            request = dict(requests[f"req.{p}"]) if f"req.{p}" in requests else {}
             if stage != "advertise_keys" and str(p) not in states:
                 continue  # dropped or failed at an earlier stage
             try:
+                request = request_of(requests, p)
                 dev = device(d, p)
                 if stage == "advertise_keys":
                     payload = dev.advertise_keys()
@@ -850,7 +866,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
             except _DEVICE_FAULTS as err:
                 errors[str(p)] = f"{stage}: {err}"
                 continue
-            out[f"dev.{p}"] = ConfigRecord(payload)
+            payloads[p] = payload
             states[str(p)] = dev.export_state()
     if identity_keys:  # before any reply leaves: a device whose key the PKI refuses drops alone
         try:
@@ -859,8 +875,10 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
             refused = {p: str(err) for p in identity_keys}
         for p, reason in refused.items():
             errors[str(p)] = f"advertise_keys: identity key not registered: {reason}"
-            del out[f"dev.{p}"]
+            payloads.pop(p, None)
             states.pop(str(p), None)
+    if payloads:
+        out["dev"] = wire.payload_record(payloads)
     if stage == "unmask":
         states = {}  # the session is over on this worker
     context.state["secagg"] = ConfigRecord(states)

@@ -429,6 +429,46 @@ def test_lagrange_weights_equal_the_term_by_term_formula():
             expected.append(num * pow(den, -1, p) % p)
         assert shamir._lagrange_at_zero(xs) == tuple(expected)
         assert sum(shamir._lagrange_at_zero(xs)) % p == 1  # the basis interpolates the constant 1
+    # The batched weights (the server rebuilds one secret per device in one call): the same.
+    rows = [sorted(int(x) + 1 for x in rng.choice(p - 1, size=36, replace=False)) for _ in range(5)]
+    got = shamir._lagrange_rows(np.array(rows, dtype=np.int64))
+    assert [tuple(r) for r in got.tolist()] == [shamir._lagrange_at_zero(tuple(r)) for r in rows]
+
+
+def test_batched_reconstruction_gives_each_secret_or_the_error_of_one_by_one():
+    """reconstruct_many (the server's unmask) against reconstruct, secret by secret: right
+    secrets from any t of the shares, and the same error where one-by-one raises (too few
+    shares, a tampered share, a malformed share, secrets of other lengths, an empty secret)."""
+    rng = np.random.default_rng(5)
+    t, ids = 4, list(range(7))
+    secrets = [os.urandom(32) for _ in range(6)] + [os.urandom(5), b""]
+    held = []
+    for secret in secrets:
+        shares = shamir.share(secret, t, ids)
+        held.append({i: shares[i] for i in sorted(int(x) for x in rng.choice(ids, size=5, replace=False))})
+    held[1] = dict(list(held[1].items())[: t - 1])  # too few
+    first = min(held[2])
+    held[2][first] = held[2][first][:-1] + bytes([held[2][first][-1] ^ 1])  # a wrong value
+    held[3][min(held[3])] = b"\x00\x20" + b"\xff" * 44  # an element >= PRIME
+    held[4][min(held[4])] = shamir.share(os.urandom(31), t, ids)[min(held[4])]  # another secret length
+    got = shamir.reconstruct_many(held, t)
+    for pos, (shares, secret) in enumerate(zip(held, secrets, strict=True)):
+        try:
+            want: object = shamir.reconstruct(shares, t)
+        except shamir.ShamirError as err:
+            want = err
+        if isinstance(want, shamir.ShamirError):
+            assert type(got[pos]) is type(want) and str(got[pos]) == str(want), pos
+        else:
+            assert got[pos] == want and (pos == 2 or want == secret), pos
+    # (A changed share value goes unnoticed when the rebuilt chunks still fit: Shamir has no integrity.)
+    assert [type(g).__name__ for g in (got[1], got[3], got[4])] == ["NotEnoughShares", "ShamirError", "ShamirError"]
+    assert got[0] == secrets[0] and got[5:] == secrets[5:]
+    # The well-formedness of a reply's shares, checked as one array.
+    good = list(shamir.share(os.urandom(32), 2, [0, 1, 2]).values())
+    assert shamir.all_well_formed(good, 32) and shamir.all_well_formed([], 32)
+    for bad in (good[0][:-1], b"\x00\x21" + good[0][2:], good[0][:2] + b"\xff" * 44):
+        assert shamir.all_well_formed([good[1], bad], 32) is shamir.is_well_formed(bad, 32) is False
 
 
 # --- quantization -------------------------------------------------------------------------------
@@ -605,7 +645,10 @@ def _encode_int_reference(fp: FixedPoint, x: np.ndarray, rng: np.random.Generato
     u = np.clip(np.array(x, dtype=np.float64), -fp.clip, fp.clip) / fp.step
     lo = np.floor(u)
     for _ in range(200):
-        q = np.clip((lo + (rng.random(u.shape) < u - lo)).astype(np.int64), -fp.levels, fp.levels)
+        # 32-bit words, two per 64-bit output (low half first); round up iff (k + 1/2) / 2^32 < frac.
+        words = rng.bit_generator.random_raw((u.size + 1) // 2).astype(np.uint64)
+        k = np.stack([words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)], axis=1).ravel()[: u.size]
+        q = np.clip((lo + ((k.astype(np.float64) + 0.5) / 2**32 < u - lo)).astype(np.int64), -fp.levels, fp.levels)
         if max_norm is None or int(np.dot(q, q)) <= math.floor(max_norm * max_norm):
             return q
     raise AssertionError("no draw")
@@ -641,3 +684,30 @@ def test_encode_int_reuses_its_buffers_without_changing_a_bit() -> None:
             assert got.dtype == np.int64 and np.array_equal(got, want)
     fp, x, _ = cases[0]
     assert np.array_equal(fp.encode_int(x.reshape(2, -1), np.random.default_rng(0)).ravel(), results[0][0])
+    out = np.full(x.size, 7, dtype=np.int64)
+    assert fp.encode_int(x, np.random.default_rng(0), out=out) is not None and np.array_equal(out, results[0][0])
+    with pytest.raises(ValueError, match="C-contiguous int64"):
+        fp.encode_int(x, np.random.default_rng(0), out=np.zeros(x.size, dtype=np.int32))
+
+
+def test_rounding_draws_give_each_fraction_its_probability_to_2_33() -> None:
+    """P(round up) = frac rounded to a multiple of 2^-32 (module docstring): 32-bit draws k at
+    (k + 1/2) / 2^32. With a generator whose words are known (the draws k = 0, 1, ..., 2^32 - 1
+    seen through 8 evenly spaced ones), each fraction rounds up for exactly the k below it."""
+    fp = FixedPoint(clip=7.0, bits=4, modulus_bits=16)  # step 1: x = 3 + f has grid value 3 + f exactly
+
+    class Words:
+        def __init__(self, words: list[int]) -> None:
+            self.words = words
+
+        def random_raw(self, size: int) -> np.ndarray:
+            pairs = self.words + [0] * (2 * size - len(self.words))
+            return np.array([pairs[2 * i] | pairs[2 * i + 1] << 32 for i in range(size)], dtype=np.uint64)
+
+    ks = [j << 29 for j in range(8)]  # draws at (k + 1/2) / 2^32 = j/8 + 2^-33, j = 0..7
+    # fraction -> how many of the 8 draws lie below it (round up)
+    for f, ups in ((0.0, 0), (2.0**-34, 0), (2.0**-33, 0), (2.0**-33 + 2.0**-40, 1), (0.125, 1), (0.125 + 2.0**-32, 2),
+                   (0.5, 4), (0.999, 8)):  # fmt: skip
+        rng = type("Rng", (), {"bit_generator": Words(ks)})()
+        got = fp.encode_int(np.full(8, 3 + f), rng)  # type: ignore[arg-type]
+        assert got.tolist() == [4] * ups + [3] * (8 - ups), f

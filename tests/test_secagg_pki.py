@@ -21,7 +21,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.app import ConfigRecord
 
 from fake_grid import LocalGrid, set_flower_identity
 from fedsim import pki, wire
@@ -62,11 +61,10 @@ class ForgingGrid(LocalGrid):
             stage = str(job["stage"])
             self.jobs[stage] = job
             self.cohort |= {int(d) for d in job["device_ids"]}
-            reqs = {int(k[4:]): dict(r) for k, r in m.content.config_records.items() if k.startswith("req.")}
+            reqs = wire.read_payloads(m.content.config_records.get("req"))
             if self.forge is not None:
                 reqs = self.forge(stage, job, reqs)
-                for p, r in reqs.items():
-                    m.content[f"req.{p}"] = ConfigRecord(r)
+                m.content["req"] = wire.payload_record(reqs)
             self.requests.setdefault(stage, {}).update(reqs)
         ids = super().push_messages(messages)
         self.replies += [(mid, self._replies[mid][1].content) for mid in ids if mid in self._replies]
@@ -93,6 +91,7 @@ def _server_material(grid: ForgingGrid, cfg_json: str) -> list[bytes]:
     for _, content in grid.replies:
         for record in content.config_records.values():
             walk(dict(record))
+        walk(wire.read_payloads(content.config_records.get("dev")))  # each device's fields unpacked
         for record in content.array_records.values():
             for arr in record.values():
                 walk(wire.unpack(arr).tobytes()[:4096])
@@ -299,7 +298,7 @@ def test_a_worker_whose_device_key_the_registry_refuses_drops_that_device_only(
     def duplicate(stage: str, job: dict, reqs: dict[int, dict]) -> dict[int, dict]:
         # The registration a second worker told it holds position 0 would have made first.
         # (This is the test writing, as that worker: the server has no way to.)
-        if stage == "advertise_keys" and 0 in reqs:
+        if stage == "advertise_keys" and 0 in job["positions"]:
             pki.local_registry().register(bytes(job["session"]), 0, 10**6, crypto.identity_public(crypto.generate_identity()))
         return reqs
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from fedsim import secure_rounds
+from fedsim import secure_rounds, wire
 from fedsim.config import from_dict
-from fedsim.secagg import SecAggServer
+from fedsim.secagg import SecAggAborted, SecAggServer
 from fedsim.secagg.crypto import PRG_NAME
 from fedsim.worker import Worker
 
@@ -51,11 +51,13 @@ class OneWorker:
             "skellam_mu_count": 0.0, "dim": self.num_params, "stats": list(names),
         }  # fmt: skip
 
-    def stage(self, stage: str, requests: dict[int, dict], extra: dict | None = None) -> RecordDict:
+    def stage(self, stage: str, requests: dict[int, dict], extra: dict | None = None, raw: dict | None = None) -> RecordDict:
+        """One stage on this worker; `raw` {position: bytes} replaces packed requests as sent."""
         ids = sorted(requests)
         content = RecordDict({"job": ConfigRecord({**self.base, "stage": stage, "device_ids": ids, "positions": ids})})
-        for p in ids:
-            content[f"req.{p}"] = ConfigRecord(requests[p])
+        if any(requests.values()):
+            packed = {str(p): wire.pack_payload(r) for p, r in requests.items()} | {str(p): b for p, b in (raw or {}).items()}
+            content["req"] = ConfigRecord(packed)
         for key, record in (extra or {}).items():
             content[key] = record
         meta = Metadata(run_id=1, message_id=stage, src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
@@ -65,7 +67,7 @@ class OneWorker:
 
 
 def _payloads(content: RecordDict) -> dict[int, dict]:
-    return {int(k[4:]): dict(r) for k, r in content.config_records.items() if k.startswith("dev.")}
+    return wire.read_payloads(content.config_records.get("dev"))
 
 
 def test_one_devices_bad_requests_drop_that_device_and_not_its_worker(tmp_path: Path) -> None:
@@ -92,6 +94,25 @@ def test_one_devices_bad_requests_drop_that_device_and_not_its_worker(tmp_path: 
     assert sorted(int(k) for k in masked) == sorted(set(req3) - {victim})
     assert str(victim) in reply.config_records["device_errors"]
     assert reply.config_records["device_errors"][str(victim)].startswith("masked_input: ")
+
+
+def test_a_device_payload_that_does_not_unpack_drops_that_device_only(tmp_path: Path) -> None:
+    # Requests and replies travel as one packed byte string per device (wire.pack_payload).
+    node = OneWorker(tmp_path)
+    server = SecAggServer(node.params)
+    req2 = server.collect_keys(_payloads(node.stage("advertise_keys", {i: {} for i in range(N)})))
+    # Device 1's request arrives cut short: it drops alone, its worker's other devices go on.
+    reply = node.stage("share_keys", req2, raw={1: wire.pack_payload(req2[1])[:-3]})
+    assert sorted(_payloads(reply)) == [p for p in range(N) if p != 1]
+    assert dict(reply.config_records["device_errors"]) == {"1": "share_keys: truncated device payload"}
+    # A reply that does not unpack reaches the protocol as an empty one: the server rejects that device.
+    replies = wire.read_payloads({**dict(reply.config_records["dev"]), "2": wire.pack_payload(_payloads(reply)[2])[:9]})
+    assert replies[2] == {} and replies[3] == _payloads(reply)[3]
+    try:
+        server.collect_shares(replies)
+    except SecAggAborted:  # (this small cohort may fall below t without devices 1 and 2)
+        pass
+    assert server.rejected[2].startswith("share_keys: malformed reply")
 
 
 def test_workers_refuse_a_session_whose_threat_model_or_k_t_are_not_the_run_configs(tmp_path: Path) -> None:

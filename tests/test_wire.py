@@ -89,3 +89,29 @@ def test_collect_sums_in_device_id_order_whatever_order_replies_arrive_in() -> N
     replies = [reply([3, 9]), reply([1, 7]), reply([4, 0, 8])]
     totals = [collect(order, num_params=1000)[0].total for order in (replies, replies[::-1], replies[1:] + replies[:1])]  # type: ignore[arg-type]
     assert all(torch.equal(t, totals[0]) for t in totals[1:])
+
+
+def test_secagg_device_payloads_round_trip_and_anything_else_is_a_bad_reply() -> None:
+    fields = {"ids": [3, 0, 2**40], "ciphertexts": [b"\x01" * 60, b"", b"z"], "sig": b"s" * 64, "n": -7, "x": 0.25,
+              "ok": True, "name": "é", "none": []}  # fmt: skip
+    blob = wire.pack_payload(fields)
+    assert wire.unpack_payload(blob) == fields
+    assert type(wire.unpack_payload(blob)["ok"]) is bool
+    for cut in range(len(blob)):  # every truncation is refused, none is read as a shorter payload
+        with pytest.raises(wire.BadReply):
+            wire.unpack_payload(blob[:cut])
+    with pytest.raises(wire.BadReply, match="after its last field"):
+        wire.unpack_payload(blob + b"\x00")
+    one = wire.pack_payload({"a": 1})
+    with pytest.raises(wire.BadReply, match="repeats field 'a'"):
+        wire.unpack_payload(b"\x02" + one[1:] + one[1:])
+    with pytest.raises(wire.BadReply, match="unknown tag"):
+        wire.unpack_payload(b"\x01\x01aQ")
+    with pytest.raises(wire.BadReply, match="must be bytes"):
+        wire.unpack_payload([1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="'mixed'"):
+        wire.pack_payload({"mixed": [1, b"x"]})
+    record = wire.payload_record({0: {"a": 1}, 5: {"b": [b"x"]}})
+    assert wire.read_payloads(record) == {0: {"a": 1}, 5: {"b": [b"x"]}}
+    assert wire.read_payloads({**dict(record), "5": b"\x09", "job": b"x"}) == {0: {"a": 1}, 5: {}}
+    assert wire.read_payloads(None) == {}

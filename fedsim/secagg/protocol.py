@@ -998,7 +998,7 @@ class SecAggServer:
             if not (set(bs) <= nbrs & self.masked and set(ss) <= nbrs & self.dropped_after_sharing):
                 self._reject(i, "unmask", "reveals shares that were not requested")
                 continue
-            if not all(shamir.is_well_formed(sh, KEY_BYTES) for sh in [*bs.values(), *ss.values()]):
+            if not shamir.all_well_formed([*bs.values(), *ss.values()], KEY_BYTES):
                 self._reject(i, "unmask", "malformed share")  # the other holders' t shares suffice
                 continue
             responded.add(i)
@@ -1011,16 +1011,14 @@ class SecAggServer:
             self._abort(f"round aborted at unmask: {len(responded)} devices answered, need >= t={t}")
         total = self._total
         # Remove self masks of the survivors (Bonawitz 2017 Fig. 4, Unmasking step 2).
-        for i in sorted(self.masked):
-            b_i = self._reconstruct(b_shares.get(i, {}), f"self-mask seed of device {i}")
+        survivors = sorted(self.masked)
+        for i, b_i in zip(survivors, self._reconstruct([b_shares.get(i, {}) for i in survivors], "self-mask seed of", survivors)):
             if not p.shortcut:  # (shortcut: rebuilt all the same, so a round aborts where the faithful one does)
                 add_mask(total, b_i, NONCE_SELF_MASK, subtract=True)
         # Remove pairwise masks survivors shared with devices that dropped after sharing keys.
-        for j in sorted(self.dropped_after_sharing):
+        dropped = [j for j in sorted(self.dropped_after_sharing) if any(l in self.masked for l in self.graph[j])]
+        for j, raw in zip(dropped, self._reconstruct([s_shares.get(j, {}) for j in dropped], "mask key of dropped", dropped)):
             partners = [l for l in self.graph[j] if l in self.masked]
-            if not partners:
-                continue
-            raw = self._reconstruct(s_shares.get(j, {}), f"mask key of dropped device {j}")
             key = private_from_bytes(raw)
             if key.public != self.public_keys[j][1]:
                 self._abort(f"round aborted: reconstructed mask key of device {j} does not match its public key")
@@ -1033,12 +1031,14 @@ class SecAggServer:
             result &= np.uint64((1 << m) - 1)
         return result
 
-    def _reconstruct(self, shares: dict[int, bytes], what: str) -> bytes:
-        try:
-            return shamir.reconstruct(shares, self.params.threshold)
-        except shamir.ShamirError as exc:
-            self._abort(f"round aborted: cannot rebuild the {what}: {exc}")
-            raise  # unreachable: _abort raises
+    def _reconstruct(self, shares: list[dict[int, bytes]], what: str, devices: list[int]) -> list[bytes]:
+        """Each device's secret from its holders' shares (one batched Shamir reconstruction); the
+        round aborts at the first device, in `devices` order, whose secret cannot be rebuilt."""
+        rebuilt = shamir.reconstruct_many(shares, self.params.threshold)
+        for device, secret in zip(devices, rebuilt, strict=True):
+            if isinstance(secret, shamir.ShamirError):
+                self._abort(f"round aborted: cannot rebuild the {what} device {device}: {secret}")
+        return rebuilt  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------

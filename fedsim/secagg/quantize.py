@@ -11,6 +11,13 @@ round, add integer noise, aggregate mod 2^m):
     q = floor(u) + Bernoulli(u - floor(u))                   (randomized rounding, unbiased)
     decode(q) = q * step                                     (E[decode(encode(x))] = x for |x| <= r)
 
+The Bernoulli draws of `FixedPoint.encode_int` compare (k + 1/2) / 2^32 with the fractional
+part, k a uniform 32-bit word of the rounding stream (each 64-bit output of its bit generator
+gives two: low half first, little-endian): P(round up) is the fractional part rounded to the
+nearest multiple of 2^-32, so the rounding is unbiased to within 2^-33 of a grid step per
+coordinate (until 2026-12-02 it drew a float64 per coordinate: twice the generator's work, the
+largest cost of a device's encoding).
+
 The grid is centred on 0 (q is a signed integer vector, reduced mod 2^m by two's complement):
 a device's contribution to the sum is then an integer vector whose norm the Skellam
 accountant bounds (fedsim.privacy.skellam). An offset grid (q in [0, 2^b - 1], the offset
@@ -132,6 +139,15 @@ class _Workspace:
         self.up = np.empty(size, dtype=bool)
 
 
+_HALF_WORD = 2.0**-33  # half of one 32-bit draw's step
+
+
+def rounding_words(rng: np.random.Generator, size: int) -> np.ndarray:
+    """`size` uniform 32-bit words from rng's bit generator (each 64-bit output gives two, low
+    half first): encode_int's rounding draws (module docstring)."""
+    return rng.bit_generator.random_raw((size + 1) // 2).view("<u4")[:size]
+
+
 _workspaces = threading.local()
 
 
@@ -186,15 +202,18 @@ class FixedPoint:
         """Grid spacing clip / L in input units."""
         return self.clip / self.levels
 
-    def encode_int(self, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None) -> np.ndarray:
+    def encode_int(
+        self, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None, *, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Grid indices in [-L, L] as int64 (before noise / ring reduction).
 
         `max_norm` (grid units): conditional randomized rounding, the rounding is drawn again
         until ||q||_2 <= max_norm (ValueError after MAX_ROUNDING_DRAWS draws: the bound does
-        not fit this vector). This runs once per device per round on ~1e5 values: the float64
-        work happens in per-thread buffers reused from call to call (fresh arrays of this size
-        cost a page fault per 4 KiB each time, as much as the arithmetic), with the same
-        operations in the same order, so the result is the same bits as with fresh arrays.
+        not fit this vector). `out`: a C-contiguous int64 array of x's size to write q into
+        (returned, shaped as x), instead of a new one. This runs once per device per round on
+        ~1e5 values: the float64 work happens in per-thread buffers reused from call to call
+        (fresh arrays of this size cost a page fault per 4 KiB each time, as much as the
+        arithmetic), so the result is the same bits as with fresh arrays.
         """
         work = _workspace(np.size(x))
         u, lo, draws, up = work.u, work.lo, work.draws, work.up
@@ -204,11 +223,19 @@ class FixedPoint:
         np.clip(u, -self.clip, self.clip, out=u)
         np.divide(u, self.step, out=u)
         np.floor(u, out=lo)
-        np.subtract(u, lo, out=u)  # the fractional part: round up with this probability
+        # The fractional part f less half a draw step: (k + 1/2) 2^-32 < f iff k 2^-32 < f - 2^-33
+        # (both sides exact in float64), so the comparison below needs no offset per draw.
+        np.subtract(u, lo, out=u)
+        np.subtract(u, _HALF_WORD, out=u)
         limit = None if max_norm is None else math.floor(max_norm * max_norm)
-        q = np.empty(u.shape, dtype=np.int64)
+        if out is None:
+            q = np.empty(u.shape, dtype=np.int64)
+        elif out.dtype != np.int64 or out.size != u.size or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous int64 array of {u.size} values, got {out.dtype} {out.shape}")
+        else:
+            q = out.reshape(-1)
         for _ in range(MAX_ROUNDING_DRAWS):
-            rng.random(out=draws)
+            np.multiply(rounding_words(rng, u.size), 2.0**-32, out=draws)
             np.less(draws, u, out=up)
             np.add(lo, up, out=draws)
             np.copyto(q, draws, casting="unsafe")
