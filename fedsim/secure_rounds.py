@@ -83,6 +83,7 @@ from fedsim.secagg import (
     skellam_tail_bound,
 )
 from fedsim.secagg.crypto import PRG_NAME
+from fedsim.secagg.protocol import DEVICE_FAULTS, PairMemo, masked_inputs
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, grid
 from fedsim.reports import DeviceReport
@@ -602,8 +603,7 @@ def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> b
     return bool(rng.random() < rate)
 
 
-# What one device's stage may raise on bad input (a peer's key, a server's request): it drops alone.
-_DEVICE_FAULTS = (SecAggAborted, ValueError, TypeError, KeyError)
+_DEVICE_FAULTS = DEVICE_FAULTS  # what one device's stage may raise on bad input: it drops alone
 
 
 def request_of(requests: Mapping[str, ConfigRecord], position: int) -> dict:
@@ -618,11 +618,12 @@ def request_of(requests: Mapping[str, ConfigRecord], position: int) -> dict:
 def _masked_input(
     msg: Message, job: ConfigRecord, worker: Worker, params: SecAggParams, live: list[tuple[int, int]],
     round_num: int, device: Callable[[int, int], SecAggDevice], states: dict[str, bytes], errors: dict[str, str],
+    memo: PairMemo,
 ) -> RecordDict:  # fmt: skip
     """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc).
 
     `device(d, p)` restores device d's protocol state (taking it out of `states`); a device
-    whose stage fails drops alone, its reason in `errors`."""
+    whose stage fails drops alone, its reason in `errors`. `memo`: this message's PairMemo."""
     cfg = worker.cfg
     fp = FixedPoint(float(job["clip"]), int(job["bits"]), params.modulus_bits)  # type: ignore[arg-type]
     mu, mu_count = float(job["skellam_mu"]), float(job["skellam_mu_count"])  # type: ignore[arg-type]
@@ -655,7 +656,20 @@ def _masked_input(
     members: list[int] = []
     bad_senders: dict[int, dict] = {}
     pos_of = dict(live)
-    keep = []
+    keep: list[int] = []
+    waiting: list = []  # faithful: (row, position, device, request, x) of each device ready to mask
+
+    def done(row: int, p: int, dev: SecAggDevice, reply: dict) -> None:
+        if group_sum is not None:
+            np.add(group_sum, reply["masked"], out=group_sum)  # wraps mod 2^32 / 2^64, multiples of 2^m
+            members.append(p)
+        else:
+            masked[str(p)] = wire.pack(reply["masked"])
+        if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
+            bad_senders[p] = {"bad": [int(j) for j in reply["bad"]]}
+        states[str(p)] = dev.export_state()
+        keep.append(row)
+
     full = np.empty(params.vector_length, dtype=np.int64)  # one device's grid values then statistics (reused)
     q = full[: params.vector_length - len(names)]
     for row, d in enumerate(report.device_ids):
@@ -683,20 +697,23 @@ def _masked_input(
         x = to_ring(full, params.modulus_bits)  # a fresh array: `full` is reused
         try:
             dev = device(d, p)
-            reply = dev.masked_input(request_of(requests, p), x)
+            request = request_of(requests, p)
+            if group_sum is None:  # faithful: masked below, all at once (each shared pair mask expanded once)
+                waiting.append((row, p, dev, request, x))
+                continue
+            reply = dev.masked_input(request, x)
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
             continue
-        if group_sum is not None:
-            group_sum += reply["masked"]  # wraps mod 2^32 / 2^64, multiples of 2^m
-            members.append(p)
-        else:
-            masked[str(p)] = wire.pack(reply["masked"])
-        if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
-            bad_senders[p] = {"bad": [int(j) for j in reply["bad"]]}
-        states[str(p)] = dev.export_state()
-        keep.append(row)
-    report.keep_rows(keep)
+        done(row, p, dev, reply)
+    replies = masked_inputs([w[2] for w in waiting], [w[3] for w in waiting], [w[4] for w in waiting], memo=memo)
+    for i, (row, p, dev, _, _) in enumerate(waiting):
+        reply, waiting[i], replies[i] = replies[i], None, None  # type: ignore[call-overload]  # (each vector freed once packed)
+        if isinstance(reply, Exception):
+            errors[str(p)] = f"masked_input: {reply}"
+            continue
+        done(row, p, dev, reply)
+    report.keep_rows(sorted(keep))
     # Only masked vectors leave the worker: no update, loss, example count or clipping bit in the clear.
     report.updates, report.losses, report.num_examples = [], [], []
     report.within_bound, report.clip_fractions = [], []
@@ -840,6 +857,8 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
     identity_keys: dict[int, tuple[int, bytes]] = {}  # active, advertise_keys: position -> (device, public key)
     payloads: dict[int, dict] = {}  # position -> this stage's reply (not masked_input's: arrays)
+    # Key agreements of two devices of this worker are run once (same bits; PairMemo's doc).
+    memo = PairMemo()
 
     def device(d: int, p: int) -> SecAggDevice:
         kw = {"registry": registry} if params.active else {}
@@ -849,7 +868,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
 
     if stage == "masked_input":
         live = [(d, p) for d, p in live if str(p) in states]
-        out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors)
+        out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors, memo)
     else:
         for d, p in live:
             if stage != "advertise_keys" and str(p) not in states:
@@ -861,6 +880,8 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
                     payload = dev.advertise_keys()
                     if params.active:
                         identity_keys[p] = (d, dev.identity_public)  # type: ignore[assignment]
+                elif stage == "share_keys":
+                    payload = dev.share_keys(request, memo=memo)
                 else:
                     payload = getattr(dev, stage)(request)
             except _DEVICE_FAULTS as err:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedsim.secagg import crypto, shamir
+from fedsim.secagg import crypto, protocol, shamir
 from fedsim.secagg.ddp import (
     grid_variance,
     per_device_variance,
@@ -103,6 +103,59 @@ def _drive(params: SecAggParams, inputs, *, tamper_keys=None, tamper_cts=None):
     req3 = server.collect_shares(shares)
     req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()})
     return server, server.collect_unmask({i: devices[i].unmask(r) for i, r in req4.items()})
+
+
+def test_a_host_that_shares_pair_work_sends_the_same_bits_as_each_device_alone():
+    """A worker hosting several devices runs each pair's key agreement once (PairMemo) and
+    expands each pair mask once (masked_inputs): every share ciphertext key, every masked
+    vector and the sum must be what each device computes alone. A server that forges the key
+    it forwards for one device (a low-order s key to one neighbour) makes that neighbour drop
+    in both paths, and the memo never hands it the honest pair's value."""
+    params = _params()
+    inputs = {i: to_ring(x, M) for i, x in _inputs(params).items()}
+    alone = {i: SecAggDevice(i, params) for i in range(N)}
+    server = SecAggServer(params)
+    req2 = server.collect_keys({i: d.advertise_keys() for i, d in alone.items()})
+    twins = {i: SecAggDevice.restore(params, d.export_state()) for i, d in alone.items()}  # the same devices again
+    memo = protocol.PairMemo()
+    shares = {i: alone[i].share_keys(r) for i, r in req2.items()}
+    for i, r in req2.items():
+        twins[i].share_keys(r, memo=memo)
+    assert memo.hits == N * K // 2  # every edge agreed once, the other end served from the memo
+    assert all(twins[i]._enc_keys == alone[i]._enc_keys for i in range(N))
+    req3 = server.collect_shares(shares)
+    shared = {i: SecAggDevice.restore(params, d.export_state()) for i, d in alone.items()}  # same b, same keys
+    # The forger: the s key it forwarded to device v for u (its first neighbour) was the low-order
+    # point 0 (written into v's state here: share_keys does not use s keys), so v's mask agreement
+    # with u fails, and v fails before any other agreement.
+    v = 0
+    u = req3[v]["ids"][0]
+    forged = req3
+    for devices in (alone, shared):
+        devices[v]._peer_keys[u] = (devices[v]._peer_keys[u][0], bytes(32))
+    replies_alone = {}
+    for i, r in forged.items():
+        try:
+            replies_alone[i] = alone[i].masked_input(r, inputs[i].copy())
+        except protocol.DEVICE_FAULTS as err:
+            replies_alone[i] = err
+    order = sorted(forged, key=lambda i: i == v)  # v last: u's honest agreement with v is in the memo by then
+    memo = protocol.PairMemo()
+    got = protocol.masked_inputs([shared[i] for i in order], [forged[i] for i in order], [inputs[i].copy() for i in order],
+                                 memo=memo)  # fmt: skip
+    assert memo.hits == N * K // 2 - K  # v's K edges: its neighbours compute them alone
+    for i, reply in zip(order, got, strict=True):
+        want = replies_alone[i]
+        if isinstance(want, Exception):
+            assert i == v and type(reply) is type(want) and str(reply) == str(want)
+            continue
+        assert reply["bad"] == want["bad"] and reply["masked"].dtype == want["masked"].dtype
+        np.testing.assert_array_equal(reply["masked"], want["masked"])
+    assert isinstance(replies_alone[v], ValueError)
+    survivors = {i: r for i, r in replies_alone.items() if not isinstance(r, Exception)}
+    req4 = server.collect_masked(survivors)
+    total = server.collect_unmask({i: alone[i].unmask(r) for i, r in req4.items()})
+    np.testing.assert_array_equal(total, _plain_sum(_inputs(params), set(range(N)) - {v}, M))
 
 
 def test_a_malformed_or_low_order_key_drops_that_device_only():

@@ -71,6 +71,7 @@ __all__ = [
     "seal_clear_share",
     "prg_mask",
     "add_mask",
+    "add_mask_many",
     "private_from_bytes",
     "restored_keypair",
     "random_bytes",
@@ -309,14 +310,28 @@ def add_mask(target: np.ndarray, seed: bytes, nonce: bytes = NONCE_PAIR_MASK, *,
     because 2^m divides the word size. 18% faster than allocating a mask per call and adding it
     (80 vs 98 us at 113,620 values here, with ChaCha20).
     """
+    add_mask_many([(target, subtract)], seed, nonce)
+
+
+def add_mask_many(targets: list[tuple[np.ndarray, bool]], seed: bytes, nonce: bytes = NONCE_PAIR_MASK) -> None:
+    """`add_mask` of one seed into several arrays of one length and dtype, (array, subtract)
+    each, with the keystream expanded once (a simulation host adds a pair mask to both of its
+    devices' vectors: the words each device would expand, one cipher run)."""
     if len(seed) != KEY_BYTES:
         raise ValueError(f"a mask seed has {KEY_BYTES} bytes, got {len(seed)}")
-    if target.dtype not in (np.uint32, np.uint64) or not target.flags.c_contiguous or not target.flags.writeable:
-        raise ValueError(f"add_mask needs a writable contiguous uint32/uint64 array, got {target.dtype}")
-    nbytes = target.nbytes
+    if not targets:
+        return
+    first = targets[0][0]
+    for target, _ in targets:
+        if target.dtype not in (np.uint32, np.uint64) or not target.flags.c_contiguous or not target.flags.writeable:
+            raise ValueError(f"add_mask needs a writable contiguous uint32/uint64 array, got {target.dtype}")
+        if target.dtype != first.dtype or target.size != first.size:
+            raise ValueError("add_mask_many needs arrays of one dtype and length")
+    nbytes = first.nbytes
     buf = getattr(_streams, "buf", None)
     if buf is None or len(buf) < nbytes + 16:
         buf = _streams.buf = bytearray(nbytes + 16)
     Cipher(algorithms.AES(seed[:PRG_KEY_BYTES]), modes.CTR(nonce)).encryptor().update_into(_zeros(nbytes), buf)
-    words = np.frombuffer(buf, dtype=target.dtype.newbyteorder("<"), count=target.size)
-    (np.subtract if subtract else np.add)(target, words, out=target)
+    words = np.frombuffer(buf, dtype=first.dtype.newbyteorder("<"), count=first.size)
+    for target, subtract in targets:
+        (np.subtract if subtract else np.add)(target, words, out=target)

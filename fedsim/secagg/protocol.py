@@ -87,7 +87,9 @@ from fedsim.secagg.crypto import (
     NONCE_PAIR_MASK,
     NONCE_SELF_MASK,
     TamperedShare,
+    KeyPair,
     add_mask,
+    add_mask_many,
     agree,
     check_public_key,
     decrypt_share,
@@ -109,6 +111,7 @@ from fedsim.secagg.quantize import to_ring
 __all__ = [
     "STAGES",
     "KeyRegistry",
+    "PairMemo",
     "ProtocolViolation",
     "RoundResult",
     "SecAggAborted",
@@ -116,6 +119,7 @@ __all__ = [
     "SecAggParams",
     "SecAggServer",
     "TamperedShare",
+    "masked_inputs",
     "neighbour_graph",
     "payload_nbytes",
     "simulate_round",
@@ -366,6 +370,72 @@ def _pair_lists(msg: Mapping, ids_key: str, values_key: str) -> dict[int, object
 # Device
 
 
+class PairMemo:
+    """A simulation host's memo of its devices' pairwise key agreements.
+
+    Diffie-Hellman is symmetric (KA(s_i, S_j) = KA(s_j, S_i), Bonawitz et al. 2017 sec. 3), so
+    when two neighbours live on the same worker the second takes the first's result instead of
+    running X25519 and HKDF again. A value is keyed by the derivation's label and salt and by
+    both ends' public keys as each device uses them (its own, and the peer's as the server
+    forwarded it): a device is handed a value only where its own computation gives the same
+    bytes, so a forged or low-order key never matches the honest pair's entry. What each device
+    sends is the same bits as without the memo; only the time changes. One memo per stage
+    message on a worker: it holds secrets of that worker's devices only, as their states there do.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, bytes] = {}
+        self.hits = 0  # agreements served from the memo (a test reads it)
+
+    def agree(self, own_id: int, own: KeyPair, peer_id: int, peer_public: bytes, *, info: bytes, salt: bytes) -> bytes:
+        peer_public = bytes(peer_public)
+        key = (info, salt, *sorted([(own_id, own.public), (peer_id, peer_public)]))
+        value = self._values.get(key)
+        if value is None:
+            value = self._values[key] = agree(own.private, peer_public, info=info, salt=salt)
+        else:
+            self.hits += 1
+        return value
+
+
+def _agree(memo: PairMemo | None, own_id: int, own: KeyPair, peer_id: int, peer_public: bytes, info: bytes, salt: bytes) -> bytes:
+    if memo is None:
+        return agree(own.private, peer_public, info=info, salt=salt)
+    return memo.agree(own_id, own, peer_id, peer_public, info=info, salt=salt)
+
+
+#: What one device's stage may raise on bad input (a peer's key, a server's request): it drops alone.
+DEVICE_FAULTS = (SecAggAborted, ValueError, TypeError, KeyError)
+
+
+def masked_inputs(
+    devices: list[SecAggDevice], requests: list[Mapping], xs: list[np.ndarray], *, memo: PairMemo | None = None
+) -> list[dict | Exception]:
+    """`SecAggDevice.masked_input` for several devices of one simulation host, in order: each
+    device's reply, or the DEVICE_FAULTS error it raised (it drops alone). Each pair mask the
+    host's devices share is expanded once and added to both vectors (add_mask_many), and the
+    agreements go through `memo`: the same bits as one call per device (sums mod 2^32 / 2^64 do
+    not depend on the order of the terms). The xs become the masked vectors (no copy when they
+    are already of the ring's dtype)."""
+    out: list[dict | Exception | None] = [None] * len(devices)
+    opened = []
+    by_seed: dict[tuple[bytes, bytes], list[tuple[np.ndarray, bool]]] = {}
+    for pos, (device, request, x) in enumerate(zip(devices, requests, xs, strict=True)):
+        try:
+            y, masks, bad = device._open_for_masking(request, x, memo, in_place=True)
+        except DEVICE_FAULTS as err:
+            out[pos] = err
+            continue
+        for seed, nonce, subtract in masks:
+            by_seed.setdefault((seed, nonce), []).append((y, subtract))
+        opened.append((pos, device, y, bad))
+    for (seed, nonce), targets in by_seed.items():
+        add_mask_many(targets, seed, nonce)
+    for pos, device, y, bad in opened:
+        out[pos] = device._masked_reply(y, bad)
+    return out  # type: ignore[return-value]
+
+
 class SecAggDevice:
     """One device's side of a SecAgg+ session (Bonawitz et al. 2017 Fig. 4, Bell et al. 2020 sec. 4).
 
@@ -497,7 +567,7 @@ class SecAggDevice:
         self.bytes_sent["advertise_keys"] = payload_nbytes(reply)
         return reply
 
-    def share_keys(self, request: Mapping) -> dict:
+    def share_keys(self, request: Mapping, *, memo: PairMemo | None = None) -> dict:
         """Stage 2 (Bonawitz ShareKeys): encrypted Shamir shares of s^SK and b for each neighbour.
 
         request {"ids", "c_pks", "s_pks"[, "sigs"]}: the live neighbours' public keys. Refuses
@@ -506,7 +576,7 @@ class SecAggDevice:
         dropped devices with unusable keys; a device meets one only from a dishonest server). Shamir-shares s^SK
         and a fresh self-mask seed b among them (threshold t) and returns, per neighbour j,
         AES-GCM(KA(c_i, c_j)) of (s-share_j || b-share_j) bound to (i, j, session):
-        {"ids": [j], "ciphertexts": [bytes]}.
+        {"ids": [j], "ciphertexts": [bytes]}. `memo`: the host's PairMemo (same result).
         """
         self._advance("share_keys")
         self.bytes_received["share_keys"] = payload_nbytes(request)
@@ -538,7 +608,7 @@ class SecAggDevice:
                 ciphertexts.append(seal_clear_share(s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
                 continue
             try:  # a low-order key fails here (the s key at masked_input): only a dishonest server forwards one
-                key = self._enc_keys[j] = agree(self._c.private, self._peer_keys[j][0], info=INFO_ENC, salt=sid)
+                key = self._enc_keys[j] = _agree(memo, self.id, self._c, j, self._peer_keys[j][0], INFO_ENC, sid)
             except ValueError as err:
                 self._refuse(f"unusable public key offered for neighbour {j}: {err}")
             ciphertexts.append(encrypt_share(key, s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
@@ -546,7 +616,7 @@ class SecAggDevice:
         self.bytes_sent["share_keys"] = payload_nbytes(reply)
         return reply
 
-    def masked_input(self, request: Mapping, x: np.ndarray) -> dict:
+    def masked_input(self, request: Mapping, x: np.ndarray, *, memo: PairMemo | None = None) -> dict:
         """Stage 3 (Bonawitz MaskedInputCollection): decrypt held shares, return {"masked": y, "bad": [j]}.
 
         request {"ids", "ciphertexts"}: the ciphertexts neighbours addressed to this device;
@@ -555,7 +625,21 @@ class SecAggDevice:
         PRG(KA(s_i, s_j)) mod 2^m. A ciphertext that fails authentication (or has the wrong
         size) is not held, its sender is still masked with, and it is listed in "bad" so the
         server drops that sender (and removes its masks through the other holders' shares).
+        `memo`: the host's PairMemo (same result). Several devices of one host:
+        `masked_inputs` (each pair mask expanded once).
         """
+        y, masks, bad = self._open_for_masking(request, x, memo, in_place=False)
+        for seed, nonce, subtract in masks:
+            add_mask(y, seed, nonce, subtract=subtract)
+        return self._masked_reply(y, bad)
+
+    def _open_for_masking(
+        self, request: Mapping, x: np.ndarray, memo: PairMemo | None, *, in_place: bool
+    ) -> tuple[np.ndarray, list[tuple[bytes, bytes, bool]], list[int]]:
+        """masked_input up to the masks: (y = x mod 2^m, the masks to add as (seed, nonce,
+        subtract), the senders whose shares did not open). Every check and agreement happens
+        here: once it returns, adding the masks cannot fail. `in_place`: x (of the ring's dtype)
+        becomes y."""
         self._advance("masked_input")
         self.bytes_received["masked_input"] = payload_nbytes(request)
         cts = _pair_lists(request, "ids", "ciphertexts")
@@ -584,12 +668,22 @@ class SecAggDevice:
                 continue
             self._held[j] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
         m = self.params.modulus_bits
-        y = to_ring(x, m)  # a fresh array: x is not modified
-        for j in () if self.params.shortcut else sorted(cts):  # shortcut: every mask cancels in the sum
-            seed = agree(self._s.private, self._peer_keys[j][1], info=INFO_MASK, salt=sid)
-            add_mask(y, seed, NONCE_PAIR_MASK, subtract=_sign(self.id, j) < 0)
-        if not self.params.shortcut:
-            add_mask(y, self._b, NONCE_SELF_MASK)
+        if in_place and x.dtype == self.params.dtype and x.flags.c_contiguous and x.flags.writeable:
+            y = x
+            if m not in (32, 64):
+                y &= y.dtype.type((1 << m) - 1)
+        else:
+            y = to_ring(x, m)  # a fresh array: x is not modified
+        masks: list[tuple[bytes, bytes, bool]] = []
+        if not self.params.shortcut:  # shortcut: every mask cancels in the sum
+            for j in sorted(cts):
+                seed = _agree(memo, self.id, self._s, j, self._peer_keys[j][1], INFO_MASK, sid)
+                masks.append((seed, NONCE_PAIR_MASK, _sign(self.id, j) < 0))
+            masks.append((self._b, NONCE_SELF_MASK, False))
+        return y, masks, bad
+
+    def _masked_reply(self, y: np.ndarray, bad: list[int]) -> dict:
+        m = self.params.modulus_bits
         if m not in (32, 64):
             y &= y.dtype.type((1 << m) - 1)
         reply = {"masked": y, "bad": bad}
