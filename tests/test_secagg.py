@@ -9,9 +9,10 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
-from fedsim.secagg import crypto, protocol, shamir
+from fedsim.secagg import crypto, protocol, quantize, shamir
 from fedsim.secagg.ddp import (
     grid_variance,
     per_device_variance,
@@ -695,15 +696,17 @@ def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_abo
 
 def _encode_int_reference(fp: FixedPoint, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None) -> np.ndarray:
     """encode_int written with fresh arrays (the formula of the quantize module's docstring)."""
-    u = np.clip(np.array(x, dtype=np.float64), -fp.clip, fp.clip) / fp.step
+    u = np.clip(np.array(x, dtype=np.float64).ravel() / fp.step, -fp.levels, fp.levels)
     lo = np.floor(u)
+    # Words: AES-128-CTR (zero nonce) under the generator's next two 64-bit outputs as the key,
+    # continued from draw to draw; round up iff (k + 1/2) / 2^32 < frac.
+    key = b"".join(int(w).to_bytes(8, "little") for w in rng.bit_generator.random_raw(2))
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     for _ in range(200):
-        # 32-bit words, two per 64-bit output (low half first); round up iff (k + 1/2) / 2^32 < frac.
-        words = rng.bit_generator.random_raw((u.size + 1) // 2).astype(np.uint64)
-        k = np.stack([words & np.uint64(0xFFFFFFFF), words >> np.uint64(32)], axis=1).ravel()[: u.size]
-        q = np.clip((lo + ((k.astype(np.float64) + 0.5) / 2**32 < u - lo)).astype(np.int64), -fp.levels, fp.levels)
+        k = np.frombuffer(stream.update(bytes(4 * u.size)), dtype="<u4").astype(np.float64)
+        q = (lo + ((k + 0.5) / 2**32 < u - lo)).astype(np.int64)
         if max_norm is None or int(np.dot(q, q)) <= math.floor(max_norm * max_norm):
-            return q
+            return q.reshape(np.shape(x))
     raise AssertionError("no draw")
 
 
@@ -743,24 +746,25 @@ def test_encode_int_reuses_its_buffers_without_changing_a_bit() -> None:
         fp.encode_int(x, np.random.default_rng(0), out=np.zeros(x.size, dtype=np.int32))
 
 
-def test_rounding_draws_give_each_fraction_its_probability_to_2_33() -> None:
+def test_rounding_draws_give_each_fraction_its_probability_to_2_33(monkeypatch: pytest.MonkeyPatch) -> None:
     """P(round up) = frac rounded to a multiple of 2^-32 (module docstring): 32-bit draws k at
-    (k + 1/2) / 2^32. With a generator whose words are known (the draws k = 0, 1, ..., 2^32 - 1
-    seen through 8 evenly spaced ones), each fraction rounds up for exactly the k below it."""
+    (k + 1/2) / 2^32. With known words (the draws k = 0, 1, ..., 2^32 - 1 seen through 8 evenly
+    spaced ones), each fraction rounds up for exactly the k below it; values beyond the range
+    land on its ends. The words themselves: the AES-128-CTR keystream under the stream's key."""
     fp = FixedPoint(clip=7.0, bits=4, modulus_bits=16)  # step 1: x = 3 + f has grid value 3 + f exactly
-
-    class Words:
-        def __init__(self, words: list[int]) -> None:
-            self.words = words
-
-        def random_raw(self, size: int) -> np.ndarray:
-            pairs = self.words + [0] * (2 * size - len(self.words))
-            return np.array([pairs[2 * i] | pairs[2 * i + 1] << 32 for i in range(size)], dtype=np.uint64)
-
-    ks = [j << 29 for j in range(8)]  # draws at (k + 1/2) / 2^32 = j/8 + 2^-33, j = 0..7
+    ks = np.array([j << 29 for j in range(8)], dtype=np.uint32)  # draws at (k + 1/2) / 2^32 = j/8 + 2^-33
+    real = quantize.rounding_stream
+    monkeypatch.setattr(quantize, "rounding_stream", lambda rng: lambda size: ks[:size])
     # fraction -> how many of the 8 draws lie below it (round up)
     for f, ups in ((0.0, 0), (2.0**-34, 0), (2.0**-33, 0), (2.0**-33 + 2.0**-40, 1), (0.125, 1), (0.125 + 2.0**-32, 2),
                    (0.5, 4), (0.999, 8)):  # fmt: skip
-        rng = type("Rng", (), {"bit_generator": Words(ks)})()
-        got = fp.encode_int(np.full(8, 3 + f), rng)  # type: ignore[arg-type]
+        got = fp.encode_int(np.full(8, 3 + f), np.random.default_rng(0))
         assert got.tolist() == [4] * ups + [3] * (8 - ups), f
+    assert fp.encode_int(np.array([7.5, 1e30, -7.0000001, -1e30]), np.random.default_rng(0)).tolist() == [7, 7, -7, -7]
+    monkeypatch.undo()
+    rng = np.random.Generator(np.random.Philox(3))
+    key = b"".join(int(w).to_bytes(8, "little") for w in np.random.Generator(np.random.Philox(3)).bit_generator.random_raw(2))
+    words = real(rng)
+    first, second = words(5).copy(), words(3).copy()  # a redraw continues the keystream
+    stream = np.frombuffer(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(32)), dtype="<u4")
+    assert first.tolist() == stream[:5].tolist() and second.tolist() == stream[5:8].tolist()

@@ -275,7 +275,7 @@ def mask_dtype(modulus_bits: int) -> type[np.unsignedinteger]:
 _ZEROS = memoryview(b"")
 
 
-def _zeros(nbytes: int) -> memoryview:
+def zero_bytes(nbytes: int) -> memoryview:
     """A read-only view of `nbytes` zero bytes (one buffer, grown on demand, shared by all masks)."""
     global _ZEROS
     zeros = _ZEROS  # one read: another thread may replace the global meanwhile
@@ -331,7 +331,7 @@ def add_mask_many(targets: list[tuple[np.ndarray, bool]], seed: bytes, nonce: by
     buf = getattr(_streams, "buf", None)
     if buf is None or len(buf) < nbytes + 16:
         buf = _streams.buf = bytearray(nbytes + 16)
-    Cipher(algorithms.AES(seed[:PRG_KEY_BYTES]), modes.CTR(nonce)).encryptor().update_into(_zeros(nbytes), buf)
+    Cipher(algorithms.AES(seed[:PRG_KEY_BYTES]), modes.CTR(nonce)).encryptor().update_into(zero_bytes(nbytes), buf)
     words = np.frombuffer(buf, dtype=first.dtype.newbyteorder("<"), count=first.size)
     for target, subtract in targets:
         (np.subtract if subtract else np.add)(target, words, out=target)

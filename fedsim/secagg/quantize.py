@@ -12,11 +12,14 @@ round, add integer noise, aggregate mod 2^m):
     decode(q) = q * step                                     (E[decode(encode(x))] = x for |x| <= r)
 
 The Bernoulli draws of `FixedPoint.encode_int` compare (k + 1/2) / 2^32 with the fractional
-part, k a uniform 32-bit word of the rounding stream (each 64-bit output of its bit generator
-gives two: low half first, little-endian): P(round up) is the fractional part rounded to the
-nearest multiple of 2^-32, so the rounding is unbiased to within 2^-33 of a grid step per
-coordinate (until 2026-12-02 it drew a float64 per coordinate: twice the generator's work, the
-largest cost of a device's encoding).
+part, k a uniform 32-bit word: P(round up) is the fractional part rounded to the nearest
+multiple of 2^-32, so the rounding is unbiased to within 2^-33 of a grid step per coordinate.
+The words are the AES-128-CTR keystream (nonce and counter 0, little-endian 32-bit words) under
+a key of 128 bits drawn from the device's rounding stream (its generator's first two 64-bit
+outputs, `rounding_stream`): reproducible where the stream is (fedsim.randomness), from the OS
+CSPRNG where it is, and 4x cheaper than the generator's own output (AES-NI: 0.05 ms for a
+113,610-value vector against 0.2 ms of Philox words and 0.5 ms of Philox float64 draws, which
+the encoding used until 2026-12-02).
 
 The grid is centred on 0 (q is a signed integer vector, reduced mod 2^m by two's complement):
 a device's contribution to the sum is then an integer vector whose norm the Skellam
@@ -37,11 +40,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fedsim.secagg.crypto import mask_dtype
+from fedsim.secagg.crypto import mask_dtype, zero_bytes
 
 __all__ = [
     "FixedPoint",
@@ -140,12 +145,26 @@ class _Workspace:
 
 
 _HALF_WORD = 2.0**-33  # half of one 32-bit draw's step
+_ROUNDING_NONCE = bytes(16)
 
 
-def rounding_words(rng: np.random.Generator, size: int) -> np.ndarray:
-    """`size` uniform 32-bit words from rng's bit generator (each 64-bit output gives two, low
-    half first): encode_int's rounding draws (module docstring)."""
-    return rng.bit_generator.random_raw((size + 1) // 2).view("<u4")[:size]
+def rounding_stream(rng: np.random.Generator) -> Callable[[int], np.ndarray]:
+    """encode_int's rounding words (module docstring): `words(n)` gives the next n uniform
+    32-bit words (uint32) of AES-128-CTR under a key of 128 bits drawn from `rng` (its bit
+    generator's next two 64-bit outputs, little-endian); successive calls continue the
+    keystream (conditional rounding's redraws). Each call's array is valid until the next call
+    on the same thread."""
+    key = rng.bit_generator.random_raw(2).astype("<u8").tobytes()
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(_ROUNDING_NONCE)).encryptor()
+
+    def words(size: int) -> np.ndarray:
+        buf = getattr(_workspaces, "words", None)
+        if buf is None or len(buf) < 4 * size + 16:
+            buf = _workspaces.words = bytearray(4 * size + 16)
+        encryptor.update_into(zero_bytes(4 * size), buf)
+        return np.frombuffer(buf, dtype="<u4", count=size)
+
+    return words
 
 
 _workspaces = threading.local()
@@ -217,11 +236,13 @@ class FixedPoint:
         """
         work = _workspace(np.size(x))
         u, lo, draws, up = work.u, work.lo, work.draws, work.up
-        np.copyto(u, np.ravel(x), casting="same_kind")
-        if not np.isfinite(u).all():
+        flat = np.ravel(x)
+        if not np.isfinite(flat).all():
             raise ValueError("cannot quantize non-finite values (NaN or inf) for secure aggregation")
-        np.clip(u, -self.clip, self.clip, out=u)
-        np.divide(u, self.step, out=u)
+        # Clipping each value to [-r, r] is clipping x / step to [-L, L] (step = r / L), done
+        # after the division so that no rounding of r / step can leave the grid.
+        np.divide(flat, self.step, out=u, dtype=np.float64)  # (a float32 x: float64 arithmetic, not float32)
+        np.clip(u, -self.levels, self.levels, out=u)
         np.floor(u, out=lo)
         # The fractional part f less half a draw step: (k + 1/2) 2^-32 < f iff k 2^-32 < f - 2^-33
         # (both sides exact in float64), so the comparison below needs no offset per draw.
@@ -234,12 +255,12 @@ class FixedPoint:
             raise ValueError(f"out must be a C-contiguous int64 array of {u.size} values, got {out.dtype} {out.shape}")
         else:
             q = out.reshape(-1)
+        words = rounding_stream(rng)
         for _ in range(MAX_ROUNDING_DRAWS):
-            np.multiply(rounding_words(rng, u.size), 2.0**-32, out=draws)
+            np.multiply(words(u.size), 2.0**-32, out=draws)
             np.less(draws, u, out=up)
-            np.add(lo, up, out=draws)
+            np.add(lo, up, out=draws)  # in [-L, L]: u is, and u = L has no fractional part
             np.copyto(q, draws, casting="unsafe")
-            np.clip(q, -self.levels, self.levels, out=q)
             if limit is None or int(np.dot(q, q)) <= limit:
                 return q.reshape(np.shape(x))
         raise ValueError(f"conditional rounding: no draw within the norm bound {max_norm:g} after {MAX_ROUNDING_DRAWS} tries")
