@@ -671,11 +671,12 @@ def _masked_input(
         keep.append(row)
 
     full = np.empty(params.vector_length, dtype=np.int64)  # one device's grid values then statistics (reused)
+    ring_buf = np.empty(params.vector_length, dtype=params.dtype)
     q = full[: params.vector_length - len(names)]
     for row, d in enumerate(report.device_ids):
         p = pos_of[d]
         rounding = streams.numpy(ROUNDING_STREAM, round_num, d)
-        noise_rng = streams.numpy(NOISE_STREAM, round_num, d)
+        noise_rng = streams.numpy(NOISE_STREAM, round_num, d) if mu > 0 or mu_count > 0 else None
         try:
             if by_example:
                 q[:] = report.updates[row]
@@ -685,25 +686,32 @@ def _masked_input(
             errors[str(p)] = f"masked_input: {err}"
             continue
         if mu > 0:  # the device's noise share, on the grid, before masking (Agarwal et al. 2021)
-            q += skellam(mu, q.shape, noise_rng)
+            q += skellam(mu, q.shape, noise_rng)  # type: ignore[arg-type]
         stats = encode_stats(
             names, report.losses[row], report.num_examples[row],
             report.clip_fractions[row] if report.clip_fractions else None,
             report.within_bound[row] if report.within_bound else None, rounding,
         )  # fmt: skip
         if mu_count > 0 and "within_bound" in names:
-            stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]
+            stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]  # type: ignore[arg-type]
         full[len(q) :] = stats
-        x = to_ring(full, params.modulus_bits)  # a fresh array: `full` is reused
+        if group_sum is None:
+            x = to_ring(full, params.modulus_bits)  # a fresh array (kept until masked): `full` is reused
+        else:  # shortcut: the vector is added to the worker's sum at once, so one buffer serves every device
+            np.copyto(ring_buf, full, casting="unsafe")  # the low bits: mod 2^32 / 2^64
+            x = ring_buf
         try:
             dev = device(d, p)
             request = request_of(requests, p)
             if group_sum is None:  # faithful: masked below, all at once (each shared pair mask expanded once)
                 waiting.append((row, p, dev, request, x))
                 continue
-            reply = dev.masked_input(request, x)
+            (reply,) = masked_inputs([dev], [request], [x])  # x becomes the device's masked vector
         except _DEVICE_FAULTS as err:
             errors[str(p)] = f"masked_input: {err}"
+            continue
+        if isinstance(reply, Exception):
+            errors[str(p)] = f"masked_input: {reply}"
             continue
         done(row, p, dev, reply)
     replies = masked_inputs([w[2] for w in waiting], [w[3] for w in waiting], [w[4] for w in waiting], memo=memo)
