@@ -518,6 +518,15 @@ def test_batched_reconstruction_gives_each_secret_or_the_error_of_one_by_one():
     # (A changed share value goes unnoticed when the rebuilt chunks still fit: Shamir has no integrity.)
     assert [type(g).__name__ for g in (got[1], got[3], got[4])] == ["NotEnoughShares", "ShamirError", "ShamirError"]
     assert got[0] == secrets[0] and got[5:] == secrets[5:]
+    # Ids outside [0, PRIME - 2] (x = id + 1 would be 0 or outside the field): refused, both ways.
+    sh = shamir.share(secrets[0], 2, [0, 1, 2])
+    for bad_id in (-1, shamir.PRIME - 1, 2.5, False):
+        bad = {bad_id: sh[0], 1: sh[1]}
+        with pytest.raises(shamir.ShamirError, match="share ids must be integers"):
+            shamir.reconstruct(bad, 2)
+        assert "share ids must be integers" in str(shamir.reconstruct_many([bad], 2)[0])
+    numpy_ids = {np.int64(0): sh[0], np.int64(2): sh[2]}  # numpy integers are ids too (exact Lagrange products)
+    assert shamir.reconstruct(numpy_ids, 2) == shamir.reconstruct_many([numpy_ids], 2)[0] == secrets[0]
     # The well-formedness of a reply's shares, checked as one array.
     good = list(shamir.share(os.urandom(32), 2, [0, 1, 2]).values())
     assert shamir.all_well_formed(good, 32) and shamir.all_well_formed([], 32)

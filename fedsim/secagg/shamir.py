@@ -193,6 +193,18 @@ def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n * inv % PRIME for n, inv in zip(nums, inverses, strict=True))
 
 
+def _check_ids(shares: Mapping[int, bytes]) -> None:
+    """Share ids are the parties' ids: integers in [0, PRIME - 2] (x = id + 1 must be a nonzero
+    field element; a negative id or PRIME - 1 would interpolate at a wrong point or divide by 0)."""
+    for i in shares:
+        if not _is_id(i):
+            raise ShamirError(f"share ids must be integers in [0, {PRIME - 2}], got {i!r}")
+
+
+def _is_id(i: object) -> bool:
+    return isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < PRIME - 1
+
+
 def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:
     """Rebuild the secret from at least `t` shares {id: share} (Lagrange interpolation at 0).
 
@@ -203,7 +215,8 @@ def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:
         raise ShamirError(f"threshold t={t} must be >= 1")
     if len(shares) < t:
         raise NotEnoughShares(f"{len(shares)} shares given, {t} needed to reconstruct")
-    ids = sorted(shares)[:t]
+    _check_ids(shares)
+    ids = sorted(int(i) for i in shares)[:t]  # Python ints: the Lagrange products are exact
     blobs = [bytes(shares[i]) for i in ids]
     secret_len, _ = _decode(blobs[0])
     width = share_size(secret_len)
@@ -271,8 +284,8 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], t: int) -> list[byte
     out: list[bytes | ShamirError | None] = [None] * len(shares)
     batches: dict[int, list[tuple[int, list[int], bytes]]] = {}
     for pos, held in enumerate(shares):
-        if len(held) >= t:
-            ids = sorted(held)[:t]
+        if len(held) >= t and all(map(_is_id, held)):
+            ids = sorted(int(i) for i in held)[:t]
             blob = b"".join(bytes(held[i]) for i in ids)
             secret_len = int.from_bytes(blob[:_LEN], "big")
             if secret_len and len(blob) == t * share_size(secret_len):  # else the one-secret path says why
