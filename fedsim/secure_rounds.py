@@ -83,7 +83,7 @@ from fedsim.secagg import (
     skellam_tail_bound,
 )
 from fedsim.secagg.crypto import PRG_NAME
-from fedsim.secagg.protocol import DEVICE_FAULTS, PairMemo, masked_inputs
+from fedsim.secagg.protocol import DEVICE_FAULTS, PairMemo, masked_inputs, ring_order
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, grid
 from fedsim.reports import DeviceReport
@@ -394,6 +394,7 @@ def secure_round(
     fp = fixed_point(cfg, n, bound, n + count_bound, dim=dim)
     # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
+    plan = along_the_ring(plan, cohort, params)
     server_registry: dict[int, bytes] = {}
     server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
@@ -551,6 +552,26 @@ def secure_round(
     if distributed:
         metrics |= {"secagg_noise_min_inputs": min_inputs, "secagg_noise_honest_inputs": honest}
     return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums)
+
+
+def along_the_ring(plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams) -> list[tuple[int, list[int]]]:
+    """The faithful protocol's placement: each worker takes a contiguous arc of the neighbour
+    graph's ring (as many devices as the plan gave it), so nearly all of a device's neighbours
+    are on its own worker, where their key agreements and pair masks are computed once for both
+    (`PairMemo`, `masked_inputs`: the same bits). At cohort 1,000 on 2 workers about 98% of the
+    pairs are then on one worker instead of about half. Which worker simulates a device changes
+    nothing a device computes (its training and rounding streams are its own), so the sum and the
+    model are the same bits; the placement is the server's and the ring order public. The plan is
+    kept as it is where its devices train in groups (vectorized training: a device's update
+    depends on its group), under the shortcut (no masks to share) and with one worker."""
+    if params.shortcut or len(plan) < 2 or any(wire.groups_of(part) is not None for part in plan):
+        return plan
+    ring = [cohort[int(p)] for p in ring_order(len(cohort), params.graph_seed or params.session_id)]
+    out, start = [], 0
+    for node, ids in plan:
+        out.append(wire.Assignment(node, sorted(ring[start : start + len(ids)])))
+        start += len(ids)
+    return out
 
 
 def cohort_metrics(sums: dict[str, float], count: int) -> dict:

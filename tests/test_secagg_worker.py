@@ -3,6 +3,7 @@ request or failure drops that device only, never its worker's other devices."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 
 from fedsim import secure_rounds, wire
 from fedsim.config import from_dict
-from fedsim.secagg import SecAggAborted, SecAggServer
+from fedsim.secagg import SecAggAborted, SecAggParams, SecAggServer, protocol
 from fedsim.secagg.crypto import PRG_NAME
 from fedsim.worker import Worker
 
@@ -173,3 +174,29 @@ def test_active_devices_refuse_a_session_that_strips_their_noise_or_loosens_the_
                      ({"bits": 8}, "grid")]:  # fmt: skip
         with pytest.raises(ValueError, match=why):
             params(**lie)
+
+
+def test_faithful_rounds_place_each_worker_on_an_arc_of_the_ring() -> None:
+    # Each worker simulates a contiguous arc of the neighbour graph's ring (its plan's count), so
+    # most neighbour pairs share a worker (their agreements and pair masks are computed once).
+    cohort = list(range(100, 300, 2))  # 100 device ids, positions 0..99
+    plan = [wire.Assignment(7, cohort[:60]), wire.Assignment(9, cohort[60:])]
+    params = SecAggParams(num_devices=100, threshold=14, neighbours=26, modulus_bits=32, vector_length=4,
+                          session_id=b"s" * 16, graph_seed=b"g" * 32)  # fmt: skip
+    placed = secure_rounds.along_the_ring(plan, cohort, params)
+    assert [node for node, _ in placed] == [7, 9] and [len(ids) for _, ids in placed] == [60, 40]
+    assert sorted(d for _, ids in placed for d in ids) == cohort
+    ring = [int(p) for p in protocol.ring_order(100, b"g" * 32)]
+    where = {cohort[p]: i for i, p in enumerate(ring)}  # device -> ring index
+    assert sorted(where[d] for d in placed[0][1]) == list(range(60))  # the first arc of the ring
+    graph, worker_of = params.graph, {d: node for node, ids in placed for d in ids}
+    pairs = [(i, j) for i in range(100) for j in graph[i] if i < j]
+    same = sum(worker_of[cohort[i]] == worker_of[cohort[j]] for i, j in pairs) / len(pairs)
+    before = sum((i < 60) == (j < 60) for i, j in pairs) / len(pairs)  # the id-ordered plan
+    assert same > 0.85 and before < 0.6, (same, before)
+    # Kept as it is: vectorized groups (a device's update depends on its group), the shortcut, one worker.
+    grouped = [wire.Assignment(7, cohort[:60], [30, 30]), wire.Assignment(9, cohort[60:], [40])]
+    assert secure_rounds.along_the_ring(grouped, cohort, params) is grouped
+    shortcut = dataclasses.replace(params, shortcut=True)
+    assert secure_rounds.along_the_ring(plan, cohort, shortcut) is plan
+    assert secure_rounds.along_the_ring(plan[:1], cohort[:60], params) == plan[:1]

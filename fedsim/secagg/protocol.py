@@ -122,6 +122,7 @@ __all__ = [
     "masked_inputs",
     "neighbour_graph",
     "payload_nbytes",
+    "ring_order",
     "simulate_round",
     "stages",
     "survivors_message",
@@ -238,6 +239,12 @@ class SecAggParams:
         return max(self.threshold, self.min_survivors)
 
 
+def ring_order(n: int, seed: bytes) -> np.ndarray:
+    """The devices 0..n-1 in the order `neighbour_graph` places them on its ring."""
+    digest = int.from_bytes(hashlib.sha256(b"fedsim/secagg/graph" + seed).digest(), "big")
+    return np.random.default_rng(digest).permutation(n)  # all 256 bits seed the permutation
+
+
 @functools.lru_cache(maxsize=64)
 def neighbour_graph(n: int, k: int, seed: bytes) -> tuple[tuple[int, ...], ...]:
     """Harary graph H_{k,n} over a permutation seeded by public bytes (Bell et al. 2020, sec. 4).
@@ -249,8 +256,7 @@ def neighbour_graph(n: int, k: int, seed: bytes) -> tuple[tuple[int, ...], ...]:
     """
     if k >= n - 1:
         return tuple(tuple(j for j in range(n) if j != i) for i in range(n))
-    digest = int.from_bytes(hashlib.sha256(b"fedsim/secagg/graph" + seed).digest(), "big")
-    order = np.random.default_rng(digest).permutation(n)  # all 256 bits seed the permutation
+    order = ring_order(n, seed)
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     graph = []
