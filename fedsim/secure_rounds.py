@@ -463,7 +463,8 @@ def secure_round(
     def device_payloads(replies: list[RecordDict]) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for content in replies:
-            out |= wire.read_payloads(content.config_records.get("dev"))  # type: ignore[arg-type]
+            for position, fields in wire.read_payloads(content.config_records.get("dev")).items():  # type: ignore[arg-type]
+                out[position] = fields if fields is not None else {}  # {}: the protocol rejects it as malformed
         return out
 
     survivors: dict[str, int] = {}
@@ -486,7 +487,14 @@ def secure_round(
         req3 = server.collect_shares(shares)
         global_record = {"global": ArrayRecord({"params": wire.pack(params_vec.numpy())})}
         replies = exchange("masked_input", req3, global_record)
-        bad = device_payloads(replies)
+        bad: dict[int, dict | None] = {}  # position -> {"bad": [senders]}; None: did not unpack
+        for content in replies:
+            bad |= wire.read_payloads(content.config_records.get("dev"))  # type: ignore[arg-type]
+
+        def bad_of(p: int) -> object:  # what the device reported; None (malformed) makes the server reject it
+            fields = bad.get(p, {})
+            return None if fields is None else fields.get("bad", [])
+
         masked: dict[int, dict] = {}
         groups: dict[int, np.ndarray | None] = {}  # simulation shortcut: a worker's sum of its devices' inputs
         reports: list[DeviceReport] = []
@@ -513,18 +521,19 @@ def secure_round(
                     continue
                 groups[len(groups)] = vector  # None (malformed): SecAggServer.collect_masked rejects its members
                 for p in members:
-                    masked[p] = {"masked": None, "group": len(groups) - 1, "bad": list(bad.get(p, {}).get("bad", []))}
+                    masked[p] = {"masked": None, "group": len(groups) - 1, "bad": bad_of(p)}
                 reports.append(report)
                 continue
             for key, arr in (arrays or {}).items():
-                if not key.isdigit() or int(key) not in listed or int(key) in masked:
+                pos = wire.position_key(key)
+                if pos is None or pos not in listed or pos in masked:
                     log.warning("round %d: skipping a masked vector under key %r: not a device of its reply", round_num, key)
                     continue
                 try:
                     vector = wire.unpack(arr)
                 except wire.BadReply:
                     vector = None  # malformed: SecAggServer.collect_masked rejects this device
-                masked[int(key)] = {"masked": vector, "bad": list(bad.get(int(key), {}).get("bad", []))}
+                masked[pos] = {"masked": vector, "bad": bad_of(pos)}
             reports.append(report)
         survivors["masked_input"] = len(masked)
         req4 = server.collect_masked(masked, groups=groups)
@@ -622,9 +631,6 @@ def _dropped(cfg: FedsimConfig, stage: str, round_num: int, device_id: int) -> b
         return False
     rng = np.random.default_rng([cfg.seed, _DROP_STREAM, STAGES.index(stage), round_num, device_id])
     return bool(rng.random() < rate)
-
-
-_DEVICE_FAULTS = DEVICE_FAULTS  # what one device's stage may raise on bad input: it drops alone
 
 
 def request_of(requests: Mapping[str, ConfigRecord], position: int) -> dict:
@@ -728,7 +734,7 @@ def _masked_input(
                 waiting.append((row, p, dev, request, x))
                 continue
             (reply,) = masked_inputs([dev], [request], [x])  # x becomes the device's masked vector
-        except _DEVICE_FAULTS as err:
+        except DEVICE_FAULTS as err:  # bad input for this device (a peer's key, a request): it drops alone
             errors[str(p)] = f"masked_input: {err}"
             continue
         if isinstance(reply, Exception):
@@ -913,7 +919,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
                     payload = dev.share_keys(request, memo=memo)
                 else:
                     payload = getattr(dev, stage)(request)
-            except _DEVICE_FAULTS as err:
+            except DEVICE_FAULTS as err:  # bad input for this device (a peer's key, a request): it drops alone
                 errors[str(p)] = f"{stage}: {err}"
                 continue
             payloads[p] = payload

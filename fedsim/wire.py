@@ -50,6 +50,7 @@ __all__ = [
     "Job",
     "pack_payload",
     "payload_record",
+    "position_key",
     "read_payloads",
     "unpack_payload",
     "read_job",
@@ -394,15 +395,25 @@ def payload_record(payloads: Mapping[int, Mapping[str, object]]) -> ConfigRecord
     return ConfigRecord({str(p): pack_payload(fields) for p, fields in payloads.items()})
 
 
-def read_payloads(record: Mapping[str, object] | None) -> dict[int, dict[str, object]]:
-    """`payload_record` back: {position: fields}. A key that is not a position is skipped; a
-    payload that does not unpack gives {} (the protocol then rejects that device as malformed)."""
-    out: dict[int, dict[str, object]] = {}
+def position_key(key: str) -> int | None:
+    """The cohort position a record key names ("0", "17", ...), or None for any other key
+    (including "01", "²" or "١", which Python's isdigit/int would also read as numbers)."""
+    if key.isascii() and key.isdigit() and key == str(int(key)):
+        return int(key)
+    return None
+
+
+def read_payloads(record: Mapping[str, object] | None) -> dict[int, dict[str, object] | None]:
+    """`payload_record` back: {position: fields}. A key that is not a position (`position_key`)
+    is skipped; a payload that does not unpack gives None, which the caller must treat as that
+    device's malformed reply."""
+    out: dict[int, dict[str, object] | None] = {}
     for key, blob in (record or {}).items():
-        if not key.isdigit():
+        position = position_key(key)
+        if position is None:
             continue
         try:
-            out[int(key)] = unpack_payload(blob)  # type: ignore[arg-type]
+            out[position] = unpack_payload(blob)  # type: ignore[arg-type]
         except BadReply:
-            out[int(key)] = {}
+            out[position] = None
     return out

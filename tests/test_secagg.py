@@ -125,7 +125,12 @@ def test_a_host_that_shares_pair_work_sends_the_same_bits_as_each_device_alone()
     assert memo.hits == N * K // 2  # every edge agreed once, the other end served from the memo
     assert all(twins[i]._enc_keys == alone[i]._enc_keys for i in range(N))
     req3 = server.collect_shares(shares)
-    shared = {i: SecAggDevice.restore(params, d.export_state()) for i, d in alone.items()}  # same b, same keys
+    shared_states = {i: d.export_state() for i, d in alone.items()}
+    shared = {i: SecAggDevice.restore(params, blob) for i, blob in shared_states.items()}  # same b, same keys
+
+    def alone_on(i: int, x: np.ndarray) -> np.ndarray:  # device i's masked vector for input x, computed alone
+        return SecAggDevice.restore(params, shared_states[i]).masked_input(forged[i], x.copy())["masked"]
+
     # The forger: the s key it forwarded to device v for u (its first neighbour) was the low-order
     # point 0 (written into v's state here: share_keys does not use s keys), so v's mask agreement
     # with u fails, and v fails before any other agreement.
@@ -153,10 +158,31 @@ def test_a_host_that_shares_pair_work_sends_the_same_bits_as_each_device_alone()
         assert reply["bad"] == want["bad"] and reply["masked"].dtype == want["masked"].dtype
         np.testing.assert_array_equal(reply["masked"], want["masked"])
     assert isinstance(replies_alone[v], ValueError)
+    # One array passed for two devices: the second gets a copy, each vector is its own.
+    a, b = order[0], order[1]
+    twice = {i: SecAggDevice.restore(params, shared_states[i]) for i in (a, b)}
+    x = inputs[a].copy()
+    first, second = protocol.masked_inputs([twice[a], twice[b]], [forged[a], forged[b]], [x, x])
+    np.testing.assert_array_equal(first["masked"], replies_alone[a]["masked"])
+    np.testing.assert_array_equal(second["masked"], alone_on(b, inputs[a]))
     survivors = {i: r for i, r in replies_alone.items() if not isinstance(r, Exception)}
     req4 = server.collect_masked(survivors)
     total = server.collect_unmask({i: alone[i].unmask(r) for i, r in req4.items()})
     np.testing.assert_array_equal(total, _plain_sum(_inputs(params), set(range(N)) - {v}, M))
+
+
+def test_a_masked_reply_whose_bad_list_is_not_a_list_of_ids_drops_that_device_only():
+    # A worker's packed reply may carry any value under "bad" (or none that unpacks: None).
+    params = _params()
+    inputs = _inputs(params)
+    devices, server, req3 = _run_to_stage3(params)
+    a, b = _far_pair(params)
+    replies = {i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items()}
+    replies[a]["bad"], replies[b]["bad"] = 5, None
+    req4 = server.collect_masked(replies)
+    assert {a, b} <= set(server.rejected) and "malformed reply" in server.rejected[a] and "malformed reply" in server.rejected[b]
+    total = server.collect_unmask({i: devices[i].unmask(r) for i, r in req4.items()})
+    np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {a, b}, M))
 
 
 def test_a_malformed_or_low_order_key_drops_that_device_only():
@@ -518,6 +544,17 @@ def test_batched_reconstruction_gives_each_secret_or_the_error_of_one_by_one():
     # (A changed share value goes unnoticed when the rebuilt chunks still fit: Shamir has no integrity.)
     assert [type(g).__name__ for g in (got[1], got[3], got[4])] == ["NotEnoughShares", "ShamirError", "ShamirError"]
     assert got[0] == secrets[0] and got[5:] == secrets[5:]
+    # Two shares of the right total size but wrong sizes each (42 + 50 bytes): malformed, both ways.
+    sh4 = shamir.share(secrets[0], 2, [0, 1, 2])
+    split = {0: sh4[0][:42], 1: sh4[0][42:] + sh4[1]}
+    assert type(shamir.reconstruct_many([split], 2)[0]) is shamir.ShamirError
+    with pytest.raises(shamir.ShamirError):
+        shamir.reconstruct(split, 2)
+    # A large t (a complete graph): the weights of each distinct holder set are computed once, in blocks.
+    big_t, big_ids = 300, list(range(320))
+    big = [os.urandom(32) for _ in range(40)]
+    held_big = [{i: s[i] for i in big_ids if i != k} for k, s in enumerate(shamir.share_many(big, big_t, big_ids))]
+    assert shamir.reconstruct_many(held_big, big_t) == big
     # Ids outside [0, PRIME - 2] (x = id + 1 would be 0 or outside the field): refused, both ways.
     sh = shamir.share(secrets[0], 2, [0, 1, 2])
     for bad_id in (-1, shamir.PRIME - 1, 2.5, False):

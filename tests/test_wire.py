@@ -113,5 +113,9 @@ def test_secagg_device_payloads_round_trip_and_anything_else_is_a_bad_reply() ->
         wire.pack_payload({"mixed": [1, b"x"]})
     record = wire.payload_record({0: {"a": 1}, 5: {"b": [b"x"]}})
     assert wire.read_payloads(record) == {0: {"a": 1}, 5: {"b": [b"x"]}}
-    assert wire.read_payloads({**dict(record), "5": b"\x09", "job": b"x"}) == {0: {"a": 1}, 5: {}}
+    assert wire.read_payloads({**dict(record), "5": b"\x09", "job": b"x"}) == {0: {"a": 1}, 5: None}
     assert wire.read_payloads(None) == {}
+    # Only plain decimal keys are positions: "01", "²" or "١" are not (isdigit/int would read them).
+    odd = {"01": record["0"], "\u00b2": record["0"], "\u0661": record["0"], "-1": record["0"], "7": record["0"]}
+    assert wire.read_payloads(odd) == {7: {"a": 1}}
+    assert [wire.position_key(k) for k in ("0", "12", "01", "\u00b2", "1.0", "")] == [0, 12, None, None, None, None]

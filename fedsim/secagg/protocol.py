@@ -365,6 +365,13 @@ def _sign(i: int, j: int) -> int:
     return 1 if i < j else -1
 
 
+def _id_list(value: object) -> list[int]:
+    """A reply's list of device ids (TypeError for anything else: a number, a string, None)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(j, (int, np.integer)) and not isinstance(j, bool) for j in value):
+        raise TypeError(f"expected a list of device ids, got {value!r}"[:200])
+    return [int(j) for j in value]
+
+
 def _pair_lists(msg: Mapping, ids_key: str, values_key: str) -> dict[int, object]:
     ids, values = list(msg[ids_key]), list(msg[values_key])
     if len(ids) != len(values) or len(set(ids)) != len(ids):
@@ -422,13 +429,17 @@ def masked_inputs(
     host's devices share is expanded once and added to both vectors (add_mask_many), and the
     agreements go through `memo`: the same bits as one call per device (sums mod 2^32 / 2^64 do
     not depend on the order of the terms). The xs become the masked vectors (no copy when they
-    are already of the ring's dtype)."""
+    are already of the ring's dtype); an array passed for two devices is copied for the second
+    (each device's vector must be its own: pass distinct arrays, not views of one buffer)."""
     out: list[dict | Exception | None] = [None] * len(devices)
     opened = []
     by_seed: dict[tuple[bytes, bytes], list[tuple[np.ndarray, bool]]] = {}
+    seen: set[int] = set()
     for pos, (device, request, x) in enumerate(zip(devices, requests, xs, strict=True)):
+        own = id(x) not in seen
+        seen.add(id(x))
         try:
-            y, masks, bad = device._open_for_masking(request, x, memo, in_place=True)
+            y, masks, bad = device._open_for_masking(request, x, memo, in_place=own)
         except DEVICE_FAULTS as err:
             out[pos] = err
             continue
@@ -978,7 +989,7 @@ class SecAggServer:
                     self._reject(i, "masked_input", "its worker's sum of inputs is malformed")
                     continue
                 try:
-                    bad = [int(j) for j in reply.get("bad", ())]
+                    bad = _id_list(reply.get("bad", ()))
                 except (TypeError, ValueError) as exc:
                     self._abort(f"round aborted: device {i}'s reply inside a worker's sum is malformed: {exc!r}")
                     raise  # unreachable: _abort raises
@@ -990,7 +1001,7 @@ class SecAggServer:
                 continue
             try:
                 y = np.asarray(reply["masked"])
-                bad = [int(j) for j in reply.get("bad", ())]
+                bad = _id_list(reply.get("bad", ()))
             except (KeyError, TypeError, ValueError) as exc:
                 self._reject(i, "masked_input", f"malformed reply: {exc!r}")
                 continue

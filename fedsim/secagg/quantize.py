@@ -241,7 +241,8 @@ class FixedPoint:
             raise ValueError("cannot quantize non-finite values (NaN or inf) for secure aggregation")
         # Clipping each value to [-r, r] is clipping x / step to [-L, L] (step = r / L), done
         # after the division so that no rounding of r / step can leave the grid.
-        np.divide(flat, self.step, out=u, dtype=np.float64)  # (a float32 x: float64 arithmetic, not float32)
+        with np.errstate(over="ignore"):  # a huge finite value overflows to inf here, then is clipped
+            np.divide(flat, self.step, out=u, dtype=np.float64)  # (a float32 x: float64 arithmetic, not float32)
         np.clip(u, -self.levels, self.levels, out=u)
         np.floor(u, out=lo)
         # The fractional part f less half a draw step: (k + 1/2) 2^-32 < f iff k 2^-32 < f - 2^-33

@@ -288,7 +288,8 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], t: int) -> list[byte
             ids = sorted(int(i) for i in held)[:t]
             blob = b"".join(bytes(held[i]) for i in ids)
             secret_len = int.from_bytes(blob[:_LEN], "big")
-            if secret_len and len(blob) == t * share_size(secret_len):  # else the one-secret path says why
+            width = share_size(secret_len) if secret_len else 0
+            if secret_len and all(len(held[i]) == width for i in ids):  # else the one-secret path says why
                 batches.setdefault(secret_len, []).append((pos, ids, blob))
                 continue
         try:
@@ -301,7 +302,12 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], t: int) -> list[byte
         values = rows["v"].astype(np.int64)  # [secrets, t, chunks]
         valid = (rows["n"] == secret_len).all(axis=1) & (values < PRIME).all(axis=(1, 2))
         xs = np.array([ids for _, ids, _ in batch], dtype=np.int64) + 1
-        weights = _lagrange_rows(xs)
+        # Secrets with the same t holders share their weights (with a complete graph nearly all
+        # do): compute each distinct row once, in blocks of at most ~4M [rows, t, t] values.
+        rows_x, inverse = np.unique(xs, axis=0, return_inverse=True)
+        step = max(1, (1 << 22) // (t * t))
+        unique_weights = np.concatenate([_lagrange_rows(rows_x[k : k + step]) for k in range(0, len(rows_x), step)])
+        weights = unique_weights[inverse.reshape(-1)]
         sums = ((weights[:, :, None] * values) % PRIME).sum(axis=1) % PRIME  # [secrets, chunks]
         last = secret_len - (chunks - 1) * _CHUNK  # bytes in the last chunk
         fits = valid & (sums[:, :-1] < 1 << (8 * _CHUNK)).all(axis=1) & (sums[:, -1] < 1 << (8 * last))
