@@ -260,7 +260,7 @@ class FixedPoint:
         for _ in range(MAX_ROUNDING_DRAWS):
             np.multiply(words(u.size), 2.0**-32, out=draws)
             np.less(draws, u, out=up)
-            np.add(lo, up, out=draws)  # in [-L, L]: u is, and u = L has no fractional part
+            np.add(lo, up, out=draws)  # in [-L, L]: the clipped values are, and +-L have no fraction to round up
             np.copyto(q, draws, casting="unsafe")
             if limit is None or int(np.dot(q, q)) <= limit:
                 return q.reshape(np.shape(x))
