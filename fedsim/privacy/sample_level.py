@@ -282,7 +282,9 @@ class SampleLevelDP(Mechanism):
                 "enforce it and check the round's grid, rounding bound and noise share against the run config (active); "
                 "each device adds 1/h of the variance the accountant counts, h = max(t, n - D) - C. The run config, "
                 "including the noise multiplier calibrated before the run, is public and fixed before the run. A "
-                "device's update is not private on its own",
+                "device's update is not private on its own. The server also receives each worker's training time and "
+                "peak memory and any failure's reason, outside the epsilon (with one device per worker, e.g. the "
+                "deployment engine, its timing follows its data size)",
                 "randomness": f"{mode} ({reason})"
                 + ("; " + SIMULATION_ONLY if mode == "reproducible" else ""),
             }
