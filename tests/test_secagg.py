@@ -185,6 +185,29 @@ def test_a_masked_reply_whose_bad_list_is_not_a_list_of_ids_drops_that_device_on
     np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {a, b}, M))
 
 
+def test_unmasking_aborts_at_the_first_dropped_device_in_order_whatever_the_cause():
+    """Two devices drop after sharing keys; at unmask the holders' s-shares rebuild a wrong key for
+    the first (a key that does not match its public key) and too few shares are left for the
+    second. The batched reconstruction must abort where one-by-one did: at the first device."""
+    params = _params()
+    inputs = _inputs(params)
+    a, b = sorted(_far_pair(params))
+    devices, server, req3 = _run_to_stage3(params)
+    req4 = server.collect_masked({i: devices[i].masked_input(r, inputs[i]) for i, r in req3.items() if i not in (a, b)})
+    replies = {i: dict(devices[i].unmask(r)) for i, r in req4.items()}
+    holders = sorted(i for i, r in replies.items() if a in r["s_ids"])
+    forged = shamir.share(os.urandom(32), T, holders)  # consistent shares of another key
+    for i in holders:
+        r = replies[i]
+        r["s_shares"] = [forged[i] if j == a else sh for j, sh in zip(r["s_ids"], r["s_shares"], strict=True)]
+    for i in sorted(i for i, r in replies.items() if b in r["s_ids"])[T - 1 :]:  # t - 1 shares of b's key left
+        r = replies[i]
+        kept = [(j, sh) for j, sh in zip(r["s_ids"], r["s_shares"], strict=True) if j != b]
+        r["s_ids"], r["s_shares"] = [j for j, _ in kept], [sh for _, sh in kept]
+    with pytest.raises(SecAggAborted, match=f"reconstructed mask key of device {a} does not match its public key"):
+        server.collect_unmask(replies)
+
+
 def test_a_malformed_or_low_order_key_drops_that_device_only():
     params = _params()
     inputs = _inputs(params)

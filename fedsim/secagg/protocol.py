@@ -73,7 +73,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1123,12 +1123,12 @@ class SecAggServer:
         total = self._total
         # Remove self masks of the survivors (Bonawitz 2017 Fig. 4, Unmasking step 2).
         survivors = sorted(self.masked)
-        for i, b_i in zip(survivors, self._reconstruct([b_shares.get(i, {}) for i in survivors], "self-mask seed of", survivors)):
+        for _, b_i in self._rebuilt([b_shares.get(i, {}) for i in survivors], "self-mask seed of", survivors):
             if not p.shortcut:  # (shortcut: rebuilt all the same, so a round aborts where the faithful one does)
                 add_mask(total, b_i, NONCE_SELF_MASK, subtract=True)
         # Remove pairwise masks survivors shared with devices that dropped after sharing keys.
         dropped = [j for j in sorted(self.dropped_after_sharing) if any(l in self.masked for l in self.graph[j])]
-        for j, raw in zip(dropped, self._reconstruct([s_shares.get(j, {}) for j in dropped], "mask key of dropped", dropped)):
+        for j, raw in self._rebuilt([s_shares.get(j, {}) for j in dropped], "mask key of dropped", dropped):
             partners = [l for l in self.graph[j] if l in self.masked]
             key = private_from_bytes(raw)
             if key.public != self.public_keys[j][1]:
@@ -1142,14 +1142,15 @@ class SecAggServer:
             result &= np.uint64((1 << m) - 1)
         return result
 
-    def _reconstruct(self, shares: list[dict[int, bytes]], what: str, devices: list[int]) -> list[bytes]:
-        """Each device's secret from its holders' shares (one batched Shamir reconstruction); the
-        round aborts at the first device, in `devices` order, whose secret cannot be rebuilt."""
+    def _rebuilt(self, shares: list[dict[int, bytes]], what: str, devices: list[int]) -> Iterator[tuple[int, bytes]]:
+        """(device, secret) in `devices` order, the secrets from one batched Shamir reconstruction;
+        the round aborts when the iteration reaches a device whose secret cannot be rebuilt, after
+        the caller's checks of the devices before it (as with one reconstruction per device)."""
         rebuilt = shamir.reconstruct_many(shares, self.params.threshold)
         for device, secret in zip(devices, rebuilt, strict=True):
             if isinstance(secret, shamir.ShamirError):
                 self._abort(f"round aborted: cannot rebuild the {what} device {device}: {secret}")
-        return rebuilt  # type: ignore[return-value]
+            yield device, secret  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------
