@@ -686,9 +686,7 @@ class SecAggDevice:
             self._held[j] = (plain[:_SHARE_BYTES], plain[_SHARE_BYTES:])
         m = self.params.modulus_bits
         if in_place and x.dtype == self.params.dtype and x.flags.c_contiguous and x.flags.writeable:
-            y = x
-            if m not in (32, 64):
-                y &= y.dtype.type((1 << m) - 1)
+            y = x  # reduced mod 2^m with its masks, in _masked_reply
         else:
             y = to_ring(x, m)  # a fresh array: x is not modified
         masks: list[tuple[bytes, bytes, bool]] = []
