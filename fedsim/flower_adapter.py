@@ -15,6 +15,10 @@ imports anything under `flwr.` outside those public modules or spells a name of 
   `BasicActorPool`) reuses an actor whose process died; fedsim's chaos faults kill workers.
 - `in_process_grid`: whether a grid is the simulation engine's InMemoryGrid (it has a
   `pull_interval`, flwr/superlink/grid/inmemory_grid.py), to pick how often to pull replies.
+- `light_simulation_package`: a Ray worker process imports Flower's actor class from
+  flwr/simulation/ray_transport/ray_actor.py, and so first the package flwr/simulation/__init__.py,
+  which imports the whole simulation launcher (SuperLink state on SQLAlchemy and Alembic, the CLI
+  on FastAPI) that a worker never runs: 1.9 s of CPU and 47 MB in every worker, measured.
 - `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
   process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
   in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
@@ -23,6 +27,8 @@ imports anything under `flwr.` outside those public modules or spells a name of 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -76,6 +82,39 @@ def fast_dispatch(num_nodes: int) -> Iterator[None]:
         yield
     finally:
         vce_api.add_messages_to_queue = original
+
+
+def light_simulation_package() -> bool:
+    """Make `flwr.simulation` a package whose `__init__` runs only when one of its names is read.
+
+    For a Ray worker process, before Flower's actor class arrives (fedsim.ray_worker, Ray's
+    preload): importing `flwr.simulation.ray_transport.ray_actor` then imports that module and
+    what it imports, not the launcher that flwr/simulation/__init__.py imports (measured on the
+    2-core machine: 1.4 s and 101 MB instead of 3.3 s and 148 MB). The first read of a name
+    the package defines (`from flwr.simulation import run_simulation`) runs the real
+    `__init__` in the same module object, so nothing the package offers is missing, only
+    later. Returns False (and changes nothing) where `flwr.simulation` is already imported.
+    """
+    if "flwr.simulation" in sys.modules:
+        return False
+    import flwr
+
+    spec = importlib.util.find_spec("flwr.simulation")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return False
+    module = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)  # probes of dunders (copy, pickle, inspect) stay cheap
+        del module.__getattr__  # once: the real __init__ defines the package's names
+        spec.loader.exec_module(module)
+        return getattr(module, name)
+
+    module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    sys.modules["flwr.simulation"] = module
+    flwr.simulation = module  # type: ignore[attr-defined] - as the import system sets it
+    return True
 
 
 @contextlib.contextmanager

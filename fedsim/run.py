@@ -340,7 +340,7 @@ def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool 
     if _existing_cluster(init_args.get("_temp_dir")):
         ray.init(runtime_env={"env_vars": env}, **init_args)
     else:
-        preloaded = {"_system_config": {"preload_python_modules": ["fedsim.client_app"]}} if preload else {}
+        preloaded = {"_system_config": {"preload_python_modules": ["fedsim.ray_worker"]}} if preload else {}
         ray.init(**init_args, **preloaded)
 
 
