@@ -341,7 +341,39 @@ def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool 
         ray.init(runtime_env={"env_vars": env}, **init_args)
     else:
         preloaded = {"_system_config": {"preload_python_modules": ["fedsim.ray_worker"]}} if preload else {}
-        ray.init(**init_args, **preloaded)
+        with _lean_head(log_monitor=bool(init_args.get("log_to_driver", True))):
+            ray.init(**init_args, **preloaded)
+
+
+@contextlib.contextmanager
+def _lean_head(*, log_monitor: bool) -> Iterator[None]:
+    """While ray.init starts a local cluster: without the autoscaler's monitor (a one-node cluster
+    of fixed size never scales) and, unless the workers' output goes to the driver
+    (log_to_driver), without the log monitor, whose only job is to stream it there. Each is a
+    Python daemon that imports Ray while everything else starts on the same two cores (about
+    1 CPU-second each on the 2-core machine). ray.init has no argument for either (`ray start`
+    has --no-monitor); Ray's head node reads both from its RayParams (ray/_private/parameter.py,
+    fields `no_monitor` and `include_log_monitor`, Ray 2.55.1 as flwr[simulation] pins it),
+    set here as it is built; a Ray without those fields is left as it is."""
+    try:
+        from ray._private import parameter
+    except ImportError:
+        yield
+        return
+    original = parameter.RayParams.__init__
+
+    def lean(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if hasattr(self, "no_monitor") and hasattr(self, "include_log_monitor"):
+            self.no_monitor = True
+            if not log_monitor:
+                self.include_log_monitor = False
+
+    parameter.RayParams.__init__ = lean
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original
 
 
 def _start_key_registry() -> None:
