@@ -108,14 +108,21 @@ def test_ctrl_c_while_ray_starts_restores_the_environment_and_leaves_no_ray(tmp_
     assert not [n for n in _children() if n in ("gcs_server", "raylet")], _children()
 
 
+def _python(probe: str) -> list[str]:
+    """What a fresh interpreter running `probe` prints, as words (it must exit 0)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
 def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() -> None:
     """What a Ray worker process runs as it starts (fedsim.ray_worker, Ray's preload): Flower's
     actor module then loads without flwr/simulation/__init__.py's launcher (SuperLink state on
     SQLAlchemy, the CLI on FastAPI: 1.9 s and 47 MB a worker), and every name the package
     offers is still there when read (its real __init__ runs then, in the same module)."""
-    import subprocess
-    import sys
-
     probe = (
         "import sys\n"
         "import fedsim.ray_worker\n"
@@ -128,6 +135,21 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
         "from fedsim import flower_adapter\n"
         "print(flower_adapter.light_simulation_package())\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["[]", "False"], out.stdout
+    assert _python(probe) == ["[]", "False"]
+
+
+def test_the_launcher_takes_flowers_run_simulation_without_its_process_launcher() -> None:
+    """fedsim.run's `simulation_launcher`: Flower's public run_simulation itself, without
+    flwr/simulation/app.py (the `flower-simulation` process, 1.1 s of imports)."""
+    probe = (
+        "import sys\n"
+        "from fedsim.flower_adapter import simulation_launcher\n"
+        "launch = simulation_launcher()\n"
+        "print('flwr.simulation.app' in sys.modules)\n"
+        "from flwr.simulation import run_simulation\n"
+        "print(launch is run_simulation, 'flwr.simulation.app' in sys.modules)\n"
+        "from flwr.simulation import run_simulation_process\n"  # the package's other names still load
+        "import flwr.simulation\n"
+        "print(flwr.simulation.run_simulation is launch, 'flwr.simulation.app' in sys.modules)\n"
+    )
+    assert _python(probe) == ["False", "True", "False", "True", "True"]
