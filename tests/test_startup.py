@@ -108,6 +108,50 @@ def test_ctrl_c_while_ray_starts_restores_the_environment_and_leaves_no_ray(tmp_
     assert not [n for n in _children() if n in ("gcs_server", "raylet")], _children()
 
 
+def _child_commands() -> list[str]:
+    """Command lines of this process's live children."""
+    me, lines = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2 :].split()
+        if int(rest[1]) == me and rest[0] != "Z":
+            lines.append(command)
+    return lines
+
+
+@pytest.mark.parametrize("log_to_driver", [False, True])
+def test_the_local_cluster_starts_without_the_daemons_fedsim_does_not_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_to_driver: bool) -> None:
+    """fedsim.run._lean_head: Ray's API server (ray.init waits for it before the raylet starts),
+    the autoscaler's monitor and, without log_to_driver, the log monitor are not started; GCS and
+    the raylet are, and a task runs; Ray's own classes are put back afterwards."""
+    from ray._private import node, parameter
+
+    from fedsim.run import _ray_starting, _short_path
+
+    monkeypatch.delenv(SIMULATION_ENV, raising=False)
+    assert not ray.is_initialized()
+    before = (parameter.RayParams.__init__, node.Node.start_api_server)
+    with _short_path(str(tmp_path / "ray")) as ray_dir:
+        args = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": log_to_driver, "_temp_dir": ray_dir}
+        with _ray_starting(args, preload=False):
+            pass
+        try:
+            assert ray.get(ray.remote(lambda: 41 + 1).remote()) == 42
+            commands = _child_commands()
+            assert any("gcs_server" in c for c in commands) and any("raylet" in c for c in commands), commands
+            assert not any("dashboard/dashboard.py" in c or "autoscaler/_private/monitor.py" in c for c in commands), commands
+            assert any("log_monitor.py" in c for c in commands) == log_to_driver, commands
+        finally:
+            ray.shutdown()
+    assert (parameter.RayParams.__init__, node.Node.start_api_server) == before
+
+
 def _python(probe: str) -> list[str]:
     """What a fresh interpreter running `probe` prints, as words (it must exit 0)."""
     import subprocess
