@@ -318,3 +318,36 @@ def test_opacus_hooked_model_and_unvmappable_forward_get_a_reason():
     reason = vectorizable(model, cfg, None, example=blobs(4, seed=0, shape=(4,), classes=2))
     assert reason is not None and reason.startswith("torch.func could not run")
     assert vectorizable(mlp(), cfg, None, example=blobs(4, seed=0)) is None
+
+
+def test_vectorized_training_without_torch_dynamo_gives_the_same_bits() -> None:
+    """clients.vectorized._grads_without_dynamo: torch.func's grad no longer imports torch._dynamo
+    (3 s of a worker's first round) while compiled autograd cannot be on; the updates are the
+    ones torch's own code gives once torch._dynamo is imported, bit for bit (plain and DP-SGD)."""
+    import subprocess
+    import sys
+
+    probe = """
+import hashlib, sys, torch
+from torch import nn
+from clients import DPSGDConfig, TrainConfig, flat_params
+from clients.vectorized import VectorizedTrainer
+
+def fits(dp):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    datas = [(torch.randn(9 + i, 6, 6, generator=g), torch.randint(0, 3, (9 + i,), generator=g)) for i in range(4)]
+    results = VectorizedTrainer(model, TrainConfig(lr=0.1, batch_size=4, momentum=0.9), dp).fit_many(
+        flat_params(model), datas, seeds=[3, 4, 5, 6])
+    return hashlib.sha256(b"".join(r.update.numpy().tobytes() for r in results)).hexdigest()
+
+plain = fits(None)
+print("torch._dynamo" in sys.modules)
+dp = fits(DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+import torch._dynamo
+print(fits(None) == plain, fits(DPSGDConfig(noise_multiplier=1.0, max_grad_norm=1.0)) == dp)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout
