@@ -107,7 +107,7 @@ def light_simulation_package() -> bool:
     module = importlib.util.module_from_spec(spec)
 
     def __getattr__(name: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
-        if name.startswith("__") and name.endswith("__"):
+        if name.startswith("__") and name.endswith("__") and name != "__all__":
             raise AttributeError(name)  # probes of dunders (copy, pickle, inspect) stay cheap
         del module.__getattr__  # once: the real __init__ defines the package's names
         spec.loader.exec_module(module)

@@ -180,6 +180,12 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
         "print(flower_adapter.light_simulation_package())\n"
     )
     assert _python(probe) == ["[]", "False"]
+    star = (  # `from flwr.simulation import *` reads __all__: the real __init__ runs, every name comes
+        "import fedsim.ray_worker\n"
+        "from flwr.simulation import *\n"
+        "print(callable(run_simulation), callable(start_simulation))\n"
+    )
+    assert _python(star) == ["True", "True"]
 
 
 def test_the_launcher_takes_flowers_run_simulation_without_its_process_launcher() -> None:
