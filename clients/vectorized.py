@@ -97,18 +97,21 @@ def _grads_without_dynamo() -> bool:
     `_autograd_grad`), and that attribute access imports all of torch._dynamo (with SymPy):
     3.0 s of CPU and ~60 MB in every process that trains vectorized, measured on the 2-core
     machine, most of a simulation worker's first round. The context only switches compiled
-    autograd off for the call, and compiled autograd can only have been switched on through
-    torch._dynamo: while torch._dynamo is not imported, `_autograd_grad` here runs the same
-    torch.autograd.grad call without the context (same gradients, bit for bit); once it is
-    imported, torch's own function runs. Installed once, for torch 2.13 only (another torch is
-    left as it is). Returns whether it is installed."""
+    autograd off for the call (a C++ switch, `torch._C._dynamo.compiled_autograd`, plus
+    Python-side flags of torch._dynamo), and compiled autograd can only have been switched on
+    through torch._dynamo: while torch._dynamo is not imported, `_autograd_grad` here runs the
+    same torch.autograd.grad call with the same C++ switch set and restored around it (same
+    gradients, bit for bit); once it is imported, torch's own function runs. Installed once, for
+    torch 2.13 only and only where torch._dynamo is not yet imported (another torch, or a
+    process that already uses torch._dynamo, is left as it is). Returns whether it is installed."""
     from torch._functorch import eager_transforms
 
     original = getattr(eager_transforms, "_autograd_grad", None)
     if original is None or getattr(original, "fedsim_without_dynamo", False):
         return original is not None
-    if not torch.__version__.startswith(TORCH_CHECKED):
-        return False
+    switch = getattr(getattr(getattr(torch._C, "_dynamo", None), "compiled_autograd", None), "set_autograd_compiler", None)
+    if not torch.__version__.startswith(TORCH_CHECKED) or switch is None or "torch._dynamo" in sys.modules:
+        return False  # another torch, or torch._dynamo already loaded (its tracer may know the original)
 
     def _autograd_grad(
         outputs: Sequence[torch.Tensor],
@@ -125,14 +128,19 @@ def _grads_without_dynamo() -> bool:
             pairs = [(out, go) for out, go in zip(outputs, grad_outputs) if out.requires_grad]
         if not pairs:
             return tuple(torch.zeros_like(inp) for inp in inputs)
-        grads = torch.autograd.grad(
-            tuple(out for out, _ in pairs),
-            inputs,
-            None if grad_outputs is None else tuple(go for _, go in pairs),
-            retain_graph=retain_graph,
-            create_graph=create_graph,
-            allow_unused=True,
-        )
+        # Compiled autograd off for the call, as _disable() does, by the same C++ switch.
+        prior = switch(None, False)
+        try:
+            grads = torch.autograd.grad(
+                tuple(out for out, _ in pairs),
+                inputs,
+                None if grad_outputs is None else tuple(go for _, go in pairs),
+                retain_graph=retain_graph,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+        finally:
+            switch(*prior)
         return tuple(torch.zeros_like(inp) if g is None else g for g, inp in zip(grads, inputs))
 
     _autograd_grad.fedsim_without_dynamo = True  # type: ignore[attr-defined]

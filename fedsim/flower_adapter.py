@@ -31,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import sys
+import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,9 +95,11 @@ def light_simulation_package() -> bool:
     preload): importing `flwr.simulation.ray_transport.ray_actor` then imports that module and
     what it imports, not the launcher that flwr/simulation/__init__.py imports (measured on the
     2-core machine: 1.4 s and 101 MB instead of 3.3 s and 148 MB). The first read of a name
-    the package defines (`from flwr.simulation import run_simulation`) runs the real
-    `__init__` in the same module object, so nothing the package offers is missing, only
-    later. Returns False (and changes nothing) where `flwr.simulation` is already imported.
+    the package defines (`from flwr.simulation import run_simulation`, `__all__` for a star
+    import) runs the real `__init__` in the same module object, under a lock (a second thread
+    waits, as the import system would make it; an `__init__` that raises leaves the hook in
+    place, so the next read raises the same error), so nothing the package offers is missing,
+    only later. Returns False (and changes nothing) where `flwr.simulation` is already imported.
     """
     if "flwr.simulation" in sys.modules:
         return False
@@ -105,13 +109,25 @@ def light_simulation_package() -> bool:
     if spec is None or spec.loader is None or not spec.submodule_search_locations:
         return False
     module = importlib.util.module_from_spec(spec)
+    lock, running = threading.RLock(), []
 
     def __getattr__(name: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
         if name.startswith("__") and name.endswith("__") and name != "__all__":
             raise AttributeError(name)  # probes of dunders (copy, pickle, inspect) stay cheap
-        del module.__getattr__  # once: the real __init__ defines the package's names
-        spec.loader.exec_module(module)
-        return getattr(module, name)
+        with lock:
+            if running:  # the real __init__, on this thread, reading a name it has not defined yet
+                raise AttributeError(f"partially initialized module 'flwr.simulation' has no attribute {name!r}")
+            if module.__dict__.get("__getattr__") is __getattr__:
+                running.append(True)
+                try:
+                    spec.loader.exec_module(module)  # type: ignore[union-attr]
+                finally:
+                    running.clear()
+                del module.__getattr__  # only once the real __init__ ran to the end
+        try:
+            return module.__dict__[name]
+        except KeyError:
+            raise AttributeError(f"module 'flwr.simulation' has no attribute {name!r}") from None
 
     module.__getattr__ = __getattr__  # type: ignore[attr-defined]
     sys.modules["flwr.simulation"] = module
@@ -123,14 +139,19 @@ def simulation_launcher() -> Any:
     """Flower's `run_simulation` (the public `flwr.simulation.run_simulation`), imported from the
     module that defines it after `light_simulation_package`: the launcher then skips
     flwr/simulation/app.py (the `flower-simulation` process and the CLI's install code it
-    imports; 1.7 s instead of 2.8 s of CPU on the 2-core machine), which fedsim never runs."""
-    light_simulation_package()
+    imports; 1.7 s instead of 2.8 s of CPU on the 2-core machine), which fedsim never runs.
+    Where `flwr.simulation` was already imported whole, its own name is used (a test's patch of
+    it holds)."""
+    if not light_simulation_package() and "__getattr__" not in sys.modules["flwr.simulation"].__dict__:
+        return sys.modules["flwr.simulation"].run_simulation
     from flwr.simulation.run_simulation import run_simulation
 
-    # Importing the submodule bound the package's name `run_simulation` to the module; the
-    # package's __init__ rebinds it to the function, and so does this (same object either way).
-    sys.modules["flwr.simulation"].run_simulation = run_simulation
-    return run_simulation
+    package = sys.modules["flwr.simulation"]
+    if isinstance(package.__dict__.get("run_simulation"), types.ModuleType):
+        # Importing the submodule bound the package's name to the module; the package's
+        # __init__ rebinds it to the function, and so does this (the same object).
+        package.run_simulation = run_simulation
+    return package.run_simulation
 
 
 @contextlib.contextmanager

@@ -349,10 +349,13 @@ def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool 
 def _lean_head(*, log_monitor: bool) -> Iterator[None]:
     """While ray.init starts a local cluster, leave out three Python daemons fedsim never uses:
     - Ray's API server, which ray.init waits for before it starts the raylet (it writes its
-      address to GCS): with include_dashboard=False it serves no dashboard, only Ray's state and
-      job HTTP APIs and usage statistics (fedsim uses none of them; the key registry of the
-      active model is a named actor, found through GCS). Measured on the 2-core machine: ray.init
-      4.2-5.2 s without it against 7.3-8.7 s with it.
+      address to GCS): with include_dashboard=False it loads only its usage-statistics module
+      (ray/_private/services.py, `--modules-to-load=UsageStatsHead`); fedsim uses nothing of it
+      (the key registry of the active model is a named actor, found through GCS). Left out only
+      on Ray's minimal install (no dashboard dependencies, as flwr[simulation] installs it):
+      with ray[default] the raylet's dashboard agent runs its event module, which waits for the
+      API server's address forever. Measured on the 2-core machine: ray.init 4.2-5.2 s without
+      it against 7.3-8.7 s with it.
     - the autoscaler's monitor: a one-node cluster of fixed size never scales;
     - unless the workers' output goes to the driver (log_to_driver), the log monitor, whose only
       job is to stream it there.
@@ -380,7 +383,7 @@ def _lean_head(*, log_monitor: bool) -> Iterator[None]:
                 self.include_log_monitor = False
 
     def api_server_if_wanted(self: Any, **kwargs: Any) -> None:
-        if getattr(self._ray_params, "include_dashboard", None) is False:
+        if getattr(self._ray_params, "include_dashboard", None) is False and _ray_is_minimal():
             self._webui_url = None  # what Ray records when its API server failed to start
             return
         start_api_server(self, **kwargs)
@@ -390,6 +393,17 @@ def _lean_head(*, log_monitor: bool) -> Iterator[None]:
         yield
     finally:
         parameter.RayParams.__init__, node.Node.start_api_server = params_init, start_api_server
+
+
+def _ray_is_minimal() -> bool:
+    """Whether Ray is installed without its dashboard's dependencies (`ray`, not `ray[default]`):
+    Ray's own test (a private function; if it fails, Ray is taken as not minimal)."""
+    try:
+        from ray._private.utils import get_dashboard_dependency_error
+
+        return get_dashboard_dependency_error() is not None
+    except Exception:  # noqa: BLE001 - see the docstring
+        return False
 
 
 def _start_key_registry() -> None:

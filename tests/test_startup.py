@@ -186,6 +186,19 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
         "print(callable(run_simulation), callable(start_simulation))\n"
     )
     assert _python(star) == ["True", "True"]
+    threads = (  # names read on several threads at once: each waits for the one running __init__
+        "import threading\n"
+        "import fedsim.ray_worker\n"
+        "import flwr.simulation as package\n"
+        "seen = []\n"
+        "def read():\n"
+        "    from flwr.simulation import start_simulation, run_simulation_process\n"
+        "    seen.append(callable(start_simulation) and callable(run_simulation_process))\n"
+        "workers = [threading.Thread(target=read) for _ in range(6)]\n"
+        "[w.start() for w in workers]; [w.join() for w in workers]\n"
+        "print(seen == [True] * 6, '__getattr__' in package.__dict__)\n"
+    )
+    assert _python(threads) == ["True", "False"]
 
 
 def test_the_launcher_takes_flowers_run_simulation_without_its_process_launcher() -> None:
