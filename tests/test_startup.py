@@ -23,20 +23,26 @@ from fedsim.run import run
 pytestmark = pytest.mark.ray
 
 
-def _children() -> list[str]:
-    """Command names of this process's live child processes (Ray's GCS and raylet are ours)."""
-    me, names = os.getpid(), []
+def _child_processes() -> list[tuple[str, str]]:
+    """(command name, command line) of this process's live child processes (Ray's GCS and raylet are ours)."""
+    me, found = os.getpid(), []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
         if int(rest[1]) == me and rest[0] != "Z":
-            names.append(name)
-    return names
+            found.append((name, command))
+    return found
+
+
+def _children() -> list[str]:
+    """Command names of this process's live child processes."""
+    return [name for name, _ in _child_processes()]
 
 
 def _cfg(tmp_path: Path, **dataset: object) -> dict:
@@ -110,19 +116,7 @@ def test_ctrl_c_while_ray_starts_restores_the_environment_and_leaves_no_ray(tmp_
 
 def _child_commands() -> list[str]:
     """Command lines of this process's live children."""
-    me, lines = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        rest = stat[stat.rindex(")") + 2 :].split()
-        if int(rest[1]) == me and rest[0] != "Z":
-            lines.append(command)
-    return lines
+    return [command for _, command in _child_processes()]
 
 
 @pytest.mark.parametrize("log_to_driver", [False, True])
