@@ -28,7 +28,10 @@ The fingerprint covers every config value that changes the result; it excludes s
 (layout, workers, timeouts: the result is the same by design), output.*, checkpoint.*,
 engine/superlink* and resume, the worker-process faults (faults.worker_kill_rate,
 worker_pause_rate, worker_pause_s: resent jobs, same result), and privacy.randomness itself (auto
-resolving to reproducible and an explicit reproducible give the same run).
+resolving to reproducible and an explicit reproducible give the same run). Data read from files
+(dataset.path, a Hugging Face builder's local data_files) enters by the sha256 of the files
+read, not by their location (fedsim.data.identity): the same data in another folder or clone
+gives the same run, and edited data another.
 
 SecAgg+ secrets that never change the result (X25519 keys, self-mask seeds, Shamir coefficients)
 do not come from here: they come from the OS CSPRNG in every mode (fedsim.secagg).
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 
 from clients.seeding import new_generator
+from fedsim.data import identity
 
 if TYPE_CHECKING:
     from fedsim.config import FedsimConfig
@@ -111,6 +115,11 @@ def fingerprint(cfg: FedsimConfig) -> int:
             group = group.get(part) if isinstance(group, dict) else None
         if isinstance(group, dict) and key in group and group[key] == unchanged:
             del group[key]
+    # The data by its bytes, not its location (fedsim.data.identity): same data in another
+    # folder, same run; edited data, another run.
+    if (content := identity.content_sha256(cfg.dataset)) is not None:
+        values["dataset"].pop(identity.location_key(cfg.dataset), None)
+        values["dataset"]["content_sha256"] = content
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
 
@@ -195,6 +204,8 @@ def describe(cfg: FedsimConfig) -> dict[str, object]:
     out: dict[str, object] = {"mode": resolved, "reason": reason}
     if resolved == "reproducible":
         out["fingerprint"] = f"{fingerprint(cfg):032x}"
+        if (content := identity.content_sha256(cfg.dataset)) is not None:
+            out["data_sha256"] = content  # what the fingerprint holds of the data instead of its location
         out["holds"] = (
             "every draw (cohorts, faults, device training, DP noise) is Philox keyed by SeedSequence(seed, config "
             "fingerprint, stream) at counter (round, device): same seed + config gives the same run; configs that "

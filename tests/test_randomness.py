@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,13 @@ import torch
 
 from clients.seeding import mt19937_state, new_generator, seed_sequence
 from fedsim import randomness
-from fedsim.config import FedsimConfig, from_dict
+from fedsim.config import FedsimConfig, from_dict, resolve_paths
+from fedsim.data import identity
 from fedsim.errors import ConfigError
 from fedsim.worker import device_seed
 from helpers import set_keys
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _cfg(**over: object) -> FedsimConfig:
@@ -96,6 +101,66 @@ def test_fingerprint_ignores_how_a_run_is_executed_but_not_what_it_computes():
     ]
     prints = {randomness.fingerprint(c) for c in different} | {base}
     assert len(prints) == len(different) + 1
+
+
+def _data_in(folder: Path, kind: str) -> dict:
+    """The dataset config of a `kind` dataset written into `folder` (same bytes for every folder)."""
+    folder.mkdir(parents=True)
+    if kind == "shakespeare":
+        (folder / "play.txt").write_text("A:\nto be or not to be\n\nB:\nthat is the question\n")
+        return {"name": "shakespeare", "path": str(folder / "play.txt"), "min_chars": 5}
+    if kind == "femnist":
+        shutil.copytree(REPO / "data" / "femnist", folder / "leaf")
+        return {"name": "femnist", "path": str(folder / "leaf")}
+    if kind == "fashion_mnist":
+        for stem in identity.FASHION_FILES:
+            (folder / (stem + ".gz")).write_bytes(stem.encode() * 3)  # never parsed: only hashed
+        return {"name": "fashion_mnist", "path": str(folder)}
+    (folder / "train.csv").write_text("x,label\n1,0\n2,1\n")
+    (folder / "test.csv").write_text("x,label\n3,1\n")
+    return {"name": "huggingface", "hf_name": "csv", "data_files": {"train": str(folder / "train.csv"), "test": str(folder / "*t.csv")}}
+
+
+def _first_file(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".gz", ".txt", ".csv"))[0]
+
+
+@pytest.mark.parametrize("kind", ["shakespeare", "femnist", "fashion_mnist", "huggingface"])
+def test_data_enters_the_fingerprint_by_its_bytes_not_by_where_it_lies(tmp_path: Path, kind: str) -> None:
+    # The flake this fixes: a Shakespeare run in pytest's tmp_path trained from a different
+    # seed stream on every run, because the (absolute) dataset.path was hashed.
+    here = _cfg(dataset=_data_in(tmp_path / "clone_a", kind))
+    there = _cfg(dataset=_data_in(tmp_path / "clone_b" / "deeper", kind))
+    assert randomness.fingerprint(here) == randomness.fingerprint(there)
+    sha = identity.content_sha256(here.dataset)
+    assert sha is not None and randomness.describe(here)["data_sha256"] == sha
+    if kind != "huggingface":  # dataset.path given relative to the working directory: the same run
+        relative = _cfg(dataset=_data_in(tmp_path / "rel", kind))
+        relative.dataset.path = str(Path(relative.dataset.path).relative_to(tmp_path))
+        assert randomness.fingerprint(resolve_paths(relative, base=tmp_path)) == randomness.fingerprint(here)
+    # A file the loader does not read changes nothing (the bundled FEMNIST copy has a README.md).
+    (_first_file(tmp_path / "clone_b").parent / "NOTES.md").write_text("not data")
+    assert randomness.fingerprint(there) == randomness.fingerprint(here)
+    # One byte of the data changed: another run (edited data never reuses the original's noise).
+    changed = _first_file(tmp_path / "clone_b")
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 1
+    changed.write_bytes(data)
+    assert identity.content_sha256(there.dataset) != sha
+    assert randomness.fingerprint(there) != randomness.fingerprint(here)
+    # Data that cannot be read keeps its location in (the loader reports it), and is not the same run.
+    shutil.rmtree(tmp_path / "clone_b")
+    assert identity.content_sha256(there.dataset) is None
+    assert randomness.fingerprint(there) != randomness.fingerprint(here)
+
+
+def test_data_without_files_of_its_own_keeps_its_config_values():
+    bundled = _cfg(dataset={"name": "shakespeare"})
+    assert identity.content_sha256(bundled.dataset) is None and "data_sha256" not in randomness.describe(bundled)
+    assert randomness.fingerprint(bundled) != randomness.fingerprint(_cfg(dataset={"name": "shakespeare", "seq_len": 40}))
+    hub = _cfg(dataset={"name": "huggingface", "hf_name": "ylecun/mnist"})
+    assert identity.content_sha256(hub.dataset) is None
+    assert randomness.fingerprint(hub) != randomness.fingerprint(_cfg(dataset={"name": "huggingface", "hf_name": "zalando/fashion"}))
 
 
 def test_reproducible_streams_repeat_and_secure_streams_never_do():

@@ -78,7 +78,7 @@ def verify(name: str, *, root: Path | None = None) -> None:
                 f"bundled dataset '{name}' is incomplete: {path} is missing; copy data/{name}/ from the "
                 f"fedsim repository to {root / name}, or set dataset.path to your own copy"
             )
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise DataError(
                 f"bundled dataset '{name}': {path} has sha256 {actual}, expected {expected} (a damaged or "
@@ -104,7 +104,8 @@ def _data_root(name: str) -> Path:
     return root
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 (hex) of a file's bytes, remembered per (resolved path, size, mtime) in this process."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _DIGESTS:

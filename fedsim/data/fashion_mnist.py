@@ -107,8 +107,8 @@ def read_idx_pair(root: Path, prefix: str, *, load_images: bool = True) -> tuple
 
     load_images=False: (images path, images shape, labels), the images file checked whole
     (header, size, gzip stream) without being kept."""
-    images_path = _find(root, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find(root, f"{prefix}-labels-idx1-ubyte")
+    images_path = find_idx(root, f"{prefix}-images-idx3-ubyte")
+    labels_path = find_idx(root, f"{prefix}-labels-idx1-ubyte")
     images = read_idx(images_path, IMAGES_MAGIC, keep=load_images)
     shape = images.shape if isinstance(images, np.ndarray) else images
     labels = read_idx(labels_path, LABELS_MAGIC).astype(np.int64)
@@ -182,7 +182,8 @@ def _read_into(stream, view: memoryview) -> int:  # noqa: ANN001 - a binary stre
     return got
 
 
-def _find(root: Path, stem: str) -> Path:
+def find_idx(root: Path, stem: str) -> Path:
+    """The idx file `stem` (plain or .gz) in root (DataError if neither is there)."""
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
