@@ -28,6 +28,17 @@ def _simulation_mark_per_test():
         os.environ[SIMULATION_ENV] = before
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _parsed_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """fedsim's parsed-data cache (fedsim.data.parsed_cache) in the session's temporary folder,
+    shared by pytest-xdist's workers and every process they start, never the user's home: the
+    first test that loads the bundled FEMNIST parses it, the others read the arrays back."""
+    from fedsim.data.parsed_cache import CACHE_ENV
+
+    base = tmp_path_factory.getbasetemp()
+    os.environ[CACHE_ENV] = str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "fedsim-cache")
+
+
 @pytest.fixture(scope="session")
 def femnist_dir() -> Path:
     """The repository's data/femnist (105 writers), sha256-checked. Never skipped: the data ship

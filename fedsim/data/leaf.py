@@ -10,7 +10,9 @@ reads fedsim's bundled copy (105 writers, `fedsim.data.bundled`), checked agains
 
 LEAF format: {"users": [...], "num_samples": [...], "user_data": {user: {"x": [[784 floats]],
 "y": [int]}}}. Every file is parsed once; each split is kept as one float32 array plus
-per-writer offsets.
+per-writer offsets. A file's parsed arrays are kept in fedsim's disk cache
+(`fedsim.data.parsed_cache`, keyed by the file's sha256), so later runs and the other processes
+of a run read them back instead of parsing the JSON again (6.4 s -> ~0.1 s for the bundled copy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from fedsim.config import FemnistConfig
+from fedsim.data import parsed_cache
 from fedsim.data.base import FederatedDataset
 from fedsim.data.bundled import bundled_path
 from fedsim.errors import ConfigError, DataError
@@ -32,6 +35,7 @@ from fedsim.errors import ConfigError, DataError
 FEMNIST_CLASSES = 62  # 10 digits, 26 upper- and 26 lower-case letters
 IMAGE_SHAPE = (1, 28, 28)
 PIXELS = 28 * 28
+CACHE_KIND = "leaf-femnist-1"  # parsed_cache entries of _read_leaf_file (bump the digit when its output changes)
 
 
 class FemnistDataset(FederatedDataset):
@@ -112,7 +116,35 @@ def _read_split(files: list[Path]) -> dict[str, list[tuple[np.ndarray, np.ndarra
 
 
 def _read_leaf_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(writer, x float32 [n, 1, 28, 28], y int64 [n]) of every writer in one LEAF file."""
+    """(writer, x float32 [n, 1, 28, 28], y int64 [n]) of every writer in one LEAF file (from
+    the parsed cache when it holds this file's bytes)."""
+    cached = parsed_cache.load(CACHE_KIND, path)
+    if cached is not None and _cached_shapes_hold(cached):
+        bounds = np.concatenate([[0], np.cumsum(cached["counts"])])
+        x, y = cached["x"], cached["y"]
+        return [(str(w), x[a:b], y[a:b]) for w, a, b in zip(cached["writers"].tolist(), bounds[:-1], bounds[1:])]
+    records = _parse_leaf_file(path)
+    parsed_cache.store(CACHE_KIND, path, {
+        "writers": np.array([w for w, _, _ in records], dtype=str),
+        "counts": np.array([len(y) for _, _, y in records], dtype=np.int64),
+        "x": np.concatenate([x for _, x, _ in records]) if records else np.zeros((0, *IMAGE_SHAPE), np.float32),
+        "y": np.concatenate([y for _, _, y in records]) if records else np.zeros(0, np.int64),
+    })  # fmt: skip
+    return records
+
+
+def _cached_shapes_hold(cached: dict[str, np.ndarray]) -> bool:
+    """An entry whose arrays fit together (its checksum already matched: this only guards the layout)."""
+    needed = {"writers", "counts", "x", "y"}
+    if set(cached) != needed:
+        return False
+    writers, counts, x, y = (cached[k] for k in ("writers", "counts", "x", "y"))
+    return (writers.ndim == 1 and counts.shape == writers.shape and x.dtype == np.float32 and y.dtype == np.int64
+            and x.shape[1:] == IMAGE_SHAPE and len(x) == len(y) == int(counts.sum()))  # fmt: skip
+
+
+def _parse_leaf_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """_read_leaf_file's records, parsed from the JSON and checked."""
     content = _load_json(path)
     if not isinstance(content, dict) or "users" not in content or "user_data" not in content:
         raise DataError(f"femnist: {path} is not a LEAF file (expected keys 'users' and 'user_data')")
