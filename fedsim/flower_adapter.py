@@ -19,8 +19,9 @@ imports anything under `flwr.` outside those public modules or spells a name of 
   flwr/simulation/ray_transport/ray_actor.py, and so first the package flwr/simulation/__init__.py,
   which imports the whole simulation launcher (SuperLink state on SQLAlchemy and Alembic, the CLI
   on FastAPI) that a worker never runs: 1.9 s of CPU and 47 MB in every worker, measured.
-  `simulation_launcher` gives the launcher `run_simulation` from its own module
-  (flwr/simulation/run_simulation.py) the same way, without flwr/simulation/app.py (1.1 s).
+  (The launcher imports the package whole: Flower's run_simulation module itself imports
+  SQLAlchemy and FastAPI, so skipping the package's app.py there saved nothing,
+  `python bench/startup.py --phases`.)
 - `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
   process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
   in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
@@ -33,7 +34,6 @@ import importlib.util
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,25 +133,6 @@ def light_simulation_package() -> bool:
     sys.modules["flwr.simulation"] = module
     flwr.simulation = module  # type: ignore[attr-defined] - as the import system sets it
     return True
-
-
-def simulation_launcher() -> Any:
-    """Flower's `run_simulation` (the public `flwr.simulation.run_simulation`), imported from the
-    module that defines it after `light_simulation_package`: the launcher then skips
-    flwr/simulation/app.py (the `flower-simulation` process and the CLI's install code it
-    imports; 1.7 s instead of 2.8 s of CPU on the 2-core machine), which fedsim never runs.
-    Where `flwr.simulation` was already imported whole, its own name is used (a test's patch of
-    it holds)."""
-    if not light_simulation_package() and "__getattr__" not in sys.modules["flwr.simulation"].__dict__:
-        return sys.modules["flwr.simulation"].run_simulation
-    from flwr.simulation.run_simulation import run_simulation
-
-    package = sys.modules["flwr.simulation"]
-    if isinstance(package.__dict__.get("run_simulation"), types.ModuleType):
-        # Importing the submodule bound the package's name to the module; the package's
-        # __init__ rebinds it to the function, and so does this (the same object).
-        package.run_simulation = run_simulation
-    return package.run_simulation
 
 
 @contextlib.contextmanager

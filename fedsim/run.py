@@ -114,9 +114,9 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
             setup = prepare(cfg, resume=resume_state)
 
             from fedsim.client_app import app as client_app
-            from fedsim.flower_adapter import fast_dispatch, replace_dead_actors, simulation_launcher
+            from fedsim.flower_adapter import fast_dispatch, replace_dead_actors
 
-            run_simulation = simulation_launcher()  # heavy imports only once the inputs are known good
+            from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
             from fedsim.server_app import make_server_app
 
             _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level

@@ -193,20 +193,3 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
         "print(seen == [True] * 6, '__getattr__' in package.__dict__)\n"
     )
     assert _python(threads) == ["True", "False"]
-
-
-def test_the_launcher_takes_flowers_run_simulation_without_its_process_launcher() -> None:
-    """fedsim.run's `simulation_launcher`: Flower's public run_simulation itself, without
-    flwr/simulation/app.py (the `flower-simulation` process, 1.1 s of imports)."""
-    probe = (
-        "import sys\n"
-        "from fedsim.flower_adapter import simulation_launcher\n"
-        "launch = simulation_launcher()\n"
-        "print('flwr.simulation.app' in sys.modules)\n"
-        "from flwr.simulation import run_simulation\n"
-        "print(launch is run_simulation, 'flwr.simulation.app' in sys.modules)\n"
-        "from flwr.simulation import run_simulation_process\n"  # the package's other names still load
-        "import flwr.simulation\n"
-        "print(flwr.simulation.run_simulation is launch, 'flwr.simulation.app' in sys.modules)\n"
-    )
-    assert _python(probe) == ["False", "True", "False", "True", "True"]
