@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -152,6 +153,39 @@ def test_data_enters_the_fingerprint_by_its_bytes_not_by_where_it_lies(tmp_path:
     shutil.rmtree(tmp_path / "clone_b")
     assert identity.content_sha256(there.dataset) is None
     assert randomness.fingerprint(there) != randomness.fingerprint(here)
+
+
+def test_what_the_loader_reads_where_and_in_which_order_is_part_of_the_data(tmp_path: Path) -> None:
+    # Hugging Face: the same file contents in other folders are other data (imagefolder labels are
+    # folder names; `datasets` reads d/a.b/ before d/a/, so the row order differs too).
+    def csv_tree(root: Path, second: str) -> FedsimConfig:
+        for rel, text in (("a/q.csv", "x,label\n1,0\n"), (f"{second}/p.csv", "x,label\n2,1\n")):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        return _cfg(dataset={"name": "huggingface", "hf_name": "csv", "data_files": {"train": str(root / "**" / "*.csv")}})
+
+    one, other = csv_tree(tmp_path / "one", "a.b"), csv_tree(tmp_path / "other", "b")
+    assert randomness.fingerprint(one) != randomness.fingerprint(other)
+    (tmp_path / "one" / "README.md").write_text("not read by datasets")
+    (tmp_path / "one" / "__cache").mkdir()
+    (tmp_path / "one" / "__cache" / "z.csv").write_text("x,label\n9,9\n")  # `datasets` skips __ folders
+    assert randomness.fingerprint(one) == randomness.fingerprint(csv_tree(tmp_path / "again", "a.b"))
+    # Fashion-MNIST: the train and t10k labels swapped are other data.
+    fashion = _cfg(dataset=_data_in(tmp_path / "fashion", "fashion_mnist"))
+    before = randomness.fingerprint(fashion)
+    train, test = (tmp_path / "fashion" / f"{split}-labels-idx1-ubyte.gz" for split in ("train", "t10k"))
+    a, b = train.read_bytes(), test.read_bytes()
+    train.write_bytes(b)
+    test.write_bytes(a)
+    assert randomness.fingerprint(fashion) != before
+    # Same size, mtime set back (os.utime, `cp -p`, `tar -x`): still seen as changed in this process.
+    text = tmp_path / "play.txt"
+    text.write_text("A:\nto be or not to be\n")
+    play = _cfg(dataset={"name": "shakespeare", "path": str(text), "min_chars": 5})
+    first, stamp = randomness.fingerprint(play), text.stat()
+    text.write_text("A:\nto be or not to bE\n")
+    os.utime(text, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert text.stat().st_mtime_ns == stamp.st_mtime_ns and randomness.fingerprint(play) != first
 
 
 def test_data_without_files_of_its_own_keeps_its_config_values():

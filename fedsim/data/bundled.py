@@ -47,8 +47,10 @@ BUNDLES: dict[str, Bundle] = {
     ),
 }
 
-# (resolved file, size, mtime_ns) -> sha256 hex: a file changed in place gets hashed again.
-_DIGESTS: dict[tuple[str, int, int], str] = {}
+# (resolved file, device, inode, size, mtime_ns, ctime_ns) -> sha256 hex: a file changed in place
+# or replaced gets hashed again (ctime changes on every write and on os.utime, which can set an
+# old mtime back; a rename gives another inode).
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def bundled_path(name: str) -> Path:
@@ -105,9 +107,10 @@ def _data_root(name: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 (hex) of a file's bytes, remembered per (resolved path, size, mtime) in this process."""
+    """sha256 (hex) of a file's bytes, remembered in this process per (resolved path, device, inode,
+    size, mtime, ctime): any write to the file or its replacement is hashed again."""
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
         digest = hashlib.sha256()
         with open(path, "rb") as stream:
