@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -88,7 +87,7 @@ from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
 from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, grid
 from fedsim.reports import DeviceReport
 from clients.params import num_params
-from fedsim.worker import Worker, keep_in_groups
+from fedsim.worker import Worker, config_from_job, keep_in_groups
 
 log = logging.getLogger("fedsim")
 # Stages with a configurable fault rate (secagg.drop_<stage>); their index keys the drop stream.
@@ -806,10 +805,9 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
 
 @functools.lru_cache(maxsize=4)
 def _user_level_dp(config_json: str, num_params: int):  # noqa: ANN202 - a UserLevelDP
-    from fedsim.config import from_dict
     from fedsim.privacy.dpfedavg import UserLevelDP
 
-    return UserLevelDP(from_dict(json.loads(config_json)), num_params=num_params)
+    return UserLevelDP(config_from_job(config_json)[0], num_params=num_params)
 
 
 def check_encoding(job: ConfigRecord, cfg: FedsimConfig, choice: GraphChoice) -> None:

@@ -38,7 +38,7 @@ from fedsim.runlog import ROUND_FIELDS, RoundMetrics, RunLog, rows_after
 from fedsim.sampling import sample_cohort
 from fedsim.exchange import exchange
 from fedsim.transport import SYSTEM_CLOCK, Clock, Workers, wait_for_workers
-from fedsim.worker import use_vectorized
+from fedsim.worker import job_config_json, use_vectorized
 
 log = logging.getLogger("fedsim")
 RUN_CONFIG_KEY = "fedsim-config"  # the run config entry holding the resolved config as JSON
@@ -108,7 +108,7 @@ def run_rounds(
         max_missed_rounds=cfg.simulation.max_missed_rounds,
         clock=clock,
     )
-    config_json = cfg.to_json()
+    config_json = job_config_json(cfg)  # with the sha256 of the data the server read: workers check theirs
     streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
     covered = frozenset(published.covered_metrics(cfg))
     # A resumed run's rounds after its checkpoint (their rows, before RunLog rewrites metrics.jsonl).

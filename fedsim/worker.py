@@ -34,8 +34,8 @@ from fedsim import randomness
 from fedsim.canaries import canary_device_data, canary_public_examples, is_canary_device
 from fedsim.capacity import peak_rss_mb
 from fedsim.config import FedsimConfig, from_dict
-from fedsim.data import FederatedDataset, load_dataset
-from fedsim.errors import ConfigError
+from fedsim.data import FederatedDataset, identity, load_dataset
+from fedsim.errors import ConfigError, DataError
 from fedsim.models import checked_model, model_for, split_fixed_features
 from fedsim.reports import DeviceReport, all_finite, fold_into_tree
 from fedsim.strategies import strategy_class
@@ -514,12 +514,45 @@ def injected_failure(
 _WORKERS: dict[str, Worker] = {}
 
 
+# Key of the job's config JSON holding the sha256 of the data the server read (`job_config_json`).
+SERVER_DATA_KEY = "_server_data_sha256"
+
+
+def job_config_json(cfg: FedsimConfig) -> str:
+    """The run config as jobs carry it to the workers, with the sha256 of the data files the
+    server read (fedsim.data.identity), which each worker checks its own copy against."""
+    raw = cfg.to_dict()
+    if (digest := identity.content_sha256(cfg.dataset)) is not None:
+        raw[SERVER_DATA_KEY] = digest
+    return json.dumps(raw, sort_keys=True)
+
+
+def config_from_job(config_json: str) -> tuple[FedsimConfig, str | None]:
+    """(the run config, the server's data sha256 or None) of a job's config JSON."""
+    raw = json.loads(config_json)
+    expected = raw.pop(SERVER_DATA_KEY, None)
+    return from_dict(raw), None if expected is None else str(expected)
+
+
 def get_worker(config_json: str) -> Worker:
-    """The worker for this run configuration, built on first use and cached for later rounds."""
+    """The worker for this run configuration, built on first use and cached for later rounds.
+
+    A worker whose data files are not the bytes the server read refuses the run (DataError):
+    its devices would train on other data than the server's cohort sampling and DP accounting
+    (device sizes) assume, and its random streams would come from another fingerprint."""
     key = hashlib.sha256(config_json.encode()).hexdigest()
     worker = _WORKERS.get(key)
     if worker is None:
         _WORKERS.clear()  # a new run: drop the previous run's data and model
-        worker = _WORKERS[key] = Worker(from_dict(json.loads(config_json)))
+        cfg, expected = config_from_job(config_json)
+        worker = Worker(cfg)  # the loader reports missing or malformed data first
+        ours = identity.content_sha256(cfg.dataset)
+        if expected is not None and ours != expected:
+            where = getattr(cfg.dataset, "path", None) or getattr(cfg.dataset, "data_files", None)
+            raise DataError(
+                f"dataset: the data this worker reads ({where}: sha256 {ours or 'unreadable'}) are not the bytes the "
+                f"server read (sha256 {expected}); every worker must read the same data files"
+            )
+        _WORKERS[key] = worker
     return worker
 

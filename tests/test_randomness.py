@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -16,7 +17,7 @@ from clients.seeding import mt19937_state, new_generator, seed_sequence
 from fedsim import randomness
 from fedsim.config import FedsimConfig, from_dict, resolve_paths
 from fedsim.data import identity
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, DataError
 from fedsim.worker import device_seed
 from helpers import set_keys
 
@@ -109,7 +110,7 @@ def _data_in(folder: Path, kind: str) -> dict:
     folder.mkdir(parents=True)
     if kind == "shakespeare":
         (folder / "play.txt").write_text("A:\nto be or not to be\n\nB:\nthat is the question\n")
-        return {"name": "shakespeare", "path": str(folder / "play.txt"), "min_chars": 5}
+        return {"name": "shakespeare", "path": str(folder / "play.txt"), "min_chars": 5, "seq_len": 4}
     if kind == "femnist":
         shutil.copytree(REPO / "data" / "femnist", folder / "leaf")
         return {"name": "femnist", "path": str(folder / "leaf")}
@@ -186,6 +187,35 @@ def test_what_the_loader_reads_where_and_in_which_order_is_part_of_the_data(tmp_
     text.write_text("A:\nto be or not to bE\n")
     os.utime(text, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert text.stat().st_mtime_ns == stamp.st_mtime_ns and randomness.fingerprint(play) != first
+
+
+def test_a_worker_whose_data_are_not_the_servers_bytes_refuses_the_run(tmp_path: Path) -> None:
+    from fedsim.client_app import local_config
+    from fedsim.worker import SERVER_DATA_KEY, config_from_job, get_worker, job_config_json
+
+    server = _cfg(population=2, cohort={"size": 2}, dataset=_data_in(tmp_path / "server", "shakespeare"))
+    job = job_config_json(server)
+    assert json.loads(job)[SERVER_DATA_KEY] == identity.content_sha256(server.dataset)
+    assert config_from_job(job) == (server, identity.content_sha256(server.dataset))
+    assert get_worker(job).cfg == server
+    # A SuperNode's own copy (`fedsim-data`): the same bytes are the same run ...
+    copy = tmp_path / "node" / "play.txt"
+    copy.parent.mkdir()
+    shutil.copy(server.dataset.path, copy)
+
+    class Node:
+        node_config = {"fedsim-data": str(copy)}
+
+    assert get_worker(local_config(job, Node())).dataset.num_devices == 2  # type: ignore[arg-type]
+    # ... other bytes are refused in one line naming both digests.
+    other = tmp_path / "other-node" / "play.txt"
+    other.parent.mkdir()
+    other.write_text(copy.read_text().replace("question", "answer!!"))
+    Node.node_config = {"fedsim-data": str(other)}
+    with pytest.raises(DataError, match=r"^dataset: the data this worker reads \(.*play.txt: sha256 [0-9a-f]{64}\) are not the bytes the server read \(sha256 [0-9a-f]{64}\)"):
+        get_worker(local_config(job, Node()))  # type: ignore[arg-type]
+    # Data without files carries no digest (nothing to compare).
+    assert SERVER_DATA_KEY not in json.loads(job_config_json(_cfg()))
 
 
 def test_data_without_files_of_its_own_keeps_its_config_values():
