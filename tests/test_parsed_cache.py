@@ -35,6 +35,10 @@ def _leaf_file(path: Path, writers: dict[str, int], seed: int = 0) -> Path:
     return path
 
 
+def _kind(path: Path) -> str:
+    return leaf.CACHE_KIND + ("-gz" if path.name.endswith(".gz") else "")
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -79,9 +83,9 @@ def test_a_damaged_or_stale_entry_is_never_used(tmp_path: Path, cache: Path) -> 
     raw = bytearray(entry.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     entry.write_bytes(raw)
-    assert parsed_cache.load(leaf.CACHE_KIND, _sha(source)) is None
+    assert parsed_cache.load(_kind(source), _sha(source)) is None
     assert _same(leaf._read_leaf_file(source), parsed)  # parsed again, and the entry rewritten
-    assert parsed_cache.load(leaf.CACHE_KIND, _sha(source)) is not None
+    assert parsed_cache.load(_kind(source), _sha(source)) is not None
     # A truncated entry, then a changed source file (another key: its new data are read).
     entry.write_bytes(entry.read_bytes()[:100])
     assert _same(leaf._read_leaf_file(source), parsed)
@@ -89,7 +93,7 @@ def test_a_damaged_or_stale_entry_is_never_used(tmp_path: Path, cache: Path) -> 
     changed = leaf._read_leaf_file(source)
     assert not np.array_equal(changed[0][1], parsed[0][1]) and _same(changed, leaf._parse_leaf_file(source))
     # An entry written for other arrays under this file's key (a foreign or older layout) is refused.
-    parsed_cache.store(leaf.CACHE_KIND, _sha(source), {"x": np.zeros(3, np.float32)})
+    parsed_cache.store(_kind(source), _sha(source), {"x": np.zeros(3, np.float32)})
     assert _same(leaf._read_leaf_file(source), changed)
 
 
@@ -151,12 +155,14 @@ def test_writer_ids_numpy_would_change_are_not_cached(tmp_path: Path, cache: Pat
 def test_a_cache_that_cannot_expand_its_path_or_holds_leftovers_is_harmless(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _leaf_file(tmp_path / "a.json.gz", {"w": 2})
     cache.mkdir()
-    stale, fresh = cache / ".leaf-femnist-1-v1-dead-x1.npz", cache / ".leaf-femnist-1-v1-live-x2.npz"
-    for leftover in (stale, fresh):
+    stale, fresh = cache / f"{parsed_cache.TEMPORARY}dead.npz", cache / f"{parsed_cache.TEMPORARY}live.npz"
+    mine = cache / ".my-own-old.npz"  # not fedsim's: never swept, however old
+    for leftover in (stale, fresh, mine):
         leftover.write_bytes(b"half an entry")
-    os.utime(stale, (time.time() - 2 * parsed_cache.STALE_S,) * 2)
+    for old in (stale, mine):
+        os.utime(old, (time.time() - 2 * parsed_cache.STALE_S,) * 2)
     leaf._read_leaf_file(source)  # stores, sweeping the writer killed an hour ago
-    assert not stale.exists() and fresh.exists() and len(list(cache.glob("[!.]*.npz"))) == 1
+    assert not stale.exists() and fresh.exists() and mine.exists() and len(list(cache.glob("[!.]*.npz"))) == 1
     monkeypatch.setenv(parsed_cache.CACHE_ENV, "~no-such-user-here/cache")
     assert parsed_cache.cache_dir() is None
     assert _same(leaf._read_leaf_file(source), leaf._parse_leaf_file(source))
@@ -164,11 +170,20 @@ def test_a_cache_that_cannot_expand_its_path_or_holds_leftovers_is_harmless(tmp_
 
 # The parser whose output the cache keeps: a change to it must come with a new CACHE_KIND, or
 # entries written by the old parser would be read as the new one's (update both together).
-PARSER_SHA256 = "85cda1667c7feb4e"
+PARSER_SHA256 = "1cb7c95ba1001dfe"
 
 
 def test_the_cache_kind_changes_with_the_parser() -> None:
-    source = "".join(inspect.getsource(f) for f in (leaf._parse_leaf_file, leaf._load_json)) + repr((leaf.IMAGE_SHAPE, leaf.FEMNIST_CLASSES))
-    assert (hashlib.sha256(source.encode()).hexdigest()[:16], leaf.CACHE_KIND) == (PARSER_SHA256, "leaf-femnist-1"), (
+    parts = (leaf._read_leaf_file, leaf._cached_shapes_hold, leaf._parse_leaf_file, leaf._load_json)
+    source = "".join(inspect.getsource(f) for f in parts) + repr((leaf.IMAGE_SHAPE, leaf.FEMNIST_CLASSES))
+    assert (hashlib.sha256(source.encode()).hexdigest()[:16], leaf.CACHE_KIND) == (PARSER_SHA256, "leaf-femnist-2"), (
         "the LEAF parser changed: bump fedsim.data.leaf.CACHE_KIND and set PARSER_SHA256 and the kind here"
     )
+
+
+def test_the_same_bytes_under_a_gz_name_are_not_read_from_the_plain_files_entry(tmp_path: Path, cache: Path) -> None:
+    plain = _leaf_file(tmp_path / "a.json", {"w": 2})
+    leaf._read_leaf_file(plain)
+    misnamed = Path(shutil.copy(plain, tmp_path / "b.json.gz"))
+    with pytest.raises(DataError, match="not a readable gzip file"):
+        leaf._read_leaf_file(misnamed)  # as with an empty cache

@@ -171,6 +171,17 @@ def test_what_the_loader_reads_where_and_in_which_order_is_part_of_the_data(tmp_
     (tmp_path / "one" / "__cache").mkdir()
     (tmp_path / "one" / "__cache" / "z.csv").write_text("x,label\n9,9\n")  # `datasets` skips __ folders
     assert randomness.fingerprint(one) == randomness.fingerprint(csv_tree(tmp_path / "again", "a.b"))
+    # imagefolder collects labels (folder names) over every split: a train split pinned to one
+    # folder is still named by that folder.
+    def splits(label: str) -> FedsimConfig:
+        root = tmp_path / f"images-{label}"
+        for rel in (f"train/{label}/1.csv", "test/dog/2.csv"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text("x,label\n1,0\n")
+        return _cfg(dataset={"name": "huggingface", "hf_name": "csv", "data_files": {
+            "train": str(root / "train" / label / "*.csv"), "test": str(root / "test" / "*" / "*.csv")}})  # fmt: skip
+
+    assert randomness.fingerprint(splits("cat")) != randomness.fingerprint(splits("cow"))
     # Fashion-MNIST: the train and t10k labels swapped are other data.
     fashion = _cfg(dataset=_data_in(tmp_path / "fashion", "fashion_mnist"))
     before = randomness.fingerprint(fashion)
@@ -179,6 +190,11 @@ def test_what_the_loader_reads_where_and_in_which_order_is_part_of_the_data(tmp_
     train.write_bytes(b)
     test.write_bytes(a)
     assert randomness.fingerprint(fashion) != before
+    # A file name that is not UTF-8 (bytes as the disk has them) is hashed, not a traceback.
+    leaf_root = tmp_path / "leaf-bytes"
+    shutil.copytree(REPO / "data" / "femnist", leaf_root)
+    os.rename(leaf_root / "test" / "femnist_test.json.gz", os.path.join(os.fsencode(leaf_root / "test"), b"caf\xe9.json.gz"))
+    assert identity.content_sha256(_cfg(dataset={"name": "femnist", "path": str(leaf_root)}).dataset) is not None
     # Same size, mtime set back (os.utime, `cp -p`, `tar -x`): still seen as changed in this process.
     text = tmp_path / "play.txt"
     text.write_text("A:\nto be or not to be\n")

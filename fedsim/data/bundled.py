@@ -16,6 +16,7 @@ read the files again.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ BUNDLES: dict[str, Bundle] = {
 # or replaced gets hashed again (ctime changes on every write and on os.utime, which can set an
 # old mtime back; a rename gives another inode).
 _DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
+MEMO_AFTER_NS = 1_000_000_000  # files changed less than 1 s ago are hashed at every call
 
 
 def bundled_path(name: str) -> Path:
@@ -116,5 +118,7 @@ def file_sha256(path: Path) -> str:
         with open(path, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
+        if time.time_ns() - stat.st_ctime_ns < MEMO_AFTER_NS:
+            return digest.hexdigest()  # written just now: a rewrite within the clock's tick would keep this key
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]

@@ -7,22 +7,23 @@ location keys out (`LOCATION_KEYS`) and hashes what the loader reads instead: `c
 is the sha256 over (name, sha256 of the bytes) of every file the dataset's loader reads, with
 names that do not depend on where the files are (a FEMNIST file's path under dataset.path, a
 Fashion-MNIST file's idx name, "text" for a Shakespeare text, split, position and path under the
-pattern's fixed folders for a Hugging Face builder's local files, as `datasets` lists them). Moving the data changes nothing; changing one byte of it changes
+folder all of them share for a Hugging Face builder's local files, as `datasets` lists them). Moving the data changes nothing; changing one byte of it changes
 the fingerprint, so a run on edited data never reuses the noise of a run on the original (two
 releases with the same noise on different data would publish their difference noise-free).
 
 Data without files of its own keeps its config values in the fingerprint: the bundled copies
 (dataset.path null: pinned by sha256 in fedsim.data.bundled), synthetic data, custom factories
 (dataset.target: a factory that reads files is identified by its name only) and Hub datasets
-(hf_name, no revision: a Hub dataset that changes keeps its fingerprint; a URL or a chained
-`a::b` path in data_files is kept as its text, its content is not fetched). When the files cannot be listed or read (a missing
+(hf_name, no revision: a Hub dataset that changes keeps its fingerprint, and so does a local
+folder given as hf_name; a URL, a file:// or a chained `a::b` path in data_files is kept as its
+text, its content is not read). When the files cannot be listed or read (a missing
 path), the location keys stay in and the loader reports the missing data with its own message.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
+import os
 from pathlib import Path
 
 from fedsim.config import DatasetConfig, FashionMnistConfig, FemnistConfig, HuggingFaceConfig, ShakespeareConfig
@@ -47,9 +48,9 @@ def content_sha256(cfg: DatasetConfig) -> str | None:
             return None
         digest = hashlib.sha256()
         for name, file in named:
-            digest.update(f"{name}\0{file if isinstance(file, str) else file_sha256(file)}\n".encode())
+            digest.update(f"{name}\0{file if isinstance(file, str) else file_sha256(file)}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
-    except (DataError, OSError):  # unreadable: the loader says what is wrong in its own words
+    except (DataError, OSError, ValueError, ImportError):  # unreadable or unlistable: the loader says what is wrong
         return None
 
 
@@ -75,38 +76,31 @@ def _named_files(cfg: DatasetConfig) -> list[tuple[str, Path | str]] | None:
         if not cfg.data_files:
             return None
         # The files the `datasets` library reads for each pattern, in its order (it skips README.md,
-        # `__` folders and the like), named by their path under the pattern's fixed leading folders:
-        # the order and the folders are data too (imagefolder's labels are folder names).
+        # `__` folders and the like), named by their path under the folder all of them share,
+        # across splits: the order and the folders are data too (imagefolder's labels are the
+        # names of the files' folders, collected over every split).
         from datasets.data_files import resolve_pattern
 
-        named: list[tuple[str, Path | str]] = []
+        listed: list[tuple[str, list[str] | str]] = []
         for split in sorted(cfg.data_files):
             pattern = cfg.data_files[split]
             if "://" in pattern or "::" in pattern:
-                named.append((f"{split}:url", pattern))
+                listed.append((split, pattern))  # a URL or a chained path: its text only
                 continue
             try:
-                files = resolve_pattern(pattern, base_path="")
+                listed.append((split, resolve_pattern(pattern, base_path="")))
             except FileNotFoundError:
                 raise DataError(f"dataset.data_files.{split}: {pattern} matches no file") from None
-            base = _fixed_prefix(pattern)
-            named += [(f"{split}[{i}]:{_under(Path(f), base)}", Path(f)) for i, f in enumerate(files)]
+        local = [f for _, files in listed if isinstance(files, list) for f in files]
+        base = Path(os.path.commonpath([os.path.dirname(f) for f in local])) if local else Path()
+        named: list[tuple[str, Path | str]] = []
+        for split, files in listed:
+            if isinstance(files, str):
+                named.append((f"{split}:url", files))
+            else:
+                named += [(f"{split}[{i}]:{Path(f).relative_to(base).as_posix()}", Path(f)) for i, f in enumerate(files)]
         return named
     return None
-
-
-def _fixed_prefix(pattern: str) -> Path:
-    """The leading folders of a glob pattern before its first wildcard part."""
-    parts = Path(pattern).parts
-    fixed = [p for p in itertools.takewhile(lambda part: not any(c in part for c in "*?[{"), parts)]
-    return Path(*fixed[: len(parts) - 1]) if fixed else Path()
-
-
-def _under(path: Path, base: Path) -> str:
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return path.name
 
 
 def _file(path: Path) -> Path:

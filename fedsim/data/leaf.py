@@ -36,7 +36,7 @@ from fedsim.errors import ConfigError, DataError
 FEMNIST_CLASSES = 62  # 10 digits, 26 upper- and 26 lower-case letters
 IMAGE_SHAPE = (1, 28, 28)
 PIXELS = 28 * 28
-CACHE_KIND = "leaf-femnist-1"  # parsed_cache entries of _read_leaf_file (bump the digit when its output changes)
+CACHE_KIND = "leaf-femnist-2"  # parsed_cache entries of _read_leaf_file (bump the digit when its output changes)
 
 
 class FemnistDataset(FederatedDataset):
@@ -121,7 +121,8 @@ def _read_leaf_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     the parsed cache when it holds the arrays of these bytes)."""
     raw = _read_bytes(path)
     digest = hashlib.sha256(raw).hexdigest()  # of the bytes parsed below, whatever the file holds by then
-    cached = parsed_cache.load(CACHE_KIND, digest)
+    kind = CACHE_KIND + ("-gz" if path.name.endswith(".gz") else "")  # the name decides how the bytes are read
+    cached = parsed_cache.load(kind, digest)
     if cached is not None and _cached_shapes_hold(cached):
         bounds = np.concatenate([[0], np.cumsum(cached["counts"])])
         x, y = cached["x"], cached["y"]
@@ -129,7 +130,7 @@ def _read_leaf_file(path: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     records = _parse_leaf_file(path, raw)
     writers = np.array([w for w, _, _ in records], dtype=str)
     if writers.tolist() == [w for w, _, _ in records]:  # numpy's str arrays drop trailing NULs: such ids are not cached
-        parsed_cache.store(CACHE_KIND, digest, {
+        parsed_cache.store(kind, digest, {
             "writers": writers,
             "counts": np.array([len(y) for _, _, y in records], dtype=np.int64),
             "x": np.concatenate([x for _, x, _ in records]) if records else np.zeros((0, *IMAGE_SHAPE), np.float32),

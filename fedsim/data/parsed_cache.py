@@ -82,7 +82,7 @@ def store(kind: str, digest: str, arrays: dict[str, np.ndarray]) -> None:
             return
         entry.parent.mkdir(parents=True, exist_ok=True)
         _sweep(entry.parent)
-        handle, temporary = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}-", suffix=".npz")
+        handle, temporary = tempfile.mkstemp(dir=entry.parent, prefix=f"{TEMPORARY}{entry.stem}-", suffix=".npz")
         try:
             with os.fdopen(handle, "wb") as stream:
                 np.savez(stream, **{_CHECK: np.frombuffer(_digest(arrays), dtype=np.uint8)}, **arrays)
@@ -95,11 +95,12 @@ def store(kind: str, digest: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 STALE_S = 3600.0  # a temporary entry this old was left by a writer that was killed
+TEMPORARY = ".fedsim-tmp-"  # name prefix of entries being written (only these are ever swept)
 
 
 def _sweep(root: Path) -> None:
     now = time.time()
-    for leftover in root.glob(".*-v*-*.npz"):
+    for leftover in root.glob(f"{TEMPORARY}*.npz"):
         try:
             if now - leftover.stat().st_mtime > STALE_S:
                 leftover.unlink()
