@@ -6,18 +6,19 @@ two different runs of one seed and config (fedsim.randomness). The fingerprint n
 location keys out (`LOCATION_KEYS`) and hashes what the loader reads instead: `content_sha256`
 is the sha256 over (name, sha256 of the bytes) of every file the dataset's loader reads, with
 names that do not depend on where the files are (a FEMNIST file's path under dataset.path, a
-Fashion-MNIST file's idx name, "text" for a Shakespeare text, split, position and path under the
-folder all of them share for a Hugging Face builder's local files, as `datasets` lists them). Moving the data changes nothing; changing one byte of it changes
-the fingerprint, so a run on edited data never reuses the noise of a run on the original (two
-releases with the same noise on different data would publish their difference noise-free).
+Fashion-MNIST file's idx name, "text" for a Shakespeare text, split, position and path under
+the folder all of them share for a Hugging Face builder's local files, as `datasets` lists
+them). Moving the data changes nothing; changing one byte of it changes the fingerprint, so a
+run on edited data never reuses the noise of a run on the original (two releases with the same
+noise on different data would publish their difference noise-free).
 
 Data without files of its own keeps its config values in the fingerprint: the bundled copies
 (dataset.path null: pinned by sha256 in fedsim.data.bundled), synthetic data, custom factories
 (dataset.target: a factory that reads files is identified by its name only) and Hub datasets
 (hf_name, no revision: a Hub dataset that changes keeps its fingerprint, and so does a local
 folder given as hf_name; a URL, a file:// or a chained `a::b` path in data_files is kept as its
-text, its content is not read). When the files cannot be listed or read (a missing
-path), the location keys stay in and the loader reports the missing data with its own message.
+text, its content is not read). When the files cannot be listed or read (a missing path), the
+location keys stay in and the loader reports the missing data with its own message.
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ later loads of the same bytes read them back (about 0.1 s for FEMNIST) instead o
   `FEDSIM_CACHE_DIR=none` turns the cache off. Entries are `<kind>-v<VERSION>-<sha256>.npz`;
   deleting any of them is always safe.
 - Same data, bit for bit: an entry is keyed by the sha256 of the bytes the parser read (the
-  loader reads the file once, hashes those bytes and parses them: a changed file is another key,
-  and a file replaced during a parse cannot have the old arrays filed under its new digest) and by `kind` (which includes the parser's format version), and
-  it holds the sha256 of its own arrays (names, dtypes, shapes, bytes), checked on every read:
-  a damaged, truncated or foreign entry is ignored and the file parsed again. Entries are
-  written to a temporary name and renamed, so concurrent processes never read half an entry.
+  loader reads the file once, hashes those bytes and parses them: a changed file is another
+  key, and a file replaced during a parse cannot have the old arrays filed under its new
+  digest) and by `kind` (which includes the parser's format version), and it holds the sha256
+  of its own arrays (names, dtypes, shapes, bytes), checked on every read: a damaged, truncated
+  or foreign entry is ignored and the file parsed again. Entries are written to a temporary
+  name and renamed, so concurrent processes never read half an entry.
 - Best effort: a cache that cannot be read or written (read-only home, full disk) only costs
   the parse; it never fails a run. Temporary entries of writers killed mid-write are removed
   by the next store after an hour. Entries are private to the user (mode 0600) and are not
