@@ -209,7 +209,8 @@ def describe(cfg: FedsimConfig) -> dict[str, object]:
         out["holds"] = (
             "every draw (cohorts, faults, device training, DP noise) is Philox keyed by SeedSequence(seed, config "
             "fingerprint, stream) at counter (round, device): same seed + config gives the same run; configs that "
-            "differ in any result-changing value share no draws. Anyone who knows the seed and the config can "
+            "differ in any result-changing value (data files by the sha256 of their bytes, data_sha256, not their "
+            "location) share no draws. Anyone who knows the seed and the config can "
             "regenerate, hence remove, the DP noise: the reported epsilon is what a deployment with secret "
             "randomness would get, not a property of these outputs against such a reader"
         )
