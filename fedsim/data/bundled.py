@@ -52,7 +52,10 @@ BUNDLES: dict[str, Bundle] = {
 # or replaced gets hashed again (ctime changes on every write and on os.utime, which can set an
 # old mtime back; a rename gives another inode).
 _DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}
-MEMO_AFTER_NS = 1_000_000_000  # files changed less than 1 s ago are hashed at every call
+# A file changed less than this long before it is hashed is hashed again at every call: a
+# rewrite within the file system's timestamp tick (1-10 ms on Linux kernels before 6.13) would
+# leave every field of the key as it was.
+MEMO_AFTER_NS = 50_000_000
 
 
 def bundled_path(name: str) -> Path:
@@ -114,11 +117,12 @@ def file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
     if key not in _DIGESTS:
+        started = time.time_ns()
         digest = hashlib.sha256()
         with open(path, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
-        if time.time_ns() - stat.st_ctime_ns < MEMO_AFTER_NS:
-            return digest.hexdigest()  # written just now: a rewrite within the clock's tick would keep this key
+        if started - stat.st_ctime_ns < MEMO_AFTER_NS:
+            return digest.hexdigest()  # changed just before: a rewrite in the same tick would keep this key
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
