@@ -21,7 +21,10 @@ fedsim's way and the way it was done before, in turn (`PHASES`; medians and rang
 - ray.init: a local 2-CPU cluster as fedsim starts it (`fedsim.run._lean_head`: no API server,
   autoscaler monitor or log monitor) against Ray's defaults with the same arguments;
 - first grad: the first `torch.func.grad` of a small model, with fedsim's dynamo-free
-  `_autograd_grad` (`clients.vectorized`) against torch's own (which imports torch._dynamo).
+  `_autograd_grad` (`clients.vectorized`) against torch's own (which imports torch._dynamo);
+- FEMNIST load: the bundled FEMNIST (105 writers) loaded once the parsed cache holds it
+  (`fedsim.data.parsed_cache`, warmed in the same process first) against parsing its JSON
+  (`FEDSIM_CACHE_DIR=none`), as every process of a run did.
 
     python bench/startup.py                          # 5 runs of the default task
     python bench/startup.py --runs 6 --against ecbce82
@@ -116,6 +119,16 @@ mark()
 torch.func.grad(loss)(params)
 done()
 """
+FEMNIST = """
+import os, tempfile
+os.environ["FEDSIM_CACHE_DIR"] = {cache}
+from fedsim.config import FemnistConfig
+from fedsim.data import load_dataset
+{warm}
+mark()
+load_dataset(FemnistConfig(), population=105, seed=0)
+done()
+"""
 PHASES: dict[str, tuple[str, str]] = {
     "torch": ("mark()\nimport torch\ndone()", "mark()\nimport torch\ndone()"),
     "worker import": (
@@ -127,6 +140,10 @@ PHASES: dict[str, tuple[str, str]] = {
         RAY_INIT.format(start="ray.init(**args)"),
     ),
     "first grad": (GRAD.format(restore=""), GRAD.format(restore="eager_transforms._autograd_grad = torch_own")),
+    "FEMNIST load": (
+        FEMNIST.format(cache="tempfile.mkdtemp()", warm="load_dataset(FemnistConfig(), population=105, seed=0)"),
+        FEMNIST.format(cache="'none'", warm=""),
+    ),
 }
 
 

@@ -1,10 +1,10 @@
 """A disk cache of parsed data files, keyed by the sha256 of the file's bytes.
 
 Parsing text formats is slow where the data are numbers: the bundled FEMNIST (105 writers,
-16,393 images as JSON floats) takes 6.4 s to parse on a 2-core AMD EPYC, and every process of a
+16,393 images as JSON floats) takes about 6 s to parse on a 2-core AMD EPYC, and every process of a
 run parses it (the launcher, the server, each worker, and `fedsim.simulate`'s result). A
 loader stores the arrays it parsed from a file here, once the file passed all its checks, and
-later loads of the same bytes read them back (about 0.1 s for FEMNIST) instead of parsing.
+later loads of the same bytes read them back (0.2 s for FEMNIST: `bench/startup.py --phases`) instead of parsing.
 
 - Where: `$FEDSIM_CACHE_DIR`, else `$XDG_CACHE_HOME/fedsim`, else `~/.cache/fedsim`;
   `FEDSIM_CACHE_DIR=none` turns the cache off. Entries are `<kind>-v<VERSION>-<sha256>.npz`;
