@@ -5,7 +5,8 @@ A checkpoint is a plain dict saved with torch.save (open it with torch.load):
     server_optimizer (the strategy's state_dict: FedAdam's moments, SCAFFOLD's c and the index of
     its control-variate file), sample_ledger (ledger.json content or None),
     user_level (released rounds, distributed noise: each released round's clip norm, adaptive-clipping
-    state, DP-FTRL's open tree nodes, or None), rows (metrics.jsonl so far), elapsed_s, audit.
+    state, DP-FTRL's open tree nodes, or None), rows (metrics.jsonl so far), elapsed_s, audit,
+    data_sha256 and fingerprint (`identity`: what the run read and how its draws are keyed).
 Cohorts, device training and server noise are seeded by (seed, round, ...), so a run resumed at
 round r ends with the same model, bit for bit, as the uninterrupted run. The one random state
 carried between rounds is DP-FTRL's open tree nodes (noise still inside the released prefix
@@ -13,6 +14,9 @@ sums); with privacy.randomness=secure that would be secret noise on disk, so DP-
 checkpoints in that mode. With secure randomness a resume is not bit-identical: the rounds after
 the checkpoint run again with fresh noise, so the privacy they spent the first time stays
 counted (Mechanism.resumed: the sample-level ledger.json, the user-level rows of metrics.jsonl).
+A resume refuses data files whose bytes changed since the checkpoint (`check_identity`), and
+warns when the fedsim resuming derives another randomness fingerprint from the run's config
+than the one that wrote it (then the rounds after it are not bit-identical).
 
 Writes are atomic (a temporary file in the same directory, fsync, os.replace): a crash while
 writing leaves the previous checkpoint as it was. Reading checks everything it restores and
@@ -30,9 +34,12 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from fedsim.errors import FedsimError, StorageError
+from fedsim.errors import DataError, FedsimError, StorageError
+
+if TYPE_CHECKING:
+    from fedsim.config import FedsimConfig
 
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -65,6 +72,57 @@ def save(path: Path, state: dict[str, Any], *, keep: int) -> None:
         atomic_write(path, lambda f: torch.save({"version": VERSION, **state}, f))
     for old in sorted(path.parent.glob("round_*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
+
+
+def identity(cfg: FedsimConfig) -> dict[str, str | None]:
+    """What a resume checks a checkpoint's run against (`check_identity`): `data_sha256`, the
+    sha256 of the data files' bytes (fedsim.data.identity; None for data without files of its
+    own: bundled, synthetic, Hub, custom), and `fingerprint`, the randomness fingerprint the
+    rounds' draws are keyed by (reproducible mode; None with secure randomness)."""
+    from fedsim import randomness
+    from fedsim.data import identity as data_identity
+
+    reproducible = randomness.mode(cfg) == "reproducible"
+    return {
+        "data_sha256": data_identity.content_sha256(cfg.dataset),
+        "fingerprint": f"{randomness.fingerprint(cfg):032x}" if reproducible else None,
+    }
+
+
+def check_identity(path: Path, state: dict[str, Any], cfg: FedsimConfig) -> str | None:
+    """Refuse to resume `state` (read from `path`) on data whose bytes changed since it was
+    written: the rounds after it would train on other data than the rounds before, under the
+    same run (DataError, one line with both digests). Return a warning (None: nothing to say)
+    when the run's random streams cannot be the checkpointed run's: a fedsim that derives
+    another fingerprint from the same config (an older or newer version), or a checkpoint that
+    predates these checks and so cannot be compared."""
+    from fedsim.data.identity import location_key
+
+    now = identity(cfg)
+    saved_data = state.get("data_sha256")
+    if saved_data is not None and now["data_sha256"] is not None and saved_data != now["data_sha256"]:
+        raise DataError(
+            f"resume: the data files of dataset.{location_key(cfg.dataset)} hold other bytes than when {path.name} was written "
+            f"(sha256 {saved_data[:16]}..., now {now['data_sha256'][:16]}...): a resumed run must read the same data; "
+            "restore the files or start a new run"
+        )
+    if saved_data is not None and now["data_sha256"] is None:
+        return None  # the files cannot be read now: the loader says what is wrong
+    if "fingerprint" not in state:  # written before checkpoints recorded what they were made from
+        if now["data_sha256"] is None and now["fingerprint"] is None:
+            return None
+        return (
+            f"{path.name} was written by an older fedsim and records neither its data's digest nor its random streams' "
+            "fingerprint: the resume cannot check that the data is unchanged, and in reproducible mode the rounds after it "
+            "may draw other random numbers than the uninterrupted run"
+        )
+    if now["fingerprint"] is not None and state["fingerprint"] is not None and state["fingerprint"] != now["fingerprint"]:
+        return (
+            f"this fedsim derives another randomness fingerprint from the run's config ({now['fingerprint'][:12]}...) "
+            f"than the one that wrote {path.name} ({state['fingerprint'][:12]}...): the rounds after round "
+            f"{state['round']} are not bit-identical to an uninterrupted run"
+        )
+    return None
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:

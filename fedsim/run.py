@@ -24,7 +24,7 @@ from typing import Any
 
 from fedsim.capacity import check_fits
 from fedsim.config import CALIBRATED_KEYS, SIMULATION_ENV, FedsimConfig, resolve_paths
-from fedsim.errors import ConfigError
+from fedsim.errors import ConfigError, DataError
 from fedsim.runlog import locked
 from fedsim.trackers import check_installed
 
@@ -483,20 +483,52 @@ def _resumed(cfg: FedsimConfig, overrides: Iterable[str] | None = None) -> tuple
     path = checkpoint.latest(Path(cfg.resume or "").expanduser())
     state = checkpoint.load(path)
     saved = from_dict(state["config"])
-    changed = changed_keys(saved.to_dict(), resolve_paths(cfg).to_dict(), overrides)
+    given = resolve_paths(cfg)
+    changed = changed_keys(saved.to_dict(), given.to_dict(), overrides)
+    moved = _moved_data(state, saved, given, changed)
+    if moved is not None:  # the same bytes elsewhere: read them there
+        changed.remove(moved[0])
+        setattr(saved.dataset, moved[0].split(".", 1)[1], moved[1])
     if changed:
         raise ConfigError(
             "resume",
             f"the run at {path.parent.parent} was made with other values of {', '.join(changed)}; "
-            f"a resumed run keeps its own config (only {', '.join(RESUME_MAY_CHANGE[:3])} keys may change): "
+            f"a resumed run keeps its own config (only {', '.join(RESUME_MAY_CHANGE[:3])} keys may change, and "
+            "the data's location to files holding the same bytes): "
             "drop these overrides, or start a new run",
         )
+    if warning := checkpoint.check_identity(path, state, saved):
+        sys.stderr.write(f"[fedsim] warning: resume: {warning}\n")
     saved.simulation, saved.output.progress, saved.output.report = cfg.simulation, cfg.output.progress, cfg.output.report
     if cfg.checkpoint.every:
         saved.checkpoint = cfg.checkpoint
     saved.resume = str(path)
     # Continue in the run's own directory (where its metrics and ledger live).
     return saved, Path(saved.output.dir) if saved.output.dir else path.parent.parent, state
+
+
+def _moved_data(
+    state: dict[str, Any], saved: FedsimConfig, given: FedsimConfig, changed: list[str]
+) -> tuple[str, Any] | None:
+    """(`dataset.<location key>`, its given value) when that key is among the `changed` ones
+    (`given` points the run's dataset elsewhere) and the checkpoint recorded what its data held (fedsim.checkpoint.identity): a
+    resume may read moved data if the bytes there are the same (the run, its fingerprint
+    included, stays the same). DataError, one line, when they are not."""
+    import dataclasses
+
+    from fedsim.data import identity
+
+    key = identity.location_key(saved.dataset)
+    new = getattr(given.dataset, key, None) if key else None
+    if f"dataset.{key}" not in changed or new is None or state.get("data_sha256") is None:
+        return None
+    there = identity.content_sha256(dataclasses.replace(saved.dataset, **{key: new}))
+    if there is not None and there != state["data_sha256"]:
+        raise DataError(
+            f"resume: dataset.{key}={new} holds other bytes than the run read (sha256 {state['data_sha256'][:16]}..., "
+            f"there {there[:16]}...): a resumed run must read the same data; point it at a copy of that data or start a new run"
+        )
+    return (f"dataset.{key}", new) if there is not None else None
 
 
 def changed_keys(saved: dict[str, Any], given: dict[str, Any], overrides: Iterable[str] | None) -> list[str]:

@@ -304,6 +304,8 @@ def save_checkpoint(
             "elapsed_s": elapsed_s,
             "audit": audit.state_dict() if audit else None,
             "model_average": average.state_dict() if average else None,
+            # What a resume checks (fedsim.run._resumed): the data's bytes and the random streams.
+            **checkpoint.identity(cfg),
         },
         keep=cfg.checkpoint.keep,
     )

@@ -15,7 +15,7 @@ import torch
 
 from fedsim import checkpoint
 from fedsim.config import from_dict
-from fedsim.errors import FedsimError
+from fedsim.errors import DataError, FedsimError
 from fedsim.run import run
 from fake_grid import run_local
 from fedsim.api import compose
@@ -198,3 +198,62 @@ def test_user_level_rounds_after_the_checkpoint_stay_counted_when_they_rerun_wit
     checkpoint.checkpoint_path(run_dir, 3).unlink()
     third = run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")["privacy"]["user_level"]
     assert third["rounds"] == (5 if mode == "secure" else 3)
+
+
+def test_a_resume_reads_moved_data_refuses_edited_data_and_warns_on_other_streams(tmp_path: Path) -> None:
+    """The checkpoint records the data's sha256 and the randomness fingerprint: the same bytes in
+    another folder resume bit-identically; edited bytes are refused with one line (exit 2); a
+    checkpoint whose fingerprint this fedsim does not derive, or that predates these records, warns."""
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    first.mkdir()
+    moved.mkdir()
+    text = "".join(f"R{i}:\n" + "to be or not to be, " * 12 + "\n\n" for i in range(4))
+    (first / "play.txt").write_text(text)
+    raw = {
+        "seed": 1, "population": 4, "rounds": 3, "cohort": {"size": 4, "sampling": "fixed"},
+        "dataset": {"name": "shakespeare", "path": str(first / "play.txt"), "seq_len": 8, "min_chars": 50},
+        "model": {"name": "transformer", "hidden": 16, "layers": 1, "heads": 2},
+        "algorithm": {"lr": 0.5, "batch_size": 10}, "checkpoint": {"every": 1, "keep": 3},
+        "output": {"progress": False}, "simulation": {"num_workers": 1},
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    whole = run_local(from_dict(raw), run_dir)
+    path = checkpoint.checkpoint_path(run_dir, 2)
+    state = checkpoint.load(path)
+    assert state["data_sha256"] == whole["randomness"]["data_sha256"] and len(state["data_sha256"]) == 64
+    assert state["fingerprint"] == whole["randomness"]["fingerprint"]
+    assert checkpoint.check_identity(path, state, from_dict(state["config"])) is None
+
+    # The run died after round 2 and its data moved: resume from the new place, same model.
+    (moved / "renamed.txt").write_text(text)
+    (first / "play.txt").unlink()
+    (run_dir / "summary.json").unlink()
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    elsewhere = raw | {"resume": str(run_dir), "dataset": raw["dataset"] | {"path": str(moved / "renamed.txt")}}
+    again = run_local(from_dict(elsewhere), tmp_path / "unused")
+    assert again["resumed_from_round"] == 2 and again["model_sha256"] == whole["model_sha256"]
+
+    # Edited data: refused, on the command line with one line and exit status 2.
+    (run_dir / "summary.json").unlink()
+    checkpoint.checkpoint_path(run_dir, 3).unlink()
+    (moved / "renamed.txt").write_text(text.replace("to be", "to ba", 1))
+    with pytest.raises(DataError, match=r"dataset\.path=\S+renamed\.txt holds other bytes than the run read"):
+        run_local(from_dict(elsewhere), tmp_path / "unused")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsim", f"resume={run_dir}", "dataset=shakespeare", f"dataset.path={moved / 'renamed.txt'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "holds other bytes" in lines[0], proc.stderr
+    (first / "play.txt").write_text(text + " ")  # edited where the checkpoint's config reads it
+    with pytest.raises(DataError, match=r"dataset\.path hold other bytes than when round_000002\.pt was written"):
+        run_local(from_dict(raw | {"resume": str(run_dir)}), tmp_path / "unused")
+
+    # Other streams, or no records at all: a warning, not a refusal.
+    (first / "play.txt").write_text(text)
+    cfg = from_dict(checkpoint.load(path)["config"])
+    state = checkpoint.load(path)
+    other = checkpoint.check_identity(path, state | {"fingerprint": "0" * 32}, cfg)
+    assert other is not None and "not bit-identical" in other and "round 2" in other
+    older = {k: v for k, v in state.items() if k not in ("data_sha256", "fingerprint")}
+    assert "older fedsim" in (checkpoint.check_identity(path, older, cfg) or "")
