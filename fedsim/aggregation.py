@@ -93,6 +93,80 @@ def _walk(
     return left + right, True
 
 
+class TreeFolder:
+    """The sums of the cohort tree's maximal nodes inside [lo, hi) (`tree_nodes`), folded while
+    the rows arrive: a node is summed as soon as every position under it has arrived (`add`) or
+    is known to hold no trained device (`skip`), so a job's rows need not all be alive at once
+    (in position order at most O(log n) of them are). The additions are `tree_total`'s (a leaf
+    is w u in float64, a node left + right, an empty child skipped), so `finish` gives the same
+    bits as `tree_total(*node, rows=...)` for each node, whatever order the positions come in."""
+
+    def __init__(self, lo: int, hi: int, n: int) -> None:
+        self.roots = tree_nodes(lo, hi, n)
+        self.lo, self.hi = lo, hi
+        # Complete nodes whose parent is not: a float64 array (owned), a row not yet made a
+        # leaf, or None (nothing trained under it).
+        self._done: dict[Node, np.ndarray | Row | None] = {}
+        self._seen: set[int] = set()
+
+    def add(self, position: int, row: Row) -> None:
+        """Position `position`'s device trained: its (update, weight) row (only read)."""
+        self._arrive(position, row)
+
+    def skip(self, position: int) -> None:
+        """Position `position`'s device has no row (it failed or was rejected)."""
+        self._arrive(position, None)
+
+    def finish(self) -> list[tuple[Node, np.ndarray]]:
+        """(node, float64 sum) of every root node that holds a trained device, left to right.
+        Every position of [lo, hi) must have been added or skipped."""
+        if len(self._seen) != self.hi - self.lo:
+            raise ValueError(f"positions {sorted(set(range(self.lo, self.hi)) - self._seen)[:5]} neither added nor skipped")
+        out = []
+        for root in self.roots:
+            value = _owned(self._done.pop(root))
+            if value is not None:
+                out.append((root, value))
+        return out
+
+    def _arrive(self, position: int, value: Row | None) -> None:
+        if not self.lo <= position < self.hi or position in self._seen:
+            raise ValueError(f"position {position} is outside [{self.lo}, {self.hi}) or came twice")
+        self._seen.add(position)
+        path = self._path(position)  # root ... leaf
+        node: Node = path[-1]
+        self._done[node] = value
+        for parent in reversed(path[:-1]):
+            mid = (parent[0] + parent[1]) // 2
+            left, right = (parent[0], mid), (mid, parent[1])
+            if left not in self._done or right not in self._done:
+                return
+            self._done[parent] = _combine(self._done.pop(left), self._done.pop(right))
+
+    def _path(self, position: int) -> list[Node]:
+        root = next(r for r in self.roots if r[0] <= position < r[1])
+        path = [root]
+        a, b = root
+        while b - a > 1:
+            mid = (a + b) // 2
+            a, b = (a, mid) if position < mid else (mid, b)
+            path.append((a, b))
+        return path
+
+
+def _owned(value: np.ndarray | Row | None) -> np.ndarray | None:
+    """A node's value as a float64 array the folder owns (a row becomes its leaf)."""
+    return leaf(*value) if isinstance(value, tuple) else value
+
+
+def _combine(left: np.ndarray | Row | None, right: np.ndarray | Row | None) -> np.ndarray | Row | None:
+    if left is None or right is None:
+        return right if left is None else left  # an empty child is skipped, never added as zeros
+    total = _owned(left)
+    total += leaf(*right) if isinstance(right, tuple) else right  # IEEE addition commutes: left + right
+    return total
+
+
 class RunningSum:
     """The round's (weighted) sum of device updates, finished over the cohort's tree."""
 

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 
-from flwr.app import Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsim import secure_rounds, wire
@@ -43,7 +43,7 @@ def obey_fault(msg: Message) -> None:
     """Chaos (faults.worker_*, fedsim.transport.worker_faults): a job may tell this worker to
     die (SIGKILL: no reply, no goodbye) or to stop for a while (SIGSTOP; a detached helper
     process sends SIGCONT), as a crashed or frozen machine would."""
-    job = msg.content.config_records.get("job")
+    job = wire.records(msg.content, ConfigRecord).get("job")
     fault = str(job.get(FAULT_KEY, "")) if job is not None else ""
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedsim import wire
@@ -156,7 +156,7 @@ class SecureStages:
     def __call__(self, grid: Grid, messages: list[Message], *, timeout: float | None) -> dict[int, Message]:
         if not messages:
             return {}
-        stage = str(messages[0].content.config_records["job"]["stage"])
+        stage = str(wire.records(messages[0].content, ConfigRecord)["job"]["stage"])
         if stage == "masked_input" and self.faults:
             messages = [
                 Message(with_fault(m.content, self.faults[m.metadata.dst_node_id]), dst_node_id=m.metadata.dst_node_id,

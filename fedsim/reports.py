@@ -69,42 +69,23 @@ def device_weight(num_examples: int, weighting: str) -> float:
     return float(num_examples) if weighting == "examples" else 1.0
 
 
-def fold_into_tree(report: DeviceReport, device_ids: list[int], start: int, n: int, weighting: str) -> None:
-    """Replace the report's rows by the float64 sums of the cohort tree's nodes over its range,
-    in place (`device_ids`: the job's devices, at cohort positions start, start + 1, ...; n: the
-    cohort's size; fedsim.aggregation). The server's acceptance check
-    (`reject_non_finite`) runs on the rows first, so a NaN device fails alone and never enters
-    a sum; per-device metadata (ids, example counts, losses, privacy events) stays."""
-    from fedsim.aggregation import tree_nodes, tree_total  # numpy only
+REJECTED = "rejected by the server: update has NaN/inf values or no examples"
 
-    reject_non_finite(report)
-    position = {d: start + i for i, d in enumerate(device_ids)}
-    rows = {
-        position[d]: (u, device_weight(k, weighting))
-        for d, u, k in zip(report.device_ids, report.updates, report.num_examples, strict=True)
-    }
-    if device_ids:
-        for node in tree_nodes(start, start + len(device_ids), n):
-            total = tree_total(*node, rows=rows)
-            if total is not None:
-                report.sum_nodes.append(node)
-                report.sums.append(total)
-    report.updates = []
+
+def acceptable(update: np.ndarray, num_examples: int) -> bool:
+    """The server's acceptance check of one device's row: finite values, a positive example count."""
+    return num_examples > 0 and all_finite(update)
 
 
 def reject_non_finite(report: DeviceReport) -> None:
     """Move devices whose update has NaN/inf values (or a non-positive example count) to the
     report's failures, in place. A report of shipped sums has no rows: its devices were
-    checked where they were summed (`fold_into_tree`), its sums by `fedsim.exchange.collect`."""
+    checked where they were summed (`fedsim.worker.Worker.train`), its sums by
+    `fedsim.exchange.collect`."""
     if not report.updates:
         return
-    keep = [
-        i
-        for i, (u, n) in enumerate(zip(report.updates, report.num_examples, strict=True))
-        if n > 0 and all_finite(u)
-    ]
+    keep = [i for i, (u, n) in enumerate(zip(report.updates, report.num_examples, strict=True)) if acceptable(u, n)]
     if len(keep) == len(report.device_ids):
         return
     kept = {report.device_ids[i] for i in keep}
-    report.fail_devices({d for d in report.device_ids if d not in kept},
-                        "rejected by the server: update has NaN/inf values or no examples")  # fmt: skip
+    report.fail_devices({d for d in report.device_ids if d not in kept}, REJECTED)

@@ -451,7 +451,7 @@ def secure_round(
             for hook in RECEIVED:
                 hook(stage, reply.content)
             bytes_in[stage] = bytes_in.get(stage, 0) + wire.payload_bytes(reply.content)
-            errors = reply.content.config_records.get("device_errors")
+            errors = wire.records(reply.content, ConfigRecord).get("device_errors")
             for pos, reason in (errors or {}).items():
                 device_errors[int(pos)] = str(reason)
                 log.warning("round %d: device %d dropped at %s", round_num, cohort[int(pos)], reason)
@@ -462,7 +462,7 @@ def secure_round(
     def device_payloads(replies: list[RecordDict]) -> dict[int, dict]:
         out: dict[int, dict] = {}
         for content in replies:
-            for position, fields in wire.read_payloads(content.config_records.get("dev")).items():  # type: ignore[arg-type]
+            for position, fields in wire.read_payloads(wire.records(content, ConfigRecord).get("dev")).items():  # type: ignore[arg-type]
                 out[position] = fields if fields is not None else {}  # {}: the protocol rejects it as malformed
         return out
 
@@ -488,7 +488,7 @@ def secure_round(
         replies = exchange("masked_input", req3, global_record)
         bad: dict[int, dict | None] = {}  # position -> {"bad": [senders]}; None: did not unpack
         for content in replies:
-            bad |= wire.read_payloads(content.config_records.get("dev"))  # type: ignore[arg-type]
+            bad |= wire.read_payloads(wire.records(content, ConfigRecord).get("dev"))  # type: ignore[arg-type]
 
         def bad_of(p: int) -> object:  # what the device reported; None (malformed) makes the server reject it
             fields = bad.get(p, {})
@@ -503,14 +503,14 @@ def secure_round(
             except wire.BadReply as err:  # its devices are left out whole: no vector without its accounting
                 log.warning("round %d: skipping a worker's masked input: %s", round_num, err)
                 continue
-            arrays = content.array_records.get("masked")
+            arrays = wire.records(content, ArrayRecord).get("masked")
             # Only vectors of devices this reply's report lists (no vector without its accounting),
             # each position once.
             listed = {position[d] for d in report.device_ids if d in position}
-            summed = content.array_records.get("masked_sum")
+            summed = wire.records(content, ArrayRecord).get("masked_sum")
             if summed is not None:
                 try:
-                    members = [int(p) for p in content.config_records["masked_sum_members"]["positions"]]  # type: ignore[union-attr]
+                    members = [int(p) for p in wire.records(content, ConfigRecord)["masked_sum_members"]["positions"]]  # type: ignore[union-attr]
                     vector: np.ndarray | None = wire.unpack(summed["sum"])
                 except (KeyError, TypeError, ValueError):  # (wire.BadReply is a ValueError)
                     members, vector = [], None
@@ -655,8 +655,8 @@ def _masked_input(
     mu, mu_count = float(job["skellam_mu"]), float(job["skellam_mu_count"])  # type: ignore[arg-type]
     norm_bound = float(job["norm_bound"]) if "norm_bound" in job else None  # type: ignore[arg-type]
     names = tuple(str(n) for n in job["stats"])  # type: ignore[union-attr]
-    global_params = torch.from_numpy(wire.unpack(msg.content.array_records["global"]["params"]).copy())
-    requests = msg.content.config_records  # once: each access rebuilds the view over every record
+    global_params = torch.from_numpy(wire.unpack(wire.records(msg.content, ArrayRecord)["global"]["params"]).copy())
+    requests = wire.records(msg.content, ConfigRecord)  # once: each access rebuilds the view over every record
     clip_norm = float(job["clip_norm"]) if "clip_norm" in job else None  # type: ignore[arg-type]
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     # The plan's groups (vectorized training) without the devices that dropped here.
@@ -867,7 +867,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     A device whose stage fails drops alone: its position and "stage: reason" go back in the
     reply's "device_errors" record; the worker's other devices carry on.
     """
-    job = msg.content.config_records["job"]
+    job = wire.records(msg.content, ConfigRecord)["job"]
     stage, round_num = str(job["stage"]), int(job["round"])  # type: ignore[arg-type]
     worker = get_worker(str(job["config"]))
     cfg = worker.cfg
@@ -879,13 +879,13 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     if params.active and stage != "advertise_keys":
         # The neighbours' identity keys come from the PKI itself, never from the server's message.
         registry = pki.lookup(params.session_id)
-    state = context.state.config_records.get("secagg")
+    state = wire.records(context.state, ConfigRecord).get("secagg")
     # A new session starts with a clean slate (an earlier one may have ended without stage 4 here).
     states: dict[str, bytes] = dict(state) if state is not None and stage != "advertise_keys" else {}  # type: ignore[arg-type]
     device_ids = [int(d) for d in job["device_ids"]]  # type: ignore[union-attr]
     positions = [int(p) for p in job["positions"]]  # type: ignore[union-attr]
     out = RecordDict()
-    requests = msg.content.config_records  # once: each access rebuilds the view over every record
+    requests = wire.records(msg.content, ConfigRecord)  # once: each access rebuilds the view over every record
     errors: dict[str, str] = {}
     live = [(d, p) for d, p in zip(device_ids, positions, strict=True) if not _dropped(cfg, stage, round_num, d)]
     identity_keys: dict[int, tuple[int, bytes]] = {}  # active, advertise_keys: position -> (device, public key)
@@ -938,5 +938,5 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     context.state["secagg"] = ConfigRecord(states)
     if errors:
         out["device_errors"] = ConfigRecord(errors)
-    out["worker"] = out.metric_records.get("worker") or MetricRecord({"train_time_s": 0.0, "peak_rss_mb": 0.0})
+    out["worker"] = wire.records(out, MetricRecord).get("worker") or MetricRecord({"train_time_s": 0.0, "peak_rss_mb": 0.0})
     return Message(content=out, reply_to=msg)

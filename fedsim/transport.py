@@ -294,7 +294,7 @@ def with_fault(content: RecordDict, fault: str) -> RecordDict:
     """A copy of a job carrying `fault` (shallow: the weights are shared, the job record is new),
     so a resend of the same job goes out without it."""
     copy = RecordDict(dict(content.items()))
-    copy["job"] = ConfigRecord({**dict(content.config_records["job"]), FAULT_KEY: fault})
+    copy["job"] = ConfigRecord({**dict(wire.records(content, ConfigRecord)["job"]), FAULT_KEY: fault})
     return copy
 
 

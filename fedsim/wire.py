@@ -36,6 +36,7 @@ import itertools
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from fedsim.reports import DeviceReport
 
 __all__ = [
     "Assignment",
+    "records",
     "BadReply",
     "DeviceReport",
     "Job",
@@ -66,6 +68,21 @@ class BadReply(ValueError):
 
 RAW = "fedsim.raw-le"  # Array.stype of `pack`: C-order little-endian bytes, no header
 SUMS = ("examples", "ones")  # a job's "sums": how the worker weights each device in its tree sums
+
+
+RecordT = TypeVar("RecordT", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def records(content: RecordDict, kind: type[RecordT]) -> dict[str, RecordT]:
+    """The records of `kind` in `content`, as a plain dict (read it like Flower's
+    `content.array_records` / `config_records` / `metric_records`). Flower's views are
+    `_SyncedDict`s that hold a bound method of themselves and the RecordDict: each access makes
+    a reference cycle that keeps the whole message (its arrays' bytes included) alive until the
+    cyclic garbage collector runs. On the server that was ~13 MB more resident memory per round
+    for the FEMNIST-size CNN (the replies' sums and the jobs' weights, 433 -> 556 MB over six
+    rounds, flat at ~480 with the cycles gone); tests/test_wire.py checks that reading a message
+    through this leaves no cycle."""
+    return {key: record for key, record in content.items() if isinstance(record, kind)}
 
 
 def pack(array: np.ndarray) -> Array:
@@ -161,8 +178,8 @@ def write_job(
 
 
 def read_job(content: RecordDict) -> Job:
-    job = content.config_records["job"]
-    params = unpack(content.array_records["global"]["params"]).copy()  # the one copy: trainers write into it
+    job = records(content, ConfigRecord)["job"]
+    params = unpack(records(content, ArrayRecord)["global"]["params"]).copy()  # the one copy: trainers write into it
     return Job(
         round_num=int(job["round"]),
         device_ids=[int(i) for i in job["device_ids"]],  # type: ignore[union-attr]
@@ -170,8 +187,8 @@ def read_job(content: RecordDict) -> Job:
         global_params=torch.from_numpy(params),
         clip_norm=float(job["clip_norm"]) if "clip_norm" in job else None,  # type: ignore[arg-type]
         groups=[int(g) for g in job["groups"]] if "groups" in job else None,  # type: ignore[union-attr]
-        arrays={k: unpack(a) for k, a in content.array_records["strategy"].items()}
-        if "strategy" in content.array_records else None,
+        arrays={k: unpack(a) for k, a in records(content, ArrayRecord)["strategy"].items()}
+        if "strategy" in records(content, ArrayRecord) else None,
         sums=str(job["sums"]) if "sums" in job else None,
         sum_range=(int(job["sum_range"][0]), int(job["sum_range"][1])) if "sum_range" in job else None,  # type: ignore[index]
     )
@@ -209,13 +226,13 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
     """The worker's report; `num_params` None: a secure-aggregation reply, which must carry no
     per-device values (updates, losses, example counts, clipping bits or fractions) at all."""
     try:
-        devices = content.config_records["devices"]
-        vectors = content.array_records["updates"]
+        devices = records(content, ConfigRecord)["devices"]
+        vectors = records(content, ArrayRecord)["updates"]
         shipped = unpack(vectors["sums"]) if "sums" in vectors else None
         updates = unpack(vectors["updates"]) if shipped is None else np.zeros((0, 0), dtype=np.float32)
         flat = [int(x) for x in devices["sum_nodes"]] if "sum_nodes" in devices else []  # type: ignore[union-attr]
         sum_nodes = list(zip(flat[0::2], flat[1::2], strict=True))
-        worker = content.metric_records["worker"]
+        worker = records(content, MetricRecord)["worker"]
         report = DeviceReport(
             device_ids=[int(i) for i in devices["device_ids"]],  # type: ignore[union-attr]
             num_examples=[int(n) for n in devices["num_examples"]],  # type: ignore[union-attr]
@@ -269,24 +286,25 @@ def read_report(content: RecordDict, num_params: int | None) -> DeviceReport:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of the arrays, strings and byte strings in a message (what dominates its size on
     the wire); numbers count 8 bytes each."""
-
-    def size(value: object) -> int:
-        if isinstance(value, (str, bytes)):
-            return len(value)
-        if isinstance(value, list):
-            if all(type(v) is bytes for v in value):  # fast paths: SecAgg+ ciphertexts, keys, shares
-                return sum(map(len, value))
-            if all(type(v) is int for v in value):  # ids, positions
-                return 8 * len(value)
-            return sum(size(v) for v in value)
-        return 8
-
     total = 0
-    for record in content.array_records.values():
+    for record in records(content, ArrayRecord).values():
         total += sum(len(arr.data) for arr in record.values())
-    for record in content.config_records.values():
-        total += sum(size(v) for v in record.values())
+    for record in records(content, ConfigRecord).values():
+        total += sum(_value_size(v) for v in record.values())
     return total
+
+
+def _value_size(value: object) -> int:
+    # (Module level: a closure that calls itself is a reference cycle, freed only by the collector.)
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, list):
+        if all(type(v) is bytes for v in value):  # fast paths: SecAgg+ ciphertexts, keys, shares
+            return sum(map(len, value))
+        if all(type(v) is int for v in value):  # ids, positions
+            return 8 * len(value)
+        return sum(_value_size(v) for v in value)
+    return 8
 
 
 # -- SecAgg+ device payloads -------------------------------------------------------------------

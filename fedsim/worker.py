@@ -33,11 +33,12 @@ from clients.vectorized import VectorizedTrainer, vectorizable
 from fedsim import randomness
 from fedsim.canaries import canary_device_data, canary_public_examples, is_canary_device
 from fedsim.capacity import peak_rss_mb
+from fedsim.aggregation import TreeFolder
 from fedsim.config import FedsimConfig, from_dict
 from fedsim.data import FederatedDataset, identity, load_dataset
 from fedsim.errors import ConfigError, DataError
 from fedsim.models import checked_model, model_for, split_fixed_features
-from fedsim.reports import DeviceReport, all_finite, fold_into_tree
+from fedsim.reports import REJECTED, DeviceReport, acceptable, all_finite, device_weight
 from fedsim.strategies import strategy_class
 
 if TYPE_CHECKING:  # DP-SGD's trainer imports Opacus (~2 s): only runs with privacy.dpsgd load it
@@ -323,7 +324,9 @@ class Worker:
         (rows in `device_ids` order; Strategy.device_correction reads them). `sums` ("examples" or
         "ones", with `sum_range` = (cohort position of the first device, cohort size)): the
         report carries the float64 sums of the cohort tree's nodes over its devices instead of a
-        row per device, after the server's own per-device check (fedsim.reports.fold_into_tree).
+        row per device, after the server's own per-device check (fedsim.reports.acceptable); each
+        row is folded into the tree (fedsim.aggregation.TreeFolder) as soon as its group has
+        trained, so the job's rows are never all alive at once.
         """
         if sums is not None and sum_range is None:
             raise ValueError("a job asking for sums must give its devices' range in the cohort")
@@ -333,14 +336,16 @@ class Worker:
         batches = split_groups(device_ids, groups if self.vectorized is not None else None)
         if self.trainer is None:
             raise RuntimeError("under distributed DP-SGD devices send gradient sums (Worker.gradient_sums), they do not train")
-        row_of = {d: i for i, d in enumerate(device_ids)} if arrays else {}  # the strategy's rows per device
+        position_of = {d: i for i, d in enumerate(device_ids)}  # the strategy's rows, the cohort tree's positions
         if clip_norm is not None:  # user-level DP only: fedsim.privacy imports the accountants (~2 s)
             from fedsim.privacy.user_level import clip_update
         dpsgd = cfg.privacy.dpsgd is not None  # local DP-SGD: q and steps from each device's public count
+        folder = TreeFolder(sum_range[0], sum_range[0] + len(device_ids), sum_range[1]) if sums is not None else None  # type: ignore[index]
+        rejected: set[int] = set()  # rows the server's check refuses (moved to the failures at the end)
 
         def alone(device_id: int, data: object) -> TrainResult | Exception:
             try:
-                correction = self.strategy.device_correction(arrays, row_of[device_id]) if arrays else None
+                correction = self.strategy.device_correction(arrays, position_of[device_id]) if arrays else None
                 public = {"public_examples": self.public_examples(device_id)} if dpsgd else {}
                 return self.trainer.fit(global_params, data, seed=device_seed(streams, round_num, device_id),
                                         correction=correction, **public)  # fmt: skip
@@ -398,12 +403,24 @@ class Worker:
                 except Exception as err:
                     outcome[device_id] = _failure(err)
             for device_id in batch:  # rows and failures in device order, as one by one
-                self._add(report, device_id, outcome[device_id])
+                row = self._add(report, device_id, outcome.pop(device_id), keep_row=folder is None)
+                if folder is not None:  # the row goes into the tree now, not into the report
+                    position = sum_range[0] + position_of[device_id]  # type: ignore[index]
+                    if row is None:
+                        folder.skip(position)
+                    elif acceptable(*row):
+                        folder.add(position, (row[0], device_weight(row[1], sums)))  # type: ignore[arg-type]
+                    else:
+                        rejected.add(device_id)
+                        folder.skip(position)
         if cfg.audit.break_mechanism == "no_noise" and cfg.privacy.dpsgd is not None:
             # Tests only: the accountant is told the configured sigma, as a buggy mechanism would.
             report.dp_events = [(cfg.privacy.dpsgd.noise_multiplier, q, steps) for _, q, steps in report.dp_events]
-        if sums is not None:
-            fold_into_tree(report, device_ids, *sum_range, sums)  # type: ignore[misc]
+        if folder is not None:
+            report.fail_devices(rejected, REJECTED)
+            for node, total in folder.finish():
+                report.sum_nodes.append(node)
+                report.sums.append(total)
         keep_diagnostics(cfg, report)
         report.train_time_s = time.perf_counter() - start
         report.peak_rss_mb = peak_rss_mb()
@@ -447,22 +464,30 @@ class Worker:
         return report
 
     @staticmethod
-    def _add(report: DeviceReport, device_id: int, outcome: tuple[TrainResult, torch.Tensor, bool | None] | str) -> None:
+    def _add(
+        report: DeviceReport, device_id: int, outcome: tuple[TrainResult, torch.Tensor, bool | None] | str,
+        *, keep_row: bool = True,
+    ) -> tuple[np.ndarray, int] | None:  # fmt: skip
+        """Put a device's outcome into the report (its row only with `keep_row`); return its
+        (update, example count), None for a failure."""
         if isinstance(outcome, str):
             report.failed_ids.append(device_id)
             report.failures.append(outcome)
-            return
+            return None
         result, update, within = outcome
         if within is not None:
             report.within_bound.append(within)
         report.device_ids.append(device_id)
-        report.updates.append(update.numpy())
+        row = update.numpy()
+        if keep_row:
+            report.updates.append(row)
         report.num_examples.append(result.num_examples)
         report.losses.append(float(result.metrics["loss"]))
         if result.privacy is not None:
             ev = result.privacy
             report.dp_events.append((ev.noise_multiplier, ev.sample_rate, ev.steps))
             report.clip_fractions.append(float(result.metrics["clip_fraction"]))
+        return row, result.num_examples
 
 
 def keep_diagnostics(cfg: FedsimConfig, report: DeviceReport) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from clients import flat_params
 from fedsim import wire
-from fedsim.aggregation import tree_nodes, tree_total
+from fedsim.aggregation import TreeFolder, tree_nodes, tree_total
 from fedsim.config import from_dict
 from fedsim.exchange import collect
 from fedsim.placement import assign_devices
@@ -81,6 +81,31 @@ def test_the_tree_decomposes_any_range_into_the_nodes_whose_sums_give_the_root()
     assert all(np.array_equal(rows[p][0], frozen[p][0]) for p in rows)  # inputs never written to
     leaves = [w * u.astype(np.float64) for p, (u, w) in sorted(rows.items())]
     assert not np.array_equal(root, sum(leaves))  # (not the sequential sum's bits)
+
+
+def test_folding_rows_as_they_arrive_gives_tree_totals_bits_in_any_order_and_keeps_few_alive() -> None:
+    rng = np.random.default_rng(1)
+    n = 37
+    rows = {p: (rng.standard_normal(40).astype(np.float32) * np.float32(10.0 ** rng.integers(-6, 6)), float(rng.integers(1, 9)))
+            for p in range(n) if p % 5 != 3}  # fmt: skip
+    for lo, hi in ((0, n), (0, 18), (5, 29), (36, 37), (11, 12)):
+        expected = [(node, t) for node in tree_nodes(lo, hi, n) if (t := tree_total(*node, rows=rows)) is not None]
+        for order in (list(range(lo, hi)), list(range(hi - 1, lo - 1, -1)), list(rng.permutation(np.arange(lo, hi)))):
+            folder, alive = TreeFolder(lo, hi, n), 0
+            for p in order:
+                folder.add(int(p), rows[p]) if p in rows else folder.skip(int(p))
+                alive = max(alive, len(folder._done))
+            got = folder.finish()
+            assert [node for node, _ in got] == [node for node, _ in expected]
+            assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True)), (lo, hi)
+            if order == list(range(lo, hi)):  # in position order: O(log n) values alive, not a row per device
+                assert alive <= 2 * int(np.log2(n)) + 2, alive
+    folder = TreeFolder(0, 4, 4)
+    folder.add(0, rows[0])
+    with pytest.raises(ValueError, match="came twice"):
+        folder.add(0, rows[0])
+    with pytest.raises(ValueError, match=r"positions \[1, 2, 3\] neither added nor skipped"):
+        folder.finish()
 
 
 @pytest.mark.parametrize("weighting", ["examples", "ones"])

@@ -119,3 +119,28 @@ def test_secagg_device_payloads_round_trip_and_anything_else_is_a_bad_reply() ->
     odd = {"01": record["0"], "\u00b2": record["0"], "\u0661": record["0"], "-1": record["0"], "7": record["0"]}
     assert wire.read_payloads(odd) == {7: {"a": 1}}
     assert [wire.position_key(k) for k in ("0", "12", "01", "\u00b2", "1.0", "")] == [0, 12, None, None, None, None]
+
+
+def test_reading_jobs_and_replies_leaves_no_reference_cycle_holding_their_arrays() -> None:
+    """Flower's `content.array_records` (and config/metric) views are reference cycles that keep a
+    whole message alive until the cyclic garbage collector runs: reading them every round kept
+    each round's weights and replies resident (~13 MB a round for the FEMNIST-size CNN on the
+    server). Reading through `wire.records` frees a message as soon as its last reference goes."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        job = wire.write_job(round_num=1, device_ids=[5], config_json="{}", global_params=np.zeros(1000, dtype=np.float32),
+                             arrays={"c": np.ones((1, 1000), dtype=np.float32)})  # fmt: skip
+        read = wire.read_job(job)
+        assert read.arrays is not None and wire.payload_bytes(job) > 8000
+        replies = [_Reply(wire.write_report(report([1, 2], num_params=1000)))]
+        total, _, reports = collect(replies, num_params=1000)  # type: ignore[arg-type]
+        assert total.count == 2 and len(wire.records(job, ArrayRecord)) == 2 and "job" in wire.records(job, ConfigRecord)
+        del job, read, replies, total, reports
+        assert gc.collect() == 0  # nothing was left for the collector: refcounting freed it all
+        wire.write_report(report([1])).array_records  # (Flower's own view: a cycle, as the doc says)
+        assert gc.collect() > 0
+    finally:
+        gc.enable()
