@@ -97,7 +97,7 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         "include_dashboard": False,
         "logging_level": sim.log_level,
     }
-    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir:
+    with _short_path(None if sim.ray_address else sim.ray_temp_dir) as ray_dir, _lean_serialization():
         if ray_dir:
             init_args["_temp_dir"] = ray_dir
         # Ray's start (2.5 s here, mostly waiting for its daemons) runs on a thread while this one
@@ -139,6 +139,19 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
+
+
+@contextlib.contextmanager
+def _lean_serialization() -> Iterator[None]:
+    """Ray's serialization add-ons left out of this process while the run's Ray session lasts
+    (`fedsim.ray_lean`; the preloaded workers leave them out too), then put back."""
+    from fedsim import ray_lean
+
+    restore = ray_lean.skip_serialization_addons()
+    try:
+        yield
+    finally:
+        restore()
 
 
 def server_malloc() -> None:

@@ -193,3 +193,32 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
         "print(seen == [True] * 6, '__getattr__' in package.__dict__)\n"
     )
     assert _python(threads) == ["True", "False"]
+
+
+def test_rays_serialization_addons_stay_out_of_workers_and_of_the_driver_while_a_run_lasts() -> None:
+    """Ray's SerializationContext registers pydantic, Starlette and Arrow serializers, importing
+    pyarrow (23 MB resident in every process); fedsim sends none of those types through Ray
+    (fedsim.ray_lean). A preloaded worker never registers them; the launcher leaves them out
+    while its run's Ray session lasts and puts Ray's function back afterwards."""
+    probe = (
+        "import sys\n"
+        "class Context:\n"
+        "    def __init__(self): self.calls = []\n"
+        "    def __getattr__(self, name): return lambda *a, **k: self.calls.append(name)\n"
+        "from ray.util import serialization_addons\n"
+        "import fedsim.ray_worker\n"
+        "ctx = Context(); serialization_addons.apply(ctx); print(len(ctx.calls), 'pyarrow' in sys.modules)\n"
+    )
+    assert _python(probe) == ["0", "False"]
+    driver = (
+        "import sys\n"
+        "class Context:\n"
+        "    def __init__(self): self.calls = []\n"
+        "    def __getattr__(self, name): return lambda *a, **k: self.calls.append(name)\n"
+        "from ray.util import serialization_addons\n"
+        "from fedsim.run import _lean_serialization\n"
+        "with _lean_serialization():\n"
+        "    ctx = Context(); serialization_addons.apply(ctx); print(len(ctx.calls), 'pyarrow' in sys.modules)\n"
+        "ctx = Context(); serialization_addons.apply(ctx); print(len(ctx.calls) > 0, 'pyarrow' in sys.modules)\n"
+    )
+    assert _python(driver) == ["0", "False", "True", "True"]
