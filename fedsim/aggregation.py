@@ -140,8 +140,15 @@ class TreeFolder:
             mid = (parent[0] + parent[1]) // 2
             left, right = (parent[0], mid), (mid, parent[1])
             if left not in self._done or right not in self._done:
-                return
+                break
             self._done[parent] = _combine(self._done.pop(left), self._done.pop(right))
+            node = parent
+        waiting = self._done[node]
+        if isinstance(waiting, tuple) and _pins_more(waiting[0]):
+            # A row left waiting for its sibling is copied: as a view (a vectorized group's
+            # updates are rows of one [devices, params] tensor) it would keep the whole group's
+            # tensor alive.
+            self._done[node] = (np.array(waiting[0]), waiting[1])
 
     def _path(self, position: int) -> list[Node]:
         root = next(r for r in self.roots if r[0] <= position < r[1])
@@ -152,6 +159,16 @@ class TreeFolder:
             a, b = (a, mid) if position < mid else (mid, b)
             path.append((a, b))
         return path
+
+
+def _pins_more(row: np.ndarray) -> bool:
+    """Whether `row` is a view that keeps a larger buffer alive (a numpy base or torch storage)."""
+    base = row.base
+    if base is None:
+        return False
+    if isinstance(base, torch.Tensor):
+        return base.untyped_storage().nbytes() > row.nbytes
+    return getattr(base, "nbytes", 0) > row.nbytes
 
 
 def _owned(value: np.ndarray | Row | None) -> np.ndarray | None:

@@ -497,11 +497,14 @@ def _resumed(cfg: FedsimConfig, overrides: Iterable[str] | None = None) -> tuple
     state = checkpoint.load(path)
     saved = from_dict(state["config"])
     given = resolve_paths(cfg)
-    changed = changed_keys(saved.to_dict(), given.to_dict(), overrides)
-    moved = _moved_data(state, saved, given, changed)
+    saved_dict, given_dict = saved.to_dict(), given.to_dict()
+    if overrides is not None:  # `dataset=shakespeare` on a Shakespeare run chooses nothing new: only its keys count
+        overrides = [k for k in overrides if not _same_group(k, saved_dict, given_dict)]
+    changed = changed_keys(saved_dict, given_dict, overrides)
+    moved = _moved_data(path, state, saved, given, changed)
     if moved is not None:  # the same bytes elsewhere: read them there
-        changed.remove(moved[0])
-        setattr(saved.dataset, moved[0].split(".", 1)[1], moved[1])
+        changed = [k for k in changed if k not in moved[0]]
+        setattr(saved.dataset, moved[0][0].split(".")[1], moved[1])
     if changed:
         raise ConfigError(
             "resume",
@@ -520,28 +523,48 @@ def _resumed(cfg: FedsimConfig, overrides: Iterable[str] | None = None) -> tuple
     return saved, Path(saved.output.dir) if saved.output.dir else path.parent.parent, state
 
 
+def _same_group(key: str, saved: dict[str, Any], given: dict[str, Any]) -> bool:
+    """Whether override `key` chose a whole config group (`dataset=shakespeare`) of the same
+    name as the run's own: needed on the command line to set one of its keys, not a change."""
+    mine, theirs = given.get(key), saved.get(key)
+    return isinstance(mine, dict) and isinstance(theirs, dict) and mine.get("name") is not None and mine.get("name") == theirs.get("name")
+
+
 def _moved_data(
-    state: dict[str, Any], saved: FedsimConfig, given: FedsimConfig, changed: list[str]
-) -> tuple[str, Any] | None:
-    """(`dataset.<location key>`, its given value) when that key is among the `changed` ones
-    (`given` points the run's dataset elsewhere) and the checkpoint recorded what its data held (fedsim.checkpoint.identity): a
-    resume may read moved data if the bytes there are the same (the run, its fingerprint
-    included, stays the same). DataError, one line, when they are not."""
+    path: Path, state: dict[str, Any], saved: FedsimConfig, given: FedsimConfig, changed: list[str]
+) -> tuple[list[str], Any] | None:
+    """(the changed keys at or under `dataset.<location key>`, its given value) when those are
+    the only `changed` keys: `given` points the run's dataset elsewhere (a path, or a Hugging
+    Face builder's data_files, whose entries are keys of their own). The resume may then read
+    the data there if its bytes are the ones the checkpoint recorded (fedsim.checkpoint.identity;
+    the run, its fingerprint included, stays the same); otherwise one line says why not."""
     import dataclasses
 
     from fedsim.data import identity
 
     key = identity.location_key(saved.dataset)
-    new = getattr(given.dataset, key, None) if key else None
-    if f"dataset.{key}" not in changed or new is None or state.get("data_sha256") is None:
+    if key is None:
         return None
+    dotted = f"dataset.{key}"
+    moved = [k for k in changed if k == dotted or k.startswith(dotted + ".")]
+    new = getattr(given.dataset, key, None) if type(given.dataset) is type(saved.dataset) else None
+    if not moved or len(moved) != len(changed) or new is None:
+        return None  # not (only) a move: the caller refuses the changed keys
+    if state.get("data_sha256") is None:
+        raise ConfigError(
+            "resume",
+            f"{path.name} was written by a fedsim that recorded no digest of its data, so its run cannot read its "
+            f"data elsewhere; resume with the run's own {dotted}",
+        )
     there = identity.content_sha256(dataclasses.replace(saved.dataset, **{key: new}))
-    if there is not None and there != state["data_sha256"]:
+    if there is None:
+        raise DataError(f"resume: {dotted}={new} cannot be read (or its files listed): a resumed run must read the data it was checkpointed with")
+    if there != state["data_sha256"]:
         raise DataError(
-            f"resume: dataset.{key}={new} holds other bytes than the run read (sha256 {state['data_sha256'][:16]}..., "
+            f"resume: {dotted}={new} holds other bytes than the run read (sha256 {state['data_sha256'][:16]}..., "
             f"there {there[:16]}...): a resumed run must read the same data; point it at a copy of that data or start a new run"
         )
-    return (f"dataset.{key}", new) if there is not None else None
+    return moved, new
 
 
 def changed_keys(saved: dict[str, Any], given: dict[str, Any], overrides: Iterable[str] | None) -> list[str]:

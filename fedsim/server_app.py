@@ -110,6 +110,9 @@ def run_rounds(
     )
     config_json = job_config_json(cfg)  # with the sha256 of the data the server read: workers check theirs
     streams = randomness.streams(cfg)  # after prepare: a calibrated z is part of the fingerprint
+    # What every checkpoint records of the data and the streams: as the run started, not as the
+    # files are when it writes (data rewritten or deleted mid-run must not pass a later resume).
+    started = checkpoint.identity(cfg)
     covered = frozenset(published.covered_metrics(cfg))
     # A resumed run's rounds after its checkpoint (their rows, before RunLog rewrites metrics.jsonl).
     lost = rows_after(run_dir, int(setup.resume["round"])) if setup.resume is not None else []
@@ -123,7 +126,7 @@ def run_rounds(
     if lost and randomness.mode(cfg) == "secure":
         # The privacy of the rounds after the checkpoint stays counted (Mechanism.resumed): written
         # into that checkpoint now, so a second crash before the next checkpoint keeps it too.
-        save_checkpoint(cfg, run_dir, first_round - 1, params, strategy, active, runlog, elapsed_before, audit, average)
+        save_checkpoint(cfg, run_dir, first_round - 1, params, strategy, active, runlog, elapsed_before, started, audit, average)
     if (line := strategy.describe()) is not None:
         runlog.note(line)
     for described in (*active, audit):
@@ -231,7 +234,7 @@ def run_rounds(
             )
             every = cfg.checkpoint.every
             if every and (round_num % every == 0 or round_num == cfg.rounds or STOP.is_set()):
-                save_checkpoint(cfg, run_dir, round_num, params, strategy, active, runlog, now - start, audit, average)
+                save_checkpoint(cfg, run_dir, round_num, params, strategy, active, runlog, now - start, started, audit, average)
             if stopped:
                 break
     except BaseException:
@@ -287,9 +290,12 @@ def save_checkpoint(
     active: list[Mechanism],
     runlog: RunLog,
     elapsed_s: float,
+    identity: dict[str, str | None],
     audit: RunAudit | None = None,
     average: ModelAverage | None = None,
 ) -> None:
+    """Save round `round_num`'s state (fedsim.checkpoint), with `identity`, the run's
+    `checkpoint.identity` as it started."""
     checkpoint.save(
         checkpoint.checkpoint_path(run_dir, round_num),
         {
@@ -305,7 +311,7 @@ def save_checkpoint(
             "audit": audit.state_dict() if audit else None,
             "model_average": average.state_dict() if average else None,
             # What a resume checks (fedsim.run._resumed): the data's bytes and the random streams.
-            **checkpoint.identity(cfg),
+            **identity,
         },
         keep=cfg.checkpoint.keep,
     )

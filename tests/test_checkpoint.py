@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedsim import checkpoint
-from fedsim.config import from_dict
+from fedsim.config import FedsimConfig, from_dict
 from fedsim.errors import DataError, FedsimError
 from fedsim.run import run
 from fake_grid import run_local
@@ -257,3 +257,33 @@ def test_a_resume_reads_moved_data_refuses_edited_data_and_warns_on_other_stream
     assert other is not None and "not bit-identical" in other and "round 2" in other
     older = {k: v for k, v in state.items() if k not in ("data_sha256", "fingerprint")}
     assert "older fedsim" in (checkpoint.check_identity(path, older, cfg) or "")
+
+
+def test_a_resume_may_move_hugging_face_data_files_and_says_why_when_it_may_not(tmp_path: Path) -> None:
+    """data_files is a dict (split -> file): its entries are config keys of their own, and all of
+    them moving to files with the recorded bytes is a move, not a config change."""
+    from fedsim.data import identity
+    from fedsim.errors import ConfigError
+    from fedsim.run import _moved_data, changed_keys
+
+    def data_in(folder: Path, test_rows: str = "3,1\n") -> FedsimConfig:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.csv").write_text("x,label\n1,0\n2,1\n")
+        (folder / "test.csv").write_text("x,label\n" + test_rows)
+        files = {"train": str(folder / "train.csv"), "test": str(folder / "test.csv")}
+        return from_dict({"dataset": {"name": "huggingface", "hf_name": "csv", "data_files": files}})
+
+    saved, given = data_in(tmp_path / "a"), data_in(tmp_path / "b")
+    path = tmp_path / "round_000002.pt"
+    state = {"data_sha256": identity.content_sha256(saved.dataset)}
+    changed = changed_keys(saved.to_dict(), given.to_dict(), None)
+    assert changed == ["dataset.data_files.test", "dataset.data_files.train"]
+    assert _moved_data(path, state, saved, given, changed) == (changed, given.dataset.data_files)
+    assert _moved_data(path, state, saved, given, [*changed, "rounds"]) is None  # not only a move: refused as before
+    with pytest.raises(DataError, match=r"dataset\.data_files=.* holds other bytes than the run read"):
+        _moved_data(path, state, saved, data_in(tmp_path / "c", "4,0\n"), changed)
+    with pytest.raises(ConfigError, match="recorded no digest of its data"):
+        _moved_data(path, {}, saved, given, changed)
+    (tmp_path / "b" / "test.csv").unlink()
+    with pytest.raises(DataError, match="cannot be read"):
+        _moved_data(path, state, saved, given, changed)

@@ -100,6 +100,17 @@ def test_folding_rows_as_they_arrive_gives_tree_totals_bits_in_any_order_and_kee
             assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, expected, strict=True)), (lo, hi)
             if order == list(range(lo, hi)):  # in position order: O(log n) values alive, not a row per device
                 assert alive <= 2 * int(np.log2(n)) + 2, alive
+    # A row left waiting is copied when it is a view of a larger buffer (a vectorized group's
+    # updates are rows of one tensor): the folder must not keep the whole group alive.
+    group = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    folder = TreeFolder(0, 4, 4)
+    folder.add(1, (group[1].numpy(), 1.0))  # waits for position 0
+    waiting = folder._done[(1, 2)][0]
+    assert waiting.base is None and np.array_equal(waiting, [4, 5, 6, 7])
+    folder.add(0, (np.ones(4, dtype=np.float32), 2.0))
+    folder.skip(2)
+    folder.skip(3)
+    assert np.array_equal(folder.finish()[0][1], [6, 7, 8, 9])
     folder = TreeFolder(0, 4, 4)
     folder.add(0, rows[0])
     with pytest.raises(ValueError, match="came twice"):
