@@ -256,7 +256,7 @@ def evaluate(
     model's previous mode. 64 keeps a server's final evaluation from setting its peak memory:
     1,000 examples through the FEMNIST-size CNN add 112 MB to a process's peak at 256 a batch,
     43 MB at 64, in the same time (0.73 vs 0.72 s); 2,000 windows through LEAF's LSTM add
-    101 vs 41 MB and take 4.0 vs 3.3 s (AMD EPYC, 1 thread, /work/runs/evalmem*.py, one-off). An empty
+    101 vs 41 MB and take 4.0 vs 3.3 s (AMD EPYC, 1 thread; a one-off script, not in bench/). An empty
     data set gives loss and accuracy nan with num_examples 0, so weighted averages skip it.
     """
     if batch_size < 1:

@@ -80,7 +80,8 @@ def records(content: RecordDict, kind: type[RecordT]) -> dict[str, RecordT]:
     a reference cycle that keeps the whole message (its arrays' bytes included) alive until the
     cyclic garbage collector runs. On the server that was ~13 MB more resident memory per round
     for the FEMNIST-size CNN (the replies' sums and the jobs' weights, 433 -> 556 MB over six
-    rounds, flat at ~480 with the cycles gone); tests/test_wire.py checks that reading a message
+    rounds, flat at ~480 with the cycles gone: RSS sampled every 50 ms in a one-off script, not in
+    bench/; bench/speed.py's server peak went 556 -> 509 MB); tests/test_wire.py checks that reading a message
     through this leaves no cycle."""
     return {key: record for key, record in content.items() if isinstance(record, kind)}
 
