@@ -22,6 +22,8 @@ imports anything under `flwr.` outside those public modules or spells a name of 
   (The launcher imports the package whole: Flower's run_simulation module itself imports
   SQLAlchemy and FastAPI, so skipping the package's app.py there saved nothing,
   `python bench/startup.py --phases`.)
+- `defer_sql_state`: the launcher imports Flower's SuperLink state on SQL (SQLAlchemy and Alembic)
+  only to reach the in-memory state the simulation engine uses: stand-ins until it is used.
 - `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
   process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
   in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
@@ -30,6 +32,7 @@ imports anything under `flwr.` outside those public modules or spells a name of 
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import importlib.util
 import sys
 import threading
@@ -133,6 +136,130 @@ def light_simulation_package() -> bool:
     sys.modules["flwr.simulation"] = module
     flwr.simulation = module  # type: ignore[attr-defined] - as the import system sets it
     return True
+
+
+# Flower's SuperLink state on SQL (SQLAlchemy and Alembic): each factory module imports its Sql*
+# class eagerly, while the simulation engine asks the factories for in-memory state only
+# (flwr/simulation/run_simulation.py and flwr/server/superlink/fleet/vce/vce_api.py pass
+# FLWR_IN_MEMORY_DB_NAME to LinkStateFactory and ObjectStoreFactory).
+SQL_STATE = {
+    "flwr.server.superlink.linkstate.sql_linkstate": "SqlLinkState",
+    "flwr.supercore.object_store.sql_object_store": "SqlObjectStore",
+}
+
+
+class _Deferred(type):
+    """Metaclass of a stand-in for a class whose module is imported only when the class is used.
+
+    Calling the stand-in, reading any attribute of it, or asking whether a class is a subclass of
+    it imports the real module and answers with the real class. `isinstance` answers False
+    without importing while the real module was never imported (no instance can exist then).
+    """
+
+    _fedsim_lock = threading.RLock()
+
+    def _fedsim_real(cls) -> Any:
+        real = cls.__dict__.get("_fedsim_class")
+        if real is None:
+            with _Deferred._fedsim_lock:
+                real = cls.__dict__.get("_fedsim_class")
+                if real is None:
+                    real = getattr(_import_deferred(cls.__dict__["_fedsim_module"]), cls.__name__)
+                    type.__setattr__(cls, "_fedsim_class", real)
+        return real
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        return cls._fedsim_real()(*args, **kwargs)
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("_fedsim"):
+            raise AttributeError(name)
+        return getattr(cls._fedsim_real(), name)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        module = sys.modules.get(cls.__dict__["_fedsim_module"])
+        if cls.__dict__.get("_fedsim_class") is None and getattr(module, "_fedsim_stand_in", False):
+            return False
+        return isinstance(obj, cls._fedsim_real())
+
+    def __subclasscheck__(cls, sub: Any) -> bool:
+        return issubclass(sub, cls._fedsim_real())
+
+
+def _import_deferred(name: str) -> Any:
+    """The real module `name`, imported now in place of its stand-in (under _Deferred's lock)."""
+    with _Deferred._fedsim_lock:
+        module = sys.modules.get(name)
+        if module is not None and not getattr(module, "_fedsim_stand_in", False):
+            return module
+        _SqlStateFinder.released.add(name)
+        sys.modules.pop(name, None)
+        try:
+            return importlib.import_module(name)
+        except BaseException:
+            _SqlStateFinder.released.discard(name)
+            if module is not None:
+                sys.modules.setdefault(name, module)  # the next use tries again
+            raise
+
+
+class _SqlStateFinder:
+    """Import hook (sys.meta_path) that loads a stand-in for each module of SQL_STATE, once the
+    import system asks for it, so its package gets it as any submodule (sys.modules, the
+    package's attribute); the real module when Flower no longer has it, or once released."""
+
+    released: set[str] = set()
+
+    @classmethod
+    def find_spec(cls, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in SQL_STATE or name in cls.released:
+            return None
+        real = importlib.machinery.PathFinder.find_spec(name, path)
+        if real is None:
+            return None
+        return importlib.util.spec_from_loader(name, cls, origin=real.origin)
+
+    @staticmethod
+    def create_module(spec: Any) -> Any:
+        return _stand_in_module(spec.name, SQL_STATE[spec.name])
+
+    @staticmethod
+    def exec_module(module: Any) -> None:
+        return None
+
+
+def defer_sql_state() -> bool:
+    """Make Flower's SQL state modules (SQL_STATE) stand-ins until they are used, so that
+    importing the simulation launcher does not import SQLAlchemy and Alembic, which an
+    in-memory simulation never uses: 32 MB resident and 0.5 s less in the launcher (measured
+    on the 2-core EPYC: `import torch, ray` then `from flwr.simulation import run_simulation`,
+    337 -> 305 MB, 1.07 -> 0.55 s). Nothing is lost: the stand-in module's other names, and
+    the stand-in class when called or read, import the real module then (a SuperLink on a
+    database still works in the same process). Returns False (and changes nothing) where one
+    of them is already imported.
+    """
+    with _Deferred._fedsim_lock:
+        if any(name in sys.modules for name in SQL_STATE):
+            return False
+        if _SqlStateFinder not in sys.meta_path:
+            sys.meta_path.insert(0, _SqlStateFinder)  # type: ignore[arg-type]
+        return True
+
+
+def _stand_in_module(name: str, class_name: str) -> Any:
+    import types
+
+    module = types.ModuleType(name, f"Stand-in for {name} until it is used (fedsim.flower_adapter.defer_sql_state).")
+    module._fedsim_stand_in = True  # type: ignore[attr-defined]
+    stand_in = _Deferred(class_name, (), {"_fedsim_module": name, "_fedsim_class": None, "__module__": name})
+
+    def __getattr__(attribute: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
+        if attribute.startswith("__") and attribute.endswith("__"):
+            raise AttributeError(attribute)
+        return getattr(_import_deferred(name), attribute)
+
+    module.__dict__.update({class_name: stand_in, "__getattr__": __getattr__})
+    return module
 
 
 @contextlib.contextmanager

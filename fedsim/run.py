@@ -109,12 +109,14 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
         every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= (os.cpu_count() or 1)
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
+            from fedsim.flower_adapter import defer_sql_state, fast_dispatch, replace_dead_actors
+
+            defer_sql_state()  # before anything imports Flower's launcher
             from fedsim.server_app import prepare
 
             setup = prepare(cfg, resume=resume_state)
 
             from fedsim.client_app import app as client_app
-            from fedsim.flower_adapter import fast_dispatch, replace_dead_actors
 
             from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
             from fedsim.server_app import make_server_app

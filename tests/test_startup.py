@@ -195,6 +195,34 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
     assert _python(threads) == ["True", "False"]
 
 
+def test_the_launcher_imports_flowers_sql_state_only_when_a_run_uses_it() -> None:
+    """fedsim's launcher (fedsim.run) defers Flower's SuperLink state on SQL: importing the
+    simulation launcher then leaves SQLAlchemy and Alembic out (32 MB, 0.5 s), and the in-memory
+    state the simulation uses is the real one. A SuperLink on a database in the same process
+    still gets the real SQL classes, which work (the stand-in imports them when called)."""
+    probe = (
+        "import sys\n"
+        "from fedsim import flower_adapter\n"
+        "print(flower_adapter.defer_sql_state())\n"
+        "from flwr.simulation import run_simulation\n"
+        "from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory, SqlLinkState\n"
+        "from flwr.supercore.object_store import ObjectStoreFactory\n"
+        "from flwr.superlink.federation import NoOpFederationManager\n"
+        "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))\n"
+        "from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME\n"
+        "memory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()).state()\n"
+        "print(type(memory) is InMemoryLinkState, isinstance(memory, SqlLinkState), 'sqlalchemy' in sys.modules)\n"
+        "store = ObjectStoreFactory(':memory:').store()\n"
+        "real = sys.modules['flwr.supercore.object_store.sql_object_store']\n"
+        "print(type(store) is real.SqlObjectStore, 'sqlalchemy' in sys.modules, getattr(real, '_fedsim_stand_in', False))\n"
+        "sql = LinkStateFactory(':memory:', NoOpFederationManager(), ObjectStoreFactory()).state()\n"
+        "import flwr.server.superlink.linkstate.sql_linkstate as module\n"
+        "print(type(sql) is module.SqlLinkState, isinstance(sql, SqlLinkState), issubclass(module.SqlLinkState, SqlLinkState))\n"
+        "print(callable(module._run_from_models), flower_adapter.defer_sql_state())\n"
+    )
+    assert _python(probe) == ["True", "[]", "True", "False", "False", "True", "True", "False", "True", "True", "True", "True", "False"]
+
+
 def test_rays_serialization_addons_stay_out_of_workers_and_of_the_driver_while_a_run_lasts() -> None:
     """Ray's SerializationContext registers pydantic, Starlette and Arrow serializers, importing
     pyarrow (23 MB resident in every process); fedsim sends none of those types through Ray
