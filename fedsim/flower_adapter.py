@@ -151,30 +151,46 @@ SQL_STATE = {
 class _Deferred(type):
     """Metaclass of a stand-in for a class whose module is imported only when the class is used.
 
-    Calling the stand-in, reading any attribute of it, or asking whether a class is a subclass of
-    it imports the real module and answers with the real class. `isinstance` answers False
-    without importing while the real module was never imported (no instance can exist then).
+    Calling the stand-in, reading or setting an attribute of it (not a dunder: introspection
+    stays cheap), subclassing it, or asking whether a class is a subclass of it imports the real
+    module and answers with the real class; once it is imported, every module's global that
+    holds the stand-in is made the real class (`_rebind`). `isinstance` answers False without
+    importing while the real module was never imported (no instance can exist then).
     """
 
     _fedsim_lock = threading.RLock()
 
+    def __new__(mcs, name: str, bases: tuple, namespace: dict, **kwds: Any) -> Any:  # noqa: N804
+        if any(isinstance(base, _Deferred) for base in bases):  # a subclass: of the real class
+            import types
+
+            real = tuple(base._fedsim_real() if isinstance(base, _Deferred) else base for base in bases)
+            return types.new_class(name, real, kwds, lambda body: body.update(namespace))
+        return super().__new__(mcs, name, bases, namespace)
+
     def _fedsim_real(cls) -> Any:
         real = cls.__dict__.get("_fedsim_class")
         if real is None:
+            real = getattr(_import_deferred(cls.__dict__["_fedsim_module"]), cls.__name__)
             with _Deferred._fedsim_lock:
-                real = cls.__dict__.get("_fedsim_class")
-                if real is None:
-                    real = getattr(_import_deferred(cls.__dict__["_fedsim_module"]), cls.__name__)
+                if cls.__dict__.get("_fedsim_class") is None:
                     type.__setattr__(cls, "_fedsim_class", real)
+                    _rebind(cls, real)
         return real
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         return cls._fedsim_real()(*args, **kwargs)
 
     def __getattr__(cls, name: str) -> Any:
-        if name.startswith("_fedsim"):
+        if name.startswith("_fedsim") or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)
         return getattr(cls._fedsim_real(), name)
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        setattr(cls._fedsim_real(), name, value)
+
+    def __delattr__(cls, name: str) -> None:
+        delattr(cls._fedsim_real(), name)
 
     def __instancecheck__(cls, obj: Any) -> bool:
         module = sys.modules.get(cls.__dict__["_fedsim_module"])
@@ -186,21 +202,38 @@ class _Deferred(type):
         return issubclass(sub, cls._fedsim_real())
 
 
+def _rebind(stand_in: Any, real: Any) -> None:
+    """Make every module global that holds `stand_in` hold `real` (the factories' own names)."""
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        try:
+            names = [key for key, value in namespace.items() if value is stand_in]
+        except RuntimeError:  # the module's dict changed meanwhile (another thread importing)
+            continue
+        for key in names:
+            namespace[key] = real
+
+
 def _import_deferred(name: str) -> Any:
-    """The real module `name`, imported now in place of its stand-in (under _Deferred's lock)."""
+    """The real module `name`, imported now in place of its stand-in. Only the bookkeeping holds
+    _Deferred's lock; the import itself is ordered by Python's own lock on the module (a second
+    thread waits for the first's import)."""
     with _Deferred._fedsim_lock:
         module = sys.modules.get(name)
-        if module is not None and not getattr(module, "_fedsim_stand_in", False):
-            return module
-        _SqlStateFinder.released.add(name)
-        sys.modules.pop(name, None)
-        try:
-            return importlib.import_module(name)
-        except BaseException:
-            _SqlStateFinder.released.discard(name)
-            if module is not None:
-                sys.modules.setdefault(name, module)  # the next use tries again
-            raise
+        stand_in = module if getattr(module, "_fedsim_stand_in", False) else None
+        if stand_in is not None:
+            _SqlStateFinder.released.add(name)
+            del sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except BaseException:
+        with _Deferred._fedsim_lock:
+            if stand_in is not None and name not in sys.modules:  # the next use tries again
+                _SqlStateFinder.released.discard(name)
+                sys.modules[name] = stand_in
+        raise
 
 
 class _SqlStateFinder:

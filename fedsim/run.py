@@ -111,7 +111,8 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
             from fedsim.flower_adapter import defer_sql_state, fast_dispatch, replace_dead_actors
 
-            defer_sql_state()  # before anything imports Flower's launcher
+            if not defer_sql_state():  # before anything imports Flower's launcher
+                logging.getLogger(__name__).debug("Flower's SQL state was imported before the launcher: SQLAlchemy stays loaded")
             from fedsim.server_app import prepare
 
             setup = prepare(cfg, resume=resume_state)

@@ -221,6 +221,31 @@ def test_the_launcher_imports_flowers_sql_state_only_when_a_run_uses_it() -> Non
         "print(callable(module._run_from_models), flower_adapter.defer_sql_state())\n"
     )
     assert _python(probe) == ["True", "[]", "True", "False", "False", "True", "True", "False", "True", "True", "True", "True", "False"]
+    # What fedsim.run has imported when it defers (its module, Ray on the starting thread) leaves
+    # the SQL state unimported, so the launcher's call is not too late.
+    launcher = (
+        "import sys, ray, fedsim.run\n"
+        "from fedsim import flower_adapter\n"
+        "print(flower_adapter.defer_sql_state(), 'sqlalchemy' in sys.modules)\n"
+    )
+    assert _python(launcher) == ["True", "False"]
+    # The stand-in as a class: introspection stays cheap; a subclass, a patched attribute and the
+    # factories' own name are the real class's once it is used.
+    stand_in = (
+        "import sys\n"
+        "from fedsim import flower_adapter\n"
+        "flower_adapter.defer_sql_state()\n"
+        "from flwr.server.superlink.linkstate import SqlLinkState, linkstate_factory\n"
+        "hasattr(SqlLinkState, '__wrapped__'); SqlLinkState.__doc__\n"
+        "print('sqlalchemy' in sys.modules)\n"
+        "class Mine(SqlLinkState):\n"
+        "    pass\n"
+        "import flwr.server.superlink.linkstate.sql_linkstate as real\n"
+        "print(issubclass(Mine, real.SqlLinkState), type(Mine) is type(real.SqlLinkState))\n"
+        "SqlLinkState.fedsim_probe = 1\n"
+        "print(real.SqlLinkState.fedsim_probe, linkstate_factory.SqlLinkState is real.SqlLinkState)\n"
+    )
+    assert _python(stand_in) == ["False", "True", "True", "1", "True"]
 
 
 def test_rays_serialization_addons_stay_out_of_workers_and_of_the_driver_while_a_run_lasts() -> None:
