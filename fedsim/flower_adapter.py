@@ -22,8 +22,10 @@ imports anything under `flwr.` outside those public modules or spells a name of 
   (The launcher imports the package whole: Flower's run_simulation module itself imports
   SQLAlchemy and FastAPI, so skipping the package's app.py there saved nothing,
   `python bench/startup.py --phases`.)
-- `defer_sql_state`: the launcher imports Flower's SuperLink state on SQL (SQLAlchemy and Alembic)
-  only to reach the in-memory state the simulation engine uses: stand-ins until it is used.
+- `defer_sql_state`, `light_error_packages`: the launcher imports Flower's SuperLink state on SQL
+  (SQLAlchemy and Alembic) only to reach the in-memory state the simulation engine uses, and
+  Flower's error package (its HTTP translator on FastAPI, pydantic) for four names: stand-ins and
+  lazy packages until the rest is used (LIGHT_NAMES lists what the launcher reads).
 - `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
   process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
   in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
@@ -99,27 +101,70 @@ def light_simulation_package() -> bool:
     what it imports, not the launcher that flwr/simulation/__init__.py imports (measured on the
     2-core machine: 1.4 s and 101 MB instead of 3.3 s and 148 MB). The first read of a name
     the package defines (`from flwr.simulation import run_simulation`, `__all__` for a star
-    import) runs the real `__init__` in the same module object, under a lock (a second thread
-    waits, as the import system would make it; an `__init__` that raises leaves the hook in
-    place, so the next read raises the same error), so nothing the package offers is missing,
-    only later. Returns False (and changes nothing) where `flwr.simulation` is already imported.
+    import) runs the real `__init__` in the same module object (`_lazy_package`), so nothing the
+    package offers is missing, only later. Returns False (and changes nothing) where
+    `flwr.simulation` is already imported.
     """
-    if "flwr.simulation" in sys.modules:
-        return False
-    import flwr
+    return _lazy_package("flwr.simulation", {})
 
-    spec = importlib.util.find_spec("flwr.simulation")
+
+# The names the simulation launcher reads from two packages whose `__init__` imports FastAPI,
+# each with the module (and attribute) the real `__init__` binds it from. Flower's error package
+# (flwr/supercore/error/__init__.py) imports its HTTP error translator, on FastAPI; the launcher
+# reads only these four (NoOpFederationManager, flwr.cli.utils, the gRPC interceptors). Its gRPC
+# translator's status catalog (error/catalog.py) reads `status` from FastAPI, which is
+# Starlette's module (fastapi/__init__.py: `from starlette import status as status`).
+LIGHT_NAMES = {
+    "flwr.supercore.error": {
+        "ApiErrorCode": ("flwr.supercore.error.base", "ApiErrorCode"),
+        "FlowerError": ("flwr.supercore.error.base", "FlowerError"),
+        "EntitlementError": ("flwr.supercore.error.exceptions", "EntitlementError"),
+        "rpc_error_translator": ("flwr.supercore.error.grpc", "rpc_error_translator"),
+    },
+    "fastapi": {"status": ("starlette.status", None)},
+}
+
+
+def light_error_packages() -> bool:
+    """Make Flower's error package and FastAPI packages whose `__init__` runs only when a name
+    other than LIGHT_NAMES' is read (those come from their own modules: the same objects), for
+    the launcher: FastAPI's application layer and pydantic stay out. Returns False (and changes
+    nothing) where either is already imported."""
+    if any(name in sys.modules for name in LIGHT_NAMES):
+        return False
+    return all([_lazy_package(name, light) for name, light in LIGHT_NAMES.items()])
+
+
+def _lazy_package(name: str, light: dict[str, tuple[str, str | None]]) -> bool:
+    """Put package `name` into sys.modules without running its `__init__`: its submodules import
+    as usual (the package's path is set), a name of `light` comes from its own module alone
+    ((module, attribute); attribute None: the module itself), and the first read of any other
+    name runs the real `__init__` in the same module object, under a lock (a second thread waits,
+    as the import system would make it; an `__init__` that raises leaves the hook in place, so the
+    next read raises the same error). Dunder probes (copy, pickle, inspect) stay cheap; `__all__`
+    runs the `__init__` (a star import gets every name). False where `name` is already imported."""
+    if name in sys.modules:
+        return False
+    parent_name, _, child = name.rpartition(".")
+    parent = importlib.import_module(parent_name) if parent_name else None
+    spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None or not spec.submodule_search_locations:
         return False
     module = importlib.util.module_from_spec(spec)
     lock, running = threading.RLock(), []
 
-    def __getattr__(name: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
-        if name.startswith("__") and name.endswith("__") and name != "__all__":
-            raise AttributeError(name)  # probes of dunders (copy, pickle, inspect) stay cheap
+    def __getattr__(attribute: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
+        if attribute.startswith("__") and attribute.endswith("__") and attribute != "__all__":
+            raise AttributeError(attribute)
+        if attribute in light and module.__dict__.get("__getattr__") is __getattr__:
+            source, field = light[attribute]
+            value = importlib.import_module(source)
+            value = value if field is None else getattr(value, field)
+            module.__dict__.setdefault(attribute, value)
+            return module.__dict__[attribute]
         with lock:
             if running:  # the real __init__, on this thread, reading a name it has not defined yet
-                raise AttributeError(f"partially initialized module 'flwr.simulation' has no attribute {name!r}")
+                raise AttributeError(f"partially initialized module {name!r} has no attribute {attribute!r}")
             if module.__dict__.get("__getattr__") is __getattr__:
                 running.append(True)
                 try:
@@ -128,13 +173,14 @@ def light_simulation_package() -> bool:
                     running.clear()
                 del module.__getattr__  # only once the real __init__ ran to the end
         try:
-            return module.__dict__[name]
+            return module.__dict__[attribute]
         except KeyError:
-            raise AttributeError(f"module 'flwr.simulation' has no attribute {name!r}") from None
+            raise AttributeError(f"module {name!r} has no attribute {attribute!r}") from None
 
     module.__getattr__ = __getattr__  # type: ignore[attr-defined]
-    sys.modules["flwr.simulation"] = module
-    flwr.simulation = module  # type: ignore[attr-defined] - as the import system sets it
+    sys.modules[name] = module
+    if parent is not None:
+        setattr(parent, child, module)  # as the import system sets it
     return True
 
 

@@ -196,8 +196,9 @@ def test_a_ray_worker_imports_flowers_actor_without_the_simulation_launcher() ->
 
 
 def test_the_launcher_imports_flowers_sql_state_only_when_a_run_uses_it() -> None:
-    """fedsim's launcher (fedsim.run) defers Flower's SuperLink state on SQL: importing the
-    simulation launcher then leaves SQLAlchemy and Alembic out (32 MB, 0.5 s), and the in-memory
+    """fedsim's launcher (fedsim.run) defers Flower's SuperLink state on SQL and makes Flower's
+    error package and FastAPI lazy: importing the simulation launcher then leaves SQLAlchemy,
+    Alembic, FastAPI's application layer and pydantic out (45 MB, 1 s), and the in-memory
     state the simulation uses is the real one. A SuperLink on a database in the same process
     still gets the real SQL classes, which work (the stand-in imports them when called)."""
     probe = (
@@ -226,9 +227,16 @@ def test_the_launcher_imports_flowers_sql_state_only_when_a_run_uses_it() -> Non
     launcher = (
         "import sys, ray, fedsim.run\n"
         "from fedsim import flower_adapter\n"
-        "print(flower_adapter.defer_sql_state(), 'sqlalchemy' in sys.modules)\n"
+        "print(flower_adapter.defer_sql_state(), flower_adapter.light_error_packages())\n"
+        "from flwr.simulation import run_simulation\n"
+        "print(sorted(m for m in ('sqlalchemy', 'fastapi.applications', 'pydantic') if m in sys.modules))\n"
+        # Everything the two packages offer is there when read: the same objects as their own modules'.
+        "import starlette.status, flwr.supercore.error.base as base\n"
+        "from flwr.supercore.error import FlowerError, http_error_translator\n"
+        "from fastapi import FastAPI, status\n"
+        "print(FlowerError is base.FlowerError, status is starlette.status, callable(FastAPI), callable(http_error_translator))\n"
     )
-    assert _python(launcher) == ["True", "False"]
+    assert _python(launcher) == ["True", "True", "[]", "True", "True", "True", "True"]
     # The stand-in as a class: introspection stays cheap; a subclass, a patched attribute and the
     # factories' own name are the real class's once it is used.
     stand_in = (
