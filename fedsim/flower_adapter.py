@@ -127,12 +127,41 @@ LIGHT_NAMES = {
 
 def light_error_packages() -> bool:
     """Make Flower's error package and FastAPI packages whose `__init__` runs only when a name
-    other than LIGHT_NAMES' is read (those come from their own modules: the same objects), for
-    the launcher: FastAPI's application layer and pydantic stay out. Returns False (and changes
-    nothing) where either is already imported."""
+    other than LIGHT_NAMES' is read (those come from their own modules: the same objects).
+    Returns False (and changes nothing) where either is already imported. FastAPI stays lazy
+    only until `release_fastapi` (`lean_launcher_imports` calls both): a FastAPI submodule
+    imported first while the package is lazy would run its `__init__` halfway through."""
     if any(name in sys.modules for name in LIGHT_NAMES):
         return False
     return all([_lazy_package(name, light) for name, light in LIGHT_NAMES.items()])
+
+
+def release_fastapi() -> None:
+    """Put FastAPI back as any package: if its `__init__` never ran, the lazy module leaves
+    sys.modules (the next `import fastapi` is the usual one; what was read from it, `status`,
+    is the object the real package binds); if a submodule was imported meanwhile, its real
+    `__init__` runs now."""
+    module = sys.modules.get("fastapi")
+    if module is None or "__getattr__" not in module.__dict__ or not getattr(module, "_fedsim_lazy", False):
+        return
+    if any(name.startswith("fastapi.") for name in sys.modules):
+        getattr(module, "__version__")  # runs the real __init__ (a name LIGHT_NAMES does not give)
+    else:
+        del sys.modules["fastapi"]
+
+
+@contextlib.contextmanager
+def lean_launcher_imports() -> Iterator[bool]:
+    """While the block runs (the launcher importing Flower's simulation launcher and its own
+    apps), `defer_sql_state` and `light_error_packages`; FastAPI is released at the end
+    (`release_fastapi`), Flower's error package stays lazy. Yields whether both applied (False:
+    something imported them before, their saving is lost; nothing else changes)."""
+    applied = defer_sql_state()
+    applied = light_error_packages() and applied
+    try:
+        yield applied
+    finally:
+        release_fastapi()
 
 
 def _lazy_package(name: str, light: dict[str, tuple[str, str | None]]) -> bool:
@@ -142,7 +171,10 @@ def _lazy_package(name: str, light: dict[str, tuple[str, str | None]]) -> bool:
     name runs the real `__init__` in the same module object, under a lock (a second thread waits,
     as the import system would make it; an `__init__` that raises leaves the hook in place, so the
     next read raises the same error). Dunder probes (copy, pickle, inspect) stay cheap; `__all__`
-    runs the `__init__` (a star import gets every name). False where `name` is already imported."""
+    and `__version__` run the `__init__` (a star import gets every name). False where `name` is
+    already imported. Known limit: the `__init__` runs under this module's lock, which Python's
+    import-deadlock detection does not see (a thread importing a submodule of the package while
+    another reads a name could wait for each other); fedsim reads these names on one thread."""
     if name in sys.modules:
         return False
     parent_name, _, child = name.rpartition(".")
@@ -154,7 +186,7 @@ def _lazy_package(name: str, light: dict[str, tuple[str, str | None]]) -> bool:
     lock, running = threading.RLock(), []
 
     def __getattr__(attribute: str) -> Any:  # noqa: N807 - the module-level hook of PEP 562
-        if attribute.startswith("__") and attribute.endswith("__") and attribute != "__all__":
+        if attribute.startswith("__") and attribute.endswith("__") and attribute not in ("__all__", "__version__"):
             raise AttributeError(attribute)
         if attribute in light and module.__dict__.get("__getattr__") is __getattr__:
             source, field = light[attribute]
@@ -178,6 +210,7 @@ def _lazy_package(name: str, light: dict[str, tuple[str, str | None]]) -> bool:
             raise AttributeError(f"module {name!r} has no attribute {attribute!r}") from None
 
     module.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    module._fedsim_lazy = True  # type: ignore[attr-defined]
     sys.modules[name] = module
     if parent is not None:
         setattr(parent, child, module)  # as the import system sets it

@@ -109,20 +109,21 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
         every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= (os.cpu_count() or 1)
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
-            from fedsim.flower_adapter import defer_sql_state, fast_dispatch, light_error_packages, replace_dead_actors
+            from fedsim.flower_adapter import fast_dispatch, lean_launcher_imports, replace_dead_actors
 
-            # Before anything imports Flower's launcher: SQLAlchemy, Alembic, FastAPI's application
-            # layer and pydantic stay out (45 MB, 1 s of imports; flower_adapter).
-            if not (defer_sql_state() and light_error_packages()):
-                logging.getLogger(__name__).debug("Flower's launcher was imported before fedsim.run: its imports stay loaded")
-            from fedsim.server_app import prepare
+            # Flower's launcher without SQLAlchemy, Alembic, FastAPI's application layer and
+            # pydantic (45 MB, 1 s of imports; flower_adapter).
+            with lean_launcher_imports() as lean:
+                if not lean:
+                    logging.getLogger(__name__).debug("Flower's SQL state or error package was imported before: they stay loaded")
+                from fedsim.server_app import prepare
 
-            setup = prepare(cfg, resume=resume_state)
+                setup = prepare(cfg, resume=resume_state)
 
-            from fedsim.client_app import app as client_app
+                from fedsim.client_app import app as client_app
 
-            from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
-            from fedsim.server_app import make_server_app
+                from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
+                from fedsim.server_app import make_server_app
 
             _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
         _quiet(sim.log_level)  # again: Ray's start (on the other thread) sets its logger's level

@@ -224,19 +224,24 @@ def test_the_launcher_imports_flowers_sql_state_only_when_a_run_uses_it() -> Non
     assert _python(probe) == ["True", "[]", "True", "False", "False", "True", "True", "False", "True", "True", "True", "True", "False"]
     # What fedsim.run has imported when it defers (its module, Ray on the starting thread) leaves
     # the SQL state unimported, so the launcher's call is not too late.
-    launcher = (
+    launcher = (  # as fedsim.run imports Flower's launcher and its own apps
         "import sys, ray, fedsim.run\n"
         "from fedsim import flower_adapter\n"
-        "print(flower_adapter.defer_sql_state(), flower_adapter.light_error_packages())\n"
-        "from flwr.simulation import run_simulation\n"
-        "print(sorted(m for m in ('sqlalchemy', 'fastapi.applications', 'pydantic') if m in sys.modules))\n"
-        # Everything the two packages offer is there when read: the same objects as their own modules'.
-        "import starlette.status, flwr.supercore.error.base as base\n"
+        "with flower_adapter.lean_launcher_imports() as lean:\n"
+        "    import fedsim.server_app, fedsim.client_app\n"
+        "    from flwr.simulation import run_simulation\n"
+        "print(lean, sorted(m for m in ('sqlalchemy', 'fastapi', 'fastapi.applications', 'pydantic') if m in sys.modules))\n"
+        # Afterwards FastAPI imports as usual, a submodule first too (while lazy, that broke), and
+        # everything Flower's error package offers is there: the same objects as its modules'.
+        "from fastapi.security import APIKeyHeader\n"
+        "import fastapi.applications, starlette.status, flwr.supercore.error.base as base\n"
         "from flwr.supercore.error import FlowerError, http_error_translator\n"
-        "from fastapi import FastAPI, status\n"
-        "print(FlowerError is base.FlowerError, status is starlette.status, callable(FastAPI), callable(http_error_translator))\n"
+        "from fastapi import FastAPI, status, __version__\n"
+        "import flwr.supercore.error.catalog as catalog\n"
+        "print(FlowerError is base.FlowerError, status is starlette.status is catalog.status, callable(FastAPI),\n"
+        "      callable(http_error_translator), callable(APIKeyHeader))\n"
     )
-    assert _python(launcher) == ["True", "True", "[]", "True", "True", "True", "True"]
+    assert _python(launcher) == ["True", "[]", "True", "True", "True", "True", "True"]
     # The stand-in as a class: introspection stays cheap; a subclass, a patched attribute and the
     # factories' own name are the real class's once it is used.
     stand_in = (
