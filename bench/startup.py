@@ -18,6 +18,9 @@ fedsim's way and the way it was done before, in turn (`PHASES`; medians and rang
   (`fedsim.ray_worker`: `flwr.simulation` as a lazy package) then Flower's actor module, against
   the actor module through Flower's whole `flwr.simulation` package then fedsim's ClientApp;
   seconds and the growth of the process's peak memory;
+- launcher import: Flower's simulation launcher as fedsim.run imports it, after torch and Ray
+  (`flower_adapter.lean_launcher_imports`: no SQLAlchemy, Alembic, FastAPI application layer or
+  pydantic) against a plain import;
 - ray.init: a local 2-CPU cluster as fedsim starts it (`fedsim.run._lean_head`: no API server,
   autoscaler monitor or log monitor) against Ray's defaults with the same arguments;
 - first grad: the first `torch.func.grad` of a small model, with fedsim's dynamo-free
@@ -134,6 +137,11 @@ PHASES: dict[str, tuple[str, str]] = {
     "worker import": (
         "import torch\nmark()\nimport fedsim.ray_worker\nimport flwr.simulation.ray_transport.ray_actor\ndone()",
         "import torch\nmark()\nimport flwr.simulation.ray_transport.ray_actor\nimport fedsim.client_app\ndone()",
+    ),
+    "launcher import": (  # Flower's launcher as fedsim.run imports it, after torch and Ray
+        "import torch, ray\nfrom fedsim.flower_adapter import lean_launcher_imports\nmark()\n"
+        "with lean_launcher_imports():\n    from flwr.simulation import run_simulation\ndone()",
+        "import torch, ray\nmark()\nfrom flwr.simulation import run_simulation\ndone()",
     ),
     "ray.init": (
         RAY_INIT.format(start="from fedsim.run import _lean_head\nwith _lean_head(log_monitor=False):\n    ray.init(**args)"),
