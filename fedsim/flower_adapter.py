@@ -39,6 +39,7 @@ import importlib.util
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -241,8 +242,6 @@ class _Deferred(type):
 
     def __new__(mcs, name: str, bases: tuple, namespace: dict, **kwds: Any) -> Any:  # noqa: N804
         if any(isinstance(base, _Deferred) for base in bases):  # a subclass: of the real class
-            import types
-
             real = tuple(base._fedsim_real() if isinstance(base, _Deferred) else base for base in bases)
             return types.new_class(name, real, kwds, lambda body: body.update(namespace))
         return super().__new__(mcs, name, bases, namespace)
@@ -343,9 +342,10 @@ class _SqlStateFinder:
 def defer_sql_state() -> bool:
     """Make Flower's SQL state modules (SQL_STATE) stand-ins until they are used, so that
     importing the simulation launcher does not import SQLAlchemy and Alembic, which an
-    in-memory simulation never uses: 32 MB resident and 0.5 s less in the launcher (measured
-    on the 2-core EPYC: `import torch, ray` then `from flwr.simulation import run_simulation`,
-    337 -> 305 MB, 1.07 -> 0.55 s). Nothing is lost: the stand-in module's other names, and
+    in-memory simulation never uses: 32 MB resident and 0.5 s less in the launcher (one-off, on
+    the 2-core EPYC: `import torch, ray` then `from flwr.simulation import run_simulation`,
+    337 -> 305 MB, 1.07 -> 0.55 s; with `light_error_packages` too, `python bench/startup.py
+    --phases`, "launcher import"). Nothing is lost: the stand-in module's other names, and
     the stand-in class when called or read, import the real module then (a SuperLink on a
     database still works in the same process). Returns False (and changes nothing) where one
     of them is already imported.
@@ -359,8 +359,6 @@ def defer_sql_state() -> bool:
 
 
 def _stand_in_module(name: str, class_name: str) -> Any:
-    import types
-
     module = types.ModuleType(name, f"Stand-in for {name} until it is used (fedsim.flower_adapter.defer_sql_state).")
     module._fedsim_stand_in = True  # type: ignore[attr-defined]
     stand_in = _Deferred(class_name, (), {"_fedsim_module": name, "_fedsim_class": None, "__module__": name})
