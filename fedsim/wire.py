@@ -324,6 +324,21 @@ def _value_size(value: object) -> int:
 _U8, _U32, _I64, _F64 = struct.Struct("<B"), struct.Struct("<I"), struct.Struct("<q"), struct.Struct("<d")
 
 
+_NAMES: dict[str, bytes] = {}  # field name -> its u8 length and ASCII bytes (the schema's few names)
+
+
+def _name(name: str) -> bytes:
+    head = _NAMES.get(name)
+    if head is None:
+        key = name.encode("ascii") if isinstance(name, str) else b""
+        if not 0 < len(key) < 256:
+            raise TypeError(f"payload field name {name!r} must have 1 to 255 ASCII characters")
+        head = _U8.pack(len(key)) + key
+        if len(_NAMES) < 1024:
+            _NAMES[name] = head
+    return head
+
+
 def pack_payload(fields: Mapping[str, object]) -> bytes:
     """One device's stage request or reply as bytes (layout above). TypeError for a value of
     another type (e.g. a list mixing ints and bytes)."""
@@ -331,28 +346,42 @@ def pack_payload(fields: Mapping[str, object]) -> bytes:
         raise TypeError(f"a payload has at most 255 fields, got {len(fields)}")
     out = [_U8.pack(len(fields))]
     for name, value in fields.items():
-        key = name.encode("ascii")
-        if not 0 < len(key) < 256:
-            raise TypeError(f"payload field name {name!r} must have 1 to 255 ASCII characters")
-        out += [_U8.pack(len(key)), key]
-        if isinstance(value, (bytes, bytearray)):
-            out += [b"y", _U32.pack(len(value)), bytes(value)]
+        head = _name(name)
+        kind = type(value)
+        if kind is bytes or kind is bytearray:
+            out += [head, b"y", _U32.pack(len(value)), bytes(value)]
+        elif kind is list or kind is tuple:
+            n = len(value)
+            first = type(value[0]) if n else int
+            if first is bytes:  # (another item fails len() here or the join below with a TypeError)
+                try:
+                    lengths = struct.pack(f"<{n}I", *map(len, value))
+                except TypeError:
+                    raise TypeError(f"payload field {name!r}: cannot pack a list mixing bytes and other values") from None
+                out += [head, b"Y", _U32.pack(n), lengths, *value]
+            elif first is int and all(type(v) is int for v in value):
+                out += [head, b"I", _U32.pack(n), struct.pack(f"<{n}q", *value)]
+            else:
+                raise TypeError(f"payload field {name!r}: cannot pack a list of {first.__name__} values")
         elif isinstance(value, str):
             raw = value.encode()
-            out += [b"s", _U32.pack(len(raw)), raw]
+            out += [head, b"s", _U32.pack(len(raw)), raw]
         elif isinstance(value, bool):
-            out += [b"?", _U8.pack(int(value))]
+            out += [head, b"?", _U8.pack(int(value))]
         elif isinstance(value, int):
-            out += [b"i", _I64.pack(value)]
+            out += [head, b"i", _I64.pack(value)]
         elif isinstance(value, float):
-            out += [b"f", _F64.pack(value)]
-        elif isinstance(value, (list, tuple)) and all(type(v) is bytes for v in value) and value:
-            out += [b"Y", _U32.pack(len(value)), struct.pack(f"<{len(value)}I", *map(len, value)), *value]
-        elif isinstance(value, (list, tuple)) and all(type(v) is int for v in value):
-            out += [b"I", _U32.pack(len(value)), struct.pack(f"<{len(value)}q", *value)]
+            out += [head, b"f", _F64.pack(value)]
+        elif isinstance(value, (bytes, bytearray)):
+            out += [head, b"y", _U32.pack(len(value)), bytes(value)]
+        elif isinstance(value, (list, tuple)):
+            raise TypeError(f"payload field {name!r}: cannot pack a list of mixed or other values")
         else:
             raise TypeError(f"payload field {name!r}: cannot pack a value of type {type(value).__name__}")
-    return b"".join(out)
+    try:
+        return b"".join(out)
+    except TypeError as err:  # a list of bytes with an item of another type
+        raise TypeError(f"payload fields {list(fields)}: a list of bytes holds another type ({err})") from None
 
 
 def unpack_payload(blob: bytes) -> dict[str, object]:
@@ -360,52 +389,71 @@ def unpack_payload(blob: bytes) -> dict[str, object]:
     (truncated, unknown tag, repeated field, bytes left over)."""
     if not isinstance(blob, (bytes, bytearray)):
         raise BadReply(f"a device payload must be bytes, got {type(blob).__name__}")
-    view, pos, out = bytes(blob), 0, {}
-
-    def take(size: int) -> bytes:
-        nonlocal pos
-        if size < 0 or pos + size > len(view):
-            raise BadReply("truncated device payload")
-        part = view[pos : pos + size]
-        pos += size
-        return part
-
+    view = bytes(blob)
+    size, out = len(view), {}
     try:
-        (count,) = _U8.unpack(take(1))
+        count, pos = view[0], 1
         for _ in range(count):
-            (length,) = _U8.unpack(take(1))
-            name = take(length).decode("ascii")
+            length = view[pos]
+            end = pos + 1 + length
+            if end + 1 > size:
+                raise BadReply("truncated device payload")
+            name = view[pos + 1 : end].decode("ascii")
             if name in out:
                 raise BadReply(f"device payload repeats field {name!r}")
-            tag = take(1)
-            if tag == b"y":
-                value: object = take(_U32.unpack(take(4))[0])
-            elif tag == b"s":
-                value = take(_U32.unpack(take(4))[0]).decode()
-            elif tag == b"i":
-                (value,) = _I64.unpack(take(8))
-            elif tag == b"f":
-                (value,) = _F64.unpack(take(8))
-            elif tag == b"?":
-                (flag,) = _U8.unpack(take(1))
+            tag, pos = view[end], end + 1
+            if tag == 0x59:  # "Y": u32 count, u32 lengths, the bytes
+                (n,) = _U32.unpack_from(view, pos)
+                pos += 4
+                if pos + 4 * n > size:
+                    raise BadReply("truncated device payload")
+                lengths = struct.unpack_from(f"<{n}I", view, pos)
+                start, pos = pos + 4 * n, pos + 4 * n + sum(lengths)
+                if pos > size:
+                    raise BadReply("truncated device payload")
+                width = lengths[0] if n else 0
+                if width and lengths.count(width) == n:  # one width (keys, shares, ciphertexts): slices by stride
+                    value: object = [view[a : a + width] for a in range(start, pos, width)]
+                else:
+                    ends = list(itertools.accumulate(lengths, initial=start))
+                    value = [view[a:b] for a, b in zip(ends, ends[1:])]
+            elif tag == 0x49:  # "I": u32 count, i64 each
+                (n,) = _U32.unpack_from(view, pos)
+                pos += 4
+                if pos + 8 * n > size:
+                    raise BadReply("truncated device payload")
+                value = list(struct.unpack_from(f"<{n}q", view, pos))
+                pos += 8 * n
+            elif tag == 0x79 or tag == 0x73:  # "y" bytes, "s" str: u32 length, the bytes
+                (n,) = _U32.unpack_from(view, pos)
+                pos += 4
+                if pos + n > size:
+                    raise BadReply("truncated device payload")
+                value = view[pos : pos + n] if tag == 0x79 else view[pos : pos + n].decode()
+                pos += n
+            elif tag == 0x69:  # "i"
+                (value,) = _I64.unpack_from(view, pos)
+                pos += 8
+            elif tag == 0x66:  # "f"
+                (value,) = _F64.unpack_from(view, pos)
+                pos += 8
+            elif tag == 0x3F:  # "?"
+                if pos >= size:
+                    raise BadReply("truncated device payload")
+                flag = view[pos]
+                pos += 1
                 if flag > 1:
                     raise BadReply(f"device payload field {name!r}: a bool must be 0 or 1")
                 value = bool(flag)
-            elif tag == b"I":
-                (n,) = _U32.unpack(take(4))
-                value = list(struct.unpack(f"<{n}q", take(8 * n)))
-            elif tag == b"Y":
-                (n,) = _U32.unpack(take(4))
-                ends = list(itertools.accumulate(struct.unpack(f"<{n}I", take(4 * n)), initial=pos))
-                take(ends[-1] - pos)  # (checks that they are all there)
-                value = [view[a:b] for a, b in zip(ends, ends[1:])]
             else:
-                raise BadReply(f"device payload field {name!r}: unknown tag {tag!r}")
+                raise BadReply(f"device payload field {name!r}: unknown tag {bytes([tag])!r}")
             out[name] = value
+    except IndexError:
+        raise BadReply("truncated device payload") from None
     except (struct.error, UnicodeDecodeError) as err:
         raise BadReply(f"malformed device payload: {err}") from None
-    if pos != len(view):
-        raise BadReply(f"device payload has {len(view) - pos} bytes after its last field")
+    if pos != size:
+        raise BadReply(f"device payload has {size - pos} bytes after its last field")
     return out
 
 

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from scipy import stats
 
@@ -220,6 +221,77 @@ def test_a_malformed_or_low_order_key_drops_that_device_only():
     assert set(server.rejected) == {a, b}
     assert all(reason.startswith("advertise_keys: unusable keys") for reason in server.rejected.values())
     np.testing.assert_array_equal(total, _plain_sum(inputs, set(range(N)) - {a, b}, M))
+
+
+def _roots_mod_p(coefficients: list[int], p: int) -> int:
+    """How many distinct roots in F_p a polynomial has (coefficients from the highest degree):
+    the degree of gcd(f, x^p - x), by polynomial arithmetic mod p (no library)."""
+
+    def trim(a: list[int]) -> list[int]:
+        a = [c % p for c in a]
+        while a and a[0] == 0:
+            a = a[1:]
+        return a
+
+    def mod(a: list[int], m: list[int]) -> list[int]:
+        a, inv = trim(a), pow(m[0], -1, p)
+        while len(a) >= len(m):
+            q = a[0] * inv % p
+            a = trim([c - q * d for c, d in itertools.zip_longest(a, m, fillvalue=0)][1:])
+        return a
+
+    def mul(a: list[int], b: list[int]) -> list[int]:
+        out = [0] * (len(a) + len(b) - 1)
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                out[i + j] += x * y
+        return out
+
+    f = trim(coefficients)
+    power, base, e = [1], [1, 0], p  # x^p mod f by squaring
+    while e:
+        if e & 1:
+            power = mod(mul(power, base), f)
+        base, e = mod(mul(base, base), f), e >> 1
+    g, h = f, mod(trim(_minus_x(power, p)), f)
+    while h:
+        g, h = h, mod(g, h)
+    return len(g) - 1
+
+
+def _minus_x(a: list[int], p: int) -> list[int]:
+    """a(x) - x for a polynomial given from the highest degree."""
+    a = [0] * max(0, 2 - len(a)) + list(a)
+    a[-2] -= 1
+    return a
+
+
+def test_the_low_order_key_list_is_every_point_of_order_dividing_8_and_the_exchange_agrees():
+    """check_public_key looks keys up in crypto.SMALL_ORDER_U instead of running an exchange.
+    Independent derivation: with x-only doubling x(2P) = (x^2 - 1)^2 / (4x(x^2 + Ax + 1)) on
+    Curve25519 (A = 486662; curve and twist alike), order 2 is x = 0 (x^2 + Ax + 1 has no root
+    in F_p), order 4 is x(2P) = 0, i.e. x = +-1, order 8 is x(2P) = +-1: the roots of
+    (x^2 - 1)^2 -+ 4x(x^2 + Ax + 1). Every listed value must make `cryptography`'s exchange fail
+    (all-zero secret), in both encodings of bit 255, and the count must be complete."""
+    p, a = 2**255 - 19, 486662
+    assert _roots_mod_p([1, a, 1], p) == 0
+    order8 = {u for u in crypto.SMALL_ORDER_U if u < p and ((u * u - 1) ** 2 - 4 * u * (u * u + a * u + 1)) % p == 0}
+    assert _roots_mod_p([1, -4, -4 * a - 2, -4, 1], p) == len(order8) == 2  # (x^2-1)^2 - 4x(x^2+Ax+1)
+    assert _roots_mod_p([1, 4, 4 * a - 2, 4, 1], p) == 0  # (x^2-1)^2 + 4x(x^2+Ax+1)
+    canonical = {0, 1, p - 1} | order8
+    assert crypto.SMALL_ORDER_U == canonical | {u + p for u in canonical if u + p < 2**255}
+    probe = X25519PrivateKey.generate()
+    for u in crypto.SMALL_ORDER_U:
+        for top in (0, 1 << 255):
+            key = (u | top).to_bytes(32, "little")
+            with pytest.raises(ValueError, match="low-order"):
+                crypto.check_public_key(key)
+            with pytest.raises(ValueError):
+                probe.exchange(X25519PublicKey.from_public_bytes(key))
+    for key in [(p + d).to_bytes(32, "little") for d in range(2, 19)] + [os.urandom(32) for _ in range(200)]:
+        crypto.check_public_key(key)  # accepted, and the exchange works
+        assert probe.exchange(X25519PublicKey.from_public_bytes(key)) != bytes(32)
+
 
 
 def test_a_share_ciphertext_that_does_not_open_drops_its_sender_only():
@@ -487,26 +559,32 @@ def test_shamir_shares_are_the_polynomials_evaluated_exactly(monkeypatch: pytest
     """The int64 matrix product (coefficients split in 16-bit halves) against Python integers:
     an overflow or a missed reduction would give wrong shares that still decode. Also: the
     coefficient draw rejects 2^31 - 1 (the only 31-bit value outside the field), and
-    share_many draws independent polynomials per secret."""
+    share_many draws independent polynomials per secret (one draw, the secrets' chunks side by
+    side), with the parties' powers from its table (ids below 1,000) or computed directly (ids
+    up to 10^6)."""
     p = shamir.PRIME
     rng = np.random.default_rng(11)
-    for t, n_ids in ((1, 3), (2, 5), (36, 40), (40, 45)):
-        ids = sorted(int(i) for i in rng.choice(10**6, size=n_ids, replace=False))
+    for t, n_ids, id_range in ((1, 3, 10**6), (2, 5, 10**6), (36, 40, 10**6), (40, 45, 10**6), (36, 40, 1000), (3, 5, 1000)):
+        ids = sorted(int(i) for i in rng.choice(id_range, size=n_ids, replace=False))
         secrets = [os.urandom(32), os.urandom(7)]
         drawn: list[np.ndarray] = []
         real = shamir._random_elements
         monkeypatch.setattr(shamir, "_random_elements", lambda count: drawn.append(real(count)) or drawn[-1])
         shares = shamir.share_many(secrets, t, ids)
         monkeypatch.undo()
-        for secret, coeff_draw, got in zip(secrets, drawn or [np.zeros(0)] * 2, shares, strict=True):
+        assert len(drawn) == 1
+        widths = [len(range(0, len(secret), 3)) for secret in secrets]
+        draw = drawn[0].reshape(t - 1, sum(widths))
+        for n, (secret, got) in enumerate(zip(secrets, shares, strict=True)):
             chunks = [int.from_bytes(secret[k : k + 3], "big") for k in range(0, len(secret), 3)]
-            coeffs = [chunks] + coeff_draw.reshape(t - 1, len(chunks)).tolist()
+            start = sum(widths[:n])
+            coeffs = [chunks] + draw[:, start : start + len(chunks)].tolist()
             for i in ids:
                 want = [sum(coeffs[k][c] * (i + 1) ** k for k in range(t)) % p for c in range(len(chunks))]
                 assert got[i] == len(secret).to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in want)
             assert shamir.reconstruct(got, t) == secret
-        if t > 1:
-            assert len(drawn) == 2 and not np.array_equal(drawn[0][:5], drawn[1][:5])
+        if t > 1:  # the two secrets' polynomials are not the same
+            assert not np.array_equal(draw[:, 0], draw[:, widths[0]])
     # Inner sizes above one reduction block (a complete graph of 40,000 devices has t up to that).
     a = rng.integers(0, p, (3, 40_000), dtype=np.int64)
     b = rng.integers(0, p, (40_000, 2), dtype=np.int64)
@@ -764,16 +842,26 @@ def test_k_and_t_for_30_percent_dropout_keep_rounds_alive_where_the_old_rule_abo
 
 
 def _encode_int_reference(fp: FixedPoint, x: np.ndarray, rng: np.random.Generator, max_norm: float | None = None) -> np.ndarray:
-    """encode_int written with fresh arrays (the formula of the quantize module's docstring)."""
-    u = np.clip(np.array(x, dtype=np.float64).ravel() / fp.step, -fp.levels, fp.levels)
-    lo = np.floor(u)
-    # Words: AES-128-CTR (zero nonce) under the generator's next two 64-bit outputs as the key,
-    # continued from draw to draw; round up iff (k + 1/2) / 2^32 < frac.
+    """encode_int written with fresh arrays and Python integers where it can (the formulas of
+    the quantize module's docstring). Words: AES-128-CTR (zero nonce) under the generator's next
+    two 64-bit outputs as the key, continued from draw to draw."""
     key = b"".join(int(w).to_bytes(8, "little") for w in rng.bit_generator.random_raw(2))
     stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    flat = np.array(x, dtype=np.float64).ravel()
+    if fp.bits <= quantize.FIXED_POINT_MAX_BITS:
+        # s = x L 2^32 / r on the grid's ends, v = s to the nearest integer (half to even, as
+        # Python's round), round up iff k < v mod 2^32.
+        bound = fp.levels * 2**32
+        v = np.array([round(min(max(float(s), -bound), bound)) for s in flat * (float(bound) / fp.clip)], dtype=np.int64)
+    else:  # u = x / step on [-L, L]; round up iff (k + 1/2) / 2^32 < u - floor(u)
+        u = np.clip(flat / fp.step, -fp.levels, fp.levels)
     for _ in range(200):
-        k = np.frombuffer(stream.update(bytes(4 * u.size)), dtype="<u4").astype(np.float64)
-        q = (lo + ((k + 0.5) / 2**32 < u - lo)).astype(np.int64)
+        k = np.frombuffer(stream.update(bytes(4 * flat.size)), dtype="<u4")
+        if fp.bits <= quantize.FIXED_POINT_MAX_BITS:
+            q = (v >> 32) + (k.astype(np.int64) < (v & 0xFFFFFFFF))
+        else:
+            lo = np.floor(u)
+            q = (lo + ((k.astype(np.float64) + 0.5) / 2**32 < u - lo)).astype(np.int64)
         if max_norm is None or int(np.dot(q, q)) <= math.floor(max_norm * max_norm):
             return q.reshape(np.shape(x))
     raise AssertionError("no draw")
@@ -785,7 +873,8 @@ def test_encode_int_reuses_its_buffers_without_changing_a_bit() -> None:
     import threading
 
     cases = []
-    for n, dtype, clip, bits in ((113_610, np.float32, 0.05, 16), (7, np.float64, 1.0, 8), (113_610, np.float64, 0.02, 12)):
+    for n, dtype, clip, bits in ((20_000, np.float32, 0.05, 16), (7, np.float64, 1.0, 8), (20_001, np.float64, 0.02, 12),
+                                 (5_000, np.float64, 0.3, 20), (20_000, np.float32, 0.05, 24)):  # fmt: skip
         fp = FixedPoint(clip, bits, 32)
         x = (np.random.default_rng(n).standard_normal(n) * clip).astype(dtype)
         u = np.clip(x.astype(np.float64), -clip, clip) / fp.step
@@ -820,16 +909,20 @@ def test_rounding_draws_give_each_fraction_its_probability_to_2_33(monkeypatch: 
     (k + 1/2) / 2^32. With known words (the draws k = 0, 1, ..., 2^32 - 1 seen through 8 evenly
     spaced ones), each fraction rounds up for exactly the k below it; values beyond the range
     land on its ends. The words themselves: the AES-128-CTR keystream under the stream's key."""
-    fp = FixedPoint(clip=7.0, bits=4, modulus_bits=16)  # step 1: x = 3 + f has grid value 3 + f exactly
     ks = np.array([j << 29 for j in range(8)], dtype=np.uint32)  # draws at (k + 1/2) / 2^32 = j/8 + 2^-33
     real = quantize.rounding_stream
     monkeypatch.setattr(quantize, "rounding_stream", lambda rng: lambda size: ks[:size])
-    # fraction -> how many of the 8 draws lie below it (round up)
-    for f, ups in ((0.0, 0), (2.0**-34, 0), (2.0**-33, 0), (2.0**-33 + 2.0**-40, 1), (0.125, 1), (0.125 + 2.0**-32, 2),
-                   (0.5, 4), (0.999, 8)):  # fmt: skip
-        got = fp.encode_int(np.full(8, 3 + f), np.random.default_rng(0))
-        assert got.tolist() == [4] * ups + [3] * (8 - ups), f
-    assert fp.encode_int(np.array([7.5, 1e30, -7.0000001, -1e30]), np.random.default_rng(0)).tolist() == [7, 7, -7, -7]
+    # Step 1 (x = 3 + f has grid value 3 + f exactly): the fixed-point path (4 bits) and the
+    # float path (24 bits). fraction -> how many of the 8 draws lie below it (round up); at
+    # 2^-33 exactly (a tie between two multiples of 2^-32) the paths may differ, 2^-33 apart.
+    for fp in (FixedPoint(clip=7.0, bits=4, modulus_bits=16), FixedPoint(clip=float(2**23 - 1), bits=24, modulus_bits=32)):
+        for f, ups in ((0.0, 0), (2.0**-34, 0), (2.0**-33 + 2.0**-40, 1), (0.125, 1), (0.125 + 2.0**-32, 2),
+                       (0.5, 4), (0.999, 8), (1 - 2.0**-34, 8)):  # fmt: skip
+            got = fp.encode_int(np.full(8, 3 + f), np.random.default_rng(0))
+            assert got.tolist() == [4] * ups + [3] * (8 - ups), (fp.bits, f)
+        top = fp.levels
+        big = fp.encode_int(np.array([top + 0.5, 1e30, -top - 1e-7, -1e30]), np.random.default_rng(0))
+        assert big.tolist() == [top, top, -top, -top]
     monkeypatch.undo()
     rng = np.random.Generator(np.random.Philox(3))
     key = b"".join(int(w).to_bytes(8, "little") for w in np.random.Generator(np.random.Philox(3)).bit_generator.random_raw(2))

@@ -146,20 +146,35 @@ def generate_keypair() -> KeyPair:
     return private_from_bytes(random_bytes(KEY_BYTES))
 
 
-_PROBE = X25519PrivateKey.generate()
+_P25519 = 2**255 - 19
+#: u-coordinates (mod 2^255, RFC 7748 sec. 5 masks bit 255) of the points of order dividing 8 on
+#: Curve25519 and its twist: 0, 1, p - 1, the two of order 8, and the non-canonical encodings
+#: p and p + 1 of 0 and 1 (libsodium's has_small_order list). A clamped X25519 scalar is 8k' with
+#: k' < 2^252, below the large prime factor of both group orders, so the shared secret is all
+#: zeros exactly for these points (RFC 7748 sec. 6.1). tests/test_secagg.py derives the set
+#: from the doubling formula and checks it against an X25519 exchange.
+SMALL_ORDER_U = frozenset({
+    0, 1, _P25519 - 1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    _P25519, _P25519 + 1,
+})  # fmt: skip
+_U_MASK = (1 << 255) - 1
 
 
 def check_public_key(public: bytes) -> None:
     """Raise ValueError unless `public` is a usable X25519 public key.
 
-    A 32-byte string of the wrong length, or a low-order point (its Diffie-Hellman result is
-    all zeros whatever the private key, RFC 7748 sec. 6.1), would give every neighbour a mask
-    seed the server can compute; `cryptography` rejects the latter on exchange, so one probe
-    exchange decides.
+    A string of the wrong length, or a low-order point (its Diffie-Hellman result is all zeros
+    whatever the private key, RFC 7748 sec. 6.1), would give every neighbour a mask seed the
+    server can compute. The low-order points are a fixed list (SMALL_ORDER_U), so this is a
+    lookup, not a probe exchange (40 us each, 2 per device per round on the server); an
+    agreement with such a key still fails in `agree`, as `cryptography` rejects it.
     """
     if len(public) != KEY_BYTES:
         raise ValueError(f"an X25519 public key has {KEY_BYTES} bytes, got {len(public)}")
-    _PROBE.exchange(X25519PublicKey.from_public_bytes(public))
+    if int.from_bytes(public, "little") & _U_MASK in SMALL_ORDER_U:
+        raise ValueError("low-order X25519 public key: every agreement with it is all zeros (RFC 7748 sec. 6.1)")
 
 
 def generate_identity() -> Ed25519PrivateKey:

@@ -73,7 +73,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pickle
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -461,8 +461,9 @@ class SecAggDevice:
     model: `identity` is the device's Ed25519 key for this session (drawn here from the OS
     CSPRNG when not given; `identity_public` is what its host registers with the PKI) and
     `registry` {protocol id: identity public key} the PKI's view of the cohort, read by the
-    device's host from the registry itself (needed from share_keys on). `bytes_sent[stage]` /
-    `bytes_received[stage]` count payload bytes (see payload_nbytes).
+    device's host from the registry itself (needed from share_keys on). Message sizes are
+    counted by whoever carries the messages (`simulate_round` with payload_nbytes, fedsim's
+    rounds on the wire), not by the device: counting cost as much as a stage's own checks.
     """
 
     def __init__(
@@ -481,8 +482,6 @@ class SecAggDevice:
         self._identity = (identity or generate_identity()) if params.active else None
         self._registry = dict(registry or {})
         self._stage = 0
-        self.bytes_sent: dict[str, int] = {}
-        self.bytes_received: dict[str, int] = {}
         self._c = self._s = None
         self._b: bytes | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}
@@ -514,8 +513,6 @@ class SecAggDevice:
             "u3": self._u3,
             "senders": self._senders,
             "identity": self._identity.private_bytes_raw() if self._identity is not None else None,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
         }
         return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -543,8 +540,6 @@ class SecAggDevice:
         device._revealed = state["revealed"]
         device._u3 = state["u3"]
         device._senders = state["senders"]
-        device.bytes_sent = state["bytes_sent"]
-        device.bytes_received = state["bytes_received"]
         return device
 
     @property
@@ -581,7 +576,6 @@ class SecAggDevice:
         reply = {"c_pk": self._c.public, "s_pk": self._s.public}
         if self.params.active:
             reply["sig"] = sign(self._identity, _key_message(self.params.session_id, self.id, self._c.public, self._s.public))
-        self.bytes_sent["advertise_keys"] = payload_nbytes(reply)
         return reply
 
     def share_keys(self, request: Mapping, *, memo: PairMemo | None = None) -> dict:
@@ -596,7 +590,6 @@ class SecAggDevice:
         {"ids": [j], "ciphertexts": [bytes]}. `memo`: the host's PairMemo (same result).
         """
         self._advance("share_keys")
-        self.bytes_received["share_keys"] = payload_nbytes(request)
         c_pks = _pair_lists(request, "ids", "c_pks")
         s_pks = _pair_lists(request, "ids", "s_pks")
         if set(c_pks) != set(s_pks) or not set(c_pks) <= self.neighbours:
@@ -630,7 +623,6 @@ class SecAggDevice:
                 self._refuse(f"unusable public key offered for neighbour {j}: {err}")
             ciphertexts.append(encrypt_share(key, s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
         reply = {"ids": holders, "ciphertexts": ciphertexts}
-        self.bytes_sent["share_keys"] = payload_nbytes(reply)
         return reply
 
     def masked_input(self, request: Mapping, x: np.ndarray, *, memo: PairMemo | None = None) -> dict:
@@ -658,7 +650,6 @@ class SecAggDevice:
         here: once it returns, adding the masks cannot fail. `in_place`: x (of the ring's dtype)
         becomes y."""
         self._advance("masked_input")
-        self.bytes_received["masked_input"] = payload_nbytes(request)
         cts = _pair_lists(request, "ids", "ciphertexts")
         unknown = set(cts) - set(self._peer_keys)
         if unknown:
@@ -702,7 +693,6 @@ class SecAggDevice:
         if m not in (32, 64):
             y &= y.dtype.type((1 << m) - 1)
         reply = {"masked": y, "bad": bad}
-        self.bytes_sent["masked_input"] = payload_nbytes(reply)
         return reply
 
     def consistency(self, request: Mapping) -> dict:
@@ -715,14 +705,12 @@ class SecAggDevice:
         remembered: unmask accepts only requests consistent with it.
         """
         self._advance("consistency")
-        self.bytes_received["consistency"] = payload_nbytes(request)
         u3 = tuple(sorted({int(j) for j in request["survivors"]}))
         if self.id not in u3:
             self._refuse("it sent its masked input but is not in the survivor set")
         self._check_survivor_count(u3)
         self._u3 = u3
         reply = {"sig": sign(self._identity, survivors_message(self.params.session_id, u3))}
-        self.bytes_sent["consistency"] = payload_nbytes(reply)
         return reply
 
     def unmask(self, request: Mapping) -> dict:
@@ -739,7 +727,6 @@ class SecAggDevice:
         {"b_ids", "b_shares", "s_ids", "s_shares"}.
         """
         self._advance("unmask")
-        self.bytes_received["unmask"] = payload_nbytes(request)
         survivors = {int(j) for j in request["survivors"]}
         dropped = {int(j) for j in request["dropped"]}
         both = survivors & dropped
@@ -771,7 +758,6 @@ class SecAggDevice:
         self._c = self._s = None
         self._b = None
         self._enc_keys = {}
-        self.bytes_sent["unmask"] = payload_nbytes(reply)
         return reply
 
     def _check_survivor_count(self, u3: Iterable[int]) -> None:
@@ -832,7 +818,6 @@ class SecAggServer:
         self._lacks: dict[int, set[int]] = {}  # receiver -> senders whose shares it could not open
         self._signatures: dict[int, bytes] = {}
         self._total: np.ndarray | None = None
-        self.bytes_sent: dict[str, int] = {}  # server -> all devices, per stage
 
     @property
     def survivors(self) -> frozenset[int]:
@@ -867,10 +852,6 @@ class SecAggServer:
                 f"round aborted at {stage}: {len(live)} devices with >= t={t} live neighbours remain, need >= {t}"
             )
         return frozenset(live)
-
-    def _record(self, stage: str, requests: dict[int, dict]) -> dict[int, dict]:
-        self.bytes_sent[stage] = sum(payload_nbytes(r) for r in requests.values())
-        return requests
 
     def collect_keys(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
         """End of stage 1: {i: {"c_pk", "s_pk"[, "sig"]}} -> share_keys requests.
@@ -921,7 +902,7 @@ class SecAggServer:
             }
             if self.params.active:
                 requests[i]["sigs"] = [self._key_sigs[j] for j in nbrs]
-        return self._record("share_keys", requests)
+        return requests
 
     def collect_shares(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
         """End of stage 2: {i: {"ids", "ciphertexts"}} -> masked_input requests {i: {"ids", "ciphertexts"}}."""
@@ -947,7 +928,7 @@ class SecAggServer:
         for i in sorted(self._live):
             senders = [j for j in self.graph[i] if j in self._live]
             requests[i] = {"ids": senders, "ciphertexts": [self._ciphertexts[j][i] for j in senders]}
-        return self._record("masked_input", requests)
+        return requests
 
     def collect_masked(
         self, replies: Mapping[int, Mapping], groups: Mapping[int, np.ndarray | None] | None = None
@@ -1045,8 +1026,8 @@ class SecAggServer:
                 )
         if p.active:
             everyone = sorted(self.masked)
-            return self._record("consistency", {i: {"survivors": everyone} for i in everyone})
-        return self._record("unmask", self._unmask_requests(self.masked))
+            return {i: {"survivors": everyone} for i in everyone}
+        return self._unmask_requests(self.masked)
 
     def _holders(self, i: int) -> set[int]:
         """Survivors holding device i's shares."""
@@ -1084,7 +1065,7 @@ class SecAggServer:
                 continue
             self._signatures[i] = sig
         self.signed = frozenset(self._signatures)
-        return self._record("unmask", self._unmask_requests(self.signed))
+        return self._unmask_requests(self.signed)
 
     def collect_unmask(self, replies: Mapping[int, Mapping]) -> np.ndarray:
         """End of the last stage: {i: {"b_ids", "b_shares", "s_ids", "s_shares"}} -> sum of survivors' x mod 2^m (uint64)."""
@@ -1207,11 +1188,25 @@ def simulate_round(
         i: SecAggDevice(i, params, identity=(identities or {}).get(i), registry=view) for i in sorted(inputs)
     }
     server = SecAggServer(params, registry=view)
-    replies1 = {i: devices[i].advertise_keys() for i in alive("advertise_keys", devices)}
+    sent: dict[int, dict[str, int]] = {i: {} for i in devices}
+    received: dict[int, dict[str, int]] = {i: {} for i in devices}
+
+    def stage(name: str, requests: Mapping[int, Mapping], run: Callable[[int, Mapping], dict]) -> dict[int, dict]:
+        """Each live device's reply to its request, the payload bytes of both counted (stage 1
+        has no request)."""
+        replies = {}
+        for i in alive(name, requests):
+            if name != "advertise_keys":
+                received[i][name] = payload_nbytes(requests[i])
+            replies[i] = run(i, requests[i])
+            sent[i][name] = payload_nbytes(replies[i])
+        return replies
+
+    replies1 = stage("advertise_keys", {i: {} for i in devices}, lambda i, r: devices[i].advertise_keys())
     requests2 = server.collect_keys(replies1)
-    replies2 = {i: devices[i].share_keys(requests2[i]) for i in alive("share_keys", requests2)}
+    replies2 = stage("share_keys", requests2, lambda i, r: devices[i].share_keys(r))
     requests3 = server.collect_shares(replies2)
-    replies3 = {i: devices[i].masked_input(requests3[i], inputs[i]) for i in alive("masked_input", requests3)}
+    replies3 = stage("masked_input", requests3, lambda i, r: devices[i].masked_input(r, inputs[i]))
     sums: dict[int, np.ndarray] = {}
     for g, members in enumerate(groups or ()):
         inside = [i for i in members if i in replies3]
@@ -1221,15 +1216,15 @@ def simulate_round(
                 replies3[i] = {"group": g, "bad": replies3[i]["bad"]}
     requests4 = server.collect_masked(replies3, groups=sums)
     if params.active:
-        replies_c = {i: devices[i].consistency(requests4[i]) for i in alive("consistency", requests4)}
+        replies_c = stage("consistency", requests4, lambda i, r: devices[i].consistency(r))
         requests4 = server.collect_signatures(replies_c)
-    replies4 = {i: devices[i].unmask(requests4[i]) for i in alive("unmask", requests4)}
+    replies4 = stage("unmask", requests4, lambda i, r: devices[i].unmask(r))
     aggregate = server.collect_unmask(replies4)
     return RoundResult(
         aggregate=aggregate,
         survivors=server.survivors,
         dropped_after_sharing=server.dropped_after_sharing,
-        bytes_sent={i: dict(d.bytes_sent) for i, d in devices.items()},
-        bytes_received={i: dict(d.bytes_received) for i, d in devices.items()},
+        bytes_sent=sent,
+        bytes_received=received,
         rejected=dict(server.rejected),
     )

@@ -89,8 +89,8 @@ def share(secret: bytes, t: int, n_ids: Sequence[int]) -> dict[int, bytes]:
 
 
 def share_many(secrets: Sequence[bytes], t: int, n_ids: Sequence[int]) -> list[dict[int, bytes]]:
-    """`share` of each secret among the same parties (independent polynomials; the powers of
-    the parties' points are computed once)."""
+    """`share` of each secret among the same parties (independent polynomials, evaluated in one
+    matrix product; the powers of the parties' points come from a table kept between calls)."""
     ids = [int(i) for i in n_ids]
     if len(set(ids)) != len(ids) or any(i < 0 or i + 1 >= PRIME for i in ids):
         raise ShamirError(f"share ids must be distinct integers in [0, {PRIME - 2}], got {ids}")
@@ -99,25 +99,54 @@ def share_many(secrets: Sequence[bytes], t: int, n_ids: Sequence[int]) -> list[d
     for secret in secrets:
         if len(secret) >= 1 << (8 * _LEN):
             raise ShamirError(f"secret too long ({len(secret)} bytes)")
-    # powers[:, k] = x^k mod PRIME for every party's point x = id + 1.
-    x = np.array(ids, dtype=np.int64) + 1
-    powers = np.empty((len(ids), t), dtype=np.int64)
+    if not secrets:
+        return []
+    powers = _powers(np.array(ids, dtype=np.int64), t)  # powers[r, k] = (ids[r] + 1)^k mod PRIME
+    # One polynomial per chunk of every secret, all evaluated in one product: coeffs[k] = the
+    # x^k coefficients (coeffs[0] = the chunks), the secrets side by side.
+    chunks = [_chunks(secret) for secret in secrets]
+    width = sum(len(c) for c in chunks)
+    coeffs = np.empty((t, width), dtype=np.int64)
+    coeffs[0] = np.concatenate(chunks)
+    coeffs[1:] = _random_elements((t - 1) * width).reshape(t - 1, width)
+    y = _mod_matmul(powers, coeffs).astype(">u4")
+    out, start = [], 0
+    for secret, part in zip(secrets, chunks, strict=True):
+        header = len(secret).to_bytes(_LEN, "big")
+        size = _ELEM * len(part)
+        rows = np.ascontiguousarray(y[:, start : start + len(part)]).tobytes()
+        out.append({i: header + rows[r * size : (r + 1) * size] for r, i in enumerate(ids)})
+        start += len(part)
+    return out
+
+
+#: x^k mod PRIME for x = 1..size and k < t, per t: a session's parties are 0..n-1, so every
+#: device of a host takes its neighbours' rows from one table instead of t - 1 numpy passes.
+_POWER_TABLES: dict[int, np.ndarray] = {}
+_TABLE_LIMIT = 1 << 21  # values (16 MB): larger ids or thresholds compute their powers directly
+
+
+def _power_rows(x: np.ndarray, t: int) -> np.ndarray:
+    powers = np.empty((len(x), t), dtype=np.int64)
     powers[:, 0] = 1
     for k in range(1, t):
         np.multiply(powers[:, k - 1], x, out=powers[:, k])  # < 2^62
         powers[:, k] %= PRIME
-    out = []
-    for secret in secrets:
-        chunks = _chunks(secret)
-        # coeffs[k] = the x^k coefficients of every chunk's polynomial; coeffs[0] = the chunks.
-        coeffs = np.empty((t, len(chunks)), dtype=np.int64)
-        coeffs[0] = chunks
-        coeffs[1:] = _random_elements((t - 1) * len(chunks)).reshape(t - 1, len(chunks))
-        y = _mod_matmul(powers, coeffs)
-        header = len(secret).to_bytes(_LEN, "big")
-        rows = y.astype(">u4")
-        out.append({i: header + rows[r].tobytes() for r, i in enumerate(ids)})
-    return out
+    return powers
+
+
+def _powers(ids: np.ndarray, t: int) -> np.ndarray:
+    """powers[r, k] = (ids[r] + 1)^k mod PRIME (party id's point is id + 1)."""
+    need = int(ids.max()) + 1 if len(ids) else 0
+    table = _POWER_TABLES.get(t)
+    if table is None or len(table) < need:
+        size = max(need, 2 * len(table) if table is not None else 0, 64)
+        if size * t > _TABLE_LIMIT:
+            return _power_rows(ids + 1, t)
+        if len(_POWER_TABLES) >= 8:
+            _POWER_TABLES.clear()
+        table = _POWER_TABLES[t] = _power_rows(np.arange(1, size + 1, dtype=np.int64), t)
+    return table[ids]
 
 
 _BLOCK = 1 << 14  # terms summed before a reduction: _BLOCK * 2^31 * 2^16 < 2^62
