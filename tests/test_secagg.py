@@ -923,6 +923,11 @@ def test_rounding_draws_give_each_fraction_its_probability_to_2_33(monkeypatch: 
         top = fp.levels
         big = fp.encode_int(np.array([top + 0.5, 1e30, -top - 1e-7, -1e30]), np.random.default_rng(0))
         assert big.tolist() == [top, top, -top, -top]
+    # A clip so small that L 2^32 / clip overflows: the float path, not NaNs read as integers.
+    tiny = FixedPoint(clip=1e-300, bits=16, modulus_bits=64)
+    got = tiny.encode_int(np.array([0.0, -0.0, 1e-300, -1e-300 / 2, 1.0]), np.random.default_rng(0), max_norm=1e6)
+    half = tiny.levels / 2  # -1e-300 / 2 is -half grid steps: rounds to one of its two neighbours
+    assert got[[0, 1, 2, 4]].tolist() == [0, 0, tiny.levels, tiny.levels] and got[3] in (math.floor(-half), math.ceil(-half))
     monkeypatch.undo()
     rng = np.random.Generator(np.random.Philox(3))
     key = b"".join(int(w).to_bytes(8, "little") for w in np.random.Generator(np.random.Philox(3)).bit_generator.random_raw(2))

@@ -109,8 +109,9 @@ def test_secagg_device_payloads_round_trip_and_anything_else_is_a_bad_reply() ->
         wire.unpack_payload(b"\x01\x01aQ")
     with pytest.raises(wire.BadReply, match="must be bytes"):
         wire.unpack_payload([1, 2])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="'mixed'"):
-        wire.pack_payload({"mixed": [1, b"x"]})
+    for mixed in ([1, b"x"], [b"x", 1], [b"ab", np.arange(3)], [b"ab", bytearray(b"cd")], [b"x", "s"], [1, True]):
+        with pytest.raises(TypeError, match="'mixed'"):  # (len() of an int64 array counts items, not bytes)
+            wire.pack_payload({"mixed": mixed})
     record = wire.payload_record({0: {"a": 1}, 5: {"b": [b"x"]}})
     assert wire.read_payloads(record) == {0: {"a": 1}, 5: {"b": [b"x"]}}
     assert wire.read_payloads({**dict(record), "5": b"\x09", "job": b"x"}) == {0: {"a": 1}, 5: None}

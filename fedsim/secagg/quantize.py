@@ -271,7 +271,8 @@ class FixedPoint:
         else:
             q = out.reshape(-1)
         words = rounding_stream(rng)
-        draw = self._fixed_point_draws(flat, work, q, words) if self.bits <= FIXED_POINT_MAX_BITS else self._float_draws(flat, work, q, words)
+        fixed = self.bits <= FIXED_POINT_MAX_BITS and math.isfinite(self.levels * _WORD / self.clip)  # (a clip below ~1e-293: float)
+        draw = self._fixed_point_draws(flat, work, q, words) if fixed else self._float_draws(flat, work, q, words)
         for _ in range(MAX_ROUNDING_DRAWS):
             draw()
             if limit is None or int(np.dot(q, q)) <= limit:
