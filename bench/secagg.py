@@ -25,7 +25,17 @@ features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of 
     python bench/secagg.py                       # cohorts 100 and 1000, fedsim 8 rounds, Flower 4 rounds
     python bench/secagg.py --rounds 6 --skip-flower --cohorts 100
     python bench/secagg.py --skip-flower --only plain,shortcut      # some fedsim setups only
+    python bench/secagg.py --protocol                # the protocol's own CPU per device, no training
 Flower runs at cohort 100 only (one SuperNode per device).
+
+3. `--protocol`: the SecAgg+ session alone, in this process (`protocol.simulate_round`: every
+   stage of every device and the server, no transport, no training, message bytes not counted), at cohort 1,000 with the semi-honest k and t, shortcut and faithful, CPU
+   seconds (time.process_time) per device for an input of 16 values and of the MLP's 113,610,
+   with the shortcut's two worker groups (the faithful driver masks one device at a time: each
+   pair mask is expanded by both devices, as on real devices, where a fedsim worker expands it
+   once for two of its own); and one device's rounding of its 113,610-value float32
+   update to the 16-bit grid (`FixedPoint.encode_int`). Best of 3; what the protocol costs
+   before fedsim's rounds add messages, state and training.
 """
 
 from __future__ import annotations
@@ -280,6 +290,45 @@ def print_table(rows: list[Row], params: int, rounds: int, flower_rounds: int) -
         print(f"  [{r.setup}] {r.command}")
 
 
+def protocol_costs(cohort: int = 1000) -> None:
+    """Print the SecAgg+ session's own CPU per device (module docstring, 3.)."""
+    import numpy as np
+
+    from fedsim.api import compose
+    from fedsim.secagg.protocol import SecAggParams, simulate_round
+    from fedsim.secagg.quantize import FixedPoint
+    from fedsim.secure_rounds import graph_choice
+
+    choice = graph_choice(compose(["secagg=secaggplus"]), cohort)
+    print(f"SecAgg+ session at cohort {cohort:,}, semi-honest k={choice.neighbours}, t={choice.threshold}; "
+          "CPU ms per device (best of 3)", flush=True)
+    length = model_params()
+    for shortcut in (True, False):
+        for size in (16, length):
+            params = SecAggParams(num_devices=cohort, threshold=choice.threshold, neighbours=choice.neighbours,
+                                  modulus_bits=32, vector_length=size, session_id=os.urandom(16), shortcut=shortcut)
+            inputs = {i: np.full(size, i % 7, dtype=np.int64) for i in range(cohort)}
+            groups = [list(range(cohort // 2)), list(range(cohort // 2, cohort))] if shortcut else None
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                simulate_round(params, inputs, groups=groups, count_bytes=False)
+                best = min(best, time.process_time() - t0)
+            mode = "shortcut" if shortcut else "faithful"
+            print(f"  {mode:8} vector {size:>7,}: {1e3 * best / cohort:.3f} ms", flush=True)
+    fp = FixedPoint(0.05, 16, 32)
+    x = (np.random.default_rng(0).standard_normal(length) * 0.02).astype(np.float32)
+    out = np.empty(length, dtype=np.int64)
+    rng = np.random.default_rng(1)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.process_time()
+        for _ in range(200):
+            fp.encode_int(x, rng, out=out)
+        best = min(best, (time.process_time() - t0) / 200)
+    print(f"  rounding one update of {length:,} values to 16 bits: {1e3 * best:.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8, help="fedsim rounds per setup")
@@ -289,7 +338,11 @@ def main() -> None:
     ap.add_argument("--cohorts", default="100,1000", help="comma-separated fedsim cohort sizes")
     ap.add_argument("--only", default="", help="comma-separated words: run the fedsim setups whose name has one "
                     "(e.g. 'plain,shortcut'; the plain row is the ratios' base)")
+    ap.add_argument("--protocol", action="store_true", help="only the protocol's own CPU per device (docstring, 3.)")
     args = ap.parse_args()
+    if args.protocol:
+        protocol_costs()
+        return
     params = model_params()
     print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
     rows: list[Row] = []

@@ -367,6 +367,9 @@ def test_byte_counts_per_stage():
     assert sent["masked_input"] == L * 4  # m=20 -> uint32, no "bad" senders
     assert sent["unmask"] == K * (4 + shamir.share_size(32))
     assert result.bytes_received[0]["masked_input"] == sent["share_keys"]
+    uncounted = simulate_round(params, _inputs(params), count_bytes=False)  # (bench/secagg.py --protocol)
+    np.testing.assert_array_equal(uncounted.aggregate, result.aggregate)
+    assert not any(uncounted.bytes_sent.values()) and not any(uncounted.bytes_received.values())
 
 
 def test_too_few_survivors_aborts():

@@ -1156,6 +1156,7 @@ def simulate_round(
     registry: KeyRegistry | None = None,
     identities: Mapping[int, Ed25519PrivateKey] | None = None,
     groups: Iterable[Iterable[int]] | None = None,
+    count_bytes: bool = True,
 ) -> RoundResult:
     """Run one full session in-process (for tests, benchmarks and a transport-free simulator).
 
@@ -1164,7 +1165,9 @@ def simulate_round(
     Active threat model: identity keys are made (unless given) and registered in `registry`
     (a fresh KeyRegistry unless given) under the session, device i at position i.
     groups (simulation shortcut only): lists of devices whose masked inputs reach the server as
-    one sum, as a worker sends them (`SecAggServer.collect_masked`).
+    one sum, as a worker sends them (`SecAggServer.collect_masked`). count_bytes: fill the
+    result's bytes_sent / bytes_received (payload_nbytes of every request and reply; False
+    times the protocol alone, as bench/secagg.py --protocol does).
     Raises SecAggAborted if the round cannot complete.
     """
     drop_before = drop_before or {}
@@ -1196,10 +1199,11 @@ def simulate_round(
         has no request)."""
         replies = {}
         for i in alive(name, requests):
-            if name != "advertise_keys":
+            if count_bytes and name != "advertise_keys":
                 received[i][name] = payload_nbytes(requests[i])
             replies[i] = run(i, requests[i])
-            sent[i][name] = payload_nbytes(replies[i])
+            if count_bytes:
+                sent[i][name] = payload_nbytes(replies[i])
         return replies
 
     replies1 = stage("advertise_keys", {i: {} for i in devices}, lambda i, r: devices[i].advertise_keys())
