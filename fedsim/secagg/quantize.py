@@ -23,10 +23,11 @@ no longer stays below 2^51, and it compares (k + 1/2) / 2^32 < u - floor(u) in f
 x / step clipped to [-L, L]). With the same words both give the same q except where their
 float64 roundings put the fraction on either side of a half-way point between two multiples
 of 2^-32 and the word falls just there: about 2^-32 per coordinate (scripts/golden.py's SecAgg+
-runs, 20 bits, kept their model hashes across the change). The words are the AES-128-CTR keystream (nonce and counter 0, little-endian 32-bit words) under
-a key of 128 bits drawn from the device's rounding stream (its generator's first two 64-bit
-outputs, `rounding_stream`): reproducible where the stream is (fedsim.randomness), from the OS
-CSPRNG where it is, and 4x cheaper than the generator's own output (AES-NI: 0.05 ms for a
+runs, 20 bits, kept their model hashes across the change). The words are the AES-128-CTR
+keystream (nonce and counter 0, little-endian 32-bit words) under a key of 128 bits drawn
+from the device's rounding stream (its generator's first two 64-bit outputs,
+`rounding_stream`): reproducible where the stream is (fedsim.randomness), from the OS CSPRNG
+where it is, and 4x cheaper than the generator's own output (AES-NI: 0.05 ms for a
 113,610-value vector against 0.2 ms of Philox words and 0.5 ms of Philox float64 draws, which
 the encoding used until 2026-12-02).
 
