@@ -593,6 +593,16 @@ def test_shamir_shares_are_the_polynomials_evaluated_exactly(monkeypatch: pytest
     b = rng.integers(0, p, (40_000, 2), dtype=np.int64)
     want = [[sum(int(x) * int(y) for x, y in zip(a[i], b[:, j], strict=True)) % p for j in range(2)] for i in range(3)]
     assert shamir._mod_matmul(a, b).tolist() == want
+    # The float64 path at its limit (64 terms), with every entry at its largest (p - 1 and
+    # 16-bit halves of all ones): the sums reach 64 (2^31 - 2)(2^16 - 1) < 2^53, and one more
+    # term goes through int64.
+    for inner in (1, 63, 64, 65):
+        a = np.full((2, inner), p - 1, dtype=np.int64)
+        b = np.full((inner, 3), p - 1, dtype=np.int64)
+        b[:, 1] = rng.integers(0, p, inner)
+        b[:, 2] = 0x7FFEFFFF  # (a low half of all ones)
+        want = [[sum(int(x) * int(y) for x, y in zip(a[i], b[:, j], strict=True)) % p for j in range(3)] for i in range(2)]
+        assert shamir._mod_matmul(a, b).tolist() == want
     # 31-bit draws (little-endian words >> 1): 2^31 - 1 and 1, then the rejected one again as 5.
     blocks = iter([b"\xff\xff\xff\xff\x02\x00\x00\x00", b"\x0a\x00\x00\x00"])
     monkeypatch.setattr(shamir.os, "urandom", lambda n: next(blocks))

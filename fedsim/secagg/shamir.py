@@ -150,12 +150,18 @@ def _powers(ids: np.ndarray, t: int) -> np.ndarray:
 
 
 _BLOCK = 1 << 14  # terms summed before a reduction: _BLOCK * 2^31 * 2^16 < 2^62
+_FLOAT_TERMS = 64  # inner sizes summed in float64: 64 * 2^31 * 2^16 = 2^53
 
 
 def _mod_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b mod PRIME for int64 matrices with entries in [0, PRIME), exact in int64: b is split
-    in 16-bit halves, so each product is below 2^47, and at most _BLOCK of them are summed
-    before a reduction (any inner size)."""
+    """a @ b mod PRIME for int64 matrices with entries in [0, PRIME), exact: b is split in 16-bit
+    halves, so each product is below 2^47; up to 64 terms (a share's threshold) the sums stay
+    below 2^53 and run as float64 products, beyond that in int64 with at most _BLOCK terms
+    summed before a reduction (any inner size)."""
+    if a.shape[1] <= _FLOAT_TERMS:  # every partial sum is an integer below 2^53: float64 (BLAS) is exact
+        af = a.astype(np.float64)
+        high = (af @ (b >> 16).astype(np.float64)).astype(np.int64) % PRIME
+        return ((high << 16) + (af @ (b & 0xFFFF).astype(np.float64)).astype(np.int64) % PRIME) % PRIME
     out = np.zeros((a.shape[0], b.shape[1]), dtype=np.int64)
     for start in range(0, a.shape[1], _BLOCK):
         part_a, part_b = a[:, start : start + _BLOCK], b[start : start + _BLOCK]
