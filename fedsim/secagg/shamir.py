@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -240,6 +240,13 @@ def _is_id(i: object) -> bool:
     return isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < PRIME - 1
 
 
+def _all_ids(ids: Collection[object]) -> bool:
+    """`_is_id` of each (plain ints, the server's case, checked by type and range at once)."""
+    if ids and all(type(i) is int for i in ids):
+        return 0 <= min(ids) and max(ids) < PRIME - 1  # type: ignore[type-var, operator]
+    return all(map(_is_id, ids))
+
+
 def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:
     """Rebuild the secret from at least `t` shares {id: share} (Lagrange interpolation at 0).
 
@@ -319,7 +326,7 @@ def reconstruct_many(shares: Sequence[Mapping[int, bytes]], t: int) -> list[byte
     out: list[bytes | ShamirError | None] = [None] * len(shares)
     batches: dict[int, list[tuple[int, list[int], bytes]]] = {}
     for pos, held in enumerate(shares):
-        if len(held) >= t and all(map(_is_id, held)):
+        if len(held) >= t and _all_ids(held):
             ids = sorted(int(i) for i in held)[:t]
             blob = b"".join(bytes(held[i]) for i in ids)
             secret_len = int.from_bytes(blob[:_LEN], "big")
