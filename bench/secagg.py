@@ -29,8 +29,9 @@ features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of 
 Flower runs at cohort 100 only (one SuperNode per device).
 
 3. `--protocol`: the SecAgg+ session alone, in this process (`protocol.simulate_round`: every
-   stage of every device and the server, no transport, no training, message bytes not counted), at cohort 1,000 with the semi-honest k and t, shortcut and faithful, CPU
-   seconds (time.process_time) per device for an input of 16 values and of the MLP's 113,610,
+   stage of every device and the server, no transport, no training, message bytes not
+   counted), at cohort 1,000 with the semi-honest k and t, shortcut and faithful, CPU seconds
+   (time.process_time) per device for an input of 16 values and of the MLP's 113,610,
    with the shortcut's two worker groups (the faithful driver masks one device at a time: each
    pair mask is expanded by both devices, as on real devices, where a fedsim worker expands it
    once for two of its own); and one device's rounding of its 113,610-value float32
