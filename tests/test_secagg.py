@@ -253,17 +253,12 @@ def _roots_mod_p(coefficients: list[int], p: int) -> int:
         if e & 1:
             power = mod(mul(power, base), f)
         base, e = mod(mul(base, base), f), e >> 1
-    g, h = f, mod(trim(_minus_x(power, p)), f)
+    power = [0] * max(0, 2 - len(power)) + power
+    power[-2] -= 1  # x^p - x
+    g, h = f, mod(trim(power), f)
     while h:
         g, h = h, mod(g, h)
     return len(g) - 1
-
-
-def _minus_x(a: list[int], p: int) -> list[int]:
-    """a(x) - x for a polynomial given from the highest degree."""
-    a = [0] * max(0, 2 - len(a)) + list(a)
-    a[-2] -= 1
-    return a
 
 
 def test_the_low_order_key_list_is_every_point_of_order_dividing_8_and_the_exchange_agrees():
