@@ -50,17 +50,21 @@ def test_a_supernode_paused_longer_than_the_timeout_is_kept_and_the_model_is_unc
 ) -> None:
     nodes = [cluster.add_node() for _ in range(2)]
     raw = synthetic(tmp_path, rounds=5, engine="deployment", superlink=cluster.address)
-    # 4 groups of 2 over 2 workers: both have a job every round. The pause (40 s) is twice the
-    # timeout and shorter than the SuperLink's patience (two 30 s heartbeat intervals); a loaded
-    # machine may make healthy workers late too, so only the engine may drop a worker here
-    # (max_missed_rounds 10) and a round has retries to spare.
-    raw["simulation"] |= {"num_workers": 2, "round_timeout_s": 20, "max_missed_rounds": 10, "retries": 4,
+    # 4 groups of 2 over 2 workers: both have a job every round. The pause must outlast the
+    # timeout (so the worker is late) and end well before the SuperLink stops listing the node:
+    # it lists a node until 2 x 30 s after its last heartbeat, and a SuperNode sends one every
+    # (30 - 5) x 0.7-0.9 s (flwr.supercore.heartbeat), so the pause may start up to 22.5 s after
+    # the last one. A 40 s pause left 60 - 22.5 - 40 = -2.5 s (a CI run lost the node that way);
+    # 25 s leaves 12.5 s for the heartbeat after SIGCONT. A loaded machine may make healthy
+    # workers late too, so only the engine may drop a worker here (max_missed_rounds 10) and a
+    # round has retries to spare.
+    raw["simulation"] |= {"num_workers": 2, "round_timeout_s": 10, "max_missed_rounds": 10, "retries": 4,
                           "device_group": 3}  # fmt: skip
     proc, metrics = start_run(cluster, tmp_path, raw)
     wait_for_first_round(proc, metrics)
     os.killpg(nodes[0].pid, signal.SIGSTOP)  # the SuperNode and its ClientApp process
     try:
-        time.sleep(40)
+        time.sleep(25)
     finally:
         os.killpg(nodes[0].pid, signal.SIGCONT)
     output = finish(proc)
