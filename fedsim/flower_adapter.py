@@ -145,7 +145,9 @@ def release_fastapi() -> None:
     module = sys.modules.get("fastapi")
     if module is None or "__getattr__" not in module.__dict__ or not getattr(module, "_fedsim_lazy", False):
         return
-    if any(name.startswith("fastapi.") for name in sys.modules):
+    # A snapshot (list() copies in one step): Ray's start thread may be importing meanwhile, and
+    # iterating sys.modules itself then fails with "dictionary changed size during iteration".
+    if any(name.startswith("fastapi.") for name in list(sys.modules)):
         getattr(module, "__version__")  # runs the real __init__ (a name LIGHT_NAMES does not give)
     else:
         del sys.modules["fastapi"]
