@@ -7,8 +7,9 @@ features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of 
 1. fedsim, population = 2 x cohort, each setup in its own `python -m fedsim` process: plain,
    `secagg=secaggplus` in the semi-honest and the active threat model (gamma = 1/3 colluding
    devices, no dropouts configured: k and t are what the threat model needs, printed from the
-   run's secagg_k / secagg_t), semi-honest SecAgg+ with `secagg.simulation_shortcut=true` (no
-   mask expanded; the same sum, survivors and aborts as the faithful protocol; issue 18 asks
+   run's secagg_k / secagg_t), semi-honest SecAgg+ with `secagg.simulation_shortcut=true` (one
+   unmasked message per worker, no cryptography; the same sum, survivors and aborts as the
+   faithful protocol; issue 18 asks
    <= 1.3x plain for it and <= 2.0x for the faithful semi-honest protocol), and semi-honest
    SecAgg+ with distributed DP (devices add Skellam noise, DP-FedAvg z=1). Seconds per round =
    median of metrics.jsonl's round_time_s over the rounds after the first two; also the median
@@ -28,13 +29,13 @@ features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of 
     python bench/secagg.py --protocol                # the protocol's own CPU per device, no training
 Flower runs at cohort 100 only (one SuperNode per device).
 
-3. `--protocol`: the SecAgg+ session alone, in this process (`protocol.simulate_round`: every
-   stage of every device and the server, no transport, no training, message bytes not
-   counted), at cohort 1,000 with the semi-honest k and t, shortcut and faithful, CPU seconds
-   (time.process_time) per device for an input of 16 values and of the MLP's 113,610,
-   with the shortcut's two worker groups (the faithful driver masks one device at a time: each
-   pair mask is expanded by both devices, as on real devices, where a fedsim worker expands it
-   once for two of its own); and one device's rounding of its 113,610-value float32
+3. `--protocol`: the SecAgg+ session alone, in this process, at cohort 1,000 with the
+   semi-honest k and t, CPU seconds (time.process_time) per device for an input of 16 values
+   and of the MLP's 113,610: faithful (`protocol.simulate_round`: every stage of every device
+   and the server, no transport, no training, message bytes not counted; the driver masks one
+   device at a time, so each pair mask is expanded by both devices, as on real devices, where a
+   fedsim worker expands it once for two of its own) and the shortcut (`ShortcutSession`: the
+   server's decisions and the sum of two workers' sums); and one device's rounding of its 113,610-value float32
    update to the 16-bit grid (`FixedPoint.encode_int`). Best of 3; what the protocol costs
    before fedsim's rounds add messages, state and training.
 """
@@ -298,6 +299,7 @@ def protocol_costs(cohort: int = 1000) -> None:
     from fedsim.api import compose
     from fedsim.secagg.protocol import SecAggParams, simulate_round
     from fedsim.secagg.quantize import FixedPoint
+    from fedsim.secagg.shortcut import ShortcutSession
     from fedsim.secure_rounds import graph_choice
 
     choice = graph_choice(compose(["secagg=secaggplus"]), cohort)
@@ -307,13 +309,19 @@ def protocol_costs(cohort: int = 1000) -> None:
     for shortcut in (True, False):
         for size in (16, length):
             params = SecAggParams(num_devices=cohort, threshold=choice.threshold, neighbours=choice.neighbours,
-                                  modulus_bits=32, vector_length=size, session_id=os.urandom(16), shortcut=shortcut)
+                                  modulus_bits=32, vector_length=size, session_id=os.urandom(16))
             inputs = {i: np.full(size, i % 7, dtype=np.int64) for i in range(cohort)}
-            groups = [list(range(cohort // 2)), list(range(cohort // 2, cohort))] if shortcut else None
+            halves = [list(range(cohort // 2)), list(range(cohort // 2, cohort))]
+            sums = [(h, np.full(size, len(h), dtype=np.uint32)) for h in halves]
             best = float("inf")
             for _ in range(3):
                 t0 = time.process_time()
-                simulate_round(params, inputs, groups=groups, count_bytes=False)
+                if shortcut:
+                    session = ShortcutSession(params, lambda stage, i: False)
+                    session.before_training()
+                    session.finish(sums)
+                else:
+                    simulate_round(params, inputs, count_bytes=False)
                 best = min(best, time.process_time() - t0)
             mode = "shortcut" if shortcut else "faithful"
             print(f"  {mode:8} vector {size:>7,}: {1e3 * best / cohort:.3f} ms", flush=True)

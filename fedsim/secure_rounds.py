@@ -42,6 +42,11 @@ vector (`STATS`, fixed point with their own ranges) and reaches the server only 
 A worker's plain reply names the devices that trained or failed (the server sees who sent a
 masked vector anyway) and, with DP-SGD, each device's privacy event for the ledger.
 
+Simulation shortcut (`secagg.simulation_shortcut`, not what devices do): the masked_input stage
+alone, each worker sending the unmasked sum of its devices' inputs; the server takes the other
+stages' decisions from the seeded drops (fedsim.secagg.shortcut), so the sum, survivors and
+aborts are the faithful protocol's.
+
 Randomness the server cannot know: rounding and noise come from `fedsim.randomness` streams
 ("secagg.rounding", "secagg.noise"): fresh OS entropy in secure mode (the default with
 distributed noise), derived from the seed and config in reproducible mode, where the run says
@@ -84,6 +89,7 @@ from fedsim.secagg import (
 from fedsim.secagg.crypto import PRG_NAME
 from fedsim.secagg.protocol import DEVICE_FAULTS, PairMemo, masked_inputs, ring_order
 from fedsim.secagg.quantize import from_ring_signed, stochastic_round, to_ring
+from fedsim.secagg.shortcut import ShortcutSession
 from fedsim.secure_grid import SecureEncoding, distributed_dpsgd, grid
 from fedsim.reports import DeviceReport
 from clients.params import num_params
@@ -232,7 +238,6 @@ def session_params(cfg: FedsimConfig, num_devices: int, num_params: int, modulus
         num_devices=num_devices, threshold=choice.threshold, neighbours=choice.neighbours,
         modulus_bits=modulus_bits, vector_length=num_params, session_id=os.urandom(16),
         graph_seed=graph_seed, active=active, min_survivors=survivor_floor(choice) if active else 0,
-        shortcut=cfg.secagg.simulation_shortcut,
     )  # fmt: skip
 
 
@@ -287,10 +292,12 @@ def summary(cfg: FedsimConfig) -> dict:
     shortcut = None
     if cfg.secagg.simulation_shortcut:
         shortcut = (
-            "SIMULATION SHORTCUT (secagg.simulation_shortcut=true), not what devices do: devices send their inputs "
-            "unmasked and the server removes no mask (every mask cancels in the survivors' sum), and the Shamir "
-            "shares travel unencrypted, so the sum, survivors, aborts and dropout handling are the faithful "
-            "protocol's bit for bit but the server could read each device's update: the guarantee above describes "
+            "SIMULATION SHORTCUT (secagg.simulation_shortcut=true), not what devices do: each worker sends the "
+            "unmasked sum of its devices' inputs in one message, no key, share or mask is made (every mask cancels "
+            "in the survivors' sum), and the server takes the faithful protocol's decisions (drops at each stage "
+            "from the seeded fault model, pruning, survivor floor, secrets' holders and shares), so the sum, "
+            "survivors, aborts and dropout handling are the faithful protocol's bit for bit, but the server could "
+            "read each worker's sum (a device's update where a worker holds one): the guarantee above describes "
             "the faithful protocol, not this run"
         )
         assumptions.insert(0, shortcut)
@@ -350,7 +357,8 @@ def secure_round(
     encoding: SecureEncoding | None = None,
     send: Callable[..., dict[int, Message]] | None = None,
 ) -> SecureRoundResult:
-    """Run the four stages over the workers in `plan` (node id, device ids).
+    """Run the four stages (five in the active threat model; the masked input alone under the
+    simulation shortcut) over the workers in `plan` (node id, device ids).
 
     `encoding` (user-level DP): the norm bound of conditional rounding and, with distributed
     noise, the Skellam variance every released sum must carry; each device adds 1/h of it, h
@@ -393,7 +401,8 @@ def secure_round(
     fp = fixed_point(cfg, n, bound, n + count_bound, dim=dim)
     # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
-    plan = along_the_ring(plan, cohort, params)
+    shortcut = cfg.secagg.simulation_shortcut
+    plan = along_the_ring(plan, cohort, params, shortcut=shortcut)
     server_registry: dict[int, bytes] = {}
     server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
@@ -467,23 +476,29 @@ def secure_round(
         return out
 
     survivors: dict[str, int] = {}
+    session: ShortcutSession | None = None
     bytes_in: dict[str, int] = {}
     bytes_out: dict[str, int] = {}
     stage_time: dict[str, float] = {}
     device_errors: dict[int, str] = {}
     try:
-        everyone = {i: {} for i in range(len(cohort))}
-        replies = exchange("advertise_keys", everyone)
-        keys = device_payloads(replies)
-        survivors["advertise_keys"] = len(keys)
-        if params.active:  # the PKI is public: the server reads it to drop faulty devices early
-            server_registry = pki.lookup(params.session_id, range(len(cohort)))
-        server = SecAggServer(params, registry=server_registry if params.active else None)
-        req2 = server.collect_keys(keys)
-        replies = exchange("share_keys", req2)
-        shares = device_payloads(replies)
-        survivors["share_keys"] = len(shares)
-        req3 = server.collect_shares(shares)
+        if shortcut:  # stages 1-2 decided from the seeded drops: no message (fedsim.secagg.shortcut)
+            session = ShortcutSession(params, lambda stage, i: _dropped(cfg, stage, round_num, cohort[i]))
+            survivors = session.answered
+            req3: dict[int, dict] = {i: {} for i in session.before_training()}
+        else:
+            everyone = {i: {} for i in range(len(cohort))}
+            replies = exchange("advertise_keys", everyone)
+            keys = device_payloads(replies)
+            survivors["advertise_keys"] = len(keys)
+            if params.active:  # the PKI is public: the server reads it to drop faulty devices early
+                server_registry = pki.lookup(params.session_id, range(len(cohort)))
+            server = SecAggServer(params, registry=server_registry if params.active else None)
+            req2 = server.collect_keys(keys)
+            replies = exchange("share_keys", req2)
+            shares = device_payloads(replies)
+            survivors["share_keys"] = len(shares)
+            req3 = server.collect_shares(shares)
         global_record = {"global": ArrayRecord({"params": wire.pack(params_vec.numpy())})}
         replies = exchange("masked_input", req3, global_record)
         bad: dict[int, dict | None] = {}  # position -> {"bad": [senders]}; None: did not unpack
@@ -494,8 +509,8 @@ def secure_round(
             fields = bad.get(p, {})
             return None if fields is None else fields.get("bad", [])
 
-        masked: dict[int, dict] = {}
-        groups: dict[int, np.ndarray | None] = {}  # simulation shortcut: a worker's sum of its devices' inputs
+        masked: dict[int, dict] = {}  # faithful: position -> its masked vector and the senders it lacks
+        summed: list[tuple[list[int], np.ndarray | None]] = []  # shortcut: each worker's sum of its inputs
         reports: list[DeviceReport] = []
         for content in replies:
             try:
@@ -503,27 +518,26 @@ def secure_round(
             except wire.BadReply as err:  # its devices are left out whole: no vector without its accounting
                 log.warning("round %d: skipping a worker's masked input: %s", round_num, err)
                 continue
-            arrays = wire.records(content, ArrayRecord).get("masked")
             # Only vectors of devices this reply's report lists (no vector without its accounting),
             # each position once.
             listed = {position[d] for d in report.device_ids if d in position}
-            summed = wire.records(content, ArrayRecord).get("masked_sum")
-            if summed is not None:
+            if shortcut:
+                record = wire.records(content, ArrayRecord).get("masked_sum")
+                if record is None:  # no device of this worker trained
+                    reports.append(report)
+                    continue
                 try:
                     members = [int(p) for p in wire.records(content, ConfigRecord)["masked_sum_members"]["positions"]]  # type: ignore[union-attr]
-                    vector: np.ndarray | None = wire.unpack(summed["sum"])
+                    vector: np.ndarray | None = wire.unpack(record["sum"])
                 except (KeyError, TypeError, ValueError):  # (wire.BadReply is a ValueError)
                     members, vector = [], None
-                if not members or len(set(members)) != len(members) or not set(members) <= listed \
-                        or set(members) & set(masked):
+                if not members or len(set(members)) != len(members) or set(members) != listed:
                     log.warning("round %d: skipping a worker's masked input: its sum's members are not its devices", round_num)
                     continue
-                groups[len(groups)] = vector  # None (malformed): SecAggServer.collect_masked rejects its members
-                for p in members:
-                    masked[p] = {"masked": None, "group": len(groups) - 1, "bad": bad_of(p)}
+                summed.append((members, vector))  # a malformed vector: ShortcutSession.finish rejects its members
                 reports.append(report)
                 continue
-            for key, arr in (arrays or {}).items():
+            for key, arr in (wire.records(content, ArrayRecord).get("masked") or {}).items():
                 pos = wire.position_key(key)
                 if pos is None or pos not in listed or pos in masked:
                     log.warning("round %d: skipping a masked vector under key %r: not a device of its reply", round_num, key)
@@ -534,26 +548,29 @@ def secure_round(
                     vector = None  # malformed: SecAggServer.collect_masked rejects this device
                 masked[pos] = {"masked": vector, "bad": bad_of(pos)}
             reports.append(report)
-        survivors["masked_input"] = len(masked)
-        req4 = server.collect_masked(masked, groups=groups)
-        if params.active:
-            replies = exchange("consistency", req4)
-            signatures = device_payloads(replies)
-            survivors["consistency"] = len(signatures)
-            req4 = server.collect_signatures(signatures)
-        replies = exchange("unmask", req4)
-        unmask = device_payloads(replies)
-        survivors["unmask"] = len(unmask)
-        aggregate = server.collect_unmask(unmask)
+        if session is not None:
+            aggregate = session.finish(summed)  # stages 3-4's decisions (fedsim.secagg.shortcut)
+        else:
+            survivors["masked_input"] = len(masked)
+            req4 = server.collect_masked(masked)
+            if params.active:
+                replies = exchange("consistency", req4)
+                signatures = device_payloads(replies)
+                survivors["consistency"] = len(signatures)
+                req4 = server.collect_signatures(signatures)
+            replies = exchange("unmask", req4)
+            unmask = device_payloads(replies)
+            survivors["unmask"] = len(unmask)
+            aggregate = server.collect_unmask(unmask)
     except SecAggAborted as err:
-        metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, server)
+        metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, session or server)
         return SecureRoundResult(None, 0, [], aborted=err.reason, metrics=metrics)
-    in_sum = {cohort[i] for i in server.survivors}
+    in_sum = {cohort[i] for i in (session or server).survivors}
     for report in reports:  # only devices whose masked input made it into the sum
         report.keep_rows([i for i, d in enumerate(report.device_ids) if d in in_sum])
     total = torch.from_numpy(fp.decode_sum(aggregate[:dim]))
     sums = decode_stats(names, from_ring_signed(aggregate[dim:], fp.modulus_bits))
-    metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, server)
+    metrics = _metrics(survivors, bytes_in, t0, len(cohort), params, device_errors, session or server)
     metrics |= {"bytes_sent": sum(bytes_out.values()), "bytes_received": sum(bytes_in.values())}
     metrics |= {f"secagg_stage_time_s_{stage}": t for stage, t in stage_time.items()}
     metrics |= cohort_metrics(sums, len(in_sum))
@@ -562,7 +579,9 @@ def secure_round(
     return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums)
 
 
-def along_the_ring(plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams) -> list[tuple[int, list[int]]]:
+def along_the_ring(
+    plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams, *, shortcut: bool = False
+) -> list[tuple[int, list[int]]]:
     """The faithful protocol's placement: each worker takes a contiguous arc of the neighbour
     graph's ring (as many devices as the plan gave it), so nearly all of a device's neighbours
     are on its own worker, where their key agreements and pair masks are computed once for both
@@ -572,7 +591,7 @@ def along_the_ring(plan: list[tuple[int, list[int]]], cohort: list[int], params:
     model are the same bits; the placement is the server's and the ring order public. The plan is
     kept as it is where its devices train in groups (vectorized training: a device's update
     depends on its group), under the shortcut (no masks to share) and with one worker."""
-    if params.shortcut or len(plan) < 2 or any(wire.groups_of(part) is not None for part in plan):
+    if shortcut or len(plan) < 2 or any(wire.groups_of(part) is not None for part in plan):
         return plan
     ring = [cohort[int(p)] for p in ring_order(len(cohort), params.graph_seed or params.session_id)]
     out, start = [], 0
@@ -598,7 +617,7 @@ def cohort_metrics(sums: dict[str, float], count: int) -> dict:
 
 def _metrics(
     survivors: dict[str, int], bytes_in: dict[str, int], t0: float, n: int, params: SecAggParams,
-    device_errors: dict[int, str], server: SecAggServer | None,
+    device_errors: dict[int, str], server: SecAggServer | ShortcutSession | None,
 ) -> dict:  # fmt: skip
     """Survivors per stage, payload bytes per device that answered each stage, protocol time,
     k and t, and the devices dropped for a fault of their own (worker-side or rejected by the server)."""
@@ -677,8 +696,8 @@ def _masked_input(
         report = worker.train(global_params, round_num, [d for d, _ in live], clip_norm=clip_norm, groups=groups)
     masked: dict[str, Array] = {}
     # Simulation shortcut: the inputs travel unmasked, so the worker ships their sum mod 2^m (one
-    # vector instead of one per device; SecAggServer.collect_masked takes it as a group).
-    group_sum: np.ndarray | None = np.zeros(params.vector_length, dtype=params.dtype) if params.shortcut else None
+    # vector instead of one per device; fedsim.secagg.shortcut takes the server's decisions).
+    group_sum: np.ndarray | None = np.zeros(params.vector_length, dtype=params.dtype) if cfg.secagg.simulation_shortcut else None
     members: list[int] = []
     bad_senders: dict[int, dict] = {}
     pos_of = dict(live)
@@ -686,18 +705,14 @@ def _masked_input(
     waiting: list = []  # faithful: (row, position, device, request, x) of each device ready to mask
 
     def done(row: int, p: int, dev: SecAggDevice, reply: dict) -> None:
-        if group_sum is not None:
-            np.add(group_sum, reply["masked"], out=group_sum)  # wraps mod 2^32 / 2^64, multiples of 2^m
-            members.append(p)
-        else:
-            masked[str(p)] = wire.pack(reply["masked"])
+        masked[str(p)] = wire.pack(reply["masked"])
         if reply["bad"]:  # senders whose share ciphertexts did not open: the server drops them
             bad_senders[p] = {"bad": [int(j) for j in reply["bad"]]}
         states[str(p)] = dev.export_state()
         keep.append(row)
 
     full = np.empty(params.vector_length, dtype=np.int64)  # one device's grid values then statistics (reused)
-    ring_buf = np.empty(params.vector_length, dtype=params.dtype)
+    ring_buf = np.empty(params.vector_length, dtype=params.dtype) if group_sum is not None else None
     q = full[: params.vector_length - len(names)]
     for row, d in enumerate(report.device_ids):
         p = pos_of[d]
@@ -721,25 +736,17 @@ def _masked_input(
         if mu_count > 0 and "within_bound" in names:
             stats[names.index("within_bound")] += skellam(mu_count, 1, noise_rng)[0]  # type: ignore[arg-type]
         full[len(q) :] = stats
-        if group_sum is None:
-            x = to_ring(full, params.modulus_bits)  # a fresh array (kept until masked): `full` is reused
-        else:  # shortcut: the vector is added to the worker's sum at once, so one buffer serves every device
+        if group_sum is not None:  # shortcut: added to the worker's sum at once, so one buffer serves every device
             np.copyto(ring_buf, full, casting="unsafe")  # the low bits: mod 2^32 / 2^64
-            x = ring_buf
-        try:
-            dev = device(d, p)
-            request = request_of(requests, p)
-            if group_sum is None:  # faithful: masked below, all at once (each shared pair mask expanded once)
-                waiting.append((row, p, dev, request, x))
-                continue
-            (reply,) = masked_inputs([dev], [request], [x])  # x becomes the device's masked vector
+            np.add(group_sum, ring_buf, out=group_sum)  # wraps mod 2^32 / 2^64, multiples of 2^m
+            members.append(p)
+            keep.append(row)
+            continue
+        x = to_ring(full, params.modulus_bits)  # a fresh array (kept until masked): `full` is reused
+        try:  # masked below, all at once (each pair mask two devices here share is expanded once)
+            waiting.append((row, p, device(d, p), request_of(requests, p), x))
         except DEVICE_FAULTS as err:  # bad input for this device (a peer's key, a request): it drops alone
             errors[str(p)] = f"masked_input: {err}"
-            continue
-        if isinstance(reply, Exception):
-            errors[str(p)] = f"masked_input: {reply}"
-            continue
-        done(row, p, dev, reply)
     replies = masked_inputs([w[2] for w in waiting], [w[3] for w in waiting], [w[4] for w in waiting], memo=memo)
     for i, (row, p, dev, _, _) in enumerate(waiting):
         reply, waiting[i], replies[i] = replies[i], None, None  # type: ignore[call-overload]  # (each vector freed once packed)
@@ -752,7 +759,8 @@ def _masked_input(
     report.updates, report.losses, report.num_examples = [], [], []
     report.within_bound, report.clip_fractions = [], []
     out = wire.write_report(report)
-    out["masked"] = ArrayRecord(masked)
+    if group_sum is None:
+        out["masked"] = ArrayRecord(masked)
     if group_sum is not None and members:
         if params.modulus_bits not in (32, 64):
             group_sum &= group_sum.dtype.type((1 << params.modulus_bits) - 1)
@@ -799,7 +807,6 @@ def device_params(job: ConfigRecord, cfg: FedsimConfig) -> SecAggParams:
         num_devices=n, threshold=t, neighbours=k, modulus_bits=int(job["m"]),  # type: ignore[arg-type]
         vector_length=int(job["length"]), session_id=bytes(job["session"]),  # type: ignore[arg-type]
         graph_seed=bytes(job["graph_seed"]), active=active, min_survivors=floor,  # type: ignore[arg-type]
-        shortcut=cfg.secagg.simulation_shortcut,
     )  # fmt: skip
 
 
@@ -900,7 +907,8 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
         return SecAggDevice.restore(params, states.pop(str(p)), **kw)  # type: ignore[arg-type]
 
     if stage == "masked_input":
-        live = [(d, p) for d, p in live if str(p) in states]
+        if not cfg.secagg.simulation_shortcut:  # (the shortcut's devices hold no state: stages 1-2 were not run)
+            live = [(d, p) for d, p in live if str(p) in states]
         out = _masked_input(msg, job, worker, params, live, round_num, device, states, errors, memo)
     else:
         for d, p in live:

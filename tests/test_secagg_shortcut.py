@@ -1,18 +1,21 @@
-"""SecAgg+'s simulation shortcut (secagg.simulation_shortcut, issue 18): no mask is expanded, and
-the sum, the survivors, the aborts and the model are the faithful protocol's, bit for bit, with
-dropouts at every stage, in both threat models and with distributed noise. What would break it:
-a mask that does not cancel (a pair one side skips, a self mask the server still removes) moves
-the sum; a secret the shortcut stops rebuilding changes which rounds abort."""
+"""SecAgg+'s simulation shortcut (secagg.simulation_shortcut, issue 18; fedsim.secagg.shortcut):
+one message per worker, no cryptography, and the sum, the survivors, the aborts and the model
+are the faithful protocol's, bit for bit, with dropouts at every stage, in both threat models
+and with distributed noise. What would break it: a decision the shortcut takes otherwise than
+the faithful server (pruning, the survivor floor, a secret with too few holders or shares, an
+unmask answer it expects from a device that would refuse) changes which devices are summed or
+which rounds abort; the random sessions below compare both on every such path."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fake_grid import run_local
 from fedsim import randomness, secure_rounds
@@ -20,17 +23,64 @@ from fedsim.config import from_dict
 from fedsim.errors import ConfigError
 from fedsim.secagg import SecAggAborted, SecAggParams
 from fedsim.secagg.protocol import simulate_round
+from fedsim.secagg.shortcut import ShortcutSession
 from helpers import set_keys
 
 
 def params(**over: object) -> SecAggParams:
-    base = dict(num_devices=12, threshold=3, neighbours=8, modulus_bits=20, vector_length=500, session_id=b"s1")
+    base = dict(num_devices=12, threshold=3, neighbours=8, modulus_bits=20, vector_length=5, session_id=b"s1")
     return SecAggParams(**(base | over))  # type: ignore[arg-type]
 
 
 def inputs(p: SecAggParams, seed: int = 0) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {i: rng.integers(-(2**18), 2**18, p.vector_length) for i in range(p.num_devices)}
+
+
+def both(p: SecAggParams, x: dict[int, np.ndarray], drops: dict[str, list[int]], workers: int = 2) -> tuple:
+    """(faithful, shortcut) outcomes of one session with these drops: (sum, survivors, dropped
+    after sharing) or the abort reason. The shortcut's inputs come as `workers` sums, as workers
+    send them (each over its share of the devices asked for an input, without those dropping)."""
+    try:
+        r = simulate_round(p, x, drop_before=drops)
+        faithful: tuple = (r.aggregate.tolist(), r.survivors, r.dropped_after_sharing)
+    except SecAggAborted as err:
+        faithful = (err.reason,)
+    session = ShortcutSession(p, lambda stage, i: i in drops.get(stage, ()))
+    try:
+        live = session.before_training()
+        sending = [i for i in sorted(live) if i not in drops.get("masked_input", ())]
+        parts = [sending[w::workers] for w in range(workers)]
+        sums = [(part, sum((x[i] for i in part), np.zeros(p.vector_length, np.int64)) % (1 << p.modulus_bits))
+                for part in parts if part]  # fmt: skip
+        total = session.finish(sums)
+        short: tuple = (total.tolist(), session.survivors, session.dropped_after_sharing)
+    except SecAggAborted as err:
+        short = (err.reason,)
+    return faithful, short
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> tuple[SecAggParams, dict[str, list[int]]]:
+    n = draw(st.integers(3, 14))
+    active = draw(st.booleans())
+    k = draw(st.sampled_from([n - 1, *range(2, n - 1, 2)]))
+    t = draw(st.integers(k // 2 + 1 if active else 1, k))
+    floor = draw(st.integers(0, n))
+    stages = ("advertise_keys", "share_keys", "masked_input", "unmask")
+    drops = {s: sorted(draw(st.sets(st.integers(0, n - 1), max_size=n // 4 + 1))) for s in stages}
+    p = params(num_devices=n, neighbours=k, threshold=t, active=active, min_survivors=floor, modulus_bits=16)
+    return p, drops
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sessions())
+def test_the_shortcut_decides_every_session_like_the_faithful_protocol(case: tuple) -> None:
+    """Random cohorts, graphs, thresholds, survivor floors and drops at every stage, both threat
+    models: the same sum, survivors and dropped devices, or the same abort with the same reason."""
+    p, drops = case
+    faithful, short = both(p, inputs(p), drops)
+    assert short == faithful
 
 
 @pytest.mark.parametrize("active", [False, True])
@@ -40,104 +90,80 @@ def inputs(p: SecAggParams, seed: int = 0) -> dict[int, np.ndarray]:
         {},
         {"advertise_keys": [1], "share_keys": [2], "masked_input": [3], "unmask": [5]},
         {"masked_input": [0, 6, 11]},  # devices whose pairwise masks the server must rebuild
+        {"unmask": list(range(10))},  # 2 of 12 answer unmask, t = 3 (semi-honest): too few answers
+        {"share_keys": list(range(9))},  # pruned below t before the masked input
     ],
 )
-def test_the_shortcut_sums_survivors_drops_and_rejections_like_the_faithful_protocol(drops: dict, active: bool) -> None:
+def test_the_shortcut_sums_survivors_drops_and_aborts_like_the_faithful_protocol(drops: dict, active: bool) -> None:
     p = params(active=active, threshold=6, neighbours=10) if active else params()
     x = inputs(p)
-    faithful = simulate_round(p, x, drop_before=drops)
-    short = simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops)
-    # As workers send them under the shortcut: each worker's devices as one sum.
-    summed = simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops, groups=[range(5), range(5, 12)])
-    for other in (short, summed):
-        np.testing.assert_array_equal(other.aggregate, faithful.aggregate)
-        assert other.survivors == faithful.survivors and other.dropped_after_sharing == faithful.dropped_after_sharing
-        assert other.rejected == faithful.rejected
-        assert other.bytes_sent == faithful.bytes_sent  # the same messages, only their masks differ
-    expected = sum(x[i] for i in faithful.survivors) % (1 << p.modulus_bits)
-    np.testing.assert_array_equal(short.aggregate, expected.astype(np.uint64))
+    faithful, short = both(p, x, drops, workers=3)
+    assert short == faithful
+    if len(faithful) == 3:
+        expected = sum(x[i] for i in faithful[1]) % (1 << p.modulus_bits)
+        assert short[0] == expected.tolist()
 
 
-def _up_to_masked_input(p: SecAggParams, x: dict[int, np.ndarray]):  # noqa: ANN202 - (server, replies)
-    from fedsim.secagg import SecAggDevice, SecAggServer
-
-    devices = {i: SecAggDevice(i, p) for i in x}
-    server = SecAggServer(p)
-    req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
-    req3 = server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
-    return server, {i: devices[i].masked_input(r, x[i]) for i, r in req3.items()}
-
-
-def test_a_summed_group_is_in_the_sum_whole_or_the_round_aborts() -> None:
-    p = params(shortcut=True)
-    x = inputs(p)
-    group = [0, 1]
-    rest = range(2, 12)
-    # A device inside a worker's sum that must be left out (a neighbour could not open its share)
-    # cannot be taken out of the sum: the round aborts, with the reason.
-    server, replies = _up_to_masked_input(p, x)
-    reporter, victim = next((i, j) for i in rest for j in p.graph[i] if j in group)
-    replies[reporter] = dict(replies[reporter]) | {"bad": [victim]}
-    total = replies[0]["masked"] + replies[1]["masked"]
-    grouped = {i: {"group": 0, "bad": list(replies[i]["bad"])} for i in group}
-    with pytest.raises(SecAggAborted, match=f"device {victim} must be left out .* inside its worker's sum"):
-        server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total})
-    # A malformed group vector rejects its devices, and only those.
-    server, replies = _up_to_masked_input(p, x)
-    server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total[:-1]})
-    assert sorted(server.rejected) == group and server.masked == frozenset(rest)
-    # Sums outside the shortcut: refused.
-    server, replies = _up_to_masked_input(params(), x)
-    with pytest.raises(SecAggAborted, match="simulation shortcut only"):
-        server.collect_masked(grouped | {i: replies[i] for i in rest}, groups={0: total})
-
-
-def test_the_shortcut_aborts_where_the_faithful_protocol_aborts() -> None:
+def test_the_shortcut_aborts_where_a_secret_cannot_be_rebuilt() -> None:
+    """Enough survivors answer unmask, but one survivor's self-mask seed has fewer than t shares
+    among them: the faithful server fails to rebuild it, and so must the shortcut's."""
     p = params()
     x = inputs(p)
-    drops = {"unmask": list(range(10))}  # 2 of 12 answer unmask, t = 3: too few answers
-    for q in (p, dataclasses.replace(p, shortcut=True)):
-        with pytest.raises(SecAggAborted, match="unmask"):
-            simulate_round(q, x, drop_before=drops)
-    # Enough answers, but one survivor's self-mask seed has fewer than t shares among them: the
-    # abort comes from rebuilding the secret, which the shortcut must still do.
     for first in range(12):
         drops = {"unmask": [(first + i) % 12 for i in range(7)]}  # 5 of 12 answer, t = 3
-        try:
-            simulate_round(p, x, drop_before=drops)
-        except SecAggAborted as err:
-            if "cannot rebuild" in str(err):
-                break
+        faithful, short = both(p, x, drops)
+        if "cannot rebuild" in faithful[0]:
+            assert short == faithful
+            break
     else:
         pytest.fail("no drop pattern made a secret unrecoverable")
-    with pytest.raises(SecAggAborted, match="cannot rebuild"):
-        simulate_round(dataclasses.replace(p, shortcut=True), x, drop_before=drops)
 
 
-def test_devices_send_their_inputs_unmasked_only_in_the_shortcut() -> None:
-    """What the label says: under the shortcut the server holds each device's input."""
+def test_a_workers_sum_is_in_the_sum_whole_and_only_for_devices_asked() -> None:
     p = params()
-    x = inputs(p, seed=1)
-    seen: dict[bool, dict[int, np.ndarray]] = {}
+    x = inputs(p)
+
+    def session() -> ShortcutSession:
+        out = ShortcutSession(p, lambda stage, i: False)
+        out.before_training()
+        return out
+
+    halves = [[0, 1], list(range(2, 12))]
+    vector = [sum(x[i] for i in h) % (1 << p.modulus_bits) for h in halves]
+    # A malformed sum rejects its devices, and only those (they count as dropped at the masked input).
+    s = session()
+    s.finish([(halves[0], vector[0][:-1]), (halves[1], vector[1])])
+    assert sorted(s.rejected) == halves[0] and s.masked == frozenset(halves[1])
+    assert s.answered["masked_input"] == 12  # received, as the faithful server counts a malformed input
+    assert s.dropped_after_sharing == frozenset(halves[0])
+    # A device in two sums, or one not asked for its input: the worker's fault, the round aborts.
+    with pytest.raises(SecAggAborted, match="device 1's input is inside a worker's sum"):
+        session().finish([(halves[0], vector[0]), ([1, *halves[1]], vector[1])])
+    s = ShortcutSession(p, lambda stage, i: stage == "advertise_keys" and i == 0)
+    s.before_training()
+    with pytest.raises(SecAggAborted, match="device 0's input"):
+        s.finish([(halves[0], vector[0])])
+
+
+def test_a_shortcut_round_draws_no_key_makes_no_share_and_expands_no_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the shortcut saves: one message per worker and no cryptography at all; the server
+    receives each worker's sum of its devices' inputs, unmasked (what the label says)."""
     import fedsim.secagg.protocol as protocol
 
-    original = protocol.SecAggServer.collect_masked
-    for shortcut in (False, True):
-        grabbed: dict[int, np.ndarray] = {}
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the shortcut ran the protocol's cryptography")
 
-        def spy(self, replies, groups=None, grabbed=grabbed):  # noqa: ANN001, ANN202 - wraps the server method
-            grabbed.update({i: np.asarray(r["masked"]) for i, r in replies.items()})
-            return original(self, replies, groups)
-
-        protocol.SecAggServer.collect_masked = spy
-        try:
-            simulate_round(dataclasses.replace(p, shortcut=shortcut), x)
-        finally:
-            protocol.SecAggServer.collect_masked = original
-        seen[shortcut] = grabbed
-    ring = {i: (v % (1 << p.modulus_bits)).astype(np.uint32) for i, v in x.items()}
-    assert all(np.array_equal(seen[True][i], ring[i]) for i in ring)
-    assert not any(np.array_equal(seen[False][i], ring[i]) for i in ring)
+    for name in ("generate_keypair", "agree", "add_mask", "add_mask_many"):
+        monkeypatch.setattr(protocol, name, forbidden)
+    monkeypatch.setattr(protocol.shamir, "share_many", forbidden)
+    seen: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(secure_rounds, "RECEIVED", [lambda stage, content: seen.append((stage, sorted(content)))])
+    out = run_local(from_dict(run_config(tmp_path, rounds=2, **{"secagg.simulation_shortcut": True})), tmp_path / "r")
+    assert out["rounds"] == 2
+    assert {stage for stage, _ in seen} == {"masked_input"} and len(seen) >= 2  # one message per worker with devices
+    assert all("masked_sum" in keys and "masked" not in keys for _, keys in seen)
 
 
 def run_config(tmp: Path, **over: object) -> dict:
@@ -208,12 +234,12 @@ def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
     cfg = from_dict(run_config(tmp_path, **{"secagg.simulation_shortcut": True}))
     job = {"n": 12, "active": False, "k": 10, "t": 3, "m": 24, "length": 9, "session": b"s", "graph_seed": b"g", "prg": "aes128-ctr"}
     monkeypatch.setenv(secure_rounds.SIMULATION_ENV, "1")
-    assert secure_rounds.device_params(job, cfg).shortcut is True  # type: ignore[arg-type]
+    assert secure_rounds.device_params(job, cfg).num_devices == 12  # type: ignore[arg-type]  # (accepted)
     monkeypatch.delenv(secure_rounds.SIMULATION_ENV)
     with pytest.raises(ValueError, match="not started by fedsim's simulation engine"):
         secure_rounds.device_params(job, cfg)  # type: ignore[arg-type]
     faithful = from_dict(run_config(tmp_path))
-    assert secure_rounds.device_params(job, faithful).shortcut is False  # type: ignore[arg-type]
+    assert secure_rounds.device_params(job, faithful).num_devices == 12  # type: ignore[arg-type]
     # A whole round: every device refuses the session, nothing is summed.
     from fake_grid import LocalGrid
     from fedsim.flower_adapter import task_identity
@@ -226,45 +252,3 @@ def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
         run_rounds(from_dict(run_config(tmp_path, rounds=1, **{"secagg.simulation_shortcut": True})), grid, tmp_path / "r")
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["devices_trained"] == 0 and "secagg_aborted" in row
-
-
-def test_shortcut_shares_fail_where_encrypted_ones_fail_and_need_no_key_agreement(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The shortcut sends Shamir shares in the clear (crypto.seal_clear_share): a flipped byte,
-    a truncation, two swapped senders or another session's envelope must still be rejected like
-    an AES-GCM ciphertext, or faults would drop other devices than in the faithful protocol;
-    and no device runs a key agreement (what the shortcut saves)."""
-    from fedsim.secagg import SecAggDevice, SecAggServer, crypto
-
-    def to_masked_input(p: SecAggParams):  # noqa: ANN202
-        devices = {i: SecAggDevice(i, p) for i in range(p.num_devices)}
-        server = SecAggServer(p)
-        req2 = server.collect_keys({i: d.advertise_keys() for i, d in devices.items()})
-        return devices, server.collect_shares({i: devices[i].share_keys(r) for i, r in req2.items()})
-
-    outcomes = {}
-    for shortcut in (False, True):
-        p = params(shortcut=shortcut)
-        devices, req3 = to_masked_input(p)
-        _, other_session = to_masked_input(params(shortcut=shortcut, session_id=b"s2"))
-        r = req3[0]
-        cts = list(r["ciphertexts"])
-        flipped = bytearray(cts[0])
-        flipped[20] ^= 0x01
-        cts[0] = bytes(flipped)
-        cts[1], cts[2] = cts[2], cts[1]  # misrouted: swapped senders
-        cts[3] = cts[3][:-1]  # truncated
-        cts[4] = other_session[0]["ciphertexts"][4]  # replayed from another round
-        reply = devices[0].masked_input({"ids": r["ids"], "ciphertexts": cts}, np.zeros(p.vector_length, dtype=np.int64))
-        outcomes[shortcut] = (reply["bad"], sorted(devices[0]._held))
-        assert len(cts[5]) == len(r["ciphertexts"][5])
-    assert outcomes[True] == outcomes[False] and outcomes[True][0] == sorted(params().graph[0][:5])
-
-    def no_agreement(*args, **kwargs):  # noqa: ANN202
-        raise AssertionError("a key agreement ran under the shortcut")
-
-    monkeypatch.setattr("fedsim.secagg.protocol.agree", no_agreement)
-    p = params(shortcut=True)
-    result = simulate_round(p, inputs(p), drop_before={"masked_input": [3]})
-    assert result.dropped_after_sharing == {3}
-    assert crypto.open_clear_share(crypto.seal_clear_share(b"x" * 100, sender=1, receiver=2, session_id=b"s"),
-                                   sender=1, receiver=2, session_id=b"s") == b"x" * 100  # fmt: skip

@@ -3,7 +3,6 @@ request or failure drops that device only, never its worker's other devices."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -197,6 +196,5 @@ def test_faithful_rounds_place_each_worker_on_an_arc_of_the_ring() -> None:
     # Kept as it is: vectorized groups (a device's update depends on its group), the shortcut, one worker.
     grouped = [wire.Assignment(7, cohort[:60], [30, 30]), wire.Assignment(9, cohort[60:], [40])]
     assert secure_rounds.along_the_ring(grouped, cohort, params) is grouped
-    shortcut = dataclasses.replace(params, shortcut=True)
-    assert secure_rounds.along_the_ring(plan, cohort, shortcut) is plan
+    assert secure_rounds.along_the_ring(plan, cohort, params, shortcut=True) is plan
     assert secure_rounds.along_the_ring(plan[:1], cohort[:60], params) == plan[:1]

@@ -504,8 +504,8 @@ class UserLevelDP(Mechanism):
                 "before SecAgg+ masking; the sum carries the survivors' noise"
                 + (
                     ". SIMULATION SHORTCUT (secagg.simulation_shortcut): no mask is applied, so the server sees each "
-                    "device's update with only that device's share of the noise; the epsilon holds for the released "
-                    "model, not against this run's server"
+                    "worker's sum of its devices' updates with only their shares of the noise (a single device's, "
+                    "where a worker holds one); the epsilon holds for the released model, not against this run's server"
                     if self.cfg.secagg.simulation_shortcut else ""
                 )  # fmt: skip
             ),
@@ -617,7 +617,7 @@ class UserLevelDP(Mechanism):
                 "the guarantee is about what is released (models, covered metrics) against anyone who sees it; the "
                 "server is trusted to sample, clip-check and add the noise, and "
                 + (
-                    "sees each clipped update (SecAgg+ simulation shortcut: inputs travel unmasked)"
+                    "sees each worker's sum of clipped updates (SecAgg+ simulation shortcut: inputs travel unmasked)"
                     if self.cfg.secagg.name != "none" and self.cfg.secagg.simulation_shortcut
                     else "sees only the SecAgg+ sum of the survivors' updates" if self.cfg.secagg.name != "none"
                     else "sees each clipped update"

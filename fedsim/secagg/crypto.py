@@ -34,8 +34,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 import threading
@@ -67,8 +65,6 @@ __all__ = [
     "generate_keypair",
     "identity_public",
     "mask_dtype",
-    "open_clear_share",
-    "seal_clear_share",
     "prg_mask",
     "add_mask",
     "add_mask_many",
@@ -106,7 +102,7 @@ class KeyPair:
     """An X25519 key pair; `public` is the raw 32-byte encoding sent to the server.
 
     The private key object is built on first use of `private`: a device's state is restored
-    at every stage, and most stages use neither key (the simulation shortcut uses neither ever).
+    at every stage, and most stages use neither key.
     """
 
     __slots__ = ("_private", "_raw", "public")
@@ -240,41 +236,6 @@ def decrypt_share(key: bytes, ciphertext: bytes, *, sender: int, receiver: int, 
             f"share ciphertext from device {sender} to device {receiver} failed authentication "
             "(tampered, misrouted or from another session)"
         ) from None
-
-
-_CLEAR_LABEL = b"fedsim/secagg/clear-share"
-_TAG_BYTES = 16
-
-
-def _clear_tag(body: bytes, sender: int, receiver: int, session_id: bytes) -> bytes:
-    return hashlib.sha256(_CLEAR_LABEL + _associated_data(sender, receiver, session_id) + body).digest()[:_TAG_BYTES]
-
-
-def seal_clear_share(plaintext: bytes, *, sender: int, receiver: int, session_id: bytes) -> bytes:
-    """Simulation shortcut only (`secagg.simulation_shortcut`): the share payload IN THE CLEAR,
-    in an envelope the size of `encrypt_share`'s (12 zero bytes || plaintext || 16-byte tag).
-
-    The tag is SHA-256 of (sender, receiver, session, body): no key, so it authenticates
-    nothing against an adversary, but a flipped byte, a truncation, a misrouted or another
-    round's envelope fails `open_clear_share` as AES-GCM would fail `decrypt_share`, so faults
-    drop the same devices as in the faithful protocol. No key agreement and no cipher run: the
-    server of a shortcut run could read every share (it reads every input already).
-    """
-    body = bytes(_GCM_NONCE_BYTES) + plaintext
-    return body + _clear_tag(body, sender, receiver, session_id)
-
-
-def open_clear_share(envelope: bytes, *, sender: int, receiver: int, session_id: bytes) -> bytes:
-    """Inverse of `seal_clear_share`; raises TamperedShare where `decrypt_share` would."""
-    if len(envelope) < _GCM_NONCE_BYTES + _TAG_BYTES:
-        raise TamperedShare(f"share ciphertext from {sender} to {receiver} is truncated ({len(envelope)} bytes)")
-    body, tag = envelope[:-_TAG_BYTES], envelope[-_TAG_BYTES:]
-    if not hmac.compare_digest(tag, _clear_tag(body, sender, receiver, session_id)):
-        raise TamperedShare(
-            f"share ciphertext from device {sender} to device {receiver} failed authentication "
-            "(tampered, misrouted or from another session)"
-        )
-    return body[_GCM_NONCE_BYTES:]
 
 
 def mask_dtype(modulus_bits: int) -> type[np.unsignedinteger]:

@@ -73,7 +73,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,11 +98,9 @@ from fedsim.secagg.crypto import (
     generate_keypair,
     identity_public,
     mask_dtype,
-    open_clear_share,
     private_from_bytes,
     random_bytes,
     restored_keypair,
-    seal_clear_share,
     sign,
     verify,
 )
@@ -173,20 +171,6 @@ class SecAggParams:
     |U3| >= t device-side). A device must compute it from public parameters it trusts (the run
     config and the session's n), never take it from the server.
 
-    shortcut (simulation only, `secagg.simulation_shortcut`; not what devices do): no mask is
-    expanded. Every mask of the protocol cancels in the survivors' sum: the pairwise masks of
-    two survivors cancel each other, and the server removes the survivors' self masks and
-    their masks with devices that dropped after sharing keys. So devices send y = x mod 2^m and
-    the server removes nothing, and the sum is the faithful protocol's bit for bit. Nor is a
-    share encrypted: no key agreement runs on a device; each share payload travels in the
-    clear in an envelope of the ciphertext's size whose hash tag fails where AES-GCM's would
-    (crypto.seal_clear_share: a garbled, truncated, misrouted or replayed share is rejected
-    alike). Everything else runs as in the faithful protocol (keys, Shamir shares, every
-    stage, the reconstruction of every secret the server would need, each abort), so
-    survivors, aborts and dropout handling are the same. The server could read each input and
-    each share: no security claim holds. Not checked on a device: an unusable c or s key
-    forwarded by a dishonest server (the faithful device refuses it when agreeing on the share
-    key or the mask).
     """
 
     num_devices: int
@@ -198,7 +182,6 @@ class SecAggParams:
     graph_seed: bytes | None = None
     active: bool = False
     min_survivors: int = 0
-    shortcut: bool = False
 
     def __post_init__(self) -> None:
         n, k, t = self.num_devices, self.neighbours, self.threshold
@@ -614,9 +597,6 @@ class SecAggDevice:
         s_shares, b_shares = shamir.share_many([self._s.private_bytes(), self._b], t, holders)
         ciphertexts = []
         for j in holders:
-            if self.params.shortcut:  # the share in the clear, same size and same fault detection (class doc)
-                ciphertexts.append(seal_clear_share(s_shares[j] + b_shares[j], sender=self.id, receiver=j, session_id=sid))
-                continue
             try:  # a low-order key fails here (the s key at masked_input): only a dishonest server forwards one
                 key = self._enc_keys[j] = _agree(memo, self.id, self._c, j, self._peer_keys[j][0], INFO_ENC, sid)
             except ValueError as err:
@@ -664,10 +644,7 @@ class SecAggDevice:
         bad = []
         for j in sorted(cts):
             try:
-                if self.params.shortcut:
-                    plain = open_clear_share(bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
-                else:
-                    plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
+                plain = decrypt_share(self._enc_keys[j], bytes(cts[j]), sender=j, receiver=self.id, session_id=sid)
                 if len(plain) != 2 * _SHARE_BYTES:
                     raise TamperedShare(f"share payload from device {j} has {len(plain)} bytes, expected {2 * _SHARE_BYTES}")
             except (TamperedShare, TypeError) as err:
@@ -681,11 +658,10 @@ class SecAggDevice:
         else:
             y = to_ring(x, m)  # a fresh array: x is not modified
         masks: list[tuple[bytes, bytes, bool]] = []
-        if not self.params.shortcut:  # shortcut: every mask cancels in the sum
-            for j in sorted(cts):
-                seed = _agree(memo, self.id, self._s, j, self._peer_keys[j][1], INFO_MASK, sid)
-                masks.append((seed, NONCE_PAIR_MASK, _sign(self.id, j) < 0))
-            masks.append((self._b, NONCE_SELF_MASK, False))
+        for j in sorted(cts):
+            seed = _agree(memo, self.id, self._s, j, self._peer_keys[j][1], INFO_MASK, sid)
+            masks.append((seed, NONCE_PAIR_MASK, _sign(self.id, j) < 0))
+        masks.append((self._b, NONCE_SELF_MASK, False))
         return y, masks, bad
 
     def _masked_reply(self, y: np.ndarray, bad: list[int]) -> dict:
@@ -782,6 +758,71 @@ class SecAggDevice:
 
 
 # ---------------------------------------------------------------------------------------------
+# The server's decisions on who stays in the session (shared with fedsim.secagg.shortcut, which
+# takes the same decisions without the cryptography: the same rules and the same abort reasons)
+
+
+def prune(graph: Sequence[Sequence[int]], alive: Iterable[int], t: int) -> frozenset[int]:
+    """The devices of `alive` left once those with fewer than t live neighbours are dropped,
+    until none is (Bell et al. 2020 sec. 4: such a device aborts; its secrets could not be
+    rebuilt). The result, the largest subset where everyone has t live neighbours, does not
+    depend on the order devices are dropped in."""
+    live = set(alive)
+    count = {i: sum(1 for j in graph[i] if j in live) for i in live}
+    stack = [i for i in live if count[i] < t]
+    while stack:
+        i = stack.pop()
+        if i not in live:
+            continue
+        live.discard(i)
+        for j in graph[i]:
+            if j in live:
+                count[j] -= 1
+                if count[j] < t:
+                    stack.append(j)
+    return frozenset(live)
+
+
+def pruned_too_far(remaining: int, t: int, stage: str) -> str | None:
+    """The abort reason when pruning before `stage` left fewer than t devices (None: go on)."""
+    if remaining < t:
+        return f"round aborted at {stage}: {remaining} devices with >= t={t} live neighbours remain, need >= {t}"
+    return None
+
+
+def survivor_problem(
+    params: SecAggParams, masked: frozenset[int], live: frozenset[int], holders: Callable[[int], int]
+) -> str | None:  # fmt: skip
+    """The abort reason at the end of stage 3, before any share is asked for (None: go on):
+    fewer masked inputs than the survivor floor max(t, min_survivors), or a secret the server
+    will need (a survivor's self mask, the pairwise masks of a device that shared keys and
+    dropped next to a survivor) with fewer than t survivors holding its shares (`holders(i)`)."""
+    t, floor = params.threshold, params.survivor_floor
+    if len(masked) < floor:
+        need = f"t={t}" if floor == t else f"max(t, n - D) = {floor}"
+        return f"round aborted at unmask: {len(masked)} masked inputs received, need >= {need}"
+    graph = params.graph
+    for i in sorted(live):
+        if i in masked or any(j in masked for j in graph[i]):
+            count = holders(i)
+            if count < t:
+                what = "self mask" if i in masked else "pairwise masks"
+                return (f"round aborted: device {i}'s {what} cannot be removed, only {count} of its "
+                        f"neighbours survive holding its shares, need t={t}")  # fmt: skip
+    return None
+
+
+def too_few_answers(count: int, t: int) -> str:
+    """The abort reason when fewer than t survivors answer the unmask stage."""
+    return f"round aborted at unmask: {count} devices answered, need >= t={t}"
+
+
+def cannot_rebuild(what: str, device: int, why: object) -> str:
+    """The abort reason when a secret cannot be rebuilt from the shares the survivors revealed."""
+    return f"round aborted: cannot rebuild the {what} device {device}: {why}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Server
 
 
@@ -837,21 +878,11 @@ class SecAggServer:
         self.rejected[device] = f"{stage}: {reason}"
 
     def _prune(self, alive: Iterable[int], stage: str) -> frozenset[int]:
-        """Drop devices with fewer than t live neighbours until stable (Bell 2020: they abort)."""
-        live = set(alive)
-        t = self.params.threshold
-        changed = True
-        while changed:
-            changed = False
-            for i in sorted(live):
-                if sum(1 for j in self.graph[i] if j in live) < t:
-                    live.discard(i)
-                    changed = True
-        if len(live) < t:
-            self._abort(
-                f"round aborted at {stage}: {len(live)} devices with >= t={t} live neighbours remain, need >= {t}"
-            )
-        return frozenset(live)
+        live = prune(self.graph, alive, self.params.threshold)
+        reason = pruned_too_far(len(live), self.params.threshold, stage)
+        if reason:
+            self._abort(reason)
+        return live
 
     def collect_keys(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
         """End of stage 1: {i: {"c_pk", "s_pk"[, "sig"]}} -> share_keys requests.
@@ -930,53 +961,17 @@ class SecAggServer:
             requests[i] = {"ids": senders, "ciphertexts": [self._ciphertexts[j][i] for j in senders]}
         return requests
 
-    def collect_masked(
-        self, replies: Mapping[int, Mapping], groups: Mapping[int, np.ndarray | None] | None = None
-    ) -> dict[int, dict]:
+    def collect_masked(self, replies: Mapping[int, Mapping]) -> dict[int, dict]:
         """End of stage 3: {i: {"masked": y, "bad": [j]}} -> consistency requests (active) or unmask requests.
 
         A sender named in some survivor's "bad" list (its share ciphertext did not open) is
         dropped: its y is left out and its masks are removed through its other holders' shares.
-
-        Simulation shortcut only: a reply may instead name a group, {i: {"group": g, "bad": [j]}},
-        whose inputs arrive summed in `groups[g]` (a worker's devices: unmasked inputs add up
-        like single ones). A group's devices are in the sum together or not at all: a malformed
-        group vector rejects them all; a group device that must be left out while the rest of
-        its group stays (not live, a bad reply, named in a "bad" list) aborts the round, since
-        the sum cannot be split (the faithful protocol would drop that device alone; in honest
-        runs it does not happen: only a tampered ciphertext or reply leads there).
         """
         self._advance(3, "collect_masked")
         p = self.params
-        groups = dict(groups or {})
-        if groups and not p.shortcut:
-            self._abort("round aborted: summed inputs are accepted under the simulation shortcut only")
-        group_ok = {
-            g: v is not None and np.shape(v) == (p.vector_length,) and np.issubdtype(np.asarray(v).dtype, np.integer)
-            for g, v in groups.items()
-        }
         vectors: dict[int, np.ndarray] = {}
-        grouped: dict[int, int] = {}  # device -> its group (accepted so far)
         for i, reply in replies.items():
             if i not in self._live:
-                if reply.get("group") is not None:
-                    self._abort(f"round aborted: device {i} is not in the session but its input is inside a worker's sum")
-                continue
-            g = reply.get("group")
-            if g is not None:
-                if int(g) not in groups or not group_ok[int(g)]:
-                    self._reject(i, "masked_input", "its worker's sum of inputs is malformed")
-                    continue
-                try:
-                    bad = _id_list(reply.get("bad", ()))
-                except (TypeError, ValueError) as exc:
-                    self._abort(f"round aborted: device {i}'s reply inside a worker's sum is malformed: {exc!r}")
-                    raise  # unreachable: _abort raises
-                senders = {j for j in self.graph[i] if j in self._live}
-                if not set(bad) <= senders:
-                    self._abort(f"round aborted: device {i} inside a worker's sum reports shares from non-senders")
-                grouped[i] = int(g)
-                self._lacks[i] = set(bad)
                 continue
             try:
                 y = np.asarray(reply["masked"])
@@ -993,37 +988,20 @@ class SecAggServer:
                 continue
             vectors[i] = y
             self._lacks[i] = set(bad)
-        for i in sorted([*vectors, *grouped]):
+        for i in sorted(vectors):
             for j in sorted(self._lacks[i]):
                 self.rejected.setdefault(j, f"masked_input: its share ciphertext to device {i} did not open")
         for j in [j for j in vectors if j in self.rejected]:
             del vectors[j]
-        for j in [j for j in grouped if j in self.rejected]:
-            self._abort(f"round aborted: device {j} must be left out ({self.rejected[j]}) but its input is inside its "
-                        "worker's sum (simulation shortcut; the faithful protocol drops it alone)")  # fmt: skip
         total = np.zeros(p.vector_length, dtype=p.dtype)
         for i in sorted(vectors):
             total += vectors[i].astype(p.dtype, copy=False)  # integer casts wrap mod 2^32 / 2^64: exact mod 2^m
-        for g in sorted(set(grouped.values())):
-            total += np.asarray(groups[g]).astype(p.dtype, copy=False)
-        in_sum = frozenset([*vectors, *grouped])
-        t, floor = p.threshold, p.survivor_floor
-        if len(in_sum) < floor:  # before any share is asked for: nothing is released
-            need = f"t={t}" if floor == t else f"max(t, n - D) = {floor}"
-            self._abort(f"round aborted at unmask: {len(in_sum)} masked inputs received, need >= {need}")
-        self.masked = in_sum
+        self.masked = frozenset(vectors)
+        reason = survivor_problem(p, self.masked, self._live, lambda i: len(self._holders(i)))
+        if reason:  # before any share is asked for: nothing is released
+            self._abort(reason)
         self.dropped_after_sharing = self._live - self.masked
         self._total = total
-        # Every secret the server will need must have >= t holders among the survivors.
-        for i in sorted(self._live):
-            needed = i in self.masked or any(j in self.masked for j in self.graph[i])
-            holders = len(self._holders(i))
-            if needed and holders < t:
-                what = "self mask" if i in self.masked else "pairwise masks"
-                self._abort(
-                    f"round aborted: device {i}'s {what} cannot be removed, only {holders} of its "
-                    f"neighbours survive holding its shares, need t={t}"
-                )
         if p.active:
             everyone = sorted(self.masked)
             return {i: {"survivors": everyone} for i in everyone}
@@ -1098,13 +1076,12 @@ class SecAggServer:
                 s_shares.setdefault(j, {})[i] = sh
         self.responded = frozenset(responded)
         if len(responded) < t:
-            self._abort(f"round aborted at unmask: {len(responded)} devices answered, need >= t={t}")
+            self._abort(too_few_answers(len(responded), t))
         total = self._total
         # Remove self masks of the survivors (Bonawitz 2017 Fig. 4, Unmasking step 2).
         survivors = sorted(self.masked)
         for _, b_i in self._rebuilt([b_shares.get(i, {}) for i in survivors], "self-mask seed of", survivors):
-            if not p.shortcut:  # (shortcut: rebuilt all the same, so a round aborts where the faithful one does)
-                add_mask(total, b_i, NONCE_SELF_MASK, subtract=True)
+            add_mask(total, b_i, NONCE_SELF_MASK, subtract=True)
         # Remove pairwise masks survivors shared with devices that dropped after sharing keys.
         dropped = [j for j in sorted(self.dropped_after_sharing) if any(l in self.masked for l in self.graph[j])]
         for j, raw in self._rebuilt([s_shares.get(j, {}) for j in dropped], "mask key of dropped", dropped):
@@ -1112,7 +1089,7 @@ class SecAggServer:
             key = private_from_bytes(raw)
             if key.public != self.public_keys[j][1]:
                 self._abort(f"round aborted: reconstructed mask key of device {j} does not match its public key")
-            for l in () if p.shortcut else partners:
+            for l in partners:
                 seed = agree(key.private, self.public_keys[l][1], info=INFO_MASK, salt=sid)
                 add_mask(total, seed, NONCE_PAIR_MASK, subtract=_sign(l, j) > 0)  # y_l holds +mask if l < j
         self._total = None
@@ -1128,7 +1105,7 @@ class SecAggServer:
         rebuilt = shamir.reconstruct_many(shares, self.params.threshold)
         for device, secret in zip(devices, rebuilt, strict=True):
             if isinstance(secret, shamir.ShamirError):
-                self._abort(f"round aborted: cannot rebuild the {what} device {device}: {secret}")
+                self._abort(cannot_rebuild(what, device, secret))
             yield device, secret  # type: ignore[misc]
 
 
@@ -1155,7 +1132,6 @@ def simulate_round(
     drop_before: Mapping[str, Iterable[int]] | None = None,
     registry: KeyRegistry | None = None,
     identities: Mapping[int, Ed25519PrivateKey] | None = None,
-    groups: Iterable[Iterable[int]] | None = None,
     count_bytes: bool = True,
 ) -> RoundResult:
     """Run one full session in-process (for tests, benchmarks and a transport-free simulator).
@@ -1164,10 +1140,8 @@ def simulate_round(
     drop_before: {stage name in STAGES: devices that go silent from that stage on}.
     Active threat model: identity keys are made (unless given) and registered in `registry`
     (a fresh KeyRegistry unless given) under the session, device i at position i.
-    groups (simulation shortcut only): lists of devices whose masked inputs reach the server as
-    one sum, as a worker sends them (`SecAggServer.collect_masked`). count_bytes: fill the
-    result's bytes_sent / bytes_received (payload_nbytes of every request and reply; False
-    times the protocol alone, as bench/secagg.py --protocol does).
+    count_bytes: fill the result's bytes_sent / bytes_received (payload_nbytes of every
+    request and reply; False times the protocol alone, as bench/secagg.py --protocol does).
     Raises SecAggAborted if the round cannot complete.
     """
     drop_before = drop_before or {}
@@ -1211,14 +1185,7 @@ def simulate_round(
     replies2 = stage("share_keys", requests2, lambda i, r: devices[i].share_keys(r))
     requests3 = server.collect_shares(replies2)
     replies3 = stage("masked_input", requests3, lambda i, r: devices[i].masked_input(r, inputs[i]))
-    sums: dict[int, np.ndarray] = {}
-    for g, members in enumerate(groups or ()):
-        inside = [i for i in members if i in replies3]
-        if inside:
-            sums[g] = sum((replies3[i]["masked"] for i in inside[1:]), replies3[inside[0]]["masked"].copy())
-            for i in inside:
-                replies3[i] = {"group": g, "bad": replies3[i]["bad"]}
-    requests4 = server.collect_masked(replies3, groups=sums)
+    requests4 = server.collect_masked(replies3)
     if params.active:
         replies_c = stage("consistency", requests4, lambda i, r: devices[i].consistency(r))
         requests4 = server.collect_signatures(replies_c)
