@@ -402,7 +402,7 @@ def secure_round(
     # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
     shortcut = cfg.secagg.simulation_shortcut
-    plan = along_the_ring(plan, cohort, params, shortcut=shortcut)
+    plan = along_the_ring(plan, cohort, params)
     server_registry: dict[int, bytes] = {}
     server: SecAggServer | None = None
     timeout = cfg.simulation.round_timeout_s
@@ -579,9 +579,7 @@ def secure_round(
     return SecureRoundResult(total, len(in_sum), reports, metrics=metrics, sums=sums)
 
 
-def along_the_ring(
-    plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams, *, shortcut: bool = False
-) -> list[tuple[int, list[int]]]:
+def along_the_ring(plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams) -> list[tuple[int, list[int]]]:
     """The faithful protocol's placement: each worker takes a contiguous arc of the neighbour
     graph's ring (as many devices as the plan gave it), so nearly all of a device's neighbours
     are on its own worker, where their key agreements and pair masks are computed once for both
@@ -590,8 +588,9 @@ def along_the_ring(
     nothing a device computes (its training and rounding streams are its own), so the sum and the
     model are the same bits; the placement is the server's and the ring order public. The plan is
     kept as it is where its devices train in groups (vectorized training: a device's update
-    depends on its group), under the shortcut (no masks to share) and with one worker."""
-    if shortcut or len(plan) < 2 or any(wire.groups_of(part) is not None for part in plan):
+    depends on its group) and with one worker. The simulation shortcut places devices the same
+    way (it has no masks to share): a worker fault then takes out the same devices in both modes."""
+    if len(plan) < 2 or any(wire.groups_of(part) is not None for part in plan):
         return plan
     ring = [cohort[int(p)] for p in ring_order(len(cohort), params.graph_seed or params.session_id)]
     out, start = [], 0
@@ -883,7 +882,7 @@ def handle(msg: Message, context: Context, get_worker: Callable[[str], Worker]) 
     except (ConfigError, ValueError, TypeError, KeyError) as err:
         return _refuse_session(msg, context, job, stage, getattr(err, "message", None) or str(err))
     registry: dict[int, bytes] = {}
-    if params.active and stage != "advertise_keys":
+    if params.active and stage != "advertise_keys" and not cfg.secagg.simulation_shortcut:
         # The neighbours' identity keys come from the PKI itself, never from the server's message.
         registry = pki.lookup(params.session_id)
     state = wire.records(context.state, ConfigRecord).get("secagg")

@@ -193,8 +193,7 @@ def test_faithful_rounds_place_each_worker_on_an_arc_of_the_ring() -> None:
     same = sum(worker_of[cohort[i]] == worker_of[cohort[j]] for i, j in pairs) / len(pairs)
     before = sum((i < 60) == (j < 60) for i, j in pairs) / len(pairs)  # the id-ordered plan
     assert same > 0.85 and before < 0.6, (same, before)
-    # Kept as it is: vectorized groups (a device's update depends on its group), the shortcut, one worker.
+    # Kept as it is: vectorized groups (a device's update depends on its group), one worker.
     grouped = [wire.Assignment(7, cohort[:60], [30, 30]), wire.Assignment(9, cohort[60:], [40])]
     assert secure_rounds.along_the_ring(grouped, cohort, params) is grouped
-    assert secure_rounds.along_the_ring(plan, cohort, params, shortcut=True) is plan
     assert secure_rounds.along_the_ring(plan[:1], cohort[:60], params) == plan[:1]

@@ -28,7 +28,10 @@ at every stage in both threat models (survivors per stage, the sum, every abort 
 What the shortcut does not model: faults that only a dishonest party or a corrupted message
 causes (unusable or reused keys, share ciphertexts that do not open, malformed replies, a
 refused signature): honest devices never produce them, and in the faithful protocol they drop
-the device alone. The server could read each worker's sum of inputs: no security claim holds
+the device alone. Nor a worker that misses a stage the shortcut does not send: one that times
+out there restarts the faithful round, and one that fails or refuses every message (missing
+data, a mismatched fedsim) loses its devices at the first stage in the faithful protocol, at
+the masked input here (the pruning after the first stage can then differ). The server could read each worker's sum of inputs: no security claim holds
 (summary.json says so, and a worker outside fedsim's simulation engine refuses the session).
 """
 
