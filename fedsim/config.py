@@ -516,10 +516,10 @@ class SecAggConfig:
     drop_share_keys: float = field(default=0.0, metadata=checked(in_unit_interval))
     drop_masked_input: float = field(default=0.0, metadata=checked(in_unit_interval))
     drop_unmask: float = field(default=0.0, metadata=checked(in_unit_interval))
-    # SIMULATION ONLY, not what devices do: masks that cancel in the sum are never expanded (devices
-    # send their inputs unmasked, the server removes nothing) and shares travel unencrypted (no key
-    # agreement); keys, Shamir shares, stages, survivors, aborts and the sum are the faithful
-    # protocol's, bit for bit; the server could read each input and each share
+    # SIMULATION ONLY, not what devices do: each worker sends its devices' unmasked sum in one
+    # message, no key, share or mask is made, and the server takes the faithful protocol's decisions
+    # from the seeded drops (fedsim.secagg.shortcut): survivors, aborts and the sum are the faithful
+    # protocol's, bit for bit; the server could read each worker's sum
     simulation_shortcut: bool = False
 
 
