@@ -31,8 +31,9 @@ refused signature): honest devices never produce them, and in the faithful proto
 the device alone. Nor a worker that misses a stage the shortcut does not send: one that times
 out there restarts the faithful round, and one that fails or refuses every message (missing
 data, a mismatched fedsim) loses its devices at the first stage in the faithful protocol, at
-the masked input here (the pruning after the first stage can then differ). The server could read each worker's sum of inputs: no security claim holds
-(summary.json says so, and a worker outside fedsim's simulation engine refuses the session).
+the masked input here (the pruning after the first stage can then differ). The server could
+read each worker's sum of inputs: no security claim holds (summary.json says so, and a worker
+outside fedsim's simulation engine refuses the session).
 """
 
 from __future__ import annotations
