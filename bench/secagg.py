@@ -98,7 +98,8 @@ def model_params() -> int:
 FEDSIM_SETUPS: dict[str, list[str]] = {
     "fedsim plain": ["secagg=none"],
     "fedsim SecAgg+ semi-honest": ["secagg=secaggplus", "secagg.threat_model=semi_honest"],
-    # No mask expanded; the same sum, survivors and aborts (simulation only, not what devices do).
+    # One unmasked message per worker, no cryptography; the same sum, survivors and aborts
+    # (simulation only, not what devices do).
     "fedsim SecAgg+ semi-honest, simulation shortcut": [
         "secagg=secaggplus", "secagg.threat_model=semi_honest", "secagg.simulation_shortcut=true",
     ],

@@ -889,8 +889,8 @@ def validate_output(out: OutputConfig) -> None:
 BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1
 #: Set to "1" in the environment of the simulation engine's worker processes by fedsim's launcher
 #: (fedsim.run: the environment Ray's raylet starts with, or an attached cluster's job
-#: runtime_env), never by the server's messages: a worker accepts secagg.simulation_shortcut (its
-#: devices then send their inputs unmasked) only where it is set (fedsim.secure_rounds).
+#: runtime_env), never by the server's messages: a worker accepts secagg.simulation_shortcut (it
+#: then sends its devices' inputs as one unmasked sum) only where it is set (fedsim.secure_rounds).
 SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 
 

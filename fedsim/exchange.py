@@ -147,7 +147,9 @@ class SecureStages:
     masked vectors are uniformly random to it; the new attempt uses a fresh session (new keys,
     new self-masks). Device training and quantization are seeded by (seed, round, device),
     so the restarted round's sum is the one the fault-free round would have had. A worker
-    that misses the unmask stage is handled by SecAgg+'s own dropout recovery instead.
+    that misses the unmask stage is handled by SecAgg+'s own dropout recovery instead. (The
+    faithful protocol; under the simulation shortcut there is no such claim: the server keeps
+    the abandoned attempt's unmasked worker sums.)
     """
 
     def __init__(self, workers: Workers, round_num: int, faults: dict[int, str], *, last: bool) -> None:

@@ -15,8 +15,9 @@
 Each message's per-device part is one bytes value per device under its cohort position
 (requests in configs["req"], replies in configs["dev"]: `fedsim.wire.pack_payload`).
 The server then removes the masks and decodes the sum (fedsim.secagg.SecAggServer). It
-never receives a device's unmasked update: `RECEIVED` hooks let a test record everything
-that reaches the server. A device's secrets stay on its worker, in the worker node's
+never receives a device's unmasked update (the faithful protocol; under the simulation
+shortcut, below, it receives each worker's unmasked sum): `RECEIVED` hooks let a test record
+everything that reaches the server. A device's secrets stay on its worker, in the worker node's
 Flower state (`context.state`), between stages. Fewer than t survivors abort the round:
 the model, the ledger and the accounting stay as they were. A device whose stage fails (bad
 key, unusable reply, its own refusal) drops alone, with the stage and reason in the metrics.
@@ -399,7 +400,8 @@ def secure_round(
     bound = skellam_tail_bound(n * mu_update, OVERFLOW_PROB / 2, dim) if mu_update > 0 else 0
     count_bound = skellam_tail_bound(n * mu_count, OVERFLOW_PROB / 2, 1) if mu_count > 0 else 0
     fp = fixed_point(cfg, n, bound, n + count_bound, dim=dim)
-    # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked).
+    # The server aborts below min_inputs before asking for any share (SecAggServer.collect_masked;
+    # ShortcutSession.finish under the shortcut).
     params = dataclasses.replace(params, modulus_bits=fp.modulus_bits, min_survivors=min_inputs)
     shortcut = cfg.secagg.simulation_shortcut
     plan = along_the_ring(plan, cohort, params)
@@ -580,7 +582,7 @@ def secure_round(
 
 
 def along_the_ring(plan: list[tuple[int, list[int]]], cohort: list[int], params: SecAggParams) -> list[tuple[int, list[int]]]:
-    """The faithful protocol's placement: each worker takes a contiguous arc of the neighbour
+    """The placement of both modes: each worker takes a contiguous arc of the neighbour
     graph's ring (as many devices as the plan gave it), so nearly all of a device's neighbours
     are on its own worker, where their key agreements and pair masks are computed once for both
     (`PairMemo`, `masked_inputs`: the same bits). At cohort 1,000 on 2 workers about 98% of the
@@ -664,7 +666,8 @@ def _masked_input(
     round_num: int, device: Callable[[int, int], SecAggDevice], states: dict[str, bytes], errors: dict[str, str],
     memo: PairMemo,
 ) -> RecordDict:  # fmt: skip
-    """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc).
+    """Stage 3 on a worker: train, round, add noise shares and statistics, mask (module doc;
+    under the simulation shortcut: add to the worker's unmasked sum instead).
 
     `device(d, p)` restores device d's protocol state (taking it out of `states`); a device
     whose stage fails drops alone, its reason in `errors`. `memo`: this message's PairMemo."""
@@ -754,7 +757,8 @@ def _masked_input(
             continue
         done(row, p, dev, reply)
     report.keep_rows(sorted(keep))
-    # Only masked vectors leave the worker: no update, loss, example count or clipping bit in the clear.
+    # Only masked vectors (shortcut: the unmasked sum of the worker's devices) leave the worker: no
+    # update, loss, example count or clipping bit in the clear.
     report.updates, report.losses, report.num_examples = [], [], []
     report.within_bound, report.clip_fractions = [], []
     out = wire.write_report(report)

@@ -252,3 +252,30 @@ def test_a_worker_outside_the_simulation_engine_refuses_the_shortcut(
         run_rounds(from_dict(run_config(tmp_path, rounds=1, **{"secagg.simulation_shortcut": True})), grid, tmp_path / "r")
     row = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["devices_trained"] == 0 and "secagg_aborted" in row
+
+
+def test_distributed_dpsgd_under_the_shortcut_keeps_the_faithful_model_and_says_what_the_server_sees(
+    tmp_path: Path,
+) -> None:
+    """Sample-level DP with the noise shared under SecAgg+ (each device's rounded gradient sum):
+    the shortcut's model is the faithful run's, and the privacy statement no longer says the
+    server sees only SecAgg+ sums."""
+    raw: dict = {
+        "seed": 5, "population": 30, "rounds": 2, "cohort": {"size": 12, "sampling": "fixed"},
+        "dataset": {"name": "synthetic", "size_max": 60}, "model": {"name": "mlp", "hidden_sizes": [8]},
+        "algorithm": {"lr": 0.5, "batch_size": 20},
+        "privacy": {"dpsgd": {"noise_multiplier": 1.5, "max_grad_norm": 0.5, "noise": "distributed"},
+                    "randomness": "reproducible"},
+        "secagg": {"name": "secaggplus", "max_corrupt_fraction": 0.1, "correctness_bits": 3, "drop_masked_input": 0.1},
+        "simulation": {"num_workers": 2}, "output": {"progress": False},
+    }  # fmt: skip
+    faithful = run_local(from_dict(raw), tmp_path / "faithful")
+    short = run_local(from_dict(set_keys(copy.deepcopy(raw), {"secagg.simulation_shortcut": True})), tmp_path / "short")
+    assert short["model_sha256"] == faithful["model_sha256"]
+    survivors = [json.loads(line)["secagg_survivors_masked_input"]
+                 for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+    assert min(survivors) < 12  # dropouts did happen
+    threat = short["privacy"]["sample_level"]["assumes"]["threat_model"]
+    assert "each worker's unmasked sum" in threat and "see only SecAgg+ sums" not in threat
+    assert "see only SecAgg+ sums" in faithful["privacy"]["sample_level"]["assumes"]["threat_model"]
+    assert "SIMULATION SHORTCUT" in short["privacy"]["sample_level"]["assumes"]["simulation_shortcut"]

@@ -276,8 +276,13 @@ class SampleLevelDP(Mechanism):
                 "norm <= D2, L1 norm <= D2 min(sqrt(d), D2); a row with NaN or inf counts as zero, so no example can "
                 "make its device drop",
                 "threat_model": "the devices run the mechanism faithfully; the server and anyone who sees the released models "
-                "see only SecAgg+ sums of the devices' updates and example counts (no loss or clipped fraction is sent). "
-                "The epsilon holds against the server only under secagg's threat model: at most C devices of a cohort "
+                + ("see only SecAgg+ sums of the devices' updates and example counts (no loss or clipped fraction is sent). "
+                   if not self.cfg.secagg.simulation_shortcut else
+                   "see only sums of the devices' updates and example counts (no loss or clipped fraction is sent): the "
+                   "released models see the cohort's sum, but this run's server sees each worker's unmasked sum (SecAgg+ "
+                   "simulation shortcut, see simulation_shortcut), so the guarantee below holds against it only in the "
+                   "faithful protocol. ")
+                + "The epsilon holds against the server only under secagg's threat model: at most C devices of a cohort "
                 "collude with it and strip their noise shares, and it follows the abort rule (semi_honest) or the devices "
                 "enforce it and check the round's grid, rounding bound and noise share against the run config (active); "
                 "each device adds 1/h of the variance the accountant counts, h = max(t, n - D) - C. The run config, "

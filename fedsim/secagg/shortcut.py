@@ -23,7 +23,8 @@ in the survivors' sum (pairwise masks of two survivors cancel each other; the se
 the survivors' self masks and their masks with devices that dropped after sharing keys), so
 the sum of the survivors' inputs mod 2^m is the faithful protocol's sum, bit for bit.
 tests/test_secagg_shortcut.py holds this to the faithful protocol over random drop patterns
-at every stage in both threat models (survivors per stage, the sum, every abort reason).
+at every stage in both threat models (the sum, the survivors, the devices dropped after
+sharing, every abort reason; the survivors per stage in whole runs).
 
 What the shortcut does not model: faults that only a dishonest party or a corrupted message
 causes (unusable or reused keys, share ciphertexts that do not open, malformed replies, a
@@ -58,8 +59,9 @@ class ShortcutSession:
 
     `dropped(stage, i)`: whether device i (a cohort position) drops at `stage` (one of
     advertise_keys, share_keys, unmask: the masked-input drops are the workers' to apply).
-    Attributes: `answered` {stage: devices that answered it} for the stages reached; as
-    SecAggServer's: `live` (asked for the masked input), `masked` (U3, in the sum; `survivors`),
+    Attributes: `answered` {stage: how many devices answered it} for the stages reached; `live`
+    (asked for the masked input; SecAggServer's `_live`); as SecAggServer's: `masked` (U3, in
+    the sum; `survivors`),
     `dropped_after_sharing`, `rejected` {device: "stage: reason"}. Raises SecAggAborted where
     the faithful protocol's server aborts, with its reason.
     """
