@@ -374,6 +374,10 @@ class SimulationConfig:
     num_workers: int | None = field(default=None, metadata=checked(positive()))
     # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
     cpus_per_worker: float = field(default=1.0, metadata=checked(positive()))
+    # where the workers run: processes (child processes of this one, no Ray: one machine, a faster
+    # start) | ray (Ray actors: a cluster, and the active threat model's key registry) | auto
+    # (processes, unless ray_address is set or secagg's threat model is active)
+    backend: str = field(default="auto", metadata=checked(one_of("auto", "ray", "processes")))
     # torch threads per worker (more is 10-35x slower on small models)
     torch_threads: int = field(default=1, metadata=checked(positive()))
     # give up on a worker's reply after this long
@@ -595,6 +599,16 @@ class FedsimConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @property
+    def worker_backend(self) -> str:
+        """Where the simulation engine's workers run: "processes" or "ray" (simulation.backend,
+        auto resolved: Ray for a cluster and for the active threat model's key registry)."""
+        s = self.simulation
+        if s.backend != "auto":
+            return s.backend
+        active = self.secagg.name != "none" and self.secagg.threat_model == "active"
+        return "ray" if s.ray_address or active else "processes"
+
+    @property
     def num_workers(self) -> int:
         """Worker SuperNodes of this run (classic layout: one per device)."""
         if self.simulation.layout == "classic":
@@ -758,6 +772,11 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError("simulation.layout", "the deployment engine runs the multiplexed layout only")
         if s.ray_address:
             raise ConfigError("simulation.ray_address", "applies to engine=simulation only")
+    if s.backend == "processes" and s.ray_address:
+        raise ConfigError("simulation.backend", "processes runs the workers on this machine; with simulation.ray_address use ray or auto")
+    if s.backend == "processes" and cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
+        raise ConfigError("simulation.backend", "processes has no key registry for secagg.threat_model=active "
+                          "(a Ray actor, fedsim.pki); allowed with it: ray, auto")  # fmt: skip
     if s.layout == "classic" and cfg.population > 100_000:
         raise ConfigError("simulation.layout", "classic (one SuperNode per device) supports populations up to 100,000")
 

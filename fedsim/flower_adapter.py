@@ -26,6 +26,10 @@ imports anything under `flwr.` outside those public modules or spells a name of 
   (SQLAlchemy and Alembic) only to reach the in-memory state the simulation engine uses, and
   Flower's error package (its HTTP translator on FastAPI, pydantic) for four names: stand-ins and
   lazy packages until the rest is used (LIGHT_NAMES lists what the launcher reads).
+- `process_backend`: the simulation engine builds its backend as Flower's `RayBackend`, named in
+  flwr/server/superlink/fleet/vce/vce_api.py (`start_vce`, `backend_fn`) with no way to pass
+  another; fedsim's local worker processes (`fedsim.local_workers`) take that name while a run
+  on them lasts, as a subclass of Flower's `Backend` (flwr/server/superlink/fleet/vce/backend).
 - `task_identity(_patches)` and `set_message_id`: what Flower's engines set in a real ServerApp/ClientApp
   process (flwr/supercore/task_identity.py `TaskIdentity`; a Message's `_message_id`), for the
   in-process grid the tests and scripts/golden.py run fedsim's apps on (tests/fake_grid.py).
@@ -52,6 +56,7 @@ INTERNALS = {
     "pull_interval": "InMemoryGrid's pull pause, the mark of an in-process grid",
     "TaskIdentity": "the ids a Message needs in its process, set by task_identity",
     "_message_id": "a Message's id, set by Flower's grids when they push it",
+    "RayBackend": "the simulation engine's backend, replaced by process_backend",
 }
 
 
@@ -407,6 +412,65 @@ def replace_dead_actors() -> Iterator[None]:
     finally:
         BasicActorPool.fetch_result_and_return_actor_to_pool = fetch
         BasicActorPool.add_actor_back_to_pool = give_back
+
+
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
+
+
+@contextlib.contextmanager
+def process_backend(pool: Any) -> Iterator[None]:
+    """Flower's simulation engine on `pool` (a `fedsim.local_workers.WorkerPool`) instead of Ray.
+
+    While the block runs, the engine's `RayBackend` is a Backend that hands each message to the
+    pool: a ClientApp's exception comes back as Flower's ClientAppException (the engine replies
+    with an error message, as for a Ray actor's), a dead worker process as WorkerDied (the same).
+    The Ray backend's module is not imported for it (that imports Ray): a stand-in module takes
+    its name, unless it is already loaded, then only its class is swapped. Put back on leaving.
+    """
+    from flwr.clientapp.client_app import ClientAppException
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
+    from fedsim.local_workers import WorkerError
+
+    class LocalProcessBackend(Backend):
+        """fedsim's worker processes as the engine's backend (`fedsim.local_workers`)."""
+
+        def __init__(self, backend_config: Any) -> None:
+            super().__init__(backend_config)
+
+        def build(self, app_fn: Any) -> None:
+            pass  # the workers run fedsim's ClientApp, the app the engine was given
+
+        @property
+        def num_workers(self) -> int:
+            return pool.num_workers
+
+        def is_worker_idle(self) -> bool:
+            return pool.is_idle()
+
+        def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+            try:
+                return pool.run(message, context)
+            except WorkerError as err:
+                raise ClientAppException(str(err)) from None
+
+        def terminate(self) -> None:
+            pool.close()
+
+    module = sys.modules.get(RAY_BACKEND_MODULE)
+    if module is not None:
+        original = module.RayBackend
+        module.RayBackend = LocalProcessBackend
+    else:
+        sys.modules[RAY_BACKEND_MODULE] = types.ModuleType(RAY_BACKEND_MODULE)
+        sys.modules[RAY_BACKEND_MODULE].RayBackend = LocalProcessBackend  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.RayBackend = original
+        else:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
 
 
 def task_identity_patches(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> list[tuple[Any, str, int]]:

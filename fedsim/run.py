@@ -91,6 +91,8 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
 def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
     sim = cfg.simulation
     _quiet(sim.log_level)
+    if cfg.worker_backend == "processes":
+        return _simulate_on_processes(cfg, run_dir, resume_state)
     result: dict[str, Any] = {}
     init_args: dict[str, Any] = {
         "log_to_driver": sim.log_level in ("DEBUG", "INFO"),
@@ -142,6 +144,53 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
                 },
                 verbose_logging=sim.log_level == "DEBUG",
             )
+    if cfg.output.report and result:
+        _write_report(run_dir)
+    return result
+
+
+def pool_size(cfg: FedsimConfig) -> int:
+    """Worker processes of `simulation.backend=processes`: as many as Ray would start actors on
+    this machine (CPUs / cpus_per_worker), at most one per worker SuperNode."""
+    per_cpus = int((os.cpu_count() or 1) // cfg.simulation.cpus_per_worker)
+    return max(1, min(cfg.num_workers, per_cpus))
+
+
+def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
+    """`_simulate` on fedsim's own worker processes (`simulation.backend=processes`,
+    `fedsim.local_workers`): started first, so that their imports overlap this process's."""
+    from fedsim.local_workers import WorkerPool
+
+    sim = cfg.simulation
+    result: dict[str, Any] = {}
+    env = _worker_runtime_env()["env_vars"]
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # as Ray sets them for its actors
+        env[name] = os.environ.get(name, str(sim.torch_threads))
+    pool = WorkerPool(pool_size(cfg), env)
+    try:
+        gpus_per_worker(cfg)  # simulation.device=cuda without a GPU: the config error, before any round
+        from fedsim.flower_adapter import fast_dispatch, lean_launcher_imports, process_backend
+
+        with lean_launcher_imports():
+            from fedsim.server_app import prepare
+
+            setup = prepare(cfg, resume=resume_state)
+
+            from fedsim.client_app import app as client_app
+
+            from flwr.simulation import run_simulation
+            from fedsim.server_app import make_server_app
+        _quiet(sim.log_level)
+        with process_backend(pool), fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
+            run_simulation(
+                server_app=make_server_app(cfg, run_dir, result, setup),
+                client_app=client_app,
+                num_supernodes=cfg.num_workers,
+                backend_config={"client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0}},
+                verbose_logging=sim.log_level == "DEBUG",
+            )
+    finally:
+        pool.close()
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
@@ -336,7 +385,7 @@ os.register_at_fork(after_in_child=_ray_starter.cache_clear)
 
 
 def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool = False) -> None:
-    """Start Ray here, as Flower's RayBackend.init_ray would (Flower then reuses it), before the
+    """Start Ray here, as Flower's Ray backend would (its init_ray) (Flower then reuses it), before the
     ServerApp starts: Flower otherwise starts Ray while the ServerApp's first round is already
     waiting, and round 1's time held Ray's start (2.5 s here) on top of the workers'.
 
@@ -435,7 +484,7 @@ def _start_key_registry() -> None:
 
 
 def _worker_runtime_env() -> dict[str, Any]:
-    """What Flower's RayBackend.init_ray passes when it starts Ray itself: this process's import
+    """What Flower's Ray backend passes (its init_ray) when it starts Ray itself: this process's import
     path, so workers import fedsim as the launcher does (on other machines fedsim must be
     installed at the same path, see docs/distributed.md), and the simulation engine's mark
     (`SIMULATION_ENV`)."""

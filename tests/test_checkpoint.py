@@ -120,21 +120,25 @@ def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path
     assert abs(faulty["final_test_accuracy"] - clean["final_test_accuracy"]) < 0.1
 
 
+WORKER_COMMANDS = {"ray": "ray::ClientAppActor", "processes": "from fedsim.local_workers import serve"}
+
+
 @pytest.mark.ray
-def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path: Path, backend: str) -> None:
     # device_group=10: four vectorized groups, so both workers have a job every round.
     args = ["population=100", "cohort.size=30", "cohort.sampling=fixed", "rounds=8", "privacy=dpsgd",
             "output.progress=false", "simulation.num_workers=2", "simulation.device_group=10"]  # fmt: skip
     run_local(compose(args), tmp_path / "ref")  # the fault-free run, on the in-process grid
-    proc = fedsim(tmp_path, *args, f"hydra.run.dir={tmp_path / 'hit'}")
+    proc = fedsim(tmp_path, *args, f"simulation.backend={backend}", f"hydra.run.dir={tmp_path / 'hit'}")
     metrics = tmp_path / "hit" / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     # One of this run's own workers (other tests may run Ray at the same time).
-    actors = [p for p, cmd in descendants(proc.pid).items() if cmd.startswith("ray::ClientAppActor")]
-    assert actors, "no Ray ClientApp actor to kill"
+    actors = [p for p, cmd in descendants(proc.pid).items() if WORKER_COMMANDS[backend] in cmd]
+    assert actors, f"no {backend} worker process to kill"
     os.kill(min(actors), signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
