@@ -45,6 +45,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
+from queue import Empty
 from typing import Any
 
 FLOWER_CHECKED = "1.42.0"  # the Flower version every internal below was read against
@@ -52,6 +53,7 @@ FLOWER_CHECKED = "1.42.0"  # the Flower version every internal below was read ag
 # Names of Flower internals (attributes, classes, functions) used only in this module.
 INTERNALS = {
     "add_messages_to_queue": "vce_api's dispatch loop, replaced by fast_dispatch",
+    "put_message_into_state": "vce_api's reply loop, replaced by fast_dispatch",
     "BasicActorPool": "Flower's Ray actor pool, patched by replace_dead_actors",
     "pull_interval": "InMemoryGrid's pull pause, the mark of an in-process grid",
     "TaskIdentity": "the ids a Message needs in its process, set by task_identity",
@@ -66,6 +68,7 @@ def in_process_grid(grid: object) -> bool:
 
 
 IDLE_POLL_FRACTION = 0.01  # an idle poller waits at most this fraction of the time it has waited
+STOP_CHECK_S = 0.05  # the simulation engine's threads look at its stop flag at least this often
 
 
 @contextlib.contextmanager
@@ -74,13 +77,28 @@ def fast_dispatch(num_nodes: int) -> Iterator[None]:
 
     With few nodes a pass over them is cheap, so fedsim polls every 2 ms; with many (the
     classic layout) it keeps Flower's 100 ms. The loop is otherwise Flower's own.
+
+    Also the engine's end: its worker threads and its reply thread wait on their queues with a
+    timeout of 1 s between looks at the stop flag (`worker`, `put_message_into_state`), so a run
+    ended up to 1 s after its last round. Here those waits last at most `STOP_CHECK_S`: the
+    message queue's `get` is capped on the instance the dispatch loop is given, and the reply
+    thread's loop is Flower's with the shorter wait.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
-    original = vce_api.add_messages_to_queue
+    original, original_replies = vce_api.add_messages_to_queue, vce_api.put_message_into_state
     interval = 0.002 if num_nodes <= 64 else 0.1
 
+    def put_message_into_state(state: Any, queue: Any, f_stop: Any) -> None:
+        while not f_stop.is_set():
+            try:
+                state.store_message_res(queue.get(timeout=STOP_CHECK_S))
+            except Empty:
+                pass
+
     def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: Any) -> None:
+        get = queue.get
+        queue.get = lambda block=True, timeout=None: get(block, timeout if timeout is None else min(timeout, STOP_CHECK_S))
         last = time.monotonic()
         while not f_stop.is_set():
             for node_id in nodes_mapping.keys():
@@ -92,11 +110,11 @@ def fast_dispatch(num_nodes: int) -> Iterator[None]:
             # workers (measured: 2 ms polls made a 2-worker CNN round's training 8% slower).
             f_stop.wait(max(interval, min(IDLE_POLL_FRACTION * (time.monotonic() - last), 0.05)))
 
-    vce_api.add_messages_to_queue = add_messages_to_queue
+    vce_api.add_messages_to_queue, vce_api.put_message_into_state = add_messages_to_queue, put_message_into_state
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = original
+        vce_api.add_messages_to_queue, vce_api.put_message_into_state = original, original_replies
 
 
 def light_simulation_package() -> bool:
