@@ -1,15 +1,21 @@
 """Worker processes on this machine without Ray: `simulation.backend=processes`.
 
 Flower's simulation engine hands each message for a worker to a Backend (Flower's Ray actor pool
-by default). On one machine fedsim can run its workers as plain child processes instead
+by default). On one machine fedsim runs its workers as plain processes instead
 (`flower_adapter.process_backend` plugs this pool in as the engine's backend): no Ray daemons
-(GCS, raylet, its Python agents), no object store, no Ray import in any process. The children are
-started as the run starts, before the launcher imports torch, so their imports (torch, fedsim's
-ClientApp) overlap the launcher's own; a child serves one message at a time, over a socket pair.
+(GCS, raylet, its Python agents), no object store, no Ray import in any process.
+
+One template process imports what every worker needs (torch, Flower, fedsim's ClientApp) once,
+started as the run starts, so its imports overlap the launcher's; each worker is forked from it
+(`template`), so the workers start ready and share the template's pages. The template runs no
+torch computation before it forks (no thread pool to inherit) and each forked worker reseeds
+Python's and numpy's global generators, which a fresh interpreter seeds from the OS (fedsim
+draws nothing from them; torch's default generator starts from its fixed seed either way). A
+worker serves one message at a time over its own socket pair (`serve`).
 
 What a worker does with a message is the same code as under Ray (`fedsim.client_app.app`), with
 the same environment (`SIMULATION_ENV`, one torch thread, this process's import path), so a run
-gives the same bits on either backend (tests/test_local_workers.py). A child that dies (a chaos
+gives the same bits on either backend (tests/test_local_workers.py). A worker that dies (a chaos
 fault's SIGKILL, the OOM killer) is replaced and its message fails (`WorkerDied`): fedsim resends
 the job as it does for a dead Ray actor.
 """
@@ -19,18 +25,22 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import random
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["WorkerDied", "WorkerError", "WorkerPool", "serve"]
+__all__ = ["WorkerDied", "WorkerError", "WorkerPool", "serve", "template"]
 
-FD_ENV = "FEDSIM_WORKER_FD"  # the child's end of its socket pair, by number
+FD_ENV = "FEDSIM_WORKER_FD"  # the template's end of its control socket, by number
+_FORK, _STATUS = b"F", b"S"  # the template's two requests: fork a worker; a dead worker's exit status
 
 
 class WorkerDied(RuntimeError):
@@ -41,27 +51,47 @@ class WorkerError(RuntimeError):
     """The ClientApp raised in a worker process: its type and message, as text."""
 
 
-class _Worker:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        parent, child = socket.socketpair()
-        self.conn = Connection(parent.detach())
-        fd = child.fileno()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from fedsim.local_workers import serve; from fedsim.client_app import app; serve(app)"],
-            env={**os.environ, **env, FD_ENV: str(fd)}, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        child.close()
+class _Template:
+    """The launcher's handle on the template process (`template`): forks workers on request."""
 
-    def hang_up(self) -> None:
-        """An idle child reads None and ends; a busy one ends when its reply finds the socket closed."""
+    def __init__(self, env: Mapping[str, str]) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.control = mine
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from fedsim.local_workers import template; template()"],
+            env={**os.environ, **env, FD_ENV: str(theirs.fileno())}, pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        theirs.close()
+        self._lock = threading.Lock()
+
+    def _ask(self, request: bytes) -> tuple[bytes, list[int]]:
+        with self._lock:
+            try:
+                self.control.sendall(request)
+                reply, fds, _, _ = socket.recv_fds(self.control, 64, 1)
+            except OSError:
+                reply, fds = b"", []
+        if not reply:
+            raise WorkerDied(f"the worker template process {self.proc.pid} ended (exit status {self.proc.poll()})")
+        return reply, fds
+
+    def fork(self) -> tuple[int, Connection]:
+        """A new worker: its pid and the launcher's end of its socket pair (its first `recv` waits
+        until the template's imports are done)."""
+        reply, fds = self._ask(_FORK)
+        return int(reply), Connection(fds[0])
+
+    def exit_status(self, pid: int) -> int:
+        """The exit status of a worker that ended (negative: the signal that ended it)."""
+        return int(self._ask(_STATUS + str(pid).encode())[0])
+
+    def close(self, timeout: float) -> None:
         try:
-            self.conn.send(None)
+            self.control.shutdown(socket.SHUT_RDWR)  # also wakes a fork request waiting for the reply
         except OSError:
             pass
-        self.conn.close()
-
-    def wait(self, timeout: float) -> None:
-        """Reap the child, killed if it still runs after `timeout` seconds."""
+        self.control.close()  # the template reaps its workers and ends
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -69,26 +99,47 @@ class _Worker:
             self.proc.wait()
 
 
+class _Worker:
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self.pid, self.conn = pid, conn
+
+    def hang_up(self) -> None:
+        """An idle worker reads None and ends; a busy one ends when its reply finds the socket closed."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.conn.close()
+
+
 class WorkerPool:
-    """`num_workers` child processes, each running fedsim's ClientApp on the messages it is sent.
+    """`num_workers` worker processes, each running fedsim's ClientApp on the messages it is sent.
 
     `run` may be called from several threads at once (Flower's engine calls it from one thread
-    per worker): each call takes an idle child, waiting for one if none is."""
+    per worker): each call takes an idle worker, waiting for one if none is."""
 
     def __init__(self, num_workers: int, env: Mapping[str, str]) -> None:
         if num_workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {num_workers}")
-        self.env = dict(env)
         self.num_workers = num_workers
+        self._template = _Template(env)
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._all: list[_Worker] = []
         self._closed = False
-        for _ in range(num_workers):
-            self._idle.put(self._start())
+        # Forked once the template's imports are done: meanwhile the launcher goes on with its own.
+        self._starter = threading.Thread(target=self._start_all, name="fedsim-workers", daemon=True)
+        self._starter.start()
+
+    def _start_all(self) -> None:
+        try:
+            for _ in range(self.num_workers):
+                self._idle.put(self._start())
+        except WorkerDied:  # the pool was closed (or the template died) before the workers started
+            pass
 
     def _start(self) -> _Worker:
-        worker = _Worker(self.env)
+        worker = _Worker(*self._template.fork())
         with self._lock:
             self._all.append(worker)
         return worker
@@ -97,8 +148,9 @@ class WorkerPool:
         return not self._idle.empty()
 
     def pids(self) -> list[int]:
+        """The worker processes now serving (not the template)."""
         with self._lock:
-            return [w.proc.pid for w in self._all if w.proc.poll() is None]
+            return [w.pid for w in self._all]
 
     def run(self, message: Any, context: Any) -> tuple[Any, Any]:
         """The ClientApp's reply to `message` and its updated `context`, from an idle worker.
@@ -109,10 +161,10 @@ class WorkerPool:
             worker.conn.send((message, context))
             status, first, second = worker.conn.recv()
         except (EOFError, OSError) as err:
-            dead, code = worker.proc.pid, worker.proc.wait()
             with self._lock:
                 self._all.remove(worker)
             worker.conn.close()
+            dead, code = worker.pid, self._template.exit_status(worker.pid)
             if not self._closed:
                 worker = self._start()
             raise WorkerDied(f"worker process {dead} ended while it held a message (exit status {code})") from err
@@ -124,21 +176,86 @@ class WorkerPool:
         return first, second
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop every worker (each ends its loop; killed after `timeout` seconds)."""
+        """Stop every worker and the template (workers still running after `timeout` s are killed)."""
         self._closed = True
         with self._lock:
             workers, self._all = self._all, []
-        for worker in workers:  # all told first, then waited for: they end at the same time
-            worker.hang_up()
         for worker in workers:
-            worker.wait(timeout)
+            worker.hang_up()
+        self._template.close(timeout)
+        self._starter.join()
+        while not self._idle.empty():  # forked while closing
+            self._idle.get().hang_up()
 
 
-def serve(app: Callable[..., Any]) -> None:
-    """A worker process's loop around `app` (fedsim's ClientApp): (message, context) in, ("ok",
-    reply, context) or ("error", text, None) out, until the pool sends None or goes away."""
-    conn = Connection(int(os.environ.pop(FD_ENV)))
+def template() -> None:
+    """The template process: import fedsim's ClientApp, then fork a worker (`serve`) per request
+    on the control socket, reap the workers that end and tell their exit status when asked; when
+    the launcher goes away, give the workers up to 10 s to end (they end when their sockets
+    close), kill what is left, and end."""
+    control = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    from fedsim.client_app import app  # what every worker imports, once
+
+    statuses: dict[int, int] = {}
+    children: set[int] = set()
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            statuses[pid] = os.waitstatus_to_exitcode(status)
+
+    while True:
+        ready, _, _ = select.select([control], [], [], 0.5)
+        reap()
+        if not ready:
+            continue
+        try:
+            request = control.recv(64)
+        except OSError:
+            request = b""
+        if not request:
+            break
+        if request == _FORK:
+            mine, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                control.close()
+                theirs.close()
+                random.seed()  # as a fresh interpreter: Python's and numpy's global generators from the OS
+                import numpy as np
+
+                np.random.seed()
+                serve(app, Connection(mine.detach()))
+            mine.close()
+            children.add(pid)
+            socket.send_fds(control, [str(pid).encode()], [theirs.fileno()])
+            theirs.close()
+        elif request.startswith(_STATUS):
+            pid = int(request[len(_STATUS) :])
+            while pid in children:
+                time.sleep(0.005)
+                reap()
+            control.sendall(str(statuses.pop(pid, 0)).encode())
+    deadline = time.monotonic() + 10.0
+    while children and time.monotonic() < deadline:
+        time.sleep(0.01)
+        reap()
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    os._exit(0)
+
+
+def serve(app: Callable[..., Any], conn: Connection) -> None:
+    """A worker process's loop around `app` (fedsim's ClientApp): (message, context) in, ("ok",
+    reply, context) or ("error", text, None) out, until the pool sends None or goes away; then the
+    process ends (without the interpreter's teardown: a worker writes no files, the launcher does)."""
     while True:
         try:
             request = conn.recv()
@@ -157,8 +274,6 @@ def serve(app: Callable[..., Any]) -> None:
             conn.send(("error", f"the worker's reply cannot be sent: {err}", None))
         except OSError:  # the pool closed meanwhile (the run ended or was interrupted)
             break
-    # Nothing of a worker needs the interpreter's teardown (it writes no files; the launcher
-    # does): ending at once saves about a second a worker with torch loaded.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -120,7 +120,21 @@ def test_nan_updates_from_ten_percent_of_devices_leave_the_model_finite(tmp_path
     assert abs(faulty["final_test_accuracy"] - clean["final_test_accuracy"]) < 0.1
 
 
-WORKER_COMMANDS = {"ray": "ray::ClientAppActor", "processes": "from fedsim.local_workers import serve"}
+def worker_processes(launcher: int, backend: str) -> list[int]:
+    """The run's worker processes: Ray's ClientApp actors, or the processes forked from fedsim's
+    worker template (`fedsim.local_workers`; the template itself serves no message)."""
+    found = descendants(launcher)
+    if backend == "ray":
+        return [p for p, cmd in found.items() if cmd.startswith("ray::ClientAppActor")]
+    forked = {p for p, cmd in found.items() if "fedsim.local_workers import template" in cmd}  # with the workers
+    return [p for p in forked if parent(p) in forked]
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 @pytest.mark.ray
@@ -137,7 +151,7 @@ def test_a_worker_process_dying_mid_run_is_retried_and_changes_nothing(tmp_path:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
     # One of this run's own workers (other tests may run Ray at the same time).
-    actors = [p for p, cmd in descendants(proc.pid).items() if WORKER_COMMANDS[backend] in cmd]
+    actors = worker_processes(proc.pid, backend)
     assert actors, f"no {backend} worker process to kill"
     os.kill(min(actors), signal.SIGKILL)
     _, err = proc.communicate(timeout=300)

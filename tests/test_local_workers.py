@@ -21,6 +21,7 @@ import pytest
 from fedsim.config import ConfigError, from_dict
 from fedsim.local_workers import WorkerDied, WorkerError, WorkerPool
 from fedsim.run import _worker_runtime_env, pool_size, run
+from helpers import descendants
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,6 +99,24 @@ def test_the_launcher_never_imports_ray_on_processes(tmp_path: Path) -> None:
     assert model_sha(tmp_path / "run")
 
 
+def started(pool: WorkerPool, count: int) -> list[int]:
+    """The pool's worker pids once `count` are up (they are forked once the template imported)."""
+    deadline = time.monotonic() + 120
+    while len(pool.pids()) < count:
+        assert time.monotonic() < deadline, "the worker processes did not start"
+        time.sleep(0.02)
+    return pool.pids()
+
+
+def templates_below(pid: int) -> list[int]:
+    """Template processes started by `pid` (its workers, forked from it, share its command line)."""
+    return [p for p, cmd in descendants(pid).items() if "fedsim.local_workers import template" in cmd and parent(p) == pid]
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 @pytest.fixture
 def pool():
     workers = WorkerPool(1, _worker_runtime_env()["env_vars"])
@@ -109,13 +128,13 @@ def test_a_client_app_error_comes_back_as_text_and_the_worker_serves_on(pool: Wo
     for _ in range(2):  # the same process answers again after an error
         with pytest.raises(WorkerError, match=r"\w+Error: "):
             pool.run("not a message", None)
-    assert len(pool.pids()) == 1
+    assert len(started(pool, 1)) == 1
 
 
 def test_a_worker_that_dies_holding_a_message_is_replaced_and_the_message_fails(pool: WorkerPool) -> None:
-    [first] = pool.pids()
+    [first] = started(pool, 1)
     os.kill(first, signal.SIGKILL)
-    with pytest.raises(WorkerDied, match=r"ended while it held a message \(exit status -9\)"):
+    with pytest.raises(WorkerDied, match=rf"worker process {first} ended while it held a message \(exit status -9\)"):
         pool.run("not a message", None)
     [second] = pool.pids()
     assert second != first
@@ -123,10 +142,16 @@ def test_a_worker_that_dies_holding_a_message_is_replaced_and_the_message_fails(
         pool.run("not a message", None)
 
 
-def test_closing_the_pool_ends_every_worker_process() -> None:
+def test_workers_are_forked_from_one_template_process(pool: WorkerPool) -> None:
+    [template] = templates_below(os.getpid())
+    [worker] = started(pool, 1)
+    assert parent(worker) == template
+
+
+def test_closing_the_pool_ends_every_worker_process_and_the_template() -> None:
     workers = WorkerPool(2, _worker_runtime_env()["env_vars"])
-    pids = workers.pids()
-    assert len(pids) == 2
+    pids = started(workers, 2) + templates_below(os.getpid())
+    assert len(pids) == 3
     workers.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
