@@ -4,7 +4,7 @@ Every workload trains the same model on the same per-device arrays with the same
 three ways, each in its own process (so each one's peak memory is its own):
 
 - fedsim: `python -m fedsim <overrides>` (like bench/population.py), with
-  `simulation.num_workers=2` (one Ray worker per core on this 2-core machine) and again with
+  `simulation.num_workers=2` (one worker process per core on this 2-core machine) and again with
   `simulation.num_workers=1`; times from metrics.jsonl (`round_time_s`), memory from
   summary.json (`server_peak_rss_mb`) and the largest `worker_peak_rss_mb` in metrics.jsonl.
 - pfl: pfl 0.6.0's `FederatedAveraging` on its `SimulatedBackend` with a `PyTorchModel`, in one
@@ -23,9 +23,15 @@ pfl and floor processes from the same overrides, so `fedsim.data.load_dataset` g
 same per-device arrays (`dataset.device_data(i)`, on demand, as fedsim's workers load them)
 and `fedsim.models.model_for` the same initial weights; every runner trains round r's
 cohort `fedsim.sampling.sample_cohort(seed, r)` (fixed size 50, distinct devices). Device
-updates per second = devices trained per round / seconds per round. Peak memory = the sum
-over a runner's processes of their peak RSS (`ru_maxrss`); for fedsim, server + workers x the
-largest worker peak (Ray's own daemons, raylet and GCS, are not counted).
+updates per second = devices trained per round / seconds per round. Memory, three ways: "peak
+MB" = the sum over a runner's processes of their own peak RSS (`ru_maxrss`); for fedsim, server +
+workers x the largest worker peak (as they report it: not its worker template, nor Ray's
+daemons); "tree RSS" and "tree PSS" = the largest total RSS and PSS of the runner's whole process
+tree at one time, sampled every 0.1 s from /proc (`TreeMemory`: the template and Ray's daemons
+included). RSS counts a page shared by several processes in each (shared libraries; fedsim's
+workers are forked from one template and share its pages), PSS divides it among them: the PSS
+total is what the runner takes from the machine, and "PSS/pfl" compares it with pfl's on the
+same cores.
 
 Steady-state seconds per round = median of the round times of rounds 3..N-1: the first two
 rounds warm up (Ray workers start, lazy imports, first allocations), and fedsim's last round
@@ -161,6 +167,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -266,6 +273,8 @@ class Measured:
     rss_mb: list[float]
     final_test_accuracy: float | None = None
     launch_to_round_1_s: float | None = None  # fedsim: from starting the command to round 1's metrics line
+    tree_rss_mb: float | None = None  # TreeMemory: the process tree's largest total RSS at one time
+    tree_pss_mb: float | None = None  # and its largest total PSS
 
 
 @dataclass
@@ -280,9 +289,12 @@ class Row:
     updates_per_s: float | None = None
     peak_mb: float | None = None
     peak_detail: str = ""
+    tree_rss_mb: float | None = None
+    tree_pss_mb: float | None = None
     final_test_accuracy: float | None = None
     vs_pfl: float | None = None
     vs_floor: float | None = None
+    pss_vs_pfl: float | None = None  # tree PSS against pfl's with the same cores
     round_times: list[float] = field(default_factory=list)
     error: str = ""
 
@@ -299,7 +311,7 @@ def fedsim_command(workload: Workload, variant: str, runner: Runner, rounds: int
 
 
 def run_fedsim(cmd: list[str], out: Path, timeout: float) -> Measured:
-    launch_to_round_1 = _run_checked(cmd, timeout, watch=out / "metrics.jsonl")
+    launch_to_round_1, memory = _run_checked(cmd, timeout, watch=out / "metrics.jsonl")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     workers = int(summary.get("num_workers") or 1)
@@ -310,6 +322,8 @@ def run_fedsim(cmd: list[str], out: Path, timeout: float) -> Measured:
         rss_mb=[summary["server_peak_rss_mb"], *[worker_peak] * workers],
         final_test_accuracy=summary.get("final_test_accuracy"),
         launch_to_round_1_s=launch_to_round_1,
+        tree_rss_mb=memory.rss_mb,
+        tree_pss_mb=memory.pss_mb,
     )
 
 
@@ -337,6 +351,7 @@ def run_children(runner: Runner, workload: Workload, variant: str, rounds: int, 
         cmd = child_command(runner.kind, workload, variant, rounds, out)
         with log.open("w") as sink:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT))
+    memory = TreeMemory([p.pid for p in procs])
     # Poll all ranks: one that fails leaves the other waiting for it in torch.distributed.
     deadline = time.monotonic() + timeout
     while True:
@@ -344,6 +359,7 @@ def run_children(runner: Runner, workload: Workload, variant: str, rounds: int, 
         if all(c is not None for c in codes) or any(codes) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    memory.stop()
     failed = [log for p, log in zip(procs, logs) if p.returncode]  # exited with an error by itself
     running = [p for p in procs if p.returncode is None]
     for p in running:
@@ -360,6 +376,8 @@ def run_children(runner: Runner, workload: Workload, variant: str, rounds: int, 
         devices=head["devices"],
         rss_mb=[mb for r in reports for mb in r["rss_mb"]],
         final_test_accuracy=head["final_test_accuracy"],
+        tree_rss_mb=memory.rss_mb,
+        tree_pss_mb=memory.pss_mb,
     )
 
 
@@ -374,26 +392,84 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _run_checked(cmd: list[str], timeout: float, watch: Path | None = None) -> float | None:
-    """Run `cmd`; RuntimeError if it fails or times out. With `watch` (a metrics.jsonl), also
-    return the seconds from starting the command to the first complete line of that file (the
-    end of round 1: Python, Hydra, data, Ray and the workers' start included), polled every 10 ms."""
+class TreeMemory:
+    """Samples, every `interval` s while a runner runs, the memory of its process tree (the
+    processes it started and everything below them, from /proc): the largest total RSS and the
+    largest total PSS seen at one time. RSS counts a page shared by several processes (a
+    library's code, fedsim's workers forked from one template) in each of them; PSS divides it
+    among them, so the PSS total is the memory the runner takes from the machine."""
+
+    def __init__(self, roots: list[int], interval: float = 0.1) -> None:
+        self.roots, self.interval = roots, interval
+        self.rss_mb = self.pss_mb = 0.0
+        self.processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                except OSError:
+                    continue
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+        found, todo = [], list(self.roots)
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+        return found
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = pss = 0
+            pids = self._tree()
+            for pid in pids:
+                try:
+                    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                        if line.startswith("Rss:"):
+                            rss += int(line.split()[1])
+                        elif line.startswith("Pss:"):
+                            pss += int(line.split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue  # ended meanwhile
+            if pss / 1024 > self.pss_mb:
+                self.pss_mb, self.processes = pss / 1024, len(pids)
+            self.rss_mb = max(self.rss_mb, rss / 1024)
+
+
+def _run_checked(cmd: list[str], timeout: float, watch: Path | None = None) -> tuple[float | None, TreeMemory]:
+    """Run `cmd`; RuntimeError if it fails or times out. Returns the seconds from starting the
+    command to the first complete line of `watch` (a metrics.jsonl: the end of round 1, Python,
+    Hydra, data and the workers' start included; polled every 10 ms; None without `watch`) and
+    the memory of the command's process tree (`TreeMemory`)."""
     started = time.perf_counter()
     first: float | None = None
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-        while proc.poll() is None:
-            if time.perf_counter() - started > timeout:
-                proc.kill()
-                proc.wait()
-                raise RuntimeError(f"timed out after {timeout:.0f} s")
-            if watch is not None and first is None and watch.exists() and watch.read_text().endswith("\n"):
-                first = time.perf_counter() - started
-            time.sleep(0.01)
+        memory = TreeMemory([proc.pid])
+        try:
+            while proc.poll() is None:
+                if time.perf_counter() - started > timeout:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError(f"timed out after {timeout:.0f} s")
+                if watch is not None and first is None and watch.exists() and watch.read_text().endswith("\n"):
+                    first = time.perf_counter() - started
+                time.sleep(0.01)
+        finally:
+            memory.stop()
         log.seek(0)
         if proc.returncode:
             raise RuntimeError(_last_lines(log.read()))
-    return first
+    return first, memory
 
 
 def _last_lines(output: str, n: int = 3) -> str:
@@ -705,6 +781,7 @@ def measure(
     row.launch_to_round_1_s = m.launch_to_round_1_s
     row.updates_per_s = statistics.median(m.devices[steady]) / row.s_per_round
     row.peak_mb = sum(m.rss_mb)
+    row.tree_rss_mb, row.tree_pss_mb = m.tree_rss_mb, m.tree_pss_mb
     if runner.kind == "fedsim":
         row.peak_detail = f"{m.rss_mb[0]:.0f} + {len(m.rss_mb) - 1}x{m.rss_mb[1]:.0f}"
     else:
@@ -723,6 +800,8 @@ def add_ratios(rows: list[Row]) -> None:
         floor = index.get((row.workload, row.variant, "floor"))
         if pfl and pfl.s_per_round:
             row.vs_pfl = row.s_per_round / pfl.s_per_round
+        if pfl and pfl.tree_pss_mb and row.tree_pss_mb:
+            row.pss_vs_pfl = row.tree_pss_mb / pfl.tree_pss_mb
         if floor and floor.s_per_round:
             row.vs_floor = row.s_per_round / floor.s_per_round
 
@@ -740,7 +819,8 @@ def print_table(rows: list[Row], rounds: int, device: str) -> None:
     print(f"cohort {COHORT} (cohort1000: 1,000), {rounds} rounds; s/round = median of rounds {WARMUP_ROUNDS + 1}..{rounds - 1}")
     head = (
         f"{'workload':<11} | {'dp':<6} | {'runner':<10} | {'cores':>5} | {'s/round':>8} | {'round 1':>7} | {'launch':>6} | {'updates/s':>9} | "
-        f"{'peak MB':>7} | {'per process MB':<14} | {'acc':>5} | {'/pfl':>6} | {'/floor':>6}"
+        f"{'peak MB':>7} | {'per process MB':<14} | {'tree RSS':>8} | {'tree PSS':>8} | {'PSS/pfl':>7} | "
+        f"{'acc':>5} | {'/pfl':>6} | {'/floor':>6}"
     )
     print(head)
     print("-" * len(head))
@@ -756,6 +836,7 @@ def print_table(rows: list[Row], rounds: int, device: str) -> None:
             f"{r.workload:<11} | {r.variant:<6} | {r.runner:<10} | {r.cores:>5} | {num(r.s_per_round, '.4f'):>8} | "
             f"{num(r.first_round_s, '.2f'):>7} | {num(r.launch_to_round_1_s, '.2f'):>6} | "
             f"{num(r.updates_per_s, '.0f'):>9} | {num(r.peak_mb, '.0f'):>7} | {r.peak_detail:<14} | "
+            f"{num(r.tree_rss_mb, '.0f'):>8} | {num(r.tree_pss_mb, '.0f'):>8} | {num(r.pss_vs_pfl, '.2f'):>7} | "
             f"{num(r.final_test_accuracy, '.3f'):>5} | {num(r.vs_pfl, '.2f'):>6} | {num(r.vs_floor, '.2f'):>6}"
         )
 
