@@ -2,7 +2,9 @@
 
 Workload: 100 (and 1,000) devices per round (fixed cohort), 50 synthetic examples each (60
 features, 10 classes), an MLP 60-1600-10 (113,610 parameters), 1 local epoch of SGD with batch
-10, one torch thread per worker, 2 Ray workers (one per core), no evaluation between rounds.
+10, one torch thread per worker, 2 workers (one per core), no evaluation between rounds. The
+workers are local processes (`simulation.backend=auto`), except in the active threat model,
+whose key registry is a Ray actor: auto runs that setup on Ray.
 
 1. fedsim, population = 2 x cohort, each setup in its own `python -m fedsim` process: plain,
    `secagg=secaggplus` in the semi-honest and the active threat model (gamma = 1/3 colluding

@@ -34,13 +34,15 @@ total is what the runner takes from the machine, and "PSS/pfl" compares it with 
 same cores.
 
 Steady-state seconds per round = median of the round times of rounds 3..N-1: the first two
-rounds warm up (Ray workers start, lazy imports, first allocations), and fedsim's last round
+rounds warm up (worker processes start, lazy imports, first allocations), and fedsim's last round
 also runs its final central evaluation (fedsim always evaluates after the last round), which
 pfl and the floor do not do, so round N is left out for every runner. Hence --rounds >= 4.
 "round 1" is the first round's time apart (fedsim: the worker processes' start, imports and
-set-up fall in it; Ray is started before round 1 begins), and "launch" (fedsim only) the
-seconds from starting the fedsim command to the end of round 1, Python, Hydra, the data and
-Ray's start included (README "Start-up").
+set-up fall in it), and "launch" (fedsim only) the seconds from starting the fedsim command to
+the end of round 1, Python, Hydra, the data and the workers' start included (README
+"Start-up"). fedsim runs with its defaults: on this one Linux machine its workers are local
+processes forked from one template (`simulation.backend=auto`); pass
+`--fedsim-override simulation.backend=ray` for Ray's.
 
 Workloads (`--workloads`, default all; cohort 50, 1 local epoch, batch 10, seed 0, FedAvg):
 
@@ -130,7 +132,7 @@ Fair and unfair points that remain:
   cached per dataset object); fedsim and the floor draw a seeded permutation per epoch, a
   few microseconds per device. pfl's model therefore differs slightly from the other two.
 - Work done besides training: fedsim serializes weights and updates into Flower messages,
-  goes through Ray, checks every update for NaN/inf (worker and server), and with DP computes
+  sends them to its worker processes over sockets, checks every update for NaN/inf (worker and server), and with DP computes
   epsilon every round (user-level RDP; with DP-SGD, every device's ledger); pfl with a fixed
   noise multiplier does no accounting, and neither does the floor. pfl with world size 1 does
   no communication at all; pfl x2 all-reduces the summed update over gloo once per round.
@@ -147,10 +149,10 @@ Fair and unfair points that remain:
   one-core floor can therefore be below 1. Two-process runners (fedsim w=2, pfl x2) wait for
   their slowest process every round, so they suffer most from anything else running on the
   machine: measure on an idle machine.
-- Memory: fedsim runs a server and Ray workers, each importing torch, Flower and Ray, and its
-  server holds a round's replies (cnn: 50 x 3.4 MB updates, plus their copies in transit), so
-  its total is far above a single pfl or floor process; it is a sum of peaks, which need not
-  coincide in time.
+- Memory: fedsim runs a server, a worker template and its workers, each with torch and Flower
+  (the workers share the template's pages), so its totals are above a single pfl or floor
+  process; "peak MB" is a sum of peaks, which need not coincide in time; the tree columns are
+  totals at one time.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Runs `fedsim rounds=1` (the default task, or with the given overrides) several times, each a
 new process, and timestamps the command's output lines as they arrive: "round 1" is when
 round 1's progress line appears (after round 1's evaluation), "exit" when the process ended.
-Also prints round 1's own time (`round_time_s` of metrics.jsonl: Ray already up) and the
+Also prints round 1's own time (`round_time_s` of metrics.jsonl: the workers started) and the
 median of each column. Issue 18's target is a first round within 5 s on 2 cores.
 
 `--against REV` also runs the code of another git revision of this repository (exported into a

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -374,9 +375,9 @@ class SimulationConfig:
     num_workers: int | None = field(default=None, metadata=checked(positive()))
     # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
     cpus_per_worker: float = field(default=1.0, metadata=checked(positive()))
-    # where the workers run: processes (child processes of this one, no Ray: one machine, a faster
-    # start) | ray (Ray actors: a cluster, and the active threat model's key registry) | auto
-    # (processes, unless ray_address is set or secagg's threat model is active)
+    # where the workers run: processes (child processes of this one, no Ray: one Linux machine, a
+    # faster start) | ray (Ray actors: a cluster, and the active threat model's key registry) | auto
+    # (processes, unless ray_address is set, secagg's threat model is active or this is not Linux)
     backend: str = field(default="auto", metadata=checked(one_of("auto", "ray", "processes")))
     # torch threads per worker (more is 10-35x slower on small models)
     torch_threads: int = field(default=1, metadata=checked(positive()))
@@ -606,7 +607,7 @@ class FedsimConfig:
         if s.backend != "auto":
             return s.backend
         active = self.secagg.name != "none" and self.secagg.threat_model == "active"
-        return "ray" if s.ray_address or active else "processes"
+        return "ray" if s.ray_address or active or not sys.platform.startswith("linux") else "processes"
 
     @property
     def num_workers(self) -> int:
@@ -772,6 +773,8 @@ def validate(cfg: FedsimConfig) -> None:
             raise ConfigError("simulation.layout", "the deployment engine runs the multiplexed layout only")
         if s.ray_address:
             raise ConfigError("simulation.ray_address", "applies to engine=simulation only")
+    if s.backend == "processes" and not sys.platform.startswith("linux"):
+        raise ConfigError("simulation.backend", f"processes needs Linux (fork, file descriptors over Unix sockets); on {sys.platform} use ray or auto")
     if s.backend == "processes" and s.ray_address:
         raise ConfigError("simulation.backend", "processes runs the workers on this machine; with simulation.ray_address use ray or auto")
     if s.backend == "processes" and cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":

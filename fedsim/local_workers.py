@@ -39,6 +39,11 @@ from typing import Any
 
 __all__ = ["WorkerDied", "WorkerError", "WorkerPool", "serve", "template"]
 
+# Ctrl-C is the launcher's to handle (ignored before the imports, and so in every worker too).
+TEMPLATE_COMMAND = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+    "from fedsim.local_workers import template; from fedsim.client_app import app; template(app)"
+)
 FD_ENV = "FEDSIM_WORKER_FD"  # the template's end of its control socket, by number
 _FORK, _STATUS = b"F", b"S"  # the template's two requests: fork a worker; a dead worker's exit status
 
@@ -58,7 +63,7 @@ class _Template:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control = mine
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from fedsim.local_workers import template; template()"],
+            [sys.executable, "-c", TEMPLATE_COMMAND],
             env={**os.environ, **env, FD_ENV: str(theirs.fileno())}, pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
@@ -123,10 +128,11 @@ class WorkerPool:
             raise ValueError(f"a worker pool needs at least one worker, got {num_workers}")
         self.num_workers = num_workers
         self._template = _Template(env)
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: no worker can start
         self._lock = threading.Lock()
         self._all: list[_Worker] = []
         self._closed = False
+        self._broken: str | None = None
         # Forked once the template's imports are done: meanwhile the launcher goes on with its own.
         self._starter = threading.Thread(target=self._start_all, name="fedsim-workers", daemon=True)
         self._starter.start()
@@ -135,8 +141,13 @@ class WorkerPool:
         try:
             for _ in range(self.num_workers):
                 self._idle.put(self._start())
-        except WorkerDied:  # the pool was closed (or the template died) before the workers started
-            pass
+        except WorkerDied as err:  # the template died (its imports failed, say) or the pool closed
+            self._give_up(err)
+
+    def _give_up(self, err: WorkerDied) -> None:
+        """No worker can be started: every call to `run`, waiting or to come, raises instead."""
+        self._broken = str(err)
+        self._idle.put(None)
 
     def _start(self) -> _Worker:
         worker = _Worker(*self._template.fork())
@@ -157,23 +168,35 @@ class WorkerPool:
 
         Raises WorkerError when the ClientApp raised, WorkerDied when the process ended."""
         worker = self._idle.get()
+        if worker is None:
+            self._idle.put(None)  # for the next caller too
+            raise WorkerDied(f"no worker process can start: {self._broken}")
         try:
             worker.conn.send((message, context))
             status, first, second = worker.conn.recv()
         except (EOFError, OSError) as err:
-            with self._lock:
-                self._all.remove(worker)
-            worker.conn.close()
-            dead, code = worker.pid, self._template.exit_status(worker.pid)
-            if not self._closed:
-                worker = self._start()
-            raise WorkerDied(f"worker process {dead} ended while it held a message (exit status {code})") from err
-        finally:
-            if not self._closed:
-                self._idle.put(worker)
+            self._replace(worker)
+            raise WorkerDied(f"worker process {worker.pid} ended while it held a message "
+                             f"(exit status {self._template.exit_status(worker.pid)})") from err  # fmt: skip
+        except BaseException:  # a reply that does not unpickle, an interrupt: the stream is out of step
+            os.kill(worker.pid, signal.SIGKILL)
+            self._replace(worker)
+            raise
+        self._idle.put(worker)
         if status != "ok":
             raise WorkerError(first)
         return first, second
+
+    def _replace(self, dead: _Worker) -> None:
+        with self._lock:
+            self._all.remove(dead)
+        dead.conn.close()
+        if self._closed:
+            return
+        try:
+            self._idle.put(self._start())
+        except WorkerDied as err:
+            self._give_up(err)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop every worker and the template (workers still running after `timeout` s are killed)."""
@@ -185,18 +208,17 @@ class WorkerPool:
         self._template.close(timeout)
         self._starter.join()
         while not self._idle.empty():  # forked while closing
-            self._idle.get().hang_up()
+            worker = self._idle.get()
+            if worker is not None:
+                worker.hang_up()
 
 
-def template() -> None:
-    """The template process: import fedsim's ClientApp, then fork a worker (`serve`) per request
-    on the control socket, reap the workers that end and tell their exit status when asked; when
+def template(app: Callable[..., Any]) -> None:
+    """The template process, once it imported `app` (fedsim's ClientApp, with torch and Flower):
+    fork a worker (`serve`) per request on the control socket, reap the workers that end and tell their exit status when asked; when
     the launcher goes away, give the workers up to 10 s to end (they end when their sockets
     close), kill what is left, and end."""
     control = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    from fedsim.client_app import app  # what every worker imports, once
-
     statuses: dict[int, int] = {}
     children: set[int] = set()
 
@@ -235,14 +257,21 @@ def template() -> None:
                 serve(app, Connection(mine.detach()))
             mine.close()
             children.add(pid)
-            socket.send_fds(control, [str(pid).encode()], [theirs.fileno()])
-            theirs.close()
+            try:
+                socket.send_fds(control, [str(pid).encode()], [theirs.fileno()])
+            except OSError:  # the launcher is gone: so is this worker's other end
+                break
+            finally:
+                theirs.close()
         elif request.startswith(_STATUS):
             pid = int(request[len(_STATUS) :])
             while pid in children:
                 time.sleep(0.005)
                 reap()
-            control.sendall(str(statuses.pop(pid, 0)).encode())
+            try:
+                control.sendall(str(statuses.pop(pid, 0)).encode())
+            except OSError:
+                break
     deadline = time.monotonic() + 10.0
     while children and time.monotonic() < deadline:
         time.sleep(0.01)

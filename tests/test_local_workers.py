@@ -57,6 +57,13 @@ def test_processes_are_refused_where_they_cannot_serve(tmp_path: Path) -> None:
         from_dict(active)
 
 
+def test_off_linux_auto_picks_ray_and_processes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")  # no SOCK_SEQPACKET Unix sockets there
+    assert from_dict(small(tmp_path)).worker_backend == "ray"
+    with pytest.raises(ConfigError, match=r"simulation\.backend.*needs Linux.*on darwin use ray or auto"):
+        from_dict(small(tmp_path, backend="processes"))
+
+
 def test_the_command_refuses_a_bad_backend_with_one_line_and_status_2(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "fedsim", "simulation.backend=threads", f"hydra.run.dir={tmp_path}", f"output.dir={tmp_path}"],
@@ -146,6 +153,18 @@ def test_workers_are_forked_from_one_template_process(pool: WorkerPool) -> None:
     [template] = templates_below(os.getpid())
     [worker] = started(pool, 1)
     assert parent(worker) == template
+
+
+def test_a_pool_whose_template_died_raises_instead_of_waiting() -> None:
+    workers = WorkerPool(2, _worker_runtime_env()["env_vars"])
+    try:
+        [template] = templates_below(os.getpid())
+        os.kill(template, signal.SIGKILL)  # before or while it imports: no worker can be forked
+        for _ in range(3):  # every call, not only the first
+            with pytest.raises(WorkerDied, match=rf"no worker process can start: the worker template process {template} ended"):
+                workers.run("not a message", None)
+    finally:
+        workers.close()
 
 
 def test_closing_the_pool_ends_every_worker_process_and_the_template() -> None:
