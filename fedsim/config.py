@@ -376,8 +376,9 @@ class SimulationConfig:
     # Ray CPUs per ClientApp actor (2 cores / 1.0 = 2 parallel workers)
     cpus_per_worker: float = field(default=1.0, metadata=checked(positive()))
     # where the workers run: processes (child processes of this one, no Ray: one Linux machine, a
-    # faster start) | ray (Ray actors: a cluster, and the active threat model's key registry) | auto
-    # (processes, unless ray_address is set, secagg's threat model is active or this is not Linux)
+    # faster start) | ray (Ray actors: a cluster, GPUs shared out, the active threat model's key
+    # registry) | auto (processes, unless ray_address is set, GPUs are used, secagg's threat model
+    # is active or this is not Linux)
     backend: str = field(default="auto", metadata=checked(one_of("auto", "ray", "processes")))
     # torch threads per worker (more is 10-35x slower on small models)
     torch_threads: int = field(default=1, metadata=checked(positive()))
@@ -607,7 +608,10 @@ class FedsimConfig:
         if s.backend != "auto":
             return s.backend
         active = self.secagg.name != "none" and self.secagg.threat_model == "active"
-        return "ray" if s.ray_address or active or not sys.platform.startswith("linux") else "processes"
+        # GPUs: Ray shares them among the workers (fractional GPUs, one device each); worker
+        # processes would all take the first one.
+        gpus = s.device == "cuda" or (s.device == "auto" and nvidia_gpus_present())
+        return "ray" if s.ray_address or active or gpus or not sys.platform.startswith("linux") else "processes"
 
     @property
     def num_workers(self) -> int:
@@ -615,6 +619,17 @@ class FedsimConfig:
         if self.simulation.layout == "classic":
             return self.population
         return self.simulation.num_workers or (os.cpu_count() or 1)
+
+
+def nvidia_gpus_present() -> bool:
+    """Whether this machine's NVIDIA driver lists a GPU (/proc/driver/nvidia/gpus), without
+    importing torch (CUDA_VISIBLE_DEVICES set to nothing hides them)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    try:
+        return any(Path("/proc/driver/nvidia/gpus").iterdir())
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -22,6 +22,7 @@ the job as it does for a dead Ray actor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -33,8 +34,10 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 __all__ = ["WorkerDied", "WorkerError", "WorkerPool", "serve", "template"]
@@ -46,6 +49,8 @@ TEMPLATE_COMMAND = (
 )
 FD_ENV = "FEDSIM_WORKER_FD"  # the template's end of its control socket, by number
 _FORK, _STATUS = b"F", b"S"  # the template's two requests: fork a worker; a dead worker's exit status
+_ERROR = b"E"  # the template's reply when it cannot fork
+WORKER_GRACE_S = 5.0  # once the launcher is gone, the template kills the workers still running after this
 
 
 class WorkerDied(RuntimeError):
@@ -59,44 +64,59 @@ class WorkerError(RuntimeError):
 class _Template:
     """The launcher's handle on the template process (`template`): forks workers on request."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
+    def __init__(self, env: Mapping[str, str], log: Path | None) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control = mine
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", TEMPLATE_COMMAND],
-            env={**os.environ, **env, FD_ENV: str(theirs.fileno())}, pass_fds=(theirs.fileno(),),
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        theirs.close()
+        sink = log.open("ab") if log is not None else None  # the workers' output (None: this process's)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", TEMPLATE_COMMAND],
+                env={**os.environ, **env, FD_ENV: str(theirs.fileno())}, pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+            if sink is not None:
+                sink.close()
         self._lock = threading.Lock()
 
     def _ask(self, request: bytes) -> tuple[bytes, list[int]]:
         with self._lock:
             try:
                 self.control.sendall(request)
-                reply, fds, _, _ = socket.recv_fds(self.control, 64, 1)
+                reply, fds, _, _ = socket.recv_fds(self.control, 512, 1)
             except OSError:
                 reply, fds = b"", []
+        for fd in fds:
+            os.set_inheritable(fd, False)  # no later child of the launcher holds a worker's socket
         if not reply:
             raise WorkerDied(f"the worker template process {self.proc.pid} ended (exit status {self.proc.poll()})")
+        if reply.startswith(_ERROR):
+            raise WorkerDied(f"the worker template cannot start a worker: {reply[len(_ERROR) :].decode(errors='replace')}")
         return reply, fds
 
-    def fork(self) -> tuple[int, Connection]:
-        """A new worker: its pid and the launcher's end of its socket pair (its first `recv` waits
-        until the template's imports are done)."""
+    def fork(self) -> tuple[int, socket.socket]:
+        """A new worker: its pid and the launcher's end of its socket pair (the worker answers
+        once the template's imports are done)."""
         reply, fds = self._ask(_FORK)
-        return int(reply), Connection(fds[0])
+        if len(fds) != 1:
+            raise WorkerDied(f"the worker template sent {len(fds)} sockets for a new worker, not 1")
+        return int(reply), socket.socket(fileno=fds[0])
 
-    def exit_status(self, pid: int) -> int:
-        """The exit status of a worker that ended (negative: the signal that ended it)."""
-        return int(self._ask(_STATUS + str(pid).encode())[0])
+    def exit_status(self, pid: int) -> int | None:
+        """The exit status of a worker that ended (negative: the signal that ended it), None if
+        the template is gone."""
+        try:
+            return int(self._ask(_STATUS + str(pid).encode())[0])
+        except WorkerDied:
+            return None
 
     def close(self, timeout: float) -> None:
         try:
             self.control.shutdown(socket.SHUT_RDWR)  # also wakes a fork request waiting for the reply
         except OSError:
             pass
-        self.control.close()  # the template reaps its workers and ends
+        self.control.close()  # the template reaps its workers (killing them after WORKER_GRACE_S) and ends
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -105,30 +125,40 @@ class _Template:
 
 
 class _Worker:
-    def __init__(self, pid: int, conn: Connection) -> None:
-        self.pid, self.conn = pid, conn
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid, self.sock = pid, sock
+        self.conn = Connection(os.dup(sock.fileno()))
 
     def hang_up(self) -> None:
-        """An idle worker reads None and ends; a busy one ends when its reply finds the socket closed."""
+        """End the worker's conversation: an idle worker reads end-of-file and ends, a busy one ends
+        when its reply finds the socket shut, and a thread of this process waiting for its reply
+        wakes with EOFError (shutting a socket down wakes its readers; closing it would not)."""
         try:
-            self.conn.send(None)
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def close(self) -> None:
+        """Free this process's descriptors (only once no thread reads them)."""
         self.conn.close()
+        self.sock.close()
 
 
 class WorkerPool:
     """`num_workers` worker processes, each running fedsim's ClientApp on the messages it is sent.
 
     `run` may be called from several threads at once (Flower's engine calls it from one thread
-    per worker): each call takes an idle worker, waiting for one if none is."""
+    per worker): each call takes an idle worker, waiting for one if none is. A worker that dies
+    is replaced; once no worker is left and none can be started (the template died, say) or the
+    pool is closed, every call raises WorkerDied instead of waiting. `log`: a file for the
+    workers' output (None: this process's stdout and stderr)."""
 
-    def __init__(self, num_workers: int, env: Mapping[str, str]) -> None:
+    def __init__(self, num_workers: int, env: Mapping[str, str], log: Path | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {num_workers}")
         self.num_workers = num_workers
-        self._template = _Template(env)
-        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: no worker can start
+        self._template = _Template(env, log)
+        self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: no worker will come
         self._lock = threading.Lock()
         self._all: list[_Worker] = []
         self._closed = False
@@ -138,25 +168,35 @@ class WorkerPool:
         self._starter.start()
 
     def _start_all(self) -> None:
-        try:
-            for _ in range(self.num_workers):
-                self._idle.put(self._start())
-        except WorkerDied as err:  # the template died (its imports failed, say) or the pool closed
-            self._give_up(err)
+        for _ in range(self.num_workers):
+            if not self._add():
+                return
 
-    def _give_up(self, err: WorkerDied) -> None:
-        """No worker can be started: every call to `run`, waiting or to come, raises instead."""
-        self._broken = str(err)
+    def _add(self) -> bool:
+        """Fork one more worker into the idle queue; False (and the pool may be broken) if none can be."""
+        try:
+            worker = _Worker(*self._template.fork())
+        except Exception as err:  # WorkerDied, or the template's reply was unusable
+            self._cannot_start(str(err))
+            return False
+        with self._lock:
+            if not self._closed:
+                self._all.append(worker)
+                self._idle.put(worker)
+                return True
+        worker.hang_up()  # forked while the pool closed
+        worker.close()
+        return False
+
+    def _cannot_start(self, why: str) -> None:
+        with self._lock:
+            if self._all or self._broken is not None:
+                return  # the live workers serve on
+            self._broken = why
         self._idle.put(None)
 
-    def _start(self) -> _Worker:
-        worker = _Worker(*self._template.fork())
-        with self._lock:
-            self._all.append(worker)
-        return worker
-
     def is_idle(self) -> bool:
-        return not self._idle.empty()
+        return not self._idle.empty() and self._broken is None
 
     def pids(self) -> list[int]:
         """The worker processes now serving (not the template)."""
@@ -166,57 +206,67 @@ class WorkerPool:
     def run(self, message: Any, context: Any) -> tuple[Any, Any]:
         """The ClientApp's reply to `message` and its updated `context`, from an idle worker.
 
-        Raises WorkerError when the ClientApp raised, WorkerDied when the process ended."""
+        Raises WorkerError when the ClientApp raised, WorkerDied when the worker process ended
+        (it is replaced) or no worker is left."""
+        data = pickle.dumps((message, context), pickle.HIGHEST_PROTOCOL)  # one that cannot be sent harms no worker
         worker = self._idle.get()
         if worker is None:
             self._idle.put(None)  # for the next caller too
-            raise WorkerDied(f"no worker process can start: {self._broken}")
+            raise WorkerDied(f"no worker process is left: {self._broken}")
         try:
-            worker.conn.send((message, context))
+            worker.conn.send_bytes(data)
             status, first, second = worker.conn.recv()
         except (EOFError, OSError) as err:
-            self._replace(worker)
-            raise WorkerDied(f"worker process {worker.pid} ended while it held a message "
-                             f"(exit status {self._template.exit_status(worker.pid)})") from err  # fmt: skip
+            raise WorkerDied(self._lost(worker, kill=False)) from err
         except BaseException:  # a reply that does not unpickle, an interrupt: the stream is out of step
-            os.kill(worker.pid, signal.SIGKILL)
-            self._replace(worker)
+            self._lost(worker, kill=True)
             raise
         self._idle.put(worker)
         if status != "ok":
             raise WorkerError(first)
         return first, second
 
-    def _replace(self, dead: _Worker) -> None:
+    def _lost(self, worker: _Worker, *, kill: bool) -> str:
+        """Take a worker that can no longer serve out of the pool and start another in its place
+        (not once the pool is closed); what happened, for WorkerDied."""
         with self._lock:
-            self._all.remove(dead)
-        dead.conn.close()
-        if self._closed:
-            return
-        try:
-            self._idle.put(self._start())
-        except WorkerDied as err:
-            self._give_up(err)
+            closed = self._closed
+            if worker in self._all:
+                self._all.remove(worker)
+        worker.close()
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+        if closed:
+            return f"the worker pool was closed while worker process {worker.pid} held a message"
+        code = self._template.exit_status(worker.pid)
+        self._add()
+        return f"worker process {worker.pid} ended while it held a message (exit status {code})"
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop every worker and the template (workers still running after `timeout` s are killed)."""
-        self._closed = True
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop every worker and the template. Calls waiting for a reply raise WorkerDied; so does
+        every later call. A worker still busy after the template's grace period is killed."""
         with self._lock:
-            workers, self._all = self._all, []
+            self._closed = True
+            workers = list(self._all)
+            self._all = []
+            if self._broken is None:
+                self._broken = "the worker pool is closed"
         for worker in workers:
             worker.hang_up()
+        while not self._idle.empty():  # idle workers: no thread reads their sockets
+            idle = self._idle.get()
+            if idle is not None:
+                idle.close()
+        self._idle.put(None)
         self._template.close(timeout)
         self._starter.join()
-        while not self._idle.empty():  # forked while closing
-            worker = self._idle.get()
-            if worker is not None:
-                worker.hang_up()
 
 
 def template(app: Callable[..., Any]) -> None:
     """The template process, once it imported `app` (fedsim's ClientApp, with torch and Flower):
     fork a worker (`serve`) per request on the control socket, reap the workers that end and tell their exit status when asked; when
-    the launcher goes away, give the workers up to 10 s to end (they end when their sockets
+    the launcher goes away, give the workers WORKER_GRACE_S to end (they end when their sockets
     close), kill what is left, and end."""
     control = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
     statuses: dict[int, int] = {}
@@ -245,8 +295,15 @@ def template(app: Callable[..., Any]) -> None:
         if not request:
             break
         if request == _FORK:
-            mine, theirs = socket.socketpair()
-            pid = os.fork()
+            try:
+                mine, theirs = socket.socketpair()
+                pid = os.fork()
+            except OSError as err:  # out of memory, processes or descriptors: this worker is not started
+                try:
+                    control.sendall(_ERROR + f"{type(err).__name__}: {err}".encode())
+                except OSError:
+                    break
+                continue
             if pid == 0:  # the worker
                 control.close()
                 theirs.close()
@@ -272,7 +329,7 @@ def template(app: Callable[..., Any]) -> None:
                 control.sendall(str(statuses.pop(pid, 0)).encode())
             except OSError:
                 break
-    deadline = time.monotonic() + 10.0
+    deadline = time.monotonic() + WORKER_GRACE_S
     while children and time.monotonic() < deadline:
         time.sleep(0.01)
         reap()
@@ -296,13 +353,17 @@ def serve(app: Callable[..., Any], conn: Connection) -> None:
         try:
             reply = ("ok", app(message=message, context=context), context)
         except Exception as err:  # the ClientApp's failure goes back as the message's error
+            traceback.print_exc()  # the whole traceback into the workers' output
             reply = ("error", f"{type(err).__name__}: {err}", None)
         try:
             conn.send(reply)
-        except (pickle.PicklingError, TypeError) as err:
-            conn.send(("error", f"the worker's reply cannot be sent: {err}", None))
         except OSError:  # the pool closed meanwhile (the run ended or was interrupted)
             break
+        except Exception as err:  # the reply does not pickle: nothing was written, the stream is in step
+            try:
+                conn.send(("error", f"the worker's reply cannot be sent: {type(err).__name__}: {err}", None))
+            except OSError:
+                break
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -151,9 +151,10 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
 
 def pool_size(cfg: FedsimConfig) -> int:
     """Worker processes of `simulation.backend=processes`: as many as Ray would start actors on
-    this machine (CPUs / cpus_per_worker), at most one per worker SuperNode."""
-    per_cpus = int((os.cpu_count() or 1) // cfg.simulation.cpus_per_worker)
-    return max(1, min(cfg.num_workers, per_cpus))
+    this machine (the CPUs this process may run on / cpus_per_worker), at most one per worker
+    SuperNode."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cfg.num_workers, int(cpus // cfg.simulation.cpus_per_worker)))
 
 
 def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
@@ -166,7 +167,10 @@ def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[
     env = _worker_runtime_env()["env_vars"]
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # as Ray sets them for its actors
         env[name] = os.environ.get(name, str(sim.torch_threads))
-    pool = WorkerPool(pool_size(cfg), env)
+    # The workers' output (warnings, a ClientApp's traceback) goes to workers.log in the run
+    # directory, as Ray keeps its workers' output in its session logs, unless the logs are asked for.
+    log = None if sim.log_level in ("DEBUG", "INFO") else run_dir / WORKERS_LOG
+    pool = WorkerPool(pool_size(cfg), env, log)
     try:
         gpus_per_worker(cfg)  # simulation.device=cuda without a GPU: the config error, before any round
         from fedsim.flower_adapter import fast_dispatch, lean_launcher_imports, process_backend
@@ -191,9 +195,14 @@ def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[
             )
     finally:
         pool.close()
+        if log is not None and log.exists() and log.stat().st_size == 0:
+            log.unlink()  # nothing to say
     if cfg.output.report and result:
         _write_report(run_dir)
     return result
+
+
+WORKERS_LOG = "workers.log"
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +40,13 @@ def model_sha(run_dir: Path) -> str:
     return json.loads((run_dir / "summary.json").read_text())["model_sha256"]
 
 
-def test_auto_picks_processes_on_one_machine_and_ray_where_only_ray_serves(tmp_path: Path) -> None:
+def test_auto_picks_processes_on_one_machine_and_ray_where_only_ray_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert from_dict(small(tmp_path)).worker_backend == "processes"
+    assert from_dict(small(tmp_path, device="cuda")).worker_backend == "ray"  # Ray shares GPUs out
+    monkeypatch.setattr("fedsim.config.nvidia_gpus_present", lambda: True)
+    assert from_dict(small(tmp_path)).worker_backend == "ray"  # device=auto on a machine with a GPU
+    assert from_dict(small(tmp_path, device="cpu")).worker_backend == "processes"
+    monkeypatch.undo()
     assert from_dict(small(tmp_path, backend="ray")).worker_backend == "ray"
     assert from_dict(small(tmp_path, ray_address="auto")).worker_backend == "ray"
     active = small(tmp_path)
@@ -138,6 +144,42 @@ def test_a_client_app_error_comes_back_as_text_and_the_worker_serves_on(pool: Wo
     assert len(started(pool, 1)) == 1
 
 
+def test_the_workers_output_goes_to_the_log_file_with_the_whole_traceback(tmp_path: Path) -> None:
+    log = tmp_path / "workers.log"
+    workers = WorkerPool(1, _worker_runtime_env()["env_vars"], log)
+    try:
+        with pytest.raises(WorkerError) as raised:
+            workers.run("not a message", None)
+    finally:
+        workers.close()
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and str(raised.value).split(":")[0] in text
+
+
+def test_closing_the_pool_wakes_a_call_waiting_for_a_reply_and_later_calls_raise(pool: WorkerPool) -> None:
+    [worker] = started(pool, 1)
+    os.kill(worker, signal.SIGSTOP)  # holds the message without answering (killed by the template's grace)
+    outcome: list[BaseException] = []
+    waiting = threading.Thread(target=lambda: _catch(outcome, lambda: pool.run("not a message", None)))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive()
+    pool.close()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive()
+    assert isinstance(outcome[0], WorkerDied) and "closed while worker process" in str(outcome[0])
+    with pytest.raises(WorkerDied, match="the worker pool is closed"):
+        pool.run("not a message", None)
+    assert not _alive(worker)
+
+
+def _catch(into: list[BaseException], call) -> None:
+    try:
+        call()
+    except BaseException as err:  # the test looks at it
+        into.append(err)
+
+
 def test_a_worker_that_dies_holding_a_message_is_replaced_and_the_message_fails(pool: WorkerPool) -> None:
     [first] = started(pool, 1)
     os.kill(first, signal.SIGKILL)
@@ -161,7 +203,7 @@ def test_a_pool_whose_template_died_raises_instead_of_waiting() -> None:
         [template] = templates_below(os.getpid())
         os.kill(template, signal.SIGKILL)  # before or while it imports: no worker can be forked
         for _ in range(3):  # every call, not only the first
-            with pytest.raises(WorkerDied, match=rf"no worker process can start: the worker template process {template} ended"):
+            with pytest.raises(WorkerDied, match=rf"no worker process is left: the worker template process {template} ended"):
                 workers.run("not a message", None)
     finally:
         workers.close()
