@@ -97,6 +97,15 @@ def test_the_same_run_gives_the_same_model_on_ray_and_on_processes(tmp_path: Pat
     assert [r["round"] for r in rows] == [1, 2] and all(r["worker_peak_rss_mb"] > 50 for r in rows)
 
 
+def test_the_workers_carry_the_simulation_mark_so_the_secagg_shortcut_runs_on_processes(tmp_path: Path) -> None:
+    raw = small(tmp_path, backend="processes")
+    raw["secagg"] = {"name": "secaggplus", "simulation_shortcut": True}
+    summary = run(from_dict(raw), tmp_path / "shortcut")  # a worker without SIMULATION_ENV refuses the session
+    assert summary["secagg"]["simulation_shortcut"] is True and summary["devices_failed"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "shortcut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["secagg_survivors_unmask"] for r in rows] == [10, 10]
+
+
 def test_the_launcher_never_imports_ray_on_processes(tmp_path: Path) -> None:
     script = (
         "import json, sys\n"
