@@ -244,8 +244,9 @@ class WorkerPool:
         return f"worker process {worker.pid} ended while it held a message (exit status {code})"
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop every worker and the template. Calls waiting for a reply raise WorkerDied; so does
-        every later call. A worker still busy after the template's grace period is killed."""
+        """Stop every worker and the template; returns once all of them are gone (the template
+        kills a worker still busy after WORKER_GRACE_S and reaps it). Calls waiting for a reply
+        raise WorkerDied; so does every later call."""
         with self._lock:
             self._closed = True
             workers = list(self._all)
@@ -335,6 +336,9 @@ def template(app: Callable[..., Any]) -> None:
         reap()
     for pid in children:
         os.kill(pid, signal.SIGKILL)
+    for pid in children:  # reaped before the template ends: when close() returns, no worker is left
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
     os._exit(0)
 
 
