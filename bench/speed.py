@@ -404,7 +404,6 @@ class TreeMemory:
     def __init__(self, roots: list[int], interval: float = 0.1) -> None:
         self.roots, self.interval = roots, interval
         self.rss_mb = self.pss_mb = 0.0
-        self.processes = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -432,8 +431,7 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             rss = pss = 0
-            pids = self._tree()
-            for pid in pids:
+            for pid in self._tree():
                 try:
                     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                         if line.startswith("Rss:"):
@@ -442,8 +440,7 @@ class TreeMemory:
                             pss += int(line.split()[1])
                 except (OSError, ValueError, IndexError):
                     continue  # ended meanwhile
-            if pss / 1024 > self.pss_mb:
-                self.pss_mb, self.processes = pss / 1024, len(pids)
+            self.pss_mb = max(self.pss_mb, pss / 1024)
             self.rss_mb = max(self.rss_mb, rss / 1024)
 
 

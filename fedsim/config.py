@@ -602,16 +602,23 @@ class FedsimConfig:
 
     @property
     def worker_backend(self) -> str:
-        """Where the simulation engine's workers run: "processes" or "ray" (simulation.backend,
-        auto resolved: Ray for a cluster and for the active threat model's key registry)."""
+        """Where the simulation engine's workers run: "processes" or "ray" (simulation.backend;
+        auto: Ray for a cluster, for GPUs, which Ray shares out, for the active threat model's
+        key registry, and off Linux; processes otherwise)."""
         s = self.simulation
         if s.backend != "auto":
             return s.backend
-        active = self.secagg.name != "none" and self.secagg.threat_model == "active"
         # GPUs: Ray shares them among the workers (fractional GPUs, one device each); worker
         # processes would all take the first one.
         gpus = s.device == "cuda" or (s.device == "auto" and nvidia_gpus_present())
-        return "ray" if s.ray_address or active or gpus or not sys.platform.startswith("linux") else "processes"
+        ray = s.ray_address or self.needs_key_registry or gpus or not sys.platform.startswith("linux")
+        return "ray" if ray else "processes"
+
+    @property
+    def needs_key_registry(self) -> bool:
+        """SecAgg+ in the active threat model: its devices read each other's keys from a PKI
+        (fedsim.pki), a Ray actor in the simulator, never from the server's messages."""
+        return self.secagg.name != "none" and self.secagg.threat_model == "active"
 
     @property
     def num_workers(self) -> int:
@@ -792,7 +799,7 @@ def validate(cfg: FedsimConfig) -> None:
         raise ConfigError("simulation.backend", f"processes needs Linux (fork, file descriptors over Unix sockets); on {sys.platform} use ray or auto")
     if s.backend == "processes" and s.ray_address:
         raise ConfigError("simulation.backend", "processes runs the workers on this machine; with simulation.ray_address use ray or auto")
-    if s.backend == "processes" and cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
+    if s.backend == "processes" and cfg.needs_key_registry:
         raise ConfigError("simulation.backend", "processes has no key registry for secagg.threat_model=active "
                           "(a Ray actor, fedsim.pki); allowed with it: ray, auto")  # fmt: skip
     if s.layout == "classic" and cfg.population > 100_000:
@@ -895,7 +902,7 @@ def validate(cfg: FedsimConfig) -> None:
     check_fields(sa, "secagg")
     if sa.modulus_bits is not None and not sa.bits <= sa.modulus_bits <= 64:
         raise ConfigError("secagg.modulus_bits", f"must be in {sa.bits}..64 (secagg.bits..64), got {sa.modulus_bits}")
-    if sa.name != "none" and sa.threat_model == "active" and cfg.engine == "deployment":
+    if cfg.needs_key_registry and cfg.engine == "deployment":
         # The active model needs a key registry the SuperNodes reach without the server (fedsim.pki);
         # a deployment has none, and keys the server could relay or derive would void the check.
         raise ConfigError(
@@ -925,8 +932,8 @@ def validate_output(out: OutputConfig) -> None:
 
 BROKEN_ENV = "FEDSIM_ALLOW_BROKEN"  # audit.break_mechanism is refused unless this is 1
 #: Set to "1" in the environment of the simulation engine's worker processes by fedsim's launcher
-#: (fedsim.run: the environment Ray's raylet starts with, or an attached cluster's job
-#: runtime_env), never by the server's messages: a worker accepts secagg.simulation_shortcut (it
+#: (fedsim.run: the worker template's environment, the environment Ray's raylet starts with, or
+#: an attached cluster's job runtime_env), never by the server's messages: a worker accepts secagg.simulation_shortcut (it
 #: then sends its devices' inputs as one unmasked sum) only where it is set (fedsim.secure_rounds).
 SIMULATION_ENV = "FEDSIM_SIMULATION_ENGINE"
 

@@ -266,9 +266,10 @@ class WorkerPool:
 
 def template(app: Callable[..., Any]) -> None:
     """The template process, once it imported `app` (fedsim's ClientApp, with torch and Flower):
-    fork a worker (`serve`) per request on the control socket, reap the workers that end and tell their exit status when asked; when
-    the launcher goes away, give the workers WORKER_GRACE_S to end (they end when their sockets
-    close), kill what is left, and end."""
+    fork a worker (`serve`) per request on the control socket, reap the workers that end and
+    tell their exit status when asked; when the launcher goes away, give the workers
+    WORKER_GRACE_S to end (they end when their sockets close), kill and reap what is left, and
+    end."""
     control = socket.socket(fileno=int(os.environ.pop(FD_ENV)))
     statuses: dict[int, int] = {}
     children: set[int] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import queue
@@ -89,11 +90,56 @@ def run(cfg: FedsimConfig, run_dir: str | Path, *, overrides: Iterable[str] | No
 
 
 def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
-    sim = cfg.simulation
-    _quiet(sim.log_level)
-    if cfg.worker_backend == "processes":
-        return _simulate_on_processes(cfg, run_dir, resume_state)
+    _quiet(cfg.simulation.log_level)
     result: dict[str, Any] = {}
+    if cfg.worker_backend == "processes":
+        _simulate_on_processes(cfg, run_dir, resume_state, result)
+    else:
+        _simulate_on_ray(cfg, run_dir, resume_state, result)
+    if cfg.output.report and result:
+        _write_report(run_dir)
+    return result
+
+
+def _prepared(cfg: FedsimConfig, resume_state: dict[str, Any] | None) -> Any:
+    """`server_app.prepare` (the data and model checked, the privacy calibrated), then the
+    engine's imports, with Flower's launcher imported without SQLAlchemy, Alembic, FastAPI's
+    application layer and pydantic (45 MB and 0.7 s of imports: bench/startup.py --phases)."""
+    from fedsim.flower_adapter import lean_launcher_imports
+
+    with lean_launcher_imports() as lean:
+        if not lean:
+            logging.getLogger(__name__).debug("Flower's SQL state or error package was imported before: they stay loaded")
+        from fedsim.server_app import prepare
+
+        setup = prepare(cfg, resume=resume_state)
+
+        for module in ("fedsim.client_app", "flwr.simulation"):  # heavy imports only once the inputs are known good
+            importlib.import_module(module)
+    _quiet(cfg.simulation.log_level)  # importing flwr (and opacus) resets its logger's level
+    return setup
+
+
+def _run_engine(cfg: FedsimConfig, run_dir: Path, result: dict[str, Any], setup: Any, backend_config: dict[str, Any]) -> None:
+    """Flower's simulation engine on fedsim's ServerApp and ClientApp (the backend set up by the caller)."""
+    from flwr.simulation import run_simulation
+
+    from fedsim.client_app import app as client_app
+    from fedsim.flower_adapter import fast_dispatch
+    from fedsim.server_app import make_server_app
+
+    with fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, result, setup),
+            client_app=client_app,
+            num_supernodes=cfg.num_workers,
+            backend_config=backend_config,
+            verbose_logging=cfg.simulation.log_level == "DEBUG",
+        )
+
+
+def _simulate_on_ray(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None, result: dict[str, Any]) -> None:
+    sim = cfg.simulation
     init_args: dict[str, Any] = {
         "log_to_driver": sim.log_level in ("DEBUG", "INFO"),
         "include_dashboard": False,
@@ -111,42 +157,17 @@ def _simulate(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | N
         # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
         every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= (os.cpu_count() or 1)
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
-            from fedsim.flower_adapter import fast_dispatch, lean_launcher_imports, replace_dead_actors
-
-            # Flower's launcher without SQLAlchemy, Alembic, FastAPI's application layer and
-            # pydantic (45 MB and 0.7 s of imports: bench/startup.py --phases).
-            with lean_launcher_imports() as lean:
-                if not lean:
-                    logging.getLogger(__name__).debug("Flower's SQL state or error package was imported before: they stay loaded")
-                from fedsim.server_app import prepare
-
-                setup = prepare(cfg, resume=resume_state)
-
-                from fedsim.client_app import app as client_app
-
-                from flwr.simulation import run_simulation  # heavy imports only once the inputs are known good
-                from fedsim.server_app import make_server_app
-
-            _quiet(sim.log_level)  # importing flwr (and opacus) resets its logger's level
+            setup = _prepared(cfg, resume_state)
         _quiet(sim.log_level)  # again: Ray's start (on the other thread) sets its logger's level
         if sim.ray_address:
             cfg.simulation.num_workers = _attach_ray(sim.ray_address, sim.num_workers, sim.cpus_per_worker)
-        with fast_dispatch(cfg.num_workers), replace_dead_actors(), _stop_on_ctrl_c():
-            if cfg.secagg.name != "none" and cfg.secagg.threat_model == "active":
+        from fedsim.flower_adapter import replace_dead_actors
+
+        with replace_dead_actors():
+            if cfg.needs_key_registry:
                 _start_key_registry()
-            run_simulation(
-                server_app=make_server_app(cfg, run_dir, result, setup),
-                client_app=client_app,
-                num_supernodes=cfg.num_workers,
-                backend_config={
-                    "client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": gpus_per_worker(cfg)},
-                    "init_args": init_args,
-                },
-                verbose_logging=sim.log_level == "DEBUG",
-            )
-    if cfg.output.report and result:
-        _write_report(run_dir)
-    return result
+            backend = {"client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": gpus_per_worker(cfg)}, "init_args": init_args}
+            _run_engine(cfg, run_dir, result, setup, backend)
 
 
 def pool_size(cfg: FedsimConfig) -> int:
@@ -157,13 +178,12 @@ def pool_size(cfg: FedsimConfig) -> int:
     return max(1, min(cfg.num_workers, int(cpus // cfg.simulation.cpus_per_worker)))
 
 
-def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None) -> dict[str, Any]:
-    """`_simulate` on fedsim's own worker processes (`simulation.backend=processes`,
+def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None, result: dict[str, Any]) -> None:
+    """The run on fedsim's own worker processes (`simulation.backend=processes`,
     `fedsim.local_workers`): started first, so that their imports overlap this process's."""
     from fedsim.local_workers import WorkerPool
 
     sim = cfg.simulation
-    result: dict[str, Any] = {}
     env = _worker_runtime_env()["env_vars"]
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # as Ray sets them for its actors
         env[name] = os.environ.get(name, str(sim.torch_threads))
@@ -173,33 +193,15 @@ def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[
     pool = WorkerPool(pool_size(cfg), env, log)
     try:
         gpus_per_worker(cfg)  # simulation.device=cuda without a GPU: the config error, before any round
-        from fedsim.flower_adapter import fast_dispatch, lean_launcher_imports, process_backend
+        setup = _prepared(cfg, resume_state)
+        from fedsim.flower_adapter import process_backend
 
-        with lean_launcher_imports():
-            from fedsim.server_app import prepare
-
-            setup = prepare(cfg, resume=resume_state)
-
-            from fedsim.client_app import app as client_app
-
-            from flwr.simulation import run_simulation
-            from fedsim.server_app import make_server_app
-        _quiet(sim.log_level)
-        with process_backend(pool), fast_dispatch(cfg.num_workers), _stop_on_ctrl_c():
-            run_simulation(
-                server_app=make_server_app(cfg, run_dir, result, setup),
-                client_app=client_app,
-                num_supernodes=cfg.num_workers,
-                backend_config={"client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0}},
-                verbose_logging=sim.log_level == "DEBUG",
-            )
+        with process_backend(pool):
+            _run_engine(cfg, run_dir, result, setup, {"client_resources": {"num_cpus": sim.cpus_per_worker, "num_gpus": 0.0}})
     finally:
         pool.close()
         if log is not None and log.exists() and log.stat().st_size == 0:
             log.unlink()  # nothing to say
-    if cfg.output.report and result:
-        _write_report(run_dir)
-    return result
 
 
 WORKERS_LOG = "workers.log"
