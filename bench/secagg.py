@@ -28,6 +28,7 @@ whose key registry is a Ray actor: auto runs that setup on Ray.
     python bench/secagg.py                       # cohorts 100 and 1000, fedsim 8 rounds, Flower 4 rounds
     python bench/secagg.py --rounds 6 --skip-flower --cohorts 100
     python bench/secagg.py --skip-flower --only plain,shortcut      # some fedsim setups only
+    python bench/secagg.py --skip-flower --fedsim-override simulation.backend=ray  # fedsim's workers on Ray
     python bench/secagg.py --protocol                # the protocol's own CPU per device, no training
 Flower runs at cohort 100 only (one SuperNode per device).
 
@@ -350,6 +351,8 @@ def main() -> None:
     ap.add_argument("--cohorts", default="100,1000", help="comma-separated fedsim cohort sizes")
     ap.add_argument("--only", default="", help="comma-separated words: run the fedsim setups whose name has one "
                     "(e.g. 'plain,shortcut'; the plain row is the ratios' base)")
+    ap.add_argument("--fedsim-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for every fedsim run (repeatable), e.g. simulation.backend=ray")  # fmt: skip
     ap.add_argument("--protocol", action="store_true", help="only the protocol's own CPU per device (docstring, 3.)")
     args = ap.parse_args()
     if args.protocol:
@@ -364,7 +367,7 @@ def main() -> None:
                 if args.only and not any(word in setup for word in args.only.split(",")):
                     continue
                 print(f"running {setup} at cohort {cohort} ...", flush=True)
-                rows.append(run_fedsim(setup, overrides, args.rounds, Path(tmp), cohort))
+                rows.append(run_fedsim(setup, [*overrides, *args.fedsim_override], args.rounds, Path(tmp), cohort))
     if not args.skip_flower:
         for setup, mode in [("Flower plain", "plain"), ("Flower SecAgg+", "secaggplus")]:
             print(f"running {setup} ...", flush=True)
