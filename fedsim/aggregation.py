@@ -28,8 +28,12 @@ Row = tuple[np.ndarray, float]  # a device's update (float32) and its weight: th
 
 
 def leaf(update: np.ndarray, weight: float, out: np.ndarray | None = None) -> np.ndarray:
-    """One device's w_i u_i in float64 (into `out` if given, else a fresh array)."""
-    return np.multiply(np.asarray(update, dtype=np.float64), weight, out=out)
+    """One device's w_i u_i in float64 (into `out` if given, else a fresh array).
+
+    The ufunc widens u to float64 as it multiplies (exactly, then one rounding: the same bits as
+    widening first), with no float64 copy of u beside the result: that copy made a leaf 6 ms
+    instead of 0.5 ms for an 858k-parameter update (fresh pages for two 6.9 MB arrays)."""
+    return np.multiply(np.asarray(update), weight, out=out, dtype=np.float64)
 
 
 def tree_nodes(lo: int, hi: int, n: int) -> list[Node]:

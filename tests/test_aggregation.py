@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedsim import strategies
-from fedsim.aggregation import RunningSum
+from fedsim.aggregation import RunningSum, leaf
+from fedsim.reports import FINITE_CHUNK, all_finite
 from fedsim.config import AlgorithmConfig, FedsimConfig
 
 
@@ -131,3 +133,27 @@ def test_unknown_strategy_names_the_key_and_the_allowed_names() -> None:
 
     with pytest.raises(ConfigError, match=r"algorithm.name.*'fedsgd'.*fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"):
         validate(FedsimConfig(algorithm=AlgorithmConfig(name="fedsgd")))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_a_leaf_is_the_update_widened_then_weighted_bit_for_bit(dtype) -> None:
+    """leaf() widens inside the multiply; the tree's bits rest on it equalling widen-then-multiply."""
+    rng = np.random.default_rng(1)
+    update = (rng.standard_normal(5000) * 10.0 ** rng.integers(-4, 4, 5000)).astype(dtype)
+    for weight in (1.0, 37.0, 0.1, 1 / 3):
+        expected = update.astype(np.float64) * weight
+        assert np.array_equal(leaf(update, weight).view(np.int64), expected.view(np.int64))
+        out = np.empty(5000)
+        assert leaf(update, weight, out=out) is out and np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("where", [0, FINITE_CHUNK - 1, FINITE_CHUNK, 2 * FINITE_CHUNK + 7])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_value_in_any_chunk(where: int, bad: float) -> None:
+    values = np.ones(2 * FINITE_CHUNK + 8, dtype=np.float32)
+    assert all_finite(values) and all_finite(values.astype(np.float64)) and all_finite(values.reshape(-1, 8))
+    values[where] = bad
+    assert not all_finite(values) and not all_finite(values.astype(np.float64)) and not all_finite(values.reshape(-1, 8))
+    # Finite float32 values whose float32 sum would overflow are still finite.
+    assert all_finite(np.full(10, np.finfo(np.float32).max, dtype=np.float32))
+    assert all_finite(np.zeros(0, dtype=np.float32))
