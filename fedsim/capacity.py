@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsim.config import FedsimConfig, SyntheticConfig
+from fedsim.config import FedsimConfig, SyntheticConfig, usable_cpus
 from fedsim.errors import ConfigError
 
 # recipe_version 1 at 10^6 devices: 8.7 B/device kept, 24.7 B/device peak while drawing
@@ -113,10 +113,10 @@ def machine_memory() -> int:
 
 
 def local_workers(cfg: FedsimConfig) -> int:
-    """Worker processes on this machine: Ray runs floor(CPUs / cpus_per_worker) actors at most."""
+    """Worker processes on this machine: floor(usable CPUs / cpus_per_worker) at most (Ray's actors, or fedsim's processes)."""
     if cfg.engine == "deployment" or cfg.simulation.ray_address:
         return 0  # elsewhere
-    slots = max(1, math.floor((os.cpu_count() or 1) / cfg.simulation.cpus_per_worker))
+    slots = max(1, math.floor(usable_cpus() / cfg.simulation.cpus_per_worker))
     return min(cfg.num_workers, slots)
 
 

@@ -625,7 +625,7 @@ class FedsimConfig:
         """Worker SuperNodes of this run (classic layout: one per device)."""
         if self.simulation.layout == "classic":
             return self.population
-        return self.simulation.num_workers or (os.cpu_count() or 1)
+        return self.simulation.num_workers or usable_cpus()
 
 
 def nvidia_gpus_present() -> bool:
@@ -637,6 +637,46 @@ def nvidia_gpus_present() -> bool:
         return any(Path("/proc/driver/nvidia/gpus").iterdir())
     except OSError:
         return False
+
+
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """The CPUs this process can keep busy: those it may run on (its affinity), fewer under a CPU
+    quota (a container started with `--cpus=2` on a 64-core host: 2). The quota is cgroup v2's
+    `cpu.max` ("200000 100000": 2 CPUs) of this process's cgroup and each of its parents, or
+    cgroup v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`; the smallest wins, rounded up. Ray
+    counts a container's CPUs alike. Unreadable files count as no quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quotas: list[float] = []
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        if hierarchy == "":  # cgroup v2: "0::/path"
+            folders = [cgroup_root.joinpath(*Path(path).parts[1:k]) for k in range(len(Path(path).parts), 0, -1)]
+            for folder in folders:
+                quotas += _quota(folder / "cpu.max", None)
+        elif "cpu" in hierarchy.split(","):  # cgroup v1, mounted at cpu or cpu,cpuacct
+            for mount in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"):
+                quotas += _quota(mount / "cpu.cfs_quota_us", mount / "cpu.cfs_period_us")
+    if quotas:
+        cpus = min(cpus, max(1, math.ceil(min(quotas) - 1e-9)))
+    return max(1, cpus)
+
+
+def _quota(first: Path, period_file: Path | None) -> list[float]:
+    """[quota / period in CPUs] from cgroup v2's cpu.max (period_file None) or v1's two files; [] for no quota."""
+    try:
+        if period_file is None:
+            quota, _, period = first.read_text().strip().partition(" ")
+        else:
+            quota, period = first.read_text().strip(), period_file.read_text().strip()
+        if quota in ("max", "-1") or not period:
+            return []
+        return [int(quota) / int(period)] if int(quota) > 0 and int(period) > 0 else []
+    except (OSError, ValueError):
+        return []
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -785,9 +825,9 @@ def validate(cfg: FedsimConfig) -> None:
 
     s = cfg.simulation
     check_fields(s, "simulation")
-    ncpu = os.cpu_count() or 1
+    ncpu = usable_cpus()
     if s.cpus_per_worker > ncpu and not s.ray_address:
-        raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs of this machine")
+        raise ConfigError("simulation.cpus_per_worker", f"{s.cpus_per_worker} exceeds the {ncpu} CPUs this process can use")
     if cfg.engine == "deployment":
         if not cfg.superlink:
             raise ConfigError("superlink", "engine=deployment needs the SuperLink: superlink=HOST:PORT (or a connection name)")

@@ -51,6 +51,7 @@ FD_ENV = "FEDSIM_WORKER_FD"  # the template's end of its control socket, by numb
 _FORK, _STATUS = b"F", b"S"  # the template's two requests: fork a worker; a dead worker's exit status
 _ERROR = b"E"  # the template's reply when it cannot fork
 WORKER_GRACE_S = 5.0  # once the launcher is gone, the template kills the workers still running after this
+TEMPLATE_RESTARTS = 3  # a pool starts a new template this many times at most when its template died
 
 
 class WorkerDied(RuntimeError):
@@ -125,8 +126,8 @@ class _Template:
 
 
 class _Worker:
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid, self.sock = pid, sock
+    def __init__(self, template: _Template, pid: int, sock: socket.socket) -> None:
+        self.template, self.pid, self.sock = template, pid, sock  # the template that forked it knows its exit status
         self.conn = Connection(os.dup(sock.fileno()))
 
     def hang_up(self) -> None:
@@ -149,15 +150,19 @@ class WorkerPool:
 
     `run` may be called from several threads at once (Flower's engine calls it from one thread
     per worker): each call takes an idle worker, waiting for one if none is. A worker that dies
-    is replaced; once no worker is left and none can be started (the template died, say) or the
-    pool is closed, every call raises WorkerDied instead of waiting. `log`: a file for the
-    workers' output (None: this process's stdout and stderr)."""
+    is replaced. A template that died (the OOM killer) is replaced when a worker is next needed,
+    up to TEMPLATE_RESTARTS times; the workers it forked serve on. Once no worker is left and
+    none can be started, or the pool is closed, every call raises WorkerDied instead of waiting.
+    `log`: a file for the workers' output (None: this process's stdout and stderr)."""
 
     def __init__(self, num_workers: int, env: Mapping[str, str], log: Path | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {num_workers}")
         self.num_workers = num_workers
+        self._env, self._log = dict(env), log
         self._template = _Template(env, log)
+        self._templates = [self._template]  # every template started (the dead ones are closed with the pool)
+        self._template_lock = threading.Lock()
         self._idle: queue.SimpleQueue[_Worker | None] = queue.SimpleQueue()  # None: no worker will come
         self._lock = threading.Lock()
         self._all: list[_Worker] = []
@@ -175,7 +180,7 @@ class WorkerPool:
     def _add(self) -> bool:
         """Fork one more worker into the idle queue; False (and the pool may be broken) if none can be."""
         try:
-            worker = _Worker(*self._template.fork())
+            worker = self._fork()
         except Exception as err:  # WorkerDied, or the template's reply was unusable
             self._cannot_start(str(err))
             return False
@@ -187,6 +192,27 @@ class WorkerPool:
         worker.hang_up()  # forked while the pool closed
         worker.close()
         return False
+
+    def _fork(self) -> _Worker:
+        """A worker from the template; from a new template if this one died (while restarts are left)."""
+        while True:
+            template = self._template
+            try:
+                return _Worker(template, *template.fork())
+            except WorkerDied:
+                try:  # its socket's end may come a moment before its exit status
+                    template.proc.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    raise  # the template lives and could not fork: no new template would do better
+            with self._template_lock:
+                if self._template is template:  # the first thread to find it dead starts the next one
+                    if self._closed:
+                        raise WorkerDied("the worker pool is closed")
+                    if len(self._templates) > TEMPLATE_RESTARTS:
+                        raise WorkerDied(f"the worker template process {template.proc.pid} ended (exit status {template.proc.poll()}), "
+                                         f"the last of the {len(self._templates)} templates this pool may start")  # fmt: skip
+                    self._template = _Template(self._env, self._log)
+                    self._templates.append(self._template)
 
     def _cannot_start(self, why: str) -> None:
         with self._lock:
@@ -239,7 +265,7 @@ class WorkerPool:
                 os.kill(worker.pid, signal.SIGKILL)
         if closed:
             return f"the worker pool was closed while worker process {worker.pid} held a message"
-        code = self._template.exit_status(worker.pid)
+        code = worker.template.exit_status(worker.pid)
         self._add()
         return f"worker process {worker.pid} ended while it held a message (exit status {code})"
 
@@ -260,7 +286,10 @@ class WorkerPool:
             if idle is not None:
                 idle.close()
         self._idle.put(None)
-        self._template.close(timeout)
+        with self._template_lock:
+            templates = list(self._templates)
+        for template in templates:
+            template.close(timeout)
         self._starter.join()
 
 

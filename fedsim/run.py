@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsim.capacity import check_fits
-from fedsim.config import CALIBRATED_KEYS, SIMULATION_ENV, FedsimConfig, resolve_paths
+from fedsim.config import CALIBRATED_KEYS, SIMULATION_ENV, FedsimConfig, resolve_paths, usable_cpus
 from fedsim.errors import ConfigError, DataError
 from fedsim.runlog import locked
 from fedsim.trackers import check_installed
@@ -155,7 +155,7 @@ def _simulate_on_ray(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, A
         # before any round, once Ray's start is done and undone (a data error: 7 s, was 2.5 s).
         # An existing cluster is attached to afterwards.
         # Preload only where every process the raylet starts (one per CPU) becomes a busy worker.
-        every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= (os.cpu_count() or 1)
+        every_cpu = sim.cpus_per_worker == 1 and cfg.num_workers >= usable_cpus()
         with _ray_starting(None if sim.ray_address else init_args, preload=every_cpu):
             setup = _prepared(cfg, resume_state)
         _quiet(sim.log_level)  # again: Ray's start (on the other thread) sets its logger's level
@@ -172,10 +172,9 @@ def _simulate_on_ray(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, A
 
 def pool_size(cfg: FedsimConfig) -> int:
     """Worker processes of `simulation.backend=processes`: as many as Ray would start actors on
-    this machine (the CPUs this process may run on / cpus_per_worker), at most one per worker
-    SuperNode."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cfg.num_workers, int(cpus // cfg.simulation.cpus_per_worker)))
+    this machine (`usable_cpus()`: the CPUs this process may run on, fewer under a cgroup CPU
+    quota, / cpus_per_worker), at most one per worker SuperNode."""
+    return max(1, min(cfg.num_workers, int(usable_cpus() // cfg.simulation.cpus_per_worker)))
 
 
 def _simulate_on_processes(cfg: FedsimConfig, run_dir: Path, resume_state: dict[str, Any] | None, result: dict[str, Any]) -> None:
@@ -408,8 +407,7 @@ def _start_ray(init_args: dict[str, Any], env: dict[str, str], *, preload: bool 
     start, 0.8 s of round 1 here). With `preload` those processes import fedsim's ClientApp
     (torch, Flower) as they start, during Ray's start (Ray's `preload_python_modules`): only
     where each of them becomes a busy worker (one CPU per worker, at least as many workers as
-    CPUs: os.cpu_count(), which in a container limited to fewer CPUs than the host's only forgoes
-    the preload); on 64 cores and 8 workers, 56 idle processes would each hold torch.
+    CPUs: `usable_cpus()`); on 64 cores and 8 workers, 56 idle processes would each hold torch.
     Where ray.init would connect to a running cluster instead (`_existing_cluster`), its workers
     get the environment as the job's runtime_env (and it takes no `_system_config`)."""
     import ray

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fedsim.config import ConfigError, from_dict
+from fedsim.config import ConfigError, from_dict, usable_cpus
+from fedsim import local_workers
 from fedsim.local_workers import WorkerDied, WorkerError, WorkerPool
 from fedsim.run import _worker_runtime_env, pool_size, run
 from helpers import descendants
@@ -80,12 +81,38 @@ def test_the_command_refuses_a_bad_backend_with_one_line_and_status_2(tmp_path: 
 
 
 def test_pool_size_is_what_ray_would_start_at_most_one_per_worker(tmp_path: Path) -> None:
-    cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on, as Ray counts them
+    cpus = usable_cpus()  # the CPUs this process may run on, fewer under a cgroup quota (as Ray counts them)
     assert pool_size(from_dict(small(tmp_path, num_workers=1))) == 1
     assert pool_size(from_dict(small(tmp_path, num_workers=64))) == cpus
     classic = small(tmp_path)
     classic["simulation"] = {"layout": "classic"}
     assert pool_size(from_dict(classic)) == cpus  # one SuperNode per device, not one process each
+
+
+def _cgroup(tmp: Path, lines: str, files: dict[str, str]) -> int:
+    tmp.mkdir()
+    (tmp / "self").write_text(lines)
+    for name, text in files.items():
+        (tmp / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "fs" / name).write_text(text)
+    return usable_cpus(tmp / "fs", tmp / "self")
+
+
+def test_usable_cpus_counts_a_containers_cpu_quota(tmp_path: Path) -> None:
+    mine = len(os.sched_getaffinity(0))
+    assert _cgroup(tmp_path / "none", "0::/\n", {}) == mine  # no cpu.max: the affinity alone
+    assert _cgroup(tmp_path / "max", "0::/\n", {"cpu.max": "max 100000\n"}) == mine
+    # docker --cpus=1.5: 2 processes keep it busy (Ray rounds up alike); never more than the affinity
+    assert _cgroup(tmp_path / "v2", "0::/\n", {"cpu.max": "150000 100000\n"}) == min(mine, 2)
+    assert _cgroup(tmp_path / "tiny", "0::/\n", {"cpu.max": "10000 100000\n"}) == 1
+    # a systemd slice: the tightest quota among the process's cgroup and its parents
+    nested = {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n", "a/b/c/cpu.max": "800000 100000\n"}
+    assert _cgroup(tmp_path / "nested", "0::/a/b/c\n", nested) == 1
+    v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
+    assert _cgroup(tmp_path / "v1", "4:memory:/x\n3:cpu,cpuacct:/\n", v1) == 1
+    assert _cgroup(tmp_path / "v1none", "3:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}) == mine
+    assert _cgroup(tmp_path / "junk", "0::/\n", {"cpu.max": "what\n"}) == mine  # unreadable: no quota
+    assert usable_cpus(tmp_path / "absent", tmp_path / "absent" / "self") == mine
 
 
 def test_the_same_run_gives_the_same_model_on_ray_and_on_processes(tmp_path: Path) -> None:
@@ -206,16 +233,81 @@ def test_workers_are_forked_from_one_template_process(pool: WorkerPool) -> None:
     assert parent(worker) == template
 
 
-def test_a_pool_whose_template_died_raises_instead_of_waiting() -> None:
+def test_a_pool_whose_templates_all_die_raises_instead_of_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local_workers, "TEMPLATE_COMMAND", "import sys; sys.exit(3)")  # every template dies at once
     workers = WorkerPool(2, _worker_runtime_env()["env_vars"])
     try:
-        [template] = templates_below(os.getpid())
-        os.kill(template, signal.SIGKILL)  # before or while it imports: no worker can be forked
         for _ in range(3):  # every call, not only the first
-            with pytest.raises(WorkerDied, match=rf"no worker process is left: the worker template process {template} ended"):
+            with pytest.raises(WorkerDied, match=r"no worker process is left: the worker template process \d+ ended "
+                                                 rf"\(exit status 3\), the last of the {local_workers.TEMPLATE_RESTARTS + 1} templates"):  # fmt: skip
                 workers.run("not a message", None)
     finally:
         workers.close()
+    assert templates_below(os.getpid()) == []
+
+
+def test_a_template_killed_before_it_forked_is_replaced_and_the_workers_start() -> None:
+    workers = WorkerPool(2, _worker_runtime_env()["env_vars"])
+    try:
+        [first] = templates_below(os.getpid())
+        os.kill(first, signal.SIGKILL)  # before or while it imports: it forks no worker
+        with pytest.raises(WorkerError):  # a worker of the next template answers
+            workers.run("not a message", None)
+        [second] = templates_below(os.getpid())
+        assert second != first and {parent(w) for w in started(workers, 2)} == {second}
+    finally:
+        workers.close()
+
+
+def test_workers_serve_on_when_their_template_dies_and_a_new_one_replaces_the_lost(pool: WorkerPool) -> None:
+    [worker] = started(pool, 1)
+    [first] = templates_below(os.getpid())
+    os.kill(first, signal.SIGKILL)  # the OOM killer's choice, say
+    with pytest.raises(WorkerError):  # the orphaned worker still answers
+        pool.run("not a message", None)
+    assert pool.pids() == [worker]
+    os.kill(worker, signal.SIGKILL)
+    with pytest.raises(WorkerDied, match=rf"worker process {worker} ended while it held a message \(exit status None\)"):
+        pool.run("not a message", None)  # its template is gone: nobody can tell its exit status
+    [replacement] = pool.pids()
+    [second] = templates_below(os.getpid())
+    assert second != first and parent(replacement) == second
+    with pytest.raises(WorkerError):
+        pool.run("not a message", None)
+
+
+ECHO_TEMPLATE = (  # a template whose workers answer each message with itself, a little later
+    "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); from fedsim.local_workers import template; "
+    "template(lambda message, context: (time.sleep(0.005), message)[1])"
+)
+
+
+def test_many_threads_calling_at_once_each_get_their_own_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's engine calls run() from one thread per worker SuperNode: more threads than workers
+    queue for an idle one, and each gets the reply to its own message."""
+    monkeypatch.setattr(local_workers, "TEMPLATE_COMMAND", ECHO_TEMPLATE)
+    workers = WorkerPool(2, _worker_runtime_env()["env_vars"])
+    replies: dict[str, object] = {}
+    contexts: list[object] = []
+
+    def call(i: int) -> None:
+        for j in range(20):
+            reply, context = workers.run(f"message {i}-{j}", {"caller": i})
+            replies[f"message {i}-{j}"] = reply
+            contexts.append(context == {"caller": i})
+
+    try:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
+        assert len(started(workers, 2)) == 2
+    finally:
+        workers.close()
+    assert len(replies) == 160 and all(reply == message for message, reply in replies.items())
+    assert len(contexts) == 160 and all(contexts)
 
 
 def test_closing_the_pool_ends_every_worker_process_and_the_template() -> None:
