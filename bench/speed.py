@@ -33,6 +33,11 @@ workers are forked from one template and share its pages), PSS divides it among 
 total is what the runner takes from the machine, and "PSS/pfl" compares it with pfl's on the
 same cores.
 
+`--repeat N` runs each workload's runners N times in turn (fedsim w=2, w=1, pfl, pfl x2, floor,
+then again), so that a slower minute of a shared machine falls on every runner alike; each row
+is the repeat with the median seconds per round, and every repeat's value is printed under
+the table (one run gave the CNN's one-worker round 0.90x the floor and the next 1.10x).
+
 Steady-state seconds per round = median of the round times of rounds 3..N-1: the first two
 rounds warm up (worker processes start, lazy imports, first allocations), and fedsim's last round
 also runs its final central evaluation (fedsim always evaluates after the last round), which
@@ -299,6 +304,7 @@ class Row:
     pss_vs_pfl: float | None = None  # tree PSS against pfl's with the same cores
     round_times: list[float] = field(default_factory=list)
     error: str = ""
+    repeats: list[float | None] = field(default_factory=list)  # --repeat: s/round of each repeat, in order
 
 
 # ----------------------------------------------------------------------------- fedsim runs
@@ -789,6 +795,15 @@ def measure(
     return row
 
 
+def median_repeat(runs: list[Row]) -> Row:
+    """The repeat with the median s/round (the lower middle one for an even count; a failed
+    repeat counts as slowest), with every repeat's s/round in `repeats`."""
+    ordered = sorted(runs, key=lambda r: (r.s_per_round is None, r.s_per_round or 0.0))
+    row = ordered[(len(ordered) - 1) // 2]
+    row.repeats = [r.s_per_round for r in runs]
+    return row
+
+
 def add_ratios(rows: list[Row]) -> None:
     """fedsim rows: / pfl with as many processes as fedsim has workers, / the floor (same variant)."""
     index = {(r.workload, r.variant, r.runner): r for r in rows}
@@ -838,6 +853,10 @@ def print_table(rows: list[Row], rounds: int, device: str) -> None:
             f"{num(r.tree_rss_mb, '.0f'):>8} | {num(r.tree_pss_mb, '.0f'):>8} | {num(r.pss_vs_pfl, '.2f'):>7} | "
             f"{num(r.final_test_accuracy, '.3f'):>5} | {num(r.vs_pfl, '.2f'):>6} | {num(r.vs_floor, '.2f'):>6}"
         )
+    if any(len(r.repeats) > 1 for r in rows):
+        print("\ns/round of each repeat (the row is the median one):")
+        for r in rows:
+            print(f"  {r.workload} {r.variant} {r.runner}: " + ", ".join(num(v, ".4f") for v in r.repeats))
 
 
 def main() -> None:
@@ -845,6 +864,9 @@ def main() -> None:
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     ap.add_argument("--runners", nargs="+", choices=list(RUNNERS), default=list(RUNNERS))
     ap.add_argument("--rounds", type=int, default=12, help="rounds per run (>= 4; default 12)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run each workload's runners N times in turn (fedsim, pfl, floor, fedsim, ...); a row is the "
+                         "repeat with the median s/round (default 1)")  # fmt: skip
     ap.add_argument("--fedsim-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every fedsim run (repeatable; pfl and the floor do not see it), "
                          "e.g. simulation.vectorize=on")  # fmt: skip
@@ -875,23 +897,31 @@ def main() -> None:
         print(f"pfl is not importable ({reason}); skipping its rows (install: see bench/speed.py's docstring)")
         runners = [r for r in runners if r.kind != "pfl"]
 
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fedsim-speed-") as tmp:
         for workload, variant in plan:
-            for runner in runners:
-                if runner.kind == "pfl" and variant == "sample":
-                    continue  # pfl 0.6.0 has no per-example DP-SGD
-                t = time.perf_counter()
-                row = measure(runner, workload, variant, args.rounds, Path(tmp), args.fedsim_override, args.timeout)
-                rows.append(row)
-                result = f"failed: {row.error}" if row.error else f"{row.s_per_round:.4f} s/round"
-                print(f"{workload.name} {variant} {runner.label}: {result} ({time.perf_counter() - t:.0f} s)", flush=True)
+            tries: dict[str, list[Row]] = {}
+            for repeat in range(args.repeat):
+                for runner in runners:
+                    if runner.kind == "pfl" and variant == "sample":
+                        continue  # pfl 0.6.0 has no per-example DP-SGD
+                    t = time.perf_counter()
+                    work = Path(tmp) / f"repeat{repeat}"
+                    work.mkdir(exist_ok=True)
+                    row = measure(runner, workload, variant, args.rounds, work, args.fedsim_override, args.timeout)
+                    tries.setdefault(runner.label, []).append(row)
+                    result = f"failed: {row.error}" if row.error else f"{row.s_per_round:.4f} s/round"
+                    again = f" (repeat {repeat + 1})" if args.repeat > 1 else ""
+                    print(f"{workload.name} {variant} {runner.label}{again}: {result} ({time.perf_counter() - t:.0f} s)", flush=True)
+            rows += [median_repeat(runs) for runs in tries.values()]
     add_ratios(rows)
     device = torch_device()
     print_table(rows, args.rounds, device)
     if args.json:
         meta = {
-            "rounds": args.rounds, "cohort": {w.name: w.cohort for w, _ in plan}, "fedsim_overrides": args.fedsim_override,
+            "rounds": args.rounds, "repeat": args.repeat, "cohort": {w.name: w.cohort for w, _ in plan}, "fedsim_overrides": args.fedsim_override,
             "steady_rounds": [WARMUP_ROUNDS + 1, args.rounds - 1], "cpus": os.cpu_count(), "device": device,
         }  # fmt: skip
         args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
