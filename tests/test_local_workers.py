@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsim.config import ConfigError, from_dict, usable_cpus
@@ -328,3 +331,64 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+class _Custom:
+    """Says how it pickles: the transport must leave that alone."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self):
+        return _Custom, (self.blob,)
+
+
+def test_a_message_crosses_the_socket_with_its_large_arrays_beside_the_pickle_stream() -> None:
+    """Large Array bytes are sent from their own memory and read into the bytes the rebuilt Array
+    keeps (no copy in the pickle stream); everything else round-trips as pickle would."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
+    from fedsim.wire import pack, unpack
+
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(n).astype(np.float32) for n in (100_000, 30_000, 16, 0)]
+    content = RecordDict({"arrays": ArrayRecord({str(i): pack(v) for i, v in enumerate(vectors)}),
+                          "config": ConfigRecord({"round": 3, "name": "x" * 100_000})})  # fmt: skip
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
+    message = Message(content=content, metadata=meta)
+    extra = {"custom": _Custom(b"y" * 200_000), "array": rng.standard_normal(50_000), "none": None}
+    body, buffers = local_workers.dumps((message, extra))
+    # Out of band: the two Arrays of at least OUT_OF_BAND bytes (as views of their own bytes) and
+    # the numpy array; the 400 KB vector is not in the pickle stream.
+    big = [pack(v).data for v in vectors if 4 * v.size >= local_workers.OUT_OF_BAND]
+    assert sorted(b.nbytes for b in buffers) == sorted([len(d) for d in big] + [50_000 * 8])
+    assert len(body) < 100_000 + 200_000 + 30_000  # the ConfigRecord's string and _Custom's bytes stay in it
+    assert any(b.obj is message.content["arrays"]["0"].data for b in buffers)
+
+    a, b = socket.socketpair()
+    try:
+        sender = threading.Thread(target=local_workers.send, args=(a, (body, buffers)))
+        sender.start()
+        got_message, got_extra = local_workers.recv(b)
+        sender.join()
+    finally:
+        a.close()
+        b.close()
+    arrays = got_message.content["arrays"]
+    for i, v in enumerate(vectors):
+        assert type(arrays[str(i)].data) is bytes and np.array_equal(unpack(arrays[str(i)]), v)
+    assert got_message.content["config"]["name"] == "x" * 100_000 and got_message.metadata.dst_node_id == 7
+    assert isinstance(got_extra["custom"], _Custom) and got_extra["custom"].blob == b"y" * 200_000
+    assert np.array_equal(got_extra["array"], extra["array"]) and got_extra["none"] is None
+
+
+def test_a_socket_closed_mid_message_is_end_of_file() -> None:
+    a, b = socket.socketpair()
+    body, buffers = local_workers.dumps({"v": np.zeros(100_000)})
+    a.sendall(local_workers._HEAD.pack(len(buffers), len(body)) + struct.pack("!Q", buffers[0].nbytes) + body)
+    a.sendall(buffers[0][:1000])
+    a.close()
+    with pytest.raises(EOFError):
+        local_workers.recv(b)
+    b.close()
