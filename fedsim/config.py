@@ -653,13 +653,16 @@ def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = 
         lines = []
     for line in lines:
         hierarchy, _, path = line.partition(":")[2].partition(":")
+        parts = Path(path).parts[1:]  # "/a/b" -> ("a", "b"); the process's cgroup, then its parents
+        within = [parts[:k] for k in range(len(parts), -1, -1)]
         if hierarchy == "":  # cgroup v2: "0::/path"
-            folders = [cgroup_root.joinpath(*Path(path).parts[1:k]) for k in range(len(Path(path).parts), 0, -1)]
-            for folder in folders:
-                quotas += _quota(folder / "cpu.max", None)
-        elif "cpu" in hierarchy.split(","):  # cgroup v1, mounted at cpu or cpu,cpuacct
-            for mount in (cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"):
-                quotas += _quota(mount / "cpu.cfs_quota_us", mount / "cpu.cfs_period_us")
+            for folder in within:
+                quotas += _quota(cgroup_root.joinpath(*folder, "cpu.max"), None)
+        elif "cpu" in hierarchy.split(","):  # cgroup v1: the cpu controller, alone or with cpuacct
+            for mount in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                for folder in within:
+                    base = cgroup_root.joinpath(mount, *folder)
+                    quotas += _quota(base / "cpu.cfs_quota_us", base / "cpu.cfs_period_us")
     if quotas:
         cpus = min(cpus, max(1, math.ceil(min(quotas) - 1e-9)))
     return max(1, cpus)

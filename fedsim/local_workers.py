@@ -23,6 +23,7 @@ the job as it does for a dead Ray actor.
 from __future__ import annotations
 
 import contextlib
+import copyreg
 import io
 import os
 import pickle
@@ -41,7 +42,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerDied", "WorkerError", "WorkerPool", "dumps", "recv", "send", "serve", "template"]
+__all__ = ["WorkerDied", "WorkerError", "WorkerPool", "dumps", "loads", "recv", "recv_frames", "send", "serve", "template"]
 
 # Ctrl-C is the launcher's to handle (ignored before the imports, and so in every worker too).
 TEMPLATE_COMMAND = (
@@ -59,6 +60,10 @@ _HEAD = struct.Struct("!IQ")  # a message's frame: number of out-of-band buffers
 
 class WorkerDied(RuntimeError):
     """A worker process ended (killed, crashed) while it held a message; a new one replaces it."""
+
+
+class _ForkRefused(WorkerDied):
+    """The template lives but could not fork (out of memory, processes or descriptors)."""
 
 
 class WorkerError(RuntimeError):
@@ -96,7 +101,7 @@ class _Template:
         if not reply:
             raise WorkerDied(f"the worker template process {self.proc.pid} ended (exit status {self.proc.poll()})")
         if reply.startswith(_ERROR):
-            raise WorkerDied(f"the worker template cannot start a worker: {reply[len(_ERROR) :].decode(errors='replace')}")
+            raise _ForkRefused(f"the worker template cannot start a worker: {reply[len(_ERROR) :].decode(errors='replace')}")
         return reply, fds
 
     def fork(self) -> tuple[int, socket.socket]:
@@ -131,6 +136,10 @@ class _Template:
 class _Worker:
     def __init__(self, template: _Template, pid: int, sock: socket.socket) -> None:
         self.template, self.pid, self.sock = template, pid, sock  # the template that forked it knows its exit status
+        try:  # a handle on the process itself: no other process can take its place once it ends
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
 
     def hang_up(self) -> None:
         """End the worker's conversation: an idle worker reads end-of-file and ends, a busy one ends
@@ -142,8 +151,25 @@ class _Worker:
             pass
 
     def close(self) -> None:
-        """Free this process's descriptor (only once no thread reads it)."""
+        """Free this process's socket (only once no thread reads it)."""
         self.sock.close()
+
+    def forget(self) -> None:
+        """Free the pidfd (by the pool's one owner of this worker: `_lost`, or `close`)."""
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def ended(self) -> bool:
+        """Whether the process has ended (True when that cannot be known: no pidfd)."""
+        if self.pidfd is None:
+            return True
+        return bool(select.select([self.pidfd], [], [], 0)[0])  # a pidfd reads ready once its process ends
+
+    def kill(self) -> None:
+        if self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
 
 class WorkerPool:
@@ -192,6 +218,7 @@ class WorkerPool:
                 return True
         worker.hang_up()  # forked while the pool closed
         worker.close()
+        worker.forget()
         return False
 
     def _fork(self) -> _Worker:
@@ -200,11 +227,13 @@ class WorkerPool:
             template = self._template
             try:
                 return _Worker(template, *template.fork())
+            except _ForkRefused:
+                raise  # the template lives and could not fork: no new template would do better
             except WorkerDied:
                 try:  # its socket's end may come a moment before its exit status
                     template.proc.wait(timeout=2.0)
                 except subprocess.TimeoutExpired:
-                    raise  # the template lives and could not fork: no new template would do better
+                    raise  # its socket ended but it lives on: not a template to replace
             with self._template_lock:
                 if self._template is template:  # the first thread to find it dead starts the next one
                     if self._closed:
@@ -258,9 +287,12 @@ class WorkerPool:
         (not once the pool is closed); what happened, for WorkerDied."""
         with self._lock:
             closed = self._closed
-            if worker in self._all:
+            mine = worker in self._all  # else close() took it, and frees its pidfd
+            if mine:
                 self._all.remove(worker)
         worker.close()
+        if mine:
+            worker.forget()
         if kill:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGKILL)
@@ -282,15 +314,30 @@ class WorkerPool:
                 self._broken = "the worker pool is closed"
         for worker in workers:
             worker.hang_up()
-        while not self._idle.empty():  # idle workers: no thread reads their sockets
-            idle = self._idle.get()
+        while True:  # idle workers: no thread reads their sockets
+            try:
+                idle = self._idle.get(block=False)
+            except queue.Empty:
+                break
             if idle is not None:
                 idle.close()
         self._idle.put(None)
+        # Workers whose template died have no template to end them: they get WORKER_GRACE_S to
+        # finish, as the others get from their template, then are killed through their pidfd
+        # (never another process that took the number).
+        orphans = [w for w in workers if w.template.proc.poll() is not None]
         with self._template_lock:
             templates = list(self._templates)
         for template in templates:
             template.close(timeout)
+        deadline = time.monotonic() + WORKER_GRACE_S
+        while any(not w.ended() for w in orphans) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for worker in orphans:
+            if not worker.ended():
+                worker.kill()
+        for worker in workers:
+            worker.forget()
         self._starter.join()
 
 
@@ -379,13 +426,19 @@ def serve(app: Callable[..., Any], sock: socket.socket) -> None:
     process ends (without the interpreter's teardown: a worker writes no files, the launcher does)."""
     while True:
         try:
-            request = recv(sock)
+            frames = recv_frames(sock)
         except (EOFError, OSError):
             break
+        try:
+            request = loads(frames)
+        except Exception as err:  # a message this worker cannot unpickle: its error, the stream in step
+            request = err
         if request is None:
             break
-        message, context = request
         try:
+            if isinstance(request, Exception):
+                raise request
+            message, context = request
             reply = ("ok", app(message=message, context=context), context)
         except Exception as err:  # the ClientApp's failure goes back as the message's error
             traceback.print_exc()  # the whole traceback into the workers' output
@@ -407,7 +460,8 @@ def serve(app: Callable[..., Any], sock: socket.socket) -> None:
 #
 # A message is one pickle stream (protocol 5) and its out-of-band buffers: every `bytes` attribute
 # of at least OUT_OF_BAND bytes of a plain object (a Flower Array's `data`: a device's update,
-# masked vector or the global model), and numpy arrays (they pickle out of band by themselves).
+# masked vector or the global model; immutable, so a view of it is a snapshot). Writable buffers
+# (numpy arrays) stay in the stream, as pickle copies them, and arrive writable as with pickle.
 # The sender writes each buffer from the object's own memory; the receiver reads each one
 # straight into the bytes object the rebuilt object keeps. One copy into the kernel and one out,
 # where multiprocessing's Connection made four more: into the pickle stream, through a read
@@ -417,34 +471,43 @@ def serve(app: Callable[..., Any], sock: socket.socket) -> None:
 
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        cls = type(obj)
+        """Pickle's own reduction of a plain object (copyreg.__newobj__ on its class, then its
+        __dict__), with its large `bytes` attributes as out-of-band PickleBuffers; NotImplemented
+        (pickle goes on as usual) for everything else: builtins, classes, objects with a reducer
+        of their own or in copyreg's table, and those whose reduction has more than a state."""
         state = getattr(obj, "__dict__", None)
         if (
-            not state or cls.__reduce_ex__ is not object.__reduce_ex__ or cls.__reduce__ is not object.__reduce__
-            or getattr(cls, "__getstate__", object.__getstate__) is not object.__getstate__
-            or getattr(cls, "__setstate__", None) is not None or hasattr(cls, "__slots__")
+            not state or isinstance(obj, type) or type(obj) in copyreg.dispatch_table
+            or not any(type(v) is bytes and len(v) >= OUT_OF_BAND for v in state.values())
         ):  # fmt: skip
-            return NotImplemented  # objects that say how they pickle, and all the builtins, as pickle does
-        big = {k for k, v in state.items() if type(v) is bytes and len(v) >= OUT_OF_BAND}
-        if not big:
             return NotImplemented
-        return _rebuilt, (cls, {k: pickle.PickleBuffer(v) if k in big else v for k, v in state.items()})
-
-
-def _rebuilt(cls: type, state: dict[str, Any]) -> Any:
-    """An object pickled by `_Pickler` with buffers out of band (what pickle's default does, from
-    its state: cls.__new__, then the attributes)."""
-    obj = cls.__new__(cls)
-    obj.__dict__.update(state)
-    return obj
+        reduced = obj.__reduce_ex__(5)
+        if not (
+            isinstance(reduced, tuple) and len(reduced) >= 3 and reduced[0] is copyreg.__newobj__
+            and reduced[1] == (type(obj),) and type(reduced[2]) is dict and all(r is None for r in reduced[3:])
+        ):  # fmt: skip
+            return NotImplemented
+        big = {k: pickle.PickleBuffer(v) for k, v in reduced[2].items() if type(v) is bytes and len(v) >= OUT_OF_BAND}
+        return reduced[0], reduced[1], {**reduced[2], **big}
 
 
 def dumps(obj: Any) -> tuple[bytes, list[memoryview]]:
-    """`obj` as (pickle stream, out-of-band buffers): views of the objects' own memory, no copy."""
+    """`obj` as (pickle stream, out-of-band buffers). Out of band go the read-only buffers of at
+    least OUT_OF_BAND bytes, as views of the objects' own memory (immutable: what is sent is what
+    was pickled); writable ones (numpy arrays) are copied into the stream as pickle copies them,
+    so they arrive writable."""
     stream = io.BytesIO()
-    buffers: list[pickle.PickleBuffer] = []
-    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
-    return stream.getvalue(), [buffer.raw() for buffer in buffers]
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:  # False: out of band
+        raw = buffer.raw()
+        if not raw.readonly or raw.nbytes < OUT_OF_BAND:
+            return True
+        buffers.append(raw)
+        return False
+
+    _Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(obj)
+    return stream.getvalue(), buffers
 
 
 def send(sock: socket.socket, frames: tuple[bytes, list[memoryview]]) -> None:
@@ -460,10 +523,21 @@ def send(sock: socket.socket, frames: tuple[bytes, list[memoryview]]) -> None:
 
 def recv(sock: socket.socket) -> Any:
     """Read one message written by `send`; EOFError when the other end is gone."""
+    return loads(recv_frames(sock))
+
+
+def recv_frames(sock: socket.socket) -> tuple[bytes, list[bytes]]:
+    """One whole message's pickle stream and buffers, not yet unpickled (EOFError when the other
+    end is gone): a message that then fails to unpickle leaves the stream in step."""
     count, length = _HEAD.unpack(_read(sock, _HEAD.size))
     sizes = struct.unpack(f"!{count}Q", _read(sock, 8 * count)) if count else ()
     body = _read(sock, length)
-    return pickle.loads(body, buffers=[_read(sock, size) for size in sizes])
+    return body, [_read(sock, size) for size in sizes]
+
+
+def loads(frames: tuple[bytes, list[bytes]]) -> Any:
+    body, buffers = frames
+    return pickle.loads(body, buffers=buffers)
 
 
 def _read(sock: socket.socket, n: int) -> bytes:

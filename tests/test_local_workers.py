@@ -101,21 +101,37 @@ def _cgroup(tmp: Path, lines: str, files: dict[str, str]) -> int:
     return usable_cpus(tmp / "fs", tmp / "self")
 
 
-def test_usable_cpus_counts_a_containers_cpu_quota(tmp_path: Path) -> None:
-    mine = len(os.sched_getaffinity(0))
-    assert _cgroup(tmp_path / "none", "0::/\n", {}) == mine  # no cpu.max: the affinity alone
-    assert _cgroup(tmp_path / "max", "0::/\n", {"cpu.max": "max 100000\n"}) == mine
-    # docker --cpus=1.5: 2 processes keep it busy (Ray rounds up alike); never more than the affinity
-    assert _cgroup(tmp_path / "v2", "0::/\n", {"cpu.max": "150000 100000\n"}) == min(mine, 2)
+def test_usable_cpus_counts_a_containers_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a 64-core host
+    assert _cgroup(tmp_path / "none", "0::/\n", {}) == 64  # no cpu.max: the affinity alone
+    assert _cgroup(tmp_path / "max", "0::/\n", {"cpu.max": "max 100000\n"}) == 64
+    # docker --cpus=1.5: 2 processes keep it busy (Ray rounds up alike)
+    assert _cgroup(tmp_path / "v2", "0::/\n", {"cpu.max": "150000 100000\n"}) == 2
     assert _cgroup(tmp_path / "tiny", "0::/\n", {"cpu.max": "10000 100000\n"}) == 1
     # a systemd slice: the tightest quota among the process's cgroup and its parents
-    nested = {"a/cpu.max": "100000 100000\n", "a/b/cpu.max": "max 100000\n", "a/b/c/cpu.max": "800000 100000\n"}
-    assert _cgroup(tmp_path / "nested", "0::/a/b/c\n", nested) == 1
-    v1 = {"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}
-    assert _cgroup(tmp_path / "v1", "4:memory:/x\n3:cpu,cpuacct:/\n", v1) == 1
-    assert _cgroup(tmp_path / "v1none", "3:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}) == mine
-    assert _cgroup(tmp_path / "junk", "0::/\n", {"cpu.max": "what\n"}) == mine  # unreadable: no quota
-    assert usable_cpus(tmp_path / "absent", tmp_path / "absent" / "self") == mine
+    nested = {"a/cpu.max": "300000 100000\n", "a/b/cpu.max": "max 100000\n", "a/b/c/cpu.max": "800000 100000\n"}
+    assert _cgroup(tmp_path / "nested", "0::/a/b/c\n", nested) == 3
+    v1 = {"cpu,cpuacct/cpu.cfs_quota_us": "400000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}
+    assert _cgroup(tmp_path / "v1", "4:memory:/x\n3:cpu,cpuacct:/\n", v1) == 4
+    # v1 on a host (a Slurm job, systemd's CPUQuota=): the quota sits at the process's own path
+    job = {"cpu/slurm/job7/cpu.cfs_quota_us": "200000\n", "cpu/slurm/job7/cpu.cfs_period_us": "100000\n",
+           "cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}  # fmt: skip
+    assert _cgroup(tmp_path / "v1job", "3:cpu,cpuacct:/slurm/job7\n", job) == 2
+    assert _cgroup(tmp_path / "v1none", "3:cpu:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}) == 64
+    assert _cgroup(tmp_path / "junk", "0::/\n", {"cpu.max": "what\n"}) == 64  # unreadable: no quota
+    assert _cgroup(tmp_path / "zero", "0::/\n", {"cpu.max": "100000 0\n"}) == 64
+    assert usable_cpus(tmp_path / "absent", tmp_path / "absent" / "self") == 64
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # a quota never adds CPUs
+    assert _cgroup(tmp_path / "one", "0::/\n", {"cpu.max": "400000 100000\n"}) == 1
+
+
+def test_pool_size_counts_usable_cpus_over_cpus_per_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fedsim.run
+
+    monkeypatch.setattr(fedsim.run, "usable_cpus", lambda: 8)
+    assert pool_size(from_dict(small(tmp_path, num_workers=3))) == 3
+    assert pool_size(from_dict(small(tmp_path, num_workers=64))) == 8
+    assert pool_size(from_dict(small(tmp_path, num_workers=64, cpus_per_worker=2.0))) == 4
 
 
 def test_the_same_run_gives_the_same_model_on_ray_and_on_processes(tmp_path: Path) -> None:
@@ -246,7 +262,7 @@ def test_a_pool_whose_templates_all_die_raises_instead_of_waiting(monkeypatch: p
                 workers.run("not a message", None)
     finally:
         workers.close()
-    assert templates_below(os.getpid()) == []
+    assert not [cmd for cmd in descendants(os.getpid()).values() if "sys.exit(3)" in cmd]  # all reaped
 
 
 def test_a_template_killed_before_it_forked_is_replaced_and_the_workers_start() -> None:
@@ -359,11 +375,11 @@ def test_a_message_crosses_the_socket_with_its_large_arrays_beside_the_pickle_st
     message = Message(content=content, metadata=meta)
     extra = {"custom": _Custom(b"y" * 200_000), "array": rng.standard_normal(50_000), "none": None}
     body, buffers = local_workers.dumps((message, extra))
-    # Out of band: the two Arrays of at least OUT_OF_BAND bytes (as views of their own bytes) and
-    # the numpy array; the 400 KB vector is not in the pickle stream.
+    # Out of band: the two Arrays of at least OUT_OF_BAND bytes, as views of their own bytes; the
+    # 400 KB vector is not in the pickle stream. The numpy array (writable) is, as pickle copies it.
     big = [pack(v).data for v in vectors if 4 * v.size >= local_workers.OUT_OF_BAND]
-    assert sorted(b.nbytes for b in buffers) == sorted([len(d) for d in big] + [50_000 * 8])
-    assert len(body) < 100_000 + 200_000 + 30_000  # the ConfigRecord's string and _Custom's bytes stay in it
+    assert sorted(b.nbytes for b in buffers) == sorted(len(d) for d in big)
+    assert 400_000 + 100_000 + 200_000 < len(body) < 400_000 + 100_000 + 200_000 + 200_000
     assert any(b.obj is message.content["arrays"]["0"].data for b in buffers)
 
     a, b = socket.socketpair()
@@ -381,11 +397,105 @@ def test_a_message_crosses_the_socket_with_its_large_arrays_beside_the_pickle_st
     assert got_message.content["config"]["name"] == "x" * 100_000 and got_message.metadata.dst_node_id == 7
     assert isinstance(got_extra["custom"], _Custom) and got_extra["custom"].blob == b"y" * 200_000
     assert np.array_equal(got_extra["array"], extra["array"]) and got_extra["none"] is None
+    assert got_extra["array"].flags.writeable  # as pickle gives it
+
+
+class _Items(list):
+    def __init__(self, items: list[int], blob: bytes) -> None:
+        super().__init__(items)
+        self.blob = blob
+
+
+class _NeedsArgs:
+    def __new__(cls, tag: str) -> _NeedsArgs:
+        self = super().__new__(cls)
+        self.tag = tag
+        return self
+
+    def __getnewargs__(self) -> tuple[str]:
+        return (self.tag,)
+
+
+class _Plain:
+    big_class_attribute = b"z" * 100_000
+
+
+def _round_trip(obj: object) -> object:
+    a, b = socket.socketpair()
+    try:
+        frames = local_workers.dumps(obj)
+        sender = threading.Thread(target=local_workers.send, args=(a, frames))
+        sender.start()
+        got = local_workers.recv(b)
+        sender.join()
+        return got
+    finally:
+        a.close()
+        b.close()
+
+
+def test_objects_cross_the_socket_as_pickle_rebuilds_them() -> None:
+    big = b"q" * 100_000
+    items = _round_trip(_Items([1, 2, 3], big))
+    assert isinstance(items, _Items) and items == [1, 2, 3] and items.blob == big  # list items kept
+    needs = _NeedsArgs("t")
+    needs.blob = big
+    got = _round_trip(needs)
+    assert isinstance(got, _NeedsArgs) and got.tag == "t" and got.blob == big
+    assert _round_trip(_Plain) is _Plain  # a class, pickled by reference
+    cycle = _Plain()
+    cycle.blob, cycle.me = big, cycle  # a cycle through an object with a large attribute
+    got = _round_trip(cycle)
+    assert got.me is got and got.blob == big
+    shared = _Plain()
+    shared.blob = big
+    pair = _round_trip([shared, shared])
+    assert pair[0] is pair[1] and pair[0].blob == big
+
+
+def test_a_message_a_worker_cannot_unpickle_comes_back_as_its_error(pool: WorkerPool) -> None:
+    with pytest.raises(WorkerError, match="no_such_module"):
+        pool.run(_Unimportable(), None)
+    with pytest.raises(WorkerError, match=r"\w+Error: "):  # the same worker serves on
+        pool.run("not a message", None)
+    assert len(pool.pids()) == 1
+
+
+class _Unimportable:
+    """Pickled as a reference to a module the worker does not have."""
+
+    def __reduce__(self):
+        return (getattr, (_FakeModuleRef(), "x"))
+
+
+class _FakeModuleRef:
+    def __reduce__(self):
+        return (__import__, ("no_such_module",))
+
+
+def test_closing_the_pool_ends_a_busy_worker_whose_template_died(pool: WorkerPool) -> None:
+    [worker] = started(pool, 1)
+    [template] = templates_below(os.getpid())
+    os.kill(template, signal.SIGKILL)
+    os.kill(worker, signal.SIGSTOP)  # holds the message: nobody but the pool can end it now
+    outcome: list[BaseException] = []
+    waiting = threading.Thread(target=lambda: _catch(outcome, lambda: pool.run("not a message", None)))
+    waiting.start()
+    time.sleep(0.3)
+    pool.close()
+    waiting.join(timeout=10)
+    assert isinstance(outcome[0], WorkerDied)
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
 
 
 def test_a_socket_closed_mid_message_is_end_of_file() -> None:
     a, b = socket.socketpair()
-    body, buffers = local_workers.dumps({"v": np.zeros(100_000)})
+    holder = _Plain()
+    holder.blob = b"e" * 100_000
+    body, buffers = local_workers.dumps(holder)
     a.sendall(local_workers._HEAD.pack(len(buffers), len(body)) + struct.pack("!Q", buffers[0].nbytes) + body)
     a.sendall(buffers[0][:1000])
     a.close()
