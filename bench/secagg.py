@@ -30,6 +30,7 @@ whose key registry is a Ray actor: auto runs that setup on Ray.
     python bench/secagg.py --skip-flower --only plain,shortcut      # some fedsim setups only
     python bench/secagg.py --skip-flower --fedsim-override simulation.backend=ray  # fedsim's workers on Ray
     python bench/secagg.py --protocol                # the protocol's own CPU per device, no training
+    python bench/secagg.py --floor                   # the faithful round's cryptographic floor (4.)
 Flower runs at cohort 100 only (one SuperNode per device).
 
 3. `--protocol`: the SecAgg+ session alone, in this process, at cohort 1,000 with the
@@ -41,6 +42,14 @@ Flower runs at cohort 100 only (one SuperNode per device).
    server's decisions and the sum of two workers' sums); and one device's rounding of its 113,610-value float32
    update to the 16-bit grid (`FixedPoint.encode_int`). Best of 3; what the protocol costs
    before fedsim's rounds add messages, state and training.
+4. The faithful round's cryptographic floor (printed after the table, or alone with `--floor`):
+   one X25519 agreement with HKDF (`crypto.agree`), one keystream of the model's length and one
+   mask addition (`crypto.add_mask_many`, over 256 vectors, so additions meet memory as on a
+   worker) timed in this process, times what a round needs at least at the cohort's semi-honest
+   k: two agreements per pair of neighbours (n k / 2 pairs), a keystream per pair and two per
+   device (its self mask, and the server's to remove it), two additions per pair and two per
+   device; divided by 2 cores. A faithful round is at least plain's time plus this, before
+   Shamir shares, share encryption, stages, messages and Python.
 """
 
 from __future__ import annotations
@@ -342,6 +351,54 @@ def protocol_costs(cohort: int = 1000) -> None:
     print(f"  rounding one update of {length:,} values to 16 bits: {1e3 * best:.3f} ms", flush=True)
 
 
+def crypto_costs() -> tuple[float, float, float]:
+    """CPU seconds of one X25519 agreement with HKDF, one keystream of the model's length and one
+    mask addition, in this process (best of 3; module docstring, 4.)."""
+    import numpy as np
+
+    from fedsim.secagg import crypto
+
+    length = model_params()
+    keys = [crypto.generate_keypair() for _ in range(64)]
+    salt = os.urandom(16)
+    # 256 vectors of the model's length (116 MB): mask additions meet memory, as on a worker
+    vectors = [np.ones(length, dtype=np.uint32) for _ in range(256)]  # written: no first-touch faults timed
+    seeds = [os.urandom(32) for _ in range(256)]
+    best = [float("inf")] * 3
+    for _ in range(3):
+        t0 = time.process_time()
+        for a in keys:
+            for b in keys[:8]:
+                crypto.agree(a.private, b.public, info=crypto.INFO_MASK, salt=salt)
+        best[0] = min(best[0], (time.process_time() - t0) / (len(keys) * 8))
+        for targets in (1, 2):
+            t0 = time.process_time()
+            for i in range(512):
+                crypto.add_mask_many([(vectors[(i + j * 97) % 256], j == 1) for j in range(targets)], seeds[i % 256])
+            best[targets] = min(best[targets], (time.process_time() - t0) / 512)
+    add_s = max(best[2] - best[1], 0.0)
+    return best[0], max(best[1] - add_s, 0.0), add_s
+
+
+def crypto_floor(cohort: int, costs: tuple[float, float, float], workers: int = 2) -> tuple[float, str]:
+    """Seconds a faithful round's cryptography takes at least on `workers` cores at this cohort
+    (module docstring, 4.), and how it was counted."""
+    from fedsim.api import compose
+    from fedsim.secure_rounds import graph_choice
+
+    agree_s, expand_s, add_s = costs
+    k = graph_choice(compose(["secagg=secaggplus"]), cohort).neighbours
+    pairs = cohort * k // 2
+    # Per round: two agreements a pair (mask and encryption keys), each once for both ends; a
+    # keystream a pair and a self mask a device, expanded by the device and again by the server;
+    # each pair mask added to both ends' vectors, each self mask added and then removed.
+    cpu = 2 * pairs * agree_s + (pairs + 2 * cohort) * expand_s + (2 * pairs + 2 * cohort) * add_s
+    how = (f"k={k}: {2 * pairs:,} agreements x {1e6 * agree_s:.0f} us, {pairs + 2 * cohort:,} keystreams of "
+           f"{model_params():,} words x {1e6 * expand_s:.0f} us, {2 * pairs + 2 * cohort:,} mask additions x "
+           f"{1e6 * add_s:.0f} us = {cpu:.2f} s of CPU")  # fmt: skip
+    return cpu / workers, how
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=8, help="fedsim rounds per setup")
@@ -354,15 +411,23 @@ def main() -> None:
     ap.add_argument("--fedsim-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for every fedsim run (repeatable), e.g. simulation.backend=ray")  # fmt: skip
     ap.add_argument("--protocol", action="store_true", help="only the protocol's own CPU per device (docstring, 3.)")
+    ap.add_argument("--floor", action="store_true", help="only the faithful round's cryptographic floor (docstring, 4.)")
     args = ap.parse_args()
     if args.protocol:
         protocol_costs()
+        return
+    cohorts = [int(c) for c in args.cohorts.split(",")]
+    if args.floor:
+        costs = crypto_costs()
+        for cohort in cohorts:
+            seconds, how = crypto_floor(cohort, costs)
+            print(f"cohort {cohort:,}: the faithful round's cryptography takes at least {seconds:.3f} s on 2 cores ({how})")
         return
     params = model_params()
     print(f"model: MLP {FEATURES}-{HIDDEN}-{CLASSES}, {params:,} parameters", flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="fsb", dir="/tmp") as tmp:
-        for cohort in (int(c) for c in args.cohorts.split(",")):
+        for cohort in cohorts:
             for setup, overrides in FEDSIM_SETUPS.items():
                 if args.only and not any(word in setup for word in args.only.split(",")):
                     continue
@@ -373,6 +438,13 @@ def main() -> None:
             print(f"running {setup} ...", flush=True)
             rows.append(run_flower(setup, mode, args.flower_rounds, args.flower_timeout))
     print_table(rows, params, args.rounds, args.flower_rounds)
+    print()
+    costs = crypto_costs()
+    for cohort in cohorts:
+        plain = next((r.s_per_round for r in rows if r.family == f"fedsim{cohort}" and " plain" in r.setup), None)
+        seconds, how = crypto_floor(cohort, costs)
+        against = f"; with plain's {plain:.3f} s: faithful >= {(plain + seconds) / plain:.2f}x plain" if plain else ""
+        print(f"cohort {cohort:,}: the faithful round's cryptography takes at least {seconds:.3f} s on 2 cores{against} ({how})")
 
 
 if __name__ == "__main__":
